@@ -1,0 +1,60 @@
+# banger: the one entry point. `make help` lists the targets; CI runs `make test`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/agent/banger-agent
+IMAGE_BUILD_DIR := build/image
+# Where bangerd looks for the default image (config `default_image_dir`).
+DEFAULT_IMAGE_DIR ?= /usr/local/share/banger/images/default
+IMAGE_FILES := vmlinuz initrd.img rootfs.ext4 manifest.txt
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: help setup tools agent image install-image build demo test lint fmt bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: tools install-image ## Install host packages and tools, build and install the default image (idempotent)
+
+tools: ## Install Debian packages (QEMU from backports), vhost-device-vsock, buf, grpcurl
+	@bash scripts/setup.sh
+
+agent: ## Build the static guest agent
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --locked -q -p banger-agent --profile agent --target $(AGENT_TARGET)
+
+$(IMAGE_BUILD_DIR)/rootfs.ext4: $(AGENT_BIN) scripts/build-image.sh
+	bash scripts/build-image.sh --cache build/cache $(IMAGE_BUILD_DIR) $(AGENT_BIN)
+
+image: tools agent ## Build the default guest image into build/image (Debian cloud kernel, busybox, agent)
+	@$(MAKE) --no-print-directory $(IMAGE_BUILD_DIR)/rootfs.ext4
+
+install-image: image ## Install the default image where bangerd finds it
+	@if ! cmp -s $(IMAGE_BUILD_DIR)/manifest.txt $(DEFAULT_IMAGE_DIR)/manifest.txt; then \
+		install -d $(DEFAULT_IMAGE_DIR) && \
+		for f in $(IMAGE_FILES); do install -m 0644 $(IMAGE_BUILD_DIR)/$$f $(DEFAULT_IMAGE_DIR)/$$f; done && \
+		echo "installed the default image in $(DEFAULT_IMAGE_DIR)"; \
+	fi
+
+build: ## Build bangerd and banger
+	$(CARGO) build --locked --workspace --bins
+
+demo: setup build ## Start bangerd, boot a VM from the default image, run a command in it
+	@bash scripts/demo.sh
+
+test: setup build ## Run every test: unit, ops, API, and end to end with real QEMU guests
+	$(CARGO) test --locked --workspace
+
+lint: tools ## rustfmt, clippy (-D warnings) and buf lint
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	cd proto && ../$(BUF) lint
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+clean: ## Remove build outputs (not the installed image)
+	$(CARGO) clean
+	rm -rf build

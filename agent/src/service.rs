@@ -1,0 +1,124 @@
+//! The `banger.agent.v1.AgentService` implementation: Ready, Info and Shutdown here, Exec in `exec`.
+
+use std::time::Duration;
+
+use banger_proto::agent::v1::agent_service_server::AgentService;
+use banger_proto::agent::v1::{
+    ExecRequest, InfoRequest, InfoResponse, ReadyRequest, ReadyResponse, ShutdownRequest,
+    ShutdownResponse,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::exec::{self, ExecStream};
+
+/// How long Shutdown waits before powering off, so that tonic can flush its reply to the host.
+const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(100);
+
+/// What Shutdown does once it has replied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownAction {
+    /// `sync()` then `reboot(RB_POWER_OFF)`: the guest powers off (QEMU exits under `-no-reboot`).
+    PowerOff,
+    /// `sync()` then exit the agent process: used when serving on a host unix socket for tests,
+    /// where powering off would take the host down.
+    ExitProcess,
+}
+
+/// The agent's gRPC service.
+#[derive(Debug)]
+pub struct Agent {
+    shutdown_action: ShutdownAction,
+}
+
+impl Agent {
+    /// Creates the service; `shutdown_action` decides what the Shutdown call does.
+    pub fn new(shutdown_action: ShutdownAction) -> Self {
+        Self { shutdown_action }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Agent {
+    async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
+        Ok(Response::new(ReadyResponse {
+            uptime_seconds: uptime_seconds().await?,
+        }))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let hostname = nix::unistd::gethostname()
+            .map_err(|err| Status::internal(format!("gethostname: {err}")))?
+            .to_string_lossy()
+            .into_owned();
+        let kernel_release = tokio::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .await
+            .map_err(|err| Status::internal(format!("reading the kernel release: {err}")))?
+            .trim()
+            .to_owned();
+        Ok(Response::new(InfoResponse {
+            hostname,
+            kernel_release,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: uptime_seconds().await?,
+        }))
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        exec::start(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn shutdown(
+        &self,
+        _: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
+        let action = self.shutdown_action;
+        log!("shutdown requested ({action:?})");
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_REPLY_GRACE).await;
+            // sync() and reboot() block; keep them off the runtime's worker threads.
+            let _ = tokio::task::spawn_blocking(move || power_off(action)).await;
+        });
+        Ok(Response::new(ShutdownResponse {}))
+    }
+}
+
+/// Flushes file systems, then powers off or exits; returns only if power-off failed.
+fn power_off(action: ShutdownAction) {
+    nix::unistd::sync();
+    match action {
+        ShutdownAction::PowerOff => {
+            let Err(err) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+            log!("power-off failed: {err}");
+        }
+        ShutdownAction::ExitProcess => std::process::exit(0),
+    }
+}
+
+/// Seconds since boot: the first field of `/proc/uptime`.
+async fn uptime_seconds() -> Result<f64, Status> {
+    let text = tokio::fs::read_to_string("/proc/uptime")
+        .await
+        .map_err(|err| Status::internal(format!("reading /proc/uptime: {err}")))?;
+    parse_uptime(&text).ok_or_else(|| Status::internal(format!("unexpected /proc/uptime {text:?}")))
+}
+
+fn parse_uptime(text: &str) -> Option<f64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_uptime() {
+        assert_eq!(parse_uptime("1.53 0.95\n"), Some(1.53));
+        assert_eq!(parse_uptime(""), None);
+        assert_eq!(parse_uptime("x 1"), None);
+    }
+}

@@ -1,0 +1,213 @@
+//! What each CLI command does.
+
+use std::{io::Write, process::ExitCode};
+
+use banger_client::{Client, Target, pb, response_op_id};
+use tokio::io::AsyncReadExt;
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
+
+use crate::{Command, ImageCommand, ProcessArgs, VmCommand, VmShape, output};
+
+/// Exit code of `vm run`/`vm exec` when banger itself fails (not the guest command).
+const EXIT_BANGER_ERROR: u8 = 125;
+/// Exit code of a guest command killed by its timeout, as timeout(1) does.
+const EXIT_TIMED_OUT: u8 = 124;
+
+/// A command failed before or instead of producing its result.
+#[derive(Debug)]
+enum Failure {
+    Connect(banger_client::ClientError),
+    Status(Status),
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Self::Status(status)
+    }
+}
+
+impl From<banger_client::ClientError> for Failure {
+    fn from(err: banger_client::ClientError) -> Self {
+        match err {
+            banger_client::ClientError::Status(status) => Self::Status(status),
+            other => Self::Connect(other),
+        }
+    }
+}
+
+/// Runs one command and returns the process's exit code.
+pub async fn run(target: Target, command: Command) -> ExitCode {
+    let (result, error_exit) = match command {
+        Command::Vm(VmCommand::Exec { vm, process }) => (exec(&target, vm, process).await, EXIT_BANGER_ERROR),
+        Command::Vm(VmCommand::Run { shape, rm, process }) => {
+            (vm_run(&target, shape, rm, process).await, EXIT_BANGER_ERROR)
+        }
+        Command::Vm(vm) => (vm_command(&target, vm).await.map(|()| ExitCode::SUCCESS), 1),
+        Command::Image(image) => (image_command(&target, image).await.map(|()| ExitCode::SUCCESS), 1),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            match failure {
+                Failure::Connect(err) => output::print_connect_error(&target, &err),
+                Failure::Status(status) => output::print_status(&status),
+            }
+            ExitCode::from(error_exit)
+        }
+    }
+}
+
+fn create_request(shape: VmShape, no_start: bool) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        name: shape.name.unwrap_or_default(),
+        image: shape.image.unwrap_or_default(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory,
+        no_start,
+    }
+}
+
+async fn vm_command(target: &Target, command: VmCommand) -> Result<(), Failure> {
+    let mut client = Client::connect(target).await?;
+    match command {
+        VmCommand::Create { shape, no_start } => {
+            let response = client.vms.create_vm(create_request(shape, no_start)).await?;
+            let op = response_op_id(&response);
+            let vm = response.into_inner().vm.unwrap_or_default();
+            output::print_vm_line(&vm, op.as_deref());
+        }
+        VmCommand::Start { vm } => {
+            let response = client.vms.start_vm(pb::StartVmRequest { vm }).await?;
+            let op = response_op_id(&response);
+            output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
+        }
+        VmCommand::Stop { vm, force } => {
+            let response = client.vms.stop_vm(pb::StopVmRequest { vm, force }).await?;
+            let op = response_op_id(&response);
+            output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
+        }
+        VmCommand::Delete { vms } => {
+            for vm in vms {
+                let response = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.clone() }).await?;
+                println!("deleted {vm} ({})", response.into_inner().id);
+            }
+        }
+        VmCommand::List => {
+            let vms = client.vms.list_vms(pb::ListVmsRequest {}).await?.into_inner().vms;
+            output::print_vm_table(&vms);
+        }
+        VmCommand::Show { vm } => {
+            let vm = client.vms.get_vm(pb::GetVmRequest { vm }).await?.into_inner().vm.unwrap_or_default();
+            output::print_vm_details(&vm);
+        }
+        VmCommand::Exec { .. } | VmCommand::Run { .. } => unreachable!("handled by run()"),
+    }
+    Ok(())
+}
+
+async fn image_command(target: &Target, command: ImageCommand) -> Result<(), Failure> {
+    let mut client = Client::connect(target).await?;
+    match command {
+        ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args } => {
+            let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
+            let request = pb::ImportImageRequest {
+                name,
+                kernel_path: absolute(kernel),
+                initrd_path: initrd.map(absolute).unwrap_or_default(),
+                rootfs_path: absolute(rootfs),
+                kernel_args,
+            };
+            let image = client.images.import_image(request).await?.into_inner().image.unwrap_or_default();
+            println!("imported {} ({})", image.name, image.id);
+        }
+        ImageCommand::List => {
+            let images = client.images.list_images(pb::ListImagesRequest {}).await?.into_inner().images;
+            output::print_image_table(&images);
+        }
+        ImageCommand::Show { image } => {
+            let image =
+                client.images.get_image(pb::GetImageRequest { image }).await?.into_inner().image.unwrap_or_default();
+            output::print_image_details(&image);
+        }
+        ImageCommand::Delete { image } => {
+            let id = client.images.delete_image(pb::DeleteImageRequest { image: image.clone() }).await?.into_inner().id;
+            println!("deleted {image} ({id})");
+        }
+    }
+    Ok(())
+}
+
+/// Reads this process's standard input in chunks, as a stream.
+fn local_stdin() -> impl Stream<Item = Vec<u8>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buffer = vec![0u8; 32 * 1024];
+        while let Ok(n) = stdin.read(&mut buffer).await {
+            if n == 0 || tx.send(buffer[..n].to_vec()).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Streams a guest process's output to this terminal; returns the exit code to use.
+async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
+    let start = pb::ExecVmStart {
+        vm,
+        argv: process.argv,
+        env: process.env,
+        working_dir: process.workdir.unwrap_or_default(),
+        stdin: process.interactive,
+        timeout_seconds: process.timeout.unwrap_or(0),
+    };
+    let mut output = if process.interactive {
+        client.exec(start, local_stdin()).await?
+    } else {
+        client.exec(start, tokio_stream::empty()).await?
+    };
+    use pb::exec_vm_response::Payload;
+    while let Some(message) = output.next().await {
+        match message?.payload {
+            Some(Payload::Stdout(data)) => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&data).and_then(|()| out.flush());
+            }
+            Some(Payload::Stderr(data)) => {
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(&data).and_then(|()| err.flush());
+            }
+            Some(Payload::Exit(exit)) => {
+                if exit.timed_out {
+                    eprintln!("banger: command timed out and was killed");
+                    return Ok(ExitCode::from(EXIT_TIMED_OUT));
+                }
+                return Ok(match exit.status {
+                    Some(pb::exec_exit::Status::Code(code)) => ExitCode::from(code.clamp(0, 255) as u8),
+                    Some(pb::exec_exit::Status::Signal(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+                    None => ExitCode::from(EXIT_BANGER_ERROR),
+                });
+            }
+            None => {}
+        }
+    }
+    Err(Failure::Status(Status::unavailable("the exec stream ended without an exit status")))
+}
+
+async fn exec(target: &Target, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
+    let mut client = Client::connect(target).await?;
+    exec_in(&mut client, vm, process).await
+}
+
+async fn vm_run(target: &Target, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
+    let mut client = Client::connect(target).await?;
+    let vm = client.vms.create_vm(create_request(shape, false)).await?.into_inner().vm.unwrap_or_default();
+    let result = exec_in(&mut client, vm.id.clone(), process).await;
+    if rm && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone() }).await {
+        eprintln!("banger: could not delete vm {}:", vm.name);
+        output::print_status(&status);
+    }
+    result
+}

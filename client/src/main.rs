@@ -1,0 +1,185 @@
+//! `banger`: the command-line client of bangerd.
+
+mod commands;
+mod output;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use banger_client::{DEFAULT_SOCKET, Target};
+use clap::{Args, Parser, Subcommand};
+
+/// Manage the microVMs and images of a bangerd host.
+///
+/// Talks to bangerd over its unix socket (default /run/banger/bangerd.sock) or, with
+/// --endpoint, over TCP. Errors print the gRPC code, the message and the operation id.
+#[derive(Debug, Parser)]
+#[command(name = "banger", version, propagate_version = true)]
+struct Cli {
+    /// The daemon's unix socket.
+    #[arg(long, global = true, env = "BANGER_SOCKET", value_name = "PATH", conflicts_with = "endpoint")]
+    socket: Option<PathBuf>,
+    /// The daemon's TCP endpoint, e.g. http://127.0.0.1:7070.
+    #[arg(long, global = true, env = "BANGER_ENDPOINT", value_name = "URL")]
+    endpoint: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, run and manage VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Import and manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+/// The shape of a new VM.
+#[derive(Debug, Args)]
+struct VmShape {
+    /// Name of the VM (a hostname label: a-z, 0-9, -); generated when omitted.
+    #[arg(long)]
+    name: Option<String>,
+    /// Image id or name [default: the host's default image].
+    #[arg(long)]
+    image: Option<String>,
+    /// Number of virtual CPUs [default: 1].
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB [default: 256].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u32>,
+}
+
+/// How to run a guest process.
+#[derive(Debug, Args)]
+struct ProcessArgs {
+    /// Forward this terminal's standard input to the process.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Extra environment variable for the process (repeatable).
+    #[arg(short, long, value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Kill the process after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u32>,
+    /// The program and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    argv: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Create a VM and boot it (waits until its guest agent answers).
+    Create {
+        #[command(flatten)]
+        shape: VmShape,
+        /// Only record the VM; boot it later with `banger vm start`.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Boot a stopped VM.
+    Start {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Shut a VM down (guest power-off, then ACPI, then kill).
+    Stop {
+        /// VM id or name.
+        vm: String,
+        /// Kill the VMM at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete VMs, stopping them first; their disks are discarded.
+    Delete {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// List every VM.
+    #[command(alias = "ls")]
+    List,
+    /// Show one VM in detail.
+    Show {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Run a command in a running VM; exits with the command's exit code.
+    ///
+    /// A command killed by a signal exits 128+signal, a timed-out one 124; banger's own
+    /// errors exit 125.
+    Exec {
+        /// VM id or name.
+        vm: String,
+        #[command(flatten)]
+        process: ProcessArgs,
+    },
+    /// Create a VM, run a command in it, print its output, exit with its exit code.
+    ///
+    /// The VM is kept unless --rm is given. banger's own errors exit 125.
+    Run {
+        #[command(flatten)]
+        shape: VmShape,
+        /// Delete the VM afterwards, whatever the command's outcome.
+        #[arg(long)]
+        rm: bool,
+        #[command(flatten)]
+        process: ProcessArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Import a kernel, optional initramfs and ext4 root file system from paths on the daemon's host.
+    Import {
+        /// Name of the new image.
+        name: String,
+        /// Kernel (bzImage or ELF vmlinux), absolute path.
+        #[arg(long, value_name = "PATH")]
+        kernel: PathBuf,
+        /// Root file system (ext4 image), absolute path.
+        #[arg(long, value_name = "PATH")]
+        rootfs: PathBuf,
+        /// Initramfs, absolute path.
+        #[arg(long, value_name = "PATH")]
+        initrd: Option<PathBuf>,
+        /// Extra kernel command-line arguments for every VM of this image.
+        #[arg(long, value_name = "ARGS", default_value = "")]
+        kernel_args: String,
+    },
+    /// List every image.
+    #[command(alias = "ls")]
+    List,
+    /// Show one image.
+    Show {
+        /// Image id or name.
+        image: String,
+    },
+    /// Delete an image no VM uses.
+    Delete {
+        /// Image id or name.
+        image: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let target = match (cli.endpoint, cli.socket) {
+        (Some(endpoint), _) => Target::Endpoint(endpoint),
+        (None, Some(socket)) => Target::Unix(socket),
+        (None, None) => Target::Unix(PathBuf::from(DEFAULT_SOCKET)),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("banger: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(commands::run(target, cli.command))
+}

@@ -1,0 +1,146 @@
+//! How the CLI prints VMs, images and errors.
+
+use banger_client::{ClientError, Target, error_op_id, field_violations, pb};
+use tonic::{Code, Status};
+
+fn state_name(state: i32) -> &'static str {
+    match pb::VmState::try_from(state).unwrap_or(pb::VmState::Unspecified) {
+        pb::VmState::Unspecified => "unknown",
+        pb::VmState::Created => "created",
+        pb::VmState::Starting => "starting",
+        pb::VmState::Running => "running",
+        pb::VmState::Stopping => "stopping",
+        pb::VmState::Stopped => "stopped",
+        pb::VmState::Error => "error",
+    }
+}
+
+fn time(ts: Option<&prost_types::Timestamp>) -> String {
+    let Some(ts) = ts.filter(|t| t.seconds > 0) else { return String::new() };
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(ts.seconds as u64);
+    humantime::format_rfc3339_seconds(when).to_string()
+}
+
+/// One line about a VM an operation acted on.
+pub fn print_vm_line(vm: &pb::Vm, op: Option<&str>) {
+    let op = op.map(|op| format!(" op={op}")).unwrap_or_default();
+    println!("{} {} {}{op}", vm.name, vm.id, state_name(vm.state));
+}
+
+/// VMs as a table.
+pub fn print_vm_table(vms: &[pb::Vm]) {
+    println!("{:<24} {:<26} {:<9} {:>5} {:>7} {:>8}", "NAME", "ID", "STATE", "VCPUS", "MEMORY", "PID");
+    for vm in vms {
+        let pid = vm.runtime.as_ref().map(|r| r.vmm_pid).filter(|p| *p != 0);
+        println!(
+            "{:<24} {:<26} {:<9} {:>5} {:>6}M {:>8}",
+            vm.name,
+            vm.id,
+            state_name(vm.state),
+            vm.vcpus,
+            vm.memory_mib,
+            pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+/// One VM, field by field.
+pub fn print_vm_details(vm: &pb::Vm) {
+    let runtime = vm.runtime.clone().unwrap_or_default();
+    let rows = [
+        ("name", vm.name.clone()),
+        ("id", vm.id.clone()),
+        ("state", state_name(vm.state).into()),
+        ("desired state", state_name(vm.desired_state).into()),
+        ("image", vm.image_id.clone()),
+        ("vcpus", vm.vcpus.to_string()),
+        ("memory", format!("{} MiB", vm.memory_mib)),
+        ("last error", vm.last_error.clone()),
+        ("last operation", vm.last_operation.clone()),
+        ("created", time(vm.create_time.as_ref())),
+        ("updated", time(vm.update_time.as_ref())),
+        ("generation", vm.generation.to_string()),
+        ("vmm", runtime.vmm),
+        ("vmm pid", if runtime.vmm_pid == 0 { "-".into() } else { runtime.vmm_pid.to_string() }),
+        ("vm dir", runtime.vm_dir),
+        ("console log", runtime.console_log_path),
+        ("vmm log", runtime.vmm_log_path),
+        ("api socket", runtime.api_socket_path),
+        ("vsock", format!("{} (cid {})", runtime.vsock_path, runtime.vsock_cid)),
+    ];
+    for (key, value) in rows {
+        println!("{:<15} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });
+    }
+}
+
+/// Images as a table.
+pub fn print_image_table(images: &[pb::Image]) {
+    println!("{:<24} {:<26} {:>10}", "NAME", "ID", "ROOTFS");
+    for image in images {
+        println!("{:<24} {:<26} {:>9}M", image.name, image.id, image.rootfs_size_bytes / (1024 * 1024));
+    }
+}
+
+/// One image, field by field.
+pub fn print_image_details(image: &pb::Image) {
+    let rows = [
+        ("name", image.name.clone()),
+        ("id", image.id.clone()),
+        ("kernel", image.kernel_path.clone()),
+        ("initrd", image.initrd_path.clone()),
+        ("rootfs", format!("{} ({} bytes)", image.rootfs_path, image.rootfs_size_bytes)),
+        ("kernel args", image.kernel_args.clone()),
+        ("created", time(image.create_time.as_ref())),
+    ];
+    for (key, value) in rows {
+        println!("{:<12} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });
+    }
+}
+
+fn code_name(code: Code) -> String {
+    // `Code`'s Debug is CamelCase; print the canonical SCREAMING_SNAKE name.
+    let camel = format!("{code:?}");
+    let mut name = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+/// A failed call: code, message, field violations and op id.
+pub fn print_status(status: &Status) {
+    eprintln!("banger: {}: {}", code_name(status.code()), status.message());
+    for (field, description) in field_violations(status) {
+        eprintln!("  {field}: {description}");
+    }
+    if let Some(op) = error_op_id(status) {
+        eprintln!("  op: {op}");
+    }
+}
+
+/// The daemon could not be reached.
+pub fn print_connect_error(target: &Target, err: &ClientError) {
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("banger: UNAVAILABLE: {message}");
+    eprintln!("  is bangerd running? start it with `bangerd`, or point --socket/--endpoint at it ({target})");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_print_in_their_canonical_names() {
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(Code::Internal), "INTERNAL");
+    }
+}

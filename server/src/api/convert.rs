@@ -1,0 +1,200 @@
+//! Conversions between the public protobuf types and domain types, with validation.
+//! Nothing outside `api/` sees a generated type.
+
+use std::path::PathBuf;
+
+use banger_proto::v1 as pb;
+
+use crate::{
+    domain::{
+        DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ExecCommand, ExecEvent, ExitStatus, Image, MAX_MEMORY_MIB, MAX_VCPUS,
+        MIN_MEMORY_MIB, NewImage, Vm, VmHandles, VmSpec, VmState, vm_name_error,
+    },
+    ops::{CreateVm, Error, FieldViolation},
+};
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+/// The protobuf state of a domain state.
+pub fn vm_state(state: VmState) -> pb::VmState {
+    match state {
+        VmState::Created => pb::VmState::Created,
+        VmState::Starting => pb::VmState::Starting,
+        VmState::Running => pb::VmState::Running,
+        VmState::Stopping => pb::VmState::Stopping,
+        VmState::Stopped => pb::VmState::Stopped,
+        VmState::Error => pb::VmState::Error,
+    }
+}
+
+/// A VM as the API shows it: its record plus the live VMM pid.
+pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
+    let paths = vm.paths();
+    let path = |p: &std::path::Path| p.display().to_string();
+    pb::Vm {
+        id: vm.id.to_string(),
+        name: vm.name.clone(),
+        image_id: vm.image_id.to_string(),
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+        state: vm_state(vm.observed_state).into(),
+        desired_state: vm_state(vm.desired_state).into(),
+        last_error: vm.last_error.clone(),
+        last_operation: vm.last_operation.clone(),
+        create_time: Some(timestamp(vm.created_at_ms)),
+        update_time: Some(timestamp(vm.updated_at_ms)),
+        runtime: Some(pb::VmRuntime {
+            vm_dir: path(&paths.dir),
+            console_log_path: path(&paths.console_log),
+            vmm_log_path: path(&paths.vmm_log),
+            api_socket_path: path(&paths.api_socket),
+            vsock_path: path(&paths.vsock),
+            vsock_cid: vm.vsock_cid,
+            vmm_pid: if vm.observed_state.may_have_vmm() { handles.vmm.map(|h| h.pid).unwrap_or(0) } else { 0 },
+            vmm: vmm.to_owned(),
+        }),
+        generation: vm.generation as u64,
+    }
+}
+
+/// An image as the API shows it.
+pub fn image(image: &Image) -> pb::Image {
+    pb::Image {
+        id: image.id.to_string(),
+        name: image.name.clone(),
+        kernel_path: image.kernel_path.display().to_string(),
+        initrd_path: image.initrd_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        rootfs_path: image.rootfs_path.display().to_string(),
+        kernel_args: image.kernel_args.clone(),
+        rootfs_size_bytes: image.rootfs_size_bytes,
+        create_time: Some(timestamp(image.created_at_ms)),
+    }
+}
+
+/// A VM or image key (id or name): must not be empty.
+pub fn key(field: &str, value: &str) -> Result<String, Error> {
+    if value.trim().is_empty() {
+        return Err(Error::InvalidArgument(vec![FieldViolation::new(field, "must name a vm or image by id or name")]));
+    }
+    Ok(value.to_owned())
+}
+
+impl TryFrom<pb::CreateVmRequest> for CreateVm {
+    type Error = Error;
+
+    fn try_from(request: pb::CreateVmRequest) -> Result<Self, Error> {
+        let mut violations = Vec::new();
+        if !request.name.is_empty()
+            && let Err(e) = vm_name_error(&request.name)
+        {
+            violations.push(FieldViolation::new("name", e.to_string()));
+        }
+        let vcpus = request.vcpus.unwrap_or(DEFAULT_VCPUS);
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            violations.push(FieldViolation::new("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {vcpus}")));
+        }
+        let memory_mib = request.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            violations.push(FieldViolation::new(
+                "memory_mib",
+                format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {memory_mib}"),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations));
+        }
+        Ok(CreateVm {
+            name: (!request.name.is_empty()).then_some(request.name),
+            image: (!request.image.is_empty()).then_some(request.image),
+            spec: VmSpec { vcpus, memory_mib },
+            start: !request.no_start,
+        })
+    }
+}
+
+/// Validates the first message of an exec stream.
+pub fn exec_start(start: pb::ExecVmStart) -> Result<(String, ExecCommand), Error> {
+    let mut violations = Vec::new();
+    if start.vm.trim().is_empty() {
+        violations.push(FieldViolation::new("start.vm", "must name a vm by id or name"));
+    }
+    if start.argv.is_empty() || start.argv[0].is_empty() {
+        violations.push(FieldViolation::new("start.argv", "must hold at least the program to run"));
+    }
+    if let Some(bad) = start.env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
+        violations.push(FieldViolation::new("start.env", format!("{bad:?} is not NAME=value")));
+    }
+    if !violations.is_empty() {
+        return Err(Error::InvalidArgument(violations));
+    }
+    let command = ExecCommand {
+        argv: start.argv,
+        env: start.env,
+        working_dir: start.working_dir,
+        stdin: start.stdin,
+        timeout_seconds: start.timeout_seconds,
+    };
+    Ok((start.vm, command))
+}
+
+/// An exec event as the API streams it.
+pub fn exec_event(event: ExecEvent) -> pb::ExecVmResponse {
+    use pb::exec_vm_response::Payload;
+    let payload = match event {
+        ExecEvent::Stdout(data) => Payload::Stdout(data),
+        ExecEvent::Stderr(data) => Payload::Stderr(data),
+        ExecEvent::Exit { status, timed_out } => Payload::Exit(pb::ExecExit {
+            status: Some(match status {
+                ExitStatus::Code(code) => pb::exec_exit::Status::Code(code),
+                ExitStatus::Signal(signal) => pb::exec_exit::Status::Signal(signal),
+            }),
+            timed_out,
+        }),
+    };
+    pb::ExecVmResponse { payload: Some(payload) }
+}
+
+/// An import request as the use case takes it.
+pub fn new_image(request: pb::ImportImageRequest) -> NewImage {
+    NewImage {
+        name: request.name,
+        kernel_path: PathBuf::from(request.kernel_path),
+        initrd_path: (!request.initrd_path.is_empty()).then(|| PathBuf::from(request.initrd_path)),
+        rootfs_path: PathBuf::from(request.rootfs_path),
+        kernel_args: request.kernel_args,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(result: Result<CreateVm, Error>) -> Vec<String> {
+        match result {
+            Err(Error::InvalidArgument(v)) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("expected invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_requests_are_validated_field_by_field() {
+        let ok = CreateVm::try_from(pb::CreateVmRequest::default()).expect("defaults are valid");
+        assert_eq!((ok.spec.vcpus, ok.spec.memory_mib, ok.start), (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB, true));
+        assert!(ok.name.is_none() && ok.image.is_none());
+        let bad = pb::CreateVmRequest { name: "a b".into(), vcpus: Some(0), memory_mib: Some(1), ..Default::default() };
+        assert_eq!(fields(CreateVm::try_from(bad)), ["name", "vcpus", "memory_mib"]);
+    }
+
+    #[test]
+    fn exec_needs_a_program() {
+        let start = pb::ExecVmStart { vm: "x".into(), ..Default::default() };
+        assert!(matches!(exec_start(start), Err(Error::InvalidArgument(v)) if v[0].field == "start.argv"));
+    }
+
+    #[test]
+    fn timestamps_keep_milliseconds() {
+        assert_eq!(timestamp(1_500), prost_types::Timestamp { seconds: 1, nanos: 500_000_000 });
+    }
+}

@@ -1,0 +1,57 @@
+//! `banger.v1.ImageService`.
+
+use std::sync::Arc;
+
+use banger_proto::v1::{self as pb, image_service_server::ImageService};
+use tonic::{Request, Response, Status};
+
+use super::{convert, status::to_status, with_op_id};
+use crate::ops::Ops;
+
+/// Serves the image API over the daemon's core.
+#[derive(Debug, Clone)]
+pub struct ImageApi {
+    ops: Arc<Ops>,
+}
+
+impl ImageApi {
+    /// The service over `ops`.
+    pub fn new(ops: Arc<Ops>) -> Self {
+        Self { ops }
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for ImageApi {
+    async fn import_image(
+        &self,
+        request: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<pb::ImportImageResponse>, Status> {
+        let new = convert::new_image(request.into_inner());
+        let (image, op_id) = self.ops.import_image(new).await.map_err(|e| to_status(&e))?;
+        Ok(with_op_id(pb::ImportImageResponse { image: Some(convert::image(&image)) }, &op_id.to_string()))
+    }
+
+    async fn get_image(&self, request: Request<pb::GetImageRequest>) -> Result<Response<pb::GetImageResponse>, Status> {
+        let key = convert::key("image", &request.into_inner().image).map_err(|e| to_status(&e))?;
+        let image = self.ops.store().image_get(&key).await.map_err(|e| to_status(&e.into()))?;
+        Ok(Response::new(pb::GetImageResponse { image: Some(convert::image(&image)) }))
+    }
+
+    async fn list_images(
+        &self,
+        _request: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let images = self.ops.store().image_list().await.map_err(|e| to_status(&e.into()))?;
+        Ok(Response::new(pb::ListImagesResponse { images: images.iter().map(convert::image).collect() }))
+    }
+
+    async fn delete_image(
+        &self,
+        request: Request<pb::DeleteImageRequest>,
+    ) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let key = convert::key("image", &request.into_inner().image).map_err(|e| to_status(&e))?;
+        let id = self.ops.delete_image(&key).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::DeleteImageResponse { id: id.to_string() }))
+    }
+}

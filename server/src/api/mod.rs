@@ -1,0 +1,48 @@
+//! The gRPC surface: tonic services, proto <-> domain conversion and validation, the one
+//! error-to-status mapping, health and reflection.
+
+mod convert;
+mod image_service;
+pub mod status;
+mod vm_service;
+
+use std::sync::Arc;
+
+use banger_proto::v1::{image_service_server::ImageServiceServer, vm_service_server::VmServiceServer};
+use tonic::{Response, metadata::MetadataValue, service::Routes};
+
+pub use image_service::ImageApi;
+pub use vm_service::VmApi;
+
+use crate::ops::Ops;
+
+/// The response metadata key holding the id of the operation a call ran.
+pub const OP_ID_METADATA: &str = "x-banger-op-id";
+
+fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
+    let mut response = Response::new(message);
+    if let Ok(value) = MetadataValue::try_from(op_id) {
+        response.metadata_mut().insert(OP_ID_METADATA, value);
+    }
+    response
+}
+
+/// Every service the daemon serves: VMs, images, health, reflection (v1 and v1alpha).
+pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<VmServiceServer<VmApi>>().await;
+    health_reporter.set_serving::<ImageServiceServer<ImageApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(banger_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut routes = Routes::builder();
+    routes
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(VmServiceServer::new(VmApi::new(ops.clone())))
+        .add_service(ImageServiceServer::new(ImageApi::new(ops)));
+    Ok(routes.routes())
+}

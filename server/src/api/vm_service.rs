@@ -1,0 +1,102 @@
+//! `banger.v1.VmService`: parses each request into one use case and maps the result back.
+
+use std::{pin::Pin, sync::Arc};
+
+use banger_proto::v1::{self as pb, vm_service_server::VmService};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    convert,
+    status::{invalid_field, to_status},
+    with_op_id,
+};
+use crate::{
+    domain::{ExecInput, Vm},
+    ops::{CreateVm, Ops},
+};
+
+/// Serves the VM API over the daemon's core.
+#[derive(Debug, Clone)]
+pub struct VmApi {
+    ops: Arc<Ops>,
+}
+
+impl VmApi {
+    /// The service over `ops`.
+    pub fn new(ops: Arc<Ops>) -> Self {
+        Self { ops }
+    }
+
+    fn to_pb(&self, vm: &Vm) -> pb::Vm {
+        convert::vm(vm, &self.ops.handles(vm), self.ops.vmm_name())
+    }
+}
+
+type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecVmResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::CreateVmResponse>, Status> {
+        let create = CreateVm::try_from(request.into_inner()).map_err(|e| to_status(&e))?;
+        let vm = self.ops.create_vm(create).await.map_err(|e| to_status(&e))?;
+        Ok(with_op_id(pb::CreateVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
+    }
+
+    async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::GetVmResponse>, Status> {
+        let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
+        let vm = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::GetVmResponse { vm: Some(self.to_pb(&vm)) }))
+    }
+
+    async fn list_vms(&self, _request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self.ops.list_vms().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListVmsResponse { vms: vms.iter().map(|vm| self.to_pb(vm)).collect() }))
+    }
+
+    async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
+        let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
+        let vm = self.ops.start_vm(&key).await.map_err(|e| to_status(&e))?;
+        Ok(with_op_id(pb::StartVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
+    }
+
+    async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
+        let request = request.into_inner();
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let vm = self.ops.stop_vm(&key, request.force).await.map_err(|e| to_status(&e))?;
+        Ok(with_op_id(pb::StopVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
+    }
+
+    async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
+        let (id, op_id) = self.ops.delete_vm(&key).await.map_err(|e| to_status(&e))?;
+        Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string()))
+    }
+
+    type ExecVmStream = ExecStream;
+
+    async fn exec_vm(&self, request: Request<Streaming<pb::ExecVmRequest>>) -> Result<Response<ExecStream>, Status> {
+        use pb::exec_vm_request::Payload;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid_field("start", "the stream ended before its first message"))?;
+        let Some(Payload::Start(start)) = first.payload else {
+            return Err(invalid_field("start", "the first message must be start"));
+        };
+        let (vm, command) = convert::exec_start(start).map_err(|e| to_status(&e))?;
+        // Standard input until the client says EOF or goes away; a stray start is ignored.
+        let input = inbound
+            .map_while(|message| match message {
+                Ok(pb::ExecVmRequest { payload: Some(Payload::Stdin(data)) }) => Some(Some(ExecInput::Data(data))),
+                Ok(pb::ExecVmRequest { payload: Some(Payload::StdinEof(_)) }) => Some(Some(ExecInput::Eof)),
+                Ok(_) => Some(None),
+                Err(_) => None,
+            })
+            .filter_map(|input| input);
+        let output = self.ops.exec_vm(&vm, command, input).await.map_err(|e| to_status(&e))?;
+        let output = output.map(|event| event.map(convert::exec_event).map_err(|e| to_status(&e)));
+        Ok(Response::new(Box::pin(output)))
+    }
+}

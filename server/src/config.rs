@@ -1,0 +1,221 @@
+//! The daemon's configuration: defaults, overridden by the config file, overridden by
+//! `BANGER_*` environment variables and command-line flags.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{host::vmm::Accel, telemetry::LogLevel};
+
+/// Default unix socket of the API.
+pub const DEFAULT_SOCKET: &str = "/run/banger/bangerd.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
+/// Default directory of the default image's artifacts, where `make setup` installs them.
+pub const DEFAULT_IMAGE_DIR: &str = "/usr/local/share/banger/images/default";
+/// Config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/banger/config.toml";
+
+/// The config file's contents; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::state_dir`].
+    pub state_dir: Option<PathBuf>,
+    /// See [`Config::socket`].
+    pub socket: Option<PathBuf>,
+    /// See [`Config::listen`].
+    pub listen: Option<String>,
+    /// See [`Config::log_level`].
+    pub log_level: Option<String>,
+    /// See [`Config::default_image`].
+    pub default_image: Option<String>,
+    /// See [`Config::default_image_dir`].
+    pub default_image_dir: Option<PathBuf>,
+    /// See [`Config::qemu_binary`].
+    pub qemu_binary: Option<PathBuf>,
+    /// See [`Config::qemu_img_binary`].
+    pub qemu_img_binary: Option<PathBuf>,
+    /// See [`Config::vsock_backend_binary`].
+    pub vsock_backend_binary: Option<PathBuf>,
+    /// See [`Config::accel`].
+    pub accel: Option<String>,
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML of the expected shape.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The daemon's effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Database, images and VM directories live here.
+    pub state_dir: PathBuf,
+    /// The API's unix socket (mode 0660).
+    pub socket: PathBuf,
+    /// Optional TCP address of the API; loopback only until TLS exists.
+    pub listen: Option<SocketAddr>,
+    /// Log verbosity.
+    pub log_level: LogLevel,
+    /// Name of the image a create without an image uses.
+    pub default_image: String,
+    /// Where the default image's artifacts are, imported on first use.
+    pub default_image_dir: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu_binary: PathBuf,
+    /// `qemu-img`.
+    pub qemu_img_binary: PathBuf,
+    /// `vhost-device-vsock`.
+    pub vsock_backend_binary: PathBuf,
+    /// QEMU accelerator: TCG unless KVM is known to boot guests on this host.
+    pub accel: Accel,
+}
+
+/// Values given on the command line or in the environment, which win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--state-dir` / `BANGER_STATE_DIR`.
+    pub state_dir: Option<PathBuf>,
+    /// `--socket` / `BANGER_SOCKET`.
+    pub socket: Option<PathBuf>,
+    /// `--listen` / `BANGER_LISTEN`.
+    pub listen: Option<String>,
+    /// `--log-level` / `BANGER_LOG_LEVEL`.
+    pub log_level: Option<String>,
+    /// `BANGER_DEFAULT_IMAGE_DIR`.
+    pub default_image_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `file` (when given, or the default file when it exists) and applies `overrides`.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file_config = match file {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => read_file(Path::new(DEFAULT_CONFIG_FILE))?,
+            None => FileConfig::default(),
+        };
+        Self::from_parts(file_config, overrides)
+    }
+
+    /// Merges file values and overrides over the defaults, validating each.
+    pub fn from_parts(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
+        let log_level = overrides.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+        let log_level =
+            log_level.parse::<LogLevel>().map_err(|message| ConfigError::Invalid { key: "log level", message })?;
+        let listen = match overrides.listen.or(file.listen).filter(|l| !l.is_empty()) {
+            None => None,
+            Some(listen) => Some(parse_listen(&listen)?),
+        };
+        let accel = match file.accel.as_deref().unwrap_or("tcg") {
+            "tcg" => Accel::Tcg,
+            "kvm" => Accel::Kvm,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "accel",
+                    message: format!("{other:?}; allowed values: tcg, kvm"),
+                });
+            }
+        };
+        Ok(Self {
+            state_dir: overrides.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            socket: overrides.socket.or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            listen,
+            log_level,
+            default_image: file.default_image.unwrap_or_else(|| "default".into()),
+            default_image_dir: overrides
+                .default_image_dir
+                .or(file.default_image_dir)
+                .unwrap_or_else(|| DEFAULT_IMAGE_DIR.into()),
+            qemu_binary: file.qemu_binary.unwrap_or_else(|| "qemu-system-x86_64".into()),
+            qemu_img_binary: file.qemu_img_binary.unwrap_or_else(|| "qemu-img".into()),
+            vsock_backend_binary: file.vsock_backend_binary.unwrap_or_else(|| "vhost-device-vsock".into()),
+            accel,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+}
+
+/// Parses a TCP listen address and refuses anything but loopback: there is no TLS yet.
+fn parse_listen(listen: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
+        key: "listen address",
+        message: format!("{listen:?} is not HOST:PORT with a numeric IP"),
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(ConfigError::Invalid {
+            key: "listen address",
+            message: format!(
+                "{addr} is not a loopback address; serving beyond this host needs TLS, which bangerd does not offer yet"
+            ),
+        });
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_win_over_the_file_which_wins_over_defaults() {
+        let file =
+            FileConfig { state_dir: Some("/file".into()), socket: Some("/file.sock".into()), ..Default::default() };
+        let overrides = Overrides { state_dir: Some("/flag".into()), ..Default::default() };
+        let config = Config::from_parts(file, overrides).expect("valid");
+        assert_eq!(config.state_dir, PathBuf::from("/flag"));
+        assert_eq!(config.socket, PathBuf::from("/file.sock"));
+        assert_eq!(config.default_image, "default");
+        assert_eq!(config.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn refuses_non_loopback_listen_addresses_and_unknown_levels() {
+        let listen = |l: &str| Overrides { listen: Some(l.into()), ..Default::default() };
+        assert!(Config::from_parts(FileConfig::default(), listen("127.0.0.1:7000")).is_ok());
+        assert!(Config::from_parts(FileConfig::default(), listen("[::1]:7000")).is_ok());
+        assert!(Config::from_parts(FileConfig::default(), listen("0.0.0.0:7000")).is_err());
+        assert!(Config::from_parts(FileConfig::default(), listen("localhost")).is_err());
+        let level = Overrides { log_level: Some("verbose".into()), ..Default::default() };
+        let err = Config::from_parts(FileConfig::default(), level).expect_err("bad level").to_string();
+        assert!(err.contains("debug, info, warn, error"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(toml::from_str::<FileConfig>("statedir = '/x'").is_err());
+        assert!(toml::from_str::<FileConfig>("state_dir = '/x'").is_ok());
+    }
+}

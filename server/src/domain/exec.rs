@@ -1,0 +1,50 @@
+//! Running a process in a guest: what to run, its input, its output events.
+
+/// The process to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecCommand {
+    /// Program and arguments; never empty.
+    pub argv: Vec<String>,
+    /// Extra environment, `NAME=value`.
+    pub env: Vec<String>,
+    /// Working directory; the agent's default when empty.
+    pub working_dir: String,
+    /// Whether standard input will be sent.
+    pub stdin: bool,
+    /// Seconds before the process is killed; 0 is no limit.
+    pub timeout_seconds: u32,
+}
+
+/// One piece of standard input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecInput {
+    /// Bytes to write.
+    Data(Vec<u8>),
+    /// End of input.
+    Eof,
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with a code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// One event of a running guest process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Standard output bytes.
+    Stdout(Vec<u8>),
+    /// Standard error bytes.
+    Stderr(Vec<u8>),
+    /// The process ended (always last).
+    Exit {
+        /// How.
+        status: ExitStatus,
+        /// Whether its timeout killed it.
+        timed_out: bool,
+    },
+}

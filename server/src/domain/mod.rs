@@ -1,0 +1,18 @@
+//! Pure domain types: ids, names, VM specs and states, host handles. No I/O here.
+
+mod exec;
+mod handles;
+mod ids;
+mod image;
+mod names;
+mod vm;
+
+pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus};
+pub use handles::{ProcessHandle, VmHandles};
+pub use ids::{ImageId, OpId, ParseIdError, VmId};
+pub use image::{Image, NewImage};
+pub use names::{NameError, image_name_error, vm_name_error};
+pub use vm::{
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, Transition, TransitionError, Vm,
+    VmPaths, VmSpec, VmState,
+};

@@ -1,0 +1,265 @@
+//! A VM's durable record, its spec, and the state machine of its lifecycle.
+//!
+//! ```text
+//!   create ──> Created ──start──> Starting ──booted──> Running
+//!                 ^                  │ start_failed       │ stop
+//!                 │                  v                    v
+//!              (start)            Error <──died──── Stopping ──stopped──> Stopped
+//!   Stopped and Error go back to Starting on start; Error goes to Stopping on stop.
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use super::{ImageId, VmId};
+
+/// vCPUs when the caller gives none.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// The most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 32;
+/// Guest memory in MiB when the caller gives none.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// The least guest memory that boots the default image's kernel.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The most guest memory a VM may have (64 GiB).
+pub const MAX_MEMORY_MIB: u32 = 65536;
+
+/// Where a VM is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmState {
+    /// Recorded, never booted.
+    Created,
+    /// The VMM is launching or the guest is not ready yet.
+    Starting,
+    /// The guest agent answered.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Not running.
+    Stopped,
+    /// An operation failed or the VMM died on its own.
+    Error,
+}
+
+impl VmState {
+    /// The name stored in SQLite and printed in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Error => "error",
+        }
+    }
+
+    /// Parses a stored state name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => Self::Created,
+            "starting" => Self::Starting,
+            "running" => Self::Running,
+            "stopping" => Self::Stopping,
+            "stopped" => Self::Stopped,
+            "error" => Self::Error,
+            _ => return None,
+        })
+    }
+
+    /// True when a VMM process may exist for a VM in this state.
+    pub fn may_have_vmm(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+    }
+}
+
+/// Something that moves a VM from one state to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// A start operation begins.
+    Start,
+    /// The guest agent answered.
+    Booted,
+    /// A start operation failed and was unwound.
+    StartFailed,
+    /// A stop operation begins.
+    Stop,
+    /// The VMM is gone and the host resources are released.
+    Stopped,
+    /// The VMM died without being asked to.
+    Died,
+}
+
+/// A transition that the VM's current state does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a vm that is {} cannot {}", from.as_str(), verb(*transition))]
+pub struct TransitionError {
+    /// The state the VM was in.
+    pub from: VmState,
+    /// What was attempted.
+    pub transition: Transition,
+}
+
+fn verb(transition: Transition) -> &'static str {
+    match transition {
+        Transition::Start => "be started",
+        Transition::Booted => "finish booting",
+        Transition::StartFailed => "fail to start",
+        Transition::Stop => "be stopped",
+        Transition::Stopped => "finish stopping",
+        Transition::Died => "die",
+    }
+}
+
+impl VmState {
+    /// The one function that decides which state a transition leads to.
+    pub fn apply(self, transition: Transition) -> Result<VmState, TransitionError> {
+        use Transition as T;
+        use VmState as S;
+        let next = match (self, transition) {
+            (S::Created | S::Stopped | S::Error, T::Start) => S::Starting,
+            (S::Starting, T::Booted) => S::Running,
+            (S::Starting, T::StartFailed) => S::Error,
+            // Stopping an errored VM is how a user clears whatever the failure left running.
+            (S::Running | S::Error, T::Stop) => S::Stopping,
+            (S::Stopping, T::Stopped) => S::Stopped,
+            // A VMM that dies while being stopped did what was asked.
+            (S::Stopping, T::Died) => S::Stopped,
+            (S::Starting | S::Running, T::Died) => S::Error,
+            (from, transition) => return Err(TransitionError { from, transition }),
+        };
+        Ok(next)
+    }
+}
+
+/// What the VM's owner asked for: its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+/// A VM's durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// Its id.
+    pub id: VmId,
+    /// Its unique name; the guest's hostname.
+    pub name: String,
+    /// The image it boots from.
+    pub image_id: ImageId,
+    /// Its shape.
+    pub spec: VmSpec,
+    /// What the owner last asked for (running or stopped).
+    pub desired_state: VmState,
+    /// What banger last observed.
+    pub observed_state: VmState,
+    /// The guest's vsock context id, unique on the host.
+    pub vsock_cid: u32,
+    /// The directory holding the VM's disks, sockets and logs.
+    pub vm_dir: PathBuf,
+    /// Why the last operation failed, or why the VM is in error.
+    pub last_error: String,
+    /// Id of the last operation run on the VM.
+    pub last_operation: String,
+    /// Milliseconds since the Unix epoch at creation.
+    pub created_at_ms: i64,
+    /// Milliseconds since the Unix epoch at the last change.
+    pub updated_at_ms: i64,
+    /// Bumped on every update; updates compare and set it.
+    pub generation: i64,
+}
+
+impl Vm {
+    /// The deterministic paths of this VM's files.
+    pub fn paths(&self) -> VmPaths {
+        VmPaths::new(&self.vm_dir)
+    }
+}
+
+/// Where a VM's files live inside its directory. Derived from the directory alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The directory itself.
+    pub dir: PathBuf,
+    /// The copy-on-write root disk.
+    pub root_disk: PathBuf,
+    /// The VMM's control socket (QMP); its presence in a process's command line identifies the VMM.
+    pub api_socket: PathBuf,
+    /// The hybrid vsock socket the host connects to (`CONNECT <port>`).
+    pub vsock: PathBuf,
+    /// The vhost-user socket between QEMU and the user-space vsock backend.
+    pub vhost_user_socket: PathBuf,
+    /// The guest's serial console.
+    pub console_log: PathBuf,
+    /// The VMM's standard output and error.
+    pub vmm_log: PathBuf,
+    /// The user-space vsock backend's standard output and error.
+    pub vsock_backend_log: PathBuf,
+    /// The scratch file of transient handles.
+    pub handles: PathBuf,
+}
+
+impl VmPaths {
+    /// The paths inside `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            root_disk: dir.join("root.qcow2"),
+            api_socket: dir.join("qmp.sock"),
+            vsock: dir.join("vsock.sock"),
+            vhost_user_socket: dir.join("vhost-user.sock"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            vsock_backend_log: dir.join("vsock-backend.log"),
+            handles: dir.join("handles.json"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [VmState; 6] =
+        [VmState::Created, VmState::Starting, VmState::Running, VmState::Stopping, VmState::Stopped, VmState::Error];
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in ALL {
+            assert_eq!(VmState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(VmState::parse("bogus"), None);
+    }
+
+    #[test]
+    fn a_full_lifecycle_is_allowed() {
+        let mut state = VmState::Created;
+        for t in [
+            Transition::Start,
+            Transition::Booted,
+            Transition::Stop,
+            Transition::Stopped,
+            Transition::Start,
+            Transition::StartFailed,
+            Transition::Start,
+        ] {
+            state = state.apply(t).expect("allowed");
+        }
+        assert_eq!(state, VmState::Starting);
+    }
+
+    #[test]
+    fn a_running_vm_cannot_be_started_and_a_stopped_one_cannot_be_stopped() {
+        assert!(VmState::Running.apply(Transition::Start).is_err());
+        assert!(VmState::Stopped.apply(Transition::Stop).is_err());
+        assert!(VmState::Created.apply(Transition::Booted).is_err());
+    }
+
+    #[test]
+    fn only_vmm_states_may_have_a_vmm() {
+        let with: Vec<_> = ALL.into_iter().filter(|s| s.may_have_vmm()).collect();
+        assert_eq!(with, [VmState::Starting, VmState::Running, VmState::Stopping]);
+    }
+}

@@ -1,0 +1,594 @@
+//! The guest agent's host side: a gRPC client that reaches `banger-agent` through a VM's hybrid-vsock unix socket.
+//!
+//! Transport: the VM's vsock backend (vhost-device-vsock, or Firecracker) exposes the guest's
+//! vsock as a unix socket. A connection becomes a stream to guest port P after the client writes
+//! `CONNECT P\n` and the backend answers `OK ...\n`; HTTP/2 then runs over the same socket.
+//!
+//! Handshake discipline (why the connector looks the way it does): vhost-device-vsock 0.3.0
+//! panics, and vsock stays dead for that VM, when a client closes its socket after sending
+//! `CONNECT` but before the answer. So a socket with a pending `CONNECT` is never dropped: the
+//! exchange runs in its own task that owns the socket. The connector gives up waiting after
+//! [`HANDSHAKE_OK_TIMEOUT`], but the task keeps the socket open until the backend answers or
+//! closes, at most [`PARKED_HANDSHAKE_LIMIT`]. The same task also makes the connector safe to drop
+//! (tonic drops it when `connect_timeout` fires). The reply is read one byte at a time because the
+//! guest's first HTTP/2 frames may arrive in the same segment as `OK`.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_proto::agent::v1::agent_service_client::AgentServiceClient;
+use banger_proto::agent::v1::{
+    ExecRequest, ExecResponse, InfoRequest, InfoResponse, ReadyRequest, ReadyResponse, ShutdownRequest,
+};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The guest port `banger-agent` listens on (AF_VSOCK, any CID).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// How long the connector waits for the backend's `OK`; shorter than [`CONNECT_TIMEOUT`], so the
+/// connector reports a stalled guest itself instead of being cut off by tonic.
+pub const HANDSHAKE_OK_TIMEOUT: Duration = Duration::from_secs(2);
+/// tonic's limit on establishing a connection (unix connect + handshake).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a socket whose `CONNECT` got no answer is kept open in the background.
+pub const PARKED_HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
+/// Deadline for unary calls (Info, Shutdown) and for the start of an Exec.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of each Ready attempt inside [`AgentClient::wait_ready`].
+pub const READY_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between Ready attempts; failures while booting come back within milliseconds.
+pub const READY_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Longest reply line accepted from the backend (`OK 4294967295` is 13 bytes).
+const MAX_REPLY_LINE: usize = 64;
+
+/// A guest-agent call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent did not answer Ready before the deadline.
+    #[error("guest agent did not become ready within {waited:?}")]
+    NotReady {
+        /// How long was waited.
+        waited: Duration,
+        /// The last attempt's failure, if any attempt was made.
+        #[source]
+        last_error: Option<Box<AgentError>>,
+    },
+    /// The VMM (or its vsock backend) stopped while the agent was awaited.
+    #[error("vmm exited before the guest agent answered")]
+    VmmExited,
+    /// A call got no answer within its deadline: the guest is stalled or overloaded.
+    #[error("guest agent call {call} got no answer within {after:?}")]
+    Timeout {
+        /// The RPC.
+        call: &'static str,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The agent answered with an error status, or the channel to it failed.
+    #[error("guest agent call {call} failed")]
+    Rpc {
+        /// The RPC.
+        call: &'static str,
+        /// The gRPC status (connection failures come as `Unavailable`, their cause as its source).
+        #[source]
+        status: tonic::Status,
+    },
+}
+
+impl AgentError {
+    /// The gRPC status the agent (or the channel) returned, if this error carries one.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Self::Rpc { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+/// The hybrid-vsock `CONNECT` handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The unix socket could not be connected (backend not started, or dead).
+    #[error("cannot connect to the vsock socket")]
+    Connect(#[source] io::Error),
+    /// Writing `CONNECT` failed (QEMU not attached yet, or the guest's vsock driver not loaded).
+    #[error("cannot send CONNECT")]
+    Send(#[source] io::Error),
+    /// Reading the reply failed.
+    #[error("cannot read the reply to CONNECT")]
+    Read(#[source] io::Error),
+    /// The backend closed the socket without `OK`: nothing listens on the guest port yet.
+    #[error("vsock backend closed the connection before OK")]
+    Closed,
+    /// The backend answered something other than `OK ...`.
+    #[error("vsock backend refused CONNECT: {reply:?}")]
+    Refused {
+        /// The reply line, without its newline.
+        reply: String,
+    },
+    /// No reply within the timeout; the socket stays open in the background.
+    #[error("no reply to CONNECT within {waited:?}")]
+    NoReply {
+        /// How long was waited.
+        waited: Duration,
+    },
+    /// The handshake task died (it panicked or the runtime is shutting down).
+    #[error("vsock handshake task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl HandshakeError {
+    /// True for the failures a booting guest produces: retry shortly. A [`Self::NoReply`] is not
+    /// among them: it means a stalled guest or a dead backend.
+    pub fn is_not_up_yet(&self) -> bool {
+        use io::ErrorKind::{BrokenPipe, ConnectionRefused, ConnectionReset, NotFound};
+        match self {
+            Self::Connect(err) => matches!(err.kind(), NotFound | ConnectionRefused),
+            Self::Send(err) | Self::Read(err) => {
+                matches!(err.kind(), BrokenPipe | ConnectionReset)
+            }
+            Self::Closed => true,
+            Self::Refused { .. } | Self::NoReply { .. } | Self::Task(_) => false,
+        }
+    }
+}
+
+/// Connects to the hybrid-vsock socket `uds` and opens a stream to guest `port`.
+///
+/// Waits at most `ok_timeout` for the backend's `OK`; on timeout the socket is handed to a
+/// background task (see the module docs) and [`HandshakeError::NoReply`] is returned. The
+/// returned stream starts right after the `OK` line.
+pub async fn connect_hybrid_vsock(uds: &Path, port: u32, ok_timeout: Duration) -> Result<UnixStream, HandshakeError> {
+    // Before CONNECT is written, dropping the socket is harmless.
+    let stream = UnixStream::connect(uds).await.map_err(HandshakeError::Connect)?;
+    let mut exchange = tokio::spawn(async move {
+        let mut stream = stream;
+        let outcome = tokio::time::timeout(PARKED_HANDSHAKE_LIMIT, handshake(&mut stream, port)).await;
+        if outcome.is_err() {
+            tracing::warn!(
+                port,
+                "closing a vsock socket whose CONNECT got no answer within {PARKED_HANDSHAKE_LIMIT:?}"
+            );
+        }
+        (stream, outcome)
+    });
+    match tokio::time::timeout(ok_timeout, &mut exchange).await {
+        Ok(Ok((stream, Ok(Ok(()))))) => Ok(stream),
+        Ok(Ok((_, Ok(Err(err))))) => Err(err),
+        // Only reachable if ok_timeout exceeds PARKED_HANDSHAKE_LIMIT.
+        Ok(Ok((_, Err(_elapsed)))) => Err(HandshakeError::NoReply { waited: PARKED_HANDSHAKE_LIMIT }),
+        Ok(Err(join_error)) => Err(HandshakeError::Task(join_error)),
+        Err(_elapsed) => {
+            // Dropping the JoinHandle detaches the task, which still owns the socket.
+            tracing::debug!(port, "no OK within {ok_timeout:?}; parked the vsock socket");
+            Err(HandshakeError::NoReply { waited: ok_timeout })
+        }
+    }
+}
+
+/// Writes `CONNECT port` and checks the reply line.
+async fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), HandshakeError> {
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(HandshakeError::Send)?;
+    let line = read_reply_line(stream).await?;
+    check_connect_reply(&line)
+}
+
+/// Reads up to and excluding `\n`, one byte per read so that nothing after the line is consumed.
+async fn read_reply_line<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, HandshakeError> {
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let byte = match reader.read_u8().await {
+            Ok(byte) => byte,
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(HandshakeError::Closed);
+            }
+            Err(err) => return Err(HandshakeError::Read(err)),
+        };
+        if byte == b'\n' {
+            return Ok(line);
+        }
+        if line.len() >= MAX_REPLY_LINE {
+            return Err(HandshakeError::Refused { reply: String::from_utf8_lossy(&line).into_owned() });
+        }
+        line.push(byte);
+    }
+}
+
+/// Accepts `OK <anything>`: vhost-device-vsock echoes the guest port, Firecracker a host port.
+fn check_connect_reply(line: &[u8]) -> Result<(), HandshakeError> {
+    if line.starts_with(b"OK ") {
+        Ok(())
+    } else {
+        Err(HandshakeError::Refused { reply: String::from_utf8_lossy(line).into_owned() })
+    }
+}
+
+/// The gRPC client of one VM's agent: one lazy channel, reconnecting on demand; cheap to clone.
+#[derive(Clone)]
+pub struct AgentClient {
+    client: AgentServiceClient<Channel>,
+    vsock_uds_path: PathBuf,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient").field("vsock_uds_path", &self.vsock_uds_path).finish_non_exhaustive()
+    }
+}
+
+impl AgentClient {
+    /// Creates the client for the VM whose hybrid-vsock socket is `vsock_uds_path`.
+    ///
+    /// Never blocks and never connects: the first call does. Must be called inside a Tokio
+    /// runtime (the channel spawns its worker task).
+    pub fn new(vsock_uds_path: PathBuf) -> Self {
+        let connector_path = vsock_uds_path.clone();
+        let connector = tower::service_fn(move |_: Uri| {
+            let path = connector_path.clone();
+            async move {
+                let stream = connect_hybrid_vsock(&path, AGENT_VSOCK_PORT, HANDSHAKE_OK_TIMEOUT).await?;
+                Ok::<_, HandshakeError>(TokioIo::new(stream))
+            }
+        });
+        // The authority is never resolved: the connector ignores the URI.
+        let channel = Endpoint::from_static("http://agent.vsock")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_with_connector_lazy(connector);
+        Self { client: AgentServiceClient::new(channel), vsock_uds_path }
+    }
+
+    /// The hybrid-vsock socket this client connects to.
+    pub fn vsock_uds_path(&self) -> &Path {
+        &self.vsock_uds_path
+    }
+
+    /// One Ready call with deadline `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> Result<ReadyResponse, AgentError> {
+        let mut client = self.client.clone();
+        unary("Ready", timeout, client.ready(with_timeout(ReadyRequest {}, timeout))).await
+    }
+
+    /// Polls until Ready answers or `deadline`; calls `still_booting()` every iteration and gives up with AgentError::VmmExited when it returns false.
+    ///
+    /// Connection failures and timeouts are retried every [`READY_POLL_INTERVAL`]; any other
+    /// error status means the agent is up but broken, and is returned at once.
+    pub async fn wait_ready(
+        &self,
+        deadline: Instant,
+        still_booting: impl Fn() -> bool,
+    ) -> Result<ReadyResponse, AgentError> {
+        let started = Instant::now();
+        let mut last_error: Option<AgentError> = None;
+        loop {
+            // Checked first, because a dead VMM looks exactly like a guest still booting.
+            if !still_booting() {
+                return Err(AgentError::VmmExited);
+            }
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return Err(AgentError::NotReady { waited: now - started, last_error: last_error.map(Box::new) });
+            }
+            match self.ready(left.min(READY_ATTEMPT_TIMEOUT)).await {
+                Ok(ready) => return Ok(ready),
+                Err(err) if is_retryable(&err) => {
+                    tracing::trace!(error = %error_chain(&err), "guest agent not ready yet");
+                    last_error = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+            tokio::time::sleep_until((Instant::now() + READY_POLL_INTERVAL).min(deadline)).await;
+        }
+    }
+
+    /// Describes the guest (hostname, kernel, agent version, uptime).
+    pub async fn info(&self) -> Result<InfoResponse, AgentError> {
+        let mut client = self.client.clone();
+        unary("Info", CALL_TIMEOUT, client.info(with_timeout(InfoRequest {}, CALL_TIMEOUT))).await
+    }
+
+    /// Starts a process; `requests` must yield the ExecRequest{start} first, then stdin messages.
+    ///
+    /// Only the start of the call has a deadline ([`CALL_TIMEOUT`]); the returned stream may run
+    /// as long as the process does. Dropping the stream (or ending `requests` with an error)
+    /// makes the agent kill the process group.
+    pub async fn exec(
+        &self,
+        requests: impl tokio_stream::Stream<Item = ExecRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<ExecResponse>, AgentError> {
+        let mut client = self.client.clone();
+        unary("Exec", CALL_TIMEOUT, client.exec(requests)).await
+    }
+
+    /// Asks the guest to sync and power off. The agent answers before it powers off, so success
+    /// means "power-off is under way"; the VMM exits shortly after.
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        let mut client = self.client.clone();
+        unary("Shutdown", CALL_TIMEOUT, client.shutdown(with_timeout(ShutdownRequest {}, CALL_TIMEOUT))).await.map(drop)
+    }
+}
+
+/// A request carrying `grpc-timeout`, so the agent also abandons it after `timeout`.
+fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// Awaits a call's response with a client-side deadline.
+async fn unary<T>(
+    call: &'static str,
+    timeout: Duration,
+    response: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(timeout, response).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(AgentError::Rpc { call, status }),
+        Err(_elapsed) => Err(AgentError::Timeout { call, after: timeout }),
+    }
+}
+
+/// Failures that mean "not up yet" while a guest boots: no connection, a connection that broke,
+/// or no answer in time.
+fn is_retryable(err: &AgentError) -> bool {
+    use tonic::Code;
+    match err {
+        AgentError::Timeout { .. } => true,
+        AgentError::Rpc { status, .. } => {
+            matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+        }
+        AgentError::NotReady { .. } | AgentError::VmmExited => false,
+    }
+}
+
+/// `outer: inner: innermost`, for trace logs.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use banger_proto::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
+    use banger_proto::agent::v1::{ShutdownResponse, exec_request, exec_response};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::UnixListener;
+    use tokio_stream::{Stream, StreamExt};
+
+    use super::*;
+
+    /// Reads the client's `CONNECT` line the way the backend does.
+    async fn read_connect_line(stream: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        loop {
+            let byte = stream.read_u8().await.expect("client sends a CONNECT line");
+            if byte == b'\n' {
+                return String::from_utf8(line).expect("utf-8");
+            }
+            line.push(byte);
+        }
+    }
+
+    fn socket_in(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("vm.vsock")
+    }
+
+    #[test]
+    fn accepts_only_ok_replies() {
+        assert!(check_connect_reply(b"OK 1024").is_ok());
+        assert!(check_connect_reply(b"OK 1073741824").is_ok());
+        for bad in [&b"OK"[..], b"", b"ERR 1024", b"ok 1024"] {
+            assert!(matches!(check_connect_reply(bad), Err(HandshakeError::Refused { .. })));
+        }
+    }
+
+    #[tokio::test]
+    async fn ok_reply_leaves_following_bytes_for_the_caller() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let line = read_connect_line(&mut stream).await;
+            // OK and the first payload bytes in one write, as a real guest may produce.
+            stream.write_all(b"OK 1024\nHELLO").await.expect("write");
+            (line, stream)
+        });
+        let mut stream = connect_hybrid_vsock(&path, 1024, Duration::from_secs(1)).await.expect("handshake succeeds");
+        let mut payload = [0u8; 5];
+        stream.read_exact(&mut payload).await.expect("payload");
+        assert_eq!(&payload, b"HELLO");
+        let (line, _backend_stream) = backend.await.expect("backend");
+        assert_eq!(line, "CONNECT 1024");
+    }
+
+    #[tokio::test]
+    async fn booting_guest_failures_are_not_up_yet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+
+        let missing = connect_hybrid_vsock(&path, 1024, Duration::from_secs(1)).await;
+        assert!(matches!(&missing, Err(HandshakeError::Connect(err)) if err.kind() == io::ErrorKind::NotFound));
+        assert!(missing.expect_err("no socket").is_not_up_yet());
+
+        // Driver up, nothing listening on the port: the backend closes right after CONNECT.
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            read_connect_line(&mut stream).await;
+        });
+        let closed = connect_hybrid_vsock(&path, 1024, Duration::from_secs(1)).await;
+        assert!(matches!(&closed, Err(HandshakeError::Closed)));
+        assert!(closed.expect_err("closed").is_not_up_yet());
+    }
+
+    #[tokio::test]
+    async fn refusal_is_reported_with_its_reply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            read_connect_line(&mut stream).await;
+            stream.write_all(b"NOPE\n").await.expect("write");
+        });
+        let refused = connect_hybrid_vsock(&path, 1024, Duration::from_secs(1)).await;
+        assert!(matches!(&refused, Err(HandshakeError::Refused { reply }) if reply == "NOPE"));
+    }
+
+    /// The backend must never see a close while its CONNECT is pending, neither when the
+    /// connector times out nor when its future is dropped.
+    #[tokio::test]
+    async fn pending_connect_is_never_closed_before_the_reply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let backend = tokio::spawn(async move {
+            let mut verdicts = Vec::new();
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                read_connect_line(&mut stream).await;
+                // Stall well past the client's patience, watching for a premature close.
+                let mut byte = [0u8; 1];
+                let early = tokio::time::timeout(Duration::from_millis(400), stream.read(&mut byte)).await;
+                let closed_early = early.is_ok();
+                stream.write_all(b"OK 1024\n").await.expect("socket still open");
+                // After OK the parked socket is released: EOF follows.
+                let after = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte))
+                    .await
+                    .expect("parked socket is closed after OK")
+                    .expect("read");
+                verdicts.push((closed_early, after));
+            }
+            verdicts
+        });
+
+        let timed_out = connect_hybrid_vsock(&path, 1024, Duration::from_millis(100)).await;
+        assert!(matches!(timed_out, Err(HandshakeError::NoReply { .. })));
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(100), connect_hybrid_vsock(&path, 1024, Duration::from_secs(5)))
+                .await;
+        assert!(dropped.is_err(), "the connector future was dropped mid-handshake");
+
+        let verdicts = backend.await.expect("backend");
+        assert_eq!(verdicts, vec![(false, 0), (false, 0)]);
+    }
+
+    /// A stand-in agent: answers Ready with a fixed uptime and echoes Exec stdin to stdout.
+    struct FakeAgent;
+
+    type FakeExecStream = Pin<Box<dyn Stream<Item = Result<ExecResponse, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl AgentService for FakeAgent {
+        async fn ready(
+            &self,
+            _: tonic::Request<ReadyRequest>,
+        ) -> Result<tonic::Response<ReadyResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ReadyResponse { uptime_seconds: 1.5 }))
+        }
+
+        async fn info(&self, _: tonic::Request<InfoRequest>) -> Result<tonic::Response<InfoResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+
+        type ExecStream = FakeExecStream;
+
+        async fn exec(
+            &self,
+            request: tonic::Request<tonic::Streaming<ExecRequest>>,
+        ) -> Result<tonic::Response<FakeExecStream>, tonic::Status> {
+            let output = request.into_inner().filter_map(|request| match request {
+                Ok(ExecRequest { payload: Some(exec_request::Payload::Stdin(bytes)) }) => {
+                    Some(Ok(ExecResponse { payload: Some(exec_response::Payload::Stdout(bytes)) }))
+                }
+                _ => None,
+            });
+            Ok(tonic::Response::new(Box::pin(output)))
+        }
+
+        async fn shutdown(
+            &self,
+            _: tonic::Request<ShutdownRequest>,
+        ) -> Result<tonic::Response<ShutdownResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ShutdownResponse {}))
+        }
+    }
+
+    /// Serves FakeAgent behind a fake hybrid-vsock backend on `path`.
+    fn spawn_fake_backend(path: &Path) {
+        let listener = UnixListener::bind(path).expect("bind");
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).then(|accepted| async move {
+            let mut stream = accepted?;
+            let mut reader = BufReader::new(&mut stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).await?;
+            assert_eq!(line, "CONNECT 1024\n");
+            stream.write_all(b"OK 1024\n").await?;
+            Ok::<_, io::Error>(stream)
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServiceServer::new(FakeAgent))
+                .serve_with_incoming(incoming),
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_ready_retries_until_the_backend_appears() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        let client = AgentClient::new(path.clone());
+        let late_path = path.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            spawn_fake_backend(&late_path);
+        });
+        let ready = client
+            .wait_ready(Instant::now() + Duration::from_secs(5), || true)
+            .await
+            .expect("ready once the backend is up");
+        assert_eq!(ready.uptime_seconds, 1.5);
+
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut output = client.exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("exec starts");
+        let stdin = ExecRequest { payload: Some(exec_request::Payload::Stdin(b"ping".to_vec())) };
+        tx.send(stdin).await.expect("send stdin");
+        let echoed = output.message().await.expect("stream").expect("a message");
+        assert_eq!(echoed.payload, Some(exec_response::Payload::Stdout(b"ping".to_vec())));
+        client.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test]
+    async fn wait_ready_stops_when_the_vmm_is_gone_or_time_is_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = AgentClient::new(socket_in(&dir));
+        let gone = client.wait_ready(Instant::now() + Duration::from_secs(5), || false).await;
+        assert!(matches!(gone, Err(AgentError::VmmExited)));
+
+        let late = client.wait_ready(Instant::now() + Duration::from_millis(200), || true).await;
+        match late {
+            Err(AgentError::NotReady { waited, last_error }) => {
+                assert!(waited >= Duration::from_millis(200));
+                let last = last_error.expect("at least one attempt");
+                assert_eq!(last.status().map(tonic::Status::code), Some(tonic::Code::Unavailable));
+            }
+            other => panic!("expected NotReady, got {other:?}"),
+        }
+    }
+}

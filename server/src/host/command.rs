@@ -1,0 +1,98 @@
+//! The only place that spawns host tools: short-lived commands and detached daemons.
+
+use std::{
+    ffi::OsString,
+    fs::OpenOptions,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command as StdCommand, Stdio},
+};
+
+use super::{HostError, process};
+use crate::domain::ProcessHandle;
+
+/// A host tool that ran and failed; keeps everything needed to reproduce it.
+#[derive(Debug, thiserror::Error)]
+#[error("{program} {args:?} exited with {status}: {stderr}")]
+pub struct CommandFailed {
+    /// The program.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// How it ended.
+    pub status: std::process::ExitStatus,
+    /// Its standard error, trimmed.
+    pub stderr: String,
+}
+
+fn display_args(args: &[OsString]) -> Vec<String> {
+    args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+}
+
+fn spawn_error(program: &Path, err: std::io::Error) -> HostError {
+    if err.kind() == std::io::ErrorKind::NotFound {
+        HostError::ToolMissing { program: program.display().to_string() }
+    } else {
+        HostError::Io { what: format!("spawn {}", program.display()), source: err }
+    }
+}
+
+/// Runs a tool to completion and returns its standard output; a non-zero exit is an error.
+pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError> {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| spawn_error(program, e))?;
+    if !output.status.success() {
+        return Err(HostError::Command(CommandFailed {
+            program: program.display().to_string(),
+            args: display_args(args),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        }));
+    }
+    Ok(output.stdout)
+}
+
+/// Starts a long-lived process in its own session, detached from the daemon: it keeps
+/// running when the daemon dies. Its output goes to `log`. The daemon reaps it if it
+/// exits while the daemon lives.
+pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<ProcessHandle, HostError> {
+    let open_log = || {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| HostError::Io { what: format!("open {}", log.display()), source })
+    };
+    let mut command = StdCommand::new(program);
+    command.args(args).stdin(Stdio::null()).stdout(open_log()?).stderr(open_log()?);
+    // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let child = command.spawn().map_err(|e| spawn_error(program, e))?;
+    let pid = child.id();
+    let start_time = process::read_stat(Path::new("/proc"), pid).map(|s| s.start_time).unwrap_or(0);
+    // Reap it when it exits, so that it never lingers as a zombie of the daemon.
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        })
+        .map_err(|source| HostError::Io { what: "spawn reaper thread".into(), source })?;
+    Ok(ProcessHandle { pid, start_time })
+}
+
+/// Finds `name` in `PATH` unless it is already a path.
+pub fn resolve_program(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}

@@ -1,0 +1,84 @@
+//! Everything that touches the OS: VMMs, disks, the guest-agent channel, processes, scratch files.
+//!
+//! Nothing outside this module spawns a process or reads `/proc` or `/dev`.
+
+pub mod agent;
+pub mod command;
+pub mod exec;
+pub mod process;
+pub mod scratch;
+pub mod storage;
+pub mod vmm;
+pub mod vsock;
+
+use std::path::PathBuf;
+
+pub use command::CommandFailed;
+
+/// A host capability failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A program the daemon needs is not installed.
+    #[error("{program} is not installed or not in PATH")]
+    ToolMissing {
+        /// The program's name or path.
+        program: String,
+    },
+    /// A host tool ran and failed.
+    #[error(transparent)]
+    Command(#[from] CommandFailed),
+    /// A file or socket operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A process the VM needs exited.
+    #[error("{process} exited{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
+    ProcessExited {
+        /// Which process.
+        process: &'static str,
+        /// The last line of its log, if any.
+        detail: Option<String>,
+        /// The log to inspect.
+        log: PathBuf,
+    },
+    /// Something did not happen in time.
+    #[error("{what} did not happen within {seconds} s")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long was waited.
+        seconds: u64,
+    },
+    /// The VMM answered its control protocol with an error.
+    #[error("vmm refused {command}: {message}")]
+    VmmRefused {
+        /// The command.
+        command: String,
+        /// Its error.
+        message: String,
+    },
+    /// The guest agent failed.
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+}
+
+impl HostError {
+    /// The log file worth reading to understand this error, if any.
+    pub fn log_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::ProcessExited { log, .. } => Some(log),
+            _ => None,
+        }
+    }
+}
+
+/// Last non-empty line of a log file, for error messages.
+pub fn last_log_line(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_owned())
+}

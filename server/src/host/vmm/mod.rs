@@ -1,0 +1,43 @@
+//! Virtual machine monitors. One trait, named for what the host offers; QEMU microvm is
+//! the embedded default that boots real guests on any Linux host.
+
+mod qemu;
+pub mod qmp;
+
+use std::fmt::Debug;
+
+pub use qemu::{Accel, QemuVmm};
+
+use super::HostError;
+use crate::domain::{Image, ProcessHandle, VmPaths, VmSpec};
+
+/// Everything a VMM needs to launch one VM.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchSpec<'a> {
+    /// The VM's name, given to the guest as its hostname.
+    pub name: &'a str,
+    /// The VM's files.
+    pub paths: &'a VmPaths,
+    /// Its shape.
+    pub spec: VmSpec,
+    /// What it boots.
+    pub image: &'a Image,
+    /// Its vsock context id.
+    pub vsock_cid: u32,
+}
+
+/// A virtual machine monitor.
+#[tonic::async_trait]
+pub trait Vmm: Send + Sync + Debug {
+    /// Short name, shown in `VmRuntime.vmm`.
+    fn name(&self) -> &'static str;
+
+    /// Launches the VMM detached from the daemon; returns once the process exists.
+    async fn launch(&self, launch: &LaunchSpec<'_>) -> Result<ProcessHandle, HostError>;
+
+    /// Waits until the VMM's control socket answers and the guest's vCPUs run.
+    async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError>;
+
+    /// Asks the guest to power off through the VMM (ACPI power button).
+    async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError>;
+}

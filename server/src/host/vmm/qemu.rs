@@ -1,0 +1,143 @@
+//! QEMU `-M microvm`: virtio-mmio devices, QMP on the api socket, serial console to a file.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use super::{LaunchSpec, Vmm, qmp::Qmp};
+use crate::{
+    domain::{ProcessHandle, VmPaths},
+    host::{HostError, command, last_log_line, process::Processes},
+};
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation: works everywhere, slower.
+    Tcg,
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+}
+
+/// Launches and controls QEMU microvm guests.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    binary: PathBuf,
+    accel: Accel,
+    processes: Processes,
+    /// The host TSC frequency, passed as `tsc_early_khz` so a loaded host never hangs calibration.
+    tsc_khz: Option<u64>,
+}
+
+/// Reads the host CPU's frequency in kHz from `/proc/cpuinfo`.
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+impl QemuVmm {
+    /// Uses `binary` (qemu-system-x86_64) with the given accelerator.
+    pub fn new(binary: PathBuf, accel: Accel, processes: Processes) -> Self {
+        Self { binary, accel, processes, tsc_khz: host_tsc_khz() }
+    }
+
+    /// The command line for one VM; its api socket path identifies the process in `/proc`.
+    pub fn args(&self, launch: &LaunchSpec<'_>) -> Vec<OsString> {
+        let paths = launch.paths;
+        let memory = launch.spec.memory_mib;
+        let mut append = String::from("console=ttyS0 quiet panic=-1 root=/dev/vda rw");
+        if let Some(khz) = self.tsc_khz {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        append.push_str(&format!(" banger.hostname={}", launch.name));
+        if !launch.image.kernel_args.is_empty() {
+            append.push(' ');
+            append.push_str(&launch.image.kernel_args);
+        }
+        let accel = match self.accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        };
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&["-name", &format!("banger-{}", launch.name)]);
+        // vhost-user needs guest memory it can map: a shared memfd backend.
+        push(&["-M", "microvm,memory-backend=mem", "-accel", accel]);
+        push(&["-m", &format!("{memory}M"), "-smp", &launch.spec.vcpus.to_string()]);
+        push(&["-object", &format!("memory-backend-memfd,id=mem,size={memory}M,share=on")]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&["-serial", &format!("file:{}", paths.console_log.display())]);
+        push(&["-kernel", &launch.image.kernel_path.to_string_lossy()]);
+        if let Some(initrd) = &launch.image.initrd_path {
+            push(&["-initrd", &initrd.to_string_lossy()]);
+        }
+        push(&["-append", &append]);
+        push(&[
+            "-drive",
+            &format!("id=root,file={},format=qcow2,if=none", paths.root_disk.display()),
+            "-device",
+            "virtio-blk-device,drive=root",
+        ]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock,path={}", paths.vhost_user_socket.display()),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsock",
+        ]);
+        push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.api_socket.display())]);
+        args
+    }
+
+    fn exited(&self, paths: &VmPaths) -> HostError {
+        HostError::ProcessExited { process: "qemu", detail: last_log_line(&paths.vmm_log), log: paths.vmm_log.clone() }
+    }
+}
+
+/// Lines QEMU prints when it keeps running but the guest will never get its vsock device.
+const FATAL_VMM_LOG_LINES: [&str; 2] = ["vhost_set_mem_table failed", "Error starting vhost"];
+
+#[tonic::async_trait]
+impl Vmm for QemuVmm {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn launch(&self, launch: &LaunchSpec<'_>) -> Result<ProcessHandle, HostError> {
+        let _ = std::fs::remove_file(&launch.paths.api_socket);
+        command::spawn_detached(&self.binary, &self.args(launch), &launch.paths.vmm_log)
+    }
+
+    async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let mut qmp = loop {
+            if !self.processes.alive(vmm, &paths.api_socket) {
+                return Err(self.exited(paths));
+            }
+            if paths.api_socket.exists()
+                && let Ok(qmp) = Qmp::connect(&paths.api_socket).await
+            {
+                break qmp;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HostError::Timeout { what: "qmp socket".into(), seconds: 15 });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let status = qmp.execute("query-status").await?;
+        if status.get("running").and_then(serde_json::Value::as_bool) != Some(true) {
+            return Err(HostError::VmmRefused { command: "query-status".into(), message: status.to_string() });
+        }
+        let log = std::fs::read_to_string(&paths.vmm_log).unwrap_or_default();
+        if FATAL_VMM_LOG_LINES.iter().any(|line| log.contains(line)) {
+            return Err(HostError::ProcessExited {
+                process: "qemu vsock device",
+                detail: last_log_line(&paths.vmm_log),
+                log: paths.vmm_log.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
+        Qmp::connect(&paths.api_socket).await?.execute("system_powerdown").await.map(drop)
+    }
+}

@@ -1,0 +1,63 @@
+//! A minimal QMP client: QEMU's JSON control protocol on the VM's api socket.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+};
+
+use crate::host::HostError;
+
+/// An open QMP session, past capability negotiation.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> HostError + '_ {
+    move |source| HostError::Io { what: format!("qmp {what}"), source }
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub async fn connect(socket: &Path) -> Result<Self, HostError> {
+        let stream = UnixStream::connect(socket).await.map_err(io("connect"))?;
+        let (read, writer) = stream.into_split();
+        let mut qmp = Self { reader: BufReader::new(read), writer };
+        let greeting = qmp.read_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(HostError::VmmRefused { command: "greeting".into(), message: greeting.to_string() });
+        }
+        qmp.execute("qmp_capabilities").await?;
+        Ok(qmp)
+    }
+
+    async fn read_message(&mut self) -> Result<Value, HostError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await.map_err(io("read"))? == 0 {
+            return Err(HostError::Io { what: "qmp read".into(), source: std::io::ErrorKind::UnexpectedEof.into() });
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| HostError::Io { what: "qmp decode".into(), source: std::io::Error::other(e) })
+    }
+
+    /// Runs a command and returns its `return` value; asynchronous events are skipped.
+    pub async fn execute(&mut self, command: &str) -> Result<Value, HostError> {
+        let mut request = json!({ "execute": command }).to_string();
+        request.push('\n');
+        self.writer.write_all(request.as_bytes()).await.map_err(io("write"))?;
+        loop {
+            let message = self.read_message().await?;
+            if let Some(value) = message.get("return") {
+                return Ok(value.clone());
+            }
+            if let Some(error) = message.get("error") {
+                let message = error.get("desc").and_then(Value::as_str).unwrap_or("unknown error").to_owned();
+                return Err(HostError::VmmRefused { command: command.into(), message });
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The guest-agent channel's host side for QEMU: rust-vmm's user-space vsock backend.
+//!
+//! QEMU's `vhost-user-vsock-device` talks to `vhost-device-vsock`, which exposes the
+//! guest's vsock as a hybrid unix socket (`CONNECT <port>\n` -> `OK ...`), the same
+//! protocol Firecracker implements natively.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use super::{HostError, command, process::Processes};
+use crate::domain::{ProcessHandle, VmPaths};
+
+/// Starts and checks `vhost-device-vsock` processes, one per VM.
+#[derive(Debug, Clone)]
+pub struct VsockBackends {
+    binary: PathBuf,
+    processes: Processes,
+}
+
+impl VsockBackends {
+    /// Uses the given `vhost-device-vsock` binary.
+    pub fn new(binary: PathBuf, processes: Processes) -> Self {
+        Self { binary, processes }
+    }
+
+    /// The binary, for `doctor`-style checks.
+    pub fn binary(&self) -> &std::path::Path {
+        &self.binary
+    }
+
+    /// Starts the backend for guest `cid` and waits until its vhost-user socket exists.
+    pub async fn start(&self, cid: u32, paths: &VmPaths) -> Result<ProcessHandle, HostError> {
+        for stale in [&paths.vhost_user_socket, &paths.vsock] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let vm =
+            format!("guest-cid={cid},socket={},uds-path={}", paths.vhost_user_socket.display(), paths.vsock.display());
+        let args: Vec<OsString> = vec!["--vm".into(), vm.into()];
+        let handle = command::spawn_detached(&self.binary, &args, &paths.vsock_backend_log)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !paths.vhost_user_socket.exists() {
+            if !self.processes.alive(&handle, &paths.vhost_user_socket) {
+                return Err(HostError::ProcessExited {
+                    process: "vhost-device-vsock",
+                    detail: super::last_log_line(&paths.vsock_backend_log),
+                    log: paths.vsock_backend_log.clone(),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.stop(&handle, paths).await;
+                return Err(HostError::Timeout { what: "vhost-device-vsock socket".into(), seconds: 10 });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(handle)
+    }
+
+    /// True when the backend's worker thread died (a known failure of vhost-device-vsock 0.3):
+    /// the process lives on but the VM's vsock is dead.
+    pub fn panicked(paths: &VmPaths) -> bool {
+        std::fs::read_to_string(&paths.vsock_backend_log).is_ok_and(|log| log.contains("panicked"))
+    }
+
+    /// Stops the backend (SIGTERM, then SIGKILL) and removes its sockets.
+    pub async fn stop(&self, handle: &ProcessHandle, paths: &VmPaths) {
+        self.processes.terminate(handle, &paths.vhost_user_socket, Duration::from_secs(2)).await;
+        for socket in [&paths.vhost_user_socket, &paths.vsock] {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+}

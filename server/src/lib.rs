@@ -1,0 +1,125 @@
+//! bangerd: the per-host microVM control plane. `main.rs` parses configuration and calls
+//! [`run`]; tests call [`serve`] with their own listeners.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod host;
+pub mod ops;
+pub mod store;
+pub mod telemetry;
+
+use std::{future::Future, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::{
+    config::Config,
+    host::{process::Processes, storage::Qcow2Overlays, vmm::QemuVmm, vsock::VsockBackends},
+    ops::{HostServices, Ops, OpsConfig},
+    store::Store,
+};
+
+/// The sockets the API is served on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The unix socket.
+    pub unix: UnixListener,
+    /// The optional TCP socket.
+    pub tcp: Option<TcpListener>,
+}
+
+/// Opens the database, wires the host, and reconciles records with what runs.
+pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
+    let store = Store::open(&config.state_dir.join("banger.db"))
+        .await
+        .with_context(|| format!("open database in {}", config.state_dir.display()))?;
+    let processes = Processes::default();
+    let host = HostServices {
+        vmm: Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, processes.clone())),
+        vsock: VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone()),
+        disks: Qcow2Overlays::new(config.qemu_img_binary.clone()),
+        processes,
+    };
+    let ops_config = OpsConfig {
+        state_dir: config.state_dir.clone(),
+        default_image: config.default_image.clone(),
+        default_image_dir: config.default_image_dir.clone(),
+    };
+    let ops = Arc::new(Ops::new(store, ops_config, host));
+    ops.recover().await.context("reconcile vms at startup")?;
+    Ok(ops)
+}
+
+/// Serves the API on `listeners` until `shutdown` completes. VMs keep running afterwards.
+pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let routes = api::routes(ops.clone()).await.context("build reflection service")?;
+    let router = tonic::transport::Server::builder().add_routes(routes);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let unix =
+        router.clone().serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), stopped(stop_rx.clone()));
+    let tcp = listeners
+        .tcp
+        .map(|tcp| router.serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped(stop_rx.clone())));
+    let servers = async {
+        match tcp {
+            Some(tcp) => tokio::try_join!(unix, tcp).map(drop),
+            None => unix.await,
+        }
+    };
+    tokio::pin!(servers);
+    tokio::select! {
+        result = &mut servers => result.context("serve api")?,
+        () = shutdown => {
+            let _ = stop_tx.send(true);
+            servers.await.context("serve api")?;
+        }
+    }
+    ops.store().close().await;
+    Ok(())
+}
+
+/// Binds the unix socket (mode 0660), refusing to take over one another daemon serves.
+pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create socket dir {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!("another bangerd is already serving on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Runs the daemon with `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let ops = open_ops(&config).await?;
+    let unix = bind_unix(&config.socket).await?;
+    let tcp = match config.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?),
+        None => None,
+    };
+    tracing::info!(
+        socket = %config.socket.display(),
+        listen = config.listen.map(|a| a.to_string()),
+        state_dir = %config.state_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "bangerd serving"
+    );
+    let result = serve(ops, Listeners { unix, tcp }, shutdown).await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("bangerd stopped");
+    result
+}

@@ -1,0 +1,83 @@
+//! `bangerd`: parses flags, environment and config file, installs logging, runs the daemon.
+
+use std::path::PathBuf;
+
+use banger_server::{
+    config::{Config, Overrides},
+    telemetry,
+};
+use clap::Parser;
+
+/// The banger daemon: owns this host's microVMs and images and serves their lifecycle over gRPC.
+///
+/// Values come from defaults, then the config file, then `BANGER_*` environment variables,
+/// then flags; later ones win. VMs keep running when the daemon stops, and a restarted
+/// daemon adopts them.
+#[derive(Debug, Parser)]
+#[command(name = "bangerd", version)]
+struct Args {
+    /// TOML config file (default: /etc/banger/config.toml when it exists).
+    #[arg(long, env = "BANGER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory: database, images, VM directories [default: /var/lib/banger].
+    #[arg(long, env = "BANGER_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Unix socket of the API, created with mode 0660 [default: /run/banger/bangerd.sock].
+    #[arg(long, env = "BANGER_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Also serve the API on TCP; loopback addresses only (no TLS yet).
+    #[arg(long, env = "BANGER_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Log level: debug, info, warn or error [default: info].
+    #[arg(long, env = "BANGER_LOG_LEVEL", value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Directory of the default image's vmlinuz, initrd.img and rootfs.ext4.
+    #[arg(long, env = "BANGER_DEFAULT_IMAGE_DIR", value_name = "DIR")]
+    default_image_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        state_dir: args.state_dir,
+        socket: args.socket,
+        listen: args.listen,
+        log_level: args.log_level,
+        default_image_dir: args.default_image_dir,
+    };
+    let config = match Config::load(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("bangerd: {err}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("bangerd: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(banger_server::run(config, shutdown_signal())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "bangerd failed");
+            eprintln!("bangerd: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,185 @@
+//! The stages that boot a recorded VM, shared by `vm.create` and `vm.start`, and the
+//! teardown that releases a VM's runtime, shared by stop, delete, undo and recovery.
+
+use std::{path::PathBuf, time::Duration};
+
+use super::{Error, Ops, remove_file_quietly};
+use crate::{
+    domain::{Image, ProcessHandle, Vm, VmHandles},
+    host::{HostError, vmm::LaunchSpec, vsock::VsockBackends},
+};
+
+/// How long a guest may take from VMM launch until its agent answers.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A stage of booting a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootStage {
+    /// Create the copy-on-write root disk (kept across stop/start).
+    RootDisk,
+    /// Start the guest-agent channel's host side (vsock backend).
+    AgentChannel,
+    /// Launch the VMM process, detached.
+    VmmLaunch,
+    /// Wait until the VMM's control socket answers and the guest runs.
+    VmmBoot,
+    /// Wait until the guest agent answers.
+    WaitAgent,
+}
+
+/// Every boot stage in order.
+pub const BOOT_STAGES: [BootStage; 5] =
+    [BootStage::RootDisk, BootStage::AgentChannel, BootStage::VmmLaunch, BootStage::VmmBoot, BootStage::WaitAgent];
+
+impl BootStage {
+    /// The stage's logged name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RootDisk => "root_disk",
+            Self::AgentChannel => "agent_channel",
+            Self::VmmLaunch => "vmm_launch",
+            Self::VmmBoot => "vmm_boot",
+            Self::WaitAgent => "wait_agent",
+        }
+    }
+
+    /// The log worth reading when this stage fails, as a file name inside the VM dir.
+    pub fn evidence_file(self) -> Option<&'static str> {
+        match self {
+            Self::RootDisk => None,
+            Self::AgentChannel => Some("vsock-backend.log"),
+            Self::VmmLaunch | Self::VmmBoot => Some("vmm.log"),
+            Self::WaitAgent => Some("console.log"),
+        }
+    }
+}
+
+/// The state of one boot in progress.
+#[derive(Debug)]
+pub struct Boot {
+    /// The VM being booted.
+    pub vm: Vm,
+    /// Its image.
+    pub image: Image,
+    created_disk: bool,
+    handles: VmHandles,
+}
+
+impl Boot {
+    /// A boot of `vm` from `image`, with nothing done yet.
+    pub fn new(vm: Vm, image: Image) -> Self {
+        Self { vm, image, created_disk: false, handles: VmHandles::default() }
+    }
+
+    /// Runs one stage.
+    pub async fn apply(&mut self, ops: &Ops, stage: BootStage) -> Result<(), Error> {
+        let paths = self.vm.paths();
+        match stage {
+            BootStage::RootDisk => {
+                if !paths.root_disk.exists() {
+                    ops.host.disks.create(&self.image.rootfs_path, &paths.root_disk).await?;
+                    self.created_disk = true;
+                }
+            }
+            BootStage::AgentChannel => {
+                let backend = ops.host.vsock.start(self.vm.vsock_cid, &paths).await?;
+                self.handles.vsock_backend = Some(backend);
+                ops.set_handles(&self.vm, self.handles.clone())?;
+            }
+            BootStage::VmmLaunch => {
+                let launch = LaunchSpec {
+                    name: &self.vm.name,
+                    paths: &paths,
+                    spec: self.vm.spec,
+                    image: &self.image,
+                    vsock_cid: self.vm.vsock_cid,
+                };
+                let vmm = ops.host.vmm.launch(&launch).await?;
+                self.handles.vmm = Some(vmm);
+                ops.set_handles(&self.vm, self.handles.clone())?;
+            }
+            BootStage::VmmBoot => {
+                let vmm = self.vmm_handle()?;
+                ops.host.vmm.wait_running(&paths, &vmm).await?;
+            }
+            BootStage::WaitAgent => {
+                let vmm = self.vmm_handle()?;
+                let processes = &ops.host.processes;
+                let still_booting = || processes.alive(&vmm, &paths.api_socket) && !VsockBackends::panicked(&paths);
+                let deadline = tokio::time::Instant::now() + AGENT_READY_TIMEOUT;
+                ops.agent(&self.vm).wait_ready(deadline, still_booting).await.map_err(HostError::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes one completed stage.
+    pub async fn undo(&mut self, ops: &Ops, stage: BootStage) {
+        let paths = self.vm.paths();
+        match stage {
+            BootStage::RootDisk => {
+                if self.created_disk {
+                    remove_file_quietly(&paths.root_disk);
+                }
+            }
+            BootStage::AgentChannel => {
+                if let Some(backend) = self.handles.vsock_backend.take() {
+                    ops.host.vsock.stop(&backend, &paths).await;
+                }
+                let _ = ops.set_handles(&self.vm, self.handles.clone());
+            }
+            BootStage::VmmLaunch => {
+                if let Some(vmm) = self.handles.vmm.take() {
+                    kill_vmm(ops, &vmm, &self.vm).await;
+                }
+                let _ = ops.set_handles(&self.vm, self.handles.clone());
+            }
+            BootStage::VmmBoot | BootStage::WaitAgent => {}
+        }
+    }
+
+    fn vmm_handle(&self) -> Result<ProcessHandle, Error> {
+        self.handles.vmm.ok_or_else(|| Error::FailedPrecondition("vmm was not launched".into()))
+    }
+
+    /// The log to point at when `stage` fails.
+    pub fn evidence(&self, stage: BootStage) -> Option<PathBuf> {
+        stage.evidence_file().map(|file| self.vm.vm_dir.join(file))
+    }
+}
+
+async fn kill_vmm(ops: &Ops, vmm: &ProcessHandle, vm: &Vm) {
+    let paths = vm.paths();
+    ops.host.processes.terminate(vmm, &paths.api_socket, Duration::ZERO).await;
+    remove_file_quietly(&paths.api_socket);
+}
+
+impl Ops {
+    /// Releases everything a VM holds on the host while it runs: the VMM (killed if it
+    /// still runs), the vsock backend, sockets, and the scratch file. Tolerates anything
+    /// already gone; safe to run twice.
+    pub(super) async fn release_runtime(&self, vm: &Vm) -> Result<(), Error> {
+        let handles = self.handles(vm);
+        let paths = vm.paths();
+        if let Some(vmm) = handles.vmm {
+            kill_vmm(self, &vmm, vm).await;
+        }
+        // A VMM started by a daemon that died before writing handles is still found by its socket.
+        if let Some(orphan) = self.host.processes.find_by_marker(&paths.api_socket) {
+            kill_vmm(self, &orphan, vm).await;
+        }
+        let backend = handles.vsock_backend.or_else(|| self.host.processes.find_by_marker(&paths.vhost_user_socket));
+        if let Some(backend) = backend {
+            self.host.vsock.stop(&backend, &paths).await;
+        }
+        for socket in [&paths.api_socket, &paths.vsock, &paths.vhost_user_socket] {
+            remove_file_quietly(socket);
+        }
+        lock_free_forget_agent(self, vm);
+        self.set_handles(vm, VmHandles::default())
+    }
+}
+
+fn lock_free_forget_agent(ops: &Ops, vm: &Vm) {
+    super::lock(&ops.agents).remove(&vm.id);
+}

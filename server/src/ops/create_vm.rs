@@ -1,0 +1,215 @@
+//! `vm.create`: record a VM and, unless asked not to, boot it. All or nothing: a failure
+//! unwinds to no record and no host resources, keeping the logs for inspection.
+
+use std::path::PathBuf;
+
+use super::{
+    Error, Ops,
+    boot::{BOOT_STAGES, Boot, BootStage},
+    runner::{self, Operation, Subject},
+};
+use crate::{
+    domain::{Image, OpId, Vm, VmId, VmSpec, VmState},
+    store::{NewVmRecord, VmUpdate},
+};
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct CreateVm {
+    /// The name; generated when absent.
+    pub name: Option<String>,
+    /// Image id or name; the default image when absent.
+    pub image: Option<String>,
+    /// The shape.
+    pub spec: VmSpec,
+    /// Whether to boot it now.
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    ResolveImage,
+    InsertRecord,
+    PrepareVmDir,
+    Boot(BootStage),
+    MarkRunning,
+}
+
+struct CreateVmOp<'a> {
+    ops: &'a Ops,
+    op_id: OpId,
+    id: VmId,
+    name: String,
+    request: CreateVm,
+    image: Option<Image>,
+    boot: Option<Boot>,
+}
+
+impl CreateVmOp<'_> {
+    fn vm(&self) -> Result<&Vm, Error> {
+        self.boot.as_ref().map(|b| &b.vm).ok_or_else(|| Error::FailedPrecondition("vm record not inserted".into()))
+    }
+
+    /// Where the logs of a failed create are kept after its VM dir is removed.
+    fn failed_dir(&self) -> PathBuf {
+        self.ops.config.state_dir.join("failed").join(format!("{}-{}", self.name, self.op_id))
+    }
+}
+
+#[tonic::async_trait]
+impl Operation for CreateVmOp<'_> {
+    type Stage = Stage;
+    const NAME: &'static str = "vm.create";
+
+    fn stages(&self) -> Vec<Stage> {
+        let mut stages = vec![Stage::ResolveImage, Stage::InsertRecord, Stage::PrepareVmDir];
+        if self.request.start {
+            stages.extend(BOOT_STAGES.map(Stage::Boot));
+            stages.push(Stage::MarkRunning);
+        }
+        stages
+    }
+
+    fn stage_name(stage: Stage) -> &'static str {
+        match stage {
+            Stage::ResolveImage => "resolve_image",
+            Stage::InsertRecord => "insert_record",
+            Stage::PrepareVmDir => "prepare_vm_dir",
+            Stage::Boot(boot) => boot.name(),
+            Stage::MarkRunning => "mark_running",
+        }
+    }
+
+    async fn apply(&mut self, stage: Stage) -> Result<(), Error> {
+        let ops = self.ops;
+        match stage {
+            Stage::ResolveImage => {
+                let image = match &self.request.image {
+                    Some(key) => ops.store.image_get(key).await?,
+                    None => ops.ensure_default_image().await?,
+                };
+                super::images::check_image_files(&image)?;
+                self.image = Some(image);
+            }
+            Stage::InsertRecord => {
+                let image = self.image.clone().ok_or_else(|| Error::FailedPrecondition("no image".into()))?;
+                let (desired, observed) = match self.request.start {
+                    true => (VmState::Running, VmState::Starting),
+                    false => (VmState::Stopped, VmState::Created),
+                };
+                let vm_dir = ops.vms_dir().join(self.id.to_string());
+                let op_id = self.op_id.to_string();
+                let vm = ops
+                    .store
+                    .vm_insert(NewVmRecord {
+                        id: self.id,
+                        name: &self.name,
+                        image_id: image.id,
+                        spec: self.request.spec,
+                        desired_state: desired,
+                        observed_state: observed,
+                        vm_dir: &vm_dir,
+                        last_operation: &op_id,
+                    })
+                    .await?;
+                self.boot = Some(Boot::new(vm, image));
+            }
+            Stage::PrepareVmDir => {
+                let dir = &self.vm()?.vm_dir;
+                std::fs::create_dir_all(dir).map_err(|source| crate::host::HostError::Io {
+                    what: format!("create {}", dir.display()),
+                    source,
+                })?;
+            }
+            Stage::Boot(boot_stage) => {
+                let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no vm".into()))?;
+                boot.apply(ops, boot_stage).await?;
+            }
+            Stage::MarkRunning => {
+                let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no vm".into()))?;
+                let update = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
+                boot.vm = ops.store.vm_update(&boot.vm, update).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn undo(&mut self, stage: Stage) {
+        let ops = self.ops;
+        let failed_dir = self.failed_dir();
+        let Some(boot) = self.boot.as_mut() else { return };
+        match stage {
+            Stage::Boot(boot_stage) => boot.undo(ops, boot_stage).await,
+            Stage::PrepareVmDir => {
+                keep_logs(&boot.vm, &failed_dir);
+                let _ = ops.release_runtime(&boot.vm).await;
+                let _ = std::fs::remove_dir_all(&boot.vm.vm_dir);
+            }
+            Stage::InsertRecord => {
+                let _ = ops.store.vm_delete(boot.vm.id).await;
+                ops.forget_vm(boot.vm.id);
+            }
+            Stage::ResolveImage | Stage::MarkRunning => {}
+        }
+    }
+
+    fn subject(&self) -> Subject {
+        Subject {
+            vm_id: Some(self.id.to_string()),
+            vm_name: Some(self.name.clone()),
+            image_id: self.image.as_ref().map(|i| i.id.to_string()),
+        }
+    }
+
+    fn evidence(&self, stage: Stage) -> Option<PathBuf> {
+        match stage {
+            Stage::Boot(boot) => boot.evidence_file().map(|file| self.failed_dir().join(file)),
+            _ => None,
+        }
+    }
+}
+
+/// Copies a failed VM's logs out of its directory before the directory is removed.
+fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
+    let paths = vm.paths();
+    let logs = [&paths.console_log, &paths.vmm_log, &paths.vsock_backend_log];
+    if logs.iter().any(|log| log.exists()) && std::fs::create_dir_all(failed_dir).is_ok() {
+        for log in logs {
+            if let Some(file) = log.file_name() {
+                let _ = std::fs::copy(log, failed_dir.join(file));
+            }
+        }
+    }
+}
+
+/// A generated name: `vm-` and the random tail of a fresh ULID, lower case.
+fn generated_name(id: VmId) -> String {
+    let id = id.to_string().to_lowercase();
+    format!("vm-{}", &id[id.len() - 8..])
+}
+
+impl Ops {
+    /// Creates a VM (and boots it unless `request.start` is false).
+    pub async fn create_vm(&self, request: CreateVm) -> Result<Vm, Error> {
+        let op_id = OpId::generate();
+        let id = VmId::generate();
+        let name = request.name.clone().unwrap_or_else(|| generated_name(id));
+        let lock = self.vm_lock(id);
+        let _guard = lock.lock().await;
+        let mut op = CreateVmOp { ops: self, op_id, id, name, request, image: None, boot: None };
+        runner::run(op_id, &mut op).await?;
+        let vm = op.vm()?.clone();
+        Ok(vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_names_are_valid_vm_names() {
+        let name = generated_name(VmId::generate());
+        assert_eq!(crate::domain::vm_name_error(&name), Ok(()));
+    }
+}

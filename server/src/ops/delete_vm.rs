@@ -1,0 +1,90 @@
+//! `vm.delete`: stop whatever runs, release the runtime, remove the VM's directory, then
+//! its record. Every stage tolerates what is already gone, so a retry finishes the job.
+
+use std::time::Duration;
+
+use super::{
+    Error, Ops,
+    runner::{self, Operation, Subject},
+};
+use crate::domain::{OpId, Vm, VmId};
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Stop,
+    ReleaseRuntime,
+    RemoveVmDir,
+    DeleteRecord,
+}
+
+struct DeleteVmOp<'a> {
+    ops: &'a Ops,
+    vm: Vm,
+}
+
+#[tonic::async_trait]
+impl Operation for DeleteVmOp<'_> {
+    type Stage = Stage;
+    const NAME: &'static str = "vm.delete";
+
+    fn stages(&self) -> Vec<Stage> {
+        vec![Stage::Stop, Stage::ReleaseRuntime, Stage::RemoveVmDir, Stage::DeleteRecord]
+    }
+
+    fn stage_name(stage: Stage) -> &'static str {
+        match stage {
+            Stage::Stop => "stop",
+            Stage::ReleaseRuntime => "cleanup_runtime",
+            Stage::RemoveVmDir => "remove_vm_dir",
+            Stage::DeleteRecord => "delete_record",
+        }
+    }
+
+    async fn apply(&mut self, stage: Stage) -> Result<(), Error> {
+        let ops = self.ops;
+        match stage {
+            // The disks are about to go: no need for a graceful shutdown.
+            Stage::Stop => {
+                if let Some(vmm) = ops.handles(&self.vm).vmm {
+                    ops.host.processes.terminate(&vmm, &self.vm.paths().api_socket, Duration::from_secs(1)).await;
+                }
+            }
+            Stage::ReleaseRuntime => ops.release_runtime(&self.vm).await?,
+            Stage::RemoveVmDir => match std::fs::remove_dir_all(&self.vm.vm_dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(crate::host::HostError::Io {
+                        what: format!("remove {}", self.vm.vm_dir.display()),
+                        source: e,
+                    }
+                    .into());
+                }
+                _ => {}
+            },
+            Stage::DeleteRecord => ops.store.vm_delete(self.vm.id).await?,
+        }
+        Ok(())
+    }
+
+    fn subject(&self) -> Subject {
+        Subject {
+            vm_id: Some(self.vm.id.to_string()),
+            vm_name: Some(self.vm.name.clone()),
+            image_id: Some(self.vm.image_id.to_string()),
+        }
+    }
+}
+
+impl Ops {
+    /// Deletes a VM and everything it holds on the host; returns its id and the operation's.
+    pub async fn delete_vm(&self, key: &str) -> Result<(VmId, OpId), Error> {
+        let vm = self.store.vm_get(key).await?;
+        let lock = self.vm_lock(vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.store.vm_get(&vm.id.to_string()).await?;
+        let op_id = OpId::generate();
+        let mut op = DeleteVmOp { ops: self, vm };
+        runner::run(op_id, &mut op).await?;
+        self.forget_vm(op.vm.id);
+        Ok((op.vm.id, op_id))
+    }
+}

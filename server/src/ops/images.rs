@@ -1,0 +1,244 @@
+//! `image.import` and the other image use cases, including importing the default image on
+//! first use.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    Error, FieldViolation, Ops,
+    runner::{self, Operation, Subject},
+};
+use crate::{
+    domain::{Image, ImageId, NewImage, OpId},
+    host::HostError,
+    store::now_ms,
+};
+
+/// File names of an image's artifacts, in the state dir and in an image directory.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// The initramfs file name.
+pub const INITRD_FILE: &str = "initrd.img";
+/// The root file system file name.
+pub const ROOTFS_FILE: &str = "rootfs.ext4";
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    CopyFiles,
+    InsertRecord,
+}
+
+struct ImportImageOp<'a> {
+    ops: &'a Ops,
+    new: NewImage,
+    image: Image,
+}
+
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Host(HostError::Io { what, source })
+}
+
+async fn copy_into(from: &Path, to: &Path) -> Result<(), Error> {
+    // std::fs::copy uses copy_file_range, which reflinks where the file system can.
+    tokio::fs::copy(from, to).await.map(drop).map_err(io_error(format!("copy {} to {}", from.display(), to.display())))
+}
+
+#[tonic::async_trait]
+impl Operation for ImportImageOp<'_> {
+    type Stage = Stage;
+    const NAME: &'static str = "image.import";
+
+    fn stages(&self) -> Vec<Stage> {
+        vec![Stage::CopyFiles, Stage::InsertRecord]
+    }
+
+    fn stage_name(stage: Stage) -> &'static str {
+        match stage {
+            Stage::CopyFiles => "copy_files",
+            Stage::InsertRecord => "insert_record",
+        }
+    }
+
+    async fn apply(&mut self, stage: Stage) -> Result<(), Error> {
+        match stage {
+            Stage::CopyFiles => {
+                let dir = self.image.rootfs_path.parent().unwrap_or(Path::new("/")).to_owned();
+                tokio::fs::create_dir_all(&dir).await.map_err(io_error(format!("create {}", dir.display())))?;
+                copy_into(&self.new.kernel_path, &self.image.kernel_path).await?;
+                if let (Some(from), Some(to)) = (&self.new.initrd_path, &self.image.initrd_path) {
+                    copy_into(from, to).await?;
+                }
+                copy_into(&self.new.rootfs_path, &self.image.rootfs_path).await?;
+            }
+            Stage::InsertRecord => self.ops.store.image_insert(&self.image).await?,
+        }
+        Ok(())
+    }
+
+    async fn undo(&mut self, stage: Stage) {
+        if let Stage::CopyFiles = stage
+            && let Some(dir) = self.image.rootfs_path.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    fn subject(&self) -> Subject {
+        Subject { image_id: Some(self.image.id.to_string()), ..Default::default() }
+    }
+}
+
+/// True when the file starts like a kernel the VMM can boot: a bzImage (`HdrS` at 0x202) or an ELF.
+fn looks_like_kernel(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF") || head.get(0x202..0x206) == Some(b"HdrS")
+}
+
+/// True when the file holds an ext2/3/4 superblock (magic 0xEF53 at byte 1080).
+fn looks_like_ext4(head: &[u8]) -> bool {
+    head.get(1080..1082) == Some(&[0x53, 0xEF])
+}
+
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(2048);
+    std::fs::File::open(path)?.take(2048).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// Checks one source path of an import; returns a violation when it is unusable.
+fn source_violation(field: &str, path: &Path, check: Option<(fn(&[u8]) -> bool, &str)>) -> Option<FieldViolation> {
+    if !path.is_absolute() {
+        return Some(FieldViolation::new(
+            field,
+            format!("must be an absolute path, got {:?}", path.display().to_string()),
+        ));
+    }
+    match std::fs::metadata(path) {
+        Err(e) => Some(FieldViolation::new(field, format!("{}: {e}", path.display()))),
+        Ok(meta) if !meta.is_file() => {
+            Some(FieldViolation::new(field, format!("{} is not a regular file", path.display())))
+        }
+        Ok(_) => {
+            let (check, what) = check?;
+            match read_head(path) {
+                Ok(head) if check(&head) => None,
+                Ok(_) => Some(FieldViolation::new(field, format!("{} is not {what}", path.display()))),
+                Err(e) => Some(FieldViolation::new(field, format!("{}: {e}", path.display()))),
+            }
+        }
+    }
+}
+
+/// Checks that an image's files are still in place, before a VM boots from them.
+pub fn check_image_files(image: &Image) -> Result<(), Error> {
+    let files = [Some(&image.kernel_path), image.initrd_path.as_ref(), Some(&image.rootfs_path)];
+    for path in files.into_iter().flatten() {
+        if !path.is_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "image {} is broken: {} is missing; delete and re-import it",
+                image.name,
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Ops {
+    /// Imports an image: validates the sources, copies them into the state dir, records it.
+    pub async fn import_image(&self, new: NewImage) -> Result<(Image, OpId), Error> {
+        let mut violations: Vec<FieldViolation> = [
+            source_violation("kernel_path", &new.kernel_path, Some((looks_like_kernel, "a bzImage or ELF kernel"))),
+            new.initrd_path.as_deref().and_then(|p| source_violation("initrd_path", p, None)),
+            source_violation("rootfs_path", &new.rootfs_path, Some((looks_like_ext4, "an ext4 file system image"))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if let Err(e) = crate::domain::image_name_error(&new.name) {
+            violations.insert(0, FieldViolation::new("name", e.to_string()));
+        }
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations));
+        }
+        if self.store.image_get(&new.name).await.is_ok() {
+            return Err(Error::AlreadyExists { kind: "image", name: new.name });
+        }
+        let id = ImageId::generate();
+        let dir = self.images_dir().join(id.to_string());
+        let rootfs_size_bytes = std::fs::metadata(&new.rootfs_path).map(|m| m.len()).unwrap_or_default();
+        let image = Image {
+            id,
+            name: new.name.clone(),
+            kernel_path: dir.join(KERNEL_FILE),
+            initrd_path: new.initrd_path.as_ref().map(|_| dir.join(INITRD_FILE)),
+            rootfs_path: dir.join(ROOTFS_FILE),
+            kernel_args: new.kernel_args.clone(),
+            rootfs_size_bytes,
+            created_at_ms: now_ms(),
+        };
+        let op_id = OpId::generate();
+        let mut op = ImportImageOp { ops: self, new, image };
+        runner::run(op_id, &mut op).await?;
+        Ok((op.image, op_id))
+    }
+
+    /// The default image, imported from the default image directory on first use.
+    pub(super) async fn ensure_default_image(&self) -> Result<Image, Error> {
+        let _guard = self.default_image_lock.lock().await;
+        let name = &self.config.default_image;
+        match self.store.image_get(name).await {
+            Ok(image) => return Ok(image),
+            Err(crate::store::StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let dir = &self.config.default_image_dir;
+        let file = |name: &str| -> PathBuf { dir.join(name) };
+        if !file(KERNEL_FILE).is_file() || !file(ROOTFS_FILE).is_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "no image given and the default image {name:?} is neither imported nor built in {} \
+                 (run `make image`, or pass an image)",
+                dir.display()
+            )));
+        }
+        let initrd = file(INITRD_FILE);
+        let new = NewImage {
+            name: name.clone(),
+            kernel_path: file(KERNEL_FILE),
+            initrd_path: initrd.is_file().then_some(initrd),
+            rootfs_path: file(ROOTFS_FILE),
+            kernel_args: String::new(),
+        };
+        let (image, _) = self.import_image(new).await?;
+        Ok(image)
+    }
+
+    /// Deletes an image no VM uses, and its files.
+    pub async fn delete_image(&self, key: &str) -> Result<ImageId, Error> {
+        let image = self.store.image_get(key).await?;
+        self.store.image_delete(image.id).await?;
+        if let Some(dir) = image.rootfs_path.parent()
+            && dir.starts_with(self.images_dir())
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(image.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_kernels_and_ext4() {
+        let mut bz = vec![0u8; 0x210];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert!(looks_like_kernel(&bz));
+        assert!(looks_like_kernel(b"\x7fELF\x02\x01"));
+        assert!(!looks_like_kernel(b"#!/bin/sh"));
+        let mut ext = vec![0u8; 2048];
+        ext[1080] = 0x53;
+        ext[1081] = 0xEF;
+        assert!(looks_like_ext4(&ext));
+        assert!(!looks_like_ext4(&[0u8; 2048]));
+    }
+}

@@ -1,0 +1,151 @@
+//! Use cases, one module each. Every mutating one is an [`runner::Operation`]: named
+//! stages with undo, run by the one runner, serialized per VM.
+
+mod boot;
+mod create_vm;
+mod delete_vm;
+mod error;
+mod exec_vm;
+mod images;
+mod queries;
+mod recover;
+pub mod runner;
+mod start_vm;
+mod stop_vm;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+pub use create_vm::CreateVm;
+pub use error::{Error, FieldViolation};
+pub use exec_vm::ExecOutput;
+
+use crate::{
+    domain::{Vm, VmHandles, VmId},
+    host::{agent::AgentClient, process::Processes, scratch, storage::Qcow2Overlays, vmm::Vmm, vsock::VsockBackends},
+    store::Store,
+};
+
+/// Where the daemon keeps its files and which image is the default.
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    /// Root of the daemon's state: database, images, VM directories.
+    pub state_dir: PathBuf,
+    /// Name of the image used when a create names none.
+    pub default_image: String,
+    /// Directory holding `vmlinuz`, `initrd.img` and `rootfs.ext4` of the default image,
+    /// imported under `default_image` on first use.
+    pub default_image_dir: PathBuf,
+}
+
+/// The host capabilities the use cases drive.
+#[derive(Debug, Clone)]
+pub struct HostServices {
+    /// The VMM.
+    pub vmm: Arc<dyn Vmm>,
+    /// The user-space vsock backends.
+    pub vsock: VsockBackends,
+    /// Root disks.
+    pub disks: Qcow2Overlays,
+    /// Process liveness.
+    pub processes: Processes,
+}
+
+/// The daemon's core: the store, the host, and the in-memory cache of transient handles.
+#[derive(Debug)]
+pub struct Ops {
+    store: Store,
+    config: OpsConfig,
+    host: HostServices,
+    handles: Mutex<HashMap<VmId, VmHandles>>,
+    vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    agents: Mutex<HashMap<VmId, AgentClient>>,
+    default_image_lock: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these plain maps leaves them consistent: recover.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Ops {
+    /// The core over an opened store.
+    pub fn new(store: Store, config: OpsConfig, host: HostServices) -> Self {
+        Self {
+            store,
+            config,
+            host,
+            handles: Mutex::default(),
+            vm_locks: Mutex::default(),
+            agents: Mutex::default(),
+            default_image_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The VMM's short name.
+    pub fn vmm_name(&self) -> &'static str {
+        self.host.vmm.name()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.config.state_dir.join("vms")
+    }
+
+    fn images_dir(&self) -> PathBuf {
+        self.config.state_dir.join("images")
+    }
+
+    /// The lock that serializes operations on one VM.
+    fn vm_lock(&self, id: VmId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.vm_locks).entry(id).or_default().clone()
+    }
+
+    fn forget_vm(&self, id: VmId) {
+        lock(&self.vm_locks).remove(&id);
+        lock(&self.handles).remove(&id);
+        lock(&self.agents).remove(&id);
+    }
+
+    /// The VM's transient handles: the cache, else its scratch file.
+    pub fn handles(&self, vm: &Vm) -> VmHandles {
+        if let Some(handles) = lock(&self.handles).get(&vm.id) {
+            return handles.clone();
+        }
+        scratch::read_handles(&vm.paths().handles)
+    }
+
+    /// Records handles: scratch file first, so that a crash never loses a process.
+    fn set_handles(&self, vm: &Vm, handles: VmHandles) -> Result<(), Error> {
+        let path = vm.paths().handles;
+        if handles.is_empty() {
+            scratch::remove_handles(&path);
+            lock(&self.handles).remove(&vm.id);
+        } else {
+            scratch::write_handles(&path, &handles)?;
+            lock(&self.handles).insert(vm.id, handles);
+        }
+        Ok(())
+    }
+
+    /// The one liveness check: the VMM process named by the handles still runs this VM.
+    pub fn vm_alive(&self, vm: &Vm) -> bool {
+        self.handles(vm).vmm.is_some_and(|vmm| self.host.processes.alive(&vmm, &vm.paths().api_socket))
+    }
+
+    /// The agent client of a VM (one channel per VM, reused).
+    fn agent(&self, vm: &Vm) -> AgentClient {
+        lock(&self.agents).entry(vm.id).or_insert_with(|| AgentClient::new(vm.paths().vsock)).clone()
+    }
+}
+
+fn remove_file_quietly(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

@@ -1,0 +1,198 @@
+//! The one runner of operations: named stages in order, each timed and logged, and a
+//! failing stage unwinds the ones before it in reverse.
+//!
+//! Log lines (JSON through `tracing`): `operation started`, one `operation stage` per
+//! completed stage with `since_start_ms` and `since_last_stage_ms`, then `operation
+//! completed` or `operation failed` with `duration_ms` (and `error`, `stage`).
+
+use std::{fmt::Debug, path::PathBuf, time::Instant};
+
+use super::Error;
+use crate::domain::OpId;
+
+/// Who an operation acts on, for its log lines.
+#[derive(Debug, Clone, Default)]
+pub struct Subject {
+    /// The VM's id.
+    pub vm_id: Option<String>,
+    /// The VM's name.
+    pub vm_name: Option<String>,
+    /// The image's id.
+    pub image_id: Option<String>,
+}
+
+/// An operation: an ordered list of stages over some state of its own.
+#[tonic::async_trait]
+pub trait Operation: Send {
+    /// The stage type, usually an enum.
+    type Stage: Copy + Debug + Send + Sync + 'static;
+
+    /// The operation's name (`vm.start`).
+    const NAME: &'static str;
+
+    /// The stages to run, in order.
+    fn stages(&self) -> Vec<Self::Stage>;
+
+    /// A stage's name as logged (`vmm_launch`).
+    fn stage_name(stage: Self::Stage) -> &'static str;
+
+    /// Runs a stage. It must be safe to run again after a crash (issue of idempotence).
+    async fn apply(&mut self, stage: Self::Stage) -> Result<(), Error>;
+
+    /// Undoes a stage that completed; called in reverse order when a later stage fails.
+    async fn undo(&mut self, _stage: Self::Stage) {}
+
+    /// Who the operation acts on (may change as stages learn more, e.g. a new VM's id).
+    fn subject(&self) -> Subject;
+
+    /// The log a failure of this stage should point at.
+    fn evidence(&self, _stage: Self::Stage) -> Option<PathBuf> {
+        None
+    }
+}
+
+fn millis(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Runs every stage of `op` in order; on failure undoes the completed ones in reverse and
+/// returns [`Error::Stage`] naming the failed stage.
+pub async fn run<O: Operation>(op_id: OpId, op: &mut O) -> Result<(), Error> {
+    let started = Instant::now();
+    let subject = op.subject();
+    tracing::info!(
+        op_id = %op_id,
+        operation = O::NAME,
+        vm_id = subject.vm_id,
+        vm_name = subject.vm_name,
+        image_id = subject.image_id,
+        "operation started"
+    );
+    let mut last_stage_end = started;
+    let mut done = Vec::new();
+    for stage in op.stages() {
+        let result = op.apply(stage).await;
+        let subject = op.subject();
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    op_id = %op_id,
+                    operation = O::NAME,
+                    stage = O::stage_name(stage),
+                    since_start_ms = millis(started),
+                    since_last_stage_ms = millis(last_stage_end),
+                    vm_id = subject.vm_id,
+                    vm_name = subject.vm_name,
+                    image_id = subject.image_id,
+                    "operation stage"
+                );
+                last_stage_end = Instant::now();
+                done.push(stage);
+            }
+            Err(error) => {
+                let log = op.evidence(stage).or_else(|| match error.root() {
+                    Error::Host(host) => host.log_path().map(PathBuf::from),
+                    _ => None,
+                });
+                for completed in done.iter().rev() {
+                    op.undo(*completed).await;
+                    tracing::debug!(op_id = %op_id, operation = O::NAME, stage = O::stage_name(*completed), "operation stage undone");
+                }
+                let error = Error::Stage {
+                    op_id,
+                    operation: O::NAME,
+                    stage: O::stage_name(stage),
+                    log,
+                    source: Box::new(error),
+                };
+                tracing::warn!(
+                    op_id = %op_id,
+                    operation = O::NAME,
+                    stage = O::stage_name(stage),
+                    duration_ms = millis(started),
+                    vm_id = subject.vm_id,
+                    vm_name = subject.vm_name,
+                    image_id = subject.image_id,
+                    error = error.chain(),
+                    "operation failed"
+                );
+                return Err(error);
+            }
+        }
+    }
+    let subject = op.subject();
+    tracing::info!(
+        op_id = %op_id,
+        operation = O::NAME,
+        duration_ms = millis(started),
+        vm_id = subject.vm_id,
+        vm_name = subject.vm_name,
+        image_id = subject.image_id,
+        "operation completed"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy operation over a list of effects, failing at a chosen stage.
+    struct Toy {
+        effects: Vec<&'static str>,
+        fail_at: Option<usize>,
+    }
+
+    #[tonic::async_trait]
+    impl Operation for Toy {
+        type Stage = usize;
+        const NAME: &'static str = "toy";
+
+        fn stages(&self) -> Vec<usize> {
+            vec![0, 1, 2]
+        }
+
+        fn stage_name(stage: usize) -> &'static str {
+            ["one", "two", "three"][stage]
+        }
+
+        async fn apply(&mut self, stage: usize) -> Result<(), Error> {
+            if self.fail_at == Some(stage) {
+                return Err(Error::FailedPrecondition("injected".into()));
+            }
+            self.effects.push(Self::stage_name(stage));
+            Ok(())
+        }
+
+        async fn undo(&mut self, stage: usize) {
+            assert_eq!(self.effects.pop(), Some(Self::stage_name(stage)), "undo in reverse order");
+        }
+
+        fn subject(&self) -> Subject {
+            Subject::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn all_stages_run_in_order() {
+        let mut toy = Toy { effects: vec![], fail_at: None };
+        run(OpId::generate(), &mut toy).await.expect("runs");
+        assert_eq!(toy.effects, ["one", "two", "three"]);
+    }
+
+    #[tokio::test]
+    async fn a_failure_at_any_stage_unwinds_everything_before_it() {
+        for fail_at in 0..3 {
+            let mut toy = Toy { effects: vec![], fail_at: Some(fail_at) };
+            let err = run(OpId::generate(), &mut toy).await.expect_err("fails");
+            assert!(toy.effects.is_empty(), "stage {fail_at}: left {:?}", toy.effects);
+            match err {
+                Error::Stage { stage, operation, .. } => {
+                    assert_eq!(stage, Toy::stage_name(fail_at));
+                    assert_eq!(operation, "toy");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}

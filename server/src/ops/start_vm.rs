@@ -1,0 +1,149 @@
+//! `vm.start`: boot a recorded VM. On failure the host is unwound and the VM is left in
+//! `error` with the reason.
+
+use std::path::PathBuf;
+
+use super::{
+    Error, Ops,
+    boot::{BOOT_STAGES, Boot, BootStage},
+    runner::{self, Operation, Subject},
+};
+use crate::{
+    domain::{OpId, Transition, Vm, VmState},
+    store::VmUpdate,
+};
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    ResolveImage,
+    MarkStarting,
+    Boot(BootStage),
+    MarkRunning,
+}
+
+struct StartVmOp<'a> {
+    ops: &'a Ops,
+    op_id: OpId,
+    vm: Vm,
+    boot: Option<Boot>,
+}
+
+#[tonic::async_trait]
+impl Operation for StartVmOp<'_> {
+    type Stage = Stage;
+    const NAME: &'static str = "vm.start";
+
+    fn stages(&self) -> Vec<Stage> {
+        let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
+        stages.extend(BOOT_STAGES.map(Stage::Boot));
+        stages.push(Stage::MarkRunning);
+        stages
+    }
+
+    fn stage_name(stage: Stage) -> &'static str {
+        match stage {
+            Stage::ResolveImage => "resolve_image",
+            Stage::MarkStarting => "mark_starting",
+            Stage::Boot(boot) => boot.name(),
+            Stage::MarkRunning => "mark_running",
+        }
+    }
+
+    async fn apply(&mut self, stage: Stage) -> Result<(), Error> {
+        let ops = self.ops;
+        match stage {
+            Stage::ResolveImage => {
+                let image = ops.store.image_get(&self.vm.image_id.to_string()).await?;
+                super::images::check_image_files(&image)?;
+                self.boot = Some(Boot::new(self.vm.clone(), image));
+            }
+            Stage::MarkStarting => {
+                let next = self
+                    .vm
+                    .observed_state
+                    .apply(Transition::Start)
+                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+                let update = VmUpdate {
+                    desired_state: Some(VmState::Running),
+                    observed_state: Some(next),
+                    last_error: Some(String::new()),
+                    last_operation: Some(self.op_id.to_string()),
+                };
+                self.vm = ops.store.vm_update(&self.vm, update).await?;
+                if let Some(boot) = self.boot.as_mut() {
+                    boot.vm = self.vm.clone();
+                }
+                std::fs::create_dir_all(&self.vm.vm_dir).map_err(|source| crate::host::HostError::Io {
+                    what: format!("create {}", self.vm.vm_dir.display()),
+                    source,
+                })?;
+            }
+            Stage::Boot(boot_stage) => {
+                let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no image".into()))?;
+                boot.apply(ops, boot_stage).await?;
+            }
+            Stage::MarkRunning => {
+                let next = self
+                    .vm
+                    .observed_state
+                    .apply(Transition::Booted)
+                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+                let update = VmUpdate { observed_state: Some(next), ..Default::default() };
+                self.vm = ops.store.vm_update(&self.vm, update).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn undo(&mut self, stage: Stage) {
+        if let (Stage::Boot(boot_stage), Some(boot)) = (stage, self.boot.as_mut()) {
+            boot.undo(self.ops, boot_stage).await;
+        }
+    }
+
+    fn subject(&self) -> Subject {
+        Subject {
+            vm_id: Some(self.vm.id.to_string()),
+            vm_name: Some(self.vm.name.clone()),
+            image_id: Some(self.vm.image_id.to_string()),
+        }
+    }
+
+    fn evidence(&self, stage: Stage) -> Option<PathBuf> {
+        match (stage, &self.boot) {
+            (Stage::Boot(boot_stage), Some(boot)) => boot.evidence(boot_stage),
+            _ => None,
+        }
+    }
+}
+
+impl Ops {
+    /// Boots a stopped VM; a running one is returned unchanged.
+    pub async fn start_vm(&self, key: &str) -> Result<Vm, Error> {
+        let vm = self.store.vm_get(key).await?;
+        let lock = self.vm_lock(vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.refresh_locked(self.store.vm_get(&vm.id.to_string()).await?).await?;
+        if vm.observed_state == VmState::Running {
+            return Ok(vm);
+        }
+        let op_id = OpId::generate();
+        let mut op = StartVmOp { ops: self, op_id, vm, boot: None };
+        match runner::run(op_id, &mut op).await {
+            Ok(()) => Ok(op.vm),
+            Err(error) => {
+                let reason = error.chain();
+                let current = self.store.vm_get(&op.vm.id.to_string()).await?;
+                if current.observed_state == VmState::Starting {
+                    let update = VmUpdate {
+                        observed_state: Some(VmState::Error),
+                        last_error: Some(reason),
+                        ..Default::default()
+                    };
+                    self.store.vm_update(&current, update).await?;
+                }
+                Err(error)
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! VM records: identity, spec, desired and observed state, deterministic runtime facts.
+
+use std::path::{Path, PathBuf};
+
+use sqlx::Row;
+
+use super::{Store, StoreError, is_unique_violation, now_ms};
+use crate::domain::{Vm, VmId, VmSpec, VmState};
+
+const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
+    vsock_cid, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation";
+
+/// The mutable part of a VM record, applied with compare-and-set by [`Store::vm_update`].
+#[derive(Debug, Clone, Default)]
+pub struct VmUpdate {
+    /// New desired state.
+    pub desired_state: Option<VmState>,
+    /// New observed state.
+    pub observed_state: Option<VmState>,
+    /// New last error (empty clears it).
+    pub last_error: Option<String>,
+    /// New last operation id.
+    pub last_operation: Option<String>,
+}
+
+fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
+    let id: String = row.try_get("id")?;
+    let corrupt = |what: &str| StoreError::Corrupt { kind: "vm", id: id.clone(), what: what.into() };
+    let state = |column: &str| -> Result<VmState, StoreError> {
+        let value: String = row.try_get(column)?;
+        VmState::parse(&value).ok_or_else(|| corrupt(column))
+    };
+    Ok(Vm {
+        id: id.parse().map_err(|_| corrupt("id"))?,
+        name: row.try_get("name")?,
+        image_id: row.try_get::<String, _>("image_id")?.parse().map_err(|_| corrupt("image_id"))?,
+        spec: VmSpec {
+            vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+            memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
+        },
+        desired_state: state("desired_state")?,
+        observed_state: state("observed_state")?,
+        vsock_cid: row.try_get::<i64, _>("vsock_cid")? as u32,
+        vm_dir: PathBuf::from(row.try_get::<String, _>("vm_dir")?),
+        last_error: row.try_get("last_error")?,
+        last_operation: row.try_get("last_operation")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+        generation: row.try_get("generation")?,
+    })
+}
+
+/// What a new VM record needs; the store assigns the vsock CID and timestamps.
+#[derive(Debug, Clone)]
+pub struct NewVmRecord<'a> {
+    /// The new id.
+    pub id: VmId,
+    /// The unique name.
+    pub name: &'a str,
+    /// The image.
+    pub image_id: crate::domain::ImageId,
+    /// The shape.
+    pub spec: VmSpec,
+    /// Desired state at creation.
+    pub desired_state: VmState,
+    /// Observed state at creation (`created`, or `starting` when it boots at once).
+    pub observed_state: VmState,
+    /// The VM's directory.
+    pub vm_dir: &'a Path,
+    /// The creating operation.
+    pub last_operation: &'a str,
+}
+
+impl Store {
+    /// Records a new VM, allocating the lowest unused-above-max vsock CID
+    /// (3 and up) in the same statement so concurrent creates never share one.
+    pub async fn vm_insert(&self, new: NewVmRecord<'_>) -> Result<Vm, StoreError> {
+        let now = now_ms();
+        let result = sqlx::query(
+            "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
+             vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
+             (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9)",
+        )
+        .bind(new.id.to_string())
+        .bind(new.name)
+        .bind(new.image_id.to_string())
+        .bind(i64::from(new.spec.vcpus))
+        .bind(i64::from(new.spec.memory_mib))
+        .bind(new.desired_state.as_str())
+        .bind(new.vm_dir.to_string_lossy().into_owned())
+        .bind(new.last_operation)
+        .bind(now)
+        .bind(new.observed_state.as_str())
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => self.vm_get(&new.id.to_string()).await,
+            Err(e) if is_unique_violation(&e) => Err(StoreError::NameTaken { kind: "vm", name: new.name.to_owned() }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Finds a VM by id or, failing that, by name.
+    pub async fn vm_get(&self, id_or_name: &str) -> Result<Vm, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id_or_name).fetch_optional(&self.pool).await?;
+        match row {
+            Some(row) => vm_from_row(&row),
+            None => Err(StoreError::NotFound { kind: "vm", key: id_or_name.to_owned() }),
+        }
+    }
+
+    /// Every VM, oldest first.
+    pub async fn vm_list(&self) -> Result<Vec<Vm>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM vms ORDER BY id");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// Applies `update` to `vm` if its generation is still `vm.generation`; returns the new record.
+    pub async fn vm_update(&self, vm: &Vm, update: VmUpdate) -> Result<Vm, StoreError> {
+        let done = sqlx::query(
+            "UPDATE vms SET \
+               desired_state = COALESCE(?3, desired_state), \
+               observed_state = COALESCE(?4, observed_state), \
+               last_error = COALESCE(?5, last_error), \
+               last_operation = COALESCE(?6, last_operation), \
+               updated_at_ms = ?7, generation = generation + 1 \
+             WHERE id = ?1 AND generation = ?2",
+        )
+        .bind(vm.id.to_string())
+        .bind(vm.generation)
+        .bind(update.desired_state.map(VmState::as_str))
+        .bind(update.observed_state.map(VmState::as_str))
+        .bind(update.last_error)
+        .bind(update.last_operation)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            // Either gone or changed: tell which.
+            self.vm_get(&vm.id.to_string()).await?;
+            return Err(StoreError::Conflict { kind: "vm", id: vm.id.to_string(), expected: vm.generation });
+        }
+        self.vm_get(&vm.id.to_string()).await
+    }
+
+    /// Removes a VM record.
+    pub async fn vm_delete(&self, id: VmId) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM vms WHERE id = ?").bind(id.to_string()).execute(&self.pool).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { kind: "vm", key: id.to_string() });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::{Image, ImageId},
+        store::test_store,
+    };
+
+    async fn with_image(store: &Store) -> ImageId {
+        let image = Image {
+            id: ImageId::generate(),
+            name: "img".into(),
+            kernel_path: "/k".into(),
+            initrd_path: None,
+            rootfs_path: "/r".into(),
+            kernel_args: String::new(),
+            rootfs_size_bytes: 1,
+            created_at_ms: 0,
+        };
+        store.image_insert(&image).await.expect("insert image");
+        image.id
+    }
+
+    fn record<'a>(name: &'a str, image_id: ImageId, dir: &'a Path) -> NewVmRecord<'a> {
+        NewVmRecord {
+            id: VmId::generate(),
+            name,
+            image_id,
+            spec: VmSpec { vcpus: 1, memory_mib: 256 },
+            desired_state: VmState::Running,
+            observed_state: VmState::Created,
+            vm_dir: dir,
+            last_operation: "op",
+        }
+    }
+
+    #[tokio::test]
+    async fn insert_allocates_distinct_cids_and_refuses_duplicate_names() {
+        let (store, _dir) = test_store().await;
+        let image = with_image(&store).await;
+        let a = store.vm_insert(record("a", image, Path::new("/a"))).await.expect("a");
+        let b = store.vm_insert(record("b", image, Path::new("/b"))).await.expect("b");
+        assert_eq!((a.vsock_cid, b.vsock_cid), (3, 4));
+        assert_eq!(a.observed_state, VmState::Created);
+        let dup = store.vm_insert(record("a", image, Path::new("/c"))).await;
+        assert!(matches!(dup, Err(StoreError::NameTaken { .. })), "{dup:?}");
+        assert_eq!(store.vm_get("a").await.expect("by name").id, a.id);
+        assert_eq!(store.vm_get(&b.id.to_string()).await.expect("by id").name, "b");
+    }
+
+    #[tokio::test]
+    async fn updates_compare_and_set_the_generation() {
+        let (store, _dir) = test_store().await;
+        let image = with_image(&store).await;
+        let vm = store.vm_insert(record("a", image, Path::new("/a"))).await.expect("insert");
+        let update = VmUpdate { observed_state: Some(VmState::Starting), ..Default::default() };
+        let newer = store.vm_update(&vm, update.clone()).await.expect("first update");
+        assert_eq!(newer.generation, vm.generation + 1);
+        assert_eq!(newer.observed_state, VmState::Starting);
+        let stale = store.vm_update(&vm, update).await;
+        assert!(matches!(stale, Err(StoreError::Conflict { .. })), "{stale:?}");
+    }
+
+    #[tokio::test]
+    async fn an_image_in_use_cannot_be_deleted() {
+        let (store, _dir) = test_store().await;
+        let image = with_image(&store).await;
+        let vm = store.vm_insert(record("a", image, Path::new("/a"))).await.expect("insert");
+        assert!(matches!(store.image_delete(image).await, Err(StoreError::InUse { count: 1, .. })));
+        store.vm_delete(vm.id).await.expect("delete vm");
+        store.image_delete(image).await.expect("delete image");
+        assert!(matches!(store.image_get("img").await, Err(StoreError::NotFound { .. })));
+    }
+}
