@@ -264,9 +264,11 @@ cat >"$rootfs/sbin/init" <<'EOF'
 # banger guest init: finish the mounts, name the host from banger.hostname= on the kernel
 # command line (default "banger"), then hand PID 1 to the agent, which reaps orphans.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+# Debian's busybox-static has no mountpoint applet; /proc/mounts answers the same question.
+[ -e /proc/mounts ] || mount -t proc proc /proc
+mounted() { grep -q "^[^ ]* $1 " /proc/mounts; }
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 

@@ -260,6 +260,11 @@ async fn supervise(
         deadline: timeout.map(|timeout| Instant::now() + timeout),
         timed_out: false,
     };
+    if run.send(ResponsePayload::StartedPid(pid)).await.is_err() {
+        run.kill_group();
+        let _ = child.wait().await;
+        return;
+    }
     // Always drain the request stream, even without stdin, so the client's half is consumed.
     let stdin_pump = tokio::spawn(pump_stdin(requests, child.stdin.take()));
     let ended = stream_until_exit(&mut child, &mut run).await;

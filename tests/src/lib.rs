@@ -1,1 +1,200 @@
-//! End-to-end tests live in `tests/tests/`.
+//! Harness for the end-to-end tests: a real `bangerd` process in a temporary state dir,
+//! the real `banger` CLI against it, and cleanup of every process either left behind.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+
+/// At most one end-to-end test boots guests at a time: TCG guests need a core each, and
+/// this machine class has two.
+static GUESTS: Mutex<()> = Mutex::new(());
+
+/// Holds the right to boot guests until dropped.
+pub fn guest_slot() -> MutexGuard<'static, ()> {
+    GUESTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-HASH -> target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+    assert!(
+        dir.join("bangerd").is_file() && dir.join("banger").is_file(),
+        "bangerd and banger are not built in {}: run `cargo build --workspace --bins` (make test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
+}
+
+/// The default image directory `make setup` installs, or `BANGER_DEFAULT_IMAGE_DIR`.
+pub fn default_image_dir() -> PathBuf {
+    let dir = std::env::var_os("BANGER_DEFAULT_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/share/banger/images/default"));
+    assert!(
+        dir.join("rootfs.ext4").is_file(),
+        "no default image in {}: run `make setup` (make test does) or set BANGER_DEFAULT_IMAGE_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// Every process whose command line mentions `needle`, found through /proc.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')))
+            .unwrap_or(false);
+        if cmdline.contains(needle) && !zombie {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// A real bangerd in its own temporary state dir. Dropping it stops the daemon and kills,
+/// by PID, any process that still mentions its directory.
+pub struct Daemon {
+    /// The temporary directory holding state and socket.
+    pub dir: tempfile::TempDir,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// Extra flags the daemon was started with.
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts bangerd with `extra` flags and waits until it answers.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
+        let socket = dir.path().join("bangerd.sock");
+        let mut daemon = Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), child: None };
+        daemon.restart();
+        daemon
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The daemon's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("bangerd.log")
+    }
+
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Starts the daemon again over the same state dir (after a stop or kill).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
+        let child = Command::new(bin_dir().join("bangerd"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--default-image-dir")
+            .arg(default_image_dir())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bangerd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.banger(&["vm", "list"]).status.success() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("bangerd exited with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "bangerd did not answer within 20 s: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon and reaps it.
+    pub fn signal(&mut self, signal: Signal) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn banger(&self, args: &[&str]) -> Output {
+        self.banger_with_stdin(args, None)
+    }
+
+    /// Runs the CLI against this daemon, feeding `stdin`.
+    pub fn banger_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin_dir().join("banger"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("BANGER_ENDPOINT")
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn banger");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input).expect("write stdin");
+        }
+        child.wait_with_output().expect("banger output")
+    }
+
+    /// Processes (other than the daemon) whose command line mentions this daemon's directory.
+    pub fn guest_processes(&self) -> Vec<(u32, String)> {
+        let daemon = self.child.as_ref().map(Child::id);
+        processes_mentioning(&self.dir.path().display().to_string())
+            .into_iter()
+            .filter(|(pid, _)| Some(*pid) != daemon)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGTERM);
+        for (pid, _) in processes_mentioning(&self.dir.path().display().to_string()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The CLI's output as text, for assertions.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

@@ -1,0 +1,268 @@
+//! API tests: the real tonic server in-process on a unix socket, driven by the real client
+//! library, over a real SQLite file. No guest boots here (see `tests/` for that): these
+//! cover validation, error codes and details, lookups by id and name, and durability.
+
+use std::path::Path;
+
+use banger_client::{Client, Target, error_op_id, field_violations, pb};
+use banger_server::{
+    Listeners,
+    config::{Config, FileConfig, Overrides},
+};
+use tokio::sync::oneshot;
+use tonic::Code;
+
+/// A daemon served in-process over `dir`, until dropped.
+struct TestDaemon {
+    client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+fn config(dir: &Path, file: FileConfig) -> Config {
+    let overrides = Overrides {
+        state_dir: Some(dir.join("state")),
+        socket: Some(dir.join("bangerd.sock")),
+        default_image_dir: Some(dir.join("no-default-image")),
+        ..Default::default()
+    };
+    Config::from_parts(file, overrides).expect("valid config")
+}
+
+impl TestDaemon {
+    async fn start(config: Config) -> Self {
+        let ops = banger_server::open_ops(&config).await.expect("open ops");
+        let unix = banger_server::bind_unix(&config.socket).await.expect("bind");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(banger_server::serve(ops, Listeners { unix, tcp: None }, async {
+            let _ = stopped.await;
+        }));
+        let client = Client::connect(&Target::Unix(config.socket.clone())).await.expect("connect");
+        Self { client, stop: Some(stop), served: Some(served) }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.expect("join").expect("served cleanly");
+        }
+    }
+}
+
+/// Writes a file that passes the daemon's kernel check (a bzImage header) and one that
+/// passes its ext4 check (the superblock magic), without being bootable.
+fn fake_image_sources(dir: &Path) -> (String, String) {
+    let kernel = dir.join("vmlinuz");
+    let mut bytes = vec![0u8; 4096];
+    bytes[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&kernel, &bytes).expect("kernel");
+    let rootfs = dir.join("rootfs.ext4");
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[1080] = 0x53;
+    bytes[1081] = 0xEF;
+    std::fs::write(&rootfs, &bytes).expect("rootfs");
+    (kernel.display().to_string(), rootfs.display().to_string())
+}
+
+async fn import(client: &mut Client, dir: &Path, name: &str) -> pb::Image {
+    let (kernel_path, rootfs_path) = fake_image_sources(dir);
+    let request = pb::ImportImageRequest { name: name.into(), kernel_path, rootfs_path, ..Default::default() };
+    client.images.import_image(request).await.expect("import").into_inner().image.expect("image")
+}
+
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    field_violations(status).into_iter().map(|(field, _)| field).collect()
+}
+
+#[tokio::test]
+async fn invalid_vm_requests_get_invalid_argument_with_field_violations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    let cases: Vec<(pb::CreateVmRequest, &[&str])> = vec![
+        (pb::CreateVmRequest { name: "has/slash".into(), ..Default::default() }, &["name"]),
+        (pb::CreateVmRequest { name: "has space".into(), ..Default::default() }, &["name"]),
+        (pb::CreateVmRequest { name: "x".repeat(64), ..Default::default() }, &["name"]),
+        (pb::CreateVmRequest { vcpus: Some(0), ..Default::default() }, &["vcpus"]),
+        (pb::CreateVmRequest { memory_mib: Some(1), ..Default::default() }, &["memory_mib"]),
+        (
+            pb::CreateVmRequest { name: "".into(), vcpus: Some(0), memory_mib: Some(1), ..Default::default() },
+            &["vcpus", "memory_mib"],
+        ),
+    ];
+    for (request, fields) in cases {
+        let status = daemon.client.vms.create_vm(request.clone()).await.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
+        assert_eq!(violated_fields(&status), fields, "{request:?}");
+    }
+    let status = daemon.client.vms.get_vm(pb::GetVmRequest { vm: String::new() }).await.expect_err("empty key");
+    assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec!["vm".to_owned()]));
+    // Nothing was recorded and the daemon still serves.
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    assert!(vms.is_empty());
+    assert!(
+        !dir.path().join("state/vms").exists()
+            || std::fs::read_dir(dir.path().join("state/vms")).expect("dir").next().is_none()
+    );
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_images_and_vms_are_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    let request = pb::CreateVmRequest { image: "no-such-image".into(), ..Default::default() };
+    let status = daemon.client.vms.create_vm(request).await.expect_err("unknown image");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("no-such-image"), "{}", status.message());
+    assert!(error_op_id(&status).is_some(), "a failed operation names its op id");
+    for status in [
+        daemon.client.vms.get_vm(pb::GetVmRequest { vm: "ghost".into() }).await.expect_err("get"),
+        daemon.client.vms.start_vm(pb::StartVmRequest { vm: "ghost".into() }).await.expect_err("start"),
+        daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "ghost".into() }).await.expect_err("delete"),
+        daemon.client.images.get_image(pb::GetImageRequest { image: "ghost".into() }).await.expect_err("image"),
+    ] {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    // No default image is built in this test's default image dir.
+    let status = daemon.client.vms.create_vm(pb::CreateVmRequest::default()).await.expect_err("no default image");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn image_import_validates_its_sources_and_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    let (kernel_path, rootfs_path) = fake_image_sources(dir.path());
+    let cases: Vec<(pb::ImportImageRequest, &[&str])> = vec![
+        (
+            pb::ImportImageRequest {
+                name: "img".into(),
+                kernel_path: "/no/such/kernel".into(),
+                rootfs_path: rootfs_path.clone(),
+                ..Default::default()
+            },
+            &["kernel_path"],
+        ),
+        (
+            pb::ImportImageRequest {
+                name: "img".into(),
+                kernel_path: "relative/kernel".into(),
+                rootfs_path: "/etc/hostname".into(),
+                ..Default::default()
+            },
+            &["kernel_path", "rootfs_path"],
+        ),
+        (
+            pb::ImportImageRequest {
+                name: "Bad Name".into(),
+                kernel_path: kernel_path.clone(),
+                rootfs_path: rootfs_path.clone(),
+                initrd_path: "/no/such/initrd".into(),
+                ..Default::default()
+            },
+            &["name", "initrd_path"],
+        ),
+    ];
+    for (request, fields) in cases {
+        let status = daemon.client.images.import_image(request.clone()).await.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
+        assert_eq!(violated_fields(&status), fields, "{request:?}");
+    }
+    let image = import(&mut daemon.client, dir.path(), "img").await;
+    assert!(
+        image.rootfs_path.starts_with(&dir.path().join("state").display().to_string()),
+        "copied into the state dir"
+    );
+    let again = pb::ImportImageRequest { name: "img".into(), kernel_path, rootfs_path, ..Default::default() };
+    let status = daemon.client.images.import_image(again).await.expect_err("duplicate");
+    assert_eq!(status.code(), Code::AlreadyExists);
+    let by_id = daemon.client.images.get_image(pb::GetImageRequest { image: image.id.clone() }).await.expect("by id");
+    assert_eq!(by_id.into_inner().image.expect("image").name, "img");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn vms_are_addressable_by_id_and_name_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), FileConfig::default());
+    let mut daemon = TestDaemon::start(config.clone()).await;
+    let image = import(&mut daemon.client, dir.path(), "img").await;
+    let request =
+        pb::CreateVmRequest { name: "web-1".into(), image: "img".into(), no_start: true, ..Default::default() };
+    let response = daemon.client.vms.create_vm(request.clone()).await.expect("create");
+    assert!(banger_client::response_op_id(&response).is_some(), "x-banger-op-id is set");
+    let vm = response.into_inner().vm.expect("vm");
+    assert_eq!(
+        (vm.state(), vm.image_id.as_str(), vm.vcpus, vm.memory_mib),
+        (pb::VmState::Created, image.id.as_str(), 1, 256)
+    );
+    let status = daemon.client.vms.create_vm(request).await.expect_err("duplicate name");
+    assert_eq!(status.code(), Code::AlreadyExists);
+    for key in [vm.id.clone(), "web-1".to_owned()] {
+        let got = daemon.client.vms.get_vm(pb::GetVmRequest { vm: key }).await.expect("get").into_inner().vm;
+        assert_eq!(got.expect("vm").id, vm.id);
+    }
+    let status =
+        daemon.client.images.delete_image(pb::DeleteImageRequest { image: "img".into() }).await.expect_err("in use");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let exec = pb::ExecVmStart { vm: "web-1".into(), argv: vec!["true".into()], ..Default::default() };
+    let status = daemon.client.exec(exec, tokio_stream::empty()).await.expect_err("not running");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let empty_argv = pb::ExecVmStart { vm: "web-1".into(), ..Default::default() };
+    let status = daemon.client.exec(empty_argv, tokio_stream::empty()).await.expect_err("empty argv");
+    assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec!["start.argv".to_owned()]));
+    daemon.shutdown().await;
+
+    // A new daemon over the same state dir sees the same records.
+    let mut daemon = TestDaemon::start(config).await;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    assert_eq!(vms.iter().map(|v| (v.id.as_str(), v.name.as_str())).collect::<Vec<_>>(), [(vm.id.as_str(), "web-1")]);
+    let images = daemon.client.images.list_images(pb::ListImagesRequest {}).await.expect("list").into_inner().images;
+    assert_eq!(images.len(), 1);
+    daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "web-1".into() }).await.expect("delete vm");
+    assert!(!Path::new(&vm.runtime.expect("runtime").vm_dir).exists(), "vm dir removed");
+    daemon.client.images.delete_image(pb::DeleteImageRequest { image: "img".into() }).await.expect("delete image");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_host_tool_is_unavailable_and_a_failed_create_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file =
+        FileConfig { vsock_backend_binary: Some("/nonexistent/vhost-device-vsock".into()), ..Default::default() };
+    let config = config(dir.path(), file);
+    let mut daemon = TestDaemon::start(config.clone()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let request = pb::CreateVmRequest { name: "doomed".into(), image: "img".into(), ..Default::default() };
+    let status = daemon.client.vms.create_vm(request).await.expect_err("no vsock backend");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("/nonexistent/vhost-device-vsock"), "{}", status.message());
+    assert!(error_op_id(&status).is_some());
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    assert!(vms.is_empty(), "the failed create left a record: {vms:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(config.state_dir.join("vms")).expect("vms dir").collect();
+    assert!(leftovers.is_empty(), "the failed create left {leftovers:?}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), FileConfig::default());
+    let daemon = TestDaemon::start(config.clone()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{}", config.socket.display()))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "banger.v1.VmService", "banger.v1.ImageService"] {
+        let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+        let response = health.check(request).await.expect("health").into_inner();
+        assert_eq!(response.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service:?}");
+    }
+    daemon.shutdown().await;
+}

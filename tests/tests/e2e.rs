@@ -1,0 +1,147 @@
+//! End to end: real bangerd processes boot real QEMU guests from the default image, and the
+//! real CLI runs commands in them. Needs `make setup` (QEMU, vhost-device-vsock, the image).
+
+use std::{path::Path, time::Duration};
+
+use banger_tests::{Daemon, guest_slot, repo_root, text};
+use nix::sys::signal::Signal;
+
+fn vm_field(daemon: &Daemon, vm: &str, field: &str) -> String {
+    let out = daemon.banger(&["vm", "show", vm]);
+    assert!(out.status.success(), "vm show {vm}: {}", text(&out.stderr));
+    let prefix = format!("{field}:");
+    text(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {field} in vm show output"))
+}
+
+#[test]
+fn vm_run_prints_guest_output_and_exit_codes_and_delete_leaves_nothing() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+
+    let out = daemon.banger(&["vm", "run", "--name", "handles-test", "--", "cat", "/etc/hostname"]);
+    assert!(out.status.success(), "stderr: {}\nlog: {}", text(&out.stderr), daemon.log());
+    assert_eq!(text(&out.stdout), "handles-test\n");
+
+    let out = daemon.banger(&["vm", "run", "--rm", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+
+    // Standard input reaches the guest process; timeouts and missing programs behave like a shell.
+    let out =
+        daemon.banger_with_stdin(&["vm", "exec", "-i", "handles-test", "--", "tr", "a-z", "A-Z"], Some(b"piped\n"));
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "PIPED\n".to_owned()), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "--timeout", "1", "handles-test", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "handles-test", "--", "no-such-program"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+
+    // The --rm VM is gone; only handles-test remains, running under a live VMM.
+    let list = text(&daemon.banger(&["vm", "list"]).stdout);
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert_eq!(vm_field(&daemon, "handles-test", "state"), "running");
+    let vm_dir = vm_field(&daemon, "handles-test", "vm dir");
+    let pid: u32 = vm_field(&daemon, "handles-test", "vmm pid").parse().expect("pid");
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    assert!(Path::new(&vm_dir).join("handles.json").is_file());
+
+    let out = daemon.banger(&["vm", "stop", "handles-test"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(vm_field(&daemon, "handles-test", "state"), "stopped");
+    assert!(daemon.guest_processes().is_empty(), "after stop: {:?}", daemon.guest_processes());
+    for leftover in ["qmp.sock", "vsock.sock", "vhost-user.sock", "handles.json"] {
+        assert!(!Path::new(&vm_dir).join(leftover).exists(), "{leftover} left after stop");
+    }
+    assert!(Path::new(&vm_dir).join("root.qcow2").is_file(), "a stopped vm keeps its disk");
+
+    let out = daemon.banger(&["vm", "start", "handles-test"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "handles-test", "--", "cat", "/etc/hostname"]);
+    assert_eq!(text(&out.stdout), "handles-test\n");
+
+    let out = daemon.banger(&["vm", "delete", "handles-test"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!Path::new(&vm_dir).exists(), "vm dir left after delete");
+    assert!(daemon.guest_processes().is_empty(), "after delete: {:?}", daemon.guest_processes());
+    let list = text(&daemon.banger(&["vm", "list"]).stdout);
+    assert_eq!(list.lines().count(), 1, "{list}");
+}
+
+#[test]
+fn bad_input_is_refused_with_field_violations_and_leaves_nothing() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let cases: [(&[&str], &str); 6] = [
+        (&["vm", "create", "--name", "a/b"], "name"),
+        (&["vm", "create", "--name", "a b"], "name"),
+        (&["vm", "create", "--vcpus", "0"], "vcpus"),
+        (&["vm", "create", "--memory", "1"], "memory_mib"),
+        (&["vm", "create", "--image", "no-such-image"], "NOT_FOUND"),
+        (&["image", "import", "broken", "--kernel", "/no/such/vmlinuz", "--rootfs", "/no/such/rootfs"], "kernel_path"),
+    ];
+    for (args, expected) in cases {
+        let out = daemon.banger(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let out = daemon.banger(&["vm", "create", "--name", &"x".repeat(64)]);
+    assert!(text(&out.stderr).contains("INVALID_ARGUMENT"), "{}", text(&out.stderr));
+    let list = text(&daemon.banger(&["vm", "list"]).stdout);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(daemon.guest_processes().is_empty());
+    let vms = daemon.state_dir().join("vms");
+    assert!(!vms.exists() || std::fs::read_dir(&vms).expect("vms").next().is_none());
+}
+
+#[test]
+fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection() {
+    let _slot = guest_slot();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::start(&["--listen", &listen]);
+
+    assert!(daemon.banger(&["vm", "create", "--name", "keeper"]).status.success(), "{}", daemon.log());
+    assert!(daemon.banger(&["vm", "create", "--name", "idle", "--no-start"]).status.success());
+    let pid = vm_field(&daemon, "keeper", "vmm pid");
+
+    // A stopped daemon leaves its VMs running; the next one adopts them.
+    daemon.signal(Signal::SIGTERM);
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "the vmm died with the daemon");
+    daemon.restart();
+    assert_eq!(vm_field(&daemon, "keeper", "state"), "running");
+    assert_eq!(vm_field(&daemon, "keeper", "vmm pid"), pid);
+    assert_eq!(vm_field(&daemon, "idle", "state"), "created");
+    let out = daemon.banger(&["vm", "exec", "keeper", "--", "cat", "/etc/hostname"]);
+    assert_eq!(text(&out.stdout), "keeper\n", "{}", text(&out.stderr));
+
+    // Reflection and health, with no proto files, over TCP.
+    let grpcurl = std::env::var_os("BANGER_GRPCURL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/venv/bin/grpcurl"));
+    assert!(grpcurl.is_file(), "grpcurl not found at {} (make setup installs it)", grpcurl.display());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&grpcurl).arg("-plaintext").args(args).output().expect("grpcurl");
+        assert!(out.status.success(), "grpcurl {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let services = run(&[&listen, "list"]);
+    for service in ["banger.v1.VmService", "banger.v1.ImageService", "grpc.health.v1.Health"] {
+        assert!(services.lines().any(|l| l == service), "{service} missing from {services}");
+    }
+    let vms = run(&[&listen, "banger.v1.VmService/ListVms"]);
+    assert!(vms.contains("\"keeper\"") && vms.contains("\"idle\""), "{vms}");
+    let health = run(&[&listen, "grpc.health.v1.Health/Check"]);
+    assert!(health.contains("SERVING"), "{health}");
+    let over_unix = run(&["-unix", "-authority", "localhost", &daemon.socket.display().to_string(), "list"]);
+    assert!(over_unix.contains("banger.v1.VmService"), "{over_unix}");
+
+    for vm in ["keeper", "idle"] {
+        assert!(daemon.banger(&["vm", "delete", vm]).status.success());
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+}
