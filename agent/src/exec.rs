@@ -49,18 +49,12 @@ const EXIT_NOT_EXECUTABLE: i32 = 126;
 /// Validates the first message, starts the process, and returns the stream of its responses.
 pub async fn start(mut requests: Streaming<ExecRequest>) -> Result<ExecStream, Status> {
     let start = match requests.message().await? {
-        Some(ExecRequest {
-            payload: Some(RequestPayload::Start(start)),
-        }) => start,
+        Some(ExecRequest { payload: Some(RequestPayload::Start(start)) }) => start,
         Some(_) => {
-            return Err(Status::invalid_argument(
-                "the first exec message must be ExecStart",
-            ));
+            return Err(Status::invalid_argument("the first exec message must be ExecStart"));
         }
         None => {
-            return Err(Status::invalid_argument(
-                "the exec stream ended before its ExecStart",
-            ));
+            return Err(Status::invalid_argument("the exec stream ended before its ExecStart"));
         }
     };
     let plan = ExecPlan::try_from(start)?;
@@ -115,9 +109,7 @@ impl TryFrom<ExecStart> for ExecPlan {
             .into_iter()
             .map(|entry| match entry.split_once('=') {
                 Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
-                _ => Err(Status::invalid_argument(format!(
-                    "env entry {entry:?} is not NAME=value"
-                ))),
+                _ => Err(Status::invalid_argument(format!("env entry {entry:?} is not NAME=value"))),
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -126,8 +118,7 @@ impl TryFrom<ExecStart> for ExecPlan {
             env,
             working_dir: Some(start.working_dir).filter(|dir| !dir.is_empty()),
             stdin: start.stdin,
-            timeout: (start.timeout_seconds > 0)
-                .then(|| Duration::from_secs(start.timeout_seconds.into())),
+            timeout: (start.timeout_seconds > 0).then(|| Duration::from_secs(start.timeout_seconds.into())),
         })
     }
 }
@@ -141,12 +132,8 @@ impl ExecPlan {
         };
         match tokio::fs::metadata(dir).await {
             Ok(meta) if meta.is_dir() => Ok(()),
-            Ok(_) => Err(Status::invalid_argument(format!(
-                "working directory {dir} is not a directory"
-            ))),
-            Err(err) => Err(Status::invalid_argument(format!(
-                "working directory {dir}: {err}"
-            ))),
+            Ok(_) => Err(Status::invalid_argument(format!("working directory {dir} is not a directory"))),
+            Err(err) => Err(Status::invalid_argument(format!("working directory {dir}: {err}"))),
         }
     }
 
@@ -160,11 +147,7 @@ impl ExecPlan {
             // Set after the defaults so the request can override them; a PATH given here is also
             // the one the program is looked up in.
             .envs(self.env.iter().map(|(name, value)| (name, value)))
-            .stdin(if self.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if self.stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -195,9 +178,7 @@ fn describe_spawn(err: &io::Error) -> &'static str {
 }
 
 fn payload(payload: ResponsePayload) -> ExecResponse {
-    ExecResponse {
-        payload: Some(payload),
-    }
+    ExecResponse { payload: Some(payload) }
 }
 
 /// The client hung up: the response stream's receiver is gone.
@@ -290,10 +271,7 @@ async fn supervise(
 
 /// Forwards stdout and stderr chunks (each stream in order) until the process has exited and its
 /// pipes are closed, or the drain grace after its exit is over.
-async fn stream_until_exit(
-    child: &mut Child,
-    run: &mut Run,
-) -> Result<std::process::ExitStatus, ClientGone> {
+async fn stream_until_exit(child: &mut Child, run: &mut Run) -> Result<std::process::ExitStatus, ClientGone> {
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut stdout_buf = vec![0u8; OUTPUT_CHUNK];
@@ -380,10 +358,7 @@ mod tests {
     use super::*;
 
     fn start(argv: &[&str]) -> ExecStart {
-        ExecStart {
-            argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
-            ..ExecStart::default()
-        }
+        ExecStart { argv: argv.iter().map(|arg| (*arg).to_owned()).collect(), ..ExecStart::default() }
     }
 
     #[test]
@@ -405,10 +380,7 @@ mod tests {
         good.env = vec!["A=b=c".into(), "EMPTY=".into()];
         good.timeout_seconds = 3;
         let plan = ExecPlan::try_from(good).expect("valid start");
-        assert_eq!(
-            plan.env,
-            vec![("A".into(), "b=c".into()), ("EMPTY".into(), String::new())]
-        );
+        assert_eq!(plan.env, vec![("A".into(), "b=c".into()), ("EMPTY".into(), String::new())]);
         assert_eq!(plan.timeout, Some(Duration::from_secs(3)));
     }
 

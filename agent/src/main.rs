@@ -86,9 +86,7 @@ enum ServeError {
 impl Args {
     fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Self, UsageError> {
         let mut init = false;
-        let mut listen = Listen::Vsock {
-            port: AGENT_VSOCK_PORT,
-        };
+        let mut listen = Listen::Vsock { port: AGENT_VSOCK_PORT };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.to_str() {
@@ -133,10 +131,7 @@ fn main() -> ExitCode {
 
 /// Builds the runtime by hand (not `#[tokio::main]`) so that the supervisor's fork happens first.
 fn run(listen: Listen) -> Result<(), ServeError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(ServeError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServeError::Runtime)?;
     runtime.block_on(serve(listen))
 }
 
@@ -154,18 +149,12 @@ async fn serve(listen: Listen) -> Result<(), ServeError> {
         }
         Listen::Unix { path } => {
             remove_stale_socket(&path);
-            let listener = tokio::net::UnixListener::bind(&path).map_err(|source| {
-                ServeError::BindUnix {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+            let listener = tokio::net::UnixListener::bind(&path)
+                .map_err(|source| ServeError::BindUnix { path: path.clone(), source })?;
             log!("serving banger.agent.v1 on unix socket {}", path.display());
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             Server::builder()
-                .add_service(AgentServiceServer::new(Agent::new(
-                    ShutdownAction::ExitProcess,
-                )))
+                .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::ExitProcess)))
                 .serve_with_incoming(pause_after_accept_errors(incoming))
                 .await
                 .map_err(ServeError::Serve)
@@ -226,27 +215,13 @@ mod tests {
     fn parses_init_and_unix_listener() {
         let args = parse(&["--init", "--listen-unix", "/tmp/a.sock"]).expect("parses");
         assert!(args.init);
-        assert_eq!(
-            args.listen,
-            Listen::Unix {
-                path: "/tmp/a.sock".into()
-            }
-        );
+        assert_eq!(args.listen, Listen::Unix { path: "/tmp/a.sock".into() });
     }
 
     #[test]
     fn rejects_bad_arguments() {
-        assert_eq!(
-            parse(&["--listen-unix"]),
-            Err(UsageError::MissingValue("--listen-unix"))
-        );
-        assert_eq!(
-            parse(&["--vsock-port", "x"]),
-            Err(UsageError::InvalidPort("x".into()))
-        );
-        assert_eq!(
-            parse(&["--bogus"]),
-            Err(UsageError::UnknownArgument("--bogus".into()))
-        );
+        assert_eq!(parse(&["--listen-unix"]), Err(UsageError::MissingValue("--listen-unix")));
+        assert_eq!(parse(&["--vsock-port", "x"]), Err(UsageError::InvalidPort("x".into())));
+        assert_eq!(parse(&["--bogus"]), Err(UsageError::UnknownArgument("--bogus".into())));
     }
 }

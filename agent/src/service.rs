@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use banger_proto::agent::v1::agent_service_server::AgentService;
 use banger_proto::agent::v1::{
-    ExecRequest, InfoRequest, InfoResponse, ReadyRequest, ReadyResponse, ShutdownRequest,
-    ShutdownResponse,
+    ExecRequest, InfoRequest, InfoResponse, ReadyRequest, ReadyResponse, ShutdownRequest, ShutdownResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -40,9 +39,7 @@ impl Agent {
 #[tonic::async_trait]
 impl AgentService for Agent {
     async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
-        Ok(Response::new(ReadyResponse {
-            uptime_seconds: uptime_seconds().await?,
-        }))
+        Ok(Response::new(ReadyResponse { uptime_seconds: uptime_seconds().await? }))
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
@@ -65,17 +62,11 @@ impl AgentService for Agent {
 
     type ExecStream = ExecStream;
 
-    async fn exec(
-        &self,
-        request: Request<Streaming<ExecRequest>>,
-    ) -> Result<Response<Self::ExecStream>, Status> {
+    async fn exec(&self, request: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
         exec::start(request.into_inner()).await.map(Response::new)
     }
 
-    async fn shutdown(
-        &self,
-        _: Request<ShutdownRequest>,
-    ) -> Result<Response<ShutdownResponse>, Status> {
+    async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
         let action = self.shutdown_action;
         log!("shutdown requested ({action:?})");
         tokio::spawn(async move {

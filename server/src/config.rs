@@ -76,7 +76,7 @@ pub enum ConfigError {
 }
 
 /// The daemon's effective configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Database, images and VM directories live here.
     pub state_dir: PathBuf,
@@ -211,6 +211,15 @@ mod tests {
         let level = Overrides { log_level: Some("verbose".into()), ..Default::default() };
         let err = Config::from_parts(FileConfig::default(), level).expect_err("bad level").to_string();
         assert!(err.contains("debug, info, warn, error"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_parses_to_the_defaults() {
+        let example = include_str!("../../deploy/config.toml");
+        let file: FileConfig = toml::from_str(example).expect("example parses");
+        let from_example = Config::from_parts(file, Overrides::default()).expect("valid");
+        let defaults = Config::from_parts(FileConfig::default(), Overrides::default()).expect("valid");
+        assert_eq!(from_example, defaults);
     }
 
     #[test]

@@ -103,8 +103,18 @@ fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
+/// What a source file's first bytes must look like.
+#[derive(Debug, Clone, Copy)]
+struct FileCheck {
+    looks_right: fn(&[u8]) -> bool,
+    what: &'static str,
+}
+
+const KERNEL_CHECK: FileCheck = FileCheck { looks_right: looks_like_kernel, what: "a bzImage or ELF kernel" };
+const EXT4_CHECK: FileCheck = FileCheck { looks_right: looks_like_ext4, what: "an ext4 file system image" };
+
 /// Checks one source path of an import; returns a violation when it is unusable.
-fn source_violation(field: &str, path: &Path, check: Option<(fn(&[u8]) -> bool, &str)>) -> Option<FieldViolation> {
+fn source_violation(field: &str, path: &Path, check: Option<FileCheck>) -> Option<FieldViolation> {
     if !path.is_absolute() {
         return Some(FieldViolation::new(
             field,
@@ -117,10 +127,10 @@ fn source_violation(field: &str, path: &Path, check: Option<(fn(&[u8]) -> bool, 
             Some(FieldViolation::new(field, format!("{} is not a regular file", path.display())))
         }
         Ok(_) => {
-            let (check, what) = check?;
+            let check = check?;
             match read_head(path) {
-                Ok(head) if check(&head) => None,
-                Ok(_) => Some(FieldViolation::new(field, format!("{} is not {what}", path.display()))),
+                Ok(head) if (check.looks_right)(&head) => None,
+                Ok(_) => Some(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what))),
                 Err(e) => Some(FieldViolation::new(field, format!("{}: {e}", path.display()))),
             }
         }
@@ -146,9 +156,9 @@ impl Ops {
     /// Imports an image: validates the sources, copies them into the state dir, records it.
     pub async fn import_image(&self, new: NewImage) -> Result<(Image, OpId), Error> {
         let mut violations: Vec<FieldViolation> = [
-            source_violation("kernel_path", &new.kernel_path, Some((looks_like_kernel, "a bzImage or ELF kernel"))),
+            source_violation("kernel_path", &new.kernel_path, Some(KERNEL_CHECK)),
             new.initrd_path.as_deref().and_then(|p| source_violation("initrd_path", p, None)),
-            source_violation("rootfs_path", &new.rootfs_path, Some((looks_like_ext4, "an ext4 file system image"))),
+            source_violation("rootfs_path", &new.rootfs_path, Some(EXT4_CHECK)),
         ]
         .into_iter()
         .flatten()
