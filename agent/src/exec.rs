@@ -3,7 +3,12 @@
 //! Each process gets its own process group, so that killing it (client gone, timeout) also kills
 //! whatever it started. A process that cannot be found behaves like it would under a shell: the
 //! stream carries a message on stderr and exit code 127 (126 when it is not executable), so
-//! `banger vm run -- nosuchcmd` looks like ssh. Only malformed requests become gRPC errors.
+//! `banger vm run -- nosuchcmd` looks like ssh; such a stream has no `started_pid`. Only malformed
+//! requests (and failures to fork at all) become gRPC errors.
+//!
+//! Once the process exits, output that its background children still write is streamed for
+//! [`EXIT_DRAIN_GRACE`], then the exit is reported even if they hold the pipes open (ssh would
+//! hang instead). Those children keep running; only a timeout or a vanished client kills the group.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;

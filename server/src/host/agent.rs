@@ -90,6 +90,19 @@ impl AgentError {
             _ => None,
         }
     }
+
+    /// The vsock handshake failure behind this error, if the call failed while connecting.
+    /// A [`HandshakeError::NoReply`] here means a stalled guest or a dead vsock backend.
+    pub fn handshake_error(&self) -> Option<&HandshakeError> {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = source {
+            if let Some(handshake) = err.downcast_ref::<HandshakeError>() {
+                return Some(handshake);
+            }
+            source = err.source();
+        }
+        None
+    }
 }
 
 /// The hybrid-vsock `CONNECT` handshake failed.
@@ -279,7 +292,13 @@ impl AgentClient {
             match self.ready(left.min(READY_ATTEMPT_TIMEOUT)).await {
                 Ok(ready) => return Ok(ready),
                 Err(err) if is_retryable(&err) => {
-                    tracing::trace!(error = %error_chain(&err), "guest agent not ready yet");
+                    if err.handshake_error().is_some_and(|h| !h.is_not_up_yet()) {
+                        // Not a booting guest's usual answer: the guest may be stalled or the
+                        // backend dead; still_booting() decides whether that is fatal.
+                        tracing::debug!(error = %error_chain(&err), "guest agent not answering");
+                    } else {
+                        tracing::trace!(error = %error_chain(&err), "guest agent not ready yet");
+                    }
                     last_error = Some(err);
                 }
                 Err(err) => return Err(err),
@@ -587,6 +606,8 @@ mod tests {
                 assert!(waited >= Duration::from_millis(200));
                 let last = last_error.expect("at least one attempt");
                 assert_eq!(last.status().map(tonic::Status::code), Some(tonic::Code::Unavailable));
+                let handshake = last.handshake_error().expect("cause is kept as a source");
+                assert!(matches!(handshake, HandshakeError::Connect(err) if err.kind() == io::ErrorKind::NotFound));
             }
             other => panic!("expected NotReady, got {other:?}"),
         }
