@@ -17,7 +17,12 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::{
     config::Config,
-    host::{process::Processes, storage::Qcow2Overlays, vmm::QemuVmm, vsock::VsockBackends},
+    host::{
+        process::Processes,
+        storage::Qcow2Overlays,
+        vmm::QemuVmm,
+        vsock::{VsockBackends, VsockMode},
+    },
     ops::{HostServices, Ops, OpsConfig},
     store::Store,
 };
@@ -39,8 +44,11 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
     let processes = Processes::default();
+    let vsock_mode = VsockMode::detect();
+    tracing::info!(vsock = ?vsock_mode, accel = ?config.accel, "host capabilities");
     let host = HostServices {
-        vmm: Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, processes.clone())),
+        vmm: Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone())),
+        vsock_mode,
         vsock: VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone()),
         disks: Qcow2Overlays::new(config.qemu_img_binary.clone()),
         processes,

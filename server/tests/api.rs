@@ -239,7 +239,7 @@ async fn a_missing_host_tool_is_unavailable_and_a_failed_create_leaves_nothing()
     let request = pb::CreateVmRequest { name: "doomed".into(), image: "img".into(), ..Default::default() };
     let status = daemon.client.vms.create_vm(request).await.expect_err("no vsock backend");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("/nonexistent/vhost-device-vsock"), "{}", status.message());
+    assert!(status.message().contains("/nonexistent/"), "{}", status.message());
     assert!(error_op_id(&status).is_some());
     let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
     assert!(vms.is_empty(), "the failed create left a record: {vms:?}");

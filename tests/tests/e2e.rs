@@ -6,14 +6,14 @@ use std::{path::Path, time::Duration};
 use banger_tests::{Daemon, guest_slot, repo_root, text};
 use nix::sys::signal::Signal;
 
-fn vm_field(daemon: &Daemon, vm: &str, field: &str) -> String {
+fn try_vm_field(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
     let out = daemon.banger(&["vm", "show", vm]);
-    assert!(out.status.success(), "vm show {vm}: {}", text(&out.stderr));
     let prefix = format!("{field}:");
-    text(&out.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
-        .unwrap_or_else(|| panic!("no {field} in vm show output"))
+    text(&out.stdout).lines().find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
+}
+
+fn vm_field(daemon: &Daemon, vm: &str, field: &str) -> String {
+    try_vm_field(daemon, vm, field).unwrap_or_else(|| panic!("no {field} for {vm}: {}", daemon.log()))
 }
 
 #[test]
@@ -139,7 +139,29 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     let over_unix = run(&["-unix", "-authority", "localhost", &daemon.socket.display().to_string(), "list"]);
     assert!(over_unix.contains("banger.v1.VmService"), "{over_unix}");
 
-    for vm in ["keeper", "idle"] {
+    // A client that gives up mid-create does not cut the operation short: it completes.
+    let out = std::process::Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-max-time",
+            "0.3",
+            "-d",
+            r#"{"name":"impatient"}"#,
+            &listen,
+            "banger.v1.VmService/CreateVm",
+        ])
+        .output()
+        .expect("grpcurl");
+    assert!(!out.status.success() && text(&out.stderr).contains("DeadlineExceeded"), "{}", text(&out.stderr));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while try_vm_field(&daemon, "impatient", "state").as_deref() != Some("running") {
+        assert!(std::time::Instant::now() < deadline, "impatient never ran: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = daemon.banger(&["vm", "exec", "impatient", "--", "cat", "/etc/hostname"]);
+    assert_eq!(text(&out.stdout), "impatient\n", "{}", text(&out.stderr));
+
+    for vm in ["keeper", "idle", "impatient"] {
         assert!(daemon.banger(&["vm", "delete", vm]).status.success());
     }
     std::thread::sleep(Duration::from_millis(100));

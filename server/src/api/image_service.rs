@@ -5,7 +5,7 @@ use std::sync::Arc;
 use banger_proto::v1::{self as pb, image_service_server::ImageService};
 use tonic::{Request, Response, Status};
 
-use super::{convert, status::to_status, with_op_id};
+use super::{convert, run_to_completion, status::to_status, with_op_id};
 use crate::ops::Ops;
 
 /// Serves the image API over the daemon's core.
@@ -28,7 +28,8 @@ impl ImageService for ImageApi {
         request: Request<pb::ImportImageRequest>,
     ) -> Result<Response<pb::ImportImageResponse>, Status> {
         let new = convert::new_image(request.into_inner());
-        let (image, op_id) = self.ops.import_image(new).await.map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let (image, op_id) = run_to_completion(async move { ops.import_image(new).await }).await?;
         Ok(with_op_id(pb::ImportImageResponse { image: Some(convert::image(&image)) }, &op_id.to_string()))
     }
 
@@ -51,7 +52,8 @@ impl ImageService for ImageApi {
         request: Request<pb::DeleteImageRequest>,
     ) -> Result<Response<pb::DeleteImageResponse>, Status> {
         let key = convert::key("image", &request.into_inner().image).map_err(|e| to_status(&e))?;
-        let id = self.ops.delete_image(&key).await.map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let id = run_to_completion(async move { ops.delete_image(&key).await }).await?;
         Ok(Response::new(pb::DeleteImageResponse { id: id.to_string() }))
     }
 }

@@ -19,6 +19,18 @@ use crate::ops::Ops;
 /// The response metadata key holding the id of the operation a call ran.
 pub const OP_ID_METADATA: &str = "x-banger-op-id";
 
+/// Runs a use case in its own task, so that a client that cancels or times out cannot
+/// drop an operation between two stages: the operation always finishes (or unwinds), and
+/// only its result is lost.
+async fn run_to_completion<T: Send + 'static>(
+    use_case: impl std::future::Future<Output = Result<T, crate::ops::Error>> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    match tokio::spawn(use_case).await {
+        Ok(result) => result.map_err(|e| status::to_status(&e)),
+        Err(join) => Err(tonic::Status::internal(format!("operation task failed: {join}"))),
+    }
+}
+
 fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
     let mut response = Response::new(message);
     if let Ok(value) = MetadataValue::try_from(op_id) {

@@ -7,7 +7,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    convert,
+    convert, run_to_completion,
     status::{invalid_field, to_status},
     with_op_id,
 };
@@ -39,7 +39,8 @@ type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecVmResponse, Status>> 
 impl VmService for VmApi {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::CreateVmResponse>, Status> {
         let create = CreateVm::try_from(request.into_inner()).map_err(|e| to_status(&e))?;
-        let vm = self.ops.create_vm(create).await.map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let vm = run_to_completion(async move { ops.create_vm(create).await }).await?;
         Ok(with_op_id(pb::CreateVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
     }
 
@@ -56,20 +57,23 @@ impl VmService for VmApi {
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
         let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
-        let vm = self.ops.start_vm(&key).await.map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let vm = run_to_completion(async move { ops.start_vm(&key).await }).await?;
         Ok(with_op_id(pb::StartVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
         let request = request.into_inner();
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let vm = self.ops.stop_vm(&key, request.force).await.map_err(|e| to_status(&e))?;
+        let (ops, force) = (self.ops.clone(), request.force);
+        let vm = run_to_completion(async move { ops.stop_vm(&key, force).await }).await?;
         Ok(with_op_id(pb::StopVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
     }
 
     async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
-        let (id, op_id) = self.ops.delete_vm(&key).await.map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let (id, op_id) = run_to_completion(async move { ops.delete_vm(&key).await }).await?;
         Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string()))
     }
 

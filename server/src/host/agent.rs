@@ -230,6 +230,11 @@ pub struct AgentClient {
     vsock_uds_path: PathBuf,
 }
 
+/// Opens a kernel AF_VSOCK stream to `port` of guest `cid` (hosts with `/dev/vhost-vsock`).
+async fn connect_kernel_vsock(cid: u32, port: u32) -> io::Result<tokio_vsock::VsockStream> {
+    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port)).await
+}
+
 impl std::fmt::Debug for AgentClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentClient").field("vsock_uds_path", &self.vsock_uds_path).finish_non_exhaustive()
@@ -257,7 +262,20 @@ impl AgentClient {
         Self { client: AgentServiceClient::new(channel), vsock_uds_path }
     }
 
-    /// The hybrid-vsock socket this client connects to.
+    /// Creates the client for guest `cid` over the kernel's vsock (`/dev/vhost-vsock` hosts):
+    /// no hybrid handshake, so none of the user-space backend's hazards apply.
+    pub fn new_kernel_vsock(cid: u32) -> Self {
+        let connector = tower::service_fn(move |_: Uri| async move {
+            let stream = connect_kernel_vsock(cid, AGENT_VSOCK_PORT).await?;
+            Ok::<_, io::Error>(TokioIo::new(stream))
+        });
+        let channel = Endpoint::from_static("http://agent.vsock")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_with_connector_lazy(connector);
+        Self { client: AgentServiceClient::new(channel), vsock_uds_path: PathBuf::new() }
+    }
+
+    /// The hybrid-vsock socket this client connects to (empty for a kernel-vsock client).
     pub fn vsock_uds_path(&self) -> &Path {
         &self.vsock_uds_path
     }

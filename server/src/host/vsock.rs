@@ -9,6 +9,23 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use super::{HostError, command, process::Processes};
 use crate::domain::{ProcessHandle, VmPaths};
 
+/// How the guest-agent channel reaches guests on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VsockMode {
+    /// The kernel's vhost-vsock (`/dev/vhost-vsock`): QEMU's `vhost-vsock-device`, AF_VSOCK on the host.
+    Kernel,
+    /// rust-vmm's `vhost-device-vsock` per VM: QEMU's `vhost-user-vsock-device`, a hybrid unix socket on the host.
+    UserSpace,
+}
+
+impl VsockMode {
+    /// The kernel's vhost-vsock where `/dev/vhost-vsock` opens, else the user-space backend.
+    pub fn detect() -> Self {
+        let kernel = std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-vsock").is_ok();
+        if kernel { Self::Kernel } else { Self::UserSpace }
+    }
+}
+
 /// Starts and checks `vhost-device-vsock` processes, one per VM.
 #[derive(Debug, Clone)]
 pub struct VsockBackends {

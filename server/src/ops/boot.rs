@@ -6,7 +6,11 @@ use std::{path::PathBuf, time::Duration};
 use super::{Error, Ops, remove_file_quietly};
 use crate::{
     domain::{Image, ProcessHandle, Vm, VmHandles},
-    host::{HostError, vmm::LaunchSpec, vsock::VsockBackends},
+    host::{
+        HostError,
+        vmm::LaunchSpec,
+        vsock::{VsockBackends, VsockMode},
+    },
 };
 
 /// How long a guest may take from VMM launch until its agent answers.
@@ -81,6 +85,8 @@ impl Boot {
                     self.created_disk = true;
                 }
             }
+            // The kernel's vhost-vsock needs no host process: QEMU opens /dev/vhost-vsock itself.
+            BootStage::AgentChannel if ops.host.vsock_mode == VsockMode::Kernel => {}
             BootStage::AgentChannel => {
                 let backend = ops.host.vsock.start(self.vm.vsock_cid, &paths).await?;
                 self.handles.vsock_backend = Some(backend);

@@ -25,7 +25,14 @@ pub use exec_vm::ExecOutput;
 
 use crate::{
     domain::{Vm, VmHandles, VmId},
-    host::{agent::AgentClient, process::Processes, scratch, storage::Qcow2Overlays, vmm::Vmm, vsock::VsockBackends},
+    host::{
+        agent::AgentClient,
+        process::Processes,
+        scratch,
+        storage::Qcow2Overlays,
+        vmm::Vmm,
+        vsock::{VsockBackends, VsockMode},
+    },
     store::Store,
 };
 
@@ -46,7 +53,9 @@ pub struct OpsConfig {
 pub struct HostServices {
     /// The VMM.
     pub vmm: Arc<dyn Vmm>,
-    /// The user-space vsock backends.
+    /// How guests' vsock is reached: the kernel's vhost-vsock, or a user-space backend per VM.
+    pub vsock_mode: VsockMode,
+    /// The user-space vsock backends (used in [`VsockMode::UserSpace`]).
     pub vsock: VsockBackends,
     /// Root disks.
     pub disks: Qcow2Overlays,

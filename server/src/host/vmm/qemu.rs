@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use super::{LaunchSpec, Vmm, qmp::Qmp};
 use crate::{
     domain::{ProcessHandle, VmPaths},
-    host::{HostError, command, last_log_line, process::Processes},
+    host::{HostError, command, last_log_line, process::Processes, vsock::VsockMode},
 };
 
 /// Which accelerator QEMU uses.
@@ -22,6 +22,7 @@ pub enum Accel {
 pub struct QemuVmm {
     binary: PathBuf,
     accel: Accel,
+    vsock: VsockMode,
     processes: Processes,
     /// The host TSC frequency, passed as `tsc_early_khz` so a loaded host never hangs calibration.
     tsc_khz: Option<u64>,
@@ -35,9 +36,9 @@ fn host_tsc_khz() -> Option<u64> {
 }
 
 impl QemuVmm {
-    /// Uses `binary` (qemu-system-x86_64) with the given accelerator.
-    pub fn new(binary: PathBuf, accel: Accel, processes: Processes) -> Self {
-        Self { binary, accel, processes, tsc_khz: host_tsc_khz() }
+    /// Uses `binary` (qemu-system-x86_64) with the given accelerator and vsock device.
+    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode, processes: Processes) -> Self {
+        Self { binary, accel, vsock, processes, tsc_khz: host_tsc_khz() }
     }
 
     /// The command line for one VM; its api socket path identifies the process in `/proc`.
@@ -77,12 +78,15 @@ impl QemuVmm {
             "-device",
             "virtio-blk-device,drive=root",
         ]);
-        push(&[
-            "-chardev",
-            &format!("socket,id=vsock,path={}", paths.vhost_user_socket.display()),
-            "-device",
-            "vhost-user-vsock-device,chardev=vsock",
-        ]);
+        match self.vsock {
+            VsockMode::Kernel => push(&["-device", &format!("vhost-vsock-device,guest-cid={}", launch.vsock_cid)]),
+            VsockMode::UserSpace => push(&[
+                "-chardev",
+                &format!("socket,id=vsock,path={}", paths.vhost_user_socket.display()),
+                "-device",
+                "vhost-user-vsock-device,chardev=vsock",
+            ]),
+        }
         push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.api_socket.display())]);
         args
     }
@@ -139,5 +143,64 @@ impl Vmm for QemuVmm {
 
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
         Qmp::connect(&paths.api_socket).await?.execute("system_powerdown").await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::domain::{Image, ImageId, VmSpec};
+
+    fn args(vsock: VsockMode) -> Vec<String> {
+        let vmm = QemuVmm::new("qemu".into(), Accel::Tcg, vsock, Processes::default());
+        let image = Image {
+            id: ImageId::generate(),
+            name: "img".into(),
+            kernel_path: "/img/vmlinuz".into(),
+            initrd_path: Some("/img/initrd.img".into()),
+            rootfs_path: "/img/rootfs.ext4".into(),
+            kernel_args: "extra=1".into(),
+            rootfs_size_bytes: 0,
+            created_at_ms: 0,
+        };
+        let paths = VmPaths::new(Path::new("/state/vms/x"));
+        let launch = LaunchSpec {
+            name: "web",
+            paths: &paths,
+            spec: VmSpec { vcpus: 2, memory_mib: 384 },
+            image: &image,
+            vsock_cid: 7,
+        };
+        vmm.args(&launch).into_iter().map(|a| a.into_string().expect("utf-8")).collect()
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn the_command_line_names_the_api_socket_and_matches_memory_sizes() {
+        let args = args(VsockMode::UserSpace);
+        assert_eq!(after(&args, "-qmp"), ["unix:/state/vms/x/qmp.sock,server=on,wait=off"]);
+        assert_eq!(after(&args, "-m"), ["384M"]);
+        assert_eq!(after(&args, "-smp"), ["2"]);
+        // vhost-user maps guest memory: the memfd backend must be exactly as large.
+        assert_eq!(after(&args, "-object"), ["memory-backend-memfd,id=mem,size=384M,share=on"]);
+        let append = after(&args, "-append")[0];
+        assert!(append.contains("banger.hostname=web") && append.ends_with("extra=1"), "{append}");
+        assert_eq!(after(&args, "-serial"), ["file:/state/vms/x/console.log"]);
+        assert_eq!(after(&args, "-initrd"), ["/img/initrd.img"]);
+    }
+
+    #[test]
+    fn the_vsock_device_follows_the_host_mode() {
+        let user = args(VsockMode::UserSpace);
+        assert!(after(&user, "-device").contains(&"vhost-user-vsock-device,chardev=vsock"));
+        assert_eq!(after(&user, "-chardev"), ["socket,id=vsock,path=/state/vms/x/vhost-user.sock"]);
+        let kernel = args(VsockMode::Kernel);
+        assert!(after(&kernel, "-device").contains(&"vhost-vsock-device,guest-cid=7"));
+        assert!(after(&kernel, "-chardev").is_empty());
     }
 }
