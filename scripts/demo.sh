@@ -33,7 +33,7 @@ else
 	done
 fi
 
-echo "demo: banger vm run --rm --name demo -- sh -c '...'"
+echo "demo: banger vm run --rm --name demo-$$ -- sh -c '...'"
 start=$(date +%s.%N)
 "$BANGER" vm run --rm --name "demo-$$" -- sh -c \
 	'echo "hello from $(hostname), a banger microVM"; uname -srm; echo "uptime: $(cut -d" " -f1 /proc/uptime)s"; echo "vCPUs: $(nproc), memory: $(awk "/MemTotal/{print \$2}" /proc/meminfo) kB"'

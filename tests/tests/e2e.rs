@@ -88,6 +88,38 @@ fn bad_input_is_refused_with_field_violations_and_leaves_nothing() {
         let stderr = text(&out.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    // A kernel that passes the import check but cannot boot: the create fails at a boot
+    // stage, unwinds completely, and points at the VMM's log, which it kept.
+    let broken = daemon.dir.path().join("broken-vmlinuz");
+    let mut header = vec![0u8; 8192];
+    header[0x202..0x206].copy_from_slice(b"HdrS");
+    // Boot protocol 1.0, too old for an initramfs: QEMU refuses it and exits at once.
+    header[0x206..0x208].copy_from_slice(&0x0100u16.to_le_bytes());
+    std::fs::write(&broken, header).expect("broken kernel");
+    let rootfs = banger_tests::default_image_dir().join("rootfs.ext4");
+    let initrd = banger_tests::default_image_dir().join("initrd.img");
+    let out = daemon.banger(&[
+        "image",
+        "import",
+        "unbootable",
+        "--kernel",
+        &broken.display().to_string(),
+        "--rootfs",
+        &rootfs.display().to_string(),
+        "--initrd",
+        &initrd.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "create", "--name", "doomed", "--image", "unbootable"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("vm.create failed at stage vmm_"), "{stderr}");
+    assert!(stderr.contains("op: "), "{stderr}");
+    let inspect =
+        stderr.split("inspect ").nth(1).and_then(|rest| rest.split([':', '\n']).next()).expect("inspect path");
+    assert!(Path::new(inspect).is_file(), "the named log {inspect} was not kept: {stderr}");
+    assert!(daemon.banger(&["image", "delete", "unbootable"]).status.success());
+
     let out = daemon.banger(&["vm", "create", "--name", &"x".repeat(64)]);
     assert!(text(&out.stderr).contains("INVALID_ARGUMENT"), "{}", text(&out.stderr));
     let list = text(&daemon.banger(&["vm", "list"]).stdout);

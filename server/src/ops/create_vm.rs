@@ -169,7 +169,11 @@ impl Operation for CreateVmOp<'_> {
     }
 }
 
-/// Copies a failed VM's logs out of its directory before the directory is removed.
+/// How many failed creates keep their logs; older ones are pruned.
+const KEPT_FAILURES: usize = 20;
+
+/// Copies a failed VM's logs out of its directory before the directory is removed, and
+/// prunes the logs of all but the latest [`KEPT_FAILURES`] failed creates.
 fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
     let paths = vm.paths();
     let logs = [&paths.console_log, &paths.vmm_log, &paths.vsock_backend_log];
@@ -179,6 +183,15 @@ fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
                 let _ = std::fs::copy(log, failed_dir.join(file));
             }
         }
+    }
+    let Some(all_failures) = failed_dir.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(all_failures) else { return };
+    let mut kept: Vec<(std::time::SystemTime, PathBuf)> =
+        entries.flatten().filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+    kept.sort();
+    let excess = kept.len().saturating_sub(KEPT_FAILURES);
+    for (_, old) in kept.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(old);
     }
 }
 
