@@ -18,6 +18,7 @@ const EXIT_TIMED_OUT: u8 = 124;
 #[derive(Debug)]
 enum Failure {
     Connect(banger_client::ClientError),
+    Autostart(String),
     Status(Status),
 }
 
@@ -36,21 +37,40 @@ impl From<banger_client::ClientError> for Failure {
     }
 }
 
+/// Connects to the daemon, starting it first when allowed and nobody serves the socket.
+async fn connect(target: &Target, autostart: bool) -> Result<Client, Failure> {
+    match Client::connect(target).await {
+        Ok(client) => Ok(client),
+        Err(err) if autostart && crate::autostart::nobody_serving(&err) => match target {
+            Target::Unix(socket) => crate::autostart::start_daemon(socket).await.map_err(Failure::Autostart),
+            Target::Endpoint(_) => Err(err.into()),
+        },
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// Runs one command and returns the process's exit code.
-pub async fn run(target: Target, command: Command) -> ExitCode {
-    let (result, error_exit) = match command {
-        Command::Vm(VmCommand::Exec { vm, process }) => (exec(&target, vm, process).await, EXIT_BANGER_ERROR),
-        Command::Vm(VmCommand::Run { shape, rm, process }) => {
-            (vm_run(&target, shape, rm, process).await, EXIT_BANGER_ERROR)
-        }
-        Command::Vm(vm) => (vm_command(&target, vm).await.map(|()| ExitCode::SUCCESS), 1),
-        Command::Image(image) => (image_command(&target, image).await.map(|()| ExitCode::SUCCESS), 1),
+pub async fn run(target: Target, autostart: bool, command: Command) -> ExitCode {
+    let client = connect(&target, autostart).await;
+    let error_exit = match command {
+        Command::Vm(VmCommand::Exec { .. } | VmCommand::Run { .. }) => EXIT_BANGER_ERROR,
+        _ => 1,
+    };
+    let result = match client {
+        Err(failure) => Err(failure),
+        Ok(client) => match command {
+            Command::Vm(VmCommand::Exec { vm, process }) => exec(client, vm, process).await,
+            Command::Vm(VmCommand::Run { shape, rm, process }) => vm_run(client, shape, rm, process).await,
+            Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
+            Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
+        },
     };
     match result {
         Ok(code) => code,
         Err(failure) => {
             match failure {
                 Failure::Connect(err) => output::print_connect_error(&target, &err),
+                Failure::Autostart(message) => eprintln!("banger: UNAVAILABLE: could not start bangerd: {message}"),
                 Failure::Status(status) => output::print_status(&status),
             }
             ExitCode::from(error_exit)
@@ -68,8 +88,7 @@ fn create_request(shape: VmShape, no_start: bool) -> pb::CreateVmRequest {
     }
 }
 
-async fn vm_command(target: &Target, command: VmCommand) -> Result<(), Failure> {
-    let mut client = Client::connect(target).await?;
+async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failure> {
     match command {
         VmCommand::Create { shape, no_start } => {
             let response = client.vms.create_vm(create_request(shape, no_start)).await?;
@@ -106,8 +125,7 @@ async fn vm_command(target: &Target, command: VmCommand) -> Result<(), Failure> 
     Ok(())
 }
 
-async fn image_command(target: &Target, command: ImageCommand) -> Result<(), Failure> {
-    let mut client = Client::connect(target).await?;
+async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), Failure> {
     match command {
         ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args } => {
             let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
@@ -196,13 +214,11 @@ async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Resul
     Err(Failure::Status(Status::unavailable("the exec stream ended without an exit status")))
 }
 
-async fn exec(target: &Target, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
-    let mut client = Client::connect(target).await?;
+async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
     exec_in(&mut client, vm, process).await
 }
 
-async fn vm_run(target: &Target, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
-    let mut client = Client::connect(target).await?;
+async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
     let vm = client.vms.create_vm(create_request(shape, false)).await?.into_inner().vm.unwrap_or_default();
     let result = exec_in(&mut client, vm.id.clone(), process).await;
     if rm && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone() }).await {

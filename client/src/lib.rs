@@ -82,6 +82,8 @@ pub struct Client {
     pub vms: pb::vm_service_client::VmServiceClient<Channel>,
     /// `banger.v1.ImageService`.
     pub images: pb::image_service_client::ImageServiceClient<Channel>,
+    /// `grpc.health.v1.Health`.
+    pub health: tonic_health::pb::health_client::HealthClient<Channel>,
 }
 
 impl Client {
@@ -101,9 +103,18 @@ impl Client {
     /// A client over an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
+            health: tonic_health::pb::health_client::HealthClient::new(channel.clone()),
             vms: pb::vm_service_client::VmServiceClient::new(channel.clone()),
             images: pb::image_service_client::ImageServiceClient::new(channel),
         }
+    }
+
+    /// True when the daemon's health service reports SERVING.
+    pub async fn serving(&self) -> bool {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        self.health.clone().check(request).await.is_ok_and(|response| {
+            response.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving
+        })
     }
 
     /// Runs a process in a VM. `stdin` (when `start.stdin` is set) is sent as it comes,

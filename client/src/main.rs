@@ -1,17 +1,22 @@
 //! `banger`: the command-line client of bangerd.
 
+mod autostart;
 mod commands;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use banger_client::{DEFAULT_SOCKET, Target};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
 /// Manage the microVMs and images of a bangerd host.
 ///
 /// Talks to bangerd over its unix socket (default /run/banger/bangerd.sock) or, with
-/// --endpoint, over TCP. Errors print the gRPC code, the message and the operation id.
+/// --endpoint, over TCP. When the socket comes from the default or BANGER_SOCKET and nothing
+/// answers, banger starts bangerd itself (next to the banger binary, else from PATH) and
+/// waits until it is healthy; --no-autostart or BANGER_NO_AUTOSTART=1 turn that off, and an
+/// explicit --socket or --endpoint never autostarts. Errors print the gRPC code, the message
+/// and the operation id.
 #[derive(Debug, Parser)]
 #[command(name = "banger", version, propagate_version = true)]
 struct Cli {
@@ -21,6 +26,9 @@ struct Cli {
     /// The daemon's TCP endpoint, e.g. http://127.0.0.1:7070.
     #[arg(long, global = true, env = "BANGER_ENDPOINT", value_name = "URL")]
     endpoint: Option<String>,
+    /// Never start bangerd when it does not answer.
+    #[arg(long, global = true, env = "BANGER_NO_AUTOSTART", value_parser = clap::builder::BoolishValueParser::new())]
+    no_autostart: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,12 +176,18 @@ enum ImageCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let socket_given = matches.value_source("socket") == Some(ValueSource::CommandLine);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     let target = match (cli.endpoint, cli.socket) {
         (Some(endpoint), _) => Target::Endpoint(endpoint),
         (None, Some(socket)) => Target::Unix(socket),
         (None, None) => Target::Unix(PathBuf::from(DEFAULT_SOCKET)),
     };
+    let autostart = !cli.no_autostart && !socket_given && matches!(target, Target::Unix(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -181,5 +195,5 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(commands::run(target, cli.command))
+    runtime.block_on(commands::run(target, autostart, cli.command))
 }

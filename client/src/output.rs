@@ -126,7 +126,10 @@ pub fn print_connect_error(target: &Target, err: &ClientError) {
     let mut message = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!(": {text}"));
+        }
         source = cause.source();
     }
     eprintln!("banger: UNAVAILABLE: {message}");

@@ -66,6 +66,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
 /// Serves the API on `listeners` until `shutdown` completes. VMs keep running afterwards.
 pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let routes = api::routes(ops.clone()).await.context("build reflection service")?;
+    let resync = tokio::spawn(resync_periodically(ops.clone()));
     let router = tonic::transport::Server::builder().add_routes(routes);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -90,8 +91,26 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
             servers.await.context("serve api")?;
         }
     }
+    resync.abort();
     ops.store().close().await;
     Ok(())
+}
+
+/// How often records are reconciled with the host while the daemon runs.
+const RESYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs the startup reconcile again every [`RESYNC_PERIOD`]: VMMs that died, orphans left by
+/// anything outside the daemon's control.
+async fn resync_periodically(ops: Arc<Ops>) {
+    let mut tick = tokio::time::interval(RESYNC_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(err) = ops.recover().await {
+            tracing::warn!(error = err.chain(), "periodic resync failed");
+        }
+    }
 }
 
 /// Binds the unix socket (mode 0660), refusing to take over one another daemon serves.

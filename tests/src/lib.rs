@@ -81,6 +81,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// Extra flags the daemon was started with.
     args: Vec<String>,
+    /// Extra environment of the daemon (changed with [`Daemon::set_env`]).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -89,9 +91,25 @@ impl Daemon {
     pub fn start(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
-        let mut daemon = Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), child: None };
+        let mut daemon =
+            Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env: Vec::new(), child: None };
         daemon.restart();
         daemon
+    }
+
+    /// Starts bangerd with extra environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
+        let socket = dir.path().join("bangerd.sock");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut daemon = Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env, child: None };
+        daemon.restart();
+        daemon
+    }
+
+    /// Replaces the environment the next [`Daemon::restart`] uses.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     }
 
     /// The state directory.
@@ -121,12 +139,18 @@ impl Daemon {
             .arg("--default-image-dir")
             .arg(default_image_dir())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn bangerd");
         self.child = Some(child);
+        self.wait_serving();
+    }
+
+    /// Waits until the daemon answers (up to 20 s).
+    pub fn wait_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.banger(&["vm", "list"]).status.success() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -146,6 +170,51 @@ impl Daemon {
     pub fn signal(&mut self, signal: Signal) {
         if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs the CLI the way a user on this host would: no `--socket` flag, the socket from
+    /// `BANGER_SOCKET`, so that it starts the daemon itself when none answers. The daemon it
+    /// starts inherits the state and image directories through the environment.
+    pub fn banger_autostart(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("banger"))
+            .args(args)
+            .env("BANGER_SOCKET", &self.socket)
+            .env("BANGER_STATE_DIR", self.state_dir())
+            .env("BANGER_DEFAULT_IMAGE_DIR", default_image_dir())
+            .env_remove("BANGER_NO_AUTOSTART")
+            .env_remove("BANGER_ENDPOINT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("banger")
+    }
+
+    /// Starts the CLI in the background (for commands a test interrupts).
+    pub fn banger_spawn(&self, args: &[&str]) -> Child {
+        Command::new(bin_dir().join("banger"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn banger")
+    }
+
+    /// Waits until the daemon's log holds `needle` (up to `timeout`).
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in the log within {timeout:?}: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Forgets the daemon process without signalling it (after something else killed it).
+    pub fn forget_child(&mut self) {
+        if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
     }

@@ -68,6 +68,23 @@ impl Processes {
         }
     }
 
+    /// Every live process with its command line, read once; for scans over many VMs.
+    pub fn table(&self) -> ProcessTable {
+        let mut entries = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(&self.proc_root) {
+            for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+                let Ok(raw) = std::fs::read(self.proc_root.join(pid.to_string()).join("cmdline")) else { continue };
+                let Some(stat) = read_stat(&self.proc_root, pid) else { continue };
+                if stat.state == 'Z' || raw.is_empty() {
+                    continue;
+                }
+                let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+                entries.push((ProcessHandle { pid, start_time: stat.start_time }, cmdline));
+            }
+        }
+        ProcessTable { entries }
+    }
+
     /// Finds a live process whose command line names `marker`.
     pub fn find_by_marker(&self, marker: &Path) -> Option<ProcessHandle> {
         let entries = std::fs::read_dir(&self.proc_root).ok()?;
@@ -109,6 +126,25 @@ impl Processes {
     }
 }
 
+/// A snapshot of the host's processes and their command lines.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessTable {
+    entries: Vec<(ProcessHandle, String)>,
+}
+
+impl ProcessTable {
+    /// The first process whose command line mentions `marker`.
+    pub fn find(&self, marker: &Path) -> Option<ProcessHandle> {
+        let marker = marker.to_string_lossy();
+        self.entries.iter().find(|(_, cmdline)| cmdline.contains(marker.as_ref())).map(|(handle, _)| *handle)
+    }
+
+    /// Every process whose command line mentions `needle`, with its command line.
+    pub fn mentioning<'a>(&'a self, needle: &'a str) -> impl Iterator<Item = &'a (ProcessHandle, String)> + 'a {
+        self.entries.iter().filter(move |(_, cmdline)| cmdline.contains(needle))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +173,7 @@ mod tests {
         let processes = Processes::default();
         assert!(processes.alive(&handle, &marker));
         assert_eq!(processes.find_by_marker(&marker), Some(handle));
+        assert_eq!(processes.table().find(&marker), Some(handle));
         processes.terminate(&handle, &marker, Duration::from_secs(2)).await;
         assert!(!processes.alive(&handle, &marker));
     }

@@ -131,15 +131,17 @@ impl Ops {
         scratch::read_handles(&vm.paths().handles)
     }
 
-    /// Records handles: scratch file first, so that a crash never loses a process.
+    /// Records handles: scratch file first, so that a crash never loses a process. The cache
+    /// lock is held across both writes so that memory and file never disagree.
     fn set_handles(&self, vm: &Vm, handles: VmHandles) -> Result<(), Error> {
         let path = vm.paths().handles;
+        let mut cache = lock(&self.handles);
         if handles.is_empty() {
             scratch::remove_handles(&path);
-            lock(&self.handles).remove(&vm.id);
+            cache.remove(&vm.id);
         } else {
             scratch::write_handles(&path, &handles)?;
-            lock(&self.handles).insert(vm.id, handles);
+            cache.insert(vm.id, handles);
         }
         Ok(())
     }

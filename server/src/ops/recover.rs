@@ -1,63 +1,326 @@
-//! Reconciling records with the host: at startup (adopt live VMMs, clean up after dead
-//! ones, roll back interrupted boots) and lazily whenever a VM is read.
+//! Reconciling records with the host: at startup and periodically (adopt live VMMs, clean
+//! up after dead ones, roll back interrupted boots, remove orphans), and lazily whenever a
+//! VM is read or acted on.
+//!
+//! | recorded state      | VMM found (by `/proc`, else `handles.json`) | outcome                                  |
+//! |---------------------|---------------------------------------------|------------------------------------------|
+//! | running             | alive                                       | adopted: handles cached and rewritten    |
+//! | running             | dead                                        | runtime released; stopped, with a reason |
+//! | starting            | any                                         | runtime released; error (interrupted)    |
+//! | stopping            | any                                         | runtime released; stopped                |
+//! | created/stopped/error | -                                         | nothing to do                            |
+//! | (no record)         | VM dir or process under the state dir        | orphan: processes killed, dir removed    |
+
+use std::collections::HashSet;
 
 use super::{Error, Ops};
 use crate::{
-    domain::{Transition, Vm, VmState},
+    domain::{Transition, Vm, VmHandles, VmId, VmState},
+    host::{process::ProcessTable, scratch},
     store::VmUpdate,
 };
 
 impl Ops {
-    /// Startup reconcile: every VM that may have a VMM is adopted if it runs, else its
-    /// runtime is released and its state corrected. Idempotent.
+    /// Full reconcile: every VM that may have a VMM, then orphans. Idempotent: a second run
+    /// changes nothing.
     pub async fn recover(&self) -> Result<(), Error> {
-        for vm in self.store.vm_list().await? {
+        let table = self.host.processes.table();
+        let vms = self.store.vm_list().await?;
+        for vm in &vms {
             let lock = self.vm_lock(vm.id);
             let _guard = lock.lock().await;
-            self.reconcile(vm).await?;
+            let vm = self.store.vm_get(&vm.id.to_string()).await?;
+            self.reconcile(vm, &table).await?;
         }
+        self.remove_orphans(vms.iter().map(|vm| vm.id).collect(), &table).await?;
         Ok(())
     }
 
-    /// Reconciles one VM if no operation holds it; returns the current record.
+    /// What the host shows about a VM: processes found in `/proc` by the sockets only this
+    /// VM uses come first; the scratch file fills in what `/proc` cannot show, including the
+    /// handles of processes that died (so their kernel-level leftovers can be torn down).
+    pub fn rediscover_handles(&self, vm: &Vm, table: &ProcessTable) -> VmHandles {
+        let paths = vm.paths();
+        let scratch = scratch::read_handles(&paths.handles);
+        VmHandles {
+            vmm: table.find(&paths.api_socket).or(scratch.vmm),
+            vsock_backend: table.find(&paths.vhost_user_socket).or(scratch.vsock_backend),
+        }
+    }
+
+    /// Reconciles one VM if no operation holds it and its VMM is not known alive; returns
+    /// the current record. Cheap when the cached VMM is alive.
     pub(super) async fn refresh(&self, vm: Vm) -> Result<Vm, Error> {
+        if !vm.observed_state.may_have_vmm() || (vm.observed_state == VmState::Running && self.vm_alive(&vm)) {
+            return Ok(vm);
+        }
         let lock = self.vm_lock(vm.id);
         let Ok(_guard) = lock.try_lock() else { return Ok(vm) };
         let vm = self.store.vm_get(&vm.id.to_string()).await?;
-        self.reconcile(vm).await
+        self.reconcile(vm, &self.host.processes.table()).await
     }
 
     /// Like [`Ops::refresh`], for a caller that already holds the VM's lock.
     pub(super) async fn refresh_locked(&self, vm: Vm) -> Result<Vm, Error> {
-        self.reconcile(vm).await
+        if !vm.observed_state.may_have_vmm() || (vm.observed_state == VmState::Running && self.vm_alive(&vm)) {
+            return Ok(vm);
+        }
+        self.reconcile(vm, &self.host.processes.table()).await
     }
 
-    async fn reconcile(&self, vm: Vm) -> Result<Vm, Error> {
+    async fn reconcile(&self, vm: Vm, table: &ProcessTable) -> Result<Vm, Error> {
         let state = vm.observed_state;
         if !state.may_have_vmm() {
             return Ok(vm);
         }
-        let alive = self.vm_alive(&vm);
+        let handles = self.rediscover_handles(&vm, table);
+        let paths = vm.paths();
+        let alive = handles.vmm.is_some_and(|vmm| self.host.processes.alive(&vmm, &paths.api_socket));
         let (next, reason) = match (state, alive) {
             (VmState::Running, true) => {
-                // Adopt: seed the cache from the scratch file.
-                let handles = self.handles(&vm);
+                // Adopt: the scratch file and the cache now say what /proc says.
                 self.set_handles(&vm, handles)?;
                 return Ok(vm);
             }
-            (VmState::Running, false) => {
-                (VmState::Stopped, format!("vmm exited on its own; inspect {}", vm.paths().console_log.display()))
-            }
-            // A boot or stop that no operation drives any more was interrupted by a daemon crash.
+            (VmState::Running, false) => (
+                VmState::Stopped,
+                format!("vmm exited without a stop request; inspect {}", paths.console_log.display()),
+            ),
+            // No operation drives this boot any more: bangerd died during it.
             (VmState::Starting, _) => (
                 state.apply(Transition::Died).unwrap_or(VmState::Error),
-                "start interrupted by a daemon restart".to_owned(),
+                "start interrupted: bangerd exited during the operation".to_owned(),
             ),
             (_, _) => (VmState::Stopped, String::new()),
         };
+        // Tear down what the rediscovered handles name, whatever runs or not.
+        self.set_handles(&vm, handles)?;
         self.release_runtime(&vm).await?;
-        tracing::info!(vm_id = %vm.id, vm_name = %vm.name, from = state.as_str(), to = next.as_str(), reason, "vm reconciled");
+        tracing::info!(
+            vm_id = %vm.id,
+            vm_name = %vm.name,
+            from = state.as_str(),
+            to = next.as_str(),
+            reason,
+            "vm reconciled"
+        );
         let update = VmUpdate { observed_state: Some(next), last_error: Some(reason), ..Default::default() };
         Ok(self.store.vm_update(&vm, update).await?)
+    }
+
+    /// Removes what belongs to no record: VM directories and processes that name a path
+    /// under the VMs directory. A VM an operation holds (e.g. being created) is skipped.
+    async fn remove_orphans(&self, known: HashSet<VmId>, table: &ProcessTable) -> Result<(), Error> {
+        let vms_dir = self.vms_dir();
+        let mut candidates: HashSet<VmId> = HashSet::new();
+        if let Ok(entries) = std::fs::read_dir(&vms_dir) {
+            candidates.extend(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<VmId>().ok()));
+        }
+        let prefix = format!("{}/", vms_dir.display());
+        for (_, cmdline) in table.mentioning(&prefix) {
+            for part in cmdline.split(&prefix).skip(1) {
+                if let Some(id) = part.get(..26).and_then(|id| id.parse::<VmId>().ok()) {
+                    candidates.insert(id);
+                }
+            }
+        }
+        for id in candidates.into_iter().filter(|id| !known.contains(id)) {
+            let lock = self.vm_lock(id);
+            let Ok(_guard) = lock.try_lock() else { continue };
+            if self.store.vm_get(&id.to_string()).await.is_ok() {
+                continue;
+            }
+            let dir = vms_dir.join(id.to_string());
+            let marker = format!("{}/", dir.display());
+            for (process, cmdline) in table.mentioning(&marker) {
+                tracing::warn!(vm_id = %id, pid = process.pid, cmdline, "killing orphan process");
+                self.host.processes.terminate(process, &dir, std::time::Duration::from_secs(1)).await;
+            }
+            if dir.exists() {
+                tracing::warn!(vm_id = %id, dir = %dir.display(), "removing orphan vm dir");
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            self.forget_vm(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, sync::Arc};
+
+    use super::*;
+    use crate::{
+        domain::{Image, ImageId, ProcessHandle, VmSpec},
+        host::{
+            process::Processes,
+            storage::Qcow2Overlays,
+            vmm::{Accel, QemuVmm},
+            vsock::{VsockBackends, VsockMode},
+        },
+        ops::{HostServices, OpsConfig},
+        store::{NewVmRecord, Store},
+    };
+
+    /// Ops over a real SQLite file and a fake `/proc` tree the test writes.
+    async fn ops_with_fake_proc() -> (Arc<Ops>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+        let store = Store::open(&dir.path().join("banger.db")).await.expect("store");
+        let processes = Processes::with_root(dir.path().join("proc"));
+        let host = HostServices {
+            vmm: Arc::new(QemuVmm::new(
+                "/nonexistent/qemu".into(),
+                Accel::Tcg,
+                VsockMode::UserSpace,
+                processes.clone(),
+            )),
+            vsock_mode: VsockMode::UserSpace,
+            vsock: VsockBackends::new("/nonexistent/vhost-device-vsock".into(), processes.clone()),
+            disks: Qcow2Overlays::new("/nonexistent/qemu-img".into()),
+            processes,
+        };
+        let config = OpsConfig {
+            state_dir: dir.path().join("state"),
+            default_image: "default".into(),
+            default_image_dir: dir.path().join("none"),
+        };
+        (Arc::new(Ops::new(store, config, host)), dir)
+    }
+
+    /// Writes `/proc/<pid>/{stat,cmdline}` into the fake tree.
+    fn fake_process(root: &Path, pid: u32, start_time: u64, cmdline: &[&str]) {
+        let dir = root.join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&dir).expect("pid dir");
+        let mut stat = format!("{pid} (fake proc) S 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 ");
+        stat.push_str(&format!("{start_time} 1000 100"));
+        std::fs::write(dir.join("stat"), stat).expect("stat");
+        std::fs::write(dir.join("cmdline"), cmdline.join("\0") + "\0").expect("cmdline");
+    }
+
+    async fn running_vm(ops: &Ops, name: &str) -> Vm {
+        let image = Image {
+            id: ImageId::generate(),
+            name: format!("img-{name}"),
+            kernel_path: "/k".into(),
+            initrd_path: None,
+            rootfs_path: "/r".into(),
+            kernel_args: String::new(),
+            rootfs_size_bytes: 0,
+            created_at_ms: 0,
+        };
+        ops.store.image_insert(&image).await.expect("image");
+        let id = VmId::generate();
+        let dir = ops.vms_dir().join(id.to_string());
+        std::fs::create_dir_all(&dir).expect("vm dir");
+        ops.store
+            .vm_insert(NewVmRecord {
+                id,
+                name,
+                image_id: image.id,
+                spec: VmSpec { vcpus: 1, memory_mib: 256 },
+                desired_state: VmState::Running,
+                observed_state: VmState::Running,
+                vm_dir: &dir,
+                last_operation: "op",
+            })
+            .await
+            .expect("vm")
+    }
+
+    fn qmp_arg(vm: &Vm) -> String {
+        format!("unix:{},server=on,wait=off", vm.paths().api_socket.display())
+    }
+
+    #[tokio::test]
+    async fn rediscovery_prefers_proc_over_the_scratch_file() {
+        let (ops, dir) = ops_with_fake_proc().await;
+        let vm = running_vm(&ops, "web").await;
+        let stale = ProcessHandle { pid: 100, start_time: 5 };
+        scratch::write_handles(&vm.paths().handles, &VmHandles { vmm: Some(stale), vsock_backend: None })
+            .expect("scratch");
+        fake_process(dir.path(), 200, 7, &["qemu-system-x86_64", "-qmp", &qmp_arg(&vm)]);
+        let handles = ops.rediscover_handles(&vm, &ops.host.processes.table());
+        assert_eq!(handles.vmm, Some(ProcessHandle { pid: 200, start_time: 7 }));
+    }
+
+    #[tokio::test]
+    async fn rediscovery_returns_the_scratch_contents_of_a_dead_process() {
+        let (ops, _dir) = ops_with_fake_proc().await;
+        let vm = running_vm(&ops, "web").await;
+        let dead = VmHandles {
+            vmm: Some(ProcessHandle { pid: 100, start_time: 5 }),
+            vsock_backend: Some(ProcessHandle { pid: 101, start_time: 5 }),
+        };
+        scratch::write_handles(&vm.paths().handles, &dead).expect("scratch");
+        assert_eq!(ops.rediscover_handles(&vm, &ops.host.processes.table()), dead);
+    }
+
+    #[tokio::test]
+    async fn a_vm_whose_scratch_file_is_gone_is_adopted_through_proc() {
+        let (ops, dir) = ops_with_fake_proc().await;
+        let vm = running_vm(&ops, "web").await;
+        fake_process(dir.path(), 300, 11, &["qemu-system-x86_64", "-qmp", &qmp_arg(&vm)]);
+        ops.recover().await.expect("recover");
+        let after = ops.store.vm_get("web").await.expect("vm");
+        assert_eq!(after.observed_state, VmState::Running);
+        assert_eq!(ops.handles(&after).vmm, Some(ProcessHandle { pid: 300, start_time: 11 }));
+        assert_eq!(scratch::read_handles(&vm.paths().handles).vmm.map(|h| h.pid), Some(300), "scratch rewritten");
+        // Idempotent: a second pass changes nothing.
+        ops.recover().await.expect("recover again");
+        assert_eq!(ops.store.vm_get("web").await.expect("vm").generation, after.generation);
+    }
+
+    #[tokio::test]
+    async fn a_recycled_pid_is_never_adopted() {
+        let (ops, dir) = ops_with_fake_proc().await;
+        let vm = running_vm(&ops, "web").await;
+        let recorded = ProcessHandle { pid: 400, start_time: 5 };
+        scratch::write_handles(&vm.paths().handles, &VmHandles { vmm: Some(recorded), vsock_backend: None })
+            .expect("scratch");
+        // Same PID, another program; then same PID and program but another start time.
+        fake_process(dir.path(), 400, 5, &["sleep", "1000"]);
+        assert!(!ops.vm_alive(&vm));
+        fake_process(dir.path(), 400, 6, &["qemu-system-x86_64", "-qmp", &qmp_arg(&vm)]);
+        assert!(!ops.host.processes.alive(&recorded, &vm.paths().api_socket));
+        std::fs::remove_dir_all(dir.path().join("proc/400")).expect("rm");
+        fake_process(dir.path(), 400, 5, &["sleep", "1000"]);
+        ops.recover().await.expect("recover");
+        let after = ops.store.vm_get("web").await.expect("vm");
+        assert_eq!(after.observed_state, VmState::Stopped);
+        assert!(after.last_error.contains("vmm exited"), "{}", after.last_error);
+        assert!(!vm.paths().handles.exists(), "scratch cleared");
+    }
+
+    #[tokio::test]
+    async fn orphan_vm_dirs_are_removed_and_recorded_ones_kept() {
+        let (ops, _dir) = ops_with_fake_proc().await;
+        let vm = running_vm(&ops, "web").await;
+        let orphan = ops.vms_dir().join(VmId::generate().to_string());
+        std::fs::create_dir_all(&orphan).expect("orphan");
+        ops.recover().await.expect("recover");
+        assert!(!orphan.exists());
+        assert!(vm.vm_dir.exists());
+    }
+
+    #[tokio::test]
+    async fn the_handle_cache_is_consistent_under_concurrent_access() {
+        let (ops, _dir) = ops_with_fake_proc().await;
+        let vm = running_vm(&ops, "web").await;
+        let mut tasks = Vec::new();
+        for pid in 1..=32u32 {
+            let (ops, vm) = (ops.clone(), vm.clone());
+            tasks.push(tokio::spawn(async move {
+                let handles = VmHandles { vmm: Some(ProcessHandle { pid, start_time: 1 }), vsock_backend: None };
+                ops.set_handles(&vm, handles.clone()).expect("set");
+                ops.handles(&vm)
+            }));
+        }
+        for task in tasks {
+            assert!(task.await.expect("join").vmm.is_some());
+        }
+        // Whatever write won, memory and the scratch file agree.
+        assert_eq!(ops.handles(&vm), scratch::read_handles(&vm.paths().handles));
     }
 }

@@ -51,6 +51,19 @@ pub trait Operation: Send {
     }
 }
 
+/// Debug builds only: with `BANGER_DEBUG_PAUSE_AT=<operation>:<stage>` (e.g.
+/// `vm.create:vmm_boot`) the runner logs `operation paused` and waits forever before that
+/// stage, so crash tests can kill the daemon at a known point. Release builds ignore it.
+async fn debug_pause(op_id: OpId, operation: &str, stage: &str) {
+    if cfg!(debug_assertions)
+        && let Ok(at) = std::env::var("BANGER_DEBUG_PAUSE_AT")
+        && at.split_once(':') == Some((operation, stage))
+    {
+        tracing::warn!(op_id = %op_id, operation, stage, "operation paused");
+        std::future::pending::<()>().await;
+    }
+}
+
 fn millis(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
@@ -71,6 +84,7 @@ pub async fn run<O: Operation>(op_id: OpId, op: &mut O) -> Result<(), Error> {
     let mut last_stage_end = started;
     let mut done = Vec::new();
     for stage in op.stages() {
+        debug_pause(op_id, O::NAME, O::stage_name(stage)).await;
         let result = op.apply(stage).await;
         let subject = op.subject();
         match result {
