@@ -18,7 +18,8 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use crate::{
     config::Config,
     host::{
-        process::Processes,
+        agent_channel::VsockAgentChannels,
+        process::ProcFs,
         storage::Qcow2Overlays,
         vmm::QemuVmm,
         vsock::{VsockBackends, VsockMode},
@@ -43,15 +44,15 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     let store = Store::open(&config.state_dir.join("banger.db"))
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
-    let processes = Processes::default();
+    let processes = ProcFs::default();
     let vsock_mode = VsockMode::detect();
     tracing::info!(vsock = ?vsock_mode, accel = ?config.accel, "host capabilities");
+    let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
     let host = HostServices {
         vmm: Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone())),
-        vsock_mode,
-        vsock: VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone()),
-        disks: Qcow2Overlays::new(config.qemu_img_binary.clone()),
-        processes,
+        disks: Arc::new(Qcow2Overlays::new(config.qemu_img_binary.clone())),
+        agents: Arc::new(VsockAgentChannels::new(vsock_mode, backends)),
+        processes: Arc::new(processes),
     };
     let ops_config = OpsConfig {
         state_dir: config.state_dir.clone(),

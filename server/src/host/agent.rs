@@ -337,11 +337,17 @@ impl AgentClient {
     /// as long as the process does. Dropping the stream (or ending `requests` with an error)
     /// makes the agent kill the process group.
     pub async fn exec(
-        &self,
+        self,
         requests: impl tokio_stream::Stream<Item = ExecRequest> + Send + 'static,
     ) -> Result<tonic::Streaming<ExecResponse>, AgentError> {
-        let mut client = self.client.clone();
-        unary("Exec", CALL_TIMEOUT, client.exec(requests)).await
+        // Takes the client by value: a borrowed one makes the returned future's Send bound
+        // depend on a lifetime that trait objects cannot name.
+        let mut client = self.client;
+        match tokio::time::timeout(CALL_TIMEOUT, client.exec(requests)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(AgentError::Rpc { call: "Exec", status }),
+            Err(_elapsed) => Err(AgentError::Timeout { call: "Exec", after: CALL_TIMEOUT }),
+        }
     }
 
     /// Asks the guest to sync and power off. The agent answers before it powers off, so success
@@ -603,7 +609,7 @@ mod tests {
         assert_eq!(ready.uptime_seconds, 1.5);
 
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut output = client.exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("exec starts");
+        let mut output = client.clone().exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("exec starts");
         let stdin = ExecRequest { payload: Some(exec_request::Payload::Stdin(b"ping".to_vec())) };
         tx.send(stdin).await.expect("send stdin");
         let echoed = output.message().await.expect("stream").expect("a message");

@@ -3,6 +3,7 @@
 //! Nothing outside this module spawns a process or reads `/proc` or `/dev`.
 
 pub mod agent;
+pub mod agent_channel;
 pub mod command;
 pub mod exec;
 pub mod process;

@@ -39,33 +39,45 @@ pub fn cmdline_mentions(proc_root: &Path, pid: u32, needle: &Path) -> bool {
     raw.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle.as_ref()))
 }
 
+/// What the host offers about processes: liveness, discovery and termination. The one
+/// place that decides whether a process runs.
+#[tonic::async_trait]
+pub trait Processes: Send + Sync + std::fmt::Debug {
+    /// The process named by `handle` runs, is the same process (start time), and its command
+    /// line names `marker`.
+    fn alive(&self, handle: &ProcessHandle, marker: &Path) -> bool;
+
+    /// A snapshot of every live process and its command line.
+    fn table(&self) -> ProcessTable;
+
+    /// A live process whose command line names `marker`.
+    fn find_by_marker(&self, marker: &Path) -> Option<ProcessHandle> {
+        self.table().find(marker)
+    }
+
+    /// Waits up to `timeout` for the process to be gone; true when it is.
+    async fn wait_gone(&self, handle: &ProcessHandle, marker: &Path, timeout: Duration) -> bool;
+
+    /// SIGTERM, up to `grace`, then SIGKILL; only while the handle still names the process.
+    async fn terminate(&self, handle: &ProcessHandle, marker: &Path, grace: Duration);
+}
+
 /// Reads processes from a `/proc` tree (injected so tests can point it elsewhere).
 #[derive(Debug, Clone)]
-pub struct Processes {
+pub struct ProcFs {
     proc_root: PathBuf,
 }
 
-impl Default for Processes {
+impl Default for ProcFs {
     fn default() -> Self {
         Self { proc_root: PathBuf::from("/proc") }
     }
 }
 
-impl Processes {
+impl ProcFs {
     /// Reads from `proc_root` instead of `/proc`.
     pub fn with_root(proc_root: PathBuf) -> Self {
         Self { proc_root }
-    }
-
-    /// The single liveness check: the PID exists, is not a zombie, started when the handle
-    /// says, and its command line names `marker` (a socket path only this VM's process uses).
-    pub fn alive(&self, handle: &ProcessHandle, marker: &Path) -> bool {
-        match read_stat(&self.proc_root, handle.pid) {
-            Some(stat) if stat.state != 'Z' && stat.start_time == handle.start_time => {
-                cmdline_mentions(&self.proc_root, handle.pid, marker)
-            }
-            _ => false,
-        }
     }
 
     /// Every live process with its command line, read once; for scans over many VMs.
@@ -96,9 +108,31 @@ impl Processes {
                 (stat.state != 'Z').then_some(ProcessHandle { pid, start_time: stat.start_time })
             })
     }
+}
+
+#[tonic::async_trait]
+impl Processes for ProcFs {
+    /// The single liveness check: the PID exists, is not a zombie, started when the handle
+    /// says, and its command line names `marker` (a socket path only this VM's process uses).
+    fn alive(&self, handle: &ProcessHandle, marker: &Path) -> bool {
+        match read_stat(&self.proc_root, handle.pid) {
+            Some(stat) if stat.state != 'Z' && stat.start_time == handle.start_time => {
+                cmdline_mentions(&self.proc_root, handle.pid, marker)
+            }
+            _ => false,
+        }
+    }
+
+    fn table(&self) -> ProcessTable {
+        ProcFs::table(self)
+    }
+
+    fn find_by_marker(&self, marker: &Path) -> Option<ProcessHandle> {
+        ProcFs::find_by_marker(self, marker)
+    }
 
     /// Waits up to `timeout` for the process to be gone; true when it is.
-    pub async fn wait_gone(&self, handle: &ProcessHandle, marker: &Path, timeout: Duration) -> bool {
+    async fn wait_gone(&self, handle: &ProcessHandle, marker: &Path, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if !self.alive(handle, marker) {
@@ -113,7 +147,7 @@ impl Processes {
 
     /// Sends SIGTERM, waits up to `grace`, then SIGKILL. Only signals a process that is
     /// still the one the handle names. Returns once it is gone (or after 5 s more).
-    pub async fn terminate(&self, handle: &ProcessHandle, marker: &Path, grace: Duration) {
+    async fn terminate(&self, handle: &ProcessHandle, marker: &Path, grace: Duration) {
         for (signal, wait) in [(Signal::SIGTERM, grace), (Signal::SIGKILL, Duration::from_secs(5))] {
             if !self.alive(handle, marker) {
                 return;
@@ -133,6 +167,11 @@ pub struct ProcessTable {
 }
 
 impl ProcessTable {
+    /// A table of the given processes (for fakes).
+    pub fn from_entries(entries: Vec<(ProcessHandle, String)>) -> Self {
+        Self { entries }
+    }
+
     /// The first process whose command line mentions `marker`.
     pub fn find(&self, marker: &Path) -> Option<ProcessHandle> {
         let marker = marker.to_string_lossy();
@@ -157,7 +196,7 @@ mod tests {
         let exe = std::env::args().next().expect("argv0");
         assert!(cmdline_mentions(Path::new("/proc"), me, Path::new(&exe)));
         let handle = ProcessHandle { pid: me, start_time: stat.start_time };
-        let processes = Processes::default();
+        let processes = ProcFs::default();
         assert!(processes.alive(&handle, Path::new(&exe)));
         assert!(!processes.alive(&ProcessHandle { start_time: stat.start_time + 1, ..handle }, Path::new(&exe)));
         assert!(!processes.alive(&handle, Path::new("/no/such/marker")));
@@ -170,7 +209,7 @@ mod tests {
         let args = ["-c".into(), "sleep 30".into(), "sh".into(), marker.clone().into_os_string()];
         let handle =
             super::super::command::spawn_detached(Path::new("/bin/sh"), &args, &dir.path().join("log")).expect("spawn");
-        let processes = Processes::default();
+        let processes = ProcFs::default();
         assert!(processes.alive(&handle, &marker));
         assert_eq!(processes.find_by_marker(&marker), Some(handle));
         assert_eq!(processes.table().find(&marker), Some(handle));

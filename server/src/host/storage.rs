@@ -7,7 +7,14 @@ use std::{
 
 use super::{HostError, command};
 
-/// Creates and removes copy-on-write root disks with `qemu-img`.
+/// Copy-on-write root disks over an image's read-only root file system.
+#[tonic::async_trait]
+pub trait RootDisks: Send + Sync + std::fmt::Debug {
+    /// Creates `disk` as a copy-on-write view of the raw image `base`; `base` is never written.
+    async fn create_overlay(&self, base: &Path, disk: &Path) -> Result<(), HostError>;
+}
+
+/// Creates copy-on-write root disks with `qemu-img`.
 #[derive(Debug, Clone)]
 pub struct Qcow2Overlays {
     qemu_img: PathBuf,
@@ -18,9 +25,11 @@ impl Qcow2Overlays {
     pub fn new(qemu_img: PathBuf) -> Self {
         Self { qemu_img }
     }
+}
 
-    /// Creates `disk` as an overlay of the raw image `base`. The base is never written.
-    pub async fn create(&self, base: &Path, disk: &Path) -> Result<(), HostError> {
+#[tonic::async_trait]
+impl RootDisks for Qcow2Overlays {
+    async fn create_overlay(&self, base: &Path, disk: &Path) -> Result<(), HostError> {
         let args: Vec<OsString> = vec![
             "create".into(),
             "-q".into(),

@@ -6,7 +6,10 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use super::{HostError, command, process::Processes};
+use super::{
+    HostError, command,
+    process::{ProcFs, Processes},
+};
 use crate::domain::{ProcessHandle, VmPaths};
 
 /// How the guest-agent channel reaches guests on this host.
@@ -30,12 +33,12 @@ impl VsockMode {
 #[derive(Debug, Clone)]
 pub struct VsockBackends {
     binary: PathBuf,
-    processes: Processes,
+    processes: ProcFs,
 }
 
 impl VsockBackends {
     /// Uses the given `vhost-device-vsock` binary.
-    pub fn new(binary: PathBuf, processes: Processes) -> Self {
+    pub fn new(binary: PathBuf, processes: ProcFs) -> Self {
         Self { binary, processes }
     }
 

@@ -6,11 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use super::{Error, Ops, remove_file_quietly};
 use crate::{
     domain::{Image, ProcessHandle, Vm, VmHandles},
-    host::{
-        HostError,
-        vmm::LaunchSpec,
-        vsock::{VsockBackends, VsockMode},
-    },
+    host::vmm::LaunchSpec,
 };
 
 /// How long a guest may take from VMM launch until its agent answers.
@@ -80,18 +76,24 @@ impl Boot {
         let paths = self.vm.paths();
         match stage {
             BootStage::RootDisk => {
+                // A stopped VM keeps its disk: never recreate (that would wipe it).
                 if !paths.root_disk.exists() {
-                    ops.host.disks.create(&self.image.rootfs_path, &paths.root_disk).await?;
+                    ops.host.disks.create_overlay(&self.image.rootfs_path, &paths.root_disk).await?;
                     self.created_disk = true;
                 }
             }
-            // The kernel's vhost-vsock needs no host process: QEMU opens /dev/vhost-vsock itself.
-            BootStage::AgentChannel if ops.host.vsock_mode == VsockMode::Kernel => {}
             BootStage::AgentChannel => {
-                let backend = ops.host.vsock.start(self.vm.vsock_cid, &paths).await?;
-                self.handles.vsock_backend = Some(backend);
-                ops.set_handles(&self.vm, self.handles.clone())?;
+                let running = self
+                    .handles
+                    .vsock_backend
+                    .is_some_and(|backend| ops.host.processes.alive(&backend, &paths.vhost_user_socket));
+                if !running && let Some(backend) = ops.host.agents.start_backend(self.vm.vsock_cid, &paths).await? {
+                    self.handles.vsock_backend = Some(backend);
+                    ops.set_handles(&self.vm, self.handles.clone())?;
+                }
             }
+            BootStage::VmmLaunch
+                if self.handles.vmm.is_some_and(|vmm| ops.host.processes.alive(&vmm, &paths.api_socket)) => {}
             BootStage::VmmLaunch => {
                 let launch = LaunchSpec {
                     name: &self.vm.name,
@@ -110,10 +112,11 @@ impl Boot {
             }
             BootStage::WaitAgent => {
                 let vmm = self.vmm_handle()?;
-                let processes = &ops.host.processes;
-                let still_booting = || processes.alive(&vmm, &paths.api_socket) && !VsockBackends::panicked(&paths);
+                let host = &ops.host;
+                let still_booting =
+                    || host.processes.alive(&vmm, &paths.api_socket) && !host.agents.backend_failed(&paths);
                 let deadline = tokio::time::Instant::now() + AGENT_READY_TIMEOUT;
-                ops.agent(&self.vm).wait_ready(deadline, still_booting).await.map_err(HostError::from)?;
+                host.agents.wait_ready(&self.vm, deadline, &still_booting).await?;
             }
         }
         Ok(())
@@ -130,7 +133,7 @@ impl Boot {
             }
             BootStage::AgentChannel => {
                 if let Some(backend) = self.handles.vsock_backend.take() {
-                    ops.host.vsock.stop(&backend, &paths).await;
+                    ops.host.agents.stop_backend(&backend, &paths).await;
                 }
                 let _ = ops.set_handles(&self.vm, self.handles.clone());
             }
@@ -176,16 +179,12 @@ impl Ops {
         }
         let backend = handles.vsock_backend.or_else(|| self.host.processes.find_by_marker(&paths.vhost_user_socket));
         if let Some(backend) = backend {
-            self.host.vsock.stop(&backend, &paths).await;
+            self.host.agents.stop_backend(&backend, &paths).await;
         }
         for socket in [&paths.api_socket, &paths.vsock, &paths.vhost_user_socket] {
             remove_file_quietly(socket);
         }
-        lock_free_forget_agent(self, vm);
+        self.host.agents.forget(vm.id);
         self.set_handles(vm, VmHandles::default())
     }
-}
-
-fn lock_free_forget_agent(ops: &Ops, vm: &Vm) {
-    super::lock(&ops.agents).remove(&vm.id);
 }

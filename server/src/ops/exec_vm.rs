@@ -5,10 +5,7 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 
 use super::{Error, Ops};
-use crate::{
-    domain::{ExecCommand, ExecEvent, ExecInput, VmState},
-    host::exec,
-};
+use crate::domain::{ExecCommand, ExecEvent, ExecInput, VmState};
 
 /// The output of a guest process, ending with its exit.
 pub type ExecOutput = Pin<Box<dyn Stream<Item = Result<ExecEvent, Error>> + Send>>;
@@ -29,7 +26,7 @@ impl Ops {
                 vm.observed_state.as_str()
             )));
         }
-        let output = exec::exec(&self.agent(&vm), command, input).await?;
+        let output = self.host.agents.exec(&vm, command, Box::pin(input)).await?;
         Ok(Box::pin(output.map(|item| item.map_err(Error::from))))
     }
 }

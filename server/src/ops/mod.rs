@@ -25,14 +25,7 @@ pub use exec_vm::ExecOutput;
 
 use crate::{
     domain::{Vm, VmHandles, VmId},
-    host::{
-        agent::AgentClient,
-        process::Processes,
-        scratch,
-        storage::Qcow2Overlays,
-        vmm::Vmm,
-        vsock::{VsockBackends, VsockMode},
-    },
+    host::{agent_channel::AgentChannels, process::Processes, scratch, storage::RootDisks, vmm::Vmm},
     store::Store,
 };
 
@@ -48,19 +41,18 @@ pub struct OpsConfig {
     pub default_image_dir: PathBuf,
 }
 
-/// The host capabilities the use cases drive.
+/// The host capabilities the use cases drive, each behind a trait so that `ops` tests run
+/// against a stateful fake host.
 #[derive(Debug, Clone)]
 pub struct HostServices {
     /// The VMM.
     pub vmm: Arc<dyn Vmm>,
-    /// How guests' vsock is reached: the kernel's vhost-vsock, or a user-space backend per VM.
-    pub vsock_mode: VsockMode,
-    /// The user-space vsock backends (used in [`VsockMode::UserSpace`]).
-    pub vsock: VsockBackends,
-    /// Root disks.
-    pub disks: Qcow2Overlays,
-    /// Process liveness.
-    pub processes: Processes,
+    /// Copy-on-write root disks.
+    pub disks: Arc<dyn RootDisks>,
+    /// The guest-agent channel.
+    pub agents: Arc<dyn AgentChannels>,
+    /// Process liveness and termination.
+    pub processes: Arc<dyn Processes>,
 }
 
 /// The daemon's core: the store, the host, and the in-memory cache of transient handles.
@@ -71,7 +63,6 @@ pub struct Ops {
     host: HostServices,
     handles: Mutex<HashMap<VmId, VmHandles>>,
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
-    agents: Mutex<HashMap<VmId, AgentClient>>,
     default_image_lock: tokio::sync::Mutex<()>,
 }
 
@@ -89,7 +80,6 @@ impl Ops {
             host,
             handles: Mutex::default(),
             vm_locks: Mutex::default(),
-            agents: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -120,7 +110,7 @@ impl Ops {
     fn forget_vm(&self, id: VmId) {
         lock(&self.vm_locks).remove(&id);
         lock(&self.handles).remove(&id);
-        lock(&self.agents).remove(&id);
+        self.host.agents.forget(id);
     }
 
     /// The VM's transient handles: the cache, else its scratch file.
@@ -149,11 +139,6 @@ impl Ops {
     /// The one liveness check: the VMM process named by the handles still runs this VM.
     pub fn vm_alive(&self, vm: &Vm) -> bool {
         self.handles(vm).vmm.is_some_and(|vmm| self.host.processes.alive(&vmm, &vm.paths().api_socket))
-    }
-
-    /// The agent client of a VM (one channel per VM, reused).
-    fn agent(&self, vm: &Vm) -> AgentClient {
-        lock(&self.agents).entry(vm.id).or_insert_with(|| AgentClient::new(vm.paths().vsock)).clone()
     }
 }
 

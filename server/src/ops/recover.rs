@@ -154,7 +154,8 @@ mod tests {
     use crate::{
         domain::{Image, ImageId, ProcessHandle, VmSpec},
         host::{
-            process::Processes,
+            agent_channel::VsockAgentChannels,
+            process::ProcFs,
             storage::Qcow2Overlays,
             vmm::{Accel, QemuVmm},
             vsock::{VsockBackends, VsockMode},
@@ -168,7 +169,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
         let store = Store::open(&dir.path().join("banger.db")).await.expect("store");
-        let processes = Processes::with_root(dir.path().join("proc"));
+        let processes = ProcFs::with_root(dir.path().join("proc"));
+        let backends = VsockBackends::new("/nonexistent/vhost-device-vsock".into(), processes.clone());
         let host = HostServices {
             vmm: Arc::new(QemuVmm::new(
                 "/nonexistent/qemu".into(),
@@ -176,10 +178,9 @@ mod tests {
                 VsockMode::UserSpace,
                 processes.clone(),
             )),
-            vsock_mode: VsockMode::UserSpace,
-            vsock: VsockBackends::new("/nonexistent/vhost-device-vsock".into(), processes.clone()),
-            disks: Qcow2Overlays::new("/nonexistent/qemu-img".into()),
-            processes,
+            disks: Arc::new(Qcow2Overlays::new("/nonexistent/qemu-img".into())),
+            agents: Arc::new(VsockAgentChannels::new(VsockMode::UserSpace, backends)),
+            processes: Arc::new(processes),
         };
         let config = OpsConfig {
             state_dir: dir.path().join("state"),

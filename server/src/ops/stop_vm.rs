@@ -91,9 +91,9 @@ impl Operation for StopVmOp<'_> {
             }
             Stage::ShutdownGuest => {
                 if ops.vm_alive(&self.vm) {
-                    let agent = ops.agent(&self.vm);
                     // A guest whose agent does not answer falls through to power-down.
-                    let asked = tokio::time::timeout(Duration::from_secs(5), agent.shutdown()).await;
+                    let asked =
+                        tokio::time::timeout(Duration::from_secs(5), ops.host.agents.shutdown_guest(&self.vm)).await;
                     if matches!(asked, Ok(Ok(()))) {
                         self.wait_vmm_gone(AGENT_SHUTDOWN_GRACE).await;
                     }

@@ -5,7 +5,11 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use super::{LaunchSpec, Vmm, qmp::Qmp};
 use crate::{
     domain::{ProcessHandle, VmPaths},
-    host::{HostError, command, last_log_line, process::Processes, vsock::VsockMode},
+    host::{
+        HostError, command, last_log_line,
+        process::{ProcFs, Processes},
+        vsock::VsockMode,
+    },
 };
 
 /// Which accelerator QEMU uses.
@@ -23,7 +27,7 @@ pub struct QemuVmm {
     binary: PathBuf,
     accel: Accel,
     vsock: VsockMode,
-    processes: Processes,
+    processes: ProcFs,
     /// The host TSC frequency, passed as `tsc_early_khz` so a loaded host never hangs calibration.
     tsc_khz: Option<u64>,
 }
@@ -37,7 +41,7 @@ fn host_tsc_khz() -> Option<u64> {
 
 impl QemuVmm {
     /// Uses `binary` (qemu-system-x86_64) with the given accelerator and vsock device.
-    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode, processes: Processes) -> Self {
+    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode, processes: ProcFs) -> Self {
         Self { binary, accel, vsock, processes, tsc_khz: host_tsc_khz() }
     }
 
@@ -154,7 +158,7 @@ mod tests {
     use crate::domain::{Image, ImageId, VmSpec};
 
     fn args(vsock: VsockMode) -> Vec<String> {
-        let vmm = QemuVmm::new("qemu".into(), Accel::Tcg, vsock, Processes::default());
+        let vmm = QemuVmm::new("qemu".into(), Accel::Tcg, vsock, ProcFs::default());
         let image = Image {
             id: ImageId::generate(),
             name: "img".into(),

@@ -1,0 +1,123 @@
+//! The guest-agent channel as one capability: its host-side backend (if the host needs one)
+//! and the calls the daemon makes to the agent.
+
+use std::{collections::HashMap, pin::Pin, sync::Mutex};
+
+use tokio::time::Instant;
+use tokio_stream::Stream;
+
+use super::{
+    HostError,
+    agent::AgentClient,
+    exec,
+    vsock::{VsockBackends, VsockMode},
+};
+use crate::domain::{ExecCommand, ExecEvent, ExecInput, ProcessHandle, Vm, VmId, VmPaths};
+
+/// Standard input for a guest process.
+pub type ExecInputStream = Pin<Box<dyn Stream<Item = ExecInput> + Send>>;
+/// The output of a guest process, ending with its exit.
+pub type ExecEventStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, HostError>> + Send>>;
+/// A guest process being started.
+pub type ExecStarting = Pin<Box<dyn std::future::Future<Output = Result<ExecEventStream, HostError>> + Send>>;
+
+/// How the daemon reaches the agent inside each guest.
+#[tonic::async_trait]
+pub trait AgentChannels: Send + Sync + std::fmt::Debug {
+    /// Starts the channel's host-side backend for a VM, if this host needs one.
+    async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError>;
+
+    /// Stops a backend and removes its sockets; tolerates one already gone.
+    async fn stop_backend(&self, backend: &ProcessHandle, paths: &VmPaths);
+
+    /// The backend is alive but can no longer carry connections.
+    fn backend_failed(&self, paths: &VmPaths) -> bool;
+
+    /// Waits until the VM's agent answers, or `deadline`, or `still_booting` says no.
+    async fn wait_ready(
+        &self,
+        vm: &Vm,
+        deadline: Instant,
+        still_booting: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<(), HostError>;
+
+    /// Asks the guest to flush and power off.
+    async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError>;
+
+    /// Runs a process in the guest. The future owns what it needs, so it outlives `self`.
+    fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting;
+
+    /// Drops what is kept for a VM (its connection), e.g. once it stopped.
+    fn forget(&self, vm: VmId);
+}
+
+/// The real channel: kernel vhost-vsock or a `vhost-device-vsock` per VM, and one gRPC
+/// channel per VM to its agent.
+#[derive(Debug)]
+pub struct VsockAgentChannels {
+    mode: VsockMode,
+    backends: VsockBackends,
+    clients: Mutex<HashMap<VmId, AgentClient>>,
+}
+
+impl VsockAgentChannels {
+    /// Channels in `mode`, starting user-space backends with `backends`.
+    pub fn new(mode: VsockMode, backends: VsockBackends) -> Self {
+        Self { mode, backends, clients: Mutex::default() }
+    }
+
+    fn client(&self, vm: &Vm) -> AgentClient {
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(vm.id)
+            .or_insert_with(|| match self.mode {
+                VsockMode::Kernel => AgentClient::new_kernel_vsock(vm.vsock_cid),
+                VsockMode::UserSpace => AgentClient::new(vm.paths().vsock),
+            })
+            .clone()
+    }
+}
+
+#[tonic::async_trait]
+impl AgentChannels for VsockAgentChannels {
+    async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError> {
+        match self.mode {
+            // QEMU opens /dev/vhost-vsock itself: no host process.
+            VsockMode::Kernel => Ok(None),
+            VsockMode::UserSpace => self.backends.start(cid, paths).await.map(Some),
+        }
+    }
+
+    async fn stop_backend(&self, backend: &ProcessHandle, paths: &VmPaths) {
+        self.backends.stop(backend, paths).await;
+    }
+
+    fn backend_failed(&self, paths: &VmPaths) -> bool {
+        self.mode == VsockMode::UserSpace && VsockBackends::panicked(paths)
+    }
+
+    async fn wait_ready(
+        &self,
+        vm: &Vm,
+        deadline: Instant,
+        still_booting: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<(), HostError> {
+        self.client(vm).wait_ready(deadline, still_booting).await.map(drop).map_err(HostError::from)
+    }
+
+    async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError> {
+        self.client(vm).shutdown().await.map_err(HostError::from)
+    }
+
+    fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting {
+        let client = self.client(vm);
+        Box::pin(async move {
+            let events = exec::exec(client, command, input).await?;
+            Ok::<ExecEventStream, HostError>(Box::pin(events))
+        })
+    }
+
+    fn forget(&self, vm: VmId) {
+        self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&vm);
+    }
+}
