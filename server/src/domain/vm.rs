@@ -187,9 +187,11 @@ pub struct VmPaths {
     pub root_disk: PathBuf,
     /// The VMM's control socket (QMP); its presence in a process's command line identifies the VMM.
     pub api_socket: PathBuf,
-    /// The hybrid vsock socket the host connects to (`CONNECT <port>`).
+    /// The hybrid vsock socket the host connects to (`CONNECT <port>`). Only the user-space
+    /// vsock backend names it on its command line, which identifies that process in `/proc`.
     pub vsock: PathBuf,
-    /// The vhost-user socket between QEMU and the user-space vsock backend.
+    /// The vhost-user socket between QEMU and the user-space vsock backend (both name it, so
+    /// it identifies neither).
     pub vhost_user_socket: PathBuf,
     /// The guest's serial console.
     pub console_log: PathBuf,

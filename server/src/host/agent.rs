@@ -609,7 +609,8 @@ mod tests {
         assert_eq!(ready.uptime_seconds, 1.5);
 
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut output = client.clone().exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("exec starts");
+        let mut output =
+            client.clone().exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("exec starts");
         let stdin = ExecRequest { payload: Some(exec_request::Payload::Stdin(b"ping".to_vec())) };
         tx.send(stdin).await.expect("send stdin");
         let echoed = output.message().await.expect("stream").expect("a message");

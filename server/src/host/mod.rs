@@ -6,6 +6,8 @@ pub mod agent;
 pub mod agent_channel;
 pub mod command;
 pub mod exec;
+#[cfg(test)]
+pub mod fake;
 pub mod process;
 pub mod scratch;
 pub mod storage;

@@ -58,7 +58,7 @@ impl VsockBackends {
         let handle = command::spawn_detached(&self.binary, &args, &paths.vsock_backend_log)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !paths.vhost_user_socket.exists() {
-            if !self.processes.alive(&handle, &paths.vhost_user_socket) {
+            if !self.processes.alive(&handle, &paths.vsock) {
                 return Err(HostError::ProcessExited {
                     process: "vhost-device-vsock",
                     detail: super::last_log_line(&paths.vsock_backend_log),
@@ -82,7 +82,7 @@ impl VsockBackends {
 
     /// Stops the backend (SIGTERM, then SIGKILL) and removes its sockets.
     pub async fn stop(&self, handle: &ProcessHandle, paths: &VmPaths) {
-        self.processes.terminate(handle, &paths.vhost_user_socket, Duration::from_secs(2)).await;
+        self.processes.terminate(handle, &paths.vsock, Duration::from_secs(2)).await;
         for socket in [&paths.vhost_user_socket, &paths.vsock] {
             let _ = std::fs::remove_file(socket);
         }

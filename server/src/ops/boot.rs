@@ -83,10 +83,8 @@ impl Boot {
                 }
             }
             BootStage::AgentChannel => {
-                let running = self
-                    .handles
-                    .vsock_backend
-                    .is_some_and(|backend| ops.host.processes.alive(&backend, &paths.vhost_user_socket));
+                let running =
+                    self.handles.vsock_backend.is_some_and(|backend| ops.host.processes.alive(&backend, &paths.vsock));
                 if !running && let Some(backend) = ops.host.agents.start_backend(self.vm.vsock_cid, &paths).await? {
                     self.handles.vsock_backend = Some(backend);
                     ops.set_handles(&self.vm, self.handles.clone())?;
@@ -177,7 +175,7 @@ impl Ops {
         if let Some(orphan) = self.host.processes.find_by_marker(&paths.api_socket) {
             kill_vmm(self, &orphan, vm).await;
         }
-        let backend = handles.vsock_backend.or_else(|| self.host.processes.find_by_marker(&paths.vhost_user_socket));
+        let backend = handles.vsock_backend.or_else(|| self.host.processes.find_by_marker(&paths.vsock));
         if let Some(backend) = backend {
             self.host.agents.stop_backend(&backend, &paths).await;
         }

@@ -91,6 +91,7 @@ impl Operation for CreateVmOp<'_> {
                 super::images::check_image_files(&image)?;
                 self.image = Some(image);
             }
+            Stage::InsertRecord if self.boot.is_some() => {}
             Stage::InsertRecord => {
                 let image = self.image.clone().ok_or_else(|| Error::FailedPrecondition("no image".into()))?;
                 let (desired, observed) = match self.request.start {
@@ -210,7 +211,7 @@ impl Ops {
         let lock = self.vm_lock(id);
         let _guard = lock.lock().await;
         let mut op = CreateVmOp { ops: self, op_id, id, name, request, image: None, boot: None };
-        runner::run(op_id, &mut op).await?;
+        runner::run_with(op_id, &mut op, &self.run_options()).await?;
         let vm = op.vm()?.clone();
         Ok(vm)
     }

@@ -60,7 +60,10 @@ impl Operation for DeleteVmOp<'_> {
                 }
                 _ => {}
             },
-            Stage::DeleteRecord => ops.store.vm_delete(self.vm.id).await?,
+            Stage::DeleteRecord => match ops.store.vm_delete(self.vm.id).await {
+                Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            },
         }
         Ok(())
     }
@@ -83,7 +86,16 @@ impl Ops {
         let vm = self.store.vm_get(&vm.id.to_string()).await?;
         let op_id = OpId::generate();
         let mut op = DeleteVmOp { ops: self, vm };
-        runner::run(op_id, &mut op).await?;
+        if let Err(error) = runner::run_with(op_id, &mut op, &self.run_options()).await {
+            // Whatever the failed delete did, leave the record consistent with the host; a
+            // retry finishes the deletion.
+            if let Ok(current) = self.store.vm_get(&op.vm.id.to_string()).await
+                && let Err(cleanup) = self.reconcile(current, &self.host.processes.table()).await
+            {
+                tracing::warn!(vm_id = %op.vm.id, error = cleanup.chain(), "cleanup after a failed delete failed");
+            }
+            return Err(error);
+        }
         self.forget_vm(op.vm.id);
         Ok((op.vm.id, op_id))
     }

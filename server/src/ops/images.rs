@@ -68,6 +68,7 @@ impl Operation for ImportImageOp<'_> {
                 }
                 copy_into(&self.new.rootfs_path, &self.image.rootfs_path).await?;
             }
+            Stage::InsertRecord if self.ops.store.image_get(&self.image.id.to_string()).await.is_ok() => {}
             Stage::InsertRecord => self.ops.store.image_insert(&self.image).await?,
         }
         Ok(())
@@ -187,7 +188,7 @@ impl Ops {
         };
         let op_id = OpId::generate();
         let mut op = ImportImageOp { ops: self, new, image };
-        runner::run(op_id, &mut op).await?;
+        runner::run_with(op_id, &mut op, &self.run_options()).await?;
         Ok((op.image, op_id))
     }
 

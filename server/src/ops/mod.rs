@@ -10,6 +10,8 @@ mod images;
 mod queries;
 mod recover;
 pub mod runner;
+#[cfg(test)]
+mod stage_tests;
 mod start_vm;
 mod stop_vm;
 
@@ -63,6 +65,7 @@ pub struct Ops {
     host: HostServices,
     handles: Mutex<HashMap<VmId, VmHandles>>,
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    run_options: Mutex<runner::RunOptions>,
     default_image_lock: tokio::sync::Mutex<()>,
 }
 
@@ -80,8 +83,20 @@ impl Ops {
             host,
             handles: Mutex::default(),
             vm_locks: Mutex::default(),
+            run_options: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Runs later operations with `options` (for tests).
+    #[cfg(test)]
+    pub(crate) fn set_run_options(&self, options: runner::RunOptions) {
+        *lock(&self.run_options) = options;
+    }
+
+    /// How operations run now.
+    fn run_options(&self) -> runner::RunOptions {
+        lock(&self.run_options).clone()
     }
 
     /// The VMM's short name.

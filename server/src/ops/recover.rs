@@ -37,14 +37,14 @@ impl Ops {
     }
 
     /// What the host shows about a VM: processes found in `/proc` by the sockets only this
-    /// VM uses come first; the scratch file fills in what `/proc` cannot show, including the
+    /// VM uses (the QMP socket for the VMM, the hybrid vsock socket for its backend) come first; the scratch file fills in what `/proc` cannot show, including the
     /// handles of processes that died (so their kernel-level leftovers can be torn down).
     pub fn rediscover_handles(&self, vm: &Vm, table: &ProcessTable) -> VmHandles {
         let paths = vm.paths();
         let scratch = scratch::read_handles(&paths.handles);
         VmHandles {
             vmm: table.find(&paths.api_socket).or(scratch.vmm),
-            vsock_backend: table.find(&paths.vhost_user_socket).or(scratch.vsock_backend),
+            vsock_backend: table.find(&paths.vsock).or(scratch.vsock_backend),
         }
     }
 
@@ -68,7 +68,7 @@ impl Ops {
         self.reconcile(vm, &self.host.processes.table()).await
     }
 
-    async fn reconcile(&self, vm: Vm, table: &ProcessTable) -> Result<Vm, Error> {
+    pub(super) async fn reconcile(&self, vm: Vm, table: &ProcessTable) -> Result<Vm, Error> {
         let state = vm.observed_state;
         if !state.may_have_vmm() {
             return Ok(vm);

@@ -68,9 +68,24 @@ fn millis(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
+/// How the runner runs stages; the defaults are production behaviour. Tests use the rest
+/// to check every operation generically.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Apply every stage twice in a row (stages must be idempotent).
+    pub repeat_stages: bool,
+    /// Fail the stage at this index, as if it had failed, before applying it.
+    pub fail_at: Option<usize>,
+}
+
 /// Runs every stage of `op` in order; on failure undoes the completed ones in reverse and
 /// returns [`Error::Stage`] naming the failed stage.
 pub async fn run<O: Operation>(op_id: OpId, op: &mut O) -> Result<(), Error> {
+    run_with(op_id, op, &RunOptions::default()).await
+}
+
+/// [`run`] with options.
+pub async fn run_with<O: Operation>(op_id: OpId, op: &mut O, options: &RunOptions) -> Result<(), Error> {
     let started = Instant::now();
     let subject = op.subject();
     tracing::info!(
@@ -83,9 +98,19 @@ pub async fn run<O: Operation>(op_id: OpId, op: &mut O) -> Result<(), Error> {
     );
     let mut last_stage_end = started;
     let mut done = Vec::new();
-    for stage in op.stages() {
+    for (index, stage) in op.stages().into_iter().enumerate() {
         debug_pause(op_id, O::NAME, O::stage_name(stage)).await;
-        let result = op.apply(stage).await;
+        let result = if options.fail_at == Some(index) {
+            Err(Error::Host(crate::host::HostError::Io {
+                what: "injected failure".into(),
+                source: std::io::Error::other("injected by RunOptions::fail_at"),
+            }))
+        } else {
+            match op.apply(stage).await {
+                Ok(()) if options.repeat_stages => op.apply(stage).await,
+                other => other,
+            }
+        };
         let subject = op.subject();
         match result {
             Ok(()) => {

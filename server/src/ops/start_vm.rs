@@ -57,6 +57,7 @@ impl Operation for StartVmOp<'_> {
                 super::images::check_image_files(&image)?;
                 self.boot = Some(Boot::new(self.vm.clone(), image));
             }
+            Stage::MarkStarting if self.vm.observed_state == VmState::Starting => {}
             Stage::MarkStarting => {
                 let next = self
                     .vm
@@ -82,6 +83,7 @@ impl Operation for StartVmOp<'_> {
                 let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no image".into()))?;
                 boot.apply(ops, boot_stage).await?;
             }
+            Stage::MarkRunning if self.vm.observed_state == VmState::Running => {}
             Stage::MarkRunning => {
                 let next = self
                     .vm
@@ -129,7 +131,7 @@ impl Ops {
         }
         let op_id = OpId::generate();
         let mut op = StartVmOp { ops: self, op_id, vm, boot: None };
-        match runner::run(op_id, &mut op).await {
+        match runner::run_with(op_id, &mut op, &self.run_options()).await {
             Ok(()) => Ok(op.vm),
             Err(error) => {
                 let reason = error.chain();

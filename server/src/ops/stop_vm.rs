@@ -75,6 +75,7 @@ impl Operation for StopVmOp<'_> {
     async fn apply(&mut self, stage: Stage) -> Result<(), Error> {
         let ops = self.ops;
         match stage {
+            Stage::MarkStopping if self.vm.observed_state == VmState::Stopping => {}
             Stage::MarkStopping => {
                 let next = self
                     .vm
@@ -143,7 +144,17 @@ impl Ops {
         }
         let op_id = OpId::generate();
         let mut op = StopVmOp { ops: self, op_id, vm, force };
-        runner::run(op_id, &mut op).await?;
-        Ok(op.vm)
+        match runner::run_with(op_id, &mut op, &self.run_options()).await {
+            Ok(()) => Ok(op.vm),
+            Err(error) => {
+                // Stop has nothing to undo: finish the job (kill, release, mark stopped) so
+                // the record and the host agree, and still report the failure.
+                let current = self.store.vm_get(&op.vm.id.to_string()).await?;
+                if let Err(cleanup) = self.reconcile(current, &self.host.processes.table()).await {
+                    tracing::warn!(vm_id = %op.vm.id, error = cleanup.chain(), "cleanup after a failed stop failed");
+                }
+                Err(error)
+            }
+        }
     }
 }

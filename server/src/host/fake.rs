@@ -1,0 +1,269 @@
+//! A stateful fake host for `ops` tests: processes, disks and guest agents modelled in
+//! memory, enforcing the rules the real host has (or that banger must never break), and
+//! able to fail any capability call on demand. Tests assert on the resulting state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::{
+    HostError,
+    agent_channel::{AgentChannels, ExecInputStream, ExecStarting},
+    process::{ProcessTable, Processes},
+    storage::RootDisks,
+    vmm::{LaunchSpec, Vmm},
+};
+use crate::{
+    domain::{ProcessHandle, Vm, VmId, VmPaths},
+    ops::HostServices,
+};
+
+#[derive(Debug, Default)]
+struct State {
+    next_pid: u32,
+    /// pid -> (start time, command line)
+    processes: BTreeMap<u32, (u64, String)>,
+    disks: BTreeSet<PathBuf>,
+    /// capability call -> failures still to inject
+    failures: HashMap<&'static str, usize>,
+}
+
+/// The fake host; clones share state.
+#[derive(Debug, Clone, Default)]
+pub struct FakeHost {
+    state: Arc<Mutex<State>>,
+}
+
+fn injected(call: &str) -> HostError {
+    HostError::Io { what: format!("fake host: {call}"), source: std::io::Error::other("injected failure") }
+}
+
+impl FakeHost {
+    /// The capabilities, all backed by this fake.
+    pub fn services(&self) -> HostServices {
+        HostServices {
+            vmm: Arc::new(self.clone()),
+            disks: Arc::new(self.clone()),
+            agents: Arc::new(self.clone()),
+            processes: Arc::new(self.clone()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes the next call of `call` (e.g. `vmm.launch`) fail.
+    pub fn fail_next(&self, call: &'static str) {
+        *self.state().failures.entry(call).or_default() += 1;
+    }
+
+    fn check(&self, call: &'static str) -> Result<(), HostError> {
+        let mut state = self.state();
+        match state.failures.get_mut(call) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(injected(call))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn spawn(&self, cmdline: String) -> ProcessHandle {
+        let mut state = self.state();
+        state.next_pid += 1;
+        let pid = 1000 + state.next_pid;
+        let start_time = u64::from(pid) * 10;
+        state.processes.insert(pid, (start_time, cmdline));
+        ProcessHandle { pid, start_time }
+    }
+
+    fn live_mentioning(&self, marker: &Path) -> Vec<ProcessHandle> {
+        let marker = marker.to_string_lossy();
+        self.state()
+            .processes
+            .iter()
+            .filter(|(_, (_, cmdline))| cmdline.contains(marker.as_ref()))
+            .map(|(pid, (start_time, _))| ProcessHandle { pid: *pid, start_time: *start_time })
+            .collect()
+    }
+
+    /// Command lines of every live process.
+    pub fn processes(&self) -> Vec<String> {
+        self.state().processes.values().map(|(_, cmdline)| cmdline.clone()).collect()
+    }
+
+    /// Live processes whose command line mentions `dir`.
+    pub fn processes_under(&self, dir: &Path) -> Vec<String> {
+        let dir = dir.to_string_lossy();
+        self.processes().into_iter().filter(|c| c.contains(dir.as_ref())).collect()
+    }
+
+    /// Disks created and not removed from disk since.
+    pub fn disks(&self) -> Vec<PathBuf> {
+        self.state().disks.iter().filter(|d| d.exists()).cloned().collect()
+    }
+
+    fn kill(&self, pid: u32) {
+        self.state().processes.remove(&pid);
+    }
+}
+
+#[tonic::async_trait]
+impl Vmm for FakeHost {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn launch(&self, launch: &LaunchSpec<'_>) -> Result<ProcessHandle, HostError> {
+        self.check("vmm.launch")?;
+        let paths = launch.paths;
+        // Rule: one VMM per VM, ever. Two would share a disk.
+        if !self.live_mentioning(&paths.api_socket).is_empty() {
+            return Err(HostError::Io {
+                what: format!("fake host: a vmm already serves {}", paths.api_socket.display()),
+                source: std::io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        Ok(self.spawn(format!(
+            "qemu-system-x86_64 -qmp unix:{},server=on -chardev socket,path={} -drive file={}",
+            paths.api_socket.display(),
+            paths.vhost_user_socket.display(),
+            paths.root_disk.display()
+        )))
+    }
+
+    async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError> {
+        self.check("vmm.wait_running")?;
+        if !Processes::alive(self, vmm, &paths.api_socket) {
+            return Err(HostError::ProcessExited { process: "qemu", detail: None, log: paths.vmm_log.clone() });
+        }
+        Ok(())
+    }
+
+    async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
+        self.check("vmm.power_down")?;
+        for vmm in self.live_mentioning(&paths.api_socket) {
+            self.kill(vmm.pid);
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RootDisks for FakeHost {
+    async fn create_overlay(&self, base: &Path, disk: &Path) -> Result<(), HostError> {
+        self.check("disks.create_overlay")?;
+        // Rule: never overwrite a disk; that would wipe a stopped VM's data.
+        if disk.exists() {
+            return Err(HostError::Io {
+                what: format!("fake host: {} exists", disk.display()),
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        if !base.is_file() {
+            return Err(HostError::Io {
+                what: format!("fake host: no base {}", base.display()),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        std::fs::write(disk, b"overlay").map_err(|source| HostError::Io { what: "fake disk".into(), source })?;
+        self.state().disks.insert(disk.to_owned());
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl AgentChannels for FakeHost {
+    async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError> {
+        self.check("agents.start_backend")?;
+        // Rule: one backend per hybrid socket; a second could not bind it.
+        if !self.live_mentioning(&paths.vsock).is_empty() {
+            return Err(HostError::Io {
+                what: format!("fake host: {} is bound", paths.vsock.display()),
+                source: std::io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        Ok(Some(self.spawn(format!(
+            "vhost-device-vsock --vm guest-cid={cid},socket={},uds-path={}",
+            paths.vhost_user_socket.display(),
+            paths.vsock.display()
+        ))))
+    }
+
+    async fn stop_backend(&self, backend: &ProcessHandle, paths: &VmPaths) {
+        if Processes::alive(self, backend, &paths.vsock) {
+            self.kill(backend.pid);
+        }
+    }
+
+    fn backend_failed(&self, _paths: &VmPaths) -> bool {
+        false
+    }
+
+    async fn wait_ready(
+        &self,
+        _vm: &Vm,
+        _deadline: Instant,
+        still_booting: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<(), HostError> {
+        self.check("agents.wait_ready")?;
+        if !still_booting() {
+            return Err(HostError::Agent(super::agent::AgentError::VmmExited));
+        }
+        Ok(())
+    }
+
+    async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError> {
+        self.check("agents.shutdown_guest")?;
+        // The guest powers off: its VMM exits.
+        for vmm in self.live_mentioning(&vm.paths().api_socket) {
+            self.kill(vmm.pid);
+        }
+        Ok(())
+    }
+
+    fn exec(&self, _vm: &Vm, _command: crate::domain::ExecCommand, _input: ExecInputStream) -> ExecStarting {
+        Box::pin(async { Err(injected("agents.exec (not modelled)")) })
+    }
+
+    fn forget(&self, _vm: VmId) {}
+}
+
+#[tonic::async_trait]
+impl Processes for FakeHost {
+    fn alive(&self, handle: &ProcessHandle, marker: &Path) -> bool {
+        let marker = marker.to_string_lossy();
+        self.state()
+            .processes
+            .get(&handle.pid)
+            .is_some_and(|(start_time, cmdline)| *start_time == handle.start_time && cmdline.contains(marker.as_ref()))
+    }
+
+    fn table(&self) -> ProcessTable {
+        ProcessTable::from_entries(
+            self.state()
+                .processes
+                .iter()
+                .map(|(pid, (start_time, cmdline))| {
+                    (ProcessHandle { pid: *pid, start_time: *start_time }, cmdline.clone())
+                })
+                .collect(),
+        )
+    }
+
+    async fn wait_gone(&self, handle: &ProcessHandle, marker: &Path, _timeout: Duration) -> bool {
+        !self.alive(handle, marker)
+    }
+
+    async fn terminate(&self, handle: &ProcessHandle, marker: &Path, _grace: Duration) {
+        if self.alive(handle, marker) {
+            self.kill(handle.pid);
+        }
+    }
+}

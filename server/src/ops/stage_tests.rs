@@ -1,0 +1,238 @@
+//! Generic properties of every operation, over the stateful fake host and a real SQLite
+//! file: each stage applied twice changes nothing the second time, and a failure at each
+//! stage in turn (or inside any host capability) unwinds to a clean host and a consistent
+//! record.
+
+use std::path::Path;
+
+use super::{CreateVm, Error, HostServices, Ops, OpsConfig, runner::RunOptions};
+use crate::{
+    domain::{Image, ImageId, Vm, VmSpec, VmState},
+    host::fake::FakeHost,
+    store::{Store, StoreError},
+};
+
+struct Fixture {
+    ops: Ops,
+    host: FakeHost,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("banger.db")).await.expect("store");
+    let host = FakeHost::default();
+    let config = OpsConfig {
+        state_dir: dir.path().join("state"),
+        default_image: "default".into(),
+        default_image_dir: dir.path().join("none"),
+    };
+    let sources = dir.path().join("image");
+    std::fs::create_dir_all(&sources).expect("image dir");
+    for file in ["vmlinuz", "rootfs.ext4"] {
+        std::fs::write(sources.join(file), b"x").expect("image file");
+    }
+    let image = Image {
+        id: ImageId::generate(),
+        name: "img".into(),
+        kernel_path: sources.join("vmlinuz"),
+        initrd_path: None,
+        rootfs_path: sources.join("rootfs.ext4"),
+        kernel_args: String::new(),
+        rootfs_size_bytes: 1,
+        created_at_ms: 0,
+    };
+    store.image_insert(&image).await.expect("image");
+    let services: HostServices = host.services();
+    Fixture { ops: Ops::new(store, config, services), host, _dir: dir }
+}
+
+fn create(name: &str) -> CreateVm {
+    CreateVm {
+        name: Some(name.into()),
+        image: Some("img".into()),
+        spec: VmSpec { vcpus: 1, memory_mib: 256 },
+        start: true,
+    }
+}
+
+impl Fixture {
+    fn processes_of(&self, vm: &Vm) -> usize {
+        self.host.processes_under(&vm.vm_dir).len()
+    }
+
+    /// The record and the host agree: a running VM has its VMM and backend, any other has
+    /// no process at all.
+    fn assert_consistent(&self, vm: &Vm, context: &str) {
+        let expected = if vm.observed_state == VmState::Running { 2 } else { 0 };
+        assert_eq!(
+            self.processes_of(vm),
+            expected,
+            "{context}: {:?} with {:?}",
+            vm.observed_state,
+            self.host.processes()
+        );
+        assert!(
+            matches!(vm.observed_state, VmState::Running | VmState::Stopped | VmState::Error | VmState::Created),
+            "{context}: left in transitional state {:?}",
+            vm.observed_state
+        );
+    }
+
+    fn vm_dirs(&self) -> usize {
+        std::fs::read_dir(self.ops.vms_dir()).map(|d| d.count()).unwrap_or(0)
+    }
+
+    async fn record(&self, name: &str) -> Option<Vm> {
+        match self.ops.store.vm_get(name).await {
+            Ok(vm) => Some(vm),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => panic!("store: {e}"),
+        }
+    }
+
+    fn run(&self, options: RunOptions) {
+        self.ops.set_run_options(options);
+    }
+}
+
+fn assert_stage_error(result: Result<impl std::fmt::Debug, Error>, index: usize) -> &'static str {
+    match result {
+        Err(Error::Stage { stage, .. }) => stage,
+        other => panic!("failure injected at stage {index}: expected a stage error, got {other:?}"),
+    }
+}
+
+/// Runs `setup` normally, then `attempt` with a failure injected at stage i = 0, 1, ...
+/// until an attempt succeeds (i is past the last stage); returns how many stages failed.
+macro_rules! for_each_failing_stage {
+    ($fixture:expr, |$index:ident| $attempt:expr, |$stage:ident| $check:block) => {
+        for_each_failing_stage!($fixture, |$index| {} => $attempt, |$stage| $check)
+    };
+    ($fixture:expr, |$index:ident| $setup:block => $attempt:expr, |$stage:ident| $check:block) => {{
+        let mut $index = 0;
+        loop {
+            $setup
+            $fixture.run(RunOptions { fail_at: Some($index), ..Default::default() });
+            let result = $attempt;
+            $fixture.run(RunOptions::default());
+            if result.is_ok() {
+                break;
+            }
+            let $stage = assert_stage_error(result, $index);
+            $check
+            $index += 1;
+        }
+        $index
+    }};
+}
+
+#[tokio::test]
+async fn create_stages_are_idempotent() {
+    let f = fixture().await;
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    let vm = f.ops.create_vm(create("twice")).await.expect("create with every stage twice");
+    assert_eq!(vm.observed_state, VmState::Running);
+    assert_eq!(f.processes_of(&vm), 2, "one vmm and one vsock backend: {:?}", f.host.processes());
+    assert_eq!(f.host.disks(), [vm.paths().root_disk]);
+}
+
+#[tokio::test]
+async fn a_create_failing_at_any_stage_leaves_nothing() {
+    let f = fixture().await;
+    let stages = for_each_failing_stage!(f, |i| f.ops.create_vm(create(&format!("vm-{i}"))).await, |stage| {
+        assert!(f.record(&format!("vm-{i}")).await.is_none(), "{stage}: record left");
+        assert!(f.host.processes().is_empty(), "{stage}: {:?}", f.host.processes());
+        assert!(f.host.disks().is_empty(), "{stage}: {:?}", f.host.disks());
+        assert_eq!(f.vm_dirs(), 0, "{stage}: vm dir left");
+    });
+    assert_eq!(stages, 9, "resolve_image .. mark_running");
+}
+
+#[tokio::test]
+async fn a_create_failing_inside_any_host_capability_leaves_nothing() {
+    let f = fixture().await;
+    for call in ["disks.create_overlay", "agents.start_backend", "vmm.launch", "vmm.wait_running", "agents.wait_ready"]
+    {
+        f.host.fail_next(call);
+        let result = f.ops.create_vm(create("doomed")).await;
+        assert!(matches!(result, Err(Error::Stage { .. })), "{call}: {result:?}");
+        assert!(f.record("doomed").await.is_none(), "{call}: record left");
+        assert!(f.host.processes().is_empty(), "{call}: {:?}", f.host.processes());
+        assert!(f.host.disks().is_empty(), "{call}: {:?}", f.host.disks());
+        assert_eq!(f.vm_dirs(), 0, "{call}");
+    }
+    f.ops.create_vm(create("doomed")).await.expect("then it works");
+}
+
+#[tokio::test]
+async fn start_stages_are_idempotent_and_failures_leave_a_stopped_or_errored_vm() {
+    let f = fixture().await;
+    let vm = f.ops.create_vm(create("web")).await.expect("create");
+    f.ops.stop_vm("web", false).await.expect("stop");
+    let stages = for_each_failing_stage!(f, |i| f.ops.start_vm("web").await, |stage| {
+        let record = f.record("web").await.expect("record kept");
+        assert!(matches!(record.observed_state, VmState::Stopped | VmState::Error), "{stage}: {record:?}");
+        f.assert_consistent(&record, stage);
+        assert!(vm.paths().root_disk.exists(), "{stage}: the disk of a stopped vm is kept");
+    });
+    assert_eq!(stages, 8, "resolve_image .. mark_running");
+    f.ops.stop_vm("web", false).await.expect("stop");
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    let started = f.ops.start_vm("web").await.expect("start with every stage twice");
+    assert_eq!(started.observed_state, VmState::Running);
+    assert_eq!(f.processes_of(&vm), 2, "{:?}", f.host.processes());
+}
+
+#[tokio::test]
+async fn stop_stages_are_idempotent_and_a_failed_stop_still_leaves_a_clean_host() {
+    let f = fixture().await;
+    let stages = for_each_failing_stage!(
+        f,
+        |i| { f.ops.create_vm(create(&format!("stop-{i}"))).await.expect("create"); } => f.ops.stop_vm(&format!("stop-{i}"), false).await,
+        |stage| {
+            let record = f.record(&format!("stop-{i}")).await.expect("record");
+            f.assert_consistent(&record, stage);
+            f.ops.stop_vm(&format!("stop-{i}"), false).await.expect("a retry stops it");
+        }
+    );
+    assert_eq!(stages, 6, "mark_stopping .. mark_stopped");
+    let vm = f.ops.create_vm(create("twice")).await.expect("create");
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    let stopped = f.ops.stop_vm("twice", false).await.expect("stop with every stage twice");
+    assert_eq!(stopped.observed_state, VmState::Stopped);
+    assert_eq!(f.processes_of(&vm), 0);
+}
+
+#[tokio::test]
+async fn delete_stages_are_idempotent_and_a_failed_delete_can_be_retried() {
+    let f = fixture().await;
+    let mut stages = 0;
+    loop {
+        let name = format!("del-{stages}");
+        let vm = f.ops.create_vm(create(&name)).await.expect("create");
+        f.run(RunOptions { fail_at: Some(stages), ..Default::default() });
+        let result = f.ops.delete_vm(&name).await;
+        f.run(RunOptions::default());
+        if result.is_ok() {
+            assert!(f.record(&name).await.is_none());
+            break;
+        }
+        let stage = assert_stage_error(result, stages);
+        match f.record(&name).await {
+            Some(record) => f.assert_consistent(&record, stage),
+            None => assert_eq!(f.processes_of(&vm), 0, "{stage}: {:?}", f.host.processes()),
+        }
+        f.ops.delete_vm(&name).await.expect("a retry finishes the delete");
+        assert!(f.record(&name).await.is_none(), "{stage}");
+        assert!(!Path::new(&vm.vm_dir).exists(), "{stage}");
+        stages += 1;
+    }
+    assert_eq!(stages, 4, "stop .. delete_record");
+    let vm = f.ops.create_vm(create("twice")).await.expect("create");
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    f.ops.delete_vm("twice").await.expect("delete with every stage twice");
+    assert!(f.record("twice").await.is_none());
+    assert_eq!(f.processes_of(&vm), 0);
+    assert!(!vm.vm_dir.exists());
+}
