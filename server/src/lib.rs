@@ -19,6 +19,8 @@ use crate::{
     config::Config,
     host::{
         agent_channel::VsockAgentChannels,
+        block::LinuxBlockDevices,
+        network::LinuxNetwork,
         process::ProcFs,
         storage::Qcow2Overlays,
         vmm::QemuVmm,
@@ -53,6 +55,8 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         disks: Arc::new(Qcow2Overlays::new(config.qemu_img_binary.clone())),
         agents: Arc::new(VsockAgentChannels::new(vsock_mode, backends)),
         processes: Arc::new(processes),
+        network: Arc::new(LinuxNetwork::new("ip".into())),
+        block: Arc::new(LinuxBlockDevices::default()),
     };
     let ops_config = OpsConfig {
         state_dir: config.state_dir.clone(),
@@ -60,7 +64,11 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         default_image_dir: config.default_image_dir.clone(),
     };
     let ops = Arc::new(Ops::new(store, ops_config, host));
-    ops.recover().await.context("reconcile vms at startup")?;
+    // A VM that cannot be reconciled now is logged and retried by the periodic resync; it
+    // must not keep the daemon (and every other VM) from being served.
+    if let Err(err) = ops.recover().await {
+        tracing::warn!(error = err.chain(), "startup reconcile incomplete; retrying every 30 s");
+    }
     Ok(ops)
 }
 

@@ -15,18 +15,37 @@ pub struct ProcessHandle {
     pub start_time: u64,
 }
 
-/// Everything the host holds for one VM while it runs.
+/// Everything the host holds for one VM while it runs. Kernel-level handles (tap, loop
+/// devices, device-mapper snapshot) outlive the processes that used them, so reconcile tears
+/// them down from here even when every process is gone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmHandles {
     /// The VMM process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<ProcessHandle>,
     /// The user-space vsock backend (`vhost-device-vsock`), where the kernel has no vhost-vsock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_backend: Option<ProcessHandle>,
+    /// The VM's tap interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// The read-only loop device over the image's root file system (dm-snapshot storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_loop: Option<String>,
+    /// The loop device over the VM's copy-on-write file (dm-snapshot storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow_loop: Option<String>,
+    /// The device-mapper snapshot's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dm_name: Option<String>,
+    /// The device-mapper snapshot's device node (`/dev/mapper/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dm_device: Option<String>,
 }
 
 impl VmHandles {
     /// True when no handle is held.
     pub fn is_empty(&self) -> bool {
-        self.vmm.is_none() && self.vsock_backend.is_none()
+        self == &Self::default()
     }
 }

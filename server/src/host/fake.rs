@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use super::{
     HostError,
     agent_channel::{AgentChannels, ExecInputStream, ExecStarting},
+    block::BlockDevices,
+    network::Network,
     process::{ProcessTable, Processes},
     storage::RootDisks,
     vmm::{LaunchSpec, Vmm},
@@ -29,6 +31,10 @@ struct State {
     /// pid -> (start time, command line)
     processes: BTreeMap<u32, (u64, String)>,
     disks: BTreeSet<PathBuf>,
+    taps: BTreeSet<String>,
+    loops: BTreeSet<String>,
+    /// device-mapper name -> the loop devices it sits on
+    dms: BTreeMap<String, Vec<String>>,
     /// capability call -> failures still to inject
     failures: HashMap<&'static str, usize>,
 }
@@ -51,7 +57,48 @@ impl FakeHost {
             disks: Arc::new(self.clone()),
             agents: Arc::new(self.clone()),
             processes: Arc::new(self.clone()),
+            network: Arc::new(self.clone()),
+            block: Arc::new(self.clone()),
         }
+    }
+
+    /// Creates kernel-level state as a VM's storage and network would: a tap, two loop
+    /// devices and a snapshot over them. Returns the handles naming them.
+    pub fn plumb(&self, vm_name: &str) -> crate::domain::VmHandles {
+        let mut state = self.state();
+        let (tap, base, cow, dm) = (
+            format!("tap-{vm_name}"),
+            format!("/dev/loop-{vm_name}-base"),
+            format!("/dev/loop-{vm_name}-cow"),
+            format!("banger-{vm_name}"),
+        );
+        state.taps.insert(tap.clone());
+        state.loops.insert(base.clone());
+        state.loops.insert(cow.clone());
+        state.dms.insert(dm.clone(), vec![base.clone(), cow.clone()]);
+        crate::domain::VmHandles {
+            tap: Some(tap),
+            base_loop: Some(base),
+            cow_loop: Some(cow),
+            dm_device: Some(format!("/dev/mapper/{dm}")),
+            dm_name: Some(dm),
+            ..Default::default()
+        }
+    }
+
+    /// Taps, loop devices and device-mapper devices that exist.
+    pub fn kernel_state(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let state = self.state();
+        (
+            state.taps.iter().cloned().collect(),
+            state.loops.iter().cloned().collect(),
+            state.dms.keys().cloned().collect(),
+        )
+    }
+
+    /// Spawns a fake process with this command line.
+    pub fn spawn_process(&self, cmdline: &str) -> ProcessHandle {
+        self.spawn(cmdline.to_owned())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -233,6 +280,38 @@ impl AgentChannels for FakeHost {
     }
 
     fn forget(&self, _vm: VmId) {}
+}
+
+#[tonic::async_trait]
+impl Network for FakeHost {
+    async fn delete_tap(&self, name: &str) -> Result<(), HostError> {
+        self.check("network.delete_tap")?;
+        self.state().taps.remove(name);
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl BlockDevices for FakeHost {
+    async fn remove_dm(&self, name: &str) -> Result<(), HostError> {
+        self.check("block.remove_dm")?;
+        self.state().dms.remove(name);
+        Ok(())
+    }
+
+    async fn detach_loop(&self, device: &str) -> Result<(), HostError> {
+        self.check("block.detach_loop")?;
+        let mut state = self.state();
+        // Rule: a loop device under a live snapshot is busy.
+        if state.dms.values().any(|loops| loops.iter().any(|l| l == device)) {
+            return Err(HostError::Io {
+                what: format!("fake host: {device} is held by a device-mapper device"),
+                source: std::io::Error::from_raw_os_error(16),
+            });
+        }
+        state.loops.remove(device);
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]

@@ -4,10 +4,12 @@
 
 pub mod agent;
 pub mod agent_channel;
+pub mod block;
 pub mod command;
 pub mod exec;
 #[cfg(test)]
 pub mod fake;
+pub mod network;
 pub mod process;
 pub mod scratch;
 pub mod storage;

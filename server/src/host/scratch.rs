@@ -52,7 +52,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("handles.json");
         assert_eq!(read_handles(&path), VmHandles::default());
-        let handles = VmHandles { vmm: Some(ProcessHandle { pid: 7, start_time: 9 }), vsock_backend: None };
+        let handles = VmHandles { vmm: Some(ProcessHandle { pid: 7, start_time: 9 }), ..Default::default() };
         write_handles(&path, &handles).expect("write");
         assert_eq!(read_handles(&path), handles);
         std::fs::write(&path, b"{not json").expect("corrupt");

@@ -163,26 +163,56 @@ async fn kill_vmm(ops: &Ops, vmm: &ProcessHandle, vm: &Vm) {
 
 impl Ops {
     /// Releases everything a VM holds on the host while it runs: the VMM (killed if it
-    /// still runs), the vsock backend, sockets, and the scratch file. Tolerates anything
-    /// already gone; safe to run twice.
+    /// still runs), the vsock backend, the tap, the device-mapper snapshot and its loop
+    /// devices (in that order: a loop under a snapshot is busy), sockets, and the scratch
+    /// file. Tolerates anything already gone; safe to run twice. A kernel handle that cannot
+    /// be released stays in the scratch file for the next reconcile, and the error says which.
     pub(super) async fn release_runtime(&self, vm: &Vm) -> Result<(), Error> {
-        let handles = self.handles(vm);
+        let mut handles = self.handles(vm);
         let paths = vm.paths();
-        if let Some(vmm) = handles.vmm {
+        if let Some(vmm) = handles.vmm.take() {
             kill_vmm(self, &vmm, vm).await;
         }
         // A VMM started by a daemon that died before writing handles is still found by its socket.
         if let Some(orphan) = self.host.processes.find_by_marker(&paths.api_socket) {
             kill_vmm(self, &orphan, vm).await;
         }
-        let backend = handles.vsock_backend.or_else(|| self.host.processes.find_by_marker(&paths.vsock));
+        let backend = handles.vsock_backend.take().or_else(|| self.host.processes.find_by_marker(&paths.vsock));
         if let Some(backend) = backend {
             self.host.agents.stop_backend(&backend, &paths).await;
+        }
+        let mut first_error = None;
+        if let Some(tap) = handles.tap.clone() {
+            match self.host.network.delete_tap(&tap).await {
+                Ok(()) => handles.tap = None,
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        if let Some(dm) = handles.dm_name.clone() {
+            match self.host.block.remove_dm(&dm).await {
+                Ok(()) => (handles.dm_name, handles.dm_device) = (None, None),
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        // Loops go only once the snapshot over them is gone.
+        if handles.dm_name.is_none() {
+            for slot in [&mut handles.cow_loop, &mut handles.base_loop] {
+                if let Some(device) = slot.clone() {
+                    match self.host.block.detach_loop(&device).await {
+                        Ok(()) => *slot = None,
+                        Err(e) => first_error = first_error.or(Some(e)),
+                    }
+                }
+            }
         }
         for socket in [&paths.api_socket, &paths.vsock, &paths.vhost_user_socket] {
             remove_file_quietly(socket);
         }
         self.host.agents.forget(vm.id);
-        self.set_handles(vm, VmHandles::default())
+        self.set_handles(vm, handles)?;
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(e.into()),
+        }
     }
 }

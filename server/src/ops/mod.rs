@@ -27,7 +27,10 @@ pub use exec_vm::ExecOutput;
 
 use crate::{
     domain::{Vm, VmHandles, VmId},
-    host::{agent_channel::AgentChannels, process::Processes, scratch, storage::RootDisks, vmm::Vmm},
+    host::{
+        agent_channel::AgentChannels, block::BlockDevices, network::Network, process::Processes, scratch,
+        storage::RootDisks, vmm::Vmm,
+    },
     store::Store,
 };
 
@@ -55,6 +58,10 @@ pub struct HostServices {
     pub agents: Arc<dyn AgentChannels>,
     /// Process liveness and termination.
     pub processes: Arc<dyn Processes>,
+    /// Taps and other network plumbing.
+    pub network: Arc<dyn Network>,
+    /// Loop devices and device-mapper snapshots.
+    pub block: Arc<dyn BlockDevices>,
 }
 
 /// The daemon's core: the store, the host, and the in-memory cache of transient handles.

@@ -17,7 +17,7 @@ use super::{Error, Ops};
 use crate::{
     domain::{Transition, Vm, VmHandles, VmId, VmState},
     host::{process::ProcessTable, scratch},
-    store::VmUpdate,
+    store::{StoreError, VmUpdate},
 };
 
 impl Ops {
@@ -26,14 +26,23 @@ impl Ops {
     pub async fn recover(&self) -> Result<(), Error> {
         let table = self.host.processes.table();
         let vms = self.store.vm_list().await?;
+        let mut first_error = None;
         for vm in &vms {
             let lock = self.vm_lock(vm.id);
             let _guard = lock.lock().await;
-            let vm = self.store.vm_get(&vm.id.to_string()).await?;
-            self.reconcile(vm, &table).await?;
+            let result = match self.store.vm_get(&vm.id.to_string()).await {
+                Ok(vm) => self.reconcile(vm, &table).await.map(drop),
+                Err(StoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+            // One VM that cannot be reconciled must not stop the others.
+            if let Err(error) = result {
+                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, error = error.chain(), "reconcile failed; retried later");
+                first_error = first_error.or(Some(error));
+            }
         }
         self.remove_orphans(vms.iter().map(|vm| vm.id).collect(), &table).await?;
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// What the host shows about a VM: processes found in `/proc` by the sockets only this
@@ -45,6 +54,7 @@ impl Ops {
         VmHandles {
             vmm: table.find(&paths.api_socket).or(scratch.vmm),
             vsock_backend: table.find(&paths.vsock).or(scratch.vsock_backend),
+            ..scratch
         }
     }
 
@@ -181,6 +191,8 @@ mod tests {
             disks: Arc::new(Qcow2Overlays::new("/nonexistent/qemu-img".into())),
             agents: Arc::new(VsockAgentChannels::new(VsockMode::UserSpace, backends)),
             processes: Arc::new(processes),
+            network: Arc::new(crate::host::fake::FakeHost::default()),
+            block: Arc::new(crate::host::fake::FakeHost::default()),
         };
         let config = OpsConfig {
             state_dir: dir.path().join("state"),
@@ -239,7 +251,7 @@ mod tests {
         let (ops, dir) = ops_with_fake_proc().await;
         let vm = running_vm(&ops, "web").await;
         let stale = ProcessHandle { pid: 100, start_time: 5 };
-        scratch::write_handles(&vm.paths().handles, &VmHandles { vmm: Some(stale), vsock_backend: None })
+        scratch::write_handles(&vm.paths().handles, &VmHandles { vmm: Some(stale), ..Default::default() })
             .expect("scratch");
         fake_process(dir.path(), 200, 7, &["qemu-system-x86_64", "-qmp", &qmp_arg(&vm)]);
         let handles = ops.rediscover_handles(&vm, &ops.host.processes.table());
@@ -253,6 +265,8 @@ mod tests {
         let dead = VmHandles {
             vmm: Some(ProcessHandle { pid: 100, start_time: 5 }),
             vsock_backend: Some(ProcessHandle { pid: 101, start_time: 5 }),
+            tap: Some("tap-web".into()),
+            ..Default::default()
         };
         scratch::write_handles(&vm.paths().handles, &dead).expect("scratch");
         assert_eq!(ops.rediscover_handles(&vm, &ops.host.processes.table()), dead);
@@ -278,7 +292,7 @@ mod tests {
         let (ops, dir) = ops_with_fake_proc().await;
         let vm = running_vm(&ops, "web").await;
         let recorded = ProcessHandle { pid: 400, start_time: 5 };
-        scratch::write_handles(&vm.paths().handles, &VmHandles { vmm: Some(recorded), vsock_backend: None })
+        scratch::write_handles(&vm.paths().handles, &VmHandles { vmm: Some(recorded), ..Default::default() })
             .expect("scratch");
         // Same PID, another program; then same PID and program but another start time.
         fake_process(dir.path(), 400, 5, &["sleep", "1000"]);
@@ -313,7 +327,7 @@ mod tests {
         for pid in 1..=32u32 {
             let (ops, vm) = (ops.clone(), vm.clone());
             tasks.push(tokio::spawn(async move {
-                let handles = VmHandles { vmm: Some(ProcessHandle { pid, start_time: 1 }), vsock_backend: None };
+                let handles = VmHandles { vmm: Some(ProcessHandle { pid, start_time: 1 }), ..Default::default() };
                 ops.set_handles(&vm, handles.clone()).expect("set");
                 ops.handles(&vm)
             }));

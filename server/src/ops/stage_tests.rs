@@ -236,3 +236,42 @@ async fn delete_stages_are_idempotent_and_a_failed_delete_can_be_retried() {
     assert_eq!(f.processes_of(&vm), 0);
     assert!(!vm.vm_dir.exists());
 }
+
+#[tokio::test]
+async fn reconcile_tears_down_kernel_handles_in_order_and_retries_what_failed() {
+    let f = fixture().await;
+    let vm = f.ops.create_vm(create("plumbed")).await.expect("create");
+    let mut handles = f.ops.handles(&vm);
+    let kernel = f.host.plumb("plumbed");
+    handles.tap = kernel.tap;
+    handles.base_loop = kernel.base_loop;
+    handles.cow_loop = kernel.cow_loop;
+    handles.dm_name = kernel.dm_name;
+    handles.dm_device = kernel.dm_device;
+    f.ops.set_handles(&vm, handles.clone()).expect("handles");
+    // The VMM dies on its own; the snapshot's removal fails once.
+    let vmm = handles.vmm.expect("vmm");
+    crate::host::process::Processes::terminate(&f.host, &vmm, &vm.paths().api_socket, std::time::Duration::ZERO).await;
+    f.host.fail_next("block.remove_dm");
+    assert!(f.ops.recover().await.is_err(), "the failed removal is reported");
+    let left = crate::host::scratch::read_handles(&vm.paths().handles);
+    assert_eq!((left.dm_name.is_some(), left.cow_loop.is_some(), left.tap.is_some()), (true, true, false), "{left:?}");
+    assert_eq!(f.host.kernel_state().1.len(), 2, "loops under the snapshot are kept");
+    f.ops.recover().await.expect("the next reconcile finishes");
+    assert_eq!(f.host.kernel_state(), (vec![], vec![], vec![]));
+    assert!(!vm.paths().handles.exists());
+    let record = f.record("plumbed").await.expect("record");
+    assert_eq!(record.observed_state, VmState::Stopped);
+    assert!(record.last_error.contains("vmm exited"), "{}", record.last_error);
+}
+
+#[tokio::test]
+async fn orphan_processes_under_the_state_dir_are_killed() {
+    let f = fixture().await;
+    let vm = f.ops.create_vm(create("kept")).await.expect("create");
+    let stray = f.ops.vms_dir().join(crate::domain::VmId::generate().to_string());
+    f.host.spawn_process(&format!("qemu-system-x86_64 -qmp unix:{}/qmp.sock,server=on", stray.display()));
+    f.ops.recover().await.expect("recover");
+    assert!(f.host.processes_under(&stray).is_empty(), "{:?}", f.host.processes());
+    assert_eq!(f.processes_of(&vm), 2, "a recorded vm keeps its processes");
+}
