@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub vsock_backend_binary: Option<PathBuf>,
     /// See [`Config::accel`].
     pub accel: Option<String>,
+    /// See [`Config::otlp_endpoint`].
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A configuration value that cannot be used.
@@ -98,6 +100,8 @@ pub struct Config {
     pub vsock_backend_binary: PathBuf,
     /// QEMU accelerator: TCG unless KVM is known to boot guests on this host.
     pub accel: Accel,
+    /// OTLP/gRPC endpoint for spans and metrics (`http://HOST:4317`); none exports nothing.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -113,6 +117,8 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// `BANGER_DEFAULT_IMAGE_DIR`.
     pub default_image_dir: Option<PathBuf>,
+    /// `--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -159,6 +165,7 @@ impl Config {
             qemu_img_binary: file.qemu_img_binary.unwrap_or_else(|| "qemu-img".into()),
             vsock_backend_binary: file.vsock_backend_binary.unwrap_or_else(|| "vhost-device-vsock".into()),
             accel,
+            otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
         })
     }
 }

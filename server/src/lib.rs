@@ -76,7 +76,13 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
 pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let routes = api::routes(ops.clone()).await.context("build reflection service")?;
     let resync = tokio::spawn(resync_periodically(ops.clone()));
-    let router = tonic::transport::Server::builder().add_routes(routes);
+    let router = tonic::transport::Server::builder()
+        .trace_fn(telemetry::propagation::request_span)
+        .layer(telemetry::propagation::RpcMetricsLayer)
+        .add_routes(routes);
+    let vm_counts = telemetry::metrics::VmCounts::default();
+    telemetry::metrics::observe_vms(vm_counts.clone());
+    let counting = tokio::spawn(count_vms_periodically(ops.clone(), vm_counts));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -101,8 +107,28 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
         }
     }
     resync.abort();
+    counting.abort();
     ops.store().close().await;
     Ok(())
+}
+
+/// Refreshes the VM-by-state counts the `banger.vms` gauge reports.
+async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCounts) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        if let Ok(vms) = ops.store().vm_list().await {
+            let mut by_state: Vec<(&'static str, u64)> = Vec::new();
+            for vm in vms {
+                let state = vm.observed_state.as_str();
+                match by_state.iter_mut().find(|(s, _)| *s == state) {
+                    Some((_, count)) => *count += 1,
+                    None => by_state.push((state, 1)),
+                }
+            }
+            *counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = by_state;
+        }
+    }
 }
 
 /// How often records are reconciled with the host while the daemon runs.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use banger_server::{
     config::{Config, Overrides},
-    telemetry,
+    telemetry::Telemetry,
 };
 use clap::Parser;
 
@@ -34,6 +34,9 @@ struct Args {
     /// Directory of the default image's vmlinuz, initrd.img and rootfs.ext4.
     #[arg(long, env = "BANGER_DEFAULT_IMAGE_DIR", value_name = "DIR")]
     default_image_dir: Option<PathBuf>,
+    /// Export spans and metrics over OTLP/gRPC to this endpoint, e.g. http://127.0.0.1:4317.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +47,7 @@ fn main() -> std::process::ExitCode {
         listen: args.listen,
         log_level: args.log_level,
         default_image_dir: args.default_image_dir,
+        otlp_endpoint: args.otlp_endpoint,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {
         Ok(config) => config,
@@ -52,7 +56,6 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    telemetry::init_logging(config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -60,14 +63,26 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(banger_server::run(config, shutdown_signal())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "bangerd failed");
-            eprintln!("bangerd: {err:#}");
-            std::process::ExitCode::FAILURE
+    runtime.block_on(async {
+        // The OTLP exporter needs the runtime's reactor: set it up inside.
+        let telemetry = match Telemetry::init(config.log_level, config.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                eprintln!("bangerd: {err}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        let result = banger_server::run(config, shutdown_signal()).await;
+        telemetry.shutdown();
+        match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = format!("{err:#}"), "bangerd failed");
+                eprintln!("bangerd: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
         }
-    }
+    })
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -254,8 +254,34 @@ impl Daemon {
     }
 }
 
+/// Every `*.log` file under `dir`, recursively.
+fn log_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            log_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "log") {
+            found.push(path);
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A failing test shows the evidence before its directory goes: the tail of every
+        // VM log (console, VMM, vsock backend), kept or failed.
+        if std::thread::panicking() {
+            let mut logs = Vec::new();
+            log_files(&self.state_dir(), &mut logs);
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- {} (last {} lines)", log.display(), tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         self.signal(Signal::SIGTERM);
         for (pid, _) in processes_mentioning(&self.dir.path().display().to_string()) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);

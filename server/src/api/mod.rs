@@ -25,7 +25,8 @@ pub const OP_ID_METADATA: &str = "x-banger-op-id";
 async fn run_to_completion<T: Send + 'static>(
     use_case: impl std::future::Future<Output = Result<T, crate::ops::Error>> + Send + 'static,
 ) -> Result<T, tonic::Status> {
-    match tokio::spawn(use_case).await {
+    // The operation's spans stay children of this request's span.
+    match tokio::spawn(tracing::Instrument::instrument(use_case, tracing::Span::current())).await {
         Ok(result) => result.map_err(|e| status::to_status(&e)),
         Err(join) => Err(tonic::Status::internal(format!("operation task failed: {join}"))),
     }

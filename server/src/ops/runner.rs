@@ -7,8 +7,11 @@
 
 use std::{fmt::Debug, path::PathBuf, time::Instant};
 
+use opentelemetry::KeyValue;
+use tracing::Instrument;
+
 use super::Error;
-use crate::domain::OpId;
+use crate::{domain::OpId, telemetry::metrics::metrics};
 
 /// Who an operation acts on, for its log lines.
 #[derive(Debug, Clone, Default)]
@@ -85,8 +88,53 @@ pub async fn run<O: Operation>(op_id: OpId, op: &mut O) -> Result<(), Error> {
 }
 
 /// [`run`] with options.
+///
+/// Each stage is one source for three outputs: a child span `<operation>.<stage>` of the
+/// operation's span (with `since_start_ms` and `since_last_stage_ms`, and error status on
+/// failure), the `operation stage` log line, and the stage-duration histogram.
 pub async fn run_with<O: Operation>(op_id: OpId, op: &mut O, options: &RunOptions) -> Result<(), Error> {
     let started = Instant::now();
+    let subject = op.subject();
+    let op_span = tracing::info_span!(
+        "operation",
+        otel.name = O::NAME,
+        operation = O::NAME,
+        op_id = %op_id,
+        vm_id = subject.vm_id,
+        vm_name = subject.vm_name,
+        image_id = subject.image_id,
+        duration_ms = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    let result = run_stages(op_id, op, options, started, &op_span).instrument(op_span.clone()).await;
+    let duration_ms = millis(started);
+    op_span.record("duration_ms", duration_ms as i64);
+    // Stages may have learnt who the operation acts on (a create resolves its image).
+    let subject = op.subject();
+    for (field, value) in [("vm_id", subject.vm_id), ("vm_name", subject.vm_name), ("image_id", subject.image_id)] {
+        if let Some(value) = value {
+            op_span.record(field, value);
+        }
+    }
+    let outcome = if result.is_ok() { "completed" } else { "failed" };
+    metrics()
+        .operation_duration
+        .record(duration_ms as f64, &[KeyValue::new("operation", O::NAME), KeyValue::new("outcome", outcome)]);
+    if let Err(error) = &result {
+        op_span.record("otel.status_code", "ERROR");
+        op_span.record("otel.status_description", error.chain());
+    }
+    result
+}
+
+async fn run_stages<O: Operation>(
+    op_id: OpId,
+    op: &mut O,
+    options: &RunOptions,
+    started: Instant,
+    op_span: &tracing::Span,
+) -> Result<(), Error> {
     let subject = op.subject();
     tracing::info!(
         op_id = %op_id,
@@ -100,26 +148,53 @@ pub async fn run_with<O: Operation>(op_id: OpId, op: &mut O, options: &RunOption
     let mut done = Vec::new();
     for (index, stage) in op.stages().into_iter().enumerate() {
         debug_pause(op_id, O::NAME, O::stage_name(stage)).await;
+        let stage_name = O::stage_name(stage);
+        let stage_span = tracing::info_span!(
+            parent: op_span,
+            "stage",
+            otel.name = format!("{}.{stage_name}", O::NAME),
+            operation = O::NAME,
+            stage = stage_name,
+            op_id = %op_id,
+            since_start_ms = tracing::field::Empty,
+            since_last_stage_ms = tracing::field::Empty,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         let result = if options.fail_at == Some(index) {
             Err(Error::Host(crate::host::HostError::Io {
                 what: "injected failure".into(),
                 source: std::io::Error::other("injected by RunOptions::fail_at"),
             }))
         } else {
-            match op.apply(stage).await {
-                Ok(()) if options.repeat_stages => op.apply(stage).await,
-                other => other,
+            async {
+                match op.apply(stage).await {
+                    Ok(()) if options.repeat_stages => op.apply(stage).await,
+                    other => other,
+                }
             }
+            .instrument(stage_span.clone())
+            .await
         };
+        let since_start_ms = millis(started);
+        let since_last_stage_ms = millis(last_stage_end);
+        // As i64: OpenTelemetry integer attributes are signed (a u64 would be exported as text).
+        stage_span.record("since_start_ms", since_start_ms as i64);
+        stage_span.record("since_last_stage_ms", since_last_stage_ms as i64);
+        metrics().stage_duration.record(
+            since_last_stage_ms as f64,
+            &[KeyValue::new("operation", O::NAME), KeyValue::new("stage", stage_name)],
+        );
         let subject = op.subject();
         match result {
             Ok(()) => {
+                let _entered = stage_span.enter();
                 tracing::info!(
                     op_id = %op_id,
                     operation = O::NAME,
-                    stage = O::stage_name(stage),
-                    since_start_ms = millis(started),
-                    since_last_stage_ms = millis(last_stage_end),
+                    stage = stage_name,
+                    since_start_ms,
+                    since_last_stage_ms,
                     vm_id = subject.vm_id,
                     vm_name = subject.vm_name,
                     image_id = subject.image_id,
@@ -129,6 +204,9 @@ pub async fn run_with<O: Operation>(op_id: OpId, op: &mut O, options: &RunOption
                 done.push(stage);
             }
             Err(error) => {
+                stage_span.record("otel.status_code", "ERROR");
+                stage_span.record("error", error.chain());
+                drop(stage_span);
                 let log = op.evidence(stage).or_else(|| match error.root() {
                     Error::Host(host) => host.log_path().map(PathBuf::from),
                     _ => None,
@@ -137,17 +215,11 @@ pub async fn run_with<O: Operation>(op_id: OpId, op: &mut O, options: &RunOption
                     op.undo(*completed).await;
                     tracing::debug!(op_id = %op_id, operation = O::NAME, stage = O::stage_name(*completed), "operation stage undone");
                 }
-                let error = Error::Stage {
-                    op_id,
-                    operation: O::NAME,
-                    stage: O::stage_name(stage),
-                    log,
-                    source: Box::new(error),
-                };
+                let error = Error::Stage { op_id, operation: O::NAME, stage: stage_name, log, source: Box::new(error) };
                 tracing::warn!(
                     op_id = %op_id,
                     operation = O::NAME,
-                    stage = O::stage_name(stage),
+                    stage = stage_name,
                     duration_ms = millis(started),
                     vm_id = subject.vm_id,
                     vm_name = subject.vm_name,
