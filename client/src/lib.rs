@@ -12,9 +12,11 @@ use std::path::PathBuf;
 use tokio_stream::Stream;
 use tonic::{
     Status, Streaming,
-    transport::{Channel, Endpoint},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Endpoint,
 };
 use tonic_types::StatusExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The generated API types (`banger.v1`).
 pub use banger_proto::v1 as pb;
@@ -75,6 +77,36 @@ pub enum ClientError {
     Status(#[from] Status),
 }
 
+/// Puts the current span's trace context into each request as W3C `traceparent`, so the
+/// daemon's spans join the caller's trace. Sends nothing when there is no trace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceContextInjector;
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) =
+            (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), tonic::metadata::MetadataValue::try_from(value))
+        {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+impl Interceptor for TraceContextInjector {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let context = tracing::Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
+        });
+        Ok(request)
+    }
+}
+
+/// The channel the service clients use: traced requests over one HTTP/2 connection.
+pub type Channel = InterceptedService<tonic::transport::Channel, TraceContextInjector>;
+
 /// A connection to one daemon: one HTTP/2 channel shared by both services.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -101,11 +133,12 @@ impl Client {
     }
 
     /// A client over an existing channel.
-    pub fn from_channel(channel: Channel) -> Self {
+    pub fn from_channel(channel: tonic::transport::Channel) -> Self {
+        let traced = InterceptedService::new(channel, TraceContextInjector);
         Self {
-            health: tonic_health::pb::health_client::HealthClient::new(channel.clone()),
-            vms: pb::vm_service_client::VmServiceClient::new(channel.clone()),
-            images: pb::image_service_client::ImageServiceClient::new(channel),
+            health: tonic_health::pb::health_client::HealthClient::new(traced.clone()),
+            vms: pb::vm_service_client::VmServiceClient::new(traced.clone()),
+            images: pb::image_service_client::ImageServiceClient::new(traced),
         }
     }
 

@@ -3,6 +3,7 @@
 mod autostart;
 mod commands;
 mod output;
+mod telemetry;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -26,6 +27,10 @@ struct Cli {
     /// The daemon's TCP endpoint, e.g. http://127.0.0.1:7070.
     #[arg(long, global = true, env = "BANGER_ENDPOINT", value_name = "URL")]
     endpoint: Option<String>,
+    /// Export this command's trace over OTLP/gRPC (e.g. http://127.0.0.1:4317); the daemon's
+    /// spans for it join the same trace.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Never start bangerd when it does not answer.
     #[arg(long, global = true, env = "BANGER_NO_AUTOSTART", value_parser = clap::builder::BoolishValueParser::new())]
     no_autostart: bool,
@@ -195,5 +200,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(commands::run(target, autostart, cli.command))
+    let command_name = command_name(&matches);
+    runtime.block_on(async move {
+        let telemetry = telemetry::CliTelemetry::init(cli.otlp_endpoint.as_deref());
+        let span = tracing::info_span!("command", otel.name = %command_name, otel.kind = "client");
+        let code = tracing::Instrument::instrument(commands::run(target, autostart, cli.command), span).await;
+        telemetry.shutdown();
+        code
+    })
+}
+
+/// `banger vm create`, from the parsed subcommands.
+fn command_name(matches: &clap::ArgMatches) -> String {
+    let mut name = String::from("banger");
+    let mut current = matches;
+    while let Some((sub, sub_matches)) = current.subcommand() {
+        name.push(' ');
+        name.push_str(sub);
+        current = sub_matches;
+    }
+    name
 }

@@ -215,6 +215,10 @@ mod tests {
         assert!(Config::from_parts(FileConfig::default(), listen("[::1]:7000")).is_ok());
         assert!(Config::from_parts(FileConfig::default(), listen("0.0.0.0:7000")).is_err());
         assert!(Config::from_parts(FileConfig::default(), listen("localhost")).is_err());
+        for (given, level) in [("debug", LogLevel::Debug), ("warning", LogLevel::Warn), ("WARN", LogLevel::Warn)] {
+            let overrides = Overrides { log_level: Some(given.into()), ..Default::default() };
+            assert_eq!(Config::from_parts(FileConfig::default(), overrides).expect(given).log_level, level);
+        }
         let level = Overrides { log_level: Some("verbose".into()), ..Default::default() };
         let err = Config::from_parts(FileConfig::default(), level).expect_err("bad level").to_string();
         assert!(err.contains("debug, info, warn, error"), "{err}");

@@ -40,10 +40,13 @@ impl TraceService for Received {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().expect("spans");
         for resource in request.into_inner().resource_spans {
-            let service = resource.resource.iter().flat_map(|r| &r.attributes).any(|a| {
-                a.key == "service.name" && matches!(&a.value.as_ref().and_then(|v| v.value.clone()), Some(Value::StringValue(s)) if s == "bangerd")
+            let service = resource.resource.iter().flat_map(|r| &r.attributes).find_map(|a| {
+                match (a.key.as_str(), a.value.as_ref().and_then(|v| v.value.clone())) {
+                    ("service.name", Some(Value::StringValue(s))) => Some(s),
+                    _ => None,
+                }
             });
-            assert!(service, "spans carry service.name=bangerd");
+            assert!(matches!(service.as_deref(), Some("bangerd" | "banger")), "unexpected service {service:?}");
             spans.extend(resource.scope_spans.into_iter().flat_map(|s| s.spans));
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
@@ -149,6 +152,10 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
         .expect("grpcurl");
     assert!(out.status.success(), "{}", text(&out.stderr));
 
+    // The CLI starts the trace and the daemon joins it.
+    let out = daemon.banger(&["--otlp-endpoint", &endpoint, "vm", "show", "traced"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
     assert!(daemon.banger(&["vm", "delete", "traced"]).status.success());
     daemon.signal(Signal::SIGTERM); // flushes the exporters
     let log = daemon.log();
@@ -208,6 +215,13 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
         .unwrap_or_else(|| panic!("no GetVm span in the caller's trace {trace_id}"));
     assert_eq!(continued.parent_span_id, hex(parent_id));
 
+    let cli = spans.iter().find(|s| s.name == "banger vm show").expect("the CLI's root span");
+    let server = spans
+        .iter()
+        .find(|s| s.name == "banger.v1.VmService/GetVm" && s.parent_span_id == cli.span_id)
+        .expect("the daemon's GetVm span under the CLI's span");
+    assert_eq!(server.trace_id, cli.trace_id);
+
     let metrics = wait_for("metrics", Duration::from_secs(15), || {
         let names = received.metrics.lock().expect("metrics").clone();
         names.iter().any(|n| n == "banger.operation.duration").then_some(names)
@@ -238,5 +252,23 @@ fn an_unreachable_collector_never_fails_a_call_and_is_reported_at_most_once_a_mi
     assert_eq!(reports, 1, "{}", daemon.log());
     for i in 0..3 {
         assert!(daemon.banger(&["vm", "delete", &format!("quiet-{i}")]).status.success());
+    }
+}
+
+#[test]
+fn an_unknown_log_level_stops_bangerd_naming_the_allowed_ones() {
+    for (flag, env) in [(Some("verbose"), None), (None, Some("chatty"))] {
+        let mut command = std::process::Command::new(banger_tests::bin_dir().join("bangerd"));
+        command.args(["--socket", "/nonexistent/never-bound.sock"]).env_remove("BANGER_LOG_LEVEL");
+        if let Some(level) = flag {
+            command.args(["--log-level", level]);
+        }
+        if let Some(level) = env {
+            command.env("BANGER_LOG_LEVEL", level);
+        }
+        let out = command.output().expect("bangerd");
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains("debug, info, warn, error"), "{stderr}");
     }
 }

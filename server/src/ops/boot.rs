@@ -100,7 +100,9 @@ impl Boot {
                     image: &self.image,
                     vsock_cid: self.vm.vsock_cid,
                 };
+                tracing::debug!(vm_id = %self.vm.id, vmm = ops.host.vmm.name(), "launching the vmm");
                 let vmm = ops.host.vmm.launch(&launch).await?;
+                tracing::debug!(vm_id = %self.vm.id, pid = vmm.pid, "vmm launched");
                 self.handles.vmm = Some(vmm);
                 ops.set_handles(&self.vm, self.handles.clone())?;
             }

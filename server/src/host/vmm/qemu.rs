@@ -111,7 +111,9 @@ impl Vmm for QemuVmm {
 
     async fn launch(&self, launch: &LaunchSpec<'_>) -> Result<ProcessHandle, HostError> {
         let _ = std::fs::remove_file(&launch.paths.api_socket);
-        command::spawn_detached(&self.binary, &self.args(launch), &launch.paths.vmm_log)
+        let args = self.args(launch);
+        tracing::debug!(binary = %self.binary.display(), args = ?args, "qemu command line");
+        command::spawn_detached(&self.binary, &args, &launch.paths.vmm_log)
     }
 
     async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError> {
