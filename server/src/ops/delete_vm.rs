@@ -69,11 +69,7 @@ impl Operation for DeleteVmOp<'_> {
     }
 
     fn subject(&self) -> Subject {
-        Subject {
-            vm_id: Some(self.vm.id.to_string()),
-            vm_name: Some(self.vm.name.clone()),
-            image_id: Some(self.vm.image_id.to_string()),
-        }
+        Subject::of(&self.vm)
     }
 }
 
@@ -89,11 +85,7 @@ impl Ops {
         if let Err(error) = runner::run_with(op_id, &mut op, &self.run_options()).await {
             // Whatever the failed delete did, leave the record consistent with the host; a
             // retry finishes the deletion.
-            if let Ok(current) = self.store.vm_get(&op.vm.id.to_string()).await
-                && let Err(cleanup) = self.reconcile(current, &self.host.processes.table()).await
-            {
-                tracing::warn!(vm_id = %op.vm.id, error = cleanup.chain(), "cleanup after a failed delete failed");
-            }
+            self.settle_after_failure(op.vm.id, "delete").await;
             return Err(error);
         }
         self.forget_vm(op.vm.id);

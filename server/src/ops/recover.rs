@@ -78,6 +78,19 @@ impl Ops {
         self.reconcile(vm, &self.host.processes.table()).await
     }
 
+    /// After an operation without undo (stop, delete) failed, under the VM's lock: make the
+    /// record and the host agree again. Failures are logged; the periodic resync retries.
+    pub(super) async fn settle_after_failure(&self, id: VmId, operation: &str) {
+        let settled = match self.store.vm_get(&id.to_string()).await {
+            Ok(current) => self.reconcile(current, &self.host.processes.table()).await.map(drop),
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(cleanup) = settled {
+            tracing::warn!(vm_id = %id, operation, error = cleanup.chain(), "cleanup after a failed operation failed");
+        }
+    }
+
     pub(super) async fn reconcile(&self, vm: Vm, table: &ProcessTable) -> Result<Vm, Error> {
         let state = vm.observed_state;
         if !state.may_have_vmm() {

@@ -24,6 +24,13 @@ pub struct Subject {
     pub image_id: Option<String>,
 }
 
+impl Subject {
+    /// A recorded VM.
+    pub fn of(vm: &crate::domain::Vm) -> Self {
+        Self { vm_id: Some(vm.id.to_string()), vm_name: Some(vm.name.clone()), image_id: Some(vm.image_id.to_string()) }
+    }
+}
+
 /// An operation: an ordered list of stages over some state of its own.
 #[tonic::async_trait]
 pub trait Operation: Send {

@@ -104,11 +104,7 @@ impl Operation for StartVmOp<'_> {
     }
 
     fn subject(&self) -> Subject {
-        Subject {
-            vm_id: Some(self.vm.id.to_string()),
-            vm_name: Some(self.vm.name.clone()),
-            image_id: Some(self.vm.image_id.to_string()),
-        }
+        Subject::of(&self.vm)
     }
 
     fn evidence(&self, stage: Stage) -> Option<PathBuf> {

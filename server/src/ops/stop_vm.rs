@@ -124,11 +124,7 @@ impl Operation for StopVmOp<'_> {
     }
 
     fn subject(&self) -> Subject {
-        Subject {
-            vm_id: Some(self.vm.id.to_string()),
-            vm_name: Some(self.vm.name.clone()),
-            image_id: Some(self.vm.image_id.to_string()),
-        }
+        Subject::of(&self.vm)
     }
 }
 
@@ -149,10 +145,7 @@ impl Ops {
             Err(error) => {
                 // Stop has nothing to undo: finish the job (kill, release, mark stopped) so
                 // the record and the host agree, and still report the failure.
-                let current = self.store.vm_get(&op.vm.id.to_string()).await?;
-                if let Err(cleanup) = self.reconcile(current, &self.host.processes.table()).await {
-                    tracing::warn!(vm_id = %op.vm.id, error = cleanup.chain(), "cleanup after a failed stop failed");
-                }
+                self.settle_after_failure(op.vm.id, "stop").await;
                 Err(error)
             }
         }
