@@ -16,6 +16,8 @@ pub const DEFAULT_SOCKET: &str = "/run/banger/bangerd.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
 /// Default directory of the default image's artifacts, where `make setup` installs them.
 pub const DEFAULT_IMAGE_DIR: &str = "/usr/local/share/banger/images/default";
+/// Memory a VMM may use beyond its guest's: device emulation, and under TCG the code cache.
+pub const DEFAULT_VMM_MEMORY_OVERHEAD_MIB: u64 = 512;
 /// Config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/banger/config.toml";
 
@@ -45,6 +47,8 @@ pub struct FileConfig {
     pub accel: Option<String>,
     /// See [`Config::otlp_endpoint`].
     pub otlp_endpoint: Option<String>,
+    /// See [`Config::vmm_memory_overhead_mib`].
+    pub vmm_memory_overhead_mib: Option<u64>,
 }
 
 /// A configuration value that cannot be used.
@@ -102,6 +106,8 @@ pub struct Config {
     pub accel: Accel,
     /// OTLP/gRPC endpoint for spans and metrics (`http://HOST:4317`); none exports nothing.
     pub otlp_endpoint: Option<String>,
+    /// Memory a VMM may use beyond its guest's, in its cgroup's limit.
+    pub vmm_memory_overhead_mib: u64,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -166,6 +172,7 @@ impl Config {
             vsock_backend_binary: file.vsock_backend_binary.unwrap_or_else(|| "vhost-device-vsock".into()),
             accel,
             otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
+            vmm_memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(DEFAULT_VMM_MEMORY_OVERHEAD_MIB),
         })
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     host::{
         agent_channel::VsockAgentChannels,
         block::LinuxBlockDevices,
+        cgroup::Cgroups,
         network::LinuxNetwork,
         process::ProcFs,
         storage::Qcow2Overlays,
@@ -57,6 +58,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         processes: Arc::new(processes),
         network: Arc::new(LinuxNetwork::new("ip".into())),
         block: Arc::new(LinuxBlockDevices::default()),
+        limits: Arc::new(Cgroups::detect("/sys/fs/cgroup".into(), config.vmm_memory_overhead_mib)),
     };
     let ops_config = OpsConfig {
         state_dir: config.state_dir.clone(),

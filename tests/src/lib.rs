@@ -283,8 +283,20 @@ impl Drop for Daemon {
             }
         }
         self.signal(Signal::SIGTERM);
-        for (pid, _) in processes_mentioning(&self.dir.path().display().to_string()) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let leftovers = processes_mentioning(&self.dir.path().display().to_string());
+        for (pid, _) in &leftovers {
+            let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        // A failed test may leave VMs' cgroups behind: remove them once their processes are gone.
+        if !leftovers.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for entry in std::fs::read_dir(self.state_dir().join("vms")).into_iter().flatten().flatten() {
+            for controller in ["cpu", "memory"] {
+                let _ = std::fs::remove_dir(
+                    Path::new("/sys/fs/cgroup").join(controller).join("banger").join(entry.file_name()),
+                );
+            }
         }
     }
 }

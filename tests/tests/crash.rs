@@ -22,6 +22,11 @@ fn assert_gone(daemon: &Daemon, vm_dir: &str) {
     for socket in ["qmp.sock", "vsock.sock", "vhost-user.sock", "handles.json"] {
         assert!(!Path::new(vm_dir).join(socket).exists(), "{socket} left in {vm_dir}");
     }
+    let id = Path::new(vm_dir).file_name().expect("vm id").to_string_lossy().into_owned();
+    for controller in ["cpu", "memory"] {
+        let group = format!("/sys/fs/cgroup/{controller}/banger/{id}");
+        assert!(!Path::new(&group).exists(), "{group} left");
+    }
 }
 
 #[test]

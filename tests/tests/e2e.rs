@@ -48,6 +48,21 @@ fn vm_run_prints_guest_output_and_exit_codes_and_delete_leaves_nothing() {
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     assert!(Path::new(&vm_dir).join("handles.json").is_file());
 
+    // The VMM sits in its own cgroup: one CPU per vCPU, the guest's memory plus overhead.
+    let id = vm_field(&daemon, "handles-test", "id");
+    let cgroup_v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+    if cgroup_v1 {
+        let read = |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let procs = read(format!("/sys/fs/cgroup/memory/banger/{id}/cgroup.procs"));
+        assert!(procs.lines().any(|p| p == pid.to_string()), "vmm {pid} not in its memory cgroup: {procs}");
+        let limit: u64 =
+            read(format!("/sys/fs/cgroup/memory/banger/{id}/memory.limit_in_bytes")).trim().parse().expect("limit");
+        assert_eq!(limit, (256 + 512) * 1024 * 1024);
+        assert_eq!(read(format!("/sys/fs/cgroup/cpu/banger/{id}/cpu.cfs_quota_us")).trim(), "100000");
+    } else {
+        eprintln!("cgroup v1 checks skipped: this host has no v1 memory controller");
+    }
+
     let out = daemon.banger(&["vm", "stop", "handles-test"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(vm_field(&daemon, "handles-test", "state"), "stopped");
@@ -56,6 +71,7 @@ fn vm_run_prints_guest_output_and_exit_codes_and_delete_leaves_nothing() {
         assert!(!Path::new(&vm_dir).join(leftover).exists(), "{leftover} left after stop");
     }
     assert!(Path::new(&vm_dir).join("root.qcow2").is_file(), "a stopped vm keeps its disk");
+    assert!(!Path::new(&format!("/sys/fs/cgroup/memory/banger/{id}")).exists(), "cgroup left after stop");
 
     let out = daemon.banger(&["vm", "start", "handles-test"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -65,6 +81,10 @@ fn vm_run_prints_guest_output_and_exit_codes_and_delete_leaves_nothing() {
     let out = daemon.banger(&["vm", "delete", "handles-test"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!Path::new(&vm_dir).exists(), "vm dir left after delete");
+    for controller in ["cpu", "memory"] {
+        let group = format!("/sys/fs/cgroup/{controller}/banger/{id}");
+        assert!(!Path::new(&group).exists(), "{group} left after delete");
+    }
     assert!(daemon.guest_processes().is_empty(), "after delete: {:?}", daemon.guest_processes());
     let list = text(&daemon.banger(&["vm", "list"]).stdout);
     assert_eq!(list.lines().count(), 1, "{list}");

@@ -181,6 +181,7 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
             "vm.create.root_disk",
             "vm.create.agent_channel",
             "vm.create.vmm_launch",
+            "vm.create.limit_resources",
             "vm.create.vmm_boot",
             "vm.create.wait_agent",
             "vm.create.mark_running",

@@ -15,13 +15,14 @@ use super::{
     HostError,
     agent_channel::{AgentChannels, ExecInputStream, ExecStarting},
     block::BlockDevices,
+    cgroup::ResourceLimits,
     network::Network,
     process::{ProcessTable, Processes},
     storage::RootDisks,
     vmm::{LaunchSpec, Vmm},
 };
 use crate::{
-    domain::{ProcessHandle, Vm, VmId, VmPaths},
+    domain::{ProcessHandle, Vm, VmId, VmPaths, VmSpec},
     ops::HostServices,
 };
 
@@ -35,6 +36,7 @@ struct State {
     loops: BTreeSet<String>,
     /// device-mapper name -> the loop devices it sits on
     dms: BTreeMap<String, Vec<String>>,
+    cgroups: BTreeSet<String>,
     /// capability call -> failures still to inject
     failures: HashMap<&'static str, usize>,
 }
@@ -59,7 +61,13 @@ impl FakeHost {
             processes: Arc::new(self.clone()),
             network: Arc::new(self.clone()),
             block: Arc::new(self.clone()),
+            limits: Arc::new(self.clone()),
         }
+    }
+
+    /// cgroups that exist.
+    pub fn cgroups(&self) -> Vec<String> {
+        self.state().cgroups.iter().cloned().collect()
     }
 
     /// Creates kernel-level state as a VM's storage and network would: a tap, two loop
@@ -310,6 +318,37 @@ impl BlockDevices for FakeHost {
             });
         }
         state.loops.remove(device);
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ResourceLimits for FakeHost {
+    async fn confine(&self, group: &str, _spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
+        self.check("limits.confine")?;
+        if !self.state().processes.contains_key(&process.pid) {
+            return Err(HostError::Io {
+                what: "fake host: no such process".into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        self.state().cgroups.insert(group.to_owned());
+        Ok(Some(group.to_owned()))
+    }
+
+    async fn remove(&self, group: &str) -> Result<(), HostError> {
+        self.check("limits.remove")?;
+        let mut state = self.state();
+        // Rule: a cgroup with a live process in it cannot be removed (EBUSY).
+        let vm_dir_marker = group.rsplit('/').next().unwrap_or(group).to_owned();
+        if state.processes.values().any(|(_, cmdline)| cmdline.contains(&vm_dir_marker) && cmdline.starts_with("qemu"))
+        {
+            return Err(HostError::Io {
+                what: format!("fake host: cgroup {group} still has a process"),
+                source: std::io::Error::from_raw_os_error(16),
+            });
+        }
+        state.cgroups.remove(group);
         Ok(())
     }
 }

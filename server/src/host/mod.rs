@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod agent_channel;
 pub mod block;
+pub mod cgroup;
 pub mod command;
 pub mod exec;
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub enum BootStage {
     AgentChannel,
     /// Launch the VMM process, detached.
     VmmLaunch,
+    /// Put the VMM in a cgroup bounding its CPU and memory.
+    LimitResources,
     /// Wait until the VMM's control socket answers and the guest runs.
     VmmBoot,
     /// Wait until the guest agent answers.
@@ -28,8 +30,14 @@ pub enum BootStage {
 }
 
 /// Every boot stage in order.
-pub const BOOT_STAGES: [BootStage; 5] =
-    [BootStage::RootDisk, BootStage::AgentChannel, BootStage::VmmLaunch, BootStage::VmmBoot, BootStage::WaitAgent];
+pub const BOOT_STAGES: [BootStage; 6] = [
+    BootStage::RootDisk,
+    BootStage::AgentChannel,
+    BootStage::VmmLaunch,
+    BootStage::LimitResources,
+    BootStage::VmmBoot,
+    BootStage::WaitAgent,
+];
 
 impl BootStage {
     /// The stage's logged name.
@@ -38,6 +46,7 @@ impl BootStage {
             Self::RootDisk => "root_disk",
             Self::AgentChannel => "agent_channel",
             Self::VmmLaunch => "vmm_launch",
+            Self::LimitResources => "limit_resources",
             Self::VmmBoot => "vmm_boot",
             Self::WaitAgent => "wait_agent",
         }
@@ -48,7 +57,7 @@ impl BootStage {
         match self {
             Self::RootDisk => None,
             Self::AgentChannel => Some("vsock-backend.log"),
-            Self::VmmLaunch | Self::VmmBoot => Some("vmm.log"),
+            Self::VmmLaunch | Self::LimitResources | Self::VmmBoot => Some("vmm.log"),
             Self::WaitAgent => Some("console.log"),
         }
     }
@@ -106,6 +115,12 @@ impl Boot {
                 self.handles.vmm = Some(vmm);
                 ops.set_handles(&self.vm, self.handles.clone())?;
             }
+            BootStage::LimitResources => {
+                let vmm = self.vmm_handle()?;
+                let group = cgroup_name(&self.vm);
+                self.handles.cgroup = ops.host.limits.confine(&group, self.vm.spec, &vmm).await?;
+                ops.set_handles(&self.vm, self.handles.clone())?;
+            }
             BootStage::VmmBoot => {
                 let vmm = self.vmm_handle()?;
                 ops.host.vmm.wait_running(&paths, &vmm).await?;
@@ -143,6 +158,19 @@ impl Boot {
                 }
                 let _ = ops.set_handles(&self.vm, self.handles.clone());
             }
+            // The group goes with the VMM (undone next, in reverse order): see release_runtime.
+            BootStage::LimitResources => {
+                if let Some(group) = self.handles.cgroup.take() {
+                    if let Some(vmm) = self.handles.vmm {
+                        kill_vmm(ops, &vmm, &self.vm).await;
+                    }
+                    if ops.host.limits.remove(&group).await.is_err() {
+                        // Left in the scratch file for reconcile to retry.
+                        self.handles.cgroup = Some(group);
+                    }
+                }
+                let _ = ops.set_handles(&self.vm, self.handles.clone());
+            }
             BootStage::VmmBoot | BootStage::WaitAgent => {}
         }
     }
@@ -157,6 +185,11 @@ impl Boot {
     }
 }
 
+/// The cgroup of a VM's VMM: derived from its id alone.
+fn cgroup_name(vm: &Vm) -> String {
+    format!("banger/{}", vm.id)
+}
+
 async fn kill_vmm(ops: &Ops, vmm: &ProcessHandle, vm: &Vm) {
     let paths = vm.paths();
     ops.host.processes.terminate(vmm, &paths.api_socket, Duration::ZERO).await;
@@ -165,7 +198,7 @@ async fn kill_vmm(ops: &Ops, vmm: &ProcessHandle, vm: &Vm) {
 
 impl Ops {
     /// Releases everything a VM holds on the host while it runs: the VMM (killed if it
-    /// still runs), the vsock backend, the tap, the device-mapper snapshot and its loop
+    /// still runs), the vsock backend, its cgroup, the tap, the device-mapper snapshot and its loop
     /// devices (in that order: a loop under a snapshot is busy), sockets, and the scratch
     /// file. Tolerates anything already gone; safe to run twice. A kernel handle that cannot
     /// be released stays in the scratch file for the next reconcile, and the error says which.
@@ -184,6 +217,15 @@ impl Ops {
             self.host.agents.stop_backend(&backend, &paths).await;
         }
         let mut first_error = None;
+        // The group's name derives from the VM's id, so it is removed even when the scratch
+        // file that named it was lost.
+        {
+            let group = handles.cgroup.clone().unwrap_or_else(|| cgroup_name(vm));
+            match self.host.limits.remove(&group).await {
+                Ok(()) => handles.cgroup = None,
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
         if let Some(tap) = handles.tap.clone() {
             match self.host.network.delete_tap(&tap).await {
                 Ok(()) => handles.tap = None,

@@ -28,8 +28,8 @@ pub use exec_vm::ExecOutput;
 use crate::{
     domain::{Vm, VmHandles, VmId},
     host::{
-        agent_channel::AgentChannels, block::BlockDevices, network::Network, process::Processes, scratch,
-        storage::RootDisks, vmm::Vmm,
+        agent_channel::AgentChannels, block::BlockDevices, cgroup::ResourceLimits, network::Network,
+        process::Processes, scratch, storage::RootDisks, vmm::Vmm,
     },
     store::Store,
 };
@@ -62,6 +62,8 @@ pub struct HostServices {
     pub network: Arc<dyn Network>,
     /// Loop devices and device-mapper snapshots.
     pub block: Arc<dyn BlockDevices>,
+    /// cgroups bounding VMM processes.
+    pub limits: Arc<dyn ResourceLimits>,
 }
 
 /// The daemon's core: the store, the host, and the in-memory cache of transient handles.

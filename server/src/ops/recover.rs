@@ -206,6 +206,7 @@ mod tests {
             processes: Arc::new(processes),
             network: Arc::new(crate::host::fake::FakeHost::default()),
             block: Arc::new(crate::host::fake::FakeHost::default()),
+            limits: Arc::new(crate::host::fake::FakeHost::default()),
         };
         let config = OpsConfig {
             state_dir: dir.path().join("state"),

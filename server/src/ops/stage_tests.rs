@@ -144,9 +144,10 @@ async fn a_create_failing_at_any_stage_leaves_nothing() {
         assert!(f.record(&format!("vm-{i}")).await.is_none(), "{stage}: record left");
         assert!(f.host.processes().is_empty(), "{stage}: {:?}", f.host.processes());
         assert!(f.host.disks().is_empty(), "{stage}: {:?}", f.host.disks());
+        assert!(f.host.cgroups().is_empty(), "{stage}: {:?}", f.host.cgroups());
         assert_eq!(f.vm_dirs(), 0, "{stage}: vm dir left");
     });
-    assert_eq!(stages, 9, "resolve_image .. mark_running");
+    assert_eq!(stages, 10, "resolve_image .. mark_running");
 }
 
 #[tokio::test]
@@ -160,6 +161,7 @@ async fn a_create_failing_inside_any_host_capability_leaves_nothing() {
         assert!(f.record("doomed").await.is_none(), "{call}: record left");
         assert!(f.host.processes().is_empty(), "{call}: {:?}", f.host.processes());
         assert!(f.host.disks().is_empty(), "{call}: {:?}", f.host.disks());
+        assert!(f.host.cgroups().is_empty(), "{call}: {:?}", f.host.cgroups());
         assert_eq!(f.vm_dirs(), 0, "{call}");
     }
     f.ops.create_vm(create("doomed")).await.expect("then it works");
@@ -176,7 +178,7 @@ async fn start_stages_are_idempotent_and_failures_leave_a_stopped_or_errored_vm(
         f.assert_consistent(&record, stage);
         assert!(vm.paths().root_disk.exists(), "{stage}: the disk of a stopped vm is kept");
     });
-    assert_eq!(stages, 8, "resolve_image .. mark_running");
+    assert_eq!(stages, 9, "resolve_image .. mark_running");
     f.ops.stop_vm("web", false).await.expect("stop");
     f.run(RunOptions { repeat_stages: true, ..Default::default() });
     let started = f.ops.start_vm("web").await.expect("start with every stage twice");

@@ -1,0 +1,222 @@
+//! Resource limits for VMM processes through cgroups: v1 (per-controller hierarchies, as on
+//! this class of host) or v2 (one unified hierarchy), detected at startup.
+//!
+//! Each VM gets `banger/<vm id>` under the cpu and memory controllers: a CPU quota of one
+//! core per vCPU and a memory limit of the guest's memory plus the VMM's overhead. The
+//! group is a handle: reconcile removes it once the VMM is gone.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::HostError;
+use crate::domain::{ProcessHandle, VmSpec};
+
+/// The CFS period the CPU quota is expressed in.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// What the host offers to bound a VMM's resources.
+#[tonic::async_trait]
+pub trait ResourceLimits: Send + Sync + std::fmt::Debug {
+    /// Puts `process` into a group named `group` limited for `spec`; returns the group's
+    /// name (its handle), or `None` where the host offers no usable cgroups.
+    async fn confine(&self, group: &str, spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError>;
+
+    /// Removes a group; one already gone is fine. Waits briefly for its last process to go.
+    async fn remove(&self, group: &str) -> Result<(), HostError>;
+}
+
+/// Which cgroup hierarchy the host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// Per-controller hierarchies (`/sys/fs/cgroup/<controller>/`).
+    V1,
+    /// The unified hierarchy with the cpu and memory controllers.
+    V2,
+    /// Neither is usable.
+    None,
+}
+
+/// Limits through the host's cgroup file system.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    root: PathBuf,
+    version: CgroupVersion,
+    /// Memory allowed on top of the guest's for the VMM itself (device emulation, TCG code
+    /// cache, page tables).
+    overhead_mib: u64,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> HostError {
+    move |source| HostError::Io { what, source }
+}
+
+/// Creates `dir` and its parents. Retried because [`ResourceLimits::remove`] of another VM
+/// may remove an emptied parent in between.
+fn create_group_dir(dir: &Path) -> Result<(), HostError> {
+    let mut attempt = 0;
+    loop {
+        match std::fs::create_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
+            other => return other.map_err(io(format!("create {}", dir.display()))),
+        }
+    }
+}
+
+impl Cgroups {
+    /// Detects the hierarchy under `root` (normally `/sys/fs/cgroup`).
+    pub fn detect(root: PathBuf, overhead_mib: u64) -> Self {
+        let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let version = if controllers.split_whitespace().any(|c| c == "memory")
+            && controllers.split_whitespace().any(|c| c == "cpu")
+        {
+            CgroupVersion::V2
+        } else if root.join("memory/memory.limit_in_bytes").exists() && root.join("cpu/cpu.cfs_quota_us").exists() {
+            CgroupVersion::V1
+        } else {
+            CgroupVersion::None
+        };
+        Self { root, version, overhead_mib }
+    }
+
+    /// The hierarchy in use.
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    /// The directories of one group, one per controller (v1) or one (v2).
+    pub fn group_dirs(&self, group: &str) -> Vec<PathBuf> {
+        match self.version {
+            CgroupVersion::V1 => vec![self.root.join("cpu").join(group), self.root.join("memory").join(group)],
+            CgroupVersion::V2 => vec![self.root.join(group)],
+            CgroupVersion::None => vec![],
+        }
+    }
+
+    fn write(path: &Path, value: &str) -> Result<(), HostError> {
+        std::fs::write(path, value).map_err(io(format!("write {value:?} to {}", path.display())))
+    }
+
+    fn is_controller_root(&self, dir: &Path) -> bool {
+        self.version == CgroupVersion::V1 && dir.parent() == Some(self.root.as_path())
+    }
+
+    /// The memory limit for a VM of `spec`, in bytes.
+    pub fn memory_limit_bytes(&self, spec: VmSpec) -> u64 {
+        (u64::from(spec.memory_mib) + self.overhead_mib) * 1024 * 1024
+    }
+
+    /// The CPU quota for a VM of `spec`, in µs per [`CPU_PERIOD_US`].
+    pub fn cpu_quota_us(spec: VmSpec) -> u64 {
+        u64::from(spec.vcpus) * CPU_PERIOD_US
+    }
+}
+
+#[tonic::async_trait]
+impl ResourceLimits for Cgroups {
+    async fn confine(&self, group: &str, spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
+        let memory = self.memory_limit_bytes(spec).to_string();
+        let quota = Self::cpu_quota_us(spec);
+        match self.version {
+            CgroupVersion::None => return Ok(None),
+            CgroupVersion::V1 => {
+                let [cpu, mem] = [self.root.join("cpu").join(group), self.root.join("memory").join(group)];
+                for dir in [&cpu, &mem] {
+                    create_group_dir(dir)?;
+                }
+                Self::write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                Self::write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                Self::write(&mem.join("memory.limit_in_bytes"), &memory)?;
+                for dir in [&cpu, &mem] {
+                    Self::write(&dir.join("cgroup.procs"), &process.pid.to_string())?;
+                }
+            }
+            CgroupVersion::V2 => {
+                let dir = self.root.join(group);
+                if let Some(parent) = dir.parent() {
+                    // Children of a v2 group only get the controllers its parent delegates.
+                    create_group_dir(parent)?;
+                    let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
+                }
+                create_group_dir(&dir)?;
+                Self::write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                Self::write(&dir.join("memory.max"), &memory)?;
+                Self::write(&dir.join("cgroup.procs"), &process.pid.to_string())?;
+            }
+        }
+        Ok(Some(group.to_owned()))
+    }
+
+    async fn remove(&self, group: &str) -> Result<(), HostError> {
+        for dir in self.group_dirs(group) {
+            let mut attempts = 0;
+            loop {
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    // A process that was just killed leaves the group a moment later.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempts < 50 => {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(io(format!("remove {}", dir.display()))(e)),
+                }
+            }
+            // The shared parent (`banger/`) goes with its last group; busy means others remain.
+            if let Some(parent) = dir.parent().filter(|p| *p != self.root && !self.is_controller_root(p)) {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn confines_a_real_process_with_the_expected_limits_and_removes_its_group() {
+        let cgroups = Cgroups::detect("/sys/fs/cgroup".into(), 512);
+        if cgroups.version() == CgroupVersion::None {
+            eprintln!("SKIPPED: no usable cgroup cpu and memory controllers on this host");
+            return;
+        }
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let process = ProcessHandle { pid: child.id(), start_time: 0 };
+        let group = format!("banger-test/{}", std::process::id());
+        let spec = VmSpec { vcpus: 2, memory_mib: 256 };
+        let named = cgroups.confine(&group, spec, &process).await;
+        // Checked before cleanup, asserted after, so a failure still removes the process and group.
+        let check = || -> Result<(), String> {
+            let read = |path: String| {
+                std::fs::read_to_string(&path).map(|s| s.trim().to_owned()).map_err(|e| format!("{path}: {e}"))
+            };
+            if named.as_ref().map_err(|e| e.to_string())?.as_deref() != Some(group.as_str()) {
+                return Err(format!("confine returned {named:?}"));
+            }
+            let membership = read(format!("/proc/{}/cgroup", process.pid))?;
+            if !membership.contains(&group) {
+                return Err(format!("not in the group: {membership}"));
+            }
+            if cgroups.version() == CgroupVersion::V1 {
+                let limit = read(format!("/sys/fs/cgroup/memory/{group}/memory.limit_in_bytes"))?;
+                let quota = read(format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us"))?;
+                if limit != ((256 + 512) * 1024 * 1024u64).to_string() || quota != "200000" {
+                    return Err(format!("limits: memory {limit}, cpu quota {quota}"));
+                }
+            }
+            Ok(())
+        };
+        let checked = check();
+        let _ = child.kill();
+        let _ = child.wait();
+        cgroups.remove(&group).await.expect("remove");
+        for dir in cgroups.group_dirs("banger-test") {
+            let _ = std::fs::remove_dir(dir);
+        }
+        checked.expect("limits");
+        assert!(cgroups.group_dirs(&group).iter().all(|d| !d.exists()));
+    }
+}
