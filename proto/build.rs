@@ -4,7 +4,7 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=banger");
-    let files = ["banger/v1/vm.proto", "banger/v1/image.proto", "banger/agent/v1/agent.proto"];
+    let files = ["banger/v1/vm.proto", "banger/v1/image.proto", "banger/v1/host.proto", "banger/agent/v1/agent.proto"];
     let descriptors = protox::compile(files, ["."])?;
     std::fs::write(out.join("banger_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
     tonic_prost_build::configure().compile_fds(descriptors)?;

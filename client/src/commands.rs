@@ -63,6 +63,7 @@ pub async fn run(target: Target, autostart: bool, command: Command) -> ExitCode 
             Command::Vm(VmCommand::Run { shape, rm, process }) => vm_run(client, shape, rm, process).await,
             Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
             Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
+            Command::Doctor => doctor(client).await,
         },
     };
     match result {
@@ -154,6 +155,12 @@ async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), 
         }
     }
     Ok(())
+}
+
+async fn doctor(mut client: Client) -> Result<ExitCode, Failure> {
+    let report = client.host.get_host(pb::GetHostRequest {}).await?.into_inner();
+    let failed = output::print_host_report(&report);
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Reads this process's standard input in chunks, as a stream.

@@ -114,6 +114,8 @@ pub struct Client {
     pub vms: pb::vm_service_client::VmServiceClient<Channel>,
     /// `banger.v1.ImageService`.
     pub images: pb::image_service_client::ImageServiceClient<Channel>,
+    /// `banger.v1.HostService`.
+    pub host: pb::host_service_client::HostServiceClient<Channel>,
     /// `grpc.health.v1.Health`.
     pub health: tonic_health::pb::health_client::HealthClient<Channel>,
 }
@@ -137,6 +139,7 @@ impl Client {
         let traced = InterceptedService::new(channel, TraceContextInjector);
         Self {
             health: tonic_health::pb::health_client::HealthClient::new(traced.clone()),
+            host: pb::host_service_client::HostServiceClient::new(traced.clone()),
             vms: pb::vm_service_client::VmServiceClient::new(traced.clone()),
             images: pb::image_service_client::ImageServiceClient::new(traced),
         }

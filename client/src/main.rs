@@ -46,6 +46,10 @@ enum Command {
     /// Import and manage images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Check what this host supports and show which drivers bangerd uses.
+    ///
+    /// Exits 1 when a check fails (VMs cannot run until it is fixed).
+    Doctor,
 }
 
 /// The shape of a new VM.

@@ -97,6 +97,31 @@ pub fn print_image_details(image: &pb::Image) {
     }
 }
 
+/// The host report: one line per check, then the drivers in use. True when a check failed.
+pub fn print_host_report(report: &pb::GetHostResponse) -> bool {
+    let mut failed = false;
+    for check in &report.checks {
+        let status = match pb::HostCheckStatus::try_from(check.status).unwrap_or(pb::HostCheckStatus::Unspecified) {
+            pb::HostCheckStatus::Pass => "PASS",
+            pb::HostCheckStatus::Warn => "WARN",
+            pb::HostCheckStatus::Fail => {
+                failed = true;
+                "FAIL"
+            }
+            pb::HostCheckStatus::Unspecified => "????",
+        };
+        println!("{status}  {:<14} {}", check.name, check.detail);
+    }
+    if let Some(choices) = &report.choices {
+        println!();
+        println!(
+            "bangerd uses: vmm {} (accel {}), agent channel {}, root disks {}, cgroups {}",
+            choices.vmm, choices.accel, choices.agent_channel, choices.root_disk, choices.cgroup
+        );
+    }
+    failed
+}
+
 fn code_name(code: Code) -> String {
     // `Code`'s Debug is CamelCase; print the canonical SCREAMING_SNAKE name.
     let camel = format!("{code:?}");

@@ -21,6 +21,7 @@ use crate::{
         agent_channel::VsockAgentChannels,
         block::LinuxBlockDevices,
         cgroup::Cgroups,
+        doctor::DoctorInputs,
         network::LinuxNetwork,
         process::ProcFs,
         storage::Qcow2Overlays,
@@ -48,6 +49,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
     let processes = ProcFs::default();
+    let cgroups = Cgroups::detect("/sys/fs/cgroup".into(), config.vmm_memory_overhead_mib);
     let vsock_mode = VsockMode::detect();
     tracing::info!(vsock = ?vsock_mode, accel = ?config.accel, "host capabilities");
     let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
@@ -58,12 +60,21 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         processes: Arc::new(processes),
         network: Arc::new(LinuxNetwork::new("ip".into())),
         block: Arc::new(LinuxBlockDevices::default()),
-        limits: Arc::new(Cgroups::detect("/sys/fs/cgroup".into(), config.vmm_memory_overhead_mib)),
+        limits: Arc::new(cgroups.clone()),
     };
     let ops_config = OpsConfig {
         state_dir: config.state_dir.clone(),
         default_image: config.default_image.clone(),
         default_image_dir: config.default_image_dir.clone(),
+        doctor: Some(DoctorInputs {
+            state_dir: config.state_dir.clone(),
+            qemu: config.qemu_binary.clone(),
+            qemu_img: config.qemu_img_binary.clone(),
+            vsock_backend: config.vsock_backend_binary.clone(),
+            accel: config.accel,
+            vsock: vsock_mode,
+            cgroup: cgroups.version(),
+        }),
     };
     let ops = Arc::new(Ops::new(store, ops_config, host));
     // A VM that cannot be reconciled now is logged and retried by the periodic resync; it

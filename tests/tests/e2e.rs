@@ -219,3 +219,36 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     std::thread::sleep(Duration::from_millis(100));
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }
+
+#[test]
+fn doctor_reports_this_host_as_it_is() {
+    let daemon = Daemon::start(&[]);
+    let out = daemon.banger(&["doctor"]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "a host that runs the e2e tests has no failing check:\n{report}");
+    let status = |name: &str| -> String {
+        report
+            .lines()
+            .find_map(|line| {
+                let mut words = line.split_whitespace();
+                let status = words.next()?;
+                (words.next()? == name).then(|| status.to_owned())
+            })
+            .unwrap_or_else(|| panic!("no {name} line in:\n{report}"))
+    };
+    let expect = |condition: bool| if condition { "PASS" } else { "WARN" };
+    assert_eq!(status("qemu"), "PASS");
+    assert_eq!(status("qemu-img"), "PASS");
+    assert_eq!(status("vsock"), "PASS");
+    assert_eq!(status("device-mapper"), expect(Path::new("/dev/mapper/control").exists()));
+    assert_eq!(status("tap"), expect(Path::new("/dev/net/tun").exists()));
+    let cgroups = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        || std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").is_ok_and(|c| c.contains("memory"));
+    assert_eq!(status("cgroup"), expect(cgroups));
+    let hardware = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" vmx") || c.contains(" svm"));
+    // Guests use TCG unless the config says kvm (the tests never do): KVM is never a PASS here.
+    assert_eq!(status("kvm"), "WARN", "kvm: /dev/kvm {}, vmx/svm {hardware}", Path::new("/dev/kvm").exists());
+    let backend = if Path::new("/dev/vhost-vsock").exists() { "kernel vhost-vsock" } else { "vhost-device-vsock" };
+    assert!(report.contains(&format!("agent channel {backend}")), "{report}");
+    assert!(report.contains("vmm qemu (accel tcg)"), "{report}");
+}

@@ -2,15 +2,20 @@
 //! error-to-status mapping, health and reflection.
 
 mod convert;
+mod host_service;
 mod image_service;
 pub mod status;
 mod vm_service;
 
 use std::sync::Arc;
 
-use banger_proto::v1::{image_service_server::ImageServiceServer, vm_service_server::VmServiceServer};
+use banger_proto::v1::{
+    host_service_server::HostServiceServer, image_service_server::ImageServiceServer,
+    vm_service_server::VmServiceServer,
+};
 use tonic::{Response, metadata::MetadataValue, service::Routes};
 
+pub use host_service::HostApi;
 pub use image_service::ImageApi;
 pub use vm_service::VmApi;
 
@@ -45,6 +50,7 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<VmApi>>().await;
     health_reporter.set_serving::<ImageServiceServer<ImageApi>>().await;
+    health_reporter.set_serving::<HostServiceServer<HostApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(banger_proto::FILE_DESCRIPTOR_SET)
@@ -56,6 +62,7 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(VmServiceServer::new(VmApi::new(ops.clone())))
-        .add_service(ImageServiceServer::new(ImageApi::new(ops)));
+        .add_service(ImageServiceServer::new(ImageApi::new(ops.clone())))
+        .add_service(HostServiceServer::new(HostApi::new(ops)));
     Ok(routes.routes())
 }

@@ -44,6 +44,8 @@ pub struct OpsConfig {
     /// Directory holding `vmlinuz`, `initrd.img` and `rootfs.ext4` of the default image,
     /// imported under `default_image` on first use.
     pub default_image_dir: PathBuf,
+    /// What `banger doctor` checks (`None` in tests that never ask).
+    pub doctor: Option<crate::host::doctor::DoctorInputs>,
 }
 
 /// The host capabilities the use cases drive, each behind a trait so that `ops` tests run
@@ -111,6 +113,16 @@ impl Ops {
     /// The VMM's short name.
     pub fn vmm_name(&self) -> &'static str {
         self.host.vmm.name()
+    }
+
+    /// What this host supports and which drivers the daemon uses.
+    pub async fn host_report(&self) -> Result<(Vec<crate::host::doctor::Check>, crate::host::doctor::Choices), Error> {
+        let inputs = self
+            .config
+            .doctor
+            .as_ref()
+            .ok_or_else(|| Error::FailedPrecondition("host checks are not configured".into()))?;
+        Ok(crate::host::doctor::diagnose(inputs).await)
     }
 
     /// The store.

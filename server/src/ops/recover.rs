@@ -212,6 +212,7 @@ mod tests {
             state_dir: dir.path().join("state"),
             default_image: "default".into(),
             default_image_dir: dir.path().join("none"),
+            doctor: None,
         };
         (Arc::new(Ops::new(store, config, host)), dir)
     }

@@ -26,6 +26,7 @@ async fn fixture() -> Fixture {
         state_dir: dir.path().join("state"),
         default_image: "default".into(),
         default_image_dir: dir.path().join("none"),
+        doctor: None,
     };
     let sources = dir.path().join("image");
     std::fs::create_dir_all(&sources).expect("image dir");

@@ -1,0 +1,201 @@
+//! What this host supports, checked on demand for `banger doctor`: every probe is cheap
+//! (a file, a `--version`, one reflink copy), so the report is always current.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    cgroup::CgroupVersion,
+    command::{self, resolve_program},
+    vmm::Accel,
+    vsock::VsockMode,
+};
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckStatus {
+    /// Available and working.
+    Pass,
+    /// Missing or limited; banger works around it.
+    Warn,
+    /// Missing and needed.
+    Fail,
+}
+
+/// One capability of the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Its short name.
+    pub name: &'static str,
+    /// The outcome.
+    pub status: CheckStatus,
+    /// What was found and what follows.
+    pub detail: String,
+}
+
+/// The drivers the daemon uses here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choices {
+    /// VMM driver.
+    pub vmm: String,
+    /// Accelerator.
+    pub accel: String,
+    /// Guest-agent channel.
+    pub agent_channel: String,
+    /// Root disk strategy.
+    pub root_disk: String,
+    /// cgroup hierarchy.
+    pub cgroup: String,
+}
+
+/// What the checks look at.
+#[derive(Debug, Clone)]
+pub struct DoctorInputs {
+    /// The daemon's state directory (reflinks are checked there).
+    pub state_dir: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `qemu-img`.
+    pub qemu_img: PathBuf,
+    /// `vhost-device-vsock`.
+    pub vsock_backend: PathBuf,
+    /// The accelerator in use.
+    pub accel: Accel,
+    /// The vsock mode in use.
+    pub vsock: VsockMode,
+    /// The cgroup hierarchy in use.
+    pub cgroup: CgroupVersion,
+}
+
+fn check(name: &'static str, status: CheckStatus, detail: impl Into<String>) -> Check {
+    Check { name, status, detail: detail.into() }
+}
+
+/// The first line of `program --version`, if it runs.
+async fn version(program: &Path) -> Option<String> {
+    let path = resolve_program(program)?;
+    let out = command::run(&path, &[OsString::from("--version")]).await.ok()?;
+    let text = String::from_utf8_lossy(&out).lines().next().unwrap_or_default().trim().to_owned();
+    Some(format!("{text} ({})", path.display()))
+}
+
+fn cpu_has_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+async fn reflink_supported(dir: &Path) -> Result<bool, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let probe = tempfile::Builder::new().prefix(".reflink-probe").tempdir_in(dir).map_err(|e| e.to_string())?;
+    let (from, to) = (probe.path().join("a"), probe.path().join("b"));
+    std::fs::write(&from, b"banger").map_err(|e| e.to_string())?;
+    let args: Vec<OsString> = vec!["--reflink=always".into(), from.into(), to.into()];
+    Ok(command::run(Path::new("cp"), &args).await.is_ok())
+}
+
+/// Runs every check, in a stable order.
+pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
+    use CheckStatus::{Fail, Pass, Warn};
+    let mut checks = Vec::new();
+
+    let kvm = Path::new("/dev/kvm").exists();
+    checks.push(match (kvm, cpu_has_virtualization(), inputs.accel) {
+        (true, true, Accel::Kvm) => check("kvm", Pass, "/dev/kvm with hardware virtualization; guests use KVM"),
+        (true, true, Accel::Tcg) => check("kvm", Warn, "/dev/kvm with hardware virtualization, but accel = \"tcg\" in the config"),
+        (true, false, _) => check(
+            "kvm",
+            Warn,
+            "/dev/kvm exists but the CPU shows no vmx/svm (PVM or nested virtualization): stock guest kernels may not boot under it; guests use TCG",
+        ),
+        (false, _, _) => check("kvm", Warn, "no /dev/kvm: guests use TCG (software emulation, slower)"),
+    });
+    checks.push(match version(&inputs.qemu).await {
+        Some(v) => check("qemu", Pass, v),
+        None => check("qemu", Fail, format!("{} not found: no VM can boot", inputs.qemu.display())),
+    });
+    checks.push(match version(&inputs.qemu_img).await {
+        Some(v) => check("qemu-img", Pass, v),
+        None => {
+            check("qemu-img", Fail, format!("{} not found: root disks cannot be created", inputs.qemu_img.display()))
+        }
+    });
+    for (name, program) in [("firecracker", "firecracker"), ("jailer", "jailer")] {
+        checks.push(match version(Path::new(program)).await {
+            Some(v) => check(name, Pass, format!("{v}; not used by this daemon yet")),
+            None => {
+                check(name, Warn, format!("{program} not in PATH; the Firecracker driver is not available yet either"))
+            }
+        });
+    }
+    checks.push(match inputs.vsock {
+        VsockMode::Kernel => check("vsock", Pass, "/dev/vhost-vsock: the kernel carries the guest-agent channel"),
+        VsockMode::UserSpace => match version(&inputs.vsock_backend).await {
+            Some(v) => check("vsock", Pass, format!("no /dev/vhost-vsock; user-space backend {v}")),
+            None => check(
+                "vsock",
+                Fail,
+                format!(
+                    "no /dev/vhost-vsock and {} not found: guest agents are unreachable",
+                    inputs.vsock_backend.display()
+                ),
+            ),
+        },
+    });
+    checks.push(if Path::new("/dev/mapper/control").exists() {
+        check("device-mapper", Pass, "/dev/mapper/control")
+    } else {
+        check("device-mapper", Warn, "no /dev/mapper/control: dm-snapshot root disks are unavailable")
+    });
+    checks.push(match reflink_supported(&inputs.state_dir).await {
+        Ok(true) => check("reflink", Pass, format!("{} supports reflink copies", inputs.state_dir.display())),
+        Ok(false) => check(
+            "reflink",
+            Warn,
+            format!(
+                "{} does not support reflink copies (needs XFS or btrfs); root disks use qcow2 overlays",
+                inputs.state_dir.display()
+            ),
+        ),
+        Err(e) => check("reflink", Warn, format!("cannot probe the state dir: {e}")),
+    });
+    checks.push(match version(Path::new("nft")).await {
+        Some(v) => check("nftables", Pass, v),
+        None => check("nftables", Warn, "nft not installed: per-VM NAT is unavailable"),
+    });
+    checks.push(if Path::new("/dev/net/tun").exists() {
+        check("tap", Pass, "/dev/net/tun")
+    } else {
+        check("tap", Warn, "no /dev/net/tun: VMs cannot get tap interfaces")
+    });
+    checks.push(match inputs.cgroup {
+        CgroupVersion::V1 => check("cgroup", Pass, "v1 cpu and memory controllers: each VMM is limited"),
+        CgroupVersion::V2 => check("cgroup", Pass, "v2 with cpu and memory: each VMM is limited"),
+        CgroupVersion::None => check("cgroup", Warn, "no usable cpu and memory controllers: VMMs run unlimited"),
+    });
+
+    let choices = Choices {
+        vmm: "qemu".into(),
+        accel: match inputs.accel {
+            Accel::Tcg => "tcg".into(),
+            Accel::Kvm => "kvm".into(),
+        },
+        agent_channel: match inputs.vsock {
+            VsockMode::Kernel => "kernel vhost-vsock".into(),
+            VsockMode::UserSpace => "vhost-device-vsock".into(),
+        },
+        root_disk: "qcow2 overlay".into(),
+        cgroup: match inputs.cgroup {
+            CgroupVersion::V1 => "v1".into(),
+            CgroupVersion::V2 => "v2".into(),
+            CgroupVersion::None => "none".into(),
+        },
+    };
+    (checks, choices)
+}
