@@ -8,7 +8,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{host::vmm::Accel, telemetry::LogLevel};
+use crate::{domain::RootDiskStrategy, host::vmm::Accel, telemetry::LogLevel};
 
 /// Default unix socket of the API.
 pub const DEFAULT_SOCKET: &str = "/run/banger/bangerd.sock";
@@ -49,6 +49,8 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     /// See [`Config::vmm_memory_overhead_mib`].
     pub vmm_memory_overhead_mib: Option<u64>,
+    /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink` or `copy`.
+    pub root_disk: Option<String>,
 }
 
 /// A configuration value that cannot be used.
@@ -108,6 +110,9 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Memory a VMM may use beyond its guest's, in its cgroup's limit.
     pub vmm_memory_overhead_mib: u64,
+    /// How new VMs' root disks are made; `None` chooses at startup (reflink where the state
+    /// dir supports it, else qcow2).
+    pub root_disk: Option<RootDiskStrategy>,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -157,7 +162,15 @@ impl Config {
                 });
             }
         };
+        let root_disk = match file.root_disk.as_deref().unwrap_or("auto") {
+            "auto" => None,
+            other => Some(RootDiskStrategy::parse(other).ok_or_else(|| ConfigError::Invalid {
+                key: "root_disk",
+                message: format!("{other:?}; allowed values: auto, qcow2, reflink, copy"),
+            })?),
+        };
         Ok(Self {
+            root_disk,
             state_dir: overrides.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             socket: overrides.socket.or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
             listen,

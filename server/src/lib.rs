@@ -24,7 +24,7 @@ use crate::{
         doctor::DoctorInputs,
         network::LinuxNetwork,
         process::ProcFs,
-        storage::Qcow2Overlays,
+        storage::FileDisks,
         vmm::QemuVmm,
         vsock::{VsockBackends, VsockMode},
     },
@@ -48,14 +48,18 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     let store = Store::open(&config.state_dir.join("banger.db"))
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
+    let root_disk = match config.root_disk {
+        Some(strategy) => strategy,
+        None => host::storage::choose_strategy(&config.state_dir).await,
+    };
     let processes = ProcFs::default();
     let cgroups = Cgroups::detect("/sys/fs/cgroup".into(), config.vmm_memory_overhead_mib);
     let vsock_mode = VsockMode::detect();
-    tracing::info!(vsock = ?vsock_mode, accel = ?config.accel, "host capabilities");
+    tracing::info!(vsock = ?vsock_mode, accel = ?config.accel, root_disk = root_disk.as_str(), "host capabilities");
     let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
     let host = HostServices {
         vmm: Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone())),
-        disks: Arc::new(Qcow2Overlays::new(config.qemu_img_binary.clone())),
+        disks: Arc::new(FileDisks::new(config.qemu_img_binary.clone())),
         agents: Arc::new(VsockAgentChannels::new(vsock_mode, backends)),
         processes: Arc::new(processes),
         network: Arc::new(LinuxNetwork::new("ip".into())),
@@ -66,6 +70,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         state_dir: config.state_dir.clone(),
         default_image: config.default_image.clone(),
         default_image_dir: config.default_image_dir.clone(),
+        root_disk,
         doctor: Some(DoctorInputs {
             state_dir: config.state_dir.clone(),
             qemu: config.qemu_binary.clone(),
@@ -74,6 +79,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
             accel: config.accel,
             vsock: vsock_mode,
             cgroup: cgroups.version(),
+            root_disk,
         }),
     };
     let ops = Arc::new(Ops::new(store, ops_config, host));

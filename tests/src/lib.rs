@@ -99,7 +99,18 @@ impl Daemon {
 
     /// Starts bangerd with extra environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
+        Self::start_in(None, extra, env)
+    }
+
+    /// Starts bangerd with its temporary directory (state, socket, logs) under `parent`
+    /// (e.g. a file system the test mounted), extra flags and environment.
+    pub fn start_in(parent: Option<&Path>, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let builder = tempfile::Builder::new().prefix("banger-e2e").to_owned();
+        let dir = match parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut daemon = Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env, child: None };

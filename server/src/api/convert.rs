@@ -54,6 +54,8 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
             vsock_cid: vm.vsock_cid,
             vmm_pid: if vm.observed_state.may_have_vmm() { handles.vmm.map(|h| h.pid).unwrap_or(0) } else { 0 },
             vmm: vmm.to_owned(),
+            root_disk: vm.root_disk.as_str().to_owned(),
+            root_disk_path: path(&paths.root_disk),
         }),
         generation: vm.generation as u64,
     }

@@ -13,6 +13,6 @@ pub use ids::{ImageId, OpId, ParseIdError, VmId};
 pub use image::{Image, NewImage};
 pub use names::{NameError, image_name_error, vm_name_error};
 pub use vm::{
-    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, Transition, TransitionError, Vm,
-    VmPaths, VmSpec, VmState,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, RootDiskStrategy, Transition,
+    TransitionError, Vm, VmPaths, VmSpec, VmState,
 };

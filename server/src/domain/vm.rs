@@ -131,6 +131,54 @@ impl VmState {
     }
 }
 
+/// How a VM's copy-on-write root disk is made from its image's root file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RootDiskStrategy {
+    /// A qcow2 overlay whose backing file is the image (QEMU only).
+    Qcow2,
+    /// A reflink clone of the image: instant, shares extents (XFS, btrfs).
+    Reflink,
+    /// A sparse copy of the image: works everywhere, costs a copy.
+    Copy,
+}
+
+impl RootDiskStrategy {
+    /// The name stored in SQLite and accepted in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Reflink => "reflink",
+            Self::Copy => "copy",
+        }
+    }
+
+    /// Parses a stored or configured name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "qcow2" => Self::Qcow2,
+            "reflink" => Self::Reflink,
+            "copy" => Self::Copy,
+            _ => return None,
+        })
+    }
+
+    /// The disk's format as the VMM sees it.
+    pub fn format(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Reflink | Self::Copy => "raw",
+        }
+    }
+
+    /// The disk's file name in the VM directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "root.qcow2",
+            Self::Reflink | Self::Copy => "root.raw",
+        }
+    }
+}
+
 /// What the VM's owner asked for: its shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSpec {
@@ -157,6 +205,8 @@ pub struct Vm {
     pub observed_state: VmState,
     /// The guest's vsock context id, unique on the host.
     pub vsock_cid: u32,
+    /// How its root disk is made.
+    pub root_disk: RootDiskStrategy,
     /// The directory holding the VM's disks, sockets and logs.
     pub vm_dir: PathBuf,
     /// Why the last operation failed, or why the VM is in error.
@@ -174,7 +224,9 @@ pub struct Vm {
 impl Vm {
     /// The deterministic paths of this VM's files.
     pub fn paths(&self) -> VmPaths {
-        VmPaths::new(&self.vm_dir)
+        let mut paths = VmPaths::new(&self.vm_dir);
+        paths.root_disk = self.vm_dir.join(self.root_disk.file_name());
+        paths
     }
 }
 
@@ -183,7 +235,7 @@ impl Vm {
 pub struct VmPaths {
     /// The directory itself.
     pub dir: PathBuf,
-    /// The copy-on-write root disk.
+    /// The copy-on-write root disk (a qcow2 overlay unless [`Vm::paths`] says otherwise).
     pub root_disk: PathBuf,
     /// The VMM's control socket (QMP); its presence in a process's command line identifies the VMM.
     pub api_socket: PathBuf,

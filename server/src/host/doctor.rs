@@ -67,6 +67,8 @@ pub struct DoctorInputs {
     pub vsock: VsockMode,
     /// The cgroup hierarchy in use.
     pub cgroup: CgroupVersion,
+    /// The root disk strategy for new VMs.
+    pub root_disk: crate::domain::RootDiskStrategy,
 }
 
 fn check(name: &'static str, status: CheckStatus, detail: impl Into<String>) -> Check {
@@ -89,15 +91,6 @@ fn cpu_has_virtualization() -> bool {
                 .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
         })
         .unwrap_or(false)
-}
-
-async fn reflink_supported(dir: &Path) -> Result<bool, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let probe = tempfile::Builder::new().prefix(".reflink-probe").tempdir_in(dir).map_err(|e| e.to_string())?;
-    let (from, to) = (probe.path().join("a"), probe.path().join("b"));
-    std::fs::write(&from, b"banger").map_err(|e| e.to_string())?;
-    let args: Vec<OsString> = vec!["--reflink=always".into(), from.into(), to.into()];
-    Ok(command::run(Path::new("cp"), &args).await.is_ok())
 }
 
 /// Runs every check, in a stable order.
@@ -153,7 +146,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
     } else {
         check("device-mapper", Warn, "no /dev/mapper/control: dm-snapshot root disks are unavailable")
     });
-    checks.push(match reflink_supported(&inputs.state_dir).await {
+    checks.push(match super::storage::reflink_supported(&inputs.state_dir).await {
         Ok(true) => check("reflink", Pass, format!("{} supports reflink copies", inputs.state_dir.display())),
         Ok(false) => check(
             "reflink",
@@ -190,7 +183,11 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
             VsockMode::Kernel => "kernel vhost-vsock".into(),
             VsockMode::UserSpace => "vhost-device-vsock".into(),
         },
-        root_disk: "qcow2 overlay".into(),
+        root_disk: match inputs.root_disk {
+            crate::domain::RootDiskStrategy::Qcow2 => "qcow2 overlay".into(),
+            crate::domain::RootDiskStrategy::Reflink => "reflink clone".into(),
+            crate::domain::RootDiskStrategy::Copy => "sparse copy".into(),
+        },
         cgroup: match inputs.cgroup {
             CgroupVersion::V1 => "v1".into(),
             CgroupVersion::V2 => "v2".into(),

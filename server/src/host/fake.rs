@@ -212,8 +212,13 @@ impl Vmm for FakeHost {
 
 #[tonic::async_trait]
 impl RootDisks for FakeHost {
-    async fn create_overlay(&self, base: &Path, disk: &Path) -> Result<(), HostError> {
-        self.check("disks.create_overlay")?;
+    async fn create(
+        &self,
+        _strategy: crate::domain::RootDiskStrategy,
+        base: &Path,
+        disk: &Path,
+    ) -> Result<(), HostError> {
+        self.check("disks.create")?;
         // Rule: never overwrite a disk; that would wipe a stopped VM's data.
         if disk.exists() {
             return Err(HostError::Io {

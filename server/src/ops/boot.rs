@@ -87,7 +87,7 @@ impl Boot {
             BootStage::RootDisk => {
                 // A stopped VM keeps its disk: never recreate (that would wipe it).
                 if !paths.root_disk.exists() {
-                    ops.host.disks.create_overlay(&self.image.rootfs_path, &paths.root_disk).await?;
+                    ops.host.disks.create(self.vm.root_disk, &self.image.rootfs_path, &paths.root_disk).await?;
                     self.created_disk = true;
                 }
             }
@@ -108,6 +108,7 @@ impl Boot {
                     spec: self.vm.spec,
                     image: &self.image,
                     vsock_cid: self.vm.vsock_cid,
+                    disk_format: self.vm.root_disk.format(),
                 };
                 tracing::debug!(vm_id = %self.vm.id, vmm = ops.host.vmm.name(), "launching the vmm");
                 let vmm = ops.host.vmm.launch(&launch).await?;

@@ -109,6 +109,7 @@ impl Operation for CreateVmOp<'_> {
                         spec: self.request.spec,
                         desired_state: desired,
                         observed_state: observed,
+                        root_disk: ops.config.root_disk,
                         vm_dir: &vm_dir,
                         last_operation: &op_id,
                     })

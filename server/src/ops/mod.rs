@@ -44,6 +44,8 @@ pub struct OpsConfig {
     /// Directory holding `vmlinuz`, `initrd.img` and `rootfs.ext4` of the default image,
     /// imported under `default_image` on first use.
     pub default_image_dir: PathBuf,
+    /// How new VMs' root disks are made.
+    pub root_disk: crate::domain::RootDiskStrategy,
     /// What `banger doctor` checks (`None` in tests that never ask).
     pub doctor: Option<crate::host::doctor::DoctorInputs>,
 }

@@ -179,7 +179,7 @@ mod tests {
         host::{
             agent_channel::VsockAgentChannels,
             process::ProcFs,
-            storage::Qcow2Overlays,
+            storage::FileDisks,
             vmm::{Accel, QemuVmm},
             vsock::{VsockBackends, VsockMode},
         },
@@ -201,7 +201,7 @@ mod tests {
                 VsockMode::UserSpace,
                 processes.clone(),
             )),
-            disks: Arc::new(Qcow2Overlays::new("/nonexistent/qemu-img".into())),
+            disks: Arc::new(FileDisks::new("/nonexistent/qemu-img".into())),
             agents: Arc::new(VsockAgentChannels::new(VsockMode::UserSpace, backends)),
             processes: Arc::new(processes),
             network: Arc::new(crate::host::fake::FakeHost::default()),
@@ -212,6 +212,7 @@ mod tests {
             state_dir: dir.path().join("state"),
             default_image: "default".into(),
             default_image_dir: dir.path().join("none"),
+            root_disk: crate::domain::RootDiskStrategy::Qcow2,
             doctor: None,
         };
         (Arc::new(Ops::new(store, config, host)), dir)
@@ -250,6 +251,7 @@ mod tests {
                 spec: VmSpec { vcpus: 1, memory_mib: 256 },
                 desired_state: VmState::Running,
                 observed_state: VmState::Running,
+                root_disk: crate::domain::RootDiskStrategy::Qcow2,
                 vm_dir: &dir,
                 last_operation: "op",
             })

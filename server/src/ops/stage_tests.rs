@@ -26,6 +26,7 @@ async fn fixture() -> Fixture {
         state_dir: dir.path().join("state"),
         default_image: "default".into(),
         default_image_dir: dir.path().join("none"),
+        root_disk: crate::domain::RootDiskStrategy::Qcow2,
         doctor: None,
     };
     let sources = dir.path().join("image");
@@ -154,8 +155,14 @@ async fn a_create_failing_at_any_stage_leaves_nothing() {
 #[tokio::test]
 async fn a_create_failing_inside_any_host_capability_leaves_nothing() {
     let f = fixture().await;
-    for call in ["disks.create_overlay", "agents.start_backend", "vmm.launch", "vmm.wait_running", "agents.wait_ready"]
-    {
+    for call in [
+        "disks.create",
+        "agents.start_backend",
+        "vmm.launch",
+        "limits.confine",
+        "vmm.wait_running",
+        "agents.wait_ready",
+    ] {
         f.host.fail_next(call);
         let result = f.ops.create_vm(create("doomed")).await;
         assert!(matches!(result, Err(Error::Stage { .. })), "{call}: {result:?}");

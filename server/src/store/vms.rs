@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use sqlx::Row;
 
 use super::{Store, StoreError, is_unique_violation, now_ms};
-use crate::domain::{Vm, VmId, VmSpec, VmState};
+use crate::domain::{RootDiskStrategy, Vm, VmId, VmSpec, VmState};
 
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-    vsock_cid, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation";
+    vsock_cid, root_disk, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation";
 
 /// The mutable part of a VM record, applied with compare-and-set by [`Store::vm_update`].
 #[derive(Debug, Clone, Default)]
@@ -41,6 +41,8 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         desired_state: state("desired_state")?,
         observed_state: state("observed_state")?,
         vsock_cid: row.try_get::<i64, _>("vsock_cid")? as u32,
+        root_disk: RootDiskStrategy::parse(&row.try_get::<String, _>("root_disk")?)
+            .ok_or_else(|| corrupt("root_disk"))?,
         vm_dir: PathBuf::from(row.try_get::<String, _>("vm_dir")?),
         last_error: row.try_get("last_error")?,
         last_operation: row.try_get("last_operation")?,
@@ -65,6 +67,8 @@ pub struct NewVmRecord<'a> {
     pub desired_state: VmState,
     /// Observed state at creation (`created`, or `starting` when it boots at once).
     pub observed_state: VmState,
+    /// How its root disk is made.
+    pub root_disk: RootDiskStrategy,
     /// The VM's directory.
     pub vm_dir: &'a Path,
     /// The creating operation.
@@ -78,9 +82,9 @@ impl Store {
         let now = now_ms();
         let result = sqlx::query(
             "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-             vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms) \
+             vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
-             (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9)",
+             (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11)",
         )
         .bind(new.id.to_string())
         .bind(new.name)
@@ -92,6 +96,7 @@ impl Store {
         .bind(new.last_operation)
         .bind(now)
         .bind(new.observed_state.as_str())
+        .bind(new.root_disk.as_str())
         .execute(&self.pool)
         .await;
         match result {
@@ -187,6 +192,7 @@ mod tests {
             spec: VmSpec { vcpus: 1, memory_mib: 256 },
             desired_state: VmState::Running,
             observed_state: VmState::Created,
+            root_disk: RootDiskStrategy::Qcow2,
             vm_dir: dir,
             last_operation: "op",
         }

@@ -24,6 +24,8 @@ pub struct LaunchSpec<'a> {
     pub image: &'a Image,
     /// Its vsock context id.
     pub vsock_cid: u32,
+    /// The root disk's format (`qcow2` or `raw`).
+    pub disk_format: &'static str,
 }
 
 /// A virtual machine monitor.

@@ -78,7 +78,7 @@ impl QemuVmm {
         push(&["-append", &append]);
         push(&[
             "-drive",
-            &format!("id=root,file={},format=qcow2,if=none", paths.root_disk.display()),
+            &format!("id=root,file={},format={},if=none", paths.root_disk.display(), launch.disk_format),
             "-device",
             "virtio-blk-device,drive=root",
         ]);
@@ -178,6 +178,7 @@ mod tests {
             spec: VmSpec { vcpus: 2, memory_mib: 384 },
             image: &image,
             vsock_cid: 7,
+            disk_format: "qcow2",
         };
         vmm.args(&launch).into_iter().map(|a| a.into_string().expect("utf-8")).collect()
     }
