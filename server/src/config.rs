@@ -8,7 +8,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{domain::RootDiskStrategy, host::vmm::Accel, telemetry::LogLevel};
+use crate::{
+    domain::{IpPool, RootDiskStrategy},
+    host::vmm::Accel,
+    telemetry::LogLevel,
+};
 
 /// Default unix socket of the API.
 pub const DEFAULT_SOCKET: &str = "/run/banger/bangerd.sock";
@@ -18,6 +22,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
 pub const DEFAULT_IMAGE_DIR: &str = "/usr/local/share/banger/images/default";
 /// Memory a VMM may use beyond its guest's: device emulation, and under TCG the code cache.
 pub const DEFAULT_VMM_MEMORY_OVERHEAD_MIB: u64 = 512;
+/// The VM network when a bridge is configured without one.
+pub const DEFAULT_BRIDGE_CIDR: &str = "172.30.0.0/24";
 /// Config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/banger/config.toml";
 
@@ -51,6 +57,12 @@ pub struct FileConfig {
     pub vmm_memory_overhead_mib: Option<u64>,
     /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink` or `copy`.
     pub root_disk: Option<String>,
+    /// See [`Config::network`]: the bridge VMs attach to; none gives VMs no network.
+    pub bridge: Option<String>,
+    /// See [`Config::network`]: the bridge's network, e.g. `172.30.0.0/24`.
+    pub bridge_cidr: Option<String>,
+    /// See [`Config::network`]: masquerade each VM's traffic leaving the bridge.
+    pub nat: Option<bool>,
 }
 
 /// A configuration value that cannot be used.
@@ -113,6 +125,19 @@ pub struct Config {
     /// How new VMs' root disks are made; `None` chooses at startup (reflink where the state
     /// dir supports it, else qcow2).
     pub root_disk: Option<RootDiskStrategy>,
+    /// VM networking: `None` when no bridge is configured.
+    pub network: Option<NetworkConfig>,
+}
+
+/// How VMs are networked: one tap each on a bridge, addresses from the bridge's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The bridge (created if missing, with the pool's gateway address).
+    pub bridge: String,
+    /// Where VM addresses come from.
+    pub pool: IpPool,
+    /// Whether each VM's traffic leaving the bridge is masqueraded (nftables).
+    pub nat: bool,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -169,7 +194,25 @@ impl Config {
                 message: format!("{other:?}; allowed values: auto, qcow2, reflink, copy"),
             })?),
         };
+        let network = match file.bridge.filter(|b| !b.is_empty()) {
+            None => None,
+            Some(bridge) => {
+                if bridge.len() > 15 || bridge.contains(['/', ' ']) {
+                    return Err(ConfigError::Invalid {
+                        key: "bridge",
+                        message: format!("{bridge:?} is not an interface name"),
+                    });
+                }
+                let cidr = file.bridge_cidr.unwrap_or_else(|| DEFAULT_BRIDGE_CIDR.into());
+                let pool = cidr.parse().map_err(|e: crate::domain::PoolError| ConfigError::Invalid {
+                    key: "bridge_cidr",
+                    message: e.to_string(),
+                })?;
+                Some(NetworkConfig { bridge, pool, nat: file.nat.unwrap_or(false) })
+            }
+        };
         Ok(Self {
+            network,
             root_disk,
             state_dir: overrides.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             socket: overrides.socket.or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),

@@ -71,6 +71,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         default_image: config.default_image.clone(),
         default_image_dir: config.default_image_dir.clone(),
         root_disk,
+        network: config.network.clone(),
         doctor: Some(DoctorInputs {
             state_dir: config.state_dir.clone(),
             qemu: config.qemu_binary.clone(),

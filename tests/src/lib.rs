@@ -83,6 +83,8 @@ pub struct Daemon {
     args: Vec<String>,
     /// Extra environment of the daemon (changed with [`Daemon::set_env`]).
     env: Vec<(String, String)>,
+    /// The network namespace the daemon runs in, if any.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -91,8 +93,14 @@ impl Daemon {
     pub fn start(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
-        let mut daemon =
-            Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env: Vec::new(), child: None };
+        let mut daemon = Self {
+            dir,
+            socket,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            netns: None,
+            child: None,
+        };
         daemon.restart();
         daemon
     }
@@ -113,7 +121,25 @@ impl Daemon {
         .expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut daemon = Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env, child: None };
+        let mut daemon =
+            Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env, netns: None, child: None };
+        daemon.restart();
+        daemon
+    }
+
+    /// Starts bangerd inside the network namespace `netns` (which the test created): its
+    /// bridge, taps, NAT rules and guests all live there.
+    pub fn start_in_netns(netns: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
+        let socket = dir.path().join("bangerd.sock");
+        let mut daemon = Self {
+            dir,
+            socket,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            netns: Some(netns.to_owned()),
+            child: None,
+        };
         daemon.restart();
         daemon
     }
@@ -142,7 +168,16 @@ impl Daemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
-        let child = Command::new(bin_dir().join("bangerd"))
+        // `ip netns exec` execs bangerd in place: the child's PID is the daemon's.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(bin_dir().join("bangerd"));
+                command
+            }
+            None => Command::new(bin_dir().join("bangerd")),
+        };
+        let child = command
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--socket")

@@ -56,6 +56,8 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
             vmm: vmm.to_owned(),
             root_disk: vm.root_disk.as_str().to_owned(),
             root_disk_path: path(&paths.root_disk),
+            guest_ip: vm.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            tap: if vm.ip.is_some() { crate::domain::tap_name(vm.vsock_cid) } else { String::new() },
         }),
         generation: vm.generation as u64,
     }

@@ -41,6 +41,9 @@ pub struct VmHandles {
     /// The device-mapper snapshot's device node (`/dev/mapper/<name>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dm_device: Option<String>,
+    /// The tag of the VM's NAT rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
     /// The cgroup bounding the VMM (`banger/<vm id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,

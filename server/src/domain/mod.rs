@@ -5,6 +5,7 @@ mod handles;
 mod ids;
 mod image;
 mod names;
+mod network;
 mod vm;
 
 pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus};
@@ -12,6 +13,7 @@ pub use handles::{ProcessHandle, VmHandles};
 pub use ids::{ImageId, OpId, ParseIdError, VmId};
 pub use image::{Image, NewImage};
 pub use names::{NameError, image_name_error, vm_name_error};
+pub use network::{IpPool, PoolError, mac_address, tap_name};
 pub use vm::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, RootDiskStrategy, Transition,
     TransitionError, Vm, VmPaths, VmSpec, VmState,

@@ -207,6 +207,8 @@ pub struct Vm {
     pub vsock_cid: u32,
     /// How its root disk is made.
     pub root_disk: RootDiskStrategy,
+    /// Its IPv4 address on the host bridge, when the host gives VMs a network.
+    pub ip: Option<std::net::Ipv4Addr>,
     /// The directory holding the VM's disks, sockets and logs.
     pub vm_dir: PathBuf,
     /// Why the last operation failed, or why the VM is in error.

@@ -37,6 +37,7 @@ struct State {
     /// device-mapper name -> the loop devices it sits on
     dms: BTreeMap<String, Vec<String>>,
     cgroups: BTreeSet<String>,
+    nat: BTreeSet<String>,
     /// capability call -> failures still to inject
     failures: HashMap<&'static str, usize>,
 }
@@ -63,6 +64,11 @@ impl FakeHost {
             block: Arc::new(self.clone()),
             limits: Arc::new(self.clone()),
         }
+    }
+
+    /// NAT rule tags that exist.
+    pub fn nat_rules(&self) -> Vec<String> {
+        self.state().nat.iter().cloned().collect()
     }
 
     /// cgroups that exist.
@@ -297,6 +303,35 @@ impl AgentChannels for FakeHost {
 
 #[tonic::async_trait]
 impl Network for FakeHost {
+    async fn ensure_bridge(&self, _bridge: &str, _gateway: std::net::Ipv4Addr, _prefix: u8) -> Result<(), HostError> {
+        self.check("network.ensure_bridge")
+    }
+
+    async fn create_tap(&self, name: &str, _bridge: &str) -> Result<(), HostError> {
+        self.check("network.create_tap")?;
+        // Rule: interface names are at most 15 bytes.
+        if name.len() > 15 {
+            return Err(HostError::Io {
+                what: format!("fake host: {name} is too long"),
+                source: std::io::ErrorKind::InvalidInput.into(),
+            });
+        }
+        self.state().taps.insert(name.to_owned());
+        Ok(())
+    }
+
+    async fn add_nat(&self, tag: &str, _ip: std::net::Ipv4Addr, _bridge: &str) -> Result<(), HostError> {
+        self.check("network.add_nat")?;
+        self.state().nat.insert(tag.to_owned());
+        Ok(())
+    }
+
+    async fn remove_nat(&self, tag: &str) -> Result<(), HostError> {
+        self.check("network.remove_nat")?;
+        self.state().nat.remove(tag);
+        Ok(())
+    }
+
     async fn delete_tap(&self, name: &str) -> Result<(), HostError> {
         self.check("network.delete_tap")?;
         self.state().taps.remove(name);

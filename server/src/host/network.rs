@@ -1,15 +1,32 @@
 //! Host networking the VMs use. For now: tearing down a VM's tap, which outlives its VMM.
 
-use std::{ffi::OsString, path::PathBuf};
+use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf};
 
 use super::{HostError, command};
 
 /// What the host offers for VM networking.
 #[tonic::async_trait]
 pub trait Network: Send + Sync + std::fmt::Debug {
+    /// Makes sure the bridge exists, is up and has `gateway/prefix`.
+    async fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), HostError>;
+
+    /// Creates a tap interface attached to `bridge`, up; a leftover one of the same name is
+    /// replaced.
+    async fn create_tap(&self, name: &str, bridge: &str) -> Result<(), HostError>;
+
     /// Deletes a tap interface; one already gone is not an error.
     async fn delete_tap(&self, name: &str) -> Result<(), HostError>;
+
+    /// Masquerades traffic from `ip` leaving through anything but `bridge`, tagged `tag`.
+    async fn add_nat(&self, tag: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), HostError>;
+
+    /// Removes the NAT rules tagged `tag`; none is not an error.
+    async fn remove_nat(&self, tag: &str) -> Result<(), HostError>;
 }
+
+/// The nftables table and chain holding banger's NAT rules.
+const NFT_TABLE: &str = "banger";
+const NFT_CHAIN: &str = "postrouting";
 
 /// Linux networking through iproute2, optionally inside a network namespace.
 #[derive(Debug, Clone)]
@@ -29,6 +46,20 @@ impl LinuxNetwork {
         Self { ip, netns: Some(netns) }
     }
 
+    async fn ip(&self, rest: &[&str]) -> Result<(), HostError> {
+        command::run(&self.ip, &self.args(rest)).await.map(drop)
+    }
+
+    /// `nft` in the same namespace as `ip` (through `ip netns exec` when there is one).
+    async fn nft(&self, rest: &[&str]) -> Result<String, HostError> {
+        let (program, mut args): (PathBuf, Vec<OsString>) = match &self.netns {
+            Some(netns) => (self.ip.clone(), vec!["netns".into(), "exec".into(), netns.into(), "nft".into()]),
+            None => (PathBuf::from("nft"), Vec::new()),
+        };
+        args.extend(rest.iter().map(OsString::from));
+        command::run(&program, &args).await.map(|out| String::from_utf8_lossy(&out).into_owned())
+    }
+
     fn args(&self, rest: &[&str]) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         if let Some(netns) = &self.netns {
@@ -41,6 +72,84 @@ impl LinuxNetwork {
 
 #[tonic::async_trait]
 impl Network for LinuxNetwork {
+    async fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), HostError> {
+        match self.ip(&["link", "add", "name", bridge, "type", "bridge"]).await {
+            Err(HostError::Command(failed)) if failed.stderr.contains("File exists") => {}
+            other => other?,
+        }
+        self.ip(&["addr", "replace", &format!("{gateway}/{prefix}"), "dev", bridge]).await?;
+        self.ip(&["link", "set", bridge, "up"]).await
+    }
+
+    async fn create_tap(&self, name: &str, bridge: &str) -> Result<(), HostError> {
+        self.delete_tap(name).await?;
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
+        let attached = async {
+            self.ip(&["link", "set", name, "master", bridge]).await?;
+            self.ip(&["link", "set", name, "up"]).await
+        }
+        .await;
+        if attached.is_err() {
+            let _ = self.delete_tap(name).await;
+        }
+        attached
+    }
+
+    async fn add_nat(&self, tag: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), HostError> {
+        self.nft(&["add", "table", "ip", NFT_TABLE]).await?;
+        self.nft(&["add", "chain", "ip", NFT_TABLE, NFT_CHAIN, "{ type nat hook postrouting priority 100 ; }"]).await?;
+        // Adding twice would masquerade twice: remove what a crashed attempt left first.
+        self.remove_nat(tag).await?;
+        let ip = ip.to_string();
+        let rule = [
+            "add",
+            "rule",
+            "ip",
+            NFT_TABLE,
+            NFT_CHAIN,
+            "ip",
+            "saddr",
+            &ip,
+            "oifname",
+            "!=",
+            bridge,
+            "masquerade",
+            "comment",
+        ];
+        let quoted = format!("\"{tag}\"");
+        let mut args: Vec<&str> = rule.to_vec();
+        args.push(&quoted);
+        self.nft(&args).await?;
+        // Forwarding is what NAT is for; without it nothing leaves the bridge.
+        match &self.netns {
+            None => std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .map_err(|source| HostError::Io { what: "enable ip_forward".into(), source }),
+            Some(netns) => {
+                let args: Vec<OsString> = ["netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]
+                    .iter()
+                    .map(OsString::from)
+                    .collect();
+                command::run(&self.ip, &args).await.map(drop)
+            }
+        }
+    }
+
+    async fn remove_nat(&self, tag: &str) -> Result<(), HostError> {
+        let listing = match self.nft(&["-a", "list", "chain", "ip", NFT_TABLE, NFT_CHAIN]).await {
+            Ok(listing) => listing,
+            // No table or chain: no rule.
+            Err(HostError::Command(failed)) if failed.stderr.contains("No such file or directory") => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let marker = format!("comment \"{tag}\"");
+        for line in listing.lines().filter(|l| l.contains(&marker)) {
+            if let Some(handle) = line.rsplit("# handle ").next().map(str::trim).filter(|h| h.parse::<u64>().is_ok()) {
+                self.nft(&["delete", "rule", "ip", NFT_TABLE, NFT_CHAIN, "handle", handle]).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn delete_tap(&self, name: &str) -> Result<(), HostError> {
         match command::run(&self.ip, &self.args(&["link", "del", "dev", name])).await {
             Err(HostError::Command(failed)) if failed.stderr.contains("Cannot find device") => Ok(()),

@@ -5,8 +5,9 @@ use std::{path::PathBuf, time::Duration};
 
 use super::{Error, Ops, remove_file_quietly};
 use crate::{
-    domain::{Image, ProcessHandle, Vm, VmHandles},
-    host::vmm::LaunchSpec,
+    config::NetworkConfig,
+    domain::{Image, ProcessHandle, Vm, VmHandles, mac_address, tap_name},
+    host::vmm::{GuestNic, LaunchSpec},
 };
 
 /// How long a guest may take from VMM launch until its agent answers.
@@ -19,6 +20,10 @@ pub enum BootStage {
     RootDisk,
     /// Start the guest-agent channel's host side (vsock backend).
     AgentChannel,
+    /// Create the VM's tap on the bridge (when VMs get a network).
+    Tap,
+    /// Masquerade the VM's traffic leaving the bridge (when NAT is on).
+    Nat,
     /// Launch the VMM process, detached.
     VmmLaunch,
     /// Put the VMM in a cgroup bounding its CPU and memory.
@@ -29,15 +34,18 @@ pub enum BootStage {
     WaitAgent,
 }
 
-/// Every boot stage in order.
-pub const BOOT_STAGES: [BootStage; 6] = [
-    BootStage::RootDisk,
-    BootStage::AgentChannel,
-    BootStage::VmmLaunch,
-    BootStage::LimitResources,
-    BootStage::VmmBoot,
-    BootStage::WaitAgent,
-];
+/// The boot stages in order, given how VMs are networked.
+pub fn boot_stages(network: Option<&NetworkConfig>) -> Vec<BootStage> {
+    let mut stages = vec![BootStage::RootDisk, BootStage::AgentChannel];
+    if let Some(network) = network {
+        stages.push(BootStage::Tap);
+        if network.nat {
+            stages.push(BootStage::Nat);
+        }
+    }
+    stages.extend([BootStage::VmmLaunch, BootStage::LimitResources, BootStage::VmmBoot, BootStage::WaitAgent]);
+    stages
+}
 
 impl BootStage {
     /// The stage's logged name.
@@ -45,6 +53,8 @@ impl BootStage {
         match self {
             Self::RootDisk => "root_disk",
             Self::AgentChannel => "agent_channel",
+            Self::Tap => "tap",
+            Self::Nat => "nat",
             Self::VmmLaunch => "vmm_launch",
             Self::LimitResources => "limit_resources",
             Self::VmmBoot => "vmm_boot",
@@ -55,7 +65,7 @@ impl BootStage {
     /// The log worth reading when this stage fails, as a file name inside the VM dir.
     pub fn evidence_file(self) -> Option<&'static str> {
         match self {
-            Self::RootDisk => None,
+            Self::RootDisk | Self::Tap | Self::Nat => None,
             Self::AgentChannel => Some("vsock-backend.log"),
             Self::VmmLaunch | Self::LimitResources | Self::VmmBoot => Some("vmm.log"),
             Self::WaitAgent => Some("console.log"),
@@ -99,9 +109,33 @@ impl Boot {
                     ops.set_handles(&self.vm, self.handles.clone())?;
                 }
             }
+            BootStage::Tap => {
+                let (network, _) = network_of(ops, &self.vm)?;
+                ops.host.network.ensure_bridge(&network.bridge, network.pool.gateway(), network.pool.prefix()).await?;
+                let tap = tap_name(self.vm.vsock_cid);
+                ops.host.network.create_tap(&tap, &network.bridge).await?;
+                self.handles.tap = Some(tap);
+                ops.set_handles(&self.vm, self.handles.clone())?;
+            }
+            BootStage::Nat => {
+                let (network, ip) = network_of(ops, &self.vm)?;
+                let tag = nat_tag(&self.vm);
+                ops.host.network.add_nat(&tag, ip, &network.bridge).await?;
+                self.handles.nat = Some(tag);
+                ops.set_handles(&self.vm, self.handles.clone())?;
+            }
             BootStage::VmmLaunch
                 if self.handles.vmm.is_some_and(|vmm| ops.host.processes.alive(&vmm, &paths.api_socket)) => {}
             BootStage::VmmLaunch => {
+                let nic = match network_of(ops, &self.vm) {
+                    Ok((network, ip)) => Some(GuestNic {
+                        tap: tap_name(self.vm.vsock_cid),
+                        mac: mac_address(self.vm.vsock_cid),
+                        address: format!("{ip}/{}", network.pool.prefix()),
+                        gateway: network.pool.gateway().to_string(),
+                    }),
+                    Err(_) => None,
+                };
                 let launch = LaunchSpec {
                     name: &self.vm.name,
                     paths: &paths,
@@ -109,6 +143,7 @@ impl Boot {
                     image: &self.image,
                     vsock_cid: self.vm.vsock_cid,
                     disk_format: self.vm.root_disk.format(),
+                    nic: nic.as_ref(),
                 };
                 tracing::debug!(vm_id = %self.vm.id, vmm = ops.host.vmm.name(), "launching the vmm");
                 let vmm = ops.host.vmm.launch(&launch).await?;
@@ -172,6 +207,22 @@ impl Boot {
                 }
                 let _ = ops.set_handles(&self.vm, self.handles.clone());
             }
+            BootStage::Tap => {
+                if let Some(tap) = self.handles.tap.take()
+                    && ops.host.network.delete_tap(&tap).await.is_err()
+                {
+                    self.handles.tap = Some(tap);
+                }
+                let _ = ops.set_handles(&self.vm, self.handles.clone());
+            }
+            BootStage::Nat => {
+                if let Some(tag) = self.handles.nat.take()
+                    && ops.host.network.remove_nat(&tag).await.is_err()
+                {
+                    self.handles.nat = Some(tag);
+                }
+                let _ = ops.set_handles(&self.vm, self.handles.clone());
+            }
             BootStage::VmmBoot | BootStage::WaitAgent => {}
         }
     }
@@ -183,6 +234,19 @@ impl Boot {
     /// The log to point at when `stage` fails.
     pub fn evidence(&self, stage: BootStage) -> Option<PathBuf> {
         stage.evidence_file().map(|file| self.vm.vm_dir.join(file))
+    }
+}
+
+/// The tag of a VM's NAT rules: derived from its id alone.
+fn nat_tag(vm: &Vm) -> String {
+    format!("banger-vm-{}", vm.id)
+}
+
+/// The network config and the VM's address, or why the VM has no network.
+fn network_of<'a>(ops: &'a Ops, vm: &Vm) -> Result<(&'a NetworkConfig, std::net::Ipv4Addr), Error> {
+    match (&ops.config.network, vm.ip) {
+        (Some(network), Some(ip)) => Ok((network, ip)),
+        _ => Err(Error::FailedPrecondition(format!("vm {} has no network address", vm.name))),
     }
 }
 
@@ -227,7 +291,17 @@ impl Ops {
                 Err(e) => first_error = first_error.or(Some(e)),
             }
         }
-        if let Some(tap) = handles.tap.clone() {
+        // Tap and NAT names derive from the VM's identity: released even when the scratch
+        // file that named them was lost.
+        let nat = self.config.network.as_ref().filter(|n| n.nat).map(|_| nat_tag(vm));
+        if let Some(tag) = handles.nat.clone().or(nat) {
+            match self.host.network.remove_nat(&tag).await {
+                Ok(()) => handles.nat = None,
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        let tap = self.config.network.as_ref().map(|_| tap_name(vm.vsock_cid));
+        if let Some(tap) = handles.tap.clone().or(tap) {
             match self.host.network.delete_tap(&tap).await {
                 Ok(()) => handles.tap = None,
                 Err(e) => first_error = first_error.or(Some(e)),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::{
     Error, Ops,
-    boot::{BOOT_STAGES, Boot, BootStage},
+    boot::{Boot, BootStage, boot_stages},
     runner::{self, Operation, Subject},
 };
 use crate::{
@@ -64,7 +64,7 @@ impl Operation for CreateVmOp<'_> {
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::InsertRecord, Stage::PrepareVmDir];
         if self.request.start {
-            stages.extend(BOOT_STAGES.map(Stage::Boot));
+            stages.extend(boot_stages(self.ops.config.network.as_ref()).into_iter().map(Stage::Boot));
             stages.push(Stage::MarkRunning);
         }
         stages
@@ -110,6 +110,7 @@ impl Operation for CreateVmOp<'_> {
                         desired_state: desired,
                         observed_state: observed,
                         root_disk: ops.config.root_disk,
+                        ip_pool: ops.config.network.as_ref().map(|n| n.pool),
                         vm_dir: &vm_dir,
                         last_operation: &op_id,
                     })

@@ -45,6 +45,9 @@ pub enum Error {
     /// The resource is not in a state that allows this.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A host resource (such as the VM network's addresses) is used up.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A stage of an operation failed; the stages before it were undone.
     #[error("{operation} failed at stage {stage}{}", log.as_ref().map(|l| format!("; inspect {}", l.display())).unwrap_or_default())]
     Stage {
@@ -74,6 +77,7 @@ impl From<StoreError> for Error {
             StoreError::NotFound { kind, key } => Self::NotFound { kind, key },
             StoreError::NameTaken { kind, name } => Self::AlreadyExists { kind, name },
             StoreError::InUse { .. } | StoreError::Conflict { .. } => Self::FailedPrecondition(err.to_string()),
+            StoreError::PoolExhausted { .. } => Self::ResourceExhausted(err.to_string()),
             other => Self::Store(other),
         }
     }

@@ -46,6 +46,8 @@ pub struct OpsConfig {
     pub default_image_dir: PathBuf,
     /// How new VMs' root disks are made.
     pub root_disk: crate::domain::RootDiskStrategy,
+    /// VM networking, when configured.
+    pub network: Option<crate::config::NetworkConfig>,
     /// What `banger doctor` checks (`None` in tests that never ask).
     pub doctor: Option<crate::host::doctor::DoctorInputs>,
 }

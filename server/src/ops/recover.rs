@@ -213,6 +213,7 @@ mod tests {
             default_image: "default".into(),
             default_image_dir: dir.path().join("none"),
             root_disk: crate::domain::RootDiskStrategy::Qcow2,
+            network: None,
             doctor: None,
         };
         (Arc::new(Ops::new(store, config, host)), dir)
@@ -252,6 +253,7 @@ mod tests {
                 desired_state: VmState::Running,
                 observed_state: VmState::Running,
                 root_disk: crate::domain::RootDiskStrategy::Qcow2,
+                ip_pool: None,
                 vm_dir: &dir,
                 last_operation: "op",
             })

@@ -27,6 +27,7 @@ async fn fixture() -> Fixture {
         default_image: "default".into(),
         default_image_dir: dir.path().join("none"),
         root_disk: crate::domain::RootDiskStrategy::Qcow2,
+        network: None,
         doctor: None,
     };
     let sources = dir.path().join("image");

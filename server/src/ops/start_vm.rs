@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::{
     Error, Ops,
-    boot::{BOOT_STAGES, Boot, BootStage},
+    boot::{Boot, BootStage, boot_stages},
     runner::{self, Operation, Subject},
 };
 use crate::{
@@ -35,7 +35,7 @@ impl Operation for StartVmOp<'_> {
 
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
-        stages.extend(BOOT_STAGES.map(Stage::Boot));
+        stages.extend(boot_stages(self.ops.config.network.as_ref()).into_iter().map(Stage::Boot));
         stages.push(Stage::MarkRunning);
         stages
     }

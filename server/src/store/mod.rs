@@ -49,6 +49,12 @@ pub enum StoreError {
         /// How many VMs use it.
         count: i64,
     },
+    /// Every address of the VM network is taken.
+    #[error("no free address left in {pool}")]
+    PoolExhausted {
+        /// The pool.
+        pool: String,
+    },
     /// A stored value could not be read back (a bug or a hand-edited database).
     #[error("corrupt {kind} record {id}: {what}")]
     Corrupt {

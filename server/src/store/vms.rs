@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use sqlx::Row;
 
 use super::{Store, StoreError, is_unique_violation, now_ms};
-use crate::domain::{RootDiskStrategy, Vm, VmId, VmSpec, VmState};
+use crate::domain::{IpPool, RootDiskStrategy, Vm, VmId, VmSpec, VmState};
 
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-    vsock_cid, root_disk, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation";
+    vsock_cid, root_disk, ip, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation";
 
 /// The mutable part of a VM record, applied with compare-and-set by [`Store::vm_update`].
 #[derive(Debug, Clone, Default)]
@@ -41,6 +41,10 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         desired_state: state("desired_state")?,
         observed_state: state("observed_state")?,
         vsock_cid: row.try_get::<i64, _>("vsock_cid")? as u32,
+        ip: match row.try_get::<Option<String>, _>("ip")? {
+            Some(ip) => Some(ip.parse().map_err(|_| corrupt("ip"))?),
+            None => None,
+        },
         root_disk: RootDiskStrategy::parse(&row.try_get::<String, _>("root_disk")?)
             .ok_or_else(|| corrupt("root_disk"))?,
         vm_dir: PathBuf::from(row.try_get::<String, _>("vm_dir")?),
@@ -69,6 +73,8 @@ pub struct NewVmRecord<'a> {
     pub observed_state: VmState,
     /// How its root disk is made.
     pub root_disk: RootDiskStrategy,
+    /// The pool to allocate its address from, when VMs get a network.
+    pub ip_pool: Option<IpPool>,
     /// The VM's directory.
     pub vm_dir: &'a Path,
     /// The creating operation.
@@ -79,31 +85,49 @@ impl Store {
     /// Records a new VM, allocating the lowest unused-above-max vsock CID
     /// (3 and up) in the same statement so concurrent creates never share one.
     pub async fn vm_insert(&self, new: NewVmRecord<'_>) -> Result<Vm, StoreError> {
-        let now = now_ms();
-        let result = sqlx::query(
-            "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-             vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
-             (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11)",
-        )
-        .bind(new.id.to_string())
-        .bind(new.name)
-        .bind(new.image_id.to_string())
-        .bind(i64::from(new.spec.vcpus))
-        .bind(i64::from(new.spec.memory_mib))
-        .bind(new.desired_state.as_str())
-        .bind(new.vm_dir.to_string_lossy().into_owned())
-        .bind(new.last_operation)
-        .bind(now)
-        .bind(new.observed_state.as_str())
-        .bind(new.root_disk.as_str())
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => self.vm_get(&new.id.to_string()).await,
-            Err(e) if is_unique_violation(&e) => Err(StoreError::NameTaken { kind: "vm", name: new.name.to_owned() }),
-            Err(e) => Err(e.into()),
+        // The lowest free address is read, then claimed by the insert; the unique index makes
+        // a concurrent create that picked the same one fail, and it tries the next.
+        for _ in 0..8 {
+            let ip = match new.ip_pool {
+                None => None,
+                Some(pool) => {
+                    let used: Vec<String> =
+                        sqlx::query_scalar("SELECT ip FROM vms WHERE ip IS NOT NULL").fetch_all(&self.pool).await?;
+                    let used = used.iter().filter_map(|ip| ip.parse().ok()).collect();
+                    Some(pool.first_free(&used).ok_or(StoreError::PoolExhausted { pool: pool.to_string() })?)
+                }
+            };
+            let now = now_ms();
+            let result = sqlx::query(
+                "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
+                 vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
+                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12)",
+            )
+            .bind(new.id.to_string())
+            .bind(new.name)
+            .bind(new.image_id.to_string())
+            .bind(i64::from(new.spec.vcpus))
+            .bind(i64::from(new.spec.memory_mib))
+            .bind(new.desired_state.as_str())
+            .bind(new.vm_dir.to_string_lossy().into_owned())
+            .bind(new.last_operation)
+            .bind(now)
+            .bind(new.observed_state.as_str())
+            .bind(new.root_disk.as_str())
+            .bind(ip.map(|ip| ip.to_string()))
+            .execute(&self.pool)
+            .await;
+            match result {
+                Ok(_) => return self.vm_get(&new.id.to_string()).await,
+                Err(e) if is_unique_violation(&e) && e.to_string().contains("vms.ip") => continue,
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(StoreError::NameTaken { kind: "vm", name: new.name.to_owned() });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(StoreError::PoolExhausted { pool: new.ip_pool.map(|p| p.to_string()).unwrap_or_default() })
     }
 
     /// Finds a VM by id or, failing that, by name.
@@ -193,6 +217,7 @@ mod tests {
             desired_state: VmState::Running,
             observed_state: VmState::Created,
             root_disk: RootDiskStrategy::Qcow2,
+            ip_pool: None,
             vm_dir: dir,
             last_operation: "op",
         }
@@ -210,6 +235,35 @@ mod tests {
         assert!(matches!(dup, Err(StoreError::NameTaken { .. })), "{dup:?}");
         assert_eq!(store.vm_get("a").await.expect("by name").id, a.id);
         assert_eq!(store.vm_get(&b.id.to_string()).await.expect("by id").name, "b");
+    }
+
+    #[tokio::test]
+    async fn addresses_are_allocated_durably_and_never_twice() {
+        let (store, _dir) = test_store().await;
+        let image = with_image(&store).await;
+        let pool: IpPool = "10.9.0.0/29".parse().expect("pool");
+        let mut names = Vec::new();
+        for i in 0..5 {
+            let name = format!("n{i}");
+            let mut new = record(&name, image, Path::new("/d"));
+            new.ip_pool = Some(pool);
+            let vm = store.vm_insert(new).await.expect("insert");
+            names.push((name.clone(), vm.ip.expect("ip").to_string()));
+        }
+        let ips: Vec<&str> = names.iter().map(|(_, ip)| ip.as_str()).collect();
+        assert_eq!(ips, ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"]);
+        let mut full = record("full", image, Path::new("/d"));
+        full.ip_pool = Some(pool);
+        assert!(matches!(store.vm_insert(full).await, Err(StoreError::PoolExhausted { .. })));
+        // Released with the record, then handed out again.
+        let freed = store.vm_get("n1").await.expect("n1");
+        store.vm_delete(freed.id).await.expect("delete");
+        let mut again = record("again", image, Path::new("/d"));
+        again.ip_pool = Some(pool);
+        assert_eq!(
+            store.vm_insert(again).await.expect("insert").ip.map(|ip| ip.to_string()).as_deref(),
+            Some("10.9.0.3")
+        );
     }
 
     #[tokio::test]

@@ -26,6 +26,21 @@ pub struct LaunchSpec<'a> {
     pub vsock_cid: u32,
     /// The root disk's format (`qcow2` or `raw`).
     pub disk_format: &'static str,
+    /// The VM's network interface, when VMs get a network.
+    pub nic: Option<&'a GuestNic>,
+}
+
+/// A VM's network interface and its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNic {
+    /// The host tap it is backed by.
+    pub tap: String,
+    /// Its MAC address.
+    pub mac: String,
+    /// Its address with prefix (`172.30.0.2/24`), configured by the guest's init.
+    pub address: String,
+    /// Its default gateway (the bridge's address).
+    pub gateway: String,
 }
 
 /// A virtual machine monitor.

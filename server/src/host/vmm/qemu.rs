@@ -54,6 +54,9 @@ impl QemuVmm {
             append.push_str(&format!(" tsc_early_khz={khz}"));
         }
         append.push_str(&format!(" banger.hostname={}", launch.name));
+        if let Some(nic) = launch.nic {
+            append.push_str(&format!(" banger.ip={} banger.gw={}", nic.address, nic.gateway));
+        }
         if !launch.image.kernel_args.is_empty() {
             append.push(' ');
             append.push_str(&launch.image.kernel_args);
@@ -90,6 +93,14 @@ impl QemuVmm {
                 "-device",
                 "vhost-user-vsock-device,chardev=vsock",
             ]),
+        }
+        if let Some(nic) = launch.nic {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,ifname={},script=no,downscript=no", nic.tap),
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
+            ]);
         }
         push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.api_socket.display())]);
         args
@@ -179,6 +190,7 @@ mod tests {
             image: &image,
             vsock_cid: 7,
             disk_format: "qcow2",
+            nic: None,
         };
         vmm.args(&launch).into_iter().map(|a| a.into_string().expect("utf-8")).collect()
     }

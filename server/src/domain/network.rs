@@ -1,0 +1,109 @@
+//! VM networking as data: the address pool of the host bridge, tap names and MACs derived
+//! from a VM's identity.
+
+use std::{collections::HashSet, fmt, net::Ipv4Addr, str::FromStr};
+
+/// An IPv4 network in CIDR notation whose first host address is the bridge's (the VMs'
+/// gateway) and whose other host addresses go to VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpPool {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+/// A CIDR that cannot serve as a pool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IPv4 network of /16 to /29 (like 172.30.0.0/24)")]
+pub struct PoolError(pub String);
+
+impl FromStr for IpPool {
+    type Err = PoolError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || PoolError(s.to_owned());
+        let (address, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(16..=29).contains(&prefix) {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Self { network: Ipv4Addr::from(u32::from(address) & mask), prefix })
+    }
+}
+
+impl fmt::Display for IpPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl IpPool {
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The bridge's address: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// The lowest address for a VM not in `used` (neither network, gateway nor broadcast).
+    pub fn first_free(&self, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+        let first = u32::from(self.network) + 2;
+        let broadcast = u32::from(self.network) | (u32::MAX >> self.prefix);
+        (first..broadcast).map(Ipv4Addr::from).find(|ip| !used.contains(ip))
+    }
+
+    /// True when `ip` is a VM address of this pool.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - self.prefix);
+        u32::from(ip) & mask == u32::from(self.network) && ip != self.gateway()
+    }
+}
+
+/// The tap of the VM with vsock CID `cid`: unique on the host (CIDs are), and within the
+/// kernel's 15-byte interface names.
+pub fn tap_name(cid: u32) -> String {
+    format!("bgtap{cid}")
+}
+
+/// A locally administered MAC for the VM with vsock CID `cid`.
+pub fn mac_address(cid: u32) -> String {
+    let [a, b, c, d] = cid.to_be_bytes();
+    format!("02:bg:{a:02x}:{b:02x}:{c:02x}:{d:02x}").replace("bg", "42")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_hand_out_the_lowest_free_host_address_and_never_the_gateway() {
+        let pool: IpPool = "172.30.0.77/29".parse().expect("pool");
+        assert_eq!(pool.to_string(), "172.30.0.72/29");
+        assert_eq!(pool.gateway(), Ipv4Addr::new(172, 30, 0, 73));
+        let mut used = HashSet::new();
+        let mut handed = Vec::new();
+        while let Some(ip) = pool.first_free(&used) {
+            used.insert(ip);
+            handed.push(ip.octets()[3]);
+        }
+        assert_eq!(handed, [74, 75, 76, 77, 78], "network .72, gateway .73 and broadcast .79 are never handed out");
+        assert!(pool.contains(Ipv4Addr::new(172, 30, 0, 75)) && !pool.contains(pool.gateway()));
+    }
+
+    #[test]
+    fn bad_pools_are_refused() {
+        for bad in ["172.30.0.0", "172.30.0.0/8", "172.30.0.0/30", "nope/24"] {
+            assert!(bad.parse::<IpPool>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tap_names_fit_the_kernel_limit_and_macs_are_local() {
+        assert!(tap_name(u32::MAX).len() <= 15);
+        assert_eq!(mac_address(3), "02:42:00:00:00:03");
+    }
+}

@@ -1,0 +1,126 @@
+//! VM networking end to end, inside a network namespace the test creates: two guests on
+//! the bridge get distinct addresses, reach each other and a server on the bridge address;
+//! NAT rules live exactly as long as their VM; a crash of the daemon and a VMM leaves
+//! nothing of the dead VM behind once the daemon restarts. Needs `make setup`.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use banger_tests::{Daemon, guest_slot, text};
+use nix::{sys::signal::Signal, unistd::Pid};
+
+/// A network namespace for one test, deleted (with everything in it) when dropped.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new() -> Self {
+        let name = format!("banger-e2e-net-{}", std::process::id());
+        assert!(Command::new("ip").args(["netns", "add", &name]).status().expect("ip").success());
+        assert!(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]).status().expect("ip").success());
+        Self(name)
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        Command::new("ip").args(["-n", &self.0, "link", "show", "dev", name]).output().expect("ip").status.success()
+    }
+
+    fn ruleset(&self) -> String {
+        let out = Command::new("ip").args(["netns", "exec", &self.0, "nft", "list", "ruleset"]).output().expect("nft");
+        text(&out.stdout)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A process killed (by PID) and reaped when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn show(daemon: &Daemon, vm: &str, field: &str) -> String {
+    let out = daemon.banger(&["vm", "show", vm]);
+    let prefix = format!("{field}:");
+    text(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {field} for {vm}: {}\n{}", text(&out.stderr), daemon.log()))
+}
+
+#[test]
+fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_or_rule() {
+    let _slot = guest_slot();
+    let netns = TestNetns::new();
+    let config_dir = tempfile::tempdir().expect("config dir");
+    let config = config_dir.path().join("config.toml");
+    std::fs::write(&config, "bridge = \"bgbr0\"\nbridge_cidr = \"172.31.99.0/24\"\nnat = true\n").expect("config");
+    let mut daemon = Daemon::start_in_netns(&netns.0, &["--config", &config.display().to_string()]);
+
+    for vm in ["net-a", "net-b"] {
+        let out = daemon.banger(&["vm", "create", "--name", vm]);
+        assert!(out.status.success(), "{vm}: {}\n{}", text(&out.stderr), daemon.log());
+    }
+    let (ip_a, ip_b) = (show(&daemon, "net-a", "ip"), show(&daemon, "net-b", "ip"));
+    assert_ne!(ip_a, ip_b);
+    assert!(ip_a.starts_with("172.31.99.") && ip_b.starts_with("172.31.99."), "{ip_a} {ip_b}");
+
+    // A server on the bridge address, inside the namespace.
+    let site = tempfile::tempdir().expect("site");
+    std::fs::write(site.path().join("hello.txt"), "hello from the bridge\n").expect("page");
+    let _server = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", &netns.0, "python3", "-m", "http.server", "8080", "--bind", "172.31.99.1"])
+            .current_dir(site.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("http server"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    for (from, to) in [("net-a", &ip_b), ("net-b", &ip_a)] {
+        let out = daemon.banger(&["vm", "exec", from, "--", "ping", "-c", "1", "-W", "5", to]);
+        assert_eq!(out.status.code(), Some(0), "{from} -> {to}: {}{}", text(&out.stdout), text(&out.stderr));
+    }
+    let out =
+        daemon.banger(&["vm", "exec", "net-a", "--", "wget", "-q", "-O", "-", "http://172.31.99.1:8080/hello.txt"]);
+    assert_eq!(text(&out.stdout), "hello from the bridge\n", "{}", text(&out.stderr));
+
+    // NAT rules exist while their VM does.
+    let (id_a, id_b) = (show(&daemon, "net-a", "id"), show(&daemon, "net-b", "id"));
+    let (tap_a, tap_b) = (show(&daemon, "net-a", "tap"), show(&daemon, "net-b", "tap"));
+    let rules = netns.ruleset();
+    assert!(rules.contains(&format!("banger-vm-{id_a}")) && rules.contains(&format!("banger-vm-{id_b}")), "{rules}");
+    assert!(netns.has_link(&tap_a) && netns.has_link(&tap_b));
+
+    // The daemon and net-a's VMM die; the next daemon removes net-a's tap and rule.
+    let vmm_a: i32 = show(&daemon, "net-a", "vmm pid").parse().expect("pid");
+    daemon.signal(Signal::SIGKILL);
+    nix::sys::signal::kill(Pid::from_raw(vmm_a), Signal::SIGKILL).expect("kill vmm");
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.restart();
+    assert_eq!(show(&daemon, "net-a", "state"), "stopped");
+    assert!(!netns.has_link(&tap_a), "{tap_a} left behind");
+    let rules = netns.ruleset();
+    assert!(!rules.contains(&format!("banger-vm-{id_a}")), "rule of the dead vm left: {rules}");
+    assert!(rules.contains(&format!("banger-vm-{id_b}")), "the live vm lost its rule: {rules}");
+    assert_eq!(show(&daemon, "net-b", "state"), "running");
+
+    for vm in ["net-a", "net-b"] {
+        assert!(daemon.banger(&["vm", "delete", vm]).status.success());
+    }
+    assert!(!netns.has_link(&tap_b));
+    let rules = netns.ruleset();
+    assert!(!rules.contains("banger-vm-"), "{rules}");
+    drop(daemon);
+}
