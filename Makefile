@@ -23,7 +23,7 @@ tools: ## Install Debian packages (QEMU from backports), vhost-device-vsock, buf
 	@bash scripts/setup.sh
 
 agent: ## Build the static guest agent
-	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --locked -q -p banger-agent --profile agent --target $(AGENT_TARGET)
+	RUSTFLAGS='-C target-feature=+crt-static --remap-path-prefix=$(CURDIR)=/banger' $(CARGO) build --locked -q -p banger-agent --profile agent --target $(AGENT_TARGET)
 
 $(IMAGE_BUILD_DIR)/rootfs.ext4: $(AGENT_BIN) scripts/build-image.sh
 	bash scripts/build-image.sh --cache build/cache $(IMAGE_BUILD_DIR) $(AGENT_BIN)

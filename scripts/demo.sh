@@ -10,6 +10,8 @@ readonly BANGER=$ROOT/target/debug/banger
 readonly SOCKET=${BANGER_SOCKET:-/run/banger/bangerd.sock}
 readonly LOG=${BANGER_DEMO_LOG:-/tmp/bangerd-demo.log}
 export BANGER_SOCKET=$SOCKET
+# This script starts (and stops) its own daemon; the CLI must not start one behind its back.
+export BANGER_NO_AUTOSTART=1
 
 daemon_pid=
 stop_daemon() {

@@ -1,6 +1,7 @@
 //! Virtual machine monitors. One trait, named for what the host offers; QEMU microvm is
 //! the embedded default that boots real guests on any Linux host.
 
+pub mod firecracker_api;
 mod qemu;
 pub mod qmp;
 

@@ -1,0 +1,874 @@
+//! Firecracker's HTTP API on its unix socket: the typed requests a driver sends, and a minimal client.
+//!
+//! Only what both the published 1.17 description and the v1.12 binary accept is modelled;
+//! `tests/firecracker_contract.rs` checks every request against the description.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+};
+
+/// How long one request may take, connect to last body byte, unless the caller says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most a response's status line and headers may take; Firecracker's are a few dozen bytes.
+const MAX_RESPONSE_HEAD_BYTES: u64 = 16 * 1024;
+
+/// The largest response body read; `GET /vm/config` for a busy VM is a few KiB.
+const MAX_RESPONSE_BODY_BYTES: usize = 1024 * 1024;
+
+/// Firecracker's own limit on drive and interface ids (`MAX_ID_LENGTH` in its `utils`).
+const MAX_ID_LENGTH: usize = 64;
+
+/// The guest's vCPUs and memory (`PUT /machine-config`). Pre-boot only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MachineConfig {
+    /// Number of vCPUs: 1 to 32, and 1 or even when `smt` is on.
+    pub vcpu_count: u32,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u32,
+    /// Simultaneous multithreading; x86 only. Firecracker's default is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+}
+
+/// The kernel the guest boots (`PUT /boot-source`). Pre-boot only.
+///
+/// Paths are strings because JSON carries only UTF-8; the driver decides what a non-UTF-8 path means.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootSource {
+    /// Host path of the uncompressed kernel image.
+    pub kernel_image_path: String,
+    /// The kernel command line.
+    pub boot_args: String,
+    /// Host path of an initrd, if the guest boots one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// A virtio-block drive (`PUT /drives/{drive_id}`). Pre-boot only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drive {
+    /// The drive's id; also the last segment of the request path, so the two cannot disagree.
+    pub drive_id: String,
+    /// Host path of the backing file or block device.
+    pub path_on_host: String,
+    /// Whether the kernel mounts this drive as `/`.
+    pub is_root_device: bool,
+    /// Whether the guest sees the drive read-only.
+    pub is_read_only: bool,
+}
+
+/// A virtio-net interface backed by a host tap (`PUT /network-interfaces/{iface_id}`). Pre-boot only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkInterface {
+    /// The interface's id; also the last segment of the request path.
+    pub iface_id: String,
+    /// The host tap device's name.
+    pub host_dev_name: String,
+    /// The guest's MAC address (`06:00:ac:1e:00:02`); Firecracker picks one when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+}
+
+/// The virtio-vsock device (`PUT /vsock`). Pre-boot only.
+///
+/// `vsock_id` is left out: it is optional and deprecated in both 1.12 and 1.17.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Vsock {
+    /// The guest's context id; 3 or more (0 to 2 are reserved).
+    pub guest_cid: u32,
+    /// Host path of the unix socket Firecracker creates for host-initiated connections.
+    pub uds_path: String,
+}
+
+/// Firecracker's own log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warning,
+    /// Firecracker's default.
+    Info,
+    /// Debug and above.
+    Debug,
+    /// Everything.
+    Trace,
+    /// Nothing.
+    Off,
+}
+
+/// Where Firecracker writes its own log (`PUT /logger`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Logger {
+    /// Host path of the log file or named pipe; it must exist before the request.
+    pub log_path: String,
+    /// The level; Firecracker's default is `Info`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Whether each line carries its level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Whether each line carries its source file and line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+}
+
+/// Where Firecracker flushes its JSON metrics (`PUT /metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Metrics {
+    /// Host path of the metrics file or named pipe; it must exist before the request.
+    pub metrics_path: String,
+}
+
+/// A synchronous action on the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ActionType {
+    /// Boots the configured guest. Pre-boot only, once.
+    InstanceStart,
+    /// Presses Ctrl+Alt+Del on the guest's i8042 keyboard: an x86 guest's polite shutdown.
+    SendCtrlAltDel,
+    /// Writes the metrics now rather than at the next periodic flush.
+    FlushMetrics,
+}
+
+/// The body of `PUT /actions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// Every request the driver sends, one variant per API operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /drives/{drive_id}`.
+    PutDrive(Drive),
+    /// `PUT /network-interfaces/{iface_id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
+    /// `PUT /logger`.
+    PutLogger(Logger),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+    /// `PUT /actions`.
+    PutAction(InstanceActionInfo),
+    /// `GET /vm/config`: the whole configuration as Firecracker holds it.
+    GetVmConfig,
+    /// `GET /`: the instance's id, state and version.
+    GetInstanceInfo,
+}
+
+impl ApiRequest {
+    /// The HTTP method.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::PutMachineConfig(_)
+            | Self::PutBootSource(_)
+            | Self::PutDrive(_)
+            | Self::PutNetworkInterface(_)
+            | Self::PutVsock(_)
+            | Self::PutLogger(_)
+            | Self::PutMetrics(_)
+            | Self::PutAction(_) => "PUT",
+            Self::GetVmConfig | Self::GetInstanceInfo => "GET",
+        }
+    }
+
+    /// The request path; ids in it come from the body.
+    pub fn path(&self) -> String {
+        match self {
+            Self::PutMachineConfig(_) => "/machine-config".into(),
+            Self::PutBootSource(_) => "/boot-source".into(),
+            Self::PutDrive(drive) => format!("/drives/{}", drive.drive_id),
+            Self::PutNetworkInterface(nic) => format!("/network-interfaces/{}", nic.iface_id),
+            Self::PutVsock(_) => "/vsock".into(),
+            Self::PutLogger(_) => "/logger".into(),
+            Self::PutMetrics(_) => "/metrics".into(),
+            Self::PutAction(_) => "/actions".into(),
+            Self::GetVmConfig => "/vm/config".into(),
+            Self::GetInstanceInfo => "/".into(),
+        }
+    }
+
+    /// The operation's `operationId` in Firecracker's API description, for messages and the contract test.
+    pub fn operation_id(&self) -> &'static str {
+        match self {
+            Self::PutMachineConfig(_) => "putMachineConfiguration",
+            Self::PutBootSource(_) => "putGuestBootSource",
+            Self::PutDrive(_) => "putGuestDriveByID",
+            Self::PutNetworkInterface(_) => "putGuestNetworkInterfaceByID",
+            Self::PutVsock(_) => "putGuestVsock",
+            Self::PutLogger(_) => "putLogger",
+            Self::PutMetrics(_) => "putMetrics",
+            Self::PutAction(_) => "createSyncAction",
+            Self::GetVmConfig => "getExportVmConfig",
+            Self::GetInstanceInfo => "describeInstance",
+        }
+    }
+
+    /// The JSON body, if the operation takes one.
+    pub fn body(&self) -> Option<Value> {
+        match self {
+            Self::PutMachineConfig(body) => Some(to_json(body)),
+            Self::PutBootSource(body) => Some(to_json(body)),
+            Self::PutDrive(body) => Some(to_json(body)),
+            Self::PutNetworkInterface(body) => Some(to_json(body)),
+            Self::PutVsock(body) => Some(to_json(body)),
+            Self::PutLogger(body) => Some(to_json(body)),
+            Self::PutMetrics(body) => Some(to_json(body)),
+            Self::PutAction(body) => Some(to_json(body)),
+            Self::GetVmConfig | Self::GetInstanceInfo => None,
+        }
+    }
+
+    /// Representative requests: every variant at least once, each body with all its optional fields
+    /// set and again with none, and every action type. The contract test checks each against the
+    /// API description, so a field added here is checked before any Firecracker sees it.
+    pub fn all_examples() -> Vec<ApiRequest> {
+        let logger = Logger {
+            log_path: "/run/banger/vms/example/firecracker.log".into(),
+            level: Some(LogLevel::Info),
+            show_level: Some(true),
+            show_log_origin: Some(false),
+        };
+        vec![
+            Self::PutMachineConfig(MachineConfig { vcpu_count: 2, mem_size_mib: 512, smt: Some(false) }),
+            Self::PutMachineConfig(MachineConfig { vcpu_count: 1, mem_size_mib: 128, smt: None }),
+            Self::PutBootSource(BootSource {
+                kernel_image_path: "/var/lib/banger/images/example/vmlinux".into(),
+                boot_args: "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw".into(),
+                initrd_path: Some("/var/lib/banger/images/example/initrd.img".into()),
+            }),
+            Self::PutBootSource(BootSource {
+                kernel_image_path: "/var/lib/banger/images/example/vmlinux".into(),
+                boot_args: "console=ttyS0".into(),
+                initrd_path: None,
+            }),
+            Self::PutDrive(Drive {
+                drive_id: "rootfs".into(),
+                path_on_host: "/var/lib/banger/vms/example/root.raw".into(),
+                is_root_device: true,
+                is_read_only: false,
+            }),
+            Self::PutNetworkInterface(NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: "bg-example0".into(),
+                guest_mac: Some("06:00:ac:1e:00:02".into()),
+            }),
+            Self::PutNetworkInterface(NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: "bg-example0".into(),
+                guest_mac: None,
+            }),
+            Self::PutVsock(Vsock { guest_cid: 3, uds_path: "/run/banger/vms/example/vsock.sock".into() }),
+            Self::PutLogger(logger.clone()),
+            Self::PutLogger(Logger { level: None, show_level: None, show_log_origin: None, ..logger }),
+            Self::PutMetrics(Metrics { metrics_path: "/run/banger/vms/example/metrics.json".into() }),
+            Self::PutAction(InstanceActionInfo { action_type: ActionType::InstanceStart }),
+            Self::PutAction(InstanceActionInfo { action_type: ActionType::SendCtrlAltDel }),
+            Self::PutAction(InstanceActionInfo { action_type: ActionType::FlushMetrics }),
+            Self::GetVmConfig,
+            Self::GetInstanceInfo,
+        ]
+    }
+
+    /// The first id in the path that Firecracker would refuse, if any. Checked before sending
+    /// because the id is written into the request line verbatim.
+    fn invalid_path_id(&self) -> Option<&str> {
+        let id = match self {
+            Self::PutDrive(drive) => &drive.drive_id,
+            Self::PutNetworkInterface(nic) => &nic.iface_id,
+            _ => return None,
+        };
+        // Firecracker's rule (`checked_id`): 1 to 64 ASCII alphanumerics or underscores.
+        let valid = !id.is_empty()
+            && id.len() <= MAX_ID_LENGTH
+            && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_');
+        (!valid).then_some(id.as_str())
+    }
+}
+
+fn to_json<T: Serialize>(body: &T) -> Value {
+    // Cannot fail: every body is a struct of strings, integers, booleans and unit enums, all of
+    // which JSON represents; a failure here is a bug in this file, not a runtime condition.
+    serde_json::to_value(body).expect("firecracker request bodies are plain structs")
+}
+
+/// A Firecracker API request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirecrackerApiError {
+    /// Firecracker answered with a non-2xx status.
+    #[error("firecracker refused {method} {path} with status {status}: {fault_message}")]
+    Fault {
+        /// The request's method.
+        method: &'static str,
+        /// The request's path.
+        path: String,
+        /// The HTTP status.
+        status: u16,
+        /// Firecracker's `fault_message`, or the raw body when it sent none.
+        fault_message: String,
+    },
+    /// The socket could not be reached, written or read.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// No complete answer arrived in time.
+    #[error("firecracker did not answer {method} {path} within {timeout:?}")]
+    Timeout {
+        /// The request's method.
+        method: &'static str,
+        /// The request's path.
+        path: String,
+        /// How long was waited.
+        timeout: Duration,
+    },
+    /// The answer was not the HTTP/1.1 Firecracker speaks.
+    #[error("firecracker's answer to {method} {path} is malformed: {reason}")]
+    MalformedResponse {
+        /// The request's method.
+        method: &'static str,
+        /// The request's path.
+        path: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A successful answer's body was not JSON.
+    #[error("firecracker's answer to {method} {path} is not JSON")]
+    InvalidJson {
+        /// The request's method.
+        method: &'static str,
+        /// The request's path.
+        path: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A drive or interface id Firecracker would refuse; nothing was sent.
+    #[error("{id:?} is not a valid firecracker id (1 to 64 ASCII letters, digits or underscores)")]
+    InvalidId {
+        /// The id.
+        id: String,
+    },
+}
+
+/// A client for one Firecracker process's API socket. Each request opens its own connection,
+/// so the client holds no state and concurrent requests need no locking.
+#[derive(Debug, Clone)]
+pub struct FirecrackerApi {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl FirecrackerApi {
+    /// A client for the API socket at `socket` (Firecracker's `--api-sock`).
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self { socket: socket.into(), timeout: DEFAULT_REQUEST_TIMEOUT }
+    }
+
+    /// The same client with another per-request timeout.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
+    /// The API socket's path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request and waits for its answer: `Ok(None)` for a 2xx without a body,
+    /// `Ok(Some(json))` for one with a body.
+    pub async fn send(&self, request: &ApiRequest) -> Result<Option<Value>, FirecrackerApiError> {
+        if let Some(id) = request.invalid_path_id() {
+            return Err(FirecrackerApiError::InvalidId { id: id.to_owned() });
+        }
+        let method = request.method();
+        let path = request.path();
+        let exchange = Exchange { socket: &self.socket, method, path: &path };
+        let (status, body) = tokio::time::timeout(self.timeout, exchange.run(request.body()))
+            .await
+            .map_err(|_| FirecrackerApiError::Timeout { method, path: path.clone(), timeout: self.timeout })??;
+        tracing::debug!(method, %path, status, "firecracker api");
+        if (200..300).contains(&status) {
+            if body.is_empty() {
+                return Ok(None);
+            }
+            return serde_json::from_slice(&body).map(Some).map_err(|source| FirecrackerApiError::InvalidJson {
+                method,
+                path,
+                source,
+            });
+        }
+        Err(FirecrackerApiError::Fault { method, path, status, fault_message: fault_message(&body) })
+    }
+}
+
+/// Firecracker's `{"fault_message": "..."}`, or the body as text when it is something else,
+/// so an unexpected answer is still shown rather than lost.
+fn fault_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|json| json.get("fault_message").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// One request on one connection.
+struct Exchange<'a> {
+    socket: &'a Path,
+    method: &'static str,
+    path: &'a str,
+}
+
+impl Exchange<'_> {
+    /// Writes the request and reads the answer's status and body.
+    async fn run(&self, body: Option<Value>) -> Result<(u16, Vec<u8>), FirecrackerApiError> {
+        let stream = UnixStream::connect(self.socket).await.map_err(|source| FirecrackerApiError::Io {
+            what: format!("connect to firecracker api socket {}", self.socket.display()),
+            source,
+        })?;
+        let mut stream = BufReader::new(stream);
+        let request = self.encode(body.as_ref());
+        stream.get_mut().write_all(&request).await.map_err(|source| self.io("send", source))?;
+        self.read_response(&mut stream).await
+    }
+
+    /// The request's bytes. A body-less request carries neither `Content-Type` nor
+    /// `Content-Length` (RFC 9110 §8.6: a client should not send a length for no content).
+    fn encode(&self, body: Option<&Value>) -> Vec<u8> {
+        let mut head =
+            format!("{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n", self.method, self.path);
+        let body = body.map(Value::to_string).unwrap_or_default();
+        if !body.is_empty() {
+            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body.as_bytes());
+        request
+    }
+
+    async fn read_response(&self, stream: &mut BufReader<UnixStream>) -> Result<(u16, Vec<u8>), FirecrackerApiError> {
+        let mut head_budget = MAX_RESPONSE_HEAD_BYTES;
+        let status_line = self.read_head_line(stream, &mut head_budget).await?;
+        let status =
+            parse_status_line(&status_line).ok_or_else(|| self.malformed(format!("status line {status_line:?}")))?;
+        let mut content_length = 0;
+        loop {
+            let line = self.read_head_line(stream, &mut head_budget).await?;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').ok_or_else(|| self.malformed(format!("header {line:?}")))?;
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                content_length = value
+                    .trim()
+                    .parse::<usize>()
+                    .map_err(|_| self.malformed(format!("content-length {:?}", value.trim())))?;
+            }
+            // Firecracker never sends chunked bodies; refusing one beats misreading it.
+            if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+                return Err(self.malformed(format!("unsupported transfer-encoding {:?}", value.trim())));
+            }
+        }
+        if content_length > MAX_RESPONSE_BODY_BYTES {
+            return Err(self.malformed(format!("body of {content_length} bytes exceeds {MAX_RESPONSE_BODY_BYTES}")));
+        }
+        // Without a Content-Length there is no body: Firecracker sends one whenever it has a body.
+        let mut body = vec![0; content_length];
+        stream.read_exact(&mut body).await.map_err(|source| self.io("read the body of the answer to", source))?;
+        Ok((status, body))
+    }
+
+    /// One CRLF-terminated line of the response head, without its terminator, charged to `budget`
+    /// so a peer that never ends its head cannot grow memory without bound.
+    async fn read_head_line(
+        &self,
+        stream: &mut BufReader<UnixStream>,
+        budget: &mut u64,
+    ) -> Result<String, FirecrackerApiError> {
+        let mut line = Vec::new();
+        let read = (&mut *stream)
+            .take(*budget)
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|source| self.io("read the answer to", source))?;
+        *budget -= read as u64;
+        if !line.ends_with(b"\n") {
+            return Err(if *budget == 0 {
+                self.malformed(format!("head longer than {MAX_RESPONSE_HEAD_BYTES} bytes"))
+            } else {
+                self.io("read the answer to", io::ErrorKind::UnexpectedEof.into())
+            });
+        }
+        line.pop();
+        if line.ends_with(b"\r") {
+            line.pop();
+        }
+        String::from_utf8(line).map_err(|_| self.malformed("head is not UTF-8".into()))
+    }
+
+    fn io(&self, doing: &str, source: io::Error) -> FirecrackerApiError {
+        FirecrackerApiError::Io { what: format!("{doing} firecracker {} {}", self.method, self.path), source }
+    }
+
+    fn malformed(&self, reason: String) -> FirecrackerApiError {
+        FirecrackerApiError::MalformedResponse { method: self.method, path: self.path.to_owned(), reason }
+    }
+}
+
+/// The status code of `HTTP/1.1 204 No Content` (the reason phrase is optional, and Firecracker
+/// sends none).
+fn parse_status_line(line: &str) -> Option<u16> {
+    let mut parts = line.splitn(3, ' ');
+    let version = parts.next()?;
+    let code = parts.next()?;
+    if !version.starts_with("HTTP/1.") || code.len() != 3 {
+        return None;
+    }
+    code.parse().ok().filter(|code| (100..600).contains(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::json;
+    use tokio::{net::UnixListener, task::JoinHandle};
+
+    use super::*;
+
+    /// A fake Firecracker API socket in a temp dir that answers one request with `response`
+    /// and hands back the exact bytes it received.
+    struct FakeApi {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        received: JoinHandle<Vec<u8>>,
+    }
+
+    impl FakeApi {
+        fn answering(response: impl Into<Vec<u8>>) -> Self {
+            let response = response.into();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let socket = dir.path().join("api.sock");
+            let listener = UnixListener::bind(&socket).expect("bind fake api socket");
+            let received = tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let mut stream = BufReader::new(stream);
+                let request = read_request(&mut stream).await;
+                // Answer in two writes so the client must cope with a split response.
+                let (first, rest) = response.split_at(response.len() / 2);
+
+                stream.get_mut().write_all(first).await.expect("write response");
+                stream.get_mut().flush().await.expect("flush");
+                tokio::task::yield_now().await;
+                stream.get_mut().write_all(rest).await.expect("write response");
+                request
+            });
+            Self { _dir: dir, socket, received }
+        }
+
+        fn client(&self) -> FirecrackerApi {
+            FirecrackerApi::new(&self.socket)
+        }
+
+        async fn received(self) -> Vec<u8> {
+            self.received.await.expect("fake api task")
+        }
+    }
+
+    /// Reads a request head and as much body as its Content-Length announces.
+    async fn read_request(stream: &mut BufReader<UnixStream>) -> Vec<u8> {
+        let mut request = Vec::new();
+        let mut content_length = 0;
+        loop {
+            let mut line = Vec::new();
+            stream.read_until(b'\n', &mut line).await.expect("read request head");
+            let text = String::from_utf8(line.clone()).expect("utf-8 head");
+            if let Some(value) = text.strip_prefix("Content-Length: ") {
+                content_length = value.trim().parse().expect("content-length");
+            }
+            request.extend_from_slice(&line);
+            if line == b"\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        let mut body = vec![0; content_length];
+        stream.read_exact(&mut body).await.expect("read request body");
+        request.extend_from_slice(&body);
+        request
+    }
+
+    /// An answer like Firecracker's: no reason phrase, and a Content-Length whenever there is a body.
+    fn answer(status: u16, body: &str) -> Vec<u8> {
+        let length = if body.is_empty() {
+            String::new()
+        } else {
+            format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len())
+        };
+        format!("HTTP/1.1 {status} \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n{length}\r\n{body}")
+            .into_bytes()
+    }
+
+    fn split_head(request: &[u8]) -> (String, Value) {
+        let text = String::from_utf8(request.to_vec()).expect("utf-8 request");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head ends with an empty line");
+        (format!("{head}\r\n\r\n"), serde_json::from_str(body).expect("json body"))
+    }
+
+    fn root_drive() -> ApiRequest {
+        ApiRequest::PutDrive(Drive {
+            drive_id: "rootfs".into(),
+            path_on_host: "/vms/a/root.raw".into(),
+            is_root_device: true,
+            is_read_only: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn put_sends_exact_head_and_json_body_and_204_is_none() {
+        let fake = FakeApi::answering(answer(204, ""));
+        let answer = fake.client().send(&root_drive()).await.expect("204 is success");
+        assert_eq!(answer, None);
+
+        let request = fake.received().await;
+        let (head, body) = split_head(&request);
+        let expected_body = json!({
+            "drive_id": "rootfs",
+            "path_on_host": "/vms/a/root.raw",
+            "is_root_device": true,
+            "is_read_only": false,
+        });
+        let body_length = request.len() - head.len();
+        assert_eq!(
+            head,
+            format!(
+                "PUT /drives/rootfs HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+                 Content-Type: application/json\r\nContent-Length: {body_length}\r\n\r\n"
+            )
+        );
+        assert_eq!(body, expected_body);
+    }
+
+    #[tokio::test]
+    async fn get_sends_no_body_and_returns_the_json_answer() {
+        // Lower-case header names and a reason phrase: HTTP allows both, so the client must too.
+        let body = r#"{"app_name":"Firecracker","id":"a","state":"Running","vmm_version":"1.12.1"}"#;
+        let fake = FakeApi::answering(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+        let answer = fake.client().send(&ApiRequest::GetInstanceInfo).await.expect("200 is success");
+        assert_eq!(
+            answer,
+            Some(json!({"app_name": "Firecracker", "id": "a", "state": "Running", "vmm_version": "1.12.1"}))
+        );
+
+        let request = fake.received().await;
+        assert_eq!(request, b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_400_becomes_a_fault_with_firecrackers_message() {
+        let fake = FakeApi::answering(answer(400, r#"{"fault_message":"Invalid block device path"}"#));
+        let error = fake.client().send(&root_drive()).await.expect_err("400 is a failure");
+        match error {
+            FirecrackerApiError::Fault { method, path, status, fault_message } => {
+                assert_eq!((method, path.as_str(), status), ("PUT", "/drives/rootfs", 400));
+                assert_eq!(fault_message, "Invalid block device path");
+            }
+            other => panic!("expected a fault, got {other:?}"),
+        }
+        fake.received().await;
+    }
+
+    #[tokio::test]
+    async fn a_fault_without_json_keeps_the_raw_body() {
+        let fake = FakeApi::answering(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\noops\n");
+        let error = fake.client().send(&ApiRequest::GetVmConfig).await.expect_err("500 is a failure");
+        assert!(
+            matches!(&error, FirecrackerApiError::Fault { status: 500, fault_message, .. } if fault_message == "oops"),
+            "{error:?}"
+        );
+        fake.received().await;
+    }
+
+    #[tokio::test]
+    async fn a_garbled_status_line_is_malformed() {
+        let fake = FakeApi::answering(b"SSH-2.0-OpenSSH\r\n\r\n");
+        let error = fake.client().send(&ApiRequest::GetVmConfig).await.expect_err("not http");
+        assert!(matches!(error, FirecrackerApiError::MalformedResponse { .. }), "{error:?}");
+        fake.received().await;
+    }
+
+    #[tokio::test]
+    async fn a_2xx_body_that_is_not_json_is_reported() {
+        let fake = FakeApi::answering(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nnot");
+        let error = fake.client().send(&ApiRequest::GetVmConfig).await.expect_err("not json");
+        assert!(matches!(error, FirecrackerApiError::InvalidJson { .. }), "{error:?}");
+        fake.received().await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_an_io_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("absent.sock");
+        let error = FirecrackerApi::new(&socket).send(&ApiRequest::GetInstanceInfo).await.expect_err("no socket");
+        match error {
+            FirecrackerApiError::Io { what, source } => {
+                assert!(what.contains(&socket.display().to_string()), "{what}");
+                assert_eq!(source.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("expected an io error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_the_answer_is_an_io_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            read_request(&mut BufReader::new(stream)).await
+        });
+        let error = FirecrackerApi::new(&socket).send(&ApiRequest::GetVmConfig).await.expect_err("closed");
+        assert!(
+            matches!(&error, FirecrackerApiError::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof),
+            "{error:?}"
+        );
+        server.await.expect("server task");
+    }
+
+    #[tokio::test]
+    async fn a_silent_api_times_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        // Accepts and reads, then never answers; kept alive until the client gives up.
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut stream = BufReader::new(stream);
+            read_request(&mut stream).await;
+            std::future::pending::<()>().await;
+        });
+        let api = FirecrackerApi::new(&socket).with_timeout(Duration::from_millis(200));
+        let error = api.send(&root_drive()).await.expect_err("no answer");
+        match error {
+            FirecrackerApiError::Timeout { method, path, timeout } => {
+                assert_eq!((method, path.as_str(), timeout), ("PUT", "/drives/rootfs", Duration::from_millis(200)));
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_id_firecracker_would_refuse_is_never_sent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let api = FirecrackerApi::new(dir.path().join("never-connected.sock"));
+        for id in ["", "root fs", "a/b", "x\r\nHost: evil", &"a".repeat(65)] {
+            let request = ApiRequest::PutNetworkInterface(NetworkInterface {
+                iface_id: id.into(),
+                host_dev_name: "tap0".into(),
+                guest_mac: None,
+            });
+            let error = api.send(&request).await.expect_err("invalid id");
+            assert!(matches!(&error, FirecrackerApiError::InvalidId { id: refused } if refused == id), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn unset_optional_fields_are_left_out() {
+        let request = ApiRequest::PutMachineConfig(MachineConfig { vcpu_count: 2, mem_size_mib: 256, smt: None });
+        assert_eq!(request.body(), Some(json!({"vcpu_count": 2, "mem_size_mib": 256})));
+        let request = ApiRequest::PutLogger(Logger {
+            log_path: "/l".into(),
+            level: Some(LogLevel::Warning),
+            show_level: None,
+            show_log_origin: None,
+        });
+        assert_eq!(request.body(), Some(json!({"log_path": "/l", "level": "Warning"})));
+    }
+
+    #[test]
+    fn action_types_serialize_to_firecrackers_names() {
+        for (action_type, name) in [
+            (ActionType::InstanceStart, "InstanceStart"),
+            (ActionType::SendCtrlAltDel, "SendCtrlAltDel"),
+            (ActionType::FlushMetrics, "FlushMetrics"),
+        ] {
+            let request = ApiRequest::PutAction(InstanceActionInfo { action_type });
+            assert_eq!(request.body(), Some(json!({ "action_type": name })));
+            assert_eq!((request.method(), request.path().as_str()), ("PUT", "/actions"));
+        }
+    }
+
+    #[test]
+    fn paths_carry_the_body_ids() {
+        let nic = ApiRequest::PutNetworkInterface(NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+        });
+        assert_eq!(nic.path(), "/network-interfaces/eth0");
+        assert_eq!(root_drive().path(), "/drives/rootfs");
+        assert_eq!(ApiRequest::GetVmConfig.path(), "/vm/config");
+        assert_eq!(ApiRequest::GetInstanceInfo.path(), "/");
+        assert_eq!(ApiRequest::GetVmConfig.body(), None);
+    }
+
+    #[test]
+    fn examples_cover_every_variant() {
+        let covered: BTreeSet<u8> = ApiRequest::all_examples()
+            .iter()
+            .map(|request| {
+                // No wildcard arm: a new variant does not compile here until it is counted, and
+                // then fails below until `all_examples` has one for the contract test.
+                match request {
+                    ApiRequest::PutMachineConfig(_) => 0,
+                    ApiRequest::PutBootSource(_) => 1,
+                    ApiRequest::PutDrive(_) => 2,
+                    ApiRequest::PutNetworkInterface(_) => 3,
+                    ApiRequest::PutVsock(_) => 4,
+                    ApiRequest::PutLogger(_) => 5,
+                    ApiRequest::PutMetrics(_) => 6,
+                    ApiRequest::PutAction(_) => 7,
+                    ApiRequest::GetVmConfig => 8,
+                    ApiRequest::GetInstanceInfo => 9,
+                }
+            })
+            .collect();
+        assert_eq!(covered, (0..10).collect());
+        assert!(ApiRequest::all_examples().iter().all(|request| request.invalid_path_id().is_none()));
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status_line("HTTP/1.1 204 "), Some(204));
+        assert_eq!(parse_status_line("HTTP/1.1 400 Bad Request"), Some(400));
+        assert_eq!(parse_status_line("HTTP/1.0 200"), Some(200));
+        assert_eq!(parse_status_line("HTTP/2 200"), None);
+        assert_eq!(parse_status_line("HTTP/1.1 2000 x"), None);
+        assert_eq!(parse_status_line("garbage"), None);
+    }
+}
