@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=banger");
     let files = ["banger/v1/vm.proto", "banger/v1/image.proto", "banger/v1/host.proto", "banger/agent/v1/agent.proto"];
     let descriptors = protox::compile(files, ["."])?;
-    std::fs::write(out.join("banger_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
+    // Reflection describes what bangerd serves: the public API, not the guest agent's protocol.
+    let mut public = descriptors.clone();
+    public.file.retain(|file| file.package() != "banger.agent.v1");
+    std::fs::write(out.join("banger_descriptor.bin"), prost::Message::encode_to_vec(&public))?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

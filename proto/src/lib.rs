@@ -15,5 +15,6 @@ pub mod agent {
     }
 }
 
-/// Encoded `FileDescriptorSet` of every banger proto, for server reflection.
+/// Encoded `FileDescriptorSet` of the public API (`banger.v1` and what it imports), for
+/// server reflection; the agent protocol is not in it, since bangerd does not serve it.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("banger_descriptor");
