@@ -1,7 +1,7 @@
 //! The guest-agent channel as one capability: its host-side backend (if the host needs one)
 //! and the calls the daemon makes to the agent.
 
-use std::{collections::HashMap, pin::Pin, sync::Mutex};
+use std::{collections::HashMap, pin::Pin, sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 use tokio_stream::Stream;
@@ -13,6 +13,11 @@ use super::{
     vsock::{VsockBackends, VsockMode},
 };
 use crate::domain::{ExecCommand, ExecEvent, ExecInput, ProcessHandle, Vm, VmId, VmPaths};
+
+/// What the guest agent prints on the serial console once it serves.
+const AGENT_ANNOUNCEMENT: &str = "serving banger.agent.v1";
+/// How long to wait for that line before polling the agent anyway.
+const ANNOUNCE_GRACE: Duration = Duration::from_secs(30);
 
 /// Standard input for a guest process.
 pub type ExecInputStream = Pin<Box<dyn Stream<Item = ExecInput> + Send>>;
@@ -102,6 +107,21 @@ impl AgentChannels for VsockAgentChannels {
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
+        if self.mode == VsockMode::UserSpace {
+            // vhost-device-vsock 0.3 has races around connections made while the guest's
+            // vsock driver comes up; each CONNECT during boot is a chance to hit one. The
+            // agent announces itself on the serial console, so wait for that line first and
+            // connect once it is there. Images whose agent does not announce itself are
+            // polled after the grace period.
+            let announced = Instant::now() + ANNOUNCE_GRACE;
+            let console = vm.paths().console_log;
+            while Instant::now() < announced.min(deadline) && still_booting() {
+                if std::fs::read_to_string(&console).is_ok_and(|log| log.contains(AGENT_ANNOUNCEMENT)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
         self.client(vm).wait_ready(deadline, still_booting).await.map(drop).map_err(HostError::from)
     }
 
