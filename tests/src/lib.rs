@@ -91,28 +91,27 @@ pub struct Daemon {
 impl Daemon {
     /// Starts bangerd with `extra` flags and waits until it answers.
     pub fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
-        let socket = dir.path().join("bangerd.sock");
-        let mut daemon = Self {
-            dir,
-            socket,
-            args: extra.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            netns: None,
-            child: None,
-        };
-        daemon.restart();
-        daemon
+        Self::launch(None, None, extra, &[])
     }
 
     /// Starts bangerd with extra environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_in(None, extra, env)
+        Self::launch(None, None, extra, env)
     }
 
     /// Starts bangerd with its temporary directory (state, socket, logs) under `parent`
     /// (e.g. a file system the test mounted), extra flags and environment.
     pub fn start_in(parent: Option<&Path>, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(parent, None, extra, env)
+    }
+
+    /// Starts bangerd inside the network namespace `netns` (which the test created): its
+    /// bridge, taps, NAT rules and guests all live there.
+    pub fn start_in_netns(netns: &str, extra: &[&str]) -> Self {
+        Self::launch(None, Some(netns), extra, &[])
+    }
+
+    fn launch(parent: Option<&Path>, netns: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let builder = tempfile::Builder::new().prefix("banger-e2e").to_owned();
         let dir = match parent {
             Some(parent) => builder.tempdir_in(parent),
@@ -120,24 +119,12 @@ impl Daemon {
         }
         .expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut daemon =
-            Self { dir, socket, args: extra.iter().map(|s| s.to_string()).collect(), env, netns: None, child: None };
-        daemon.restart();
-        daemon
-    }
-
-    /// Starts bangerd inside the network namespace `netns` (which the test created): its
-    /// bridge, taps, NAT rules and guests all live there.
-    pub fn start_in_netns(netns: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("banger-e2e").tempdir().expect("tempdir");
-        let socket = dir.path().join("bangerd.sock");
         let mut daemon = Self {
             dir,
             socket,
             args: extra.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            netns: Some(netns.to_owned()),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            netns: netns.map(str::to_owned),
             child: None,
         };
         daemon.restart();
