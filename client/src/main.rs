@@ -98,6 +98,9 @@ enum VmCommand {
         /// Only record the VM; boot it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,
+        /// Return once the VMM runs, without waiting for the guest agent (images without it).
+        #[arg(long, conflicts_with = "no_start")]
+        no_wait: bool,
     },
     /// Boot a stopped VM.
     Start {

@@ -63,6 +63,10 @@ pub struct FileConfig {
     pub bridge_cidr: Option<String>,
     /// See [`Config::network`]: masquerade each VM's traffic leaving the bridge.
     pub nat: Option<bool>,
+    /// See [`Config::vmm`]: `qemu` or `firecracker`.
+    pub vmm: Option<String>,
+    /// See [`Config::firecracker_binary`].
+    pub firecracker_binary: Option<PathBuf>,
 }
 
 /// A configuration value that cannot be used.
@@ -127,6 +131,19 @@ pub struct Config {
     pub root_disk: Option<RootDiskStrategy>,
     /// VM networking: `None` when no bridge is configured.
     pub network: Option<NetworkConfig>,
+    /// The VMM driver.
+    pub vmm: VmmKind,
+    /// `firecracker`.
+    pub firecracker_binary: PathBuf,
+}
+
+/// Which VMM drives the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmKind {
+    /// QEMU `-M microvm`: works on any Linux host, under TCG where KVM cannot boot guests.
+    Qemu,
+    /// Firecracker: needs KVM; raw root disks only.
+    Firecracker,
 }
 
 /// How VMs are networked: one tap each on a bridge, addresses from the bridge's network.
@@ -211,7 +228,25 @@ impl Config {
                 Some(NetworkConfig { bridge, pool, nat: file.nat.unwrap_or(false) })
             }
         };
+        let vmm = match file.vmm.as_deref().unwrap_or("qemu") {
+            "qemu" => VmmKind::Qemu,
+            "firecracker" => VmmKind::Firecracker,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "vmm",
+                    message: format!("{other:?}; allowed values: qemu, firecracker"),
+                });
+            }
+        };
+        if vmm == VmmKind::Firecracker && root_disk == Some(RootDiskStrategy::Qcow2) {
+            return Err(ConfigError::Invalid {
+                key: "root_disk",
+                message: "firecracker boots raw disks only: use reflink, copy or auto".into(),
+            });
+        }
         Ok(Self {
+            vmm,
+            firecracker_binary: file.firecracker_binary.unwrap_or_else(|| "firecracker".into()),
             network,
             root_disk,
             state_dir: overrides.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),

@@ -16,7 +16,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::{
-    config::Config,
+    config::{Config, VmmKind},
+    domain::RootDiskStrategy,
     host::{
         agent_channel::VsockAgentChannels,
         block::LinuxBlockDevices,
@@ -25,7 +26,7 @@ use crate::{
         network::LinuxNetwork,
         process::ProcFs,
         storage::FileDisks,
-        vmm::QemuVmm,
+        vmm::{QemuVmm, firecracker::FirecrackerVmm},
         vsock::{VsockBackends, VsockMode},
     },
     ops::{HostServices, Ops, OpsConfig},
@@ -48,17 +49,33 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     let store = Store::open(&config.state_dir.join("banger.db"))
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
+    let firecracker = config.vmm == VmmKind::Firecracker;
     let root_disk = match config.root_disk {
         Some(strategy) => strategy,
-        None => host::storage::choose_strategy(&config.state_dir).await,
+        None => match host::storage::choose_strategy(&config.state_dir).await {
+            // Firecracker boots raw disks only.
+            RootDiskStrategy::Qcow2 if firecracker => RootDiskStrategy::Copy,
+            strategy => strategy,
+        },
     };
     let processes = ProcFs::default();
     let cgroups = Cgroups::detect("/sys/fs/cgroup".into(), config.vmm_memory_overhead_mib);
-    let vsock_mode = VsockMode::detect();
-    tracing::info!(vsock = ?vsock_mode, accel = ?config.accel, root_disk = root_disk.as_str(), "host capabilities");
+    let vsock_mode = if firecracker { VsockMode::VmmHybrid } else { VsockMode::detect() };
+    tracing::info!(
+        vmm = ?config.vmm,
+        vsock = ?vsock_mode,
+        accel = ?config.accel,
+        root_disk = root_disk.as_str(),
+        "host capabilities"
+    );
     let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
+    let vmm: Arc<dyn host::vmm::Vmm> = if firecracker {
+        Arc::new(FirecrackerVmm::new(config.firecracker_binary.clone(), processes.clone()))
+    } else {
+        Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone()))
+    };
     let host = HostServices {
-        vmm: Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone())),
+        vmm,
         disks: Arc::new(FileDisks::new(config.qemu_img_binary.clone())),
         agents: Arc::new(VsockAgentChannels::new(vsock_mode, backends)),
         processes: Arc::new(processes),
@@ -74,6 +91,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         network: config.network.clone(),
         doctor: Some(DoctorInputs {
             state_dir: config.state_dir.clone(),
+            vmm: if firecracker { "firecracker" } else { "qemu" },
             qemu: config.qemu_binary.clone(),
             qemu_img: config.qemu_img_binary.clone(),
             vsock_backend: config.vsock_backend_binary.clone(),

@@ -385,6 +385,63 @@ fn every_request_the_driver_sends_conforms_to_the_api_description() {
     assert!(report.is_empty(), "{} violation(s) of {API_DESCRIPTION}:\n{}", report.len(), report.join("\n"));
 }
 
+/// The requests the driver sends to boot one VM, with and without a network interface.
+fn driver_requests() -> Vec<ApiRequest> {
+    use banger_server::{
+        domain::{Image, ImageId, VmPaths, VmSpec},
+        host::vmm::{GuestNic, LaunchSpec, firecracker::FirecrackerVmm},
+    };
+    let image = Image {
+        id: ImageId::generate(),
+        name: "img".into(),
+        kernel_path: "/images/vmlinux".into(),
+        initrd_path: Some("/images/initrd.img".into()),
+        rootfs_path: "/images/rootfs.ext4".into(),
+        kernel_args: "quiet".into(),
+        rootfs_size_bytes: 1,
+        created_at_ms: 0,
+    };
+    let paths = VmPaths::new(std::path::Path::new("/state/vms/x"));
+    let nic = GuestNic {
+        tap: "bgtap3".into(),
+        mac: "02:42:00:00:00:03".into(),
+        address: "172.30.0.2/24".into(),
+        gateway: "172.30.0.1".into(),
+    };
+    [None, Some(&nic)]
+        .into_iter()
+        .flat_map(|nic| {
+            let launch = LaunchSpec {
+                name: "web",
+                paths: &paths,
+                spec: VmSpec { vcpus: 2, memory_mib: 512 },
+                image: &image,
+                vsock_cid: 3,
+                disk_format: "raw",
+                nic,
+            };
+            FirecrackerVmm::configuration(&launch)
+        })
+        .collect()
+}
+
+#[test]
+fn the_requests_the_driver_boots_a_vm_with_conform() {
+    let description = ApiDescription::load();
+    let requests = driver_requests();
+    assert!(requests.iter().any(|r| r.path() == "/actions"), "the boot ends with InstanceStart");
+    let mut report = Vec::new();
+    for request in &requests {
+        let body = request.body();
+        for broken in
+            description.violations(request.method(), &request.path(), body.as_ref(), Some(request.operation_id()))
+        {
+            report.push(format!("{}: {broken}\n    body: {}", label(request), body.clone().unwrap_or_default()));
+        }
+    }
+    assert!(report.is_empty(), "{} violation(s) of {API_DESCRIPTION}:\n{}", report.len(), report.join("\n"));
+}
+
 /// Runs the validator on one hand-made request.
 fn rules_broken(method: &str, path: &str, body: Option<Value>) -> Vec<(Rule, String)> {
     ApiDescription::load()

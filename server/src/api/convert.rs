@@ -114,6 +114,7 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
             image: (!request.image.is_empty()).then_some(request.image),
             spec: VmSpec { vcpus, memory_mib },
             start: !request.no_start,
+            wait_agent: !request.no_wait,
         })
     }
 }

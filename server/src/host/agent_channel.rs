@@ -77,7 +77,7 @@ impl VsockAgentChannels {
             .entry(vm.id)
             .or_insert_with(|| match self.mode {
                 VsockMode::Kernel => AgentClient::new_kernel_vsock(vm.vsock_cid),
-                VsockMode::UserSpace => AgentClient::new(vm.paths().vsock),
+                VsockMode::UserSpace | VsockMode::VmmHybrid => AgentClient::new(vm.paths().vsock),
             })
             .clone()
     }
@@ -87,8 +87,8 @@ impl VsockAgentChannels {
 impl AgentChannels for VsockAgentChannels {
     async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError> {
         match self.mode {
-            // QEMU opens /dev/vhost-vsock itself: no host process.
-            VsockMode::Kernel => Ok(None),
+            // QEMU opens /dev/vhost-vsock itself, Firecracker serves the socket: no host process.
+            VsockMode::Kernel | VsockMode::VmmHybrid => Ok(None),
             VsockMode::UserSpace => self.backends.start(cid, paths).await.map(Some),
         }
     }

@@ -61,7 +61,18 @@ pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError
 /// running when the daemon dies. Its output goes to `log`. The daemon reaps it if it
 /// exits while the daemon lives.
 pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<ProcessHandle, HostError> {
-    let open_log = || {
+    spawn_detached_split(program, args, log, log)
+}
+
+/// Like [`spawn_detached`], with standard output and standard error in separate files (a
+/// VMM that writes the guest's serial console to its standard output).
+pub fn spawn_detached_split(
+    program: &Path,
+    args: &[OsString],
+    stdout_log: &Path,
+    stderr_log: &Path,
+) -> Result<ProcessHandle, HostError> {
+    let open_log = |log: &Path| {
         OpenOptions::new()
             .create(true)
             .append(true)
@@ -69,7 +80,7 @@ pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<P
             .map_err(|source| HostError::Io { what: format!("open {}", log.display()), source })
     };
     let mut command = StdCommand::new(program);
-    command.args(args).stdin(Stdio::null()).stdout(open_log()?).stderr(open_log()?);
+    command.args(args).stdin(Stdio::null()).stdout(open_log(stdout_log)?).stderr(open_log(stderr_log)?);
     // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));

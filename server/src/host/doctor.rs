@@ -61,6 +61,8 @@ pub struct DoctorInputs {
     pub qemu_img: PathBuf,
     /// `vhost-device-vsock`.
     pub vsock_backend: PathBuf,
+    /// The VMM driver in use (`qemu` or `firecracker`).
+    pub vmm: &'static str,
     /// The accelerator in use.
     pub accel: Accel,
     /// The vsock mode in use.
@@ -129,6 +131,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
     }
     checks.push(match inputs.vsock {
         VsockMode::Kernel => check("vsock", Pass, "/dev/vhost-vsock: the kernel carries the guest-agent channel"),
+        VsockMode::VmmHybrid => check("vsock", Pass, "the VMM serves the guest-agent channel (hybrid vsock)"),
         VsockMode::UserSpace => match version(&inputs.vsock_backend).await {
             Some(v) => check("vsock", Pass, format!("no /dev/vhost-vsock; user-space backend {v}")),
             None => check(
@@ -174,7 +177,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
     });
 
     let choices = Choices {
-        vmm: "qemu".into(),
+        vmm: inputs.vmm.into(),
         accel: match inputs.accel {
             Accel::Tcg => "tcg".into(),
             Accel::Kvm => "kvm".into(),
@@ -182,6 +185,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
         agent_channel: match inputs.vsock {
             VsockMode::Kernel => "kernel vhost-vsock".into(),
             VsockMode::UserSpace => "vhost-device-vsock".into(),
+            VsockMode::VmmHybrid => "firecracker hybrid vsock".into(),
         },
         root_disk: match inputs.root_disk {
             crate::domain::RootDiskStrategy::Qcow2 => "qcow2 overlay".into(),

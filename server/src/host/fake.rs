@@ -199,8 +199,9 @@ impl Vmm for FakeHost {
         )))
     }
 
-    async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError> {
-        self.check("vmm.wait_running")?;
+    async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError> {
+        self.check("vmm.boot")?;
+        let paths = launch.paths;
         if !Processes::alive(self, vmm, &paths.api_socket) {
             return Err(HostError::ProcessExited { process: "qemu", detail: None, log: paths.vmm_log.clone() });
         }

@@ -19,6 +19,8 @@ pub enum VsockMode {
     Kernel,
     /// rust-vmm's `vhost-device-vsock` per VM: QEMU's `vhost-user-vsock-device`, a hybrid unix socket on the host.
     UserSpace,
+    /// The VMM serves the hybrid unix socket itself (Firecracker).
+    VmmHybrid,
 }
 
 impl VsockMode {

@@ -28,14 +28,15 @@ pub enum BootStage {
     VmmLaunch,
     /// Put the VMM in a cgroup bounding its CPU and memory.
     LimitResources,
-    /// Wait until the VMM's control socket answers and the guest runs.
+    /// Configure the VMM if it needs it, start the guest, and check that it runs.
     VmmBoot,
     /// Wait until the guest agent answers.
     WaitAgent,
 }
 
-/// The boot stages in order, given how VMs are networked.
-pub fn boot_stages(network: Option<&NetworkConfig>) -> Vec<BootStage> {
+/// The boot stages in order, given how VMs are networked and whether the boot waits for
+/// the guest agent.
+pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool) -> Vec<BootStage> {
     let mut stages = vec![BootStage::RootDisk, BootStage::AgentChannel];
     if let Some(network) = network {
         stages.push(BootStage::Tap);
@@ -43,7 +44,10 @@ pub fn boot_stages(network: Option<&NetworkConfig>) -> Vec<BootStage> {
             stages.push(BootStage::Nat);
         }
     }
-    stages.extend([BootStage::VmmLaunch, BootStage::LimitResources, BootStage::VmmBoot, BootStage::WaitAgent]);
+    stages.extend([BootStage::VmmLaunch, BootStage::LimitResources, BootStage::VmmBoot]);
+    if wait_agent {
+        stages.push(BootStage::WaitAgent);
+    }
     stages
 }
 
@@ -127,24 +131,8 @@ impl Boot {
             BootStage::VmmLaunch
                 if self.handles.vmm.is_some_and(|vmm| ops.host.processes.alive(&vmm, &paths.api_socket)) => {}
             BootStage::VmmLaunch => {
-                let nic = match network_of(ops, &self.vm) {
-                    Ok((network, ip)) => Some(GuestNic {
-                        tap: tap_name(self.vm.vsock_cid),
-                        mac: mac_address(self.vm.vsock_cid),
-                        address: format!("{ip}/{}", network.pool.prefix()),
-                        gateway: network.pool.gateway().to_string(),
-                    }),
-                    Err(_) => None,
-                };
-                let launch = LaunchSpec {
-                    name: &self.vm.name,
-                    paths: &paths,
-                    spec: self.vm.spec,
-                    image: &self.image,
-                    vsock_cid: self.vm.vsock_cid,
-                    disk_format: self.vm.root_disk.format(),
-                    nic: nic.as_ref(),
-                };
+                let nic = guest_nic(ops, &self.vm);
+                let launch = self.launch_spec(&paths, nic.as_ref());
                 tracing::debug!(vm_id = %self.vm.id, vmm = ops.host.vmm.name(), "launching the vmm");
                 let vmm = ops.host.vmm.launch(&launch).await?;
                 tracing::debug!(vm_id = %self.vm.id, pid = vmm.pid, "vmm launched");
@@ -159,7 +147,8 @@ impl Boot {
             }
             BootStage::VmmBoot => {
                 let vmm = self.vmm_handle()?;
-                ops.host.vmm.wait_running(&paths, &vmm).await?;
+                let nic = guest_nic(ops, &self.vm);
+                ops.host.vmm.boot(&self.launch_spec(&paths, nic.as_ref()), &vmm).await?;
             }
             BootStage::WaitAgent => {
                 let vmm = self.vmm_handle()?;
@@ -227,6 +216,18 @@ impl Boot {
         }
     }
 
+    fn launch_spec<'a>(&'a self, paths: &'a crate::domain::VmPaths, nic: Option<&'a GuestNic>) -> LaunchSpec<'a> {
+        LaunchSpec {
+            name: &self.vm.name,
+            paths,
+            spec: self.vm.spec,
+            image: &self.image,
+            vsock_cid: self.vm.vsock_cid,
+            disk_format: self.vm.root_disk.format(),
+            nic,
+        }
+    }
+
     fn vmm_handle(&self) -> Result<ProcessHandle, Error> {
         self.handles.vmm.ok_or_else(|| Error::FailedPrecondition("vmm was not launched".into()))
     }
@@ -235,6 +236,17 @@ impl Boot {
     pub fn evidence(&self, stage: BootStage) -> Option<PathBuf> {
         stage.evidence_file().map(|file| self.vm.vm_dir.join(file))
     }
+}
+
+/// The VM's network interface, when VMs get a network.
+fn guest_nic(ops: &Ops, vm: &Vm) -> Option<GuestNic> {
+    let (network, ip) = network_of(ops, vm).ok()?;
+    Some(GuestNic {
+        tap: tap_name(vm.vsock_cid),
+        mac: mac_address(vm.vsock_cid),
+        address: format!("{ip}/{}", network.pool.prefix()),
+        gateway: network.pool.gateway().to_string(),
+    })
 }
 
 /// The tag of a VM's NAT rules: derived from its id alone.

@@ -24,6 +24,8 @@ pub struct CreateVm {
     pub spec: VmSpec,
     /// Whether to boot it now.
     pub start: bool,
+    /// Whether a boot waits until the guest agent answers.
+    pub wait_agent: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +66,9 @@ impl Operation for CreateVmOp<'_> {
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::InsertRecord, Stage::PrepareVmDir];
         if self.request.start {
-            stages.extend(boot_stages(self.ops.config.network.as_ref()).into_iter().map(Stage::Boot));
+            stages.extend(
+                boot_stages(self.ops.config.network.as_ref(), self.request.wait_agent).into_iter().map(Stage::Boot),
+            );
             stages.push(Stage::MarkRunning);
         }
         stages
@@ -89,6 +93,7 @@ impl Operation for CreateVmOp<'_> {
                     None => ops.ensure_default_image().await?,
                 };
                 super::images::check_image_files(&image)?;
+                super::images::check_kernel_for(ops.host.vmm.name(), &image)?;
                 self.image = Some(image);
             }
             Stage::InsertRecord if self.boot.is_some() => {}

@@ -138,6 +138,21 @@ fn source_violation(field: &str, path: &Path, check: Option<FileCheck>) -> Optio
     }
 }
 
+/// Checks that the VMM can boot the image's kernel: Firecracker loads only uncompressed ELF
+/// kernels (a `vmlinux`), not bzImages.
+pub fn check_kernel_for(vmm: &str, image: &Image) -> Result<(), Error> {
+    if vmm != "firecracker" {
+        return Ok(());
+    }
+    match read_head(&image.kernel_path) {
+        Ok(head) if head.starts_with(b"\x7fELF") => Ok(()),
+        _ => Err(Error::FailedPrecondition(format!(
+            "firecracker boots only uncompressed ELF kernels (vmlinux); the kernel of image {} is not one",
+            image.name
+        ))),
+    }
+}
+
 /// Checks that an image's files are still in place, before a VM boots from them.
 pub fn check_image_files(image: &Image) -> Result<(), Error> {
     let files = [Some(&image.kernel_path), image.initrd_path.as_ref(), Some(&image.rootfs_path)];

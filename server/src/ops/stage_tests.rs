@@ -56,6 +56,7 @@ fn create(name: &str) -> CreateVm {
         image: Some("img".into()),
         spec: VmSpec { vcpus: 1, memory_mib: 256 },
         start: true,
+        wait_agent: true,
     }
 }
 
@@ -156,14 +157,9 @@ async fn a_create_failing_at_any_stage_leaves_nothing() {
 #[tokio::test]
 async fn a_create_failing_inside_any_host_capability_leaves_nothing() {
     let f = fixture().await;
-    for call in [
-        "disks.create",
-        "agents.start_backend",
-        "vmm.launch",
-        "limits.confine",
-        "vmm.wait_running",
-        "agents.wait_ready",
-    ] {
+    for call in
+        ["disks.create", "agents.start_backend", "vmm.launch", "limits.confine", "vmm.boot", "agents.wait_ready"]
+    {
         f.host.fail_next(call);
         let result = f.ops.create_vm(create("doomed")).await;
         assert!(matches!(result, Err(Error::Stage { .. })), "{call}: {result:?}");

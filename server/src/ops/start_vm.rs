@@ -35,7 +35,7 @@ impl Operation for StartVmOp<'_> {
 
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
-        stages.extend(boot_stages(self.ops.config.network.as_ref()).into_iter().map(Stage::Boot));
+        stages.extend(boot_stages(self.ops.config.network.as_ref(), true).into_iter().map(Stage::Boot));
         stages.push(Stage::MarkRunning);
         stages
     }
@@ -55,6 +55,7 @@ impl Operation for StartVmOp<'_> {
             Stage::ResolveImage => {
                 let image = ops.store.image_get(&self.vm.image_id.to_string()).await?;
                 super::images::check_image_files(&image)?;
+                super::images::check_kernel_for(ops.host.vmm.name(), &image)?;
                 self.boot = Some(Boot::new(self.vm.clone(), image));
             }
             Stage::MarkStarting if self.vm.observed_state == VmState::Starting => {}

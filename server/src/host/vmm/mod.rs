@@ -1,6 +1,7 @@
 //! Virtual machine monitors. One trait, named for what the host offers; QEMU microvm is
 //! the embedded default that boots real guests on any Linux host.
 
+pub mod firecracker;
 pub mod firecracker_api;
 mod qemu;
 pub mod qmp;
@@ -53,8 +54,9 @@ pub trait Vmm: Send + Sync + Debug {
     /// Launches the VMM detached from the daemon; returns once the process exists.
     async fn launch(&self, launch: &LaunchSpec<'_>) -> Result<ProcessHandle, HostError>;
 
-    /// Waits until the VMM's control socket answers and the guest's vCPUs run.
-    async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError>;
+    /// Starts the guest in a launched VMM (configuring it first where the VMM is configured
+    /// over its API) and checks that it runs. Runs after the VMM was put in its cgroup.
+    async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError>;
 
     /// Asks the guest to power off through the VMM (ACPI power button).
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError>;

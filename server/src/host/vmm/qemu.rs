@@ -87,7 +87,7 @@ impl QemuVmm {
         ]);
         match self.vsock {
             VsockMode::Kernel => push(&["-device", &format!("vhost-vsock-device,guest-cid={}", launch.vsock_cid)]),
-            VsockMode::UserSpace => push(&[
+            VsockMode::UserSpace | VsockMode::VmmHybrid => push(&[
                 "-chardev",
                 &format!("socket,id=vsock,path={}", paths.vhost_user_socket.display()),
                 "-device",
@@ -127,7 +127,8 @@ impl Vmm for QemuVmm {
         command::spawn_detached(&self.binary, &args, &launch.paths.vmm_log)
     }
 
-    async fn wait_running(&self, paths: &VmPaths, vmm: &ProcessHandle) -> Result<(), HostError> {
+    async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError> {
+        let paths = launch.paths;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         let mut qmp = loop {
             if !self.processes.alive(vmm, &paths.api_socket) {
