@@ -98,8 +98,8 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let vm = response.into_inner().vm.unwrap_or_default();
             output::print_vm_line(&vm, op.as_deref());
         }
-        VmCommand::Start { vm } => {
-            let response = client.vms.start_vm(pb::StartVmRequest { vm }).await?;
+        VmCommand::Start { vm, no_wait } => {
+            let response = client.vms.start_vm(pb::StartVmRequest { vm, no_wait }).await?;
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }

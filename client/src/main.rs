@@ -102,10 +102,13 @@ enum VmCommand {
         #[arg(long, conflicts_with = "no_start")]
         no_wait: bool,
     },
-    /// Boot a stopped VM.
+    /// Boot a stopped VM (waits until its guest agent answers).
     Start {
         /// VM id or name.
         vm: String,
+        /// Return once the VMM runs, without waiting for the guest agent (images without it).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Shut a VM down (guest power-off, then ACPI, then kill).
     Stop {

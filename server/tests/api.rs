@@ -119,7 +119,12 @@ async fn unknown_images_and_vms_are_not_found() {
     assert!(error_op_id(&status).is_some(), "a failed operation names its op id");
     for status in [
         daemon.client.vms.get_vm(pb::GetVmRequest { vm: "ghost".into() }).await.expect_err("get"),
-        daemon.client.vms.start_vm(pb::StartVmRequest { vm: "ghost".into() }).await.expect_err("start"),
+        daemon
+            .client
+            .vms
+            .start_vm(pb::StartVmRequest { vm: "ghost".into(), ..Default::default() })
+            .await
+            .expect_err("start"),
         daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "ghost".into() }).await.expect_err("delete"),
         daemon.client.images.get_image(pb::GetImageRequest { image: "ghost".into() }).await.expect_err("image"),
     ] {

@@ -105,6 +105,15 @@ fn firecracker_boots_a_guest_whose_console_output_and_exit_are_seen_and_delete_l
     let reason = show(&daemon, "fc", "last error").unwrap_or_default();
     assert!(reason.contains("vmm exited"), "{reason}");
 
+    // Started again (without waiting for an agent it does not have), it boots and exits again.
+    std::fs::write(&console, "").expect("truncate console");
+    let out = daemon.banger(&["vm", "start", "fc", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the second boot's console output", || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains(MARKER))
+    });
+    wait_until("the second exit to be recorded", || show(&daemon, "fc", "state").as_deref() == Some("stopped"));
+
     let vm_dir = show(&daemon, "fc", "vm dir").expect("vm dir");
     let out = daemon.banger(&["vm", "delete", "fc"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -56,9 +56,10 @@ impl VmService for VmApi {
     }
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
-        let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
-        let ops = self.ops.clone();
-        let vm = run_to_completion(async move { ops.start_vm(&key).await }).await?;
+        let request = request.into_inner();
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let (ops, wait_agent) = (self.ops.clone(), !request.no_wait);
+        let vm = run_to_completion(async move { ops.start_vm(&key, wait_agent).await }).await?;
         Ok(with_op_id(pb::StartVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
     }
 

@@ -177,7 +177,7 @@ async fn start_stages_are_idempotent_and_failures_leave_a_stopped_or_errored_vm(
     let f = fixture().await;
     let vm = f.ops.create_vm(create("web")).await.expect("create");
     f.ops.stop_vm("web", false).await.expect("stop");
-    let stages = for_each_failing_stage!(f, |i| f.ops.start_vm("web").await, |stage| {
+    let stages = for_each_failing_stage!(f, |i| f.ops.start_vm("web", true).await, |stage| {
         let record = f.record("web").await.expect("record kept");
         assert!(matches!(record.observed_state, VmState::Stopped | VmState::Error), "{stage}: {record:?}");
         f.assert_consistent(&record, stage);
@@ -186,7 +186,7 @@ async fn start_stages_are_idempotent_and_failures_leave_a_stopped_or_errored_vm(
     assert_eq!(stages, 9, "resolve_image .. mark_running");
     f.ops.stop_vm("web", false).await.expect("stop");
     f.run(RunOptions { repeat_stages: true, ..Default::default() });
-    let started = f.ops.start_vm("web").await.expect("start with every stage twice");
+    let started = f.ops.start_vm("web", true).await.expect("start with every stage twice");
     assert_eq!(started.observed_state, VmState::Running);
     assert_eq!(f.processes_of(&vm), 2, "{:?}", f.host.processes());
 }

@@ -23,6 +23,7 @@ enum Stage {
 
 struct StartVmOp<'a> {
     ops: &'a Ops,
+    wait_agent: bool,
     op_id: OpId,
     vm: Vm,
     boot: Option<Boot>,
@@ -35,7 +36,7 @@ impl Operation for StartVmOp<'_> {
 
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
-        stages.extend(boot_stages(self.ops.config.network.as_ref(), true).into_iter().map(Stage::Boot));
+        stages.extend(boot_stages(self.ops.config.network.as_ref(), self.wait_agent).into_iter().map(Stage::Boot));
         stages.push(Stage::MarkRunning);
         stages
     }
@@ -117,8 +118,9 @@ impl Operation for StartVmOp<'_> {
 }
 
 impl Ops {
-    /// Boots a stopped VM; a running one is returned unchanged.
-    pub async fn start_vm(&self, key: &str) -> Result<Vm, Error> {
+    /// Boots a stopped VM (waiting for its guest agent when `wait_agent`); a running one is
+    /// returned unchanged.
+    pub async fn start_vm(&self, key: &str, wait_agent: bool) -> Result<Vm, Error> {
         let vm = self.store.vm_get(key).await?;
         let lock = self.vm_lock(vm.id);
         let _guard = lock.lock().await;
@@ -127,7 +129,7 @@ impl Ops {
             return Ok(vm);
         }
         let op_id = OpId::generate();
-        let mut op = StartVmOp { ops: self, op_id, vm, boot: None };
+        let mut op = StartVmOp { ops: self, wait_agent, op_id, vm, boot: None };
         match runner::run_with(op_id, &mut op, &self.run_options()).await {
             Ok(()) => Ok(op.vm),
             Err(error) => {
