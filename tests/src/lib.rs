@@ -252,6 +252,18 @@ impl Daemon {
         }
     }
 
+    /// Imports an image through the CLI and asserts it worked.
+    pub fn import_image(&self, name: &str, kernel: &Path, rootfs: &Path, initrd: Option<&Path>) {
+        let (kernel, rootfs) = (kernel.display().to_string(), rootfs.display().to_string());
+        let mut args = vec!["image", "import", name, "--kernel", &kernel, "--rootfs", &rootfs];
+        let initrd = initrd.map(|p| p.display().to_string());
+        if let Some(initrd) = &initrd {
+            args.extend(["--initrd", initrd.as_str()]);
+        }
+        let out = self.banger(&args);
+        assert!(out.status.success(), "image import {name}: {}", text(&out.stderr));
+    }
+
     /// Runs the CLI against this daemon.
     pub fn banger(&self, args: &[&str]) -> Output {
         self.banger_with_stdin(args, None)

@@ -118,18 +118,7 @@ fn bad_input_is_refused_with_field_violations_and_leaves_nothing() {
     std::fs::write(&broken, header).expect("broken kernel");
     let rootfs = banger_tests::default_image_dir().join("rootfs.ext4");
     let initrd = banger_tests::default_image_dir().join("initrd.img");
-    let out = daemon.banger(&[
-        "image",
-        "import",
-        "unbootable",
-        "--kernel",
-        &broken.display().to_string(),
-        "--rootfs",
-        &rootfs.display().to_string(),
-        "--initrd",
-        &initrd.display().to_string(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    daemon.import_image("unbootable", &broken, &rootfs, Some(&initrd));
     let out = daemon.banger(&["vm", "create", "--name", "doomed", "--image", "unbootable"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

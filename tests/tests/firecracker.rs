@@ -65,28 +65,9 @@ fn firecracker_boots_a_guest_whose_console_output_and_exit_are_seen_and_delete_l
     let daemon = Daemon::start(&["--config", &config.display().to_string()]);
 
     let rootfs = default_image_dir().join("rootfs.ext4");
-    let out = daemon.banger(&[
-        "image",
-        "import",
-        "toy",
-        "--kernel",
-        &kernel.display().to_string(),
-        "--rootfs",
-        &rootfs.display().to_string(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    daemon.import_image("toy", &kernel, &rootfs, None);
     // A bzImage cannot boot under Firecracker: refused before anything is made.
-    let bzimage = default_image_dir().join("vmlinuz");
-    let out = daemon.banger(&[
-        "image",
-        "import",
-        "bz",
-        "--kernel",
-        &bzimage.display().to_string(),
-        "--rootfs",
-        &rootfs.display().to_string(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    daemon.import_image("bz", &default_image_dir().join("vmlinuz"), &rootfs, None);
     let out = daemon.banger(&["vm", "create", "--name", "bz", "--image", "bz", "--no-wait"]);
     let stderr = text(&out.stderr);
     assert!(stderr.contains("FAILED_PRECONDITION") && stderr.contains("uncompressed ELF"), "{stderr}");

@@ -52,6 +52,21 @@ pub struct OpsConfig {
     pub doctor: Option<crate::host::doctor::DoctorInputs>,
 }
 
+#[cfg(test)]
+impl OpsConfig {
+    /// A config for tests: state under `dir`, no default image, qcow2 disks, no network.
+    pub(crate) fn for_tests(dir: &Path) -> Self {
+        Self {
+            state_dir: dir.join("state"),
+            default_image: "default".into(),
+            default_image_dir: dir.join("none"),
+            root_disk: crate::domain::RootDiskStrategy::Qcow2,
+            network: None,
+            doctor: None,
+        }
+    }
+}
+
 /// The host capabilities the use cases drive, each behind a trait so that `ops` tests run
 /// against a stateful fake host.
 #[derive(Debug, Clone)]

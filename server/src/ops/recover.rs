@@ -208,14 +208,7 @@ mod tests {
             block: Arc::new(crate::host::fake::FakeHost::default()),
             limits: Arc::new(crate::host::fake::FakeHost::default()),
         };
-        let config = OpsConfig {
-            state_dir: dir.path().join("state"),
-            default_image: "default".into(),
-            default_image_dir: dir.path().join("none"),
-            root_disk: crate::domain::RootDiskStrategy::Qcow2,
-            network: None,
-            doctor: None,
-        };
+        let config = OpsConfig::for_tests(dir.path());
         (Arc::new(Ops::new(store, config, host)), dir)
     }
 

@@ -22,14 +22,7 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("banger.db")).await.expect("store");
     let host = FakeHost::default();
-    let config = OpsConfig {
-        state_dir: dir.path().join("state"),
-        default_image: "default".into(),
-        default_image_dir: dir.path().join("none"),
-        root_disk: crate::domain::RootDiskStrategy::Qcow2,
-        network: None,
-        doctor: None,
-    };
+    let config = OpsConfig::for_tests(dir.path());
     let sources = dir.path().join("image");
     std::fs::create_dir_all(&sources).expect("image dir");
     for file in ["vmlinuz", "rootfs.ext4"] {
