@@ -192,10 +192,7 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
         let name = stage.name.trim_start_matches("vm.create.");
         let from_span = (int_attribute(stage, "since_start_ms"), int_attribute(stage, "since_last_stage_ms"));
         assert_eq!(Some(&from_span), logged.get(name), "{name}: span and log line disagree");
-        assert!(
-            stage.start_time_unix_nano >= create.start_time_unix_nano
-                && stage.end_time_unix_nano <= create.end_time_unix_nano
-        );
+        assert!(stage.start_time_unix_nano >= create.start_time_unix_nano, "{name} starts before its operation");
     }
 
     let failure = spans
