@@ -26,6 +26,8 @@ pub const DEFAULT_VMM_MEMORY_OVERHEAD_MIB: u64 = 512;
 pub const DEFAULT_BRIDGE_CIDR: &str = "172.30.0.0/24";
 /// Config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/banger/config.toml";
+/// First uid (and gid) of jailed VMMs: the VM with vsock context id N runs as this + N.
+pub const DEFAULT_JAILER_UID_BASE: u32 = 900_000;
 
 /// The config file's contents; every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +69,12 @@ pub struct FileConfig {
     pub vmm: Option<String>,
     /// See [`Config::firecracker_binary`].
     pub firecracker_binary: Option<PathBuf>,
+    /// See [`Config::jailer`]: run each Firecracker under its jailer.
+    pub jailer: Option<bool>,
+    /// See [`JailerConfig::binary`].
+    pub jailer_binary: Option<PathBuf>,
+    /// See [`JailerConfig::uid_base`].
+    pub jailer_uid_base: Option<u32>,
 }
 
 /// A configuration value that cannot be used.
@@ -135,6 +143,18 @@ pub struct Config {
     pub vmm: VmmKind,
     /// `firecracker`.
     pub firecracker_binary: PathBuf,
+    /// Firecracker's jailer, when each Firecracker runs under it.
+    pub jailer: Option<JailerConfig>,
+}
+
+/// How Firecracker's jailer confines each VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailerConfig {
+    /// `jailer`.
+    pub binary: PathBuf,
+    /// The VMM of the VM with vsock context id N runs as uid and gid `uid_base + N`: one
+    /// unprivileged identity per VM, in a range nothing else on the host uses.
+    pub uid_base: u32,
 }
 
 /// Which VMM drives the VMs.
@@ -244,8 +264,28 @@ impl Config {
                 message: "firecracker boots raw disks only: use reflink, copy or auto".into(),
             });
         }
+        let jailer = match file.jailer.unwrap_or(false) {
+            false => None,
+            true if vmm != VmmKind::Firecracker => {
+                return Err(ConfigError::Invalid {
+                    key: "jailer",
+                    message: "the jailer confines Firecracker: set vmm = \"firecracker\" too".into(),
+                });
+            }
+            true => {
+                let uid_base = file.jailer_uid_base.unwrap_or(DEFAULT_JAILER_UID_BASE);
+                if uid_base == 0 || uid_base > u32::MAX / 2 {
+                    return Err(ConfigError::Invalid {
+                        key: "jailer_uid_base",
+                        message: format!("{uid_base}: must be above 0 (root) and leave room for one uid per VM"),
+                    });
+                }
+                Some(JailerConfig { binary: file.jailer_binary.unwrap_or_else(|| "jailer".into()), uid_base })
+            }
+        };
         Ok(Self {
             vmm,
+            jailer,
             firecracker_binary: file.firecracker_binary.unwrap_or_else(|| "firecracker".into()),
             network,
             root_disk,
@@ -320,6 +360,24 @@ mod tests {
         let level = Overrides { log_level: Some("verbose".into()), ..Default::default() };
         let err = Config::from_parts(FileConfig::default(), level).expect_err("bad level").to_string();
         assert!(err.contains("debug, info, warn, error"), "{err}");
+    }
+
+    #[test]
+    fn the_jailer_needs_firecracker_and_an_unprivileged_uid_range() {
+        let file = |vmm: &str, base: Option<u32>| FileConfig {
+            vmm: Some(vmm.into()),
+            jailer: Some(true),
+            jailer_uid_base: base,
+            ..Default::default()
+        };
+        let err = Config::from_parts(file("qemu", None), Overrides::default()).expect_err("qemu").to_string();
+        assert!(err.contains("vmm = \"firecracker\""), "{err}");
+        for base in [0, u32::MAX] {
+            let err = Config::from_parts(file("firecracker", Some(base)), Overrides::default()).expect_err("base");
+            assert!(err.to_string().contains("jailer_uid_base"), "{err}");
+        }
+        let config = Config::from_parts(file("firecracker", None), Overrides::default()).expect("valid");
+        assert_eq!(config.jailer, Some(JailerConfig { binary: "jailer".into(), uid_base: DEFAULT_JAILER_UID_BASE }));
     }
 
     #[test]

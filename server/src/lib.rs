@@ -26,7 +26,10 @@ use crate::{
         network::LinuxNetwork,
         process::ProcFs,
         storage::FileDisks,
-        vmm::{QemuVmm, firecracker::FirecrackerVmm},
+        vmm::{
+            QemuVmm,
+            firecracker::{FirecrackerVmm, Jailer},
+        },
         vsock::{VsockBackends, VsockMode},
     },
     ops::{HostServices, Ops, OpsConfig},
@@ -70,7 +73,15 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     );
     let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
     let vmm: Arc<dyn host::vmm::Vmm> = if firecracker {
-        Arc::new(FirecrackerVmm::new(config.firecracker_binary.clone(), processes.clone()))
+        let vmm = FirecrackerVmm::new(config.firecracker_binary.clone(), processes.clone());
+        Arc::new(match &config.jailer {
+            Some(jailer) => vmm.jailed(Jailer {
+                binary: jailer.binary.clone(),
+                uid_base: jailer.uid_base,
+                cgroups: cgroups.clone(),
+            }),
+            None => vmm,
+        })
     } else {
         Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone()))
     };
@@ -92,6 +103,8 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         doctor: Some(DoctorInputs {
             state_dir: config.state_dir.clone(),
             vmm: if firecracker { "firecracker" } else { "qemu" },
+            firecracker: config.firecracker_binary.clone(),
+            jailer: config.jailer.as_ref().map(|j| j.binary.clone()),
             qemu: config.qemu_binary.clone(),
             qemu_img: config.qemu_img_binary.clone(),
             vsock_backend: config.vsock_backend_binary.clone(),

@@ -412,6 +412,7 @@ fn driver_requests() -> Vec<ApiRequest> {
         .into_iter()
         .flat_map(|nic| {
             let launch = LaunchSpec {
+                id: banger_server::domain::VmId::generate(),
                 name: "web",
                 paths: &paths,
                 spec: VmSpec { vcpus: 2, memory_mib: 512 },

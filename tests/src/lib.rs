@@ -155,11 +155,12 @@ impl Daemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
-        // `ip netns exec` execs bangerd in place: the child's PID is the daemon's.
+        // `nsenter` execs bangerd in place (the child's PID is the daemon's) and, unlike
+        // `ip netns exec`, keeps the host's /sys: the daemon still sees its cgroups.
         let mut command = match &self.netns {
             Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns]).arg(bin_dir().join("bangerd"));
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{netns}")).arg(bin_dir().join("bangerd"));
                 command
             }
             None => Command::new(bin_dir().join("bangerd")),
@@ -349,4 +350,56 @@ impl Drop for Daemon {
 /// The CLI's output as text, for assertions.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A network namespace for one test, deleted (with everything in it) when dropped.
+pub struct TestNetns(pub String);
+
+impl TestNetns {
+    /// A new namespace with its loopback up.
+    pub fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("banger-e2e-net-{}-{n}", std::process::id());
+        assert!(std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip").success());
+        assert!(
+            std::process::Command::new("ip")
+                .args(["-n", &name, "link", "set", "lo", "up"])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        Self(name)
+    }
+
+    /// Whether an interface of this name exists in the namespace.
+    pub fn has_link(&self, name: &str) -> bool {
+        std::process::Command::new("ip")
+            .args(["-n", &self.0, "link", "show", "dev", name])
+            .output()
+            .expect("ip")
+            .status
+            .success()
+    }
+
+    /// Its nftables ruleset.
+    pub fn ruleset(&self) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "list", "ruleset"])
+            .output()
+            .expect("nft");
+        text(&out.stdout)
+    }
+}
+
+impl Default for TestNetns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

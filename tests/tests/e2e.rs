@@ -1,7 +1,7 @@
 //! End to end: real bangerd processes boot real QEMU guests from the default image, and the
 //! real CLI runs commands in them. Needs `make setup` (QEMU, vhost-device-vsock, the image).
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use banger_tests::{Daemon, guest_slot, repo_root, text};
 use nix::sys::signal::Signal;
@@ -230,6 +230,11 @@ fn doctor_reports_this_host_as_it_is() {
     let expect = |condition: bool| if condition { "PASS" } else { "WARN" };
     assert_eq!(status("qemu"), "PASS");
     assert_eq!(status("qemu-img"), "PASS");
+    let installed = |program: &str| {
+        Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
+    };
+    assert_eq!(status("firecracker"), expect(installed("firecracker")));
+    assert_eq!(status("jailer"), expect(installed("jailer")));
     assert_eq!(status("vsock"), "PASS");
     assert_eq!(status("device-mapper"), expect(Path::new("/dev/mapper/control").exists()));
     assert_eq!(status("tap"), expect(Path::new("/dev/net/tun").exists()));

@@ -1,29 +1,42 @@
 //! The Firecracker driver end to end with the real binary (v1.12.1, installed by `make setup`)
-//! and a tiny guest kernel this test assembles: it prints a marker on the serial console and
-//! resets the machine. Stock kernels cannot boot under this host's KVM, so the guest carries no
-//! agent: the VM is created without waiting for one.
+//! and tiny guest kernels these tests assemble: they print a marker on the serial console and
+//! reset the machine (or halt). Stock kernels cannot boot under this host's KVM, so the guests
+//! carry no agent: VMs are created without waiting for one. Run plain and under the jailer.
 
 use std::{path::Path, process::Command, time::Duration};
 
-use banger_tests::{Daemon, default_image_dir, guest_slot, text};
+use banger_tests::{Daemon, TestNetns, default_image_dir, guest_slot, text};
+use nix::sys::signal::Signal;
 
 const MARKER: &str = "TOY-GUEST-MARKER";
 
-/// Assembles a 64-bit ELF kernel that writes the marker to COM1, then resets through the
-/// i8042 (which makes Firecracker exit).
-fn toy_kernel(dir: &Path) -> std::path::PathBuf {
-    let source = dir.join("toy.S");
+/// What a toy guest does once it printed the marker.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Resets through the i8042, which makes Firecracker exit.
+    Reset,
+    /// Halts its vCPU for good: the VMM keeps running.
+    Halt,
+}
+
+/// Assembles a 64-bit ELF kernel that writes the marker to COM1, then resets or halts.
+fn toy_kernel(dir: &Path, then: Then) -> std::path::PathBuf {
+    let (name, ending) = match then {
+        Then::Reset => ("reset", "  mov $0xfe, %al\n  outb %al, $0x64\n"),
+        Then::Halt => ("halt", "  cli\n"),
+    };
+    let source = dir.join(format!("{name}.S"));
     std::fs::write(
         &source,
         format!(
             ".code64\n.globl _start\n_start:\n  mov $0x3f8, %dx\n  lea msg(%rip), %rsi\n  mov $(end - msg), %ecx\n\
-             1: lodsb\n  outb %al, %dx\n  loop 1b\n  mov $0xfe, %al\n  outb %al, $0x64\n2: hlt\n  jmp 2b\n\
+             1: lodsb\n  outb %al, %dx\n  loop 1b\n{ending}2: hlt\n  jmp 2b\n\
              msg: .ascii \"{MARKER}\\n\"\nend:\n"
         ),
     )
     .expect("source");
-    let object = dir.join("toy.o");
-    let kernel = dir.join("toy.elf");
+    let object = dir.join(format!("{name}.o"));
+    let kernel = dir.join(format!("{name}.elf"));
     assert!(Command::new("gcc").arg("-c").arg(&source).arg("-o").arg(&object).status().expect("gcc").success());
     assert!(
         Command::new("ld")
@@ -35,6 +48,14 @@ fn toy_kernel(dir: &Path) -> std::path::PathBuf {
             .success()
     );
     kernel
+}
+
+fn has_kvm() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED: Firecracker needs /dev/kvm, which this host does not have");
+    false
 }
 
 fn show(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
@@ -53,13 +74,12 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn firecracker_boots_a_guest_whose_console_output_and_exit_are_seen_and_delete_leaves_nothing() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: Firecracker needs /dev/kvm, which this host does not have");
+    if !has_kvm() {
         return;
     }
     let _slot = guest_slot();
     let work = tempfile::tempdir().expect("tempdir");
-    let kernel = toy_kernel(work.path());
+    let kernel = toy_kernel(work.path(), Then::Reset);
     let config = work.path().join("config.toml");
     std::fs::write(&config, "vmm = \"firecracker\"\n").expect("config");
     let daemon = Daemon::start(&["--config", &config.display().to_string()]);
@@ -81,6 +101,7 @@ fn firecracker_boots_a_guest_whose_console_output_and_exit_are_seen_and_delete_l
 
     let console = show(&daemon, "fc", "console log").expect("console log");
     wait_until("the guest's console output", || std::fs::read_to_string(&console).is_ok_and(|c| c.contains(MARKER)));
+    assert_logs_apart(&daemon, "fc");
     // The guest reset itself: Firecracker exited, and the daemon records it.
     wait_until("the exit to be recorded", || show(&daemon, "fc", "state").as_deref() == Some("stopped"));
     let reason = show(&daemon, "fc", "last error").unwrap_or_default();
@@ -102,4 +123,126 @@ fn firecracker_boots_a_guest_whose_console_output_and_exit_are_seen_and_delete_l
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
     let id = Path::new(&vm_dir).file_name().expect("id").to_string_lossy().into_owned();
     assert!(!Path::new(&format!("/sys/fs/cgroup/memory/banger/{id}")).exists(), "cgroup left");
+}
+
+/// The `Uid:` line of a process: real, effective, saved and file-system uids.
+fn uids(pid: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
+    line.split_whitespace().skip(1).map(|u| u.parse().expect("uid")).collect()
+}
+
+/// The guest's console holds the guest's output only; Firecracker's own log is in vmm.log.
+fn assert_logs_apart(daemon: &Daemon, vm: &str) {
+    let read = |field: &str| std::fs::read_to_string(show(daemon, vm, field).expect(field)).unwrap_or_default();
+    let (console, vmm_log) = (read("console log"), read("vmm log"));
+    assert!(console.contains(MARKER) && !console.contains("Firecracker"), "console log: {console}");
+    assert!(vmm_log.contains("Running Firecracker v1."), "vmm log: {vmm_log}");
+}
+
+fn cgroup_dirs(id: &str) -> [String; 2] {
+    [format!("/sys/fs/cgroup/cpu/banger/{id}"), format!("/sys/fs/cgroup/memory/banger/{id}")]
+}
+
+#[test]
+fn jailed_firecracker_runs_chrooted_as_its_own_uid_in_its_cgroup_and_leaves_no_jail_or_cgroup() {
+    if !has_kvm() {
+        return;
+    }
+    let _slot = guest_slot();
+    // A bridge, so the jailed VMM must open a tap as its own uid.
+    let netns = TestNetns::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (halting, resetting) = (toy_kernel(work.path(), Then::Halt), toy_kernel(work.path(), Then::Reset));
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "vmm = \"firecracker\"\njailer = true\njailer_uid_base = 910000\n\
+         bridge = \"bgfc0\"\nbridge_cidr = \"172.31.98.0/24\"\n",
+    )
+    .expect("config");
+    let mut daemon = Daemon::start_in_netns(&netns.0, &["--config", &config.display().to_string()]);
+    let rootfs = default_image_dir().join("rootfs.ext4");
+    daemon.import_image("halt", &halting, &rootfs, None);
+    daemon.import_image("reset", &resetting, &rootfs, None);
+
+    // A guest that keeps running: its VMM is inspected while it runs.
+    let out = daemon.banger(&["vm", "create", "--name", "jailed", "--image", "halt", "--memory", "128", "--no-wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let console = show(&daemon, "jailed", "console log").expect("console log");
+    wait_until("the jailed guest's console output", || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains(MARKER))
+    });
+    assert_logs_apart(&daemon, "jailed");
+    let vm_dir = show(&daemon, "jailed", "vm dir").expect("vm dir");
+    let id = show(&daemon, "jailed", "id").expect("id");
+    let pid = show(&daemon, "jailed", "vmm pid").expect("vmm pid");
+    let cid: u32 = show(&daemon, "jailed", "vsock")
+        .and_then(|v| v.rsplit_once("(cid ").map(|(_, c)| c.trim_end_matches(')').parse().expect("cid")))
+        .expect("cid");
+    let tap = show(&daemon, "jailed", "tap").expect("tap");
+    assert_eq!(show(&daemon, "jailed", "state").as_deref(), Some("running"));
+
+    // Its own unprivileged identity, the same one that owns its tap.
+    let uid = 910_000 + cid;
+    assert_eq!(uids(&pid), [uid; 4], "the VMM runs as uid_base + cid");
+    let link = Command::new("ip").args(["-n", &netns.0, "-d", "link", "show", "dev", &tap]).output().expect("ip");
+    let link = text(&link.stdout);
+    assert!(link.contains(&format!("user {uid}")), "tap not owned by the jailed uid: {link}");
+    // Chrooted: its root holds the jail (the binary, its VM dir mirrored), not the host's files.
+    let root = format!("/proc/{pid}/root");
+    assert!(Path::new(&root).join("firecracker").is_file(), "no firecracker at the root of the jail");
+    assert!(
+        Path::new(&root).join(vm_dir.trim_start_matches('/')).join("root.raw").exists(),
+        "root disk not in the jail"
+    );
+    assert!(!Path::new(&root).join("usr/bin").exists(), "the host's /usr is visible: not chrooted");
+    assert!(Path::new(&vm_dir).join("jail/firecracker").join(&id).join("root").is_dir());
+    // In the VM's cgroup, with its limits, from the jailer.
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let group = format!("/banger/{id}");
+    assert!(membership.lines().any(|l| l.contains(":memory:") && l.ends_with(&group)), "{membership}");
+    assert!(membership.lines().any(|l| l.contains(":cpu:") && l.ends_with(&group)), "{membership}");
+    let [cpu, memory] = cgroup_dirs(&id);
+    let read =
+        |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().to_owned();
+    assert_eq!(read(format!("{memory}/memory.limit_in_bytes")), ((128 + 512) * 1024 * 1024u64).to_string());
+    assert_eq!(read(format!("{cpu}/cpu.cfs_quota_us")), "100000");
+
+    // A daemon killed and restarted finds the jailed VMM through /proc, as an unjailed one.
+    daemon.signal(Signal::SIGKILL);
+    daemon.restart();
+    assert_eq!(show(&daemon, "jailed", "state").as_deref(), Some("running"), "{}", daemon.log());
+    assert_eq!(show(&daemon, "jailed", "vmm pid").as_deref(), Some(pid.as_str()));
+
+    let out = daemon.banger(&["vm", "delete", "jailed"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!Path::new(&vm_dir).exists(), "vm dir (and its jail) left");
+    assert!(cgroup_dirs(&id).iter().all(|d| !Path::new(d).exists()), "cgroup left");
+    assert!(!netns.has_link(&tap), "tap left");
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+
+    // A guest that exits: once its VMM is gone, so are its jail and cgroup; a start rebuilds them.
+    let out = daemon.banger(&["vm", "create", "--name", "exits", "--image", "reset", "--no-wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let (vm_dir, id) = (show(&daemon, "exits", "vm dir").expect("vm dir"), show(&daemon, "exits", "id").expect("id"));
+    let console = show(&daemon, "exits", "console log").expect("console log");
+    for boot in ["first", "second"] {
+        wait_until(&format!("the {boot} boot's console output"), || {
+            std::fs::read_to_string(&console).is_ok_and(|c| c.contains(MARKER))
+        });
+        wait_until("the exit to be recorded", || show(&daemon, "exits", "state").as_deref() == Some("stopped"));
+        assert!(!Path::new(&vm_dir).join("jail").exists(), "the jail outlived its VMM ({boot} boot)");
+        assert!(cgroup_dirs(&id).iter().all(|d| !Path::new(d).exists()), "cgroup outlived its VMM ({boot} boot)");
+        assert!(Path::new(&vm_dir).join("root.raw").exists(), "the root disk goes only with the VM");
+        std::fs::write(&console, "").expect("truncate console");
+        if boot == "first" {
+            let out = daemon.banger(&["vm", "start", "exits", "--no-wait"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        }
+    }
+    let out = daemon.banger(&["vm", "delete", "exits"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!Path::new(&vm_dir).exists(), "vm dir left");
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }

@@ -8,35 +8,8 @@ use std::{
     time::Duration,
 };
 
-use banger_tests::{Daemon, guest_slot, text};
+use banger_tests::{Daemon, TestNetns, guest_slot, text};
 use nix::{sys::signal::Signal, unistd::Pid};
-
-/// A network namespace for one test, deleted (with everything in it) when dropped.
-struct TestNetns(String);
-
-impl TestNetns {
-    fn new() -> Self {
-        let name = format!("banger-e2e-net-{}", std::process::id());
-        assert!(Command::new("ip").args(["netns", "add", &name]).status().expect("ip").success());
-        assert!(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]).status().expect("ip").success());
-        Self(name)
-    }
-
-    fn has_link(&self, name: &str) -> bool {
-        Command::new("ip").args(["-n", &self.0, "link", "show", "dev", name]).output().expect("ip").status.success()
-    }
-
-    fn ruleset(&self) -> String {
-        let out = Command::new("ip").args(["netns", "exec", &self.0, "nft", "list", "ruleset"]).output().expect("nft");
-        text(&out.stdout)
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// A process killed (by PID) and reaped when dropped.
 struct Reaped(Child);

@@ -16,6 +16,14 @@ use crate::domain::{ProcessHandle, VmSpec};
 /// The CFS period the CPU quota is expressed in.
 const CPU_PERIOD_US: u64 = 100_000;
 
+/// The group every VM's group sits in: a VM's group is `banger/<vm id>`.
+pub const PARENT_GROUP: &str = "banger";
+
+/// The group of the VM with this id.
+pub fn group_of(vm_id: impl std::fmt::Display) -> String {
+    format!("{PARENT_GROUP}/{vm_id}")
+}
+
 /// What the host offers to bound a VMM's resources.
 #[tonic::async_trait]
 pub trait ResourceLimits: Send + Sync + std::fmt::Debug {
@@ -111,6 +119,31 @@ impl Cgroups {
     pub fn cpu_quota_us(spec: VmSpec) -> u64 {
         u64::from(spec.vcpus) * CPU_PERIOD_US
     }
+
+    /// The arguments that make Firecracker's jailer create the group [`group_of`] names,
+    /// with the limits [`ResourceLimits::confine`] sets, and join it before it execs the
+    /// VMM (its `--id` must be the VM's id). None where the host has no usable cgroups.
+    pub fn jailer_args(&self, spec: VmSpec) -> Vec<String> {
+        let memory = self.memory_limit_bytes(spec);
+        let quota = Self::cpu_quota_us(spec);
+        let limits = match self.version {
+            CgroupVersion::None => return Vec::new(),
+            CgroupVersion::V1 => vec![
+                ("1", format!("cpu.cfs_period_us={CPU_PERIOD_US}")),
+                ("1", format!("cpu.cfs_quota_us={quota}")),
+                ("1", format!("memory.limit_in_bytes={memory}")),
+            ],
+            CgroupVersion::V2 => {
+                vec![("2", format!("cpu.max={quota} {CPU_PERIOD_US}")), ("2", format!("memory.max={memory}"))]
+            }
+        };
+        let version = limits[0].0;
+        let mut args = vec!["--cgroup-version".into(), version.into(), "--parent-cgroup".into(), PARENT_GROUP.into()];
+        for (_, limit) in limits {
+            args.extend(["--cgroup".into(), limit]);
+        }
+        args
+    }
 }
 
 #[tonic::async_trait]
@@ -175,6 +208,44 @@ impl ResourceLimits for Cgroups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jailer_makes_the_same_group_with_the_same_limits() {
+        let spec = VmSpec { vcpus: 2, memory_mib: 256 };
+        let with = |version| Cgroups { root: "/sys/fs/cgroup".into(), version, overhead_mib: 512 }.jailer_args(spec);
+        let memory = (256 + 512) * 1024 * 1024u64;
+        assert_eq!(
+            with(CgroupVersion::V1),
+            [
+                "--cgroup-version",
+                "1",
+                "--parent-cgroup",
+                "banger",
+                "--cgroup",
+                "cpu.cfs_period_us=100000",
+                "--cgroup",
+                "cpu.cfs_quota_us=200000",
+                "--cgroup",
+                &format!("memory.limit_in_bytes={memory}"),
+            ]
+        );
+        assert_eq!(
+            with(CgroupVersion::V2),
+            [
+                "--cgroup-version",
+                "2",
+                "--parent-cgroup",
+                "banger",
+                "--cgroup",
+                "cpu.max=200000 100000",
+                "--cgroup",
+                &format!("memory.max={memory}"),
+            ]
+        );
+        assert!(with(CgroupVersion::None).is_empty());
+        // The jailer names the group <parent>/<its --id>: the VM's group.
+        assert_eq!(group_of("01ABC"), format!("{PARENT_GROUP}/01ABC"));
+    }
 
     #[tokio::test]
     async fn confines_a_real_process_with_the_expected_limits_and_removes_its_group() {

@@ -63,6 +63,10 @@ pub struct DoctorInputs {
     pub vsock_backend: PathBuf,
     /// The VMM driver in use (`qemu` or `firecracker`).
     pub vmm: &'static str,
+    /// `firecracker`.
+    pub firecracker: PathBuf,
+    /// `jailer`, when Firecracker runs under it.
+    pub jailer: Option<PathBuf>,
     /// The accelerator in use.
     pub accel: Accel,
     /// The vsock mode in use.
@@ -111,8 +115,12 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
         ),
         (false, _, _) => check("kvm", Warn, "no /dev/kvm: guests use TCG (software emulation, slower)"),
     });
+    let firecracker = inputs.vmm == "firecracker";
     checks.push(match version(&inputs.qemu).await {
         Some(v) => check("qemu", Pass, v),
+        None if firecracker => {
+            check("qemu", Warn, format!("{} not found: only Firecracker can boot VMs", inputs.qemu.display()))
+        }
         None => check("qemu", Fail, format!("{} not found: no VM can boot", inputs.qemu.display())),
     });
     checks.push(match version(&inputs.qemu_img).await {
@@ -121,14 +129,25 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
             check("qemu-img", Fail, format!("{} not found: root disks cannot be created", inputs.qemu_img.display()))
         }
     });
-    for (name, program) in [("firecracker", "firecracker"), ("jailer", "jailer")] {
-        checks.push(match version(Path::new(program)).await {
-            Some(v) => check(name, Pass, format!("{v}; not used by this daemon yet")),
-            None => {
-                check(name, Warn, format!("{program} not in PATH; the Firecracker driver is not available yet either"))
-            }
-        });
-    }
+    checks.push(match (version(&inputs.firecracker).await, firecracker) {
+        (Some(v), true) => check("firecracker", Pass, format!("{v}; the VMM driver in use")),
+        (Some(v), false) => check("firecracker", Pass, format!("{v}; used with vmm = \"firecracker\"")),
+        (None, true) => {
+            check("firecracker", Fail, format!("{} not found: no VM can boot", inputs.firecracker.display()))
+        }
+        (None, false) => check(
+            "firecracker",
+            Warn,
+            format!("{} not found: the Firecracker driver is unavailable", inputs.firecracker.display()),
+        ),
+    });
+    let jailer = inputs.jailer.clone().unwrap_or_else(|| "jailer".into());
+    checks.push(match (version(&jailer).await, inputs.jailer.is_some()) {
+        (Some(v), true) => check("jailer", Pass, format!("{v}; every Firecracker runs under it")),
+        (Some(v), false) => check("jailer", Pass, format!("{v}; used with jailer = true")),
+        (None, true) => check("jailer", Fail, format!("{} not found: no VM can boot", jailer.display())),
+        (None, false) => check("jailer", Warn, format!("{} not found: Firecracker cannot be jailed", jailer.display())),
+    });
     checks.push(match inputs.vsock {
         VsockMode::Kernel => check("vsock", Pass, "/dev/vhost-vsock: the kernel carries the guest-agent channel"),
         VsockMode::VmmHybrid => check("vsock", Pass, "the VMM serves the guest-agent channel (hybrid vsock)"),
@@ -177,7 +196,10 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
     });
 
     let choices = Choices {
-        vmm: inputs.vmm.into(),
+        vmm: match inputs.jailer {
+            Some(_) => format!("{} under jailer", inputs.vmm),
+            None => inputs.vmm.into(),
+        },
         accel: match inputs.accel {
             Accel::Tcg => "tcg".into(),
             Accel::Kvm => "kvm".into(),

@@ -308,7 +308,7 @@ impl Network for FakeHost {
         self.check("network.ensure_bridge")
     }
 
-    async fn create_tap(&self, name: &str, _bridge: &str) -> Result<(), HostError> {
+    async fn create_tap(&self, name: &str, _bridge: &str, _owner: Option<u32>) -> Result<(), HostError> {
         self.check("network.create_tap")?;
         // Rule: interface names are at most 15 bytes.
         if name.len() > 15 {

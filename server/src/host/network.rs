@@ -11,8 +11,9 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     async fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), HostError>;
 
     /// Creates a tap interface attached to `bridge`, up; a leftover one of the same name is
-    /// replaced.
-    async fn create_tap(&self, name: &str, bridge: &str) -> Result<(), HostError>;
+    /// replaced. With an `owner`, that uid (and the gid of the same number) may attach to it
+    /// without privileges: a jailed VMM.
+    async fn create_tap(&self, name: &str, bridge: &str, owner: Option<u32>) -> Result<(), HostError>;
 
     /// Deletes a tap interface; one already gone is not an error.
     async fn delete_tap(&self, name: &str) -> Result<(), HostError>;
@@ -81,9 +82,14 @@ impl Network for LinuxNetwork {
         self.ip(&["link", "set", bridge, "up"]).await
     }
 
-    async fn create_tap(&self, name: &str, bridge: &str) -> Result<(), HostError> {
+    async fn create_tap(&self, name: &str, bridge: &str, owner: Option<u32>) -> Result<(), HostError> {
         self.delete_tap(name).await?;
-        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
+        let owner = owner.map(|uid| uid.to_string());
+        let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+        if let Some(uid) = &owner {
+            add.extend(["user", uid, "group", uid]);
+        }
+        self.ip(&add).await?;
         let attached = async {
             self.ip(&["link", "set", name, "master", bridge]).await?;
             self.ip(&["link", "set", name, "up"]).await

@@ -117,7 +117,8 @@ impl Boot {
                 let (network, _) = network_of(ops, &self.vm)?;
                 ops.host.network.ensure_bridge(&network.bridge, network.pool.gateway(), network.pool.prefix()).await?;
                 let tap = tap_name(self.vm.vsock_cid);
-                ops.host.network.create_tap(&tap, &network.bridge).await?;
+                let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
+                ops.host.network.create_tap(&tap, &network.bridge, owner).await?;
                 self.handles.tap = Some(tap);
                 ops.set_handles(&self.vm, self.handles.clone())?;
             }
@@ -181,6 +182,9 @@ impl Boot {
                 if let Some(vmm) = self.handles.vmm.take() {
                     kill_vmm(ops, &vmm, &self.vm).await;
                 }
+                // A jailed VMM is in its group before `limit_resources` runs.
+                let _ = ops.host.limits.remove(&cgroup_name(&self.vm)).await;
+                let _ = ops.host.vmm.release(&paths);
                 let _ = ops.set_handles(&self.vm, self.handles.clone());
             }
             // The group goes with the VMM (undone next, in reverse order): see release_runtime.
@@ -218,6 +222,7 @@ impl Boot {
 
     fn launch_spec<'a>(&'a self, paths: &'a crate::domain::VmPaths, nic: Option<&'a GuestNic>) -> LaunchSpec<'a> {
         LaunchSpec {
+            id: self.vm.id,
             name: &self.vm.name,
             paths,
             spec: self.vm.spec,
@@ -262,9 +267,9 @@ fn network_of<'a>(ops: &'a Ops, vm: &Vm) -> Result<(&'a NetworkConfig, std::net:
     }
 }
 
-/// The cgroup of a VM's VMM: derived from its id alone.
+/// The cgroup of a VM's VMM: derived from its id alone (the jailer makes the same one).
 fn cgroup_name(vm: &Vm) -> String {
-    format!("banger/{}", vm.id)
+    crate::host::cgroup::group_of(vm.id)
 }
 
 async fn kill_vmm(ops: &Ops, vmm: &ProcessHandle, vm: &Vm) {
@@ -293,7 +298,7 @@ impl Ops {
         if let Some(backend) = backend {
             self.host.agents.stop_backend(&backend, &paths).await;
         }
-        let mut first_error = None;
+        let mut first_error = self.host.vmm.release(&paths).err();
         // The group's name derives from the VM's id, so it is removed even when the scratch
         // file that named it was lost.
         {

@@ -1,8 +1,22 @@
 //! Firecracker: launched with `--api-sock` (the VM's api socket), configured through its HTTP
 //! API, started with `InstanceStart`. Its standard output is the guest's serial console; it
 //! serves the guest's vsock itself as a hybrid unix socket.
+//!
+//! Optionally under its jailer: each VMM then runs chrooted in `<vm dir>/jail/...`, as its
+//! own uid and gid (`uid_base + vsock cid`), in the VM's cgroup from its first instruction.
+//! The jail mirrors the few host paths the VM uses (its dir, kernel, initrd) at the same
+//! absolute paths inside the chroot, so the API requests are the same either way: the root
+//! disk is hard-linked in, the kernel linked or copied, and the VM's api and vsock socket
+//! paths on the host are symlinks to the sockets Firecracker makes inside. The jailer execs
+//! Firecracker in place (same PID) with `--api-sock <the VM's api socket path>` on its
+//! command line, so liveness and rediscovery work through `/proc` exactly as without it.
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{
     LaunchSpec, Vmm,
@@ -14,22 +28,155 @@ use super::{
 use crate::{
     domain::{ProcessHandle, VmPaths},
     host::{
-        HostError, command, last_log_line,
+        HostError,
+        cgroup::Cgroups,
+        command::{self, resolve_program},
+        last_log_line,
         process::{ProcFs, Processes},
     },
 };
+
+/// Running every Firecracker under its jailer.
+#[derive(Debug, Clone)]
+pub struct Jailer {
+    /// `jailer`.
+    pub binary: PathBuf,
+    /// The VM with vsock context id N runs as uid and gid `uid_base + N`.
+    pub uid_base: u32,
+    /// The cgroups the jailer puts each VMM in (the groups `limit_resources` names).
+    pub cgroups: Cgroups,
+}
 
 /// Launches and controls Firecracker microVMs.
 #[derive(Debug, Clone)]
 pub struct FirecrackerVmm {
     binary: PathBuf,
     processes: ProcFs,
+    jailer: Option<Jailer>,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> HostError {
+    move |source| HostError::Io { what, source }
+}
+
+/// Where a host path appears inside a chroot.
+fn inside(chroot: &Path, host_path: &Path) -> PathBuf {
+    chroot.join(host_path.strip_prefix("/").unwrap_or(host_path))
+}
+
+/// The jail's base directory: everything the jailer makes for a VM is under it.
+fn jail_base(paths: &VmPaths) -> PathBuf {
+    paths.dir.join("jail")
+}
+
+fn remove_tree(dir: &Path) -> Result<(), HostError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("remove {}", dir.display()))(e)),
+        _ => Ok(()),
+    }
 }
 
 impl FirecrackerVmm {
-    /// Uses the given `firecracker` binary.
+    /// Uses the given `firecracker` binary, unjailed.
     pub fn new(binary: PathBuf, processes: ProcFs) -> Self {
-        Self { binary, processes }
+        Self { binary, processes, jailer: None }
+    }
+
+    /// Runs every VMM under `jailer`.
+    pub fn jailed(mut self, jailer: Jailer) -> Self {
+        self.jailer = Some(jailer);
+        self
+    }
+
+    /// Firecracker's own arguments: its api socket (which names the process in `/proc`) and
+    /// its log, from the first line, in vmm.log (its standard output is the guest's console).
+    fn firecracker_args(paths: &VmPaths) -> Vec<OsString> {
+        vec![
+            "--api-sock".into(),
+            paths.api_socket.clone().into_os_string(),
+            "--log-path".into(),
+            paths.vmm_log.clone().into_os_string(),
+            "--level".into(),
+            "Info".into(),
+            "--show-level".into(),
+        ]
+    }
+
+    fn jail_uid(jailer: &Jailer, vsock_cid: u32) -> Result<u32, HostError> {
+        jailer.uid_base.checked_add(vsock_cid).ok_or_else(|| HostError::Io {
+            what: format!("jail uid {} + {vsock_cid}", jailer.uid_base),
+            source: std::io::Error::other("overflows a uid"),
+        })
+    }
+
+    /// Makes the VM's jail: the chroot with the VM's dir, kernel and initrd at their host
+    /// paths, owned where the VMM writes by `uid`; and the host-side socket symlinks.
+    /// Returns the jailer's command line.
+    fn prepare_jail(&self, jailer: &Jailer, launch: &LaunchSpec<'_>) -> Result<Vec<OsString>, HostError> {
+        let paths = launch.paths;
+        let firecracker = resolve_program(&self.binary)
+            .ok_or_else(|| HostError::ToolMissing { program: self.binary.display().to_string() })?;
+        let exec_name = firecracker.file_name().map(|n| n.to_owned()).unwrap_or_else(|| "firecracker".into());
+        let uid = Self::jail_uid(jailer, launch.vsock_cid)?;
+        let base = jail_base(paths);
+        // A jail left by an earlier boot of this VM is rebuilt from scratch.
+        remove_tree(&base)?;
+        let chroot = base.join(&exec_name).join(launch.id.to_string()).join("root");
+        let vm_dir = inside(&chroot, &paths.dir);
+        std::fs::create_dir_all(&vm_dir).map_err(io(format!("create {}", vm_dir.display())))?;
+        let chown = |path: &Path| {
+            std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(io(format!("chown {}", path.display())))
+        };
+        // The VMM makes its sockets here and writes the root disk: both belong to its uid.
+        chown(&vm_dir)?;
+        // Its own log goes to the VM's vmm.log (not stdout, which is the guest's console).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.vmm_log)
+            .map_err(io(format!("create {}", paths.vmm_log.display())))?;
+        std::fs::hard_link(&paths.vmm_log, inside(&chroot, &paths.vmm_log))
+            .map_err(io(format!("link {} into the jail", paths.vmm_log.display())))?;
+        chown(&paths.vmm_log)?;
+        let disk = inside(&chroot, &paths.root_disk);
+        std::fs::hard_link(&paths.root_disk, &disk)
+            .map_err(io(format!("link {} into the jail", paths.root_disk.display())))?;
+        chown(&paths.root_disk)?;
+        for file in std::iter::once(&launch.image.kernel_path).chain(launch.image.initrd_path.as_ref()) {
+            let target = inside(&chroot, file);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+            }
+            // Shared read-only files are linked when the VMM may read them, else copied for it.
+            let readable = std::fs::metadata(file).is_ok_and(|m| m.mode() & 0o004 != 0);
+            if !readable || std::fs::hard_link(file, &target).is_err() {
+                std::fs::copy(file, &target).map_err(io(format!("copy {} into the jail", file.display())))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o400))
+                    .map_err(io(format!("chmod {}", target.display())))?;
+                chown(&target)?;
+            }
+        }
+        for socket in [&paths.api_socket, &paths.vsock] {
+            let _ = std::fs::remove_file(socket);
+            std::os::unix::fs::symlink(inside(&chroot, socket), socket)
+                .map_err(io(format!("link {}", socket.display())))?;
+        }
+        let mut args: Vec<OsString> = vec![
+            "--id".into(),
+            launch.id.to_string().into(),
+            "--exec-file".into(),
+            firecracker.into(),
+            "--uid".into(),
+            uid.to_string().into(),
+            "--gid".into(),
+            uid.to_string().into(),
+            "--chroot-base-dir".into(),
+            base.into(),
+        ];
+        args.extend(jailer.cgroups.jailer_args(launch.spec).into_iter().map(OsString::from));
+        args.push("--".into());
+        args.extend(Self::firecracker_args(paths));
+        Ok(args)
     }
 
     fn exited(&self, paths: &VmPaths) -> HostError {
@@ -103,10 +250,22 @@ impl Vmm for FirecrackerVmm {
         for stale in [&paths.api_socket, &paths.vsock] {
             let _ = std::fs::remove_file(stale);
         }
-        let args: Vec<OsString> =
-            vec!["--api-sock".into(), paths.api_socket.clone().into_os_string(), "--id".into(), launch.name.into()];
-        tracing::debug!(binary = %self.binary.display(), args = ?args, "firecracker command line");
-        let vmm = command::spawn_detached_split(&self.binary, &args, &paths.console_log, &paths.vmm_log)?;
+        let (program, args) = match &self.jailer {
+            Some(jailer) => (jailer.binary.clone(), self.prepare_jail(jailer, launch)?),
+            None => {
+                // The log file must exist before Firecracker opens it.
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&paths.vmm_log)
+                    .map_err(io(format!("create {}", paths.vmm_log.display())))?;
+                let mut args = Self::firecracker_args(paths);
+                args.extend(["--id".into(), launch.id.to_string().into()]);
+                (self.binary.clone(), args)
+            }
+        };
+        tracing::debug!(binary = %program.display(), args = ?args, "firecracker command line");
+        let vmm = command::spawn_detached_split(&program, &args, &paths.console_log, &paths.vmm_log)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !paths.api_socket.exists() {
             if !self.processes.alive(&vmm, &paths.api_socket) {
@@ -137,5 +296,14 @@ impl Vmm for FirecrackerVmm {
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
         let request = ApiRequest::PutAction(InstanceActionInfo { action_type: ActionType::SendCtrlAltDel });
         FirecrackerApi::new(&paths.api_socket).send(&request).await.map(drop).map_err(api_error)
+    }
+
+    fn runs_as(&self, vsock_cid: u32) -> Option<u32> {
+        self.jailer.as_ref().and_then(|jailer| Self::jail_uid(jailer, vsock_cid).ok())
+    }
+
+    fn release(&self, paths: &VmPaths) -> Result<(), HostError> {
+        // Made by the jailer, or left by a jailed boot before the config changed.
+        remove_tree(&jail_base(paths))
     }
 }

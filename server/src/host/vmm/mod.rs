@@ -11,11 +11,13 @@ use std::fmt::Debug;
 pub use qemu::{Accel, QemuVmm};
 
 use super::HostError;
-use crate::domain::{Image, ProcessHandle, VmPaths, VmSpec};
+use crate::domain::{Image, ProcessHandle, VmId, VmPaths, VmSpec};
 
 /// Everything a VMM needs to launch one VM.
 #[derive(Debug, Clone, Copy)]
 pub struct LaunchSpec<'a> {
+    /// The VM's id.
+    pub id: VmId,
     /// The VM's name, given to the guest as its hostname.
     pub name: &'a str,
     /// The VM's files.
@@ -60,4 +62,16 @@ pub trait Vmm: Send + Sync + Debug {
 
     /// Asks the guest to power off through the VMM (ACPI power button).
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError>;
+
+    /// The uid the VM's VMM runs as when it drops root (jailed); host devices it opens
+    /// itself, its tap, must belong to that uid. `None`: it runs as the daemon's user.
+    fn runs_as(&self, _vsock_cid: u32) -> Option<u32> {
+        None
+    }
+
+    /// Removes what `launch` made beside the VM's own files (a jail), once the VMM is gone.
+    /// Nothing left is fine; safe to run twice.
+    fn release(&self, _paths: &VmPaths) -> Result<(), HostError> {
+        Ok(())
+    }
 }

@@ -185,6 +185,7 @@ mod tests {
         };
         let paths = VmPaths::new(Path::new("/state/vms/x"));
         let launch = LaunchSpec {
+            id: crate::domain::VmId::generate(),
             name: "web",
             paths: &paths,
             spec: VmSpec { vcpus: 2, memory_mib: 384 },
