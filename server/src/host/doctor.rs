@@ -213,6 +213,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
             crate::domain::RootDiskStrategy::Qcow2 => "qcow2 overlay".into(),
             crate::domain::RootDiskStrategy::Reflink => "reflink clone".into(),
             crate::domain::RootDiskStrategy::Copy => "sparse copy".into(),
+            crate::domain::RootDiskStrategy::DmSnapshot => "device-mapper snapshot".into(),
         },
         cgroup: match inputs.cgroup {
             CgroupVersion::V1 => "v1".into(),

@@ -34,6 +34,8 @@ struct State {
     disks: BTreeSet<PathBuf>,
     taps: BTreeSet<String>,
     loops: BTreeSet<String>,
+    /// loop devices attached so far (names are never reused, so a stale handle is caught)
+    next_loop: usize,
     /// device-mapper name -> the loop devices it sits on
     dms: BTreeMap<String, Vec<String>>,
     cgroups: BTreeSet<String>,
@@ -342,6 +344,36 @@ impl Network for FakeHost {
 
 #[tonic::async_trait]
 impl BlockDevices for FakeHost {
+    async fn attach_loop(&self, file: &std::path::Path, _read_only: bool) -> Result<String, HostError> {
+        self.check("block.attach_loop")?;
+        let mut state = self.state();
+        let device = format!("/dev/loop{}", state.next_loop);
+        state.next_loop += 1;
+        // Rule: only an existing file is attached.
+        if !state.disks.contains(file) && !file.exists() {
+            return Err(HostError::Io {
+                what: format!("fake host: losetup {}", file.display()),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        state.loops.insert(device.clone());
+        Ok(device)
+    }
+
+    async fn create_snapshot(&self, name: &str, base: &str, cow: &str, _sectors: u64) -> Result<String, HostError> {
+        self.check("block.create_snapshot")?;
+        let mut state = self.state();
+        // Rules: a name is taken once, and a snapshot sits on attached loop devices.
+        if state.dms.contains_key(name) || !state.loops.contains(base) || !state.loops.contains(cow) {
+            return Err(HostError::Io {
+                what: format!("fake host: dmsetup create {name} over {base} and {cow}"),
+                source: std::io::ErrorKind::InvalidInput.into(),
+            });
+        }
+        state.dms.insert(name.to_owned(), vec![base.to_owned(), cow.to_owned()]);
+        Ok(format!("/dev/mapper/{name}"))
+    }
+
     async fn remove_dm(&self, name: &str) -> Result<(), HostError> {
         self.check("block.remove_dm")?;
         self.state().dms.remove(name);

@@ -1,5 +1,7 @@
 //! Root disks: a per-VM copy-on-write disk over the image's read-only root file system, made
-//! as a qcow2 overlay, a reflink clone or a sparse copy.
+//! as a qcow2 overlay, a reflink clone or a sparse copy; or, for a device-mapper snapshot,
+//! the sparse file that holds the snapshot's exceptions (the devices over it are made at
+//! boot, see `block.rs`).
 
 use std::{
     ffi::OsString,
@@ -34,6 +36,7 @@ impl FileDisks {
 impl RootDisks for FileDisks {
     async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path) -> Result<(), HostError> {
         let (program, args): (&Path, Vec<OsString>) = match strategy {
+            RootDiskStrategy::DmSnapshot => return create_exception_store(base, disk),
             RootDiskStrategy::Qcow2 => (
                 &self.qemu_img,
                 vec![
@@ -58,6 +61,24 @@ impl RootDisks for FileDisks {
         }
         made
     }
+}
+
+/// The size of a snapshot's exception store over a base of `base_bytes`: every chunk of the
+/// base written once, plus the store's metadata (one 16-byte entry per 4 KiB chunk), so it
+/// never fills and invalidates the snapshot. Sparse: only written chunks take space.
+pub fn exception_store_bytes(base_bytes: u64) -> u64 {
+    let bytes = base_bytes + base_bytes / 64 + (8 << 20);
+    bytes.div_ceil(4096) * 4096
+}
+
+fn create_exception_store(base: &Path, disk: &Path) -> Result<(), HostError> {
+    let io = |what: String| move |source| HostError::Io { what, source };
+    let base_bytes = std::fs::metadata(base).map_err(io(format!("stat {}", base.display())))?.len();
+    let file = std::fs::File::create_new(disk).map_err(io(format!("create {}", disk.display())))?;
+    file.set_len(exception_store_bytes(base_bytes)).map_err(|e| {
+        let _ = std::fs::remove_file(disk);
+        io(format!("size {}", disk.display()))(e)
+    })
 }
 
 /// The strategy for new VMs: reflink clones where the state dir's file system makes them

@@ -1,12 +1,15 @@
 //! The stages that boot a recorded VM, shared by `vm.create` and `vm.start`, and the
 //! teardown that releases a VM's runtime, shared by stop, delete, undo and recovery.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{Error, Ops, remove_file_quietly};
 use crate::{
     config::NetworkConfig,
-    domain::{Image, ProcessHandle, Vm, VmHandles, mac_address, tap_name},
+    domain::{Image, ProcessHandle, RootDiskStrategy, Vm, VmHandles, VmPaths, mac_address, tap_name},
     host::vmm::{GuestNic, LaunchSpec},
 };
 
@@ -104,6 +107,9 @@ impl Boot {
                     ops.host.disks.create(self.vm.root_disk, &self.image.rootfs_path, &paths.root_disk).await?;
                     self.created_disk = true;
                 }
+                if self.vm.root_disk == RootDiskStrategy::DmSnapshot {
+                    self.make_snapshot(ops).await?;
+                }
             }
             BootStage::AgentChannel => {
                 let running =
@@ -133,7 +139,8 @@ impl Boot {
                 if self.handles.vmm.is_some_and(|vmm| ops.host.processes.alive(&vmm, &paths.api_socket)) => {}
             BootStage::VmmLaunch => {
                 let nic = guest_nic(ops, &self.vm);
-                let launch = self.launch_spec(&paths, nic.as_ref());
+                let disk = self.disk(&paths);
+                let launch = self.launch_spec(&paths, &disk, nic.as_ref());
                 tracing::debug!(vm_id = %self.vm.id, vmm = ops.host.vmm.name(), "launching the vmm");
                 let vmm = ops.host.vmm.launch(&launch).await?;
                 tracing::debug!(vm_id = %self.vm.id, pid = vmm.pid, "vmm launched");
@@ -149,7 +156,8 @@ impl Boot {
             BootStage::VmmBoot => {
                 let vmm = self.vmm_handle()?;
                 let nic = guest_nic(ops, &self.vm);
-                ops.host.vmm.boot(&self.launch_spec(&paths, nic.as_ref()), &vmm).await?;
+                let disk = self.disk(&paths);
+                ops.host.vmm.boot(&self.launch_spec(&paths, &disk, nic.as_ref()), &vmm).await?;
             }
             BootStage::WaitAgent => {
                 let vmm = self.vmm_handle()?;
@@ -168,7 +176,25 @@ impl Boot {
         let paths = self.vm.paths();
         match stage {
             BootStage::RootDisk => {
-                if self.created_disk {
+                // The snapshot goes before its loops, and they before the file under them.
+                if let Some(dm) = self.handles.dm_name.take() {
+                    if ops.host.block.remove_dm(&dm).await.is_err() {
+                        self.handles.dm_name = Some(dm);
+                    } else {
+                        self.handles.dm_device = None;
+                    }
+                }
+                if self.handles.dm_name.is_none() {
+                    for slot in [&mut self.handles.cow_loop, &mut self.handles.base_loop] {
+                        if let Some(device) = slot.take()
+                            && ops.host.block.detach_loop(&device).await.is_err()
+                        {
+                            *slot = Some(device);
+                        }
+                    }
+                }
+                let _ = ops.set_handles(&self.vm, self.handles.clone());
+                if self.created_disk && self.handles.cow_loop.is_none() {
                     remove_file_quietly(&paths.root_disk);
                 }
             }
@@ -220,7 +246,42 @@ impl Boot {
         }
     }
 
-    fn launch_spec<'a>(&'a self, paths: &'a crate::domain::VmPaths, nic: Option<&'a GuestNic>) -> LaunchSpec<'a> {
+    /// Makes the VM's dm-snapshot: a read-only loop over the image, a loop over the VM's
+    /// exception store, the snapshot over both. Each device is a handle as soon as it exists;
+    /// one already made by an earlier attempt is kept.
+    async fn make_snapshot(&mut self, ops: &Ops) -> Result<(), Error> {
+        let paths = self.vm.paths();
+        if self.handles.base_loop.is_none() {
+            self.handles.base_loop = Some(ops.host.block.attach_loop(&self.image.rootfs_path, true).await?);
+            ops.set_handles(&self.vm, self.handles.clone())?;
+        }
+        if self.handles.cow_loop.is_none() {
+            self.handles.cow_loop = Some(ops.host.block.attach_loop(&paths.root_disk, false).await?);
+            ops.set_handles(&self.vm, self.handles.clone())?;
+        }
+        if let (None, Some(base), Some(cow)) = (&self.handles.dm_name, &self.handles.base_loop, &self.handles.cow_loop)
+        {
+            let name = RootDiskStrategy::dm_name(self.vm.id);
+            let sectors = std::fs::metadata(&self.image.rootfs_path)
+                .map_err(|e| Error::FailedPrecondition(format!("image root file system: {e}")))?
+                .len()
+                / 512;
+            let device = ops.host.block.create_snapshot(&name, base, cow, sectors).await?;
+            (self.handles.dm_name, self.handles.dm_device) = (Some(name), Some(device));
+            ops.set_handles(&self.vm, self.handles.clone())?;
+        }
+        Ok(())
+    }
+
+    /// What the guest boots from: the snapshot's device, or the disk file.
+    fn disk(&self, paths: &VmPaths) -> PathBuf {
+        match &self.handles.dm_device {
+            Some(device) => PathBuf::from(device),
+            None => paths.root_disk.clone(),
+        }
+    }
+
+    fn launch_spec<'a>(&'a self, paths: &'a VmPaths, disk: &'a Path, nic: Option<&'a GuestNic>) -> LaunchSpec<'a> {
         LaunchSpec {
             id: self.vm.id,
             name: &self.vm.name,
@@ -228,6 +289,7 @@ impl Boot {
             spec: self.vm.spec,
             image: &self.image,
             vsock_cid: self.vm.vsock_cid,
+            disk,
             disk_format: self.vm.root_disk.format(),
             nic,
         }
@@ -251,6 +313,7 @@ fn guest_nic(ops: &Ops, vm: &Vm) -> Option<GuestNic> {
         mac: mac_address(vm.vsock_cid),
         address: format!("{ip}/{}", network.pool.prefix()),
         gateway: network.pool.gateway().to_string(),
+        nameserver: network.dns.then(|| network.pool.gateway().to_string()),
     })
 }
 
@@ -324,7 +387,9 @@ impl Ops {
                 Err(e) => first_error = first_error.or(Some(e)),
             }
         }
-        if let Some(dm) = handles.dm_name.clone() {
+        // The snapshot's name derives from the VM's id: removed even when its handle was lost.
+        let dm = (vm.root_disk == RootDiskStrategy::DmSnapshot).then(|| RootDiskStrategy::dm_name(vm.id));
+        if let Some(dm) = handles.dm_name.clone().or(dm) {
             match self.host.block.remove_dm(&dm).await {
                 Ok(()) => (handles.dm_name, handles.dm_device) = (None, None),
                 Err(e) => first_error = first_error.or(Some(e)),

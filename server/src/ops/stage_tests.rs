@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::{CreateVm, Error, HostServices, Ops, OpsConfig, runner::RunOptions};
 use crate::{
-    domain::{Image, ImageId, Vm, VmSpec, VmState},
+    domain::{Image, ImageId, RootDiskStrategy, Vm, VmSpec, VmState},
     host::fake::FakeHost,
     store::{Store, StoreError},
 };
@@ -19,10 +19,14 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(RootDiskStrategy::Qcow2).await
+}
+
+async fn fixture_with(root_disk: RootDiskStrategy) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("banger.db")).await.expect("store");
     let host = FakeHost::default();
-    let config = OpsConfig::for_tests(dir.path());
+    let config = OpsConfig { root_disk, ..OpsConfig::for_tests(dir.path()) };
     let sources = dir.path().join("image");
     std::fs::create_dir_all(&sources).expect("image dir");
     for file in ["vmlinuz", "rootfs.ext4"] {
@@ -274,4 +278,58 @@ async fn orphan_processes_under_the_state_dir_are_killed() {
     f.ops.recover().await.expect("recover");
     assert!(f.host.processes_under(&stray).is_empty(), "{:?}", f.host.processes());
     assert_eq!(f.processes_of(&vm), 2, "a recorded vm keeps its processes");
+}
+
+#[tokio::test]
+async fn dm_snapshot_devices_are_handles_made_at_boot_and_released_whenever_the_vmm_goes() {
+    let f = fixture_with(RootDiskStrategy::DmSnapshot).await;
+    let no_devices = (vec![], vec![], vec![]);
+    let devices = |f: &Fixture| {
+        let (_, loops, dms) = f.host.kernel_state();
+        (loops.len(), dms.len())
+    };
+
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    let vm = f.ops.create_vm(create("snap")).await.expect("create with every stage twice");
+    f.run(RunOptions::default());
+    assert_eq!(devices(&f), (2, 1), "one base loop, one cow loop, one snapshot: {:?}", f.host.kernel_state());
+    let handles = f.ops.handles(&vm);
+    assert_eq!(handles.dm_name, Some(RootDiskStrategy::dm_name(vm.id)));
+    assert!(handles.base_loop.is_some() && handles.cow_loop.is_some(), "{handles:?}");
+    assert_eq!(f.host.disks(), [vm.paths().root_disk], "the exception store is the VM's disk");
+    assert!(vm.paths().root_disk.ends_with("root.cow"));
+
+    // Stopped, the devices go and the exception store stays; started, they come back.
+    f.ops.stop_vm("snap", false).await.expect("stop");
+    assert_eq!(f.host.kernel_state(), no_devices);
+    assert!(vm.paths().root_disk.exists(), "the guest's writes are kept");
+    let stages = for_each_failing_stage!(f, |i| f.ops.start_vm("snap", true).await, |stage| {
+        assert_eq!(f.host.kernel_state(), no_devices, "{stage}: start {i} failed and left devices");
+        assert!(vm.paths().root_disk.exists(), "{stage}: the disk of a stopped vm is kept");
+    });
+    assert_eq!(stages, 9);
+    assert_eq!(devices(&f), (2, 1));
+
+    // A VMM that dies on its own: reconcile releases its devices, snapshot first.
+    let vmm = f.ops.handles(&vm).vmm.expect("vmm");
+    crate::host::process::Processes::terminate(&f.host, &vmm, &vm.paths().api_socket, std::time::Duration::ZERO).await;
+    f.ops.recover().await.expect("recover");
+    assert_eq!(f.host.kernel_state(), no_devices);
+
+    f.ops.delete_vm("snap").await.expect("delete");
+    assert!(f.host.disks().is_empty() && !vm.vm_dir.exists());
+
+    // A create failing at any stage, or inside any device call, leaves no device.
+    for_each_failing_stage!(f, |i| f.ops.create_vm(create(&format!("snap-{i}"))).await, |stage| {
+        assert_eq!(f.host.kernel_state(), no_devices, "{stage}");
+        assert!(f.host.disks().is_empty(), "{stage}: {:?}", f.host.disks());
+    });
+    f.ops.delete_vm(&format!("snap-{}", 10)).await.expect("delete the one that succeeded");
+    for call in ["block.attach_loop", "block.create_snapshot", "vmm.launch", "vmm.boot"] {
+        f.host.fail_next(call);
+        let result = f.ops.create_vm(create("doomed")).await;
+        assert!(matches!(result, Err(Error::Stage { .. })), "{call}: {result:?}");
+        assert_eq!(f.host.kernel_state(), no_devices, "{call}");
+        assert!(f.host.disks().is_empty(), "{call}: {:?}", f.host.disks());
+    }
 }

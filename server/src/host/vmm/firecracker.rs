@@ -138,6 +138,12 @@ impl FirecrackerVmm {
         std::fs::hard_link(&paths.vmm_log, inside(&chroot, &paths.vmm_log))
             .map_err(io(format!("link {} into the jail", paths.vmm_log.display())))?;
         chown(&paths.vmm_log)?;
+        if launch.disk != paths.root_disk {
+            return Err(HostError::VmmRefused {
+                command: "jailer".into(),
+                message: format!("{} is a device; jailed VMs boot from disk files", launch.disk.display()),
+            });
+        }
         let disk = inside(&chroot, &paths.root_disk);
         std::fs::hard_link(&paths.root_disk, &disk)
             .map_err(io(format!("link {} into the jail", paths.root_disk.display())))?;
@@ -193,7 +199,7 @@ impl FirecrackerVmm {
         let mut boot_args = String::from("console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw");
         boot_args.push_str(&format!(" banger.hostname={}", launch.name));
         if let Some(nic) = launch.nic {
-            boot_args.push_str(&format!(" banger.ip={} banger.gw={}", nic.address, nic.gateway));
+            boot_args.push_str(&format!(" {}", nic.kernel_args()));
         }
         if !launch.image.kernel_args.is_empty() {
             boot_args.push(' ');
@@ -212,7 +218,7 @@ impl FirecrackerVmm {
             }),
             ApiRequest::PutDrive(Drive {
                 drive_id: "rootfs".into(),
-                path_on_host: paths.root_disk.display().to_string(),
+                path_on_host: launch.disk.display().to_string(),
                 is_root_device: true,
                 is_read_only: false,
             }),

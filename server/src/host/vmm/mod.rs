@@ -28,6 +28,8 @@ pub struct LaunchSpec<'a> {
     pub image: &'a Image,
     /// Its vsock context id.
     pub vsock_cid: u32,
+    /// The root disk the guest boots from: the VM's disk file, or the device made over it.
+    pub disk: &'a std::path::Path,
     /// The root disk's format (`qcow2` or `raw`).
     pub disk_format: &'static str,
     /// The VM's network interface, when VMs get a network.
@@ -45,6 +47,19 @@ pub struct GuestNic {
     pub address: String,
     /// Its default gateway (the bridge's address).
     pub gateway: String,
+    /// Its nameserver (bangerd on the bridge's address), when bangerd serves DNS.
+    pub nameserver: Option<String>,
+}
+
+impl GuestNic {
+    /// The kernel command-line arguments the guest's init configures the network from.
+    pub fn kernel_args(&self) -> String {
+        let mut args = format!("banger.ip={} banger.gw={}", self.address, self.gateway);
+        if let Some(nameserver) = &self.nameserver {
+            args.push_str(&format!(" banger.dns={nameserver}"));
+        }
+        args
+    }
 }
 
 /// A virtual machine monitor.

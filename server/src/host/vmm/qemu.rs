@@ -55,7 +55,7 @@ impl QemuVmm {
         }
         append.push_str(&format!(" banger.hostname={}", launch.name));
         if let Some(nic) = launch.nic {
-            append.push_str(&format!(" banger.ip={} banger.gw={}", nic.address, nic.gateway));
+            append.push_str(&format!(" {}", nic.kernel_args()));
         }
         if !launch.image.kernel_args.is_empty() {
             append.push(' ');
@@ -81,7 +81,7 @@ impl QemuVmm {
         push(&["-append", &append]);
         push(&[
             "-drive",
-            &format!("id=root,file={},format={},if=none", paths.root_disk.display(), launch.disk_format),
+            &format!("id=root,file={},format={},if=none", launch.disk.display(), launch.disk_format),
             "-device",
             "virtio-blk-device,drive=root",
         ]);
@@ -191,6 +191,7 @@ mod tests {
             spec: VmSpec { vcpus: 2, memory_mib: 384 },
             image: &image,
             vsock_cid: 7,
+            disk: &paths.root_disk,
             disk_format: "qcow2",
             nic: None,
         };
