@@ -79,7 +79,7 @@ pub async fn run(target: Target, autostart: bool, command: Command) -> ExitCode 
     }
 }
 
-fn create_request(shape: VmShape, no_start: bool, no_wait: bool) -> pb::CreateVmRequest {
+fn create_request(shape: VmShape, no_start: bool, no_wait: bool, request_id: Option<String>) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
         name: shape.name.unwrap_or_default(),
         image: shape.image.unwrap_or_default(),
@@ -87,30 +87,40 @@ fn create_request(shape: VmShape, no_start: bool, no_wait: bool) -> pb::CreateVm
         memory_mib: shape.memory,
         no_start,
         no_wait,
+        request_id: request_id.unwrap_or_default(),
     }
 }
 
 async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failure> {
     match command {
-        VmCommand::Create { shape, no_start, no_wait } => {
-            let response = client.vms.create_vm(create_request(shape, no_start, no_wait)).await?;
+        VmCommand::Create { shape, no_start, no_wait, request_id } => {
+            let response = client.vms.create_vm(create_request(shape, no_start, no_wait, request_id)).await?;
             let op = response_op_id(&response);
             let vm = response.into_inner().vm.unwrap_or_default();
             output::print_vm_line(&vm, op.as_deref());
         }
-        VmCommand::Start { vm, no_wait } => {
-            let response = client.vms.start_vm(pb::StartVmRequest { vm, no_wait }).await?;
+        VmCommand::Start { vm, no_wait, request_id } => {
+            let request = pb::StartVmRequest { vm, no_wait, request_id: request_id.unwrap_or_default() };
+            let response = client.vms.start_vm(request).await?;
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }
-        VmCommand::Stop { vm, force } => {
-            let response = client.vms.stop_vm(pb::StopVmRequest { vm, force }).await?;
+        VmCommand::Stop { vm, force, request_id } => {
+            let request = pb::StopVmRequest { vm, force, request_id: request_id.unwrap_or_default() };
+            let response = client.vms.stop_vm(request).await?;
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }
-        VmCommand::Delete { vms } => {
+        VmCommand::Delete { vms, request_id } => {
+            if request_id.is_some() && vms.len() > 1 {
+                return Err(Failure::Status(tonic::Status::invalid_argument(
+                    "--request-id names one request: delete one VM per call with it",
+                )));
+            }
+            let request_id = request_id.unwrap_or_default();
             for vm in vms {
-                let response = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.clone() }).await?;
+                let request = pb::DeleteVmRequest { vm: vm.clone(), request_id: request_id.clone() };
+                let response = client.vms.delete_vm(request).await?;
                 println!("deleted {vm} ({})", response.into_inner().id);
             }
         }
@@ -129,7 +139,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
 
 async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), Failure> {
     match command {
-        ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args } => {
+        ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args, request_id } => {
             let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
             let request = pb::ImportImageRequest {
                 name,
@@ -137,6 +147,7 @@ async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), 
                 initrd_path: initrd.map(absolute).unwrap_or_default(),
                 rootfs_path: absolute(rootfs),
                 kernel_args,
+                request_id: request_id.unwrap_or_default(),
             };
             let image = client.images.import_image(request).await?.into_inner().image.unwrap_or_default();
             println!("imported {} ({})", image.name, image.id);
@@ -227,9 +238,12 @@ async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<Ex
 }
 
 async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
-    let vm = client.vms.create_vm(create_request(shape, false, false)).await?.into_inner().vm.unwrap_or_default();
+    let vm = client.vms.create_vm(create_request(shape, false, false, None)).await?.into_inner().vm.unwrap_or_default();
     let result = exec_in(&mut client, vm.id.clone(), process).await;
-    if rm && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone() }).await {
+    if rm
+        && let Err(status) =
+            client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone(), request_id: String::new() }).await
+    {
         eprintln!("banger: could not delete vm {}:", vm.name);
         output::print_status(&status);
     }

@@ -101,6 +101,10 @@ enum VmCommand {
         /// Return once the VMM runs, without waiting for the guest agent (images without it).
         #[arg(long, conflicts_with = "no_start")]
         no_wait: bool,
+        /// Makes retries safe: a retry with the same id returns the first call's result
+        /// instead of running again (e.g. a UUID per CI job step; remembered for 24 hours).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// Boot a stopped VM (waits until its guest agent answers).
     Start {
@@ -109,6 +113,10 @@ enum VmCommand {
         /// Return once the VMM runs, without waiting for the guest agent (images without it).
         #[arg(long)]
         no_wait: bool,
+        /// Makes retries safe: a retry with the same id returns the first call's result
+        /// instead of running again (e.g. a UUID per CI job step; remembered for 24 hours).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// Shut a VM down (guest power-off, then ACPI, then kill).
     Stop {
@@ -117,12 +125,20 @@ enum VmCommand {
         /// Kill the VMM at once.
         #[arg(long)]
         force: bool,
+        /// Makes retries safe: a retry with the same id returns the first call's result
+        /// instead of running again (e.g. a UUID per CI job step; remembered for 24 hours).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// Delete VMs, stopping them first; their disks are discarded.
     Delete {
         /// VM ids or names.
         #[arg(required = true)]
         vms: Vec<String>,
+        /// Makes retries safe: a retry with the same id returns the first call's result
+        /// instead of running again (one VM per call when given).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// List every VM.
     #[command(alias = "ls")]
@@ -174,6 +190,10 @@ enum ImageCommand {
         /// Extra kernel command-line arguments for every VM of this image.
         #[arg(long, value_name = "ARGS", default_value = "")]
         kernel_args: String,
+        /// Makes retries safe: a retry with the same id returns the first call's result
+        /// instead of running again (remembered for 24 hours).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// List every image.
     #[command(alias = "ls")]

@@ -125,7 +125,12 @@ async fn unknown_images_and_vms_are_not_found() {
             .start_vm(pb::StartVmRequest { vm: "ghost".into(), ..Default::default() })
             .await
             .expect_err("start"),
-        daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "ghost".into() }).await.expect_err("delete"),
+        daemon
+            .client
+            .vms
+            .delete_vm(pb::DeleteVmRequest { vm: "ghost".into(), ..Default::default() })
+            .await
+            .expect_err("delete"),
         daemon.client.images.get_image(pb::GetImageRequest { image: "ghost".into() }).await.expect_err("image"),
     ] {
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
@@ -227,7 +232,12 @@ async fn vms_are_addressable_by_id_and_name_and_survive_a_restart() {
     assert_eq!(vms.iter().map(|v| (v.id.as_str(), v.name.as_str())).collect::<Vec<_>>(), [(vm.id.as_str(), "web-1")]);
     let images = daemon.client.images.list_images(pb::ListImagesRequest {}).await.expect("list").into_inner().images;
     assert_eq!(images.len(), 1);
-    daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "web-1".into() }).await.expect("delete vm");
+    daemon
+        .client
+        .vms
+        .delete_vm(pb::DeleteVmRequest { vm: "web-1".into(), ..Default::default() })
+        .await
+        .expect("delete vm");
     assert!(!Path::new(&vm.runtime.expect("runtime").vm_dir).exists(), "vm dir removed");
     daemon.client.images.delete_image(pb::DeleteImageRequest { image: "img".into() }).await.expect("delete image");
     daemon.shutdown().await;
@@ -270,4 +280,75 @@ async fn health_and_reflection_are_served() {
         assert_eq!(response.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service:?}");
     }
     daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_id_makes_a_mutation_run_once_and_its_retries_get_the_first_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), FileConfig::default());
+    let mut daemon = TestDaemon::start(config.clone()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let create = |name: &str| pb::CreateVmRequest {
+        name: name.into(),
+        image: "img".into(),
+        no_start: true,
+        request_id: "job-42-create".into(),
+        ..Default::default()
+    };
+
+    // Twenty concurrent calls with one request id: one VM, twenty identical answers.
+    let calls = (0..20).map(|_| {
+        let mut client = daemon.client.clone();
+        let request = create("ci-1");
+        tokio::spawn(async move {
+            let response = client.vms.create_vm(request).await.expect("create");
+            let op = banger_client::response_op_id(&response);
+            (response.into_inner().vm.expect("vm"), op)
+        })
+    });
+    let answers: Vec<_> = futures_join_all(calls).await;
+    assert!(answers.iter().all(|answer| *answer == answers[0]), "the answers differ");
+    assert!(answers[0].1.is_some(), "the operation id comes back with every answer");
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    assert_eq!(vms.len(), 1, "{vms:?}");
+
+    // The same id with another body names the conflict; another method too.
+    let status = daemon.client.vms.create_vm(create("ci-2")).await.expect_err("other body");
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(status.message().contains("job-42-create") && status.message().contains("CreateVm"), "{status:?}");
+    let delete = pb::DeleteVmRequest { vm: "ci-1".into(), request_id: "job-42-create".into() };
+    let status = daemon.client.vms.delete_vm(delete).await.expect_err("other method");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+
+    // A request id that cannot be one is refused as a field.
+    let mut spaced = create("ci-3");
+    spaced.request_id = "has space".into();
+    let status = daemon.client.vms.create_vm(spaced).await.expect_err("bad id");
+    assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec!["request_id".to_owned()]));
+
+    // A failed request is not remembered: its retry runs again (and succeeds once it can).
+    let mut missing_image = create("ci-4");
+    (missing_image.image, missing_image.request_id) = ("later".into(), "job-43".into());
+    let status = daemon.client.vms.create_vm(missing_image.clone()).await.expect_err("no image yet");
+    assert_eq!(status.code(), Code::NotFound);
+    import(&mut daemon.client, dir.path(), "later").await;
+    daemon.client.vms.create_vm(missing_image).await.expect("the retry runs");
+    daemon.shutdown().await;
+
+    // After a restart the answer comes from the database.
+    let mut daemon = TestDaemon::start(config).await;
+    let response = daemon.client.vms.create_vm(create("ci-1")).await.expect("retry after restart");
+    let op = banger_client::response_op_id(&response);
+    assert_eq!((response.into_inner().vm.expect("vm"), op), answers[0]);
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    assert_eq!(vms.len(), 2, "ci-1 and ci-4 only");
+    daemon.shutdown().await;
+}
+
+async fn futures_join_all<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles.collect::<Vec<_>>() {
+        out.push(handle.await.expect("task"));
+    }
+    out
 }

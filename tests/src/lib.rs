@@ -237,6 +237,19 @@ impl Daemon {
             .expect("spawn banger")
     }
 
+    /// Starts the CLI in the background with its output captured (`wait_with_output`).
+    pub fn banger_piped(&self, args: &[&str]) -> Child {
+        Command::new(bin_dir().join("banger"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn banger")
+    }
+
     /// Waits until the daemon's log holds `needle` (up to `timeout`).
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -248,3 +248,29 @@ fn doctor_reports_this_host_as_it_is() {
     assert!(report.contains(&format!("agent channel {backend}")), "{report}");
     assert!(report.contains("vmm qemu (accel tcg)"), "{report}");
 }
+
+#[test]
+fn twenty_concurrent_creates_with_one_request_id_boot_one_vm_and_answer_alike() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let args = ["vm", "create", "--name", "ci-job", "--request-id", "3f1c2a9e-job-create"];
+    let children: Vec<_> = (0..20).map(|_| daemon.banger_piped(&args)).collect();
+    let answers: Vec<_> = children.into_iter().map(|child| child.wait_with_output().expect("banger")).collect();
+    for out in &answers {
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    }
+    let first = text(&answers[0].stdout);
+    assert!(first.starts_with("ci-job ") && first.contains(" running op="), "{first}");
+    assert!(answers.iter().all(|out| text(&out.stdout) == first), "the answers differ");
+    let list = text(&daemon.banger(&["vm", "list"]).stdout);
+    assert_eq!(list.lines().filter(|l| l.starts_with("ci-job")).count(), 1, "{list}");
+    assert_eq!(daemon.guest_processes().iter().filter(|(_, cmd)| cmd.contains("qemu")).count(), 1);
+    // The VM works, and deleting it with a request id twice deletes it once.
+    let out = daemon.banger(&["vm", "exec", "ci-job", "--", "cat", "/etc/hostname"]);
+    assert_eq!(text(&out.stdout), "ci-job\n", "{}", text(&out.stderr));
+    for _ in 0..2 {
+        let out = daemon.banger(&["vm", "delete", "ci-job", "--request-id", "3f1c2a9e-job-delete"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+}

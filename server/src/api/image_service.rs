@@ -5,19 +5,20 @@ use std::sync::Arc;
 use banger_proto::v1::{self as pb, image_service_server::ImageService};
 use tonic::{Request, Response, Status};
 
-use super::{convert, run_to_completion, status::to_status, with_op_id};
+use super::{convert, idempotency::Idempotency, idempotency_key, run_to_completion, status::to_status, with_op_id};
 use crate::ops::Ops;
 
 /// Serves the image API over the daemon's core.
 #[derive(Debug, Clone)]
 pub struct ImageApi {
     ops: Arc<Ops>,
+    idempotency: Idempotency,
 }
 
 impl ImageApi {
-    /// The service over `ops`.
-    pub fn new(ops: Arc<Ops>) -> Self {
-        Self { ops }
+    /// The service over `ops`, recording idempotent requests in `idempotency`.
+    pub fn new(ops: Arc<Ops>, idempotency: Idempotency) -> Self {
+        Self { ops, idempotency }
     }
 }
 
@@ -27,10 +28,16 @@ impl ImageService for ImageApi {
         &self,
         request: Request<pb::ImportImageRequest>,
     ) -> Result<Response<pb::ImportImageResponse>, Status> {
-        let new = convert::new_image(request.into_inner());
+        let request = request.into_inner();
+        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let new = convert::new_image(request);
         let ops = self.ops.clone();
-        let (image, op_id) = run_to_completion(async move { ops.import_image(new).await }).await?;
-        Ok(with_op_id(pb::ImportImageResponse { image: Some(convert::image(&image)) }, &op_id.to_string()))
+        self.idempotency
+            .run("ImportImage", &request_id, body, async move {
+                let (image, op_id) = run_to_completion(async move { ops.import_image(new).await }).await?;
+                Ok(with_op_id(pb::ImportImageResponse { image: Some(convert::image(&image)) }, &op_id.to_string()))
+            })
+            .await
     }
 
     async fn get_image(&self, request: Request<pb::GetImageRequest>) -> Result<Response<pb::GetImageResponse>, Status> {

@@ -3,6 +3,7 @@
 
 mod convert;
 mod host_service;
+pub mod idempotency;
 mod image_service;
 pub mod status;
 mod vm_service;
@@ -20,6 +21,14 @@ pub use image_service::ImageApi;
 pub use vm_service::VmApi;
 
 use crate::ops::Ops;
+use idempotency::Idempotency;
+
+/// A request's idempotency key: its `request_id`, and its encoded body without it.
+fn idempotency_key<T: prost::Message + Clone>(request: &T, id: impl Fn(&mut T) -> &mut String) -> (String, Vec<u8>) {
+    let mut body = request.clone();
+    let request_id = std::mem::take(id(&mut body));
+    (request_id, body.encode_to_vec())
+}
 
 /// The response metadata key holding the id of the operation a call ran.
 pub const OP_ID_METADATA: &str = "x-banger-op-id";
@@ -47,6 +56,16 @@ fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
 
 /// Every service the daemon serves: VMs, images, health, reflection (v1 and v1alpha).
 pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::Error> {
+    let idempotency = Idempotency::new(ops.store().clone());
+    let pruner = idempotency.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(error) = pruner.prune().await {
+                tracing::warn!(error = %error, "cannot forget old request ids");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
+    });
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<VmApi>>().await;
     health_reporter.set_serving::<ImageServiceServer<ImageApi>>().await;
@@ -61,8 +80,8 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(VmServiceServer::new(VmApi::new(ops.clone())))
-        .add_service(ImageServiceServer::new(ImageApi::new(ops.clone())))
+        .add_service(VmServiceServer::new(VmApi::new(ops.clone(), idempotency.clone())))
+        .add_service(ImageServiceServer::new(ImageApi::new(ops.clone(), idempotency)))
         .add_service(HostServiceServer::new(HostApi::new(ops)));
     Ok(routes.routes())
 }

@@ -7,7 +7,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    convert, run_to_completion,
+    convert,
+    idempotency::Idempotency,
+    idempotency_key, run_to_completion,
     status::{invalid_field, to_status},
     with_op_id,
 };
@@ -20,12 +22,13 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct VmApi {
     ops: Arc<Ops>,
+    idempotency: Idempotency,
 }
 
 impl VmApi {
-    /// The service over `ops`.
-    pub fn new(ops: Arc<Ops>) -> Self {
-        Self { ops }
+    /// The service over `ops`, recording idempotent requests in `idempotency`.
+    pub fn new(ops: Arc<Ops>, idempotency: Idempotency) -> Self {
+        Self { ops, idempotency }
     }
 
     fn to_pb(&self, vm: &Vm) -> pb::Vm {
@@ -38,10 +41,17 @@ type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecVmResponse, Status>> 
 #[tonic::async_trait]
 impl VmService for VmApi {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::CreateVmResponse>, Status> {
-        let create = CreateVm::try_from(request.into_inner()).map_err(|e| to_status(&e))?;
-        let ops = self.ops.clone();
-        let vm = run_to_completion(async move { ops.create_vm(create).await }).await?;
-        Ok(with_op_id(pb::CreateVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
+        let request = request.into_inner();
+        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let create = CreateVm::try_from(request).map_err(|e| to_status(&e))?;
+        let api = self.clone();
+        self.idempotency
+            .run("CreateVm", &request_id, body, async move {
+                let ops = api.ops.clone();
+                let vm = run_to_completion(async move { ops.create_vm(create).await }).await?;
+                Ok(with_op_id(pb::CreateVmResponse { vm: Some(api.to_pb(&vm)) }, &vm.last_operation))
+            })
+            .await
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::GetVmResponse>, Status> {
@@ -57,25 +67,43 @@ impl VmService for VmApi {
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
         let request = request.into_inner();
+        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let (ops, wait_agent) = (self.ops.clone(), !request.no_wait);
-        let vm = run_to_completion(async move { ops.start_vm(&key, wait_agent).await }).await?;
-        Ok(with_op_id(pb::StartVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
+        let (api, wait_agent) = (self.clone(), !request.no_wait);
+        self.idempotency
+            .run("StartVm", &request_id, body, async move {
+                let ops = api.ops.clone();
+                let vm = run_to_completion(async move { ops.start_vm(&key, wait_agent).await }).await?;
+                Ok(with_op_id(pb::StartVmResponse { vm: Some(api.to_pb(&vm)) }, &vm.last_operation))
+            })
+            .await
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
         let request = request.into_inner();
+        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let (ops, force) = (self.ops.clone(), request.force);
-        let vm = run_to_completion(async move { ops.stop_vm(&key, force).await }).await?;
-        Ok(with_op_id(pb::StopVmResponse { vm: Some(self.to_pb(&vm)) }, &vm.last_operation))
+        let (api, force) = (self.clone(), request.force);
+        self.idempotency
+            .run("StopVm", &request_id, body, async move {
+                let ops = api.ops.clone();
+                let vm = run_to_completion(async move { ops.stop_vm(&key, force).await }).await?;
+                Ok(with_op_id(pb::StopVmResponse { vm: Some(api.to_pb(&vm)) }, &vm.last_operation))
+            })
+            .await
     }
 
     async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {
-        let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
+        let request = request.into_inner();
+        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let ops = self.ops.clone();
-        let (id, op_id) = run_to_completion(async move { ops.delete_vm(&key).await }).await?;
-        Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string()))
+        self.idempotency
+            .run("DeleteVm", &request_id, body, async move {
+                let (id, op_id) = run_to_completion(async move { ops.delete_vm(&key).await }).await?;
+                Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string()))
+            })
+            .await
     }
 
     type ExecVmStream = ExecStream;

@@ -4,12 +4,14 @@
 //! compare and set its `generation`, so two writers never silently overwrite each other.
 
 mod images;
+mod requests;
 mod vms;
 
 use std::{path::Path, str::FromStr, time::Duration};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
+pub use requests::RequestRecord;
 pub use vms::{NewVmRecord, VmUpdate};
 
 /// What can go wrong reading or writing records.
