@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut public = descriptors.clone();
     public.file.retain(|file| file.package() != "banger.agent.v1");
     std::fs::write(out.join("banger_descriptor.bin"), prost::Message::encode_to_vec(&public))?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Maps as BTreeMap: encoding is deterministic (idempotent requests compare encoded bodies).
+    tonic_prost_build::configure().btree_map(".").compile_fds(descriptors)?;
     Ok(())
 }

@@ -88,7 +88,13 @@ fn create_request(shape: VmShape, no_start: bool, no_wait: bool, request_id: Opt
         no_start,
         no_wait,
         request_id: request_id.unwrap_or_default(),
+        labels: shape.labels.into_iter().collect(),
+        ttl: shape.ttl.map(duration),
     }
+}
+
+fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failure> {
@@ -111,7 +117,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }
-        VmCommand::Delete { vms, request_id } => {
+        VmCommand::Delete { vms, request_id, missing_ok } => {
             if request_id.is_some() && vms.len() > 1 {
                 return Err(Failure::Status(tonic::Status::invalid_argument(
                     "--request-id names one request: delete one VM per call with it",
@@ -119,14 +125,44 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             }
             let request_id = request_id.unwrap_or_default();
             for vm in vms {
-                let request = pb::DeleteVmRequest { vm: vm.clone(), request_id: request_id.clone() };
-                let response = client.vms.delete_vm(request).await?;
-                println!("deleted {vm} ({})", response.into_inner().id);
+                let request =
+                    pb::DeleteVmRequest { vm: vm.clone(), request_id: request_id.clone(), allow_missing: missing_ok };
+                let id = client.vms.delete_vm(request).await?.into_inner().id;
+                if id.is_empty() {
+                    println!("{vm} does not exist");
+                } else {
+                    println!("deleted {vm} ({id})");
+                }
             }
         }
-        VmCommand::List => {
-            let vms = client.vms.list_vms(pb::ListVmsRequest {}).await?.into_inner().vms;
+        VmCommand::List { labels, states } => {
+            let mut request = pb::ListVmsRequest {
+                labels: labels.into_iter().collect(),
+                states,
+                page_size: 1000,
+                page_token: String::new(),
+            };
+            let mut vms = Vec::new();
+            loop {
+                let page = client.vms.list_vms(request.clone()).await?.into_inner();
+                vms.extend(page.vms);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
             output::print_vm_table(&vms);
+        }
+        VmCommand::Wait { vm, state, timeout } => {
+            let mut request = tonic::Request::new(pb::WaitVmRequest { vm, state });
+            request.set_timeout(timeout);
+            let vm = client.vms.wait_vm(request).await?.into_inner().vm.unwrap_or_default();
+            output::print_vm_line(&vm, None);
+        }
+        VmCommand::Touch { vm, ttl, no_ttl: _ } => {
+            let request = pb::TouchVmRequest { vm, ttl: ttl.map(duration) };
+            let vm = client.vms.touch_vm(request).await?.into_inner().vm.unwrap_or_default();
+            output::print_vm_line(&vm, None);
         }
         VmCommand::Show { vm } => {
             let vm = client.vms.get_vm(pb::GetVmRequest { vm }).await?.into_inner().vm.unwrap_or_default();
@@ -139,7 +175,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
 
 async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), Failure> {
     match command {
-        ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args, request_id } => {
+        ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args, request_id, labels } => {
             let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
             let request = pb::ImportImageRequest {
                 name,
@@ -148,12 +184,14 @@ async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), 
                 rootfs_path: absolute(rootfs),
                 kernel_args,
                 request_id: request_id.unwrap_or_default(),
+                labels: labels.into_iter().collect(),
             };
             let image = client.images.import_image(request).await?.into_inner().image.unwrap_or_default();
             println!("imported {} ({})", image.name, image.id);
         }
         ImageCommand::List => {
-            let images = client.images.list_images(pb::ListImagesRequest {}).await?.into_inner().images;
+            let request = pb::ListImagesRequest { page_size: 1000, ..Default::default() };
+            let images = client.images.list_images(request).await?.into_inner().images;
             output::print_image_table(&images);
         }
         ImageCommand::Show { image } => {
@@ -241,8 +279,7 @@ async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessAr
     let vm = client.vms.create_vm(create_request(shape, false, false, None)).await?.into_inner().vm.unwrap_or_default();
     let result = exec_in(&mut client, vm.id.clone(), process).await;
     if rm
-        && let Err(status) =
-            client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone(), request_id: String::new() }).await
+        && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone(), ..Default::default() }).await
     {
         eprintln!("banger: could not delete vm {}:", vm.name);
         output::print_status(&status);

@@ -3,7 +3,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), banger_client::ClientError> {
 //! let mut client = banger_client::Client::connect(&banger_client::Target::default()).await?;
-//! let vms = client.vms.list_vms(banger_client::pb::ListVmsRequest {}).await?;
+//! let vms = client.vms.list_vms(banger_client::pb::ListVmsRequest::default()).await?;
 //! # Ok(()) }
 //! ```
 

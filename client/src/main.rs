@@ -67,6 +67,54 @@ struct VmShape {
     /// Guest memory in MiB [default: 256].
     #[arg(long, value_name = "MIB")]
     memory: Option<u32>,
+    /// Label the VM (repeatable), e.g. --label ci.job=4711.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Delete the VM this long after its creation, also across daemon restarts (e.g. 30s,
+    /// 10m, 2h, 1d); `banger vm touch` extends it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    ttl: Option<std::time::Duration>,
+}
+
+/// Parses a VM state name into the API's value.
+fn parse_state(text: &str) -> Result<i32, String> {
+    let name = format!("VM_STATE_{}", text.to_ascii_uppercase());
+    banger_client::pb::VmState::from_str_name(&name)
+        .filter(|s| *s != banger_client::pb::VmState::Unspecified)
+        .map(|s| s as i32)
+        .ok_or_else(|| format!("{text:?} is not one of created, starting, running, stopping, stopped, error"))
+}
+
+/// Parses `KEY=VALUE`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Parses a duration such as `90s`, `10m`, `1h30m` or `2d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let invalid = || format!("{text:?} is not a duration such as 30s, 10m, 1h30m or 2d");
+    let (mut total, mut digits) = (0u64, String::new());
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(invalid()),
+        };
+        let n: u64 = digits.parse().map_err(|_| invalid())?;
+        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or_else(invalid)?;
+        digits.clear();
+    }
+    if !digits.is_empty() || text.is_empty() {
+        return Err(invalid());
+    }
+    Ok(std::time::Duration::from_secs(total))
 }
 
 /// How to run a guest process.
@@ -135,14 +183,49 @@ enum VmCommand {
         /// VM ids or names.
         #[arg(required = true)]
         vms: Vec<String>,
+        /// Succeed for VMs that do not exist.
+        #[arg(long)]
+        missing_ok: bool,
         /// Makes retries safe: a retry with the same id returns the first call's result
         /// instead of running again (one VM per call when given).
         #[arg(long, value_name = "ID")]
         request_id: Option<String>,
     },
-    /// List every VM.
+    /// List VMs, oldest first: every one, or those matching the filters.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Only VMs carrying this label (repeatable: all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Only VMs in this state (repeatable: any may match): created, starting, running,
+        /// stopping, stopped, error.
+        #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+        states: Vec<i32>,
+    },
+    /// Wait until a VM is in a state (running by default), then show it.
+    ///
+    /// Exits 1, printing DEADLINE_EXCEEDED, when --timeout passes first.
+    Wait {
+        /// VM id or name.
+        vm: String,
+        /// The state to wait for: created, starting, running, stopping, stopped, error.
+        #[arg(long, value_name = "STATE", value_parser = parse_state, default_value = "running")]
+        state: i32,
+        /// Give up after this long (e.g. 90s, 5m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+        timeout: std::time::Duration,
+    },
+    /// Give a VM a new time to live, counted from now (or none with --no-ttl).
+    Touch {
+        /// VM id or name.
+        vm: String,
+        /// The new time to live (e.g. 30s, 10m, 2h, 1d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, required_unless_present = "no_ttl")]
+        ttl: Option<std::time::Duration>,
+        /// Remove the VM's expiry: it lives until deleted.
+        #[arg(long, conflicts_with = "ttl")]
+        no_ttl: bool,
+    },
     /// Show one VM in detail.
     Show {
         /// VM id or name.
@@ -190,6 +273,9 @@ enum ImageCommand {
         /// Extra kernel command-line arguments for every VM of this image.
         #[arg(long, value_name = "ARGS", default_value = "")]
         kernel_args: String,
+        /// Label the image (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// Makes retries safe: a retry with the same id returns the first call's result
         /// instead of running again (remembered for 24 hours).
         #[arg(long, value_name = "ID")]

@@ -60,6 +60,8 @@ pub fn print_vm_details(vm: &pb::Vm) {
         ("created", time(vm.create_time.as_ref())),
         ("updated", time(vm.update_time.as_ref())),
         ("generation", vm.generation.to_string()),
+        ("labels", vm.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")),
+        ("expires", if vm.expire_time.is_some() { time(vm.expire_time.as_ref()) } else { String::new() }),
         ("vmm", runtime.vmm),
         ("vmm pid", if runtime.vmm_pid == 0 { "-".into() } else { runtime.vmm_pid.to_string() }),
         ("vm dir", runtime.vm_dir),

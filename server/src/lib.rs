@@ -140,6 +140,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
 pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let routes = api::routes(ops.clone()).await.context("build reflection service")?;
     let resync = tokio::spawn(resync_periodically(ops.clone()));
+    let reaper = tokio::spawn(reap_periodically(ops.clone()));
     let router = tonic::transport::Server::builder()
         .trace_fn(telemetry::propagation::request_span)
         .layer(telemetry::propagation::RpcMetricsLayer)
@@ -171,6 +172,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
         }
     }
     resync.abort();
+    reaper.abort();
     counting.abort();
     ops.store().close().await;
     Ok(())
@@ -191,6 +193,21 @@ async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCou
                 }
             }
             *counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = by_state;
+        }
+    }
+}
+
+/// How often the reaper looks for VMs whose time to live is over.
+const REAP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Deletes expired VMs every [`REAP_PERIOD`].
+async fn reap_periodically(ops: Arc<Ops>) {
+    let mut tick = tokio::time::interval(REAP_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(error) = ops.reap_expired().await {
+            tracing::warn!(error = %error, "reaper failed");
         }
     }
 }

@@ -99,7 +99,7 @@ async fn invalid_vm_requests_get_invalid_argument_with_field_violations() {
     let status = daemon.client.vms.get_vm(pb::GetVmRequest { vm: String::new() }).await.expect_err("empty key");
     assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec!["vm".to_owned()]));
     // Nothing was recorded and the daemon still serves.
-    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
     assert!(vms.is_empty());
     assert!(
         !dir.path().join("state/vms").exists()
@@ -228,9 +228,10 @@ async fn vms_are_addressable_by_id_and_name_and_survive_a_restart() {
 
     // A new daemon over the same state dir sees the same records.
     let mut daemon = TestDaemon::start(config).await;
-    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
     assert_eq!(vms.iter().map(|v| (v.id.as_str(), v.name.as_str())).collect::<Vec<_>>(), [(vm.id.as_str(), "web-1")]);
-    let images = daemon.client.images.list_images(pb::ListImagesRequest {}).await.expect("list").into_inner().images;
+    let images =
+        daemon.client.images.list_images(pb::ListImagesRequest::default()).await.expect("list").into_inner().images;
     assert_eq!(images.len(), 1);
     daemon
         .client
@@ -256,7 +257,7 @@ async fn a_missing_host_tool_is_unavailable_and_a_failed_create_leaves_nothing()
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("/nonexistent/"), "{}", status.message());
     assert!(error_op_id(&status).is_some());
-    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
     assert!(vms.is_empty(), "the failed create left a record: {vms:?}");
     let leftovers: Vec<_> = std::fs::read_dir(config.state_dir.join("vms")).expect("vms dir").collect();
     assert!(leftovers.is_empty(), "the failed create left {leftovers:?}");
@@ -309,14 +310,14 @@ async fn a_request_id_makes_a_mutation_run_once_and_its_retries_get_the_first_an
     let answers: Vec<_> = futures_join_all(calls).await;
     assert!(answers.iter().all(|answer| *answer == answers[0]), "the answers differ");
     assert!(answers[0].1.is_some(), "the operation id comes back with every answer");
-    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
     assert_eq!(vms.len(), 1, "{vms:?}");
 
     // The same id with another body names the conflict; another method too.
     let status = daemon.client.vms.create_vm(create("ci-2")).await.expect_err("other body");
     assert_eq!(status.code(), Code::AlreadyExists);
     assert!(status.message().contains("job-42-create") && status.message().contains("CreateVm"), "{status:?}");
-    let delete = pb::DeleteVmRequest { vm: "ci-1".into(), request_id: "job-42-create".into() };
+    let delete = pb::DeleteVmRequest { vm: "ci-1".into(), request_id: "job-42-create".into(), ..Default::default() };
     let status = daemon.client.vms.delete_vm(delete).await.expect_err("other method");
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
 
@@ -340,7 +341,7 @@ async fn a_request_id_makes_a_mutation_run_once_and_its_retries_get_the_first_an
     let response = daemon.client.vms.create_vm(create("ci-1")).await.expect("retry after restart");
     let op = banger_client::response_op_id(&response);
     assert_eq!((response.into_inner().vm.expect("vm"), op), answers[0]);
-    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
     assert_eq!(vms.len(), 2, "ci-1 and ci-4 only");
     daemon.shutdown().await;
 }
@@ -351,4 +352,177 @@ async fn futures_join_all<T>(handles: impl Iterator<Item = tokio::task::JoinHand
         out.push(handle.await.expect("task"));
     }
     out
+}
+
+fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[tokio::test]
+async fn vms_are_listed_by_label_and_state_in_pages_stable_under_concurrent_creates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let create = |name: String, team: &str| pb::CreateVmRequest {
+        name,
+        image: "img".into(),
+        no_start: true,
+        labels: labels(&[("team", team), ("ci.example.com/job", "7")]),
+        ..Default::default()
+    };
+    for i in 0..7 {
+        let team = if i % 2 == 0 { "ci" } else { "web" };
+        daemon.client.vms.create_vm(create(format!("vm-{i}"), team)).await.expect("create");
+    }
+    // Paging through team=ci two at a time while more VMs are created between pages: every
+    // VM that existed at the start is listed once, in creation order, and nothing twice.
+    let mut request = pb::ListVmsRequest { labels: labels(&[("team", "ci")]), page_size: 2, ..Default::default() };
+    let mut seen = Vec::new();
+    for page in 0.. {
+        let response = daemon.client.vms.list_vms(request.clone()).await.expect("list").into_inner();
+        assert!(response.vms.len() <= 2);
+        seen.extend(response.vms.iter().map(|vm| vm.name.clone()));
+        daemon.client.vms.create_vm(create(format!("late-{page}"), "ci")).await.expect("create meanwhile");
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = response.next_page_token;
+    }
+    let originals: Vec<_> = seen.iter().filter(|n| n.starts_with("vm-")).cloned().collect();
+    assert_eq!(originals, ["vm-0", "vm-2", "vm-4", "vm-6"]);
+    let mut unique = seen.clone();
+    unique.dedup();
+    assert_eq!(unique, seen, "a VM listed twice");
+    let listed = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner();
+    assert!(listed.vms.iter().all(|vm| vm.labels.contains_key("ci.example.com/job")), "labels come back");
+    // Filters combine; states are selectable; bad filters and tokens are field violations.
+    let web_created = pb::ListVmsRequest {
+        labels: labels(&[("team", "web"), ("ci.example.com/job", "7")]),
+        states: vec![pb::VmState::Created as i32],
+        ..Default::default()
+    };
+    let vms = daemon.client.vms.list_vms(web_created).await.expect("list").into_inner().vms;
+    assert_eq!(vms.iter().map(|vm| vm.name.as_str()).collect::<Vec<_>>(), ["vm-1", "vm-3", "vm-5"]);
+    let running = pb::ListVmsRequest { states: vec![pb::VmState::Running as i32], ..Default::default() };
+    assert!(daemon.client.vms.list_vms(running).await.expect("list").into_inner().vms.is_empty());
+    for (bad, field) in [
+        (pb::ListVmsRequest { page_token: "not-a-token".into(), ..Default::default() }, "page_token"),
+        (pb::ListVmsRequest { page_size: 5000, ..Default::default() }, "page_size"),
+        (pb::ListVmsRequest { labels: labels(&[("Bad Key", "x")]), ..Default::default() }, "labels"),
+        (pb::ListVmsRequest { states: vec![42], ..Default::default() }, "states"),
+    ] {
+        let status = daemon.client.vms.list_vms(bad).await.expect_err(field);
+        assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec![field.to_owned()]));
+    }
+    let status = daemon.client.vms.create_vm(create("bad-label".into(), "has space")).await.expect_err("label");
+    assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec!["labels".to_owned()]));
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn images_carry_labels_and_are_listed_by_them_in_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    let (kernel_path, rootfs_path) = fake_image_sources(dir.path());
+    for (name, os) in [("a", "debian"), ("b", "alpine"), ("c", "debian")] {
+        let request = pb::ImportImageRequest {
+            name: name.into(),
+            kernel_path: kernel_path.clone(),
+            rootfs_path: rootfs_path.clone(),
+            labels: labels(&[("os", os)]),
+            ..Default::default()
+        };
+        daemon.client.images.import_image(request).await.expect("import");
+    }
+    let request = pb::ListImagesRequest { labels: labels(&[("os", "debian")]), page_size: 1, ..Default::default() };
+    let first = daemon.client.images.list_images(request.clone()).await.expect("list").into_inner();
+    assert_eq!(first.images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    let second = pb::ListImagesRequest { page_token: first.next_page_token, ..request };
+    let second = daemon.client.images.list_images(second).await.expect("list").into_inner();
+    assert_eq!(second.images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["c"]);
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+    assert_eq!(second.images[0].labels, labels(&[("os", "debian")]));
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn vms_with_a_ttl_are_reaped_also_across_a_restart_and_touch_extends_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), FileConfig::default());
+    let mut daemon = TestDaemon::start(config.clone()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let create = |name: &str, seconds: i64| pb::CreateVmRequest {
+        name: name.into(),
+        image: "img".into(),
+        no_start: true,
+        ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    let short = daemon.client.vms.create_vm(create("short", 2)).await.expect("create").into_inner().vm.expect("vm");
+    let expire = short.expire_time.expect("expire_time");
+    let created = short.create_time.expect("create_time");
+    assert_eq!(expire.seconds - created.seconds, 2, "expire_time = create_time + ttl");
+    daemon.client.vms.create_vm(create("touched", 2)).await.expect("create");
+    daemon.client.vms.create_vm(create("across-restart", 3)).await.expect("create");
+    for (ttl, nanos) in [(0, 0), (0, 500_000_000), (400 * 24 * 3600, 0)] {
+        let mut bad = create("bad-ttl", ttl);
+        bad.ttl = Some(prost_types::Duration { seconds: ttl, nanos });
+        let status = daemon.client.vms.create_vm(bad).await.expect_err("ttl out of range");
+        assert_eq!((status.code(), violated_fields(&status)), (Code::InvalidArgument, vec!["ttl".to_owned()]));
+    }
+    let touch = pb::TouchVmRequest { vm: "touched".into(), ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }) };
+    let touched = daemon.client.vms.touch_vm(touch).await.expect("touch").into_inner().vm.expect("vm");
+    assert!(touched.expire_time.expect("expiry").seconds >= expire.seconds + 50, "pushed out");
+    daemon.shutdown().await;
+
+    // Down for longer than "short" had to live: the next daemon reaps it at once.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let mut daemon = TestDaemon::start(config).await;
+    let mut names = Vec::new();
+    for _ in 0..40 {
+        let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
+        names = vms.into_iter().map(|vm| vm.name).collect();
+        if names == ["touched"] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(names, ["touched"], "expired VMs are reaped, the touched one is kept");
+    let clear = pb::TouchVmRequest { vm: "touched".into(), ttl: None };
+    let cleared = daemon.client.vms.touch_vm(clear).await.expect("touch").into_inner().vm.expect("vm");
+    assert!(cleared.expire_time.is_none(), "no ttl: lives until deleted");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn wait_returns_once_the_state_is_reached_and_honours_the_deadline_and_delete_may_allow_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let request =
+        pb::CreateVmRequest { name: "idle".into(), image: "img".into(), no_start: true, ..Default::default() };
+    daemon.client.vms.create_vm(request).await.expect("create");
+    let wait = |state: pb::VmState| pb::WaitVmRequest { vm: "idle".into(), state: state as i32 };
+    let vm = daemon.client.vms.wait_vm(wait(pb::VmState::Created)).await.expect("wait").into_inner().vm;
+    assert_eq!(vm.expect("vm").state(), pb::VmState::Created);
+    let mut request = tonic::Request::new(wait(pb::VmState::Running));
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let status = daemon.client.vms.wait_vm(request).await.expect_err("never runs");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // A VM deleted while waited for is not found.
+    let mut waiter = daemon.client.clone();
+    let waiting = tokio::spawn(async move { waiter.vms.wait_vm(wait(pb::VmState::Running)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let delete = pb::DeleteVmRequest { vm: "idle".into(), ..Default::default() };
+    daemon.client.vms.delete_vm(delete.clone()).await.expect("delete");
+    let status = waiting.await.expect("task").expect_err("deleted");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = daemon.client.vms.wait_vm(pb::WaitVmRequest { vm: "idle".into(), state: 0 }).await.expect_err("state");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Deleting what is gone: NOT_FOUND, unless allowed.
+    let status = daemon.client.vms.delete_vm(delete.clone()).await.expect_err("gone");
+    assert_eq!(status.code(), Code::NotFound);
+    let allowed = pb::DeleteVmRequest { allow_missing: true, ..delete };
+    assert_eq!(daemon.client.vms.delete_vm(allowed).await.expect("allowed").into_inner().id, "");
+    daemon.shutdown().await;
 }

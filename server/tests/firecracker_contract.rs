@@ -400,6 +400,7 @@ fn driver_requests() -> Vec<ApiRequest> {
         kernel_args: "quiet".into(),
         rootfs_size_bytes: 1,
         created_at_ms: 0,
+        labels: Default::default(),
     };
     let paths = VmPaths::new(std::path::Path::new("/state/vms/x"));
     let nic = GuestNic {

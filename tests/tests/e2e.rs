@@ -274,3 +274,36 @@ fn twenty_concurrent_creates_with_one_request_id_boot_one_vm_and_answer_alike() 
     }
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }
+
+#[test]
+fn a_labelled_vm_with_a_ttl_is_listed_waited_for_and_reaped_with_all_it_held_across_a_daemon_kill() {
+    let _slot = guest_slot();
+    let mut daemon = Daemon::start(&[]);
+    let out = daemon.banger(&["vm", "create", "--name", "ttl-vm", "--ttl", "15s", "--label", "ci.job=77"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let listed = |label: &str| text(&daemon.banger(&["vm", "list", "--label", label]).stdout);
+    assert!(listed("ci.job=77").contains("ttl-vm"));
+    assert!(!listed("ci.job=78").contains("ttl-vm"));
+    assert!(text(&daemon.banger(&["vm", "list", "--state", "running"]).stdout).contains("ttl-vm"));
+    assert!(!text(&daemon.banger(&["vm", "list", "--state", "stopped"]).stdout).contains("ttl-vm"));
+    assert_eq!(vm_field(&daemon, "ttl-vm", "labels"), "ci.job=77");
+    assert_ne!(vm_field(&daemon, "ttl-vm", "expires"), "-");
+    let out = daemon.banger(&["vm", "wait", "ttl-vm", "--state", "running", "--timeout", "30s"]);
+    assert!(out.status.success() && text(&out.stdout).contains("running"), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "wait", "ttl-vm", "--state", "stopped", "--timeout", "1s"]);
+    assert!(text(&out.stderr).contains("DEADLINE_EXCEEDED"), "{}", text(&out.stderr));
+
+    // The daemon dies; the next one still knows the expiry and reaps the VM and its VMM.
+    daemon.signal(Signal::SIGKILL);
+    daemon.restart();
+    assert_eq!(vm_field(&daemon, "ttl-vm", "state"), "running", "reaped early");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while try_vm_field(&daemon, "ttl-vm", "state").is_some() {
+        assert!(std::time::Instant::now() < deadline, "not reaped: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(daemon.log().contains("time to live over"), "the reaper says why");
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+    let out = daemon.banger(&["vm", "delete", "ttl-vm", "--missing-ok"]);
+    assert!(out.status.success() && text(&out.stdout).contains("does not exist"), "{}", text(&out.stderr));
+}

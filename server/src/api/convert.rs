@@ -60,6 +60,8 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
             tap: if vm.ip.is_some() { crate::domain::tap_name(vm.vsock_cid) } else { String::new() },
         }),
         generation: vm.generation as u64,
+        labels: vm.labels.clone(),
+        expire_time: vm.expire_at_ms.map(timestamp),
     }
 }
 
@@ -74,6 +76,7 @@ pub fn image(image: &Image) -> pb::Image {
         kernel_args: image.kernel_args.clone(),
         rootfs_size_bytes: image.rootfs_size_bytes,
         create_time: Some(timestamp(image.created_at_ms)),
+        labels: image.labels.clone(),
     }
 }
 
@@ -106,10 +109,19 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
                 format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {memory_mib}"),
             ));
         }
+        if let Err(e) = crate::domain::labels_error(&request.labels) {
+            violations.push(FieldViolation::new("labels", e));
+        }
+        let ttl_ms = ttl_ms("ttl", request.ttl).unwrap_or_else(|violation| {
+            violations.push(violation);
+            None
+        });
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations));
         }
         Ok(CreateVm {
+            labels: request.labels,
+            ttl_ms,
             name: (!request.name.is_empty()).then_some(request.name),
             image: (!request.image.is_empty()).then_some(request.image),
             spec: VmSpec { vcpus, memory_mib },
@@ -169,7 +181,77 @@ pub fn new_image(request: pb::ImportImageRequest) -> NewImage {
         initrd_path: (!request.initrd_path.is_empty()).then(|| PathBuf::from(request.initrd_path)),
         rootfs_path: PathBuf::from(request.rootfs_path),
         kernel_args: request.kernel_args,
+        labels: request.labels,
     }
+}
+
+/// The longest time to live a VM may have.
+pub const MAX_TTL_SECONDS: i64 = 365 * 24 * 3600;
+
+/// A time to live in milliseconds, checked: 1 second to [`MAX_TTL_SECONDS`].
+pub fn ttl_ms(field: &str, ttl: Option<prost_types::Duration>) -> Result<Option<i64>, FieldViolation> {
+    let Some(ttl) = ttl else { return Ok(None) };
+    let ms = ttl.seconds.saturating_mul(1000).saturating_add(i64::from(ttl.nanos) / 1_000_000);
+    if ttl.nanos < 0 || !(1000..=MAX_TTL_SECONDS * 1000).contains(&ms) {
+        return Err(FieldViolation::new(field, format!("must be between 1 second and 365 days, got {ms} ms")));
+    }
+    Ok(Some(ms))
+}
+
+/// The page size asked for: 1 to 1000, 0 meaning 100.
+pub fn page_size(size: u32) -> Result<u32, Error> {
+    match size {
+        0 => Ok(100),
+        1..=1000 => Ok(size),
+        _ => Err(Error::InvalidArgument(vec![FieldViolation::new(
+            "page_size",
+            format!("must be at most 1000, got {size}"),
+        )])),
+    }
+}
+
+const PAGE_TOKEN_PREFIX: &str = "after:";
+
+/// The opaque token of the page after the one ending with `last_id`.
+pub fn page_token(last_id: &str) -> String {
+    format!("{PAGE_TOKEN_PREFIX}{last_id}").bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The id a page token continues after; `None` for the first page.
+pub fn page_after(token: &str) -> Result<Option<String>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid =
+        || Error::InvalidArgument(vec![FieldViolation::new("page_token", "is not a next_page_token this server made")]);
+    if !token.len().is_multiple_of(2) || token.len() > 256 {
+        return Err(invalid());
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..token.len()).step_by(2).map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok()).collect();
+    let text = String::from_utf8(bytes.ok_or_else(invalid)?).map_err(|_| invalid())?;
+    let id = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(invalid)?;
+    id.parse::<crate::domain::VmId>().map_err(|_| invalid())?;
+    Ok(Some(id.to_owned()))
+}
+
+/// A list filter's labels, checked.
+pub fn label_selector(labels: crate::domain::Labels) -> Result<crate::domain::Labels, Error> {
+    crate::domain::labels_error(&labels).map_err(|e| Error::InvalidArgument(vec![FieldViolation::new("labels", e)]))?;
+    Ok(labels)
+}
+
+/// A domain state from the API's; `None` for unspecified or unknown values.
+pub fn state_from_pb(state: i32) -> Option<VmState> {
+    Some(match pb::VmState::try_from(state).ok()? {
+        pb::VmState::Unspecified => return None,
+        pb::VmState::Created => VmState::Created,
+        pb::VmState::Starting => VmState::Starting,
+        pb::VmState::Running => VmState::Running,
+        pb::VmState::Stopping => VmState::Stopping,
+        pb::VmState::Stopped => VmState::Stopped,
+        pb::VmState::Error => VmState::Error,
+    })
 }
 
 #[cfg(test)]

@@ -48,10 +48,26 @@ impl ImageService for ImageApi {
 
     async fn list_images(
         &self,
-        _request: Request<pb::ListImagesRequest>,
+        request: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let images = self.ops.store().image_list().await.map_err(|e| to_status(&e.into()))?;
-        Ok(Response::new(pb::ListImagesResponse { images: images.iter().map(convert::image).collect() }))
+        let request = request.into_inner();
+        let page_size = convert::page_size(request.page_size).map_err(|e| to_status(&e))?;
+        let after = convert::page_after(&request.page_token).map_err(|e| to_status(&e))?;
+        let labels = convert::label_selector(request.labels).map_err(|e| to_status(&e))?;
+        let mut images = self
+            .ops
+            .store()
+            .image_page(&labels, after.as_deref(), page_size + 1)
+            .await
+            .map_err(|e| to_status(&e.into()))?;
+        let more = images.len() > page_size as usize;
+        images.truncate(page_size as usize);
+        let next_page_token =
+            images.last().filter(|_| more).map(|image| convert::page_token(&image.id.to_string())).unwrap_or_default();
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images.iter().map(convert::image).collect(),
+            next_page_token,
+        }))
     }
 
     async fn delete_image(

@@ -46,6 +46,30 @@ async fn run_to_completion<T: Send + 'static>(
     }
 }
 
+/// The time a call may take, from its `grpc-timeout` header (set from the client's deadline).
+fn call_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// How long to work on a call before answering DEADLINE_EXCEEDED ourselves: a little less
+/// than its timeout, so the answer reaches the client before its own timer fires.
+fn answer_within(timeout: std::time::Duration) -> std::time::Duration {
+    timeout
+        .saturating_sub((timeout / 10).clamp(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1)))
+}
+
 fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
     let mut response = Response::new(message);
     if let Ok(value) = MetadataValue::try_from(op_id) {
@@ -84,4 +108,30 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
         .add_service(ImageServiceServer::new(ImageApi::new(ops.clone(), idempotency)))
         .add_service(HostServiceServer::new(HostApi::new(ops)));
     Ok(routes.routes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_call_timeout_comes_from_grpc_timeout_and_is_answered_a_little_earlier() {
+        let timeout = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().expect("ascii"));
+            call_timeout(&metadata)
+        };
+        assert_eq!(timeout("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("7x"), None);
+        assert_eq!(timeout("m"), None);
+        assert_eq!(call_timeout(&tonic::metadata::MetadataMap::new()), None);
+        assert_eq!(answer_within(Duration::from_millis(300)), Duration::from_millis(270));
+        assert_eq!(answer_within(Duration::from_secs(60)), Duration::from_secs(59));
+        assert_eq!(answer_within(Duration::from_millis(10)), Duration::ZERO);
+    }
 }

@@ -7,7 +7,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    convert,
+    answer_within, call_timeout, convert,
     idempotency::Idempotency,
     idempotency_key, run_to_completion,
     status::{invalid_field, to_status},
@@ -16,6 +16,7 @@ use super::{
 use crate::{
     domain::{ExecInput, Vm},
     ops::{CreateVm, Ops},
+    store::VmFilter,
 };
 
 /// Serves the VM API over the daemon's core.
@@ -35,6 +36,9 @@ impl VmApi {
         convert::vm(vm, &self.ops.handles(vm), self.ops.vmm_name())
     }
 }
+
+/// How often `WaitVm` looks at the VM.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecVmResponse, Status>> + Send>>;
 
@@ -60,9 +64,60 @@ impl VmService for VmApi {
         Ok(Response::new(pb::GetVmResponse { vm: Some(self.to_pb(&vm)) }))
     }
 
-    async fn list_vms(&self, _request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
-        let vms = self.ops.list_vms().await.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::ListVmsResponse { vms: vms.iter().map(|vm| self.to_pb(vm)).collect() }))
+    async fn list_vms(&self, request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = convert::page_size(request.page_size).map_err(|e| to_status(&e))?;
+        let after = convert::page_after(&request.page_token).map_err(|e| to_status(&e))?;
+        let labels = convert::label_selector(request.labels).map_err(|e| to_status(&e))?;
+        let mut states = Vec::new();
+        for state in &request.states {
+            states.push(convert::state_from_pb(*state).ok_or_else(|| {
+                invalid_field("states", &format!("{state} is not a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))
+            })?);
+        }
+        let filter = VmFilter { labels, states };
+        let (vms, last) =
+            self.ops.list_vms_page(&filter, after.as_deref(), page_size).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: vms.iter().map(|vm| self.to_pb(vm)).collect(),
+            next_page_token: last.map(|id| convert::page_token(&id)).unwrap_or_default(),
+        }))
+    }
+
+    async fn wait_vm(&self, request: Request<pb::WaitVmRequest>) -> Result<Response<pb::WaitVmResponse>, Status> {
+        let timeout = call_timeout(request.metadata());
+        let request = request.into_inner();
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let state = convert::state_from_pb(request.state)
+            .ok_or_else(|| invalid_field("state", "must be a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))?;
+        let waited = self.ops.wait_vm(&key, state, WAIT_POLL);
+        let vm = match timeout {
+            None => waited.await,
+            Some(timeout) => match tokio::time::timeout(answer_within(timeout), waited).await {
+                Ok(result) => result,
+                Err(_) => {
+                    let now = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
+                    return Err(Status::deadline_exceeded(format!(
+                        "vm {} is {}, not {}, after {:.1} s",
+                        now.name,
+                        now.observed_state.as_str(),
+                        state.as_str(),
+                        timeout.as_secs_f64()
+                    )));
+                }
+            },
+        }
+        .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::WaitVmResponse { vm: Some(self.to_pb(&vm)) }))
+    }
+
+    async fn touch_vm(&self, request: Request<pb::TouchVmRequest>) -> Result<Response<pb::TouchVmResponse>, Status> {
+        let request = request.into_inner();
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let ttl = convert::ttl_ms("ttl", request.ttl)
+            .map_err(|violation| to_status(&crate::ops::Error::InvalidArgument(vec![violation])))?;
+        let vm = self.ops.touch_vm(&key, ttl).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::TouchVmResponse { vm: Some(self.to_pb(&vm)) }))
     }
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
@@ -97,11 +152,16 @@ impl VmService for VmApi {
         let request = request.into_inner();
         let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let ops = self.ops.clone();
+        let (ops, allow_missing) = (self.ops.clone(), request.allow_missing);
         self.idempotency
             .run("DeleteVm", &request_id, body, async move {
-                let (id, op_id) = run_to_completion(async move { ops.delete_vm(&key).await }).await?;
-                Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string()))
+                match run_to_completion(async move { ops.delete_vm(&key).await }).await {
+                    Ok((id, op_id)) => Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string())),
+                    Err(status) if allow_missing && status.code() == tonic::Code::NotFound => {
+                        Ok(Response::new(pb::DeleteVmResponse { id: String::new() }))
+                    }
+                    Err(status) => Err(status),
+                }
             })
             .await
     }

@@ -23,6 +23,8 @@ pub struct Image {
     pub rootfs_size_bytes: u64,
     /// Milliseconds since the Unix epoch when it was imported.
     pub created_at_ms: i64,
+    /// Its labels.
+    pub labels: super::Labels,
 }
 
 /// What a caller asks to import: source paths on the host.
@@ -38,4 +40,6 @@ pub struct NewImage {
     pub rootfs_path: PathBuf,
     /// Extra kernel arguments.
     pub kernel_args: String,
+    /// Its labels.
+    pub labels: super::Labels,
 }

@@ -4,6 +4,7 @@ mod exec;
 mod handles;
 mod ids;
 mod image;
+mod labels;
 mod names;
 mod network;
 mod vm;
@@ -12,6 +13,7 @@ pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus};
 pub use handles::{ProcessHandle, VmHandles};
 pub use ids::{ImageId, OpId, ParseIdError, VmId};
 pub use image::{Image, NewImage};
+pub use labels::{Labels, MAX_LABELS, labels_error, matches as labels_match};
 pub use names::{NameError, image_name_error, vm_name_error};
 pub use network::{IpPool, PoolError, mac_address, tap_name};
 pub use vm::{

@@ -235,6 +235,10 @@ pub struct Vm {
     pub updated_at_ms: i64,
     /// Bumped on every update; updates compare and set it.
     pub generation: i64,
+    /// Its labels.
+    pub labels: super::Labels,
+    /// Milliseconds since the Unix epoch when the reaper deletes it, if it has a time to live.
+    pub expire_at_ms: Option<i64>,
 }
 
 impl Vm {

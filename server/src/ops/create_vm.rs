@@ -26,6 +26,10 @@ pub struct CreateVm {
     pub start: bool,
     /// Whether a boot waits until the guest agent answers.
     pub wait_agent: bool,
+    /// Its labels (validated).
+    pub labels: crate::domain::Labels,
+    /// Its time to live in milliseconds, from its creation.
+    pub ttl_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +122,8 @@ impl Operation for CreateVmOp<'_> {
                         ip_pool: ops.config.network.as_ref().map(|n| n.pool),
                         vm_dir: &vm_dir,
                         last_operation: &op_id,
+                        labels: &self.request.labels,
+                        expire_at_ms: self.request.ttl_ms.map(|ttl| crate::store::now_ms() + ttl),
                     })
                     .await?;
                 self.boot = Some(Boot::new(vm, image));

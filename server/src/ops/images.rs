@@ -182,6 +182,9 @@ impl Ops {
         if let Err(e) = crate::domain::image_name_error(&new.name) {
             violations.insert(0, FieldViolation::new("name", e.to_string()));
         }
+        if let Err(e) = crate::domain::labels_error(&new.labels) {
+            violations.push(FieldViolation::new("labels", e));
+        }
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations));
         }
@@ -200,6 +203,7 @@ impl Ops {
             kernel_args: new.kernel_args.clone(),
             rootfs_size_bytes,
             created_at_ms: now_ms(),
+            labels: new.labels.clone(),
         };
         let op_id = OpId::generate();
         let mut op = ImportImageOp { ops: self, new, image };
@@ -232,6 +236,7 @@ impl Ops {
             initrd_path: initrd.is_file().then_some(initrd),
             rootfs_path: file(ROOTFS_FILE),
             kernel_args: String::new(),
+            labels: Default::default(),
         };
         let (image, _) = self.import_image(new).await?;
         Ok(image)

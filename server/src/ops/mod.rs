@@ -8,6 +8,7 @@ mod error;
 mod exec_vm;
 mod images;
 mod queries;
+mod reaper;
 mod recover;
 pub mod runner;
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! Reads of VMs, each reconciled with the host first so a VM whose VMM died reads as stopped.
 
 use super::{Error, Ops};
-use crate::domain::Vm;
+use crate::{
+    domain::{Vm, VmState},
+    store::VmFilter,
+};
 
 impl Ops {
     /// One VM by id or name.
@@ -17,5 +20,48 @@ impl Ops {
             vms.push(self.refresh(vm).await?);
         }
         Ok(vms)
+    }
+
+    /// One page of the VMs matching `filter`, after the VM id `after`, oldest first; and
+    /// the id to continue after when more may follow. Each VM is reconciled first, so one
+    /// whose reconciled state no longer matches the filter is left out (a page may be short).
+    pub async fn list_vms_page(
+        &self,
+        filter: &VmFilter,
+        after: Option<&str>,
+        page_size: u32,
+    ) -> Result<(Vec<Vm>, Option<String>), Error> {
+        let records = self.store.vm_page(filter, after, page_size + 1).await?;
+        let more = records.len() > page_size as usize;
+        let mut vms = Vec::with_capacity(records.len().min(page_size as usize));
+        let mut last = None;
+        for vm in records.into_iter().take(page_size as usize) {
+            last = Some(vm.id.to_string());
+            let vm = self.refresh(vm).await?;
+            if filter.states.is_empty() || filter.states.contains(&vm.observed_state) {
+                vms.push(vm);
+            }
+        }
+        Ok((vms, last.filter(|_| more)))
+    }
+
+    /// Waits until the VM is in `state`, checking every `every`; returns it then. The caller's
+    /// deadline bounds the wait (the future is dropped); a VM deleted meanwhile is not found.
+    pub async fn wait_vm(&self, key: &str, state: VmState, every: std::time::Duration) -> Result<Vm, Error> {
+        let id = self.store.vm_get(key).await?.id.to_string();
+        loop {
+            let vm = self.get_vm(&id).await?;
+            if vm.observed_state == state {
+                return Ok(vm);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Sets a VM's time to live anew from now, or removes its expiry.
+    pub async fn touch_vm(&self, key: &str, ttl_ms: Option<i64>) -> Result<Vm, Error> {
+        let vm = self.store.vm_get(key).await?;
+        let vm = self.store.vm_set_expiry(vm.id, ttl_ms.map(|ttl| crate::store::now_ms() + ttl)).await?;
+        self.refresh(vm).await
     }
 }

@@ -232,6 +232,7 @@ mod tests {
             kernel_args: String::new(),
             rootfs_size_bytes: 0,
             created_at_ms: 0,
+            labels: Default::default(),
         };
         ops.store.image_insert(&image).await.expect("image");
         let id = VmId::generate();
@@ -249,6 +250,8 @@ mod tests {
                 ip_pool: None,
                 vm_dir: &dir,
                 last_operation: "op",
+                labels: &Default::default(),
+                expire_at_ms: None,
             })
             .await
             .expect("vm")

@@ -41,6 +41,7 @@ async fn fixture_with(root_disk: RootDiskStrategy) -> Fixture {
         kernel_args: String::new(),
         rootfs_size_bytes: 1,
         created_at_ms: 0,
+        labels: Default::default(),
     };
     store.image_insert(&image).await.expect("image");
     let services: HostServices = host.services();
@@ -54,6 +55,8 @@ fn create(name: &str) -> CreateVm {
         spec: VmSpec { vcpus: 1, memory_mib: 256 },
         start: true,
         wait_agent: true,
+        labels: Default::default(),
+        ttl_ms: None,
     }
 }
 

@@ -7,7 +7,8 @@ use sqlx::Row;
 use super::{Store, StoreError, is_unique_violation};
 use crate::domain::{Image, ImageId};
 
-const COLUMNS: &str = "id, name, kernel_path, initrd_path, rootfs_path, kernel_args, rootfs_size_bytes, created_at_ms";
+const COLUMNS: &str =
+    "id, name, kernel_path, initrd_path, rootfs_path, kernel_args, rootfs_size_bytes, created_at_ms, labels";
 
 fn image_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Image, StoreError> {
     let id: String = row.try_get("id")?;
@@ -21,6 +22,7 @@ fn image_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Image, StoreError> {
         kernel_args: row.try_get("kernel_args")?,
         rootfs_size_bytes: row.try_get::<i64, _>("rootfs_size_bytes")? as u64,
         created_at_ms: row.try_get("created_at_ms")?,
+        labels: serde_json::from_str(&row.try_get::<String, _>("labels")?).map_err(|_| corrupt("labels"))?,
     })
 }
 
@@ -29,7 +31,7 @@ impl Store {
     pub async fn image_insert(&self, image: &Image) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO images (id, name, kernel_path, initrd_path, rootfs_path, kernel_args, \
-             rootfs_size_bytes, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             rootfs_size_bytes, created_at_ms, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(image.id.to_string())
         .bind(&image.name)
@@ -39,6 +41,7 @@ impl Store {
         .bind(&image.kernel_args)
         .bind(image.rootfs_size_bytes as i64)
         .bind(image.created_at_ms)
+        .bind(serde_json::to_string(&image.labels).unwrap_or_else(|_| "{}".into()))
         .execute(&self.pool)
         .await;
         match result {
@@ -62,6 +65,26 @@ impl Store {
     pub async fn image_list(&self) -> Result<Vec<Image>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM images ORDER BY id");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(image_from_row).collect()
+    }
+
+    /// Up to `limit` images carrying every one of `labels`, with ids after `after`, oldest first.
+    pub async fn image_page(
+        &self,
+        labels: &crate::domain::Labels,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Image>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM images WHERE id > ?");
+        for _ in labels {
+            sql.push_str(" AND json_extract(labels, ?) = ?");
+        }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after.unwrap_or("").to_owned());
+        for (key, value) in labels {
+            query = query.bind(super::vms::label_path(key)).bind(value.clone());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(image_from_row).collect()
     }
 

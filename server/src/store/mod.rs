@@ -12,7 +12,7 @@ use std::{path::Path, str::FromStr, time::Duration};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 pub use requests::RequestRecord;
-pub use vms::{NewVmRecord, VmUpdate};
+pub use vms::{NewVmRecord, VmFilter, VmUpdate};
 
 /// What can go wrong reading or writing records.
 #[derive(Debug, thiserror::Error)]

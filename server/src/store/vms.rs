@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use sqlx::Row;
 
 use super::{Store, StoreError, is_unique_violation, now_ms};
-use crate::domain::{IpPool, RootDiskStrategy, Vm, VmId, VmSpec, VmState};
+use crate::domain::{IpPool, Labels, RootDiskStrategy, Vm, VmId, VmSpec, VmState};
 
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-    vsock_cid, root_disk, ip, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation";
+    vsock_cid, root_disk, ip, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation, \
+    labels, expire_at_ms";
 
 /// The mutable part of a VM record, applied with compare-and-set by [`Store::vm_update`].
 #[derive(Debug, Clone, Default)]
@@ -53,7 +54,23 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
         generation: row.try_get("generation")?,
+        labels: serde_json::from_str(&row.try_get::<String, _>("labels")?).map_err(|_| corrupt("labels"))?,
+        expire_at_ms: row.try_get("expire_at_ms")?,
     })
+}
+
+/// Which VMs a page lists.
+#[derive(Debug, Clone, Default)]
+pub struct VmFilter {
+    /// Only VMs carrying every one of these labels.
+    pub labels: Labels,
+    /// Only VMs whose recorded state is one of these; empty: any.
+    pub states: Vec<VmState>,
+}
+
+/// The JSON path of a label key (keys never hold a double quote: see `labels_error`).
+pub(super) fn label_path(key: &str) -> String {
+    format!("$.\"{}\"", key.replace('"', ""))
 }
 
 /// What a new VM record needs; the store assigns the vsock CID and timestamps.
@@ -79,6 +96,10 @@ pub struct NewVmRecord<'a> {
     pub vm_dir: &'a Path,
     /// The creating operation.
     pub last_operation: &'a str,
+    /// Its labels.
+    pub labels: &'a Labels,
+    /// When the reaper deletes it, if ever.
+    pub expire_at_ms: Option<i64>,
 }
 
 impl Store {
@@ -100,9 +121,9 @@ impl Store {
             let now = now_ms();
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-                 vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip) \
+                 vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
-                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12)",
+                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14)",
             )
             .bind(new.id.to_string())
             .bind(new.name)
@@ -116,6 +137,8 @@ impl Store {
             .bind(new.observed_state.as_str())
             .bind(new.root_disk.as_str())
             .bind(ip.map(|ip| ip.to_string()))
+            .bind(serde_json::to_string(new.labels).unwrap_or_else(|_| "{}".into()))
+            .bind(new.expire_at_ms)
             .execute(&self.pool)
             .await;
             match result {
@@ -145,6 +168,54 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM vms ORDER BY id");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
         rows.iter().map(vm_from_row).collect()
+    }
+
+    /// Up to `limit` VMs matching `filter` with ids after `after` (keyset pagination: a VM
+    /// created meanwhile has a greater id, so pages never repeat or skip one), oldest first.
+    pub async fn vm_page(&self, filter: &VmFilter, after: Option<&str>, limit: u32) -> Result<Vec<Vm>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM vms WHERE id > ?");
+        if !filter.states.is_empty() {
+            let marks = vec!["?"; filter.states.len()].join(", ");
+            sql.push_str(&format!(" AND observed_state IN ({marks})"));
+        }
+        for _ in &filter.labels {
+            sql.push_str(" AND json_extract(labels, ?) = ?");
+        }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after.unwrap_or("").to_owned());
+        for state in &filter.states {
+            query = query.bind(state.as_str());
+        }
+        for (key, value) in &filter.labels {
+            query = query.bind(label_path(key)).bind(value.clone());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// VMs whose expiry is at or before `now_ms`, soonest first.
+    pub async fn vm_expired(&self, now_ms: i64) -> Result<Vec<Vm>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM vms WHERE expire_at_ms IS NOT NULL AND expire_at_ms <= ? ORDER BY expire_at_ms"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_ms).fetch_all(&self.pool).await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// Sets or clears a VM's expiry; returns the new record.
+    pub async fn vm_set_expiry(&self, id: VmId, expire_at_ms: Option<i64>) -> Result<Vm, StoreError> {
+        let done = sqlx::query(
+            "UPDATE vms SET expire_at_ms = ?2, updated_at_ms = ?3, generation = generation + 1 WHERE id = ?1",
+        )
+        .bind(id.to_string())
+        .bind(expire_at_ms)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { kind: "vm", key: id.to_string() });
+        }
+        self.vm_get(&id.to_string()).await
     }
 
     /// Applies `update` to `vm` if its generation is still `vm.generation`; returns the new record.
@@ -203,10 +274,13 @@ mod tests {
             kernel_args: String::new(),
             rootfs_size_bytes: 1,
             created_at_ms: 0,
+            labels: Default::default(),
         };
         store.image_insert(&image).await.expect("insert image");
         image.id
     }
+
+    static EMPTY: Labels = Labels::new();
 
     fn record<'a>(name: &'a str, image_id: ImageId, dir: &'a Path) -> NewVmRecord<'a> {
         NewVmRecord {
@@ -220,6 +294,8 @@ mod tests {
             ip_pool: None,
             vm_dir: dir,
             last_operation: "op",
+            labels: &EMPTY,
+            expire_at_ms: None,
         }
     }
 

@@ -182,6 +182,7 @@ mod tests {
             kernel_args: "extra=1".into(),
             rootfs_size_bytes: 0,
             created_at_ms: 0,
+            labels: Default::default(),
         };
         let paths = VmPaths::new(Path::new("/state/vms/x"));
         let launch = LaunchSpec {
