@@ -159,6 +159,16 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let vm = client.vms.wait_vm(request).await?.into_inner().vm.unwrap_or_default();
             output::print_vm_line(&vm, None);
         }
+        VmCommand::Watch { vm, labels, from_revision } => {
+            let request =
+                pb::WatchVmsRequest { from_revision, vm: vm.unwrap_or_default(), labels: labels.into_iter().collect() };
+            let mut events = client.vms.watch_vms(request).await?.into_inner();
+            while let Some(message) = events.message().await? {
+                if let Some(event) = message.event {
+                    output::print_event(&event);
+                }
+            }
+        }
         VmCommand::Touch { vm, ttl, no_ttl: _ } => {
             let request = pb::TouchVmRequest { vm, ttl: ttl.map(duration) };
             let vm = client.vms.touch_vm(request).await?.into_inner().vm.unwrap_or_default();

@@ -215,6 +215,21 @@ enum VmCommand {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
         timeout: std::time::Duration,
     },
+    /// Follow VM events as they happen: state changes, completed operation stages with
+    /// their timings, deletions. Runs until interrupted.
+    ///
+    /// Each line starts with the event's revision; --from REVISION replays what followed it
+    /// (e.g. after a reconnect), for up to 24 hours.
+    Watch {
+        /// Only this VM (id or name).
+        vm: Option<String>,
+        /// Only VMs carrying this label (repeatable: all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Replay the events after this revision first.
+        #[arg(long = "from", value_name = "REVISION", default_value_t = 0)]
+        from_revision: u64,
+    },
     /// Give a VM a new time to live, counted from now (or none with --no-ttl).
     Touch {
         /// VM id or name.

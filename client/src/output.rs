@@ -166,6 +166,25 @@ pub fn print_connect_error(target: &Target, err: &ClientError) {
     eprintln!("  is bangerd running? start it with `bangerd`, or point --socket/--endpoint at it ({target})");
 }
 
+/// One VM event as a line: revision, time, VM, what happened.
+pub fn print_event(event: &pb::VmEvent) {
+    use pb::vm_event::Kind;
+    let what = match &event.kind {
+        Some(Kind::StateChange(change)) => match change.previous_state() {
+            pb::VmState::Unspecified => format!("state {}", state_name(change.state)),
+            previous => format!("state {} -> {}", state_name(previous as i32), state_name(change.state)),
+        },
+        Some(Kind::StageCompleted(stage)) => format!(
+            "stage {}.{} {} ms (at {} ms) op={}",
+            stage.operation, stage.stage, stage.since_last_stage_ms, stage.since_start_ms, stage.op_id
+        ),
+        Some(Kind::Deleted(_)) => "deleted".into(),
+        None => "unknown event".into(),
+    };
+    println!("#{} {} {} {what}", event.revision, time(event.time.as_ref()), event.vm_name);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

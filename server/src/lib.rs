@@ -167,6 +167,8 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     tokio::select! {
         result = &mut servers => result.context("serve api")?,
         () = shutdown => {
+            // Watches and waits end first, or the servers would wait for them forever.
+            ops.stop_serving();
             let _ = stop_tx.send(true);
             servers.await.context("serve api")?;
         }

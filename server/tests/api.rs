@@ -526,3 +526,112 @@ async fn wait_returns_once_the_state_is_reached_and_honours_the_deadline_and_del
     assert_eq!(daemon.client.vms.delete_vm(allowed).await.expect("allowed").into_inner().id, "");
     daemon.shutdown().await;
 }
+
+/// Reads `count` events from a watch stream (each within 5 s).
+async fn next_events(stream: &mut tonic::Streaming<pb::WatchVmsResponse>, count: usize) -> Vec<pb::VmEvent> {
+    let mut events = Vec::new();
+    while events.len() < count {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+            .await
+            .expect("an event within 5 s")
+            .expect("stream ok")
+            .expect("stream open");
+        events.push(message.event.expect("event"));
+    }
+    events
+}
+
+fn describe(event: &pb::VmEvent) -> String {
+    use pb::vm_event::Kind;
+    match event.kind.as_ref().expect("kind") {
+        Kind::StateChange(change) => format!("{} {:?}", event.vm_name, change.state()),
+        Kind::StageCompleted(stage) => format!("{} {}.{}", event.vm_name, stage.operation, stage.stage),
+        Kind::Deleted(_) => format!("{} deleted", event.vm_name),
+    }
+}
+
+#[tokio::test]
+async fn a_watcher_that_disconnects_and_resumes_from_its_last_revision_sees_every_event_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), FileConfig::default());
+    let ops = banger_server::open_ops(&config).await.expect("ops");
+    let store = ops.store().clone();
+    drop(ops);
+    let mut daemon = TestDaemon::start(config).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let create = |name: &str, team: &str| pb::CreateVmRequest {
+        name: name.into(),
+        image: "img".into(),
+        no_start: true,
+        labels: labels(&[("team", team)]),
+        ..Default::default()
+    };
+    let delete = |name: &str| pb::DeleteVmRequest { vm: name.into(), ..Default::default() };
+    let listed = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner();
+    let watch = |from: u64| pb::WatchVmsRequest { from_revision: from, ..Default::default() };
+    let mut everything = daemon.client.vms.watch_vms(watch(listed.revision)).await.expect("watch").into_inner();
+    let mut first = daemon.client.vms.watch_vms(watch(listed.revision)).await.expect("watch").into_inner();
+    let mut only_c = daemon
+        .client
+        .vms
+        .watch_vms(pb::WatchVmsRequest { from_revision: listed.revision, vm: "vm-c".into(), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut team_web = daemon
+        .client
+        .vms
+        .watch_vms(pb::WatchVmsRequest { labels: labels(&[("team", "web")]), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    daemon.client.vms.create_vm(create("vm-a", "ci")).await.expect("create");
+    daemon.client.vms.create_vm(create("vm-b", "web")).await.expect("create");
+    let seen_before = next_events(&mut first, 1).await;
+    drop(first); // the watcher goes away after one event...
+    daemon.client.vms.create_vm(create("vm-c", "ci")).await.expect("create");
+    daemon.client.vms.delete_vm(delete("vm-a")).await.expect("delete");
+    daemon.client.vms.delete_vm(delete("vm-b")).await.expect("delete");
+    // ...and comes back from the last revision it saw.
+    let resume = seen_before.last().expect("one").revision;
+    let mut resumed = daemon.client.vms.watch_vms(watch(resume)).await.expect("resume").into_inner();
+
+    let mut all = Vec::new();
+    while all.last().is_none_or(|e: &pb::VmEvent| describe(e) != "vm-b vm.delete.delete_record") {
+        all.extend(next_events(&mut everything, 1).await);
+    }
+    let states: Vec<_> = all.iter().map(describe).filter(|d| !d.contains("vm.")).collect();
+    assert_eq!(states, ["vm-a Created", "vm-b Created", "vm-c Created", "vm-a deleted", "vm-b deleted"]);
+    // Stage events come with their timings, between the state changes they lead to.
+    let stages: Vec<_> = all.iter().map(describe).filter(|d| d.starts_with("vm-c vm.create")).collect();
+    assert_eq!(
+        stages,
+        ["vm-c vm.create.resolve_image", "vm-c vm.create.insert_record", "vm-c vm.create.prepare_vm_dir"]
+    );
+    let revisions: Vec<_> = all.iter().map(|e| e.revision).collect();
+    assert!(revisions.windows(2).all(|w| w[1] == w[0] + 1), "revisions grow by one: {revisions:?}");
+    assert_eq!(revisions[0], listed.revision + 1, "the first event after the list");
+    let mut stitched = seen_before;
+    stitched.extend(next_events(&mut resumed, all.len() - 1).await);
+    assert_eq!(stitched, all, "every event exactly once across the reconnect");
+    // Nothing more arrives on the resumed stream.
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(300), resumed.message()).await.is_err());
+
+    let c: Vec<_> = next_events(&mut only_c, 4).await.iter().map(describe).collect();
+    assert_eq!(c.iter().filter(|d| d.starts_with("vm-c")).count(), 4, "{c:?}");
+    let web = all.iter().filter(|e| e.vm_name == "vm-b").count();
+    let web: Vec<_> = next_events(&mut team_web, web).await.iter().map(describe).collect();
+    assert!(web.iter().all(|d| d.starts_with("vm-b")), "{web:?}");
+
+    // Revisions that cannot be resumed from say so.
+    let latest = all.last().expect("events").revision;
+    let status = daemon.client.vms.watch_vms(watch(latest + 100)).await.expect_err("ahead");
+    assert_eq!(status.code(), Code::OutOfRange);
+    store.event_prune(i64::MAX).await.expect("forget every event");
+    let status = daemon.client.vms.watch_vms(watch(1)).await.expect_err("too old");
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert!(status.message().contains("list again"), "{status:?}");
+    daemon.client.vms.watch_vms(watch(latest)).await.expect("the latest is still resumable");
+    daemon.shutdown().await;
+}

@@ -307,3 +307,39 @@ fn a_labelled_vm_with_a_ttl_is_listed_waited_for_and_reaped_with_all_it_held_acr
     let out = daemon.banger(&["vm", "delete", "ttl-vm", "--missing-ok"]);
     assert!(out.status.success() && text(&out.stdout).contains("does not exist"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_watcher_sees_a_real_vm_boot_stage_by_stage_and_its_deletion() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let watcher = daemon.banger_piped(&["vm", "watch", "watched"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = daemon.banger(&["vm", "create", "--name", "watched"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let other = daemon.banger(&["vm", "create", "--name", "unwatched", "--no-start"]);
+    assert!(other.status.success(), "{}", text(&other.stderr));
+    assert!(daemon.banger(&["vm", "delete", "watched", "unwatched"]).status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = nix::unistd::Pid::from_raw(watcher.id() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("stop the watcher");
+    let seen = text(&watcher.wait_with_output().expect("watcher").stdout);
+    let lines: Vec<&str> = seen.lines().collect();
+    let position = |needle: &str| {
+        lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{seen}"))
+    };
+    assert!(lines.iter().all(|l| l.contains(" watched ")), "another VM's events:\n{seen}");
+    let (starting, boot, running, deleted) = (
+        position("state starting"),
+        position("stage vm.create.vmm_boot"),
+        position("state starting -> running"),
+        position("deleted"),
+    );
+    assert!(starting < boot && boot < running && running < deleted, "out of order:\n{seen}");
+    for stage in ["root_disk", "vmm_launch", "limit_resources", "wait_agent"] {
+        position(&format!("stage vm.create.{stage} "));
+    }
+    // Revisions are consecutive numbers in order (this watcher skips other VMs' events).
+    let revisions: Vec<u64> =
+        lines.iter().map(|l| l.split_whitespace().next().expect("rev")[1..].parse().expect("number")).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+}

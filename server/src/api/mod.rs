@@ -7,6 +7,7 @@ pub mod idempotency;
 mod image_service;
 pub mod status;
 mod vm_service;
+mod watch;
 
 use std::sync::Arc;
 
@@ -81,11 +82,15 @@ fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
 /// Every service the daemon serves: VMs, images, health, reflection (v1 and v1alpha).
 pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::Error> {
     let idempotency = Idempotency::new(ops.store().clone());
-    let pruner = idempotency.clone();
+    let (pruner, store) = (idempotency.clone(), ops.store().clone());
     tokio::spawn(async move {
         loop {
             if let Err(error) = pruner.prune().await {
                 tracing::warn!(error = %error, "cannot forget old request ids");
+            }
+            let before = crate::store::now_ms() - idempotency::RETENTION.as_millis() as i64;
+            if let Err(error) = store.event_prune(before).await {
+                tracing::warn!(error = %error, "cannot forget old events");
             }
             tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
         }

@@ -27,6 +27,7 @@ pub fn to_status(error: &Error) -> Status {
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::Unavailable(_) => Code::Unavailable,
         Error::Host(HostError::ToolMissing { .. }) => Code::Unavailable,
         Error::Host(HostError::Timeout { .. }) => Code::DeadlineExceeded,
         Error::Stage { .. } | Error::Host(_) | Error::Store(_) => Code::Internal,

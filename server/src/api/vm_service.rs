@@ -76,11 +76,14 @@ impl VmService for VmApi {
             })?);
         }
         let filter = VmFilter { labels, states };
+        // Read before the list: a watch from it misses no change made after the list was read.
+        let revision = self.ops.store().latest_revision().await.map_err(|e| to_status(&e.into()))?;
         let (vms, last) =
             self.ops.list_vms_page(&filter, after.as_deref(), page_size).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListVmsResponse {
             vms: vms.iter().map(|vm| self.to_pb(vm)).collect(),
             next_page_token: last.map(|id| convert::page_token(&id)).unwrap_or_default(),
+            revision,
         }))
     }
 
@@ -90,7 +93,13 @@ impl VmService for VmApi {
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let state = convert::state_from_pb(request.state)
             .ok_or_else(|| invalid_field("state", "must be a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))?;
-        let waited = self.ops.wait_vm(&key, state, WAIT_POLL);
+        let (ops, stopped, waited_for) = (self.ops.clone(), self.ops.stopped_serving(), key.clone());
+        let waited = async move {
+            tokio::select! {
+                result = ops.wait_vm(&waited_for, state, WAIT_POLL) => result,
+                () = stopped => Err(crate::ops::Error::Unavailable("bangerd is stopping: wait again".into())),
+            }
+        };
         let vm = match timeout {
             None => waited.await,
             Some(timeout) => match tokio::time::timeout(answer_within(timeout), waited).await {
@@ -164,6 +173,17 @@ impl VmService for VmApi {
                 }
             })
             .await
+    }
+
+    type WatchVmsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WatchVmsResponse, Status>>;
+
+    async fn watch_vms(&self, request: Request<pb::WatchVmsRequest>) -> Result<Response<Self::WatchVmsStream>, Status> {
+        let request = request.into_inner();
+        let labels = convert::label_selector(request.labels).map_err(|e| to_status(&e))?;
+        let filter = super::watch::WatchFilter { vm: (!request.vm.is_empty()).then_some(request.vm), labels };
+        let stopped = self.ops.stopped_serving();
+        let stream = super::watch::watch(self.ops.store().clone(), request.from_revision, filter, stopped).await?;
+        Ok(Response::new(stream))
     }
 
     type ExecVmStream = ExecStream;

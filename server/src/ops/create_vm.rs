@@ -172,6 +172,7 @@ impl Operation for CreateVmOp<'_> {
             vm_id: Some(self.id.to_string()),
             vm_name: Some(self.name.clone()),
             image_id: self.image.as_ref().map(|i| i.id.to_string()),
+            labels: self.request.labels.clone(),
         }
     }
 

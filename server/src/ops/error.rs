@@ -48,6 +48,9 @@ pub enum Error {
     /// A host resource (such as the VM network's addresses) is used up.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The daemon cannot serve this now (it is stopping); retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
     /// A stage of an operation failed; the stages before it were undone.
     #[error("{operation} failed at stage {stage}{}", log.as_ref().map(|l| format!("; inspect {}", l.display())).unwrap_or_default())]
     Stage {

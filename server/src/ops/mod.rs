@@ -98,6 +98,8 @@ pub struct Ops {
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     run_options: Mutex<runner::RunOptions>,
     default_image_lock: tokio::sync::Mutex<()>,
+    /// Set when the daemon stops serving: long-lived calls (watches, waits) end.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -116,6 +118,20 @@ impl Ops {
             vm_locks: Mutex::default(),
             run_options: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
+            stopping: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Tells long-lived calls (watches, waits) that the daemon stops serving.
+    pub fn stop_serving(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Completes once the daemon stops serving.
+    pub fn stopped_serving(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
         }
     }
 
@@ -127,7 +143,8 @@ impl Ops {
 
     /// How operations run now.
     fn run_options(&self) -> runner::RunOptions {
-        lock(&self.run_options).clone()
+        let options = lock(&self.run_options).clone();
+        runner::RunOptions { observer: Some(Arc::new(self.store.clone())), ..options }
     }
 
     /// The VMM's short name.

@@ -22,12 +22,19 @@ pub struct Subject {
     pub vm_name: Option<String>,
     /// The image's id.
     pub image_id: Option<String>,
+    /// The VM's labels (for watchers selecting by label).
+    pub labels: crate::domain::Labels,
 }
 
 impl Subject {
     /// A recorded VM.
     pub fn of(vm: &crate::domain::Vm) -> Self {
-        Self { vm_id: Some(vm.id.to_string()), vm_name: Some(vm.name.clone()), image_id: Some(vm.image_id.to_string()) }
+        Self {
+            vm_id: Some(vm.id.to_string()),
+            vm_name: Some(vm.name.clone()),
+            image_id: Some(vm.image_id.to_string()),
+            labels: vm.labels.clone(),
+        }
     }
 }
 
@@ -78,10 +85,61 @@ fn millis(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
+/// A stage that completed, as observers see it.
+#[derive(Debug, Clone, Copy)]
+pub struct CompletedStage<'a> {
+    /// The VM the operation acts on.
+    pub vm_id: &'a str,
+    /// Its name.
+    pub vm_name: &'a str,
+    /// Its labels.
+    pub labels: &'a crate::domain::Labels,
+    /// The operation.
+    pub operation: &'static str,
+    /// Its id.
+    pub op_id: OpId,
+    /// The stage.
+    pub stage: &'static str,
+    /// Milliseconds from the operation's start to the stage's end.
+    pub since_start_ms: u64,
+    /// Milliseconds the stage took.
+    pub since_last_stage_ms: u64,
+}
+
+/// Told of every completed stage of an operation on a VM (for `WatchVms`).
+#[tonic::async_trait]
+pub trait StageObserver: Send + Sync + Debug {
+    /// A stage completed; failures to record it are the observer's to report.
+    async fn stage_completed(&self, stage: &CompletedStage<'_>);
+}
+
+#[tonic::async_trait]
+impl StageObserver for crate::store::Store {
+    async fn stage_completed(&self, s: &CompletedStage<'_>) {
+        let op_id = s.op_id.to_string();
+        let record = crate::store::StageRecord {
+            vm_id: s.vm_id,
+            vm_name: s.vm_name,
+            labels: s.labels,
+            operation: s.operation,
+            op_id: &op_id,
+            stage: s.stage,
+            since_start_ms: s.since_start_ms,
+            since_last_stage_ms: s.since_last_stage_ms,
+        };
+        let recorded = self.event_stage(&record).await;
+        if let Err(error) = recorded {
+            tracing::warn!(op_id = %s.op_id, stage = s.stage, error = %error, "cannot record the stage event");
+        }
+    }
+}
+
 /// How the runner runs stages; the defaults are production behaviour. Tests use the rest
 /// to check every operation generically.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
+    /// Told of every completed stage of an operation on a VM.
+    pub observer: Option<std::sync::Arc<dyn StageObserver>>,
     /// Apply every stage twice in a row (stages must be idempotent).
     pub repeat_stages: bool,
     /// Fail the stage at this index, as if it had failed, before applying it.
@@ -207,7 +265,22 @@ async fn run_stages<O: Operation>(
                     image_id = subject.image_id,
                     "operation stage"
                 );
+                drop(_entered);
+                // Recording the event is part of the next stage's time: nothing goes unmeasured.
                 last_stage_end = Instant::now();
+                if let (Some(observer), Some(vm_id)) = (&options.observer, &subject.vm_id) {
+                    let completed = CompletedStage {
+                        vm_id,
+                        vm_name: subject.vm_name.as_deref().unwrap_or_default(),
+                        labels: &subject.labels,
+                        operation: O::NAME,
+                        op_id,
+                        stage: stage_name,
+                        since_start_ms,
+                        since_last_stage_ms,
+                    };
+                    observer.stage_completed(&completed).await;
+                }
                 done.push(stage);
             }
             Err(error) => {

@@ -3,6 +3,7 @@
 //! SQLite runs in WAL mode with a busy timeout and foreign keys on. Updates of a VM
 //! compare and set its `generation`, so two writers never silently overwrite each other.
 
+mod events;
 mod images;
 mod requests;
 mod vms;
@@ -11,6 +12,7 @@ use std::{path::Path, str::FromStr, time::Duration};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
+pub use events::{Event, EventKind, StageRecord};
 pub use requests::RequestRecord;
 pub use vms::{NewVmRecord, VmFilter, VmUpdate};
 
@@ -60,7 +62,7 @@ pub enum StoreError {
     /// A stored value could not be read back (a bug or a hand-edited database).
     #[error("corrupt {kind} record {id}: {what}")]
     Corrupt {
-        /// `vm` or `image`.
+        /// `vm`, `image` or `event`.
         kind: &'static str,
         /// The record's id.
         id: String,
@@ -79,6 +81,8 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// The latest event revision, announced after each commit that recorded events.
+    revisions: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Store {
@@ -93,7 +97,10 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let latest: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetch_optional(&pool).await?;
+        let (revisions, _) = tokio::sync::watch::channel(latest.unwrap_or(0) as u64);
+        Ok(Self { pool, revisions: std::sync::Arc::new(revisions) })
     }
 
     /// Closes every connection, checkpointing the WAL.

@@ -119,6 +119,7 @@ impl Store {
                 }
             };
             let now = now_ms();
+            let mut tx = self.pool.begin().await?;
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
                  vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms) \
@@ -139,10 +140,19 @@ impl Store {
             .bind(ip.map(|ip| ip.to_string()))
             .bind(serde_json::to_string(new.labels).unwrap_or_else(|_| "{}".into()))
             .bind(new.expire_at_ms)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await;
             match result {
-                Ok(_) => return self.vm_get(&new.id.to_string()).await,
+                Ok(_) => {
+                    let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?");
+                    let row =
+                        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(new.id.to_string()).fetch_one(&mut *tx).await?;
+                    let vm = vm_from_row(&row)?;
+                    let revision = super::events::record_state(&mut tx, &vm, vm.observed_state, None).await?;
+                    tx.commit().await?;
+                    self.announce(revision);
+                    return Ok(vm);
+                }
                 Err(e) if is_unique_violation(&e) && e.to_string().contains("vms.ip") => continue,
                 Err(e) if is_unique_violation(&e) => {
                     return Err(StoreError::NameTaken { kind: "vm", name: new.name.to_owned() });
@@ -220,6 +230,8 @@ impl Store {
 
     /// Applies `update` to `vm` if its generation is still `vm.generation`; returns the new record.
     pub async fn vm_update(&self, vm: &Vm, update: VmUpdate) -> Result<Vm, StoreError> {
+        let new_state = update.observed_state.filter(|state| *state != vm.observed_state);
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE vms SET \
                desired_state = COALESCE(?3, desired_state), \
@@ -236,22 +248,38 @@ impl Store {
         .bind(update.last_error)
         .bind(update.last_operation)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
+            drop(tx);
             // Either gone or changed: tell which.
             self.vm_get(&vm.id.to_string()).await?;
             return Err(StoreError::Conflict { kind: "vm", id: vm.id.to_string(), expected: vm.generation });
+        }
+        let revision = match new_state {
+            Some(state) => Some(super::events::record_state(&mut tx, vm, state, Some(vm.observed_state)).await?),
+            None => None,
+        };
+        tx.commit().await?;
+        if let Some(revision) = revision {
+            self.announce(revision);
         }
         self.vm_get(&vm.id.to_string()).await
     }
 
     /// Removes a VM record.
     pub async fn vm_delete(&self, id: VmId) -> Result<(), StoreError> {
-        let done = sqlx::query("DELETE FROM vms WHERE id = ?").bind(id.to_string()).execute(&self.pool).await?;
-        if done.rows_affected() == 0 {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?");
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_optional(&mut *tx).await?
+        else {
             return Err(StoreError::NotFound { kind: "vm", key: id.to_string() });
-        }
+        };
+        let vm = vm_from_row(&row)?;
+        sqlx::query("DELETE FROM vms WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+        let revision = super::events::record_deleted(&mut tx, &vm).await?;
+        tx.commit().await?;
+        self.announce(revision);
         Ok(())
     }
 }
@@ -261,7 +289,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::{Image, ImageId},
-        store::test_store,
+        store::{EventKind, test_store},
     };
 
     async fn with_image(store: &Store) -> ImageId {
@@ -353,6 +381,40 @@ mod tests {
         assert_eq!(newer.observed_state, VmState::Starting);
         let stale = store.vm_update(&vm, update).await;
         assert!(matches!(stale, Err(StoreError::Conflict { .. })), "{stale:?}");
+    }
+
+    #[tokio::test]
+    async fn state_changes_and_deletions_are_events_with_consecutive_revisions_in_their_transaction() {
+        let (store, _dir) = test_store().await;
+        let image = with_image(&store).await;
+        let mut revisions = store.subscribe_revisions();
+        let vm = store.vm_insert(record("ev", image, Path::new("/tmp/ev"))).await.expect("insert");
+        assert_eq!(*revisions.borrow_and_update(), 1, "announced after commit");
+        let running = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
+        let vm = store.vm_update(&vm, running).await.expect("update");
+        // An update that changes no state records nothing; a stale one fails and records nothing.
+        let same = store.vm_update(&vm, VmUpdate { last_error: Some("x".into()), ..Default::default() }).await;
+        let vm = same.expect("update");
+        let stale = VmUpdate { observed_state: Some(VmState::Stopped), ..Default::default() };
+        let mut old = vm.clone();
+        old.generation -= 1;
+        assert!(store.vm_update(&old, stale).await.is_err());
+        store.vm_delete(vm.id).await.expect("delete");
+        let events = store.events_after(0, 100).await.expect("events");
+        let kinds: Vec<_> = events.iter().map(|e| (e.revision, e.kind.clone())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, EventKind::State { state: VmState::Created, previous: None }),
+                (2, EventKind::State { state: VmState::Running, previous: Some(VmState::Created) }),
+                (3, EventKind::Deleted),
+            ]
+        );
+        assert_eq!(store.latest_revision().await.expect("latest"), 3);
+        assert_eq!(store.oldest_resumable_revision().await.expect("oldest"), 0);
+        store.event_prune(i64::MAX).await.expect("prune");
+        assert_eq!(store.oldest_resumable_revision().await.expect("oldest"), 3, "nothing before 3 can be replayed");
+        assert_eq!(store.latest_revision().await.expect("latest"), 3, "revisions are never reused");
     }
 
     #[tokio::test]
