@@ -24,7 +24,7 @@ readonly MODULES=(virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virt
 	failover net_failover virtio_net)
 readonly KERNEL_META_PACKAGE=linux-image-cloud-amd64
 readonly BUSYBOX_PACKAGE=busybox-static
-readonly ROOTFS_SIZE=${ROOTFS_SIZE:-128M}
+readonly ROOTFS_SIZE=${ROOTFS_SIZE:-1G}
 # Fixed identities keep rootfs.ext4 byte-for-byte reproducible.
 readonly ROOTFS_UUID=6e2c3b1a-9d0f-4f7e-8b5a-62616e676572
 readonly ROOTFS_HASH_SEED=0b7d8e2f-3c41-4a96-9e15-62616e676572

@@ -8,6 +8,7 @@ macro_rules! log {
 }
 
 mod exec;
+mod files;
 mod service;
 mod supervisor;
 

@@ -1,14 +1,17 @@
-//! The `banger.agent.v1.AgentService` implementation: Ready, Info and Shutdown here, Exec in `exec`.
+//! The `banger.agent.v1.AgentService` implementation: Ready, Info and Shutdown here, Exec in
+//! `exec`, ReadFile and WriteFile in `files`.
 
 use std::time::Duration;
 
 use banger_proto::agent::v1::agent_service_server::AgentService;
 use banger_proto::agent::v1::{
-    ExecRequest, InfoRequest, InfoResponse, ReadyRequest, ReadyResponse, ShutdownRequest, ShutdownResponse,
+    ExecRequest, InfoRequest, InfoResponse, ReadFileRequest, ReadyRequest, ReadyResponse, ShutdownRequest,
+    ShutdownResponse, WriteFileRequest, WriteFileResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::exec::{self, ExecStream};
+use crate::files::{self, ReadStream};
 
 /// How long Shutdown waits before powering off, so that tonic can flush its reply to the host.
 const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(100);
@@ -64,6 +67,19 @@ impl AgentService for Agent {
 
     async fn exec(&self, request: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
         exec::start(request.into_inner()).await.map(Response::new)
+    }
+
+    type ReadFileStream = ReadStream;
+
+    async fn read_file(&self, request: Request<ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+        files::read(&request.into_inner().path).await.map(Response::new)
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<Streaming<WriteFileRequest>>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
+        files::write(request.into_inner()).await.map(Response::new)
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {

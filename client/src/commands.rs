@@ -3,7 +3,7 @@
 use std::{io::Write, process::ExitCode};
 
 use banger_client::{Client, Target, pb, response_op_id};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
@@ -169,6 +169,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
                 }
             }
         }
+        VmCommand::Cp { source, destination, mode } => copy(&mut client, &source, &destination, mode).await?,
         VmCommand::Touch { vm, ttl, no_ttl: _ } => {
             let request = pb::TouchVmRequest { vm, ttl: ttl.map(duration) };
             let vm = client.vms.touch_vm(request).await?.into_inner().vm.unwrap_or_default();
@@ -295,4 +296,103 @@ async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessAr
         output::print_status(&status);
     }
     result
+}
+
+/// `VM:PATH` split in two; `None` for a local path (one without a colon before a slash).
+fn guest_side(spec: &str) -> Option<(&str, &str)> {
+    let (vm, path) = spec.split_once(':')?;
+    (!vm.is_empty() && !vm.contains('/') && path.starts_with('/')).then_some((vm, path))
+}
+
+fn usage(message: &str) -> Failure {
+    Failure::Status(Status::invalid_argument(message.to_owned()))
+}
+
+/// Copies one file into or out of a VM, streaming it in 1 MiB chunks.
+async fn copy(client: &mut Client, source: &str, destination: &str, mode: Option<u32>) -> Result<(), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    const CHUNK: usize = 1 << 20;
+    match (guest_side(source), guest_side(destination)) {
+        (None, Some((vm, path))) => {
+            let file = tokio::fs::File::open(source).await.map_err(|e| usage(&format!("{source}: {e}")))?;
+            let meta = file.metadata().await.map_err(|e| usage(&format!("{source}: {e}")))?;
+            if !meta.is_file() {
+                return Err(usage(&format!("{source} is not a regular file")));
+            }
+            let start = pb::CopyToVmRequest {
+                payload: Some(pb::copy_to_vm_request::Payload::Start(pb::CopyToVmStart {
+                    vm: vm.to_owned(),
+                    path: path.to_owned(),
+                    mode: mode.unwrap_or(meta.permissions().mode() & 0o7777),
+                })),
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let reader = tokio::spawn(async move {
+                let mut file = file;
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let n = file.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok::<(), std::io::Error>(());
+                    }
+                    let data =
+                        pb::CopyToVmRequest { payload: Some(pb::copy_to_vm_request::Payload::Data(buf[..n].to_vec())) };
+                    if tx.send(data).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            });
+            let requests = tokio_stream::once(start).chain(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let size = client.vms.copy_to_vm(requests).await?.into_inner().size;
+            if let Ok(Err(e)) = reader.await {
+                return Err(usage(&format!("reading {source}: {e}")));
+            }
+            println!("copied {size} bytes to {vm}:{path}");
+        }
+        (Some((vm, path)), None) => {
+            let request = pb::CopyFromVmRequest { vm: vm.to_owned(), path: path.to_owned() };
+            let mut stream = client.vms.copy_from_vm(request).await?.into_inner();
+            let target = std::path::Path::new(destination);
+            let target = match tokio::fs::metadata(target).await {
+                Ok(meta) if meta.is_dir() => target.join(std::path::Path::new(path).file_name().unwrap_or_default()),
+                _ => target.to_path_buf(),
+            };
+            let temp = target.with_file_name(format!(
+                ".{}.banger-cp-{}",
+                target.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            let result = async {
+                let mut file =
+                    tokio::fs::File::create(&temp).await.map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
+                let (mut mode, mut size) = (0o644, 0u64);
+                while let Some(message) = stream.message().await? {
+                    match message.payload {
+                        Some(pb::copy_from_vm_response::Payload::Info(info)) => mode = info.mode,
+                        Some(pb::copy_from_vm_response::Payload::Data(data)) => {
+                            file.write_all(&data).await.map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
+                            size += data.len() as u64;
+                        }
+                        None => {}
+                    }
+                }
+                file.sync_all().await.map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
+                tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+                    .await
+                    .map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
+                tokio::fs::rename(&temp, &target).await.map_err(|e| usage(&format!("{}: {e}", target.display())))?;
+                Ok::<u64, Failure>(size)
+            }
+            .await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(&temp).await;
+            }
+            println!("copied {} bytes to {}", result?, target.display());
+        }
+        (Some(_), Some(_)) => {
+            return Err(usage("copy between two VMs through the host: out of one, then into the other"));
+        }
+        (None, None) => return Err(usage("one side must be VM:/absolute/path")),
+    }
+    Ok(())
 }

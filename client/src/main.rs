@@ -85,6 +85,14 @@ fn parse_state(text: &str) -> Result<i32, String> {
         .ok_or_else(|| format!("{text:?} is not one of created, starting, running, stopping, stopped, error"))
 }
 
+/// Parses an octal file mode.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
+        .ok_or_else(|| format!("{text:?} is not an octal file mode such as 0644"))
+}
+
 /// Parses `KEY=VALUE`.
 fn parse_label(text: &str) -> Result<(String, String), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
@@ -240,6 +248,19 @@ enum VmCommand {
         /// Remove the VM's expiry: it lives until deleted.
         #[arg(long, conflicts_with = "ttl")]
         no_ttl: bool,
+    },
+    /// Copy a file into or out of a running VM: `vm cp LOCAL VM:PATH` or `vm cp VM:PATH LOCAL`.
+    ///
+    /// Streamed both ways (any size); the copy appears complete or not at all. Into a VM the
+    /// file keeps its local mode unless --mode is given; out of a VM it gets the guest's mode.
+    Cp {
+        /// Source: a local path, or VM:ABSOLUTE-PATH.
+        source: String,
+        /// Destination: a local path, or VM:ABSOLUTE-PATH.
+        destination: String,
+        /// Mode of the file written into the VM, in octal (e.g. 0755).
+        #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+        mode: Option<u32>,
     },
     /// Show one VM in detail.
     Show {

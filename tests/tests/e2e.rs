@@ -343,3 +343,124 @@ fn a_watcher_sees_a_real_vm_boot_stage_by_stage_and_its_deletion() {
         lines.iter().map(|l| l.split_whitespace().next().expect("rev")[1..].parse().expect("number")).collect();
     assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
 }
+
+/// The daemon's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).expect("kB").parse().expect("number")
+}
+
+#[test]
+fn guest_output_streams_through_in_bounded_daemon_memory_and_interrupting_kills_the_process() {
+    use std::io::Read;
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let out = daemon.banger(&["vm", "create", "--name", "flood"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before = rss_kib(daemon.pid());
+
+    // Output through agent -> daemon -> CLI, read here as it comes; the daemon's memory is
+    // sampled meanwhile. 256 MiB by default (about a minute under TCG, four times the bound
+    // below); BANGER_E2E_FLOOD_BYTES=1073741824 streams the full GiB (several minutes here).
+    let bytes: u64 = std::env::var("BANGER_E2E_FLOOD_BYTES").ok().and_then(|b| b.parse().ok()).unwrap_or(256 << 20);
+    let mut exec = std::process::Command::new(banger_tests::bin_dir().join("banger"))
+        .args(["--socket", &daemon.socket.display().to_string()])
+        .args(["vm", "exec", "flood", "--", "sh", "-c", &format!("yes | head -c {bytes}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let mut stdout = exec.stdout.take().expect("stdout");
+    let (mut total, mut buf, mut peak) = (0u64, vec![0u8; 1 << 20], before);
+    let mut last_sample = std::time::Instant::now();
+    loop {
+        let n = stdout.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|b| *b == b'y' || *b == b'\n'), "corrupted output");
+        total += n as u64;
+        if last_sample.elapsed() > Duration::from_millis(100) {
+            peak = peak.max(rss_kib(daemon.pid()));
+            last_sample = std::time::Instant::now();
+        }
+    }
+    assert!(exec.wait().expect("exec").success());
+    assert_eq!(total, bytes, "every byte arrived");
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("daemon RSS: {} MiB before, {} MiB peak while streaming {} MiB", before / 1024, peak / 1024, bytes >> 20);
+    assert!(growth_mib < 64, "the daemon buffered the stream: RSS grew by {growth_mib} MiB");
+
+    // Ctrl-C on the CLI kills the guest process (and its process group).
+    let sleeper =
+        daemon.banger_spawn(&["vm", "exec", "flood", "--", "sh", "-c", "echo $$ > /tmp/sleeper; exec sleep 300"]);
+    let alive = |daemon: &Daemon| {
+        let out = daemon.banger(&["vm", "exec", "flood", "--", "sh", "-c", "kill -0 $(cat /tmp/sleeper)"]);
+        out.status.success()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !alive(&daemon) {
+        assert!(std::time::Instant::now() < deadline, "the sleeper never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sleeper.id() as i32), Signal::SIGINT).expect("interrupt");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while alive(&daemon) {
+        assert!(std::time::Instant::now() < deadline, "the guest process outlived the interrupted CLI");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut sleeper = sleeper;
+    let _ = sleeper.wait();
+    assert!(daemon.banger(&["vm", "delete", "flood"]).status.success());
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    text(&out.stdout).split_whitespace().next().expect("hash").to_owned()
+}
+
+#[test]
+fn files_copied_into_and_back_out_of_a_guest_are_byte_identical_with_their_mode_even_at_200_mib() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = daemon.banger(&["vm", "create", "--name", "files", "--memory", "512"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A small executable script: its mode travels with it and it runs in the guest.
+    let script = work.path().join("hello.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hello from a copied script\n").expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o750)).expect("chmod");
+    let out = daemon.banger(&["vm", "cp", &script.display().to_string(), "files:/root/hello.sh"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "files", "--", "/root/hello.sh"]);
+    assert_eq!(text(&out.stdout), "hello from a copied script\n", "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "exec", "files", "--", "stat", "-c", "%a", "/root/hello.sh"]);
+    assert_eq!(text(&out.stdout).trim(), "750");
+
+    // 200 MiB of random bytes in and back out (into the guest's disk: /tmp is RAM).
+    let big = work.path().join("big.bin");
+    let made = Command::new("head").args(["-c", "209715200", "/dev/urandom"]).output().expect("head");
+    std::fs::write(&big, &made.stdout).expect("big file");
+    let out = daemon.banger(&["vm", "cp", &big.display().to_string(), "files:/root/big.bin"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("209715200 bytes"), "{}", text(&out.stdout));
+    let back = work.path().join("back.bin");
+    let out = daemon.banger(&["vm", "cp", "files:/root/big.bin", &back.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(sha256_of(&back), sha256_of(&big), "the round trip changed the file");
+    let out = daemon.banger(&["vm", "exec", "files", "--", "sha256sum", "/root/big.bin"]);
+    assert!(text(&out.stdout).starts_with(&sha256_of(&big)), "the guest's copy differs");
+
+    // Errors name the problem with the right code, and leave nothing behind.
+    let out = daemon.banger(&["vm", "cp", "files:/no/such/file", &work.path().join("x").display().to_string()]);
+    assert!(text(&out.stderr).contains("NOT_FOUND"), "{}", text(&out.stderr));
+    assert!(!work.path().join("x").exists());
+    let out = daemon.banger(&["vm", "cp", &script.display().to_string(), "files:/no/such/dir/x"]);
+    assert!(text(&out.stderr).contains("NOT_FOUND"), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "cp", &script.display().to_string(), "files:relative"]);
+    assert!(!out.status.success(), "a relative guest path is refused");
+    let out = daemon.banger(&["vm", "exec", "files", "--", "sh", "-c", "ls -a /root | grep -c banger || true"]);
+    assert_eq!(text(&out.stdout).trim(), "0", "a temporary file was left in the guest");
+    assert!(daemon.banger(&["vm", "delete", "files"]).status.success());
+}

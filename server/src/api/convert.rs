@@ -80,6 +80,17 @@ pub fn image(image: &Image) -> pb::Image {
     }
 }
 
+/// An absolute path in a guest.
+pub fn guest_path(field: &str, path: String) -> Result<String, Error> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(Error::InvalidArgument(vec![FieldViolation::new(
+            field,
+            format!("{path:?} is not an absolute path"),
+        )]));
+    }
+    Ok(path)
+}
+
 /// A VM or image key (id or name): must not be empty.
 pub fn key(field: &str, value: &str) -> Result<String, Error> {
     if value.trim().is_empty() {

@@ -30,6 +30,18 @@ pub fn to_status(error: &Error) -> Status {
         Error::Unavailable(_) => Code::Unavailable,
         Error::Host(HostError::ToolMissing { .. }) => Code::Unavailable,
         Error::Host(HostError::Timeout { .. }) => Code::DeadlineExceeded,
+        // What the guest agent says about the caller's request (a missing file, a directory
+        // given as a file) reaches the caller as such.
+        Error::Host(HostError::Agent(agent))
+            if agent.status().is_some_and(|s| {
+                matches!(
+                    s.code(),
+                    Code::NotFound | Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument
+                )
+            }) =>
+        {
+            agent.status().map(|s| s.code()).unwrap_or(Code::Internal)
+        }
         Error::Stage { .. } | Error::Host(_) | Error::Store(_) => Code::Internal,
     };
     match error {

@@ -186,6 +186,52 @@ impl VmService for VmApi {
         Ok(Response::new(stream))
     }
 
+    async fn copy_to_vm(
+        &self,
+        request: Request<Streaming<pb::CopyToVmRequest>>,
+    ) -> Result<Response<pb::CopyToVmResponse>, Status> {
+        use pb::copy_to_vm_request::Payload;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid_field("start", "the stream ended before its first message"))?;
+        let Some(Payload::Start(start)) = first.payload else {
+            return Err(invalid_field("start", "the first message must be start"));
+        };
+        let key = convert::key("start.vm", &start.vm).map_err(|e| to_status(&e))?;
+        let path = convert::guest_path("start.path", start.path).map_err(|e| to_status(&e))?;
+        // A client that fails or goes away mid-copy aborts it: the guest keeps no partial file.
+        let input = inbound.map(|message| match message {
+            Ok(pb::CopyToVmRequest { payload: Some(Payload::Data(data)) }) => Ok(data),
+            Ok(_) => Err("only data may follow the first message".to_owned()),
+            Err(status) => Err(format!("the client stream failed: {}", status.message())),
+        });
+        let size = self.ops.copy_to_vm(&key, path, start.mode, Box::pin(input)).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::CopyToVmResponse { size }))
+    }
+
+    type CopyFromVmStream = Pin<Box<dyn Stream<Item = Result<pb::CopyFromVmResponse, Status>> + Send>>;
+
+    async fn copy_from_vm(
+        &self,
+        request: Request<pb::CopyFromVmRequest>,
+    ) -> Result<Response<Self::CopyFromVmStream>, Status> {
+        use pb::copy_from_vm_response::Payload;
+        let request = request.into_inner();
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let path = convert::guest_path("path", request.path).map_err(|e| to_status(&e))?;
+        let (meta, data) = self.ops.copy_from_vm(&key, path).await.map_err(|e| to_status(&e))?;
+        let info = pb::CopyFromVmResponse {
+            payload: Some(Payload::Info(pb::CopiedFileInfo { mode: meta.mode, size: meta.size })),
+        };
+        let data = data.map(|chunk| match chunk {
+            Ok(data) => Ok(pb::CopyFromVmResponse { payload: Some(Payload::Data(data)) }),
+            Err(e) => Err(to_status(&e)),
+        });
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(info)).chain(data))))
+    }
+
     type ExecVmStream = ExecStream;
 
     async fn exec_vm(&self, request: Request<Streaming<pb::ExecVmRequest>>) -> Result<Response<ExecStream>, Status> {

@@ -48,3 +48,12 @@ pub enum ExecEvent {
         timed_out: bool,
     },
 }
+
+/// A regular file's mode and size, as copied in or out of a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMeta {
+    /// Permission bits.
+    pub mode: u32,
+    /// Size in bytes.
+    pub size: u64,
+}

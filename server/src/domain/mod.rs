@@ -9,7 +9,7 @@ mod names;
 mod network;
 mod vm;
 
-pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus};
+pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus, FileMeta};
 pub use handles::{ProcessHandle, VmHandles};
 pub use ids::{ImageId, OpId, ParseIdError, VmId};
 pub use image::{Image, NewImage};

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use banger_proto::agent::v1::agent_service_client::AgentServiceClient;
 use banger_proto::agent::v1::{
-    ExecRequest, ExecResponse, InfoRequest, InfoResponse, ReadyRequest, ReadyResponse, ShutdownRequest,
+    ExecRequest, ExecResponse, InfoRequest, InfoResponse, ReadFileRequest, ReadFileResponse, ReadyRequest,
+    ReadyResponse, ShutdownRequest, WriteFileRequest,
 };
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -350,6 +351,29 @@ impl AgentClient {
         }
     }
 
+    /// Opens a guest file for reading; the stream starts with its info, then its content.
+    pub async fn read_file(self, path: String) -> Result<tonic::Streaming<ReadFileResponse>, AgentError> {
+        let mut client = self.client;
+        match tokio::time::timeout(CALL_TIMEOUT, client.read_file(ReadFileRequest { path })).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(AgentError::Rpc { call: "ReadFile", status }),
+            Err(_elapsed) => Err(AgentError::Timeout { call: "ReadFile", after: CALL_TIMEOUT }),
+        }
+    }
+
+    /// Writes a guest file from `requests` (start first, then content); returns its size.
+    /// No deadline: a large file takes as long as it takes, and the caller going away ends it.
+    pub async fn write_file(
+        self,
+        requests: impl tokio_stream::Stream<Item = WriteFileRequest> + Send + 'static,
+    ) -> Result<u64, AgentError> {
+        let mut client = self.client;
+        match client.write_file(requests).await {
+            Ok(response) => Ok(response.into_inner().size),
+            Err(status) => Err(AgentError::Rpc { call: "WriteFile", status }),
+        }
+    }
+
     /// Asks the guest to sync and power off. The agent answers before it powers off, so success
     /// means "power-off is under way"; the VMM exits shortly after.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
@@ -570,6 +594,84 @@ mod tests {
             _: tonic::Request<ShutdownRequest>,
         ) -> Result<tonic::Response<ShutdownResponse>, tonic::Status> {
             Ok(tonic::Response::new(ShutdownResponse {}))
+        }
+
+        type ReadFileStream = Pin<Box<dyn Stream<Item = Result<ReadFileResponse, tonic::Status>> + Send>>;
+
+        async fn read_file(
+            &self,
+            request: tonic::Request<ReadFileRequest>,
+        ) -> Result<tonic::Response<Self::ReadFileStream>, tonic::Status> {
+            use banger_proto::agent::v1::{FileInfo, read_file_response::Payload};
+            let path = request.into_inner().path;
+            let content = fake_files().get(&path).cloned().ok_or_else(|| tonic::Status::not_found(path))?;
+            let info =
+                ReadFileResponse { payload: Some(Payload::Info(FileInfo { mode: 0o640, size: content.len() as u64 })) };
+            let chunks: Vec<_> =
+                content.chunks(3).map(|c| Ok(ReadFileResponse { payload: Some(Payload::Data(c.to_vec())) })).collect();
+            Ok(tonic::Response::new(Box::pin(tokio_stream::iter(std::iter::once(Ok(info)).chain(chunks)))))
+        }
+
+        /// Keeps the file only when the stream ends cleanly, like the real agent's rename.
+        async fn write_file(
+            &self,
+            request: tonic::Request<tonic::Streaming<WriteFileRequest>>,
+        ) -> Result<tonic::Response<banger_proto::agent::v1::WriteFileResponse>, tonic::Status> {
+            use banger_proto::agent::v1::write_file_request::Payload;
+            let mut stream = request.into_inner();
+            let Some(WriteFileRequest { payload: Some(Payload::Start(start)) }) = stream.message().await? else {
+                return Err(tonic::Status::invalid_argument("start first"));
+            };
+            let mut content = Vec::new();
+            loop {
+                match stream.message().await?.and_then(|m| m.payload) {
+                    Some(Payload::Data(data)) => content.extend(data),
+                    Some(Payload::End(size)) if size == content.len() as u64 => break,
+                    _ => return Err(tonic::Status::aborted("no end message: nothing kept")),
+                }
+            }
+            let size = content.len() as u64;
+            fake_files().insert(start.path, content);
+            Ok(tonic::Response::new(banger_proto::agent::v1::WriteFileResponse { size }))
+        }
+    }
+
+    fn fake_files() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, Vec<u8>>> {
+        static FILES: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>> =
+            std::sync::Mutex::new(std::collections::BTreeMap::new());
+        FILES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[tokio::test]
+    async fn files_stream_both_ways_and_a_failed_input_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        spawn_fake_backend(&path);
+        let client = AgentClient::new(path);
+        client.wait_ready(Instant::now() + Duration::from_secs(5), || true).await.expect("ready");
+        let chunks: Vec<Result<Vec<u8>, String>> = vec![Ok(b"hello ".to_vec()), Ok(b"world".to_vec())];
+        let size = crate::host::files::write(client.clone(), "/ok".into(), 0o640, Box::pin(tokio_stream::iter(chunks)))
+            .await
+            .expect("write");
+        assert_eq!(size, 11);
+        let (meta, data) = crate::host::files::read(client.clone(), "/ok".into()).await.expect("read");
+        assert_eq!((meta.mode, meta.size), (0o640, 11));
+        let content: Vec<u8> = data.map(|c| c.expect("chunk")).collect::<Vec<_>>().await.concat();
+        assert_eq!(content, b"hello world");
+        // The input fails midway: the agent sees the call reset, never a clean end.
+        let failing: Vec<Result<Vec<u8>, String>> = vec![Ok(b"partial".to_vec()), Err("client went away".into())];
+        let result =
+            crate::host::files::write(client.clone(), "/aborted".into(), 0o600, Box::pin(tokio_stream::iter(failing)))
+                .await;
+        assert!(result.is_err_and(|e| e.to_string().contains("aborted")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!fake_files().contains_key("/aborted"), "an aborted copy was kept");
+        let missing = crate::host::files::read(client, "/missing".into()).await.map(|_| ());
+        match missing {
+            Err(crate::host::HostError::Agent(agent)) => {
+                assert_eq!(agent.status().map(|s| s.code()), Some(tonic::Code::NotFound), "{agent:?}");
+            }
+            other => panic!("expected the agent's NOT_FOUND, got {other:?}"),
         }
     }
 

@@ -10,6 +10,7 @@ use super::{
     HostError,
     agent::AgentClient,
     exec,
+    files::{self, FileData, FileInput},
     vsock::{VsockBackends, VsockMode},
 };
 use crate::domain::{ExecCommand, ExecEvent, ExecInput, ProcessHandle, Vm, VmId, VmPaths};
@@ -52,9 +53,21 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     /// Runs a process in the guest. The future owns what it needs, so it outlives `self`.
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting;
 
+    /// Opens a guest file: its mode and size, and its content as a stream.
+    fn read_file(&self, vm: &Vm, path: String) -> FileReading;
+
+    /// Writes a guest file (complete or not at all) from `input`; returns its size.
+    fn write_file(&self, vm: &Vm, path: String, mode: u32, input: FileInput) -> FileWriting;
+
     /// Drops what is kept for a VM (its connection), e.g. once it stopped.
     fn forget(&self, vm: VmId);
 }
+
+/// A guest file being opened.
+pub type FileReading =
+    Pin<Box<dyn std::future::Future<Output = Result<(crate::domain::FileMeta, FileData), HostError>> + Send>>;
+/// A guest file being written.
+pub type FileWriting = Pin<Box<dyn std::future::Future<Output = Result<u64, HostError>> + Send>>;
 
 /// The real channel: kernel vhost-vsock or a `vhost-device-vsock` per VM, and one gRPC
 /// channel per VM to its agent.
@@ -135,6 +148,14 @@ impl AgentChannels for VsockAgentChannels {
             let events = exec::exec(client, command, input).await?;
             Ok::<ExecEventStream, HostError>(Box::pin(events))
         })
+    }
+
+    fn read_file(&self, vm: &Vm, path: String) -> FileReading {
+        Box::pin(files::read(self.client(vm), path))
+    }
+
+    fn write_file(&self, vm: &Vm, path: String, mode: u32, input: FileInput) -> FileWriting {
+        Box::pin(files::write(self.client(vm), path, mode, input))
     }
 
     fn forget(&self, vm: VmId) {

@@ -301,6 +301,20 @@ impl AgentChannels for FakeHost {
         Box::pin(async { Err(injected("agents.exec (not modelled)")) })
     }
 
+    fn read_file(&self, _vm: &Vm, _path: String) -> crate::host::agent_channel::FileReading {
+        Box::pin(async { Err(injected("agents.read_file (not modelled)")) })
+    }
+
+    fn write_file(
+        &self,
+        _vm: &Vm,
+        _path: String,
+        _mode: u32,
+        _input: crate::host::files::FileInput,
+    ) -> crate::host::agent_channel::FileWriting {
+        Box::pin(async { Err(injected("agents.write_file (not modelled)")) })
+    }
+
     fn forget(&self, _vm: VmId) {}
 }
 

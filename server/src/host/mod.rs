@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod exec;
 #[cfg(test)]
 pub mod fake;
+pub mod files;
 pub mod network;
 pub mod process;
 pub mod scratch;
