@@ -169,6 +169,17 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
                 }
             }
         }
+        VmCommand::Logs { vm, follow, vmm, tail } => {
+            let log = if vmm { pb::VmLog::Vmm } else { pb::VmLog::Console };
+            let request = pb::StreamVmLogsRequest { vm, log: log as i32, follow, tail_bytes: tail.unwrap_or(0) };
+            let mut stream = client.vms.stream_vm_logs(request).await?.into_inner();
+            let mut stdout = std::io::stdout();
+            while let Some(chunk) = stream.message().await? {
+                if stdout.write_all(&chunk.data).and_then(|()| stdout.flush()).is_err() {
+                    break; // the reader went away (e.g. `| head`)
+                }
+            }
+        }
         VmCommand::Cp { source, destination, mode } => copy(&mut client, &source, &destination, mode).await?,
         VmCommand::Touch { vm, ttl, no_ttl: _ } => {
             let request = pb::TouchVmRequest { vm, ttl: ttl.map(duration) };

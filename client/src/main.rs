@@ -249,6 +249,20 @@ enum VmCommand {
         #[arg(long, conflicts_with = "ttl")]
         no_ttl: bool,
     },
+    /// Print a VM's console log (the guest's serial output), or its VMM's log with --vmm.
+    Logs {
+        /// VM id or name.
+        vm: String,
+        /// Keep printing what is appended, until interrupted or the VM is deleted.
+        #[arg(short, long)]
+        follow: bool,
+        /// The VMM's own log instead of the guest's console.
+        #[arg(long)]
+        vmm: bool,
+        /// Start this many bytes before the end [default: the whole log].
+        #[arg(long, value_name = "BYTES")]
+        tail: Option<u64>,
+    },
     /// Copy a file into or out of a running VM: `vm cp LOCAL VM:PATH` or `vm cp VM:PATH LOCAL`.
     ///
     /// Streamed both ways (any size); the copy appears complete or not at all. Into a VM the

@@ -464,3 +464,27 @@ fn files_copied_into_and_back_out_of_a_guest_are_byte_identical_with_their_mode_
     assert_eq!(text(&out.stdout).trim(), "0", "a temporary file was left in the guest");
     assert!(daemon.banger(&["vm", "delete", "files"]).status.success());
 }
+
+#[test]
+fn a_vms_console_log_is_printed_tailed_and_followed_until_the_vm_is_deleted() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let out = daemon.banger(&["vm", "create", "--name", "logged"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let whole = text(&daemon.banger(&["vm", "logs", "logged"]).stdout);
+    assert!(whole.contains("serving banger.agent.v1"), "the agent's announcement is on the console:\n{whole}");
+    let tail = daemon.banger(&["vm", "logs", "logged", "--tail", "64"]).stdout;
+    assert!(tail.len() <= 64 && whole.as_bytes().ends_with(&tail), "--tail 64 gave {} bytes", tail.len());
+    assert!(daemon.banger(&["vm", "logs", "logged", "--vmm"]).status.success());
+
+    let follower = daemon.banger_piped(&["vm", "logs", "logged", "--follow", "--tail", "1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = daemon.banger(&["vm", "exec", "logged", "--", "sh", "-c", "echo FOLLOW-MARK > /dev/console"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(800));
+    // Deleting the VM ends the follow by itself.
+    assert!(daemon.banger(&["vm", "delete", "logged"]).status.success());
+    let followed = follower.wait_with_output().expect("follower");
+    assert!(followed.status.success(), "{}", text(&followed.stderr));
+    assert!(text(&followed.stdout).contains("FOLLOW-MARK"), "{}", text(&followed.stdout));
+}

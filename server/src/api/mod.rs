@@ -5,6 +5,7 @@ mod convert;
 mod host_service;
 pub mod idempotency;
 mod image_service;
+mod logs;
 pub mod status;
 mod vm_service;
 mod watch;

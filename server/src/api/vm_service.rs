@@ -232,6 +232,25 @@ impl VmService for VmApi {
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(info)).chain(data))))
     }
 
+    type StreamVmLogsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::StreamVmLogsResponse, Status>>;
+
+    async fn stream_vm_logs(
+        &self,
+        request: Request<pb::StreamVmLogsRequest>,
+    ) -> Result<Response<Self::StreamVmLogsStream>, Status> {
+        let request = request.into_inner();
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let vm = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
+        let paths = vm.paths();
+        let path = match pb::VmLog::try_from(request.log) {
+            Ok(pb::VmLog::Unspecified | pb::VmLog::Console) => paths.console_log,
+            Ok(pb::VmLog::Vmm) => paths.vmm_log,
+            Err(_) => return Err(invalid_field("log", "must be VM_LOG_CONSOLE or VM_LOG_VMM")),
+        };
+        let stopped = self.ops.stopped_serving();
+        Ok(Response::new(super::logs::stream(path, request.tail_bytes, request.follow, stopped).await?))
+    }
+
     type ExecVmStream = ExecStream;
 
     async fn exec_vm(&self, request: Request<Streaming<pb::ExecVmRequest>>) -> Result<Response<ExecStream>, Status> {
