@@ -100,14 +100,21 @@ fn duration(d: std::time::Duration) -> prost_types::Duration {
 async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failure> {
     match command {
         VmCommand::Create { shape, no_start, no_wait, request_id } => {
-            let response = client.vms.create_vm(create_request(shape, no_start, no_wait, request_id)).await?;
+            let name = shape.name.clone();
+            let request = create_request(shape, no_start, no_wait, request_id);
+            let mut creating = client.clone();
+            let response =
+                with_progress(&client, name.as_deref(), "vm.create", false, creating.vms.create_vm(request)).await?;
             let op = response_op_id(&response);
             let vm = response.into_inner().vm.unwrap_or_default();
             output::print_vm_line(&vm, op.as_deref());
         }
         VmCommand::Start { vm, no_wait, request_id } => {
+            let name = vm.clone();
             let request = pb::StartVmRequest { vm, no_wait, request_id: request_id.unwrap_or_default() };
-            let response = client.vms.start_vm(request).await?;
+            let mut starting = client.clone();
+            let response =
+                with_progress(&client, Some(&name), "vm.start", false, starting.vms.start_vm(request)).await?;
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }
@@ -298,7 +305,12 @@ async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<Ex
 }
 
 async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
-    let vm = client.vms.create_vm(create_request(shape, false, false, None)).await?.into_inner().vm.unwrap_or_default();
+    let name = shape.name.clone();
+    let mut creating = client.clone();
+    let request = create_request(shape, false, false, None);
+    // Standard error belongs to the guest command: progress only on a terminal.
+    let created = with_progress(&client, name.as_deref(), "vm.create", true, creating.vms.create_vm(request)).await;
+    let vm = created?.into_inner().vm.unwrap_or_default();
     let result = exec_in(&mut client, vm.id.clone(), process).await;
     if rm
         && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone(), ..Default::default() }).await
@@ -406,4 +418,58 @@ async fn copy(client: &mut Client, source: &str, destination: &str, mode: Option
         (None, None) => return Err(usage("one side must be VM:/absolute/path")),
     }
     Ok(())
+}
+
+/// Shows the stages of `operation` on the VM named `name` (any VM when `None`) while `call`
+/// runs, on standard error: one line rewritten in place on a terminal, plain lines otherwise
+/// (unless `tty_only`). Progress is best effort: without a watch, the call just runs.
+async fn with_progress<T>(
+    client: &Client,
+    name: Option<&str>,
+    operation: &'static str,
+    tty_only: bool,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    if tty_only && !tty {
+        return call.await;
+    }
+    let mut watcher = client.clone();
+    let request = pb::WatchVmsRequest { vm: name.unwrap_or_default().to_owned(), ..Default::default() };
+    let Ok(response) = watcher.vms.watch_vms(request).await else {
+        return call.await;
+    };
+    let mut events = response.into_inner();
+    let printer = tokio::spawn(async move {
+        let mut op_id = None;
+        while let Ok(Some(message)) = events.message().await {
+            let Some(pb::VmEvent { vm_name, kind: Some(pb::vm_event::Kind::StageCompleted(stage)), .. }) =
+                message.event
+            else {
+                continue;
+            };
+            // The first operation of this kind seen is ours; later ones are someone else's.
+            if stage.operation != operation || op_id.get_or_insert_with(|| stage.op_id.clone()) != &stage.op_id {
+                continue;
+            }
+            let line = format!(
+                "{operation} {vm_name}: {} done in {} ms (at {:.1} s)",
+                stage.stage,
+                stage.since_last_stage_ms,
+                stage.since_start_ms as f64 / 1000.0
+            );
+            let mut stderr = std::io::stderr();
+            let _ = if tty { write!(stderr, "\r\x1b[K{line}") } else { writeln!(stderr, "{line}") };
+            let _ = stderr.flush();
+        }
+    });
+    let result = call.await;
+    // The last stage's event may trail the answer by a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    printer.abort();
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    result
 }

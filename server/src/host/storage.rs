@@ -81,6 +81,13 @@ fn create_exception_store(base: &Path, disk: &Path) -> Result<(), HostError> {
     })
 }
 
+/// Copies a file, sharing extents where the file system can (reflink) and keeping holes
+/// (sparse): an image's mostly empty root file system stays mostly unallocated.
+pub async fn copy_file(from: &Path, to: &Path) -> Result<(), HostError> {
+    let args: Vec<OsString> = vec!["--reflink=auto".into(), "--sparse=always".into(), from.into(), to.into()];
+    command::run(Path::new("cp"), &args).await.map(drop)
+}
+
 /// The strategy for new VMs: reflink clones where the state dir's file system makes them
 /// (instant, raw), else qcow2 overlays.
 pub async fn choose_strategy(state_dir: &Path) -> RootDiskStrategy {
@@ -104,6 +111,20 @@ pub async fn reflink_supported(dir: &Path) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn copies_keep_a_sparse_file_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (dir.path().join("sparse.img"), dir.path().join("copy.img"));
+        let file = std::fs::File::create(&from).expect("file");
+        file.set_len(64 << 20).expect("64 MiB hole");
+        std::os::unix::fs::FileExt::write_at(&file, b"data in the middle", 32 << 20).expect("write");
+        copy_file(&from, &to).await.expect("copy");
+        assert_eq!(std::fs::read(&to).expect("copy"), std::fs::read(&from).expect("original"));
+        let allocated = std::fs::metadata(&to).expect("meta").blocks() * 512;
+        assert!(allocated < 1 << 20, "the copy allocated {allocated} bytes for 18 bytes of data");
+    }
 
     #[tokio::test]
     async fn every_strategy_makes_a_disk_whose_writes_never_reach_the_base() {

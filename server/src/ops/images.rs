@@ -37,8 +37,8 @@ fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 async fn copy_into(from: &Path, to: &Path) -> Result<(), Error> {
-    // std::fs::copy uses copy_file_range, which reflinks where the file system can.
-    tokio::fs::copy(from, to).await.map(drop).map_err(io_error(format!("copy {} to {}", from.display(), to.display())))
+    // Not std::fs::copy: copy_file_range fills the holes of a sparse root file system.
+    Ok(crate::host::storage::copy_file(from, to).await?)
 }
 
 #[tonic::async_trait]
