@@ -2,6 +2,7 @@
 
 mod autostart;
 mod commands;
+mod json;
 mod output;
 mod telemetry;
 
@@ -34,6 +35,10 @@ struct Cli {
     /// Never start bangerd when it does not answer.
     #[arg(long, global = true, env = "BANGER_NO_AUTOSTART", value_parser = clap::builder::BoolishValueParser::new())]
     no_autostart: bool,
+    /// How read commands print: text for people, json for scripts (protobuf's JSON names,
+    /// one document per line; `vm watch` prints one event per line).
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "text", env = "BANGER_OUTPUT")]
+    output: OutputFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +55,15 @@ enum Command {
     ///
     /// Exits 1 when a check fails (VMs cannot run until it is fixed).
     Doctor,
+}
+
+/// How read commands print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    /// Tables and lines for people.
+    Text,
+    /// JSON for scripts.
+    Json,
 }
 
 /// The shape of a new VM.
@@ -370,6 +384,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let telemetry = telemetry::CliTelemetry::init(cli.otlp_endpoint.as_deref());
         let span = tracing::info_span!("command", otel.name = %command_name, otel.kind = "client");
+        output::set_json(cli.output == OutputFormat::Json);
         let code = tracing::Instrument::instrument(commands::run(target, autostart, cli.command), span).await;
         telemetry.shutdown();
         code

@@ -3,6 +3,17 @@
 use banger_client::{ClientError, Target, error_op_id, field_violations, pb};
 use tonic::{Code, Status};
 
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes read commands print JSON (`--output json`).
+pub fn set_json(json: bool) {
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn state_name(state: i32) -> &'static str {
     match pb::VmState::try_from(state).unwrap_or(pb::VmState::Unspecified) {
         pb::VmState::Unspecified => "unknown",
@@ -23,12 +34,18 @@ fn time(ts: Option<&prost_types::Timestamp>) -> String {
 
 /// One line about a VM an operation acted on.
 pub fn print_vm_line(vm: &pb::Vm, op: Option<&str>) {
+    if json() {
+        return crate::json::print(&crate::json::vm(vm));
+    }
     let op = op.map(|op| format!(" op={op}")).unwrap_or_default();
     println!("{} {} {}{op}", vm.name, vm.id, state_name(vm.state));
 }
 
 /// VMs as a table.
 pub fn print_vm_table(vms: &[pb::Vm]) {
+    if json() {
+        return crate::json::print(&serde_json::Value::Array(vms.iter().map(crate::json::vm).collect()));
+    }
     println!("{:<24} {:<26} {:<9} {:>5} {:>7} {:>8}", "NAME", "ID", "STATE", "VCPUS", "MEMORY", "PID");
     for vm in vms {
         let pid = vm.runtime.as_ref().map(|r| r.vmm_pid).filter(|p| *p != 0);
@@ -46,6 +63,9 @@ pub fn print_vm_table(vms: &[pb::Vm]) {
 
 /// One VM, field by field.
 pub fn print_vm_details(vm: &pb::Vm) {
+    if json() {
+        return crate::json::print(&crate::json::vm(vm));
+    }
     let runtime = vm.runtime.clone().unwrap_or_default();
     let rows = [
         ("name", vm.name.clone()),
@@ -80,6 +100,9 @@ pub fn print_vm_details(vm: &pb::Vm) {
 
 /// Images as a table.
 pub fn print_image_table(images: &[pb::Image]) {
+    if json() {
+        return crate::json::print(&serde_json::Value::Array(images.iter().map(crate::json::image).collect()));
+    }
     println!("{:<24} {:<26} {:>10}", "NAME", "ID", "ROOTFS");
     for image in images {
         println!("{:<24} {:<26} {:>9}M", image.name, image.id, image.rootfs_size_bytes / (1024 * 1024));
@@ -88,6 +111,9 @@ pub fn print_image_table(images: &[pb::Image]) {
 
 /// One image, field by field.
 pub fn print_image_details(image: &pb::Image) {
+    if json() {
+        return crate::json::print(&crate::json::image(image));
+    }
     let rows = [
         ("name", image.name.clone()),
         ("id", image.id.clone()),
@@ -104,15 +130,16 @@ pub fn print_image_details(image: &pb::Image) {
 
 /// The host report: one line per check, then the drivers in use. True when a check failed.
 pub fn print_host_report(report: &pb::GetHostResponse) -> bool {
-    let mut failed = false;
+    let failed = report.checks.iter().any(|c| c.status == pb::HostCheckStatus::Fail as i32);
+    if json() {
+        crate::json::print(&crate::json::host(report));
+        return failed;
+    }
     for check in &report.checks {
         let status = match pb::HostCheckStatus::try_from(check.status).unwrap_or(pb::HostCheckStatus::Unspecified) {
             pb::HostCheckStatus::Pass => "PASS",
             pb::HostCheckStatus::Warn => "WARN",
-            pb::HostCheckStatus::Fail => {
-                failed = true;
-                "FAIL"
-            }
+            pb::HostCheckStatus::Fail => "FAIL",
             pb::HostCheckStatus::Unspecified => "????",
         };
         println!("{status}  {:<14} {}", check.name, check.detail);
@@ -168,6 +195,11 @@ pub fn print_connect_error(target: &Target, err: &ClientError) {
 
 /// One VM event as a line: revision, time, VM, what happened.
 pub fn print_event(event: &pb::VmEvent) {
+    if json() {
+        crate::json::print(&crate::json::event(event));
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        return;
+    }
     use pb::vm_event::Kind;
     let what = match &event.kind {
         Some(Kind::StateChange(change)) => match change.previous_state() {

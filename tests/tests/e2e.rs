@@ -247,6 +247,11 @@ fn doctor_reports_this_host_as_it_is() {
     let backend = if Path::new("/dev/vhost-vsock").exists() { "kernel vhost-vsock" } else { "vhost-device-vsock" };
     assert!(report.contains(&format!("agent channel {backend}")), "{report}");
     assert!(report.contains("vmm qemu (accel tcg)"), "{report}");
+    let json = daemon.banger(&["doctor", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("doctor json");
+    let qemu = json["checks"].as_array().expect("checks").iter().find(|c| c["name"] == "qemu").cloned();
+    assert_eq!(qemu.expect("qemu check")["status"], "HOST_CHECK_STATUS_PASS");
+    assert_eq!(json["choices"]["vmm"], "qemu");
 }
 
 #[test]
@@ -287,6 +292,17 @@ fn a_labelled_vm_with_a_ttl_is_listed_waited_for_and_reaped_with_all_it_held_acr
     assert!(text(&daemon.banger(&["vm", "list", "--state", "running"]).stdout).contains("ttl-vm"));
     assert!(!text(&daemon.banger(&["vm", "list", "--state", "stopped"]).stdout).contains("ttl-vm"));
     assert_eq!(vm_field(&daemon, "ttl-vm", "labels"), "ci.job=77");
+    // The same in JSON, with protobuf's JSON names, for scripts.
+    let listed = daemon.banger(&["vm", "list", "--label", "ci.job=77", "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json list");
+    assert_eq!(listed[0]["name"], "ttl-vm", "{listed}");
+    assert_eq!(listed[0]["state"], "VM_STATE_RUNNING", "{listed}");
+    assert_eq!(listed[0]["labels"]["ci.job"], "77", "{listed}");
+    assert!(listed[0]["expireTime"].is_string(), "{listed}");
+    let shown = daemon.banger(&["-o", "json", "vm", "show", "ttl-vm"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("json show");
+    assert_eq!(shown["runtime"]["vmPid"], serde_json::Value::Null, "no such field");
+    assert!(shown["runtime"]["vmmPid"].as_u64().is_some_and(|pid| pid > 0), "{shown}");
     assert_ne!(vm_field(&daemon, "ttl-vm", "expires"), "-");
     let out = daemon.banger(&["vm", "wait", "ttl-vm", "--state", "running", "--timeout", "30s"]);
     assert!(out.status.success() && text(&out.stdout).contains("running"), "{}", text(&out.stderr));
