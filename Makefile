@@ -47,10 +47,18 @@ demo: setup build ## Start bangerd, boot a VM from the default image, run a comm
 test: setup build ## Run every test: unit, ops, API, and end to end with real QEMU guests
 	$(CARGO) test --locked --workspace
 
-lint: tools ## rustfmt, clippy (-D warnings) and buf lint
+lint: tools ## rustfmt, clippy (-D warnings), buf lint, and buf breaking against the last two commits
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	cd proto && ../$(BUF) lint
+	@# The API never breaks clients silently: what is uncommitted against HEAD, HEAD against HEAD~1.
+	@for ref in HEAD HEAD~1; do \
+		if git rev-parse -q --verify "$$ref" >/dev/null; then \
+			(cd proto && ../$(BUF) breaking --against "../.git#ref=$$ref,subdir=proto") || exit 1; \
+		else \
+			echo "lint: $$ref is not in this clone (shallow?): buf breaking against it skipped"; \
+		fi; \
+	done
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
