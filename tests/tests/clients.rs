@@ -12,7 +12,11 @@ fn the_generated_python_client_runs_an_orchestrator_scenario() {
     let root = repo_root();
     let python = root.join(".tools/venv/bin/python");
     let generated = root.join("clients/python/generated/banger/v1/vm_pb2_grpc.py");
-    assert!(python.exists() && generated.exists(), "run `make setup` and `make clients` first ({})", generated.display());
+    assert!(
+        python.exists() && generated.exists(),
+        "run `make setup` and `make clients` first ({})",
+        generated.display()
+    );
     let daemon = Daemon::start(&[]);
     let out = Command::new(python)
         .arg(root.join("clients/python/scenario.py"))
@@ -21,6 +25,30 @@ fn the_generated_python_client_runs_an_orchestrator_scenario() {
         .expect("python");
     assert!(
         out.status.success() && text(&out.stdout).contains("python scenario: ok"),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon.log()
+    );
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+}
+
+#[test]
+fn the_generated_typescript_client_runs_an_orchestrator_scenario() {
+    let _slot = guest_slot();
+    let root = repo_root();
+    let tsx = root.join("clients/typescript/node_modules/.bin/tsx");
+    let generated = root.join("clients/typescript/generated/banger/v1/vm_pb.ts");
+    assert!(tsx.exists() && generated.exists(), "run `make setup` and `make clients` first ({})", generated.display());
+    let daemon = Daemon::start(&[]);
+    let out = Command::new(tsx)
+        .arg(root.join("clients/typescript/scenario.ts"))
+        .arg(&daemon.socket)
+        .current_dir(root.join("clients/typescript"))
+        .output()
+        .expect("tsx");
+    assert!(
+        out.status.success() && text(&out.stdout).contains("typescript scenario: ok"),
         "{}{}\n{}",
         text(&out.stdout),
         text(&out.stderr),
