@@ -57,6 +57,10 @@ demo: setup build ## Start bangerd, boot a VM from the default image, run a comm
 test: setup build clients ## Run every test: unit, ops, API, end to end with real QEMU guests, generated clients
 	$(CARGO) test --locked --workspace
 
+bench: setup ## Measure a release bangerd against DESIGN §9; writes target/bench/ and docs/PERFORMANCE.md's table
+	$(CARGO) build --locked --release --bins -p banger-server -p banger-client -p banger-bench
+	target/release/banger-bench target/release $(DEFAULT_IMAGE_DIR) $(CURDIR)
+
 lint: tools ## rustfmt, clippy (-D warnings), buf lint, and buf breaking against the last two commits
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings

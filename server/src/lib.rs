@@ -130,7 +130,10 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     let ops = Arc::new(Ops::new(store, ops_config, host));
     // A VM that cannot be reconciled now is logged and retried by the periodic resync; it
     // must not keep the daemon (and every other VM) from being served.
-    if let Err(err) = ops.recover().await {
+    let started = std::time::Instant::now();
+    let recovered = ops.recover().await;
+    tracing::info!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "startup reconcile");
+    if let Err(err) = recovered {
         tracing::warn!(error = err.chain(), "startup reconcile incomplete; retrying every 30 s");
     }
     Ok(ops)
@@ -154,9 +157,9 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     };
     let unix =
         router.clone().serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), stopped(stop_rx.clone()));
-    let tcp = listeners
-        .tcp
-        .map(|tcp| router.serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped(stop_rx.clone())));
+    let tcp = listeners.tcp.map(|tcp| {
+        router.serve_with_incoming_shutdown(no_delay(TcpListenerStream::new(tcp)), stopped(stop_rx.clone()))
+    });
     let servers = async {
         match tcp {
             Some(tcp) => tokio::try_join!(unix, tcp).map(drop),
@@ -178,6 +181,17 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     counting.abort();
     ops.store().close().await;
     Ok(())
+}
+
+/// Accepted TCP connections with Nagle's algorithm off: a small response must not wait for
+/// the client's delayed ACK (40 ms per call otherwise).
+fn no_delay(incoming: TcpListenerStream) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    incoming.map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }
 
 /// Refreshes the VM-by-state counts the `banger.vms` gauge reports.

@@ -1,0 +1,480 @@
+//! `make bench`: measures a release bangerd on this machine against the budgets of DESIGN §9
+//! and writes `target/bench/results.json`, `target/bench/summary.md` and the table of
+//! `docs/PERFORMANCE.md`. Nothing here asserts a timing: the numbers are reported, with the
+//! budget beside each, and the document says what dominates where one is missed.
+//!
+//! Method, in one run of its own daemon over a fresh state dir:
+//! 1. create→ready of real guests, one at a time, each stage's time from the `WatchVms`
+//!    stage events of its `vm.create`; control-plane overhead = every stage but `vmm_boot` and
+//!    `wait_agent`;
+//! 2. create throughput: VMs created and booted per second at concurrency 1 and 2;
+//! 3. 1,000 recorded VMs (2 running, the rest created but not started), then `GetVm` and
+//!    `ListVms` (a page of 100) at concurrency 1, 16 and 64, over the unix socket and TCP;
+//! 4. the daemon's idle RSS with those records;
+//! 5. the daemon killed (SIGKILL) and started again: the startup reconcile of the 1,000
+//!    records, as the daemon logs it.
+//!
+//! Usage: `banger-bench BIN_DIR IMAGE_DIR REPO_ROOT` (the Makefile passes them).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use banger_client::{Client, Target, pb};
+use serde_json::{Value, json};
+
+/// Guests booted one at a time for the create→ready breakdown.
+const BOOTS: usize = 8;
+/// VMs recorded for the RPC and reconcile measurements.
+const RECORDS: usize = 1000;
+/// How long each RPC load runs.
+const LOAD: Duration = Duration::from_secs(3);
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Median, 99th percentile and rate of a set of latencies.
+fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Value {
+    latencies.sort();
+    let at = |q: f64| {
+        let index = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies.get(index).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
+    };
+    json!({
+        "count": latencies.len(),
+        "per_second": latencies.len() as f64 / elapsed.as_secs_f64(),
+        "p50_ms": at(0.5),
+        "p99_ms": at(0.99),
+    })
+}
+
+fn quantiles_ms(mut values: Vec<f64>) -> Value {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values.get(((values.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    json!({ "p50_ms": at(0.5), "p99_ms": at(0.99), "runs": values.len() })
+}
+
+/// One bangerd of the bench's own, on a unix socket and a loopback port.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    port: u16,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Daemon {
+    fn start(bin_dir: &Path, image_dir: &Path, dir: &Path) -> Result<Self, Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let socket = dir.join("bangerd.sock");
+        let log = dir.join("bangerd.log");
+        let output = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = Command::new(bin_dir.join("bangerd"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--default-image-dir")
+            .arg(image_dir)
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .spawn()?;
+        Ok(Self { child, socket, port, log, started: Instant::now() })
+    }
+
+    /// Waits until the daemon answers; returns how long it took since it was started.
+    async fn serving(&self) -> Result<(Client, Duration), Error> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut client) = Client::connect(&Target::Unix(self.socket.clone())).await
+                && client.vms.list_vms(pb::ListVmsRequest { page_size: 1, ..Default::default() }).await.is_ok()
+            {
+                return Ok((client, self.started.elapsed()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("bangerd did not serve within 60 s; see {}", self.log.display()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn tcp_client(&self) -> Result<Client, Error> {
+        Ok(Client::connect(&Target::Endpoint(format!("http://127.0.0.1:{}", self.port))).await?)
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+
+    /// The duration of the last startup reconcile the daemon logged.
+    fn reconcile_ms(&self) -> Option<f64> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        log.lines()
+            .rev()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["message"] == "startup reconcile")
+            .find_map(|line| line["duration_ms"].as_f64())
+    }
+
+    /// SIGKILL, as a crash: its VMs keep running.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates and boots one VM while watching its stage events; returns each stage's
+/// milliseconds and the call's wall time.
+async fn create_watched(client: &Client, name: &str) -> Result<(BTreeMap<String, f64>, f64), Error> {
+    let mut watcher = client.clone();
+    let watch = pb::WatchVmsRequest { vm: name.into(), ..Default::default() };
+    let mut events = watcher.vms.watch_vms(watch).await?.into_inner();
+    let mut creator = client.clone();
+    let started = Instant::now();
+    creator.vms.create_vm(pb::CreateVmRequest { name: name.into(), ..Default::default() }).await?;
+    let wall = started.elapsed().as_secs_f64() * 1000.0;
+    let mut stages = BTreeMap::new();
+    while !stages.contains_key("mark_running") {
+        let message = tokio::time::timeout(Duration::from_secs(10), events.message()).await??;
+        let Some(pb::WatchVmsResponse { event: Some(event) }) = message else { break };
+        if let Some(pb::vm_event::Kind::StageCompleted(stage)) = event.kind
+            && stage.operation == "vm.create"
+        {
+            stages.insert(stage.stage, stage.since_last_stage_ms as f64);
+        }
+    }
+    Ok((stages, wall))
+}
+
+async fn delete(client: &Client, vm: &str) -> Result<(), Error> {
+    let mut client = client.clone();
+    client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.into(), ..Default::default() }).await?;
+    Ok(())
+}
+
+/// `calls` at concurrency `workers` for [`LOAD`], each worker on a clone of `client` (one
+/// HTTP/2 connection, as a real client would share).
+async fn load(client: &Client, workers: usize, call: fn(Client, usize) -> CallFuture) -> Value {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|worker| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut i = worker;
+                while started.elapsed() < LOAD {
+                    let begun = Instant::now();
+                    if call(client.clone(), i).await.is_ok() {
+                        latencies.push(begun.elapsed());
+                    }
+                    i += workers;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap_or_default());
+    }
+    summarize(all, started.elapsed())
+}
+
+type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
+
+fn get_vm(mut client: Client, i: usize) -> CallFuture {
+    Box::pin(async move {
+        let request = pb::GetVmRequest { vm: format!("rec-{}", i % (RECORDS - 2)) };
+        client.vms.get_vm(request).await.map(drop)
+    })
+}
+
+fn list_vms(mut client: Client, _i: usize) -> CallFuture {
+    Box::pin(
+        async move { client.vms.list_vms(pb::ListVmsRequest { page_size: 100, ..Default::default() }).await.map(drop) },
+    )
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": model.unwrap_or("unknown"),
+        "memory_gib": std::fs::read_to_string("/proc/meminfo").ok()
+            .and_then(|m| m.lines().next()?.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|kib| (kib / 1024.0 / 1024.0).round()),
+        "accel": "tcg (this host's /dev/kvm cannot boot stock kernels)",
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    })
+}
+
+/// After a failure: a fresh daemon over the bench's state deletes every VM (and with them
+/// their processes, cgroups and files), then goes.
+async fn clean_up(bin_dir: &Path, image_dir: &Path, work: &Path) {
+    let Ok(daemon) = Daemon::start(bin_dir, image_dir, work) else { return };
+    if let Ok((mut client, _)) = daemon.serving().await {
+        let request = pb::ListVmsRequest { page_size: 1000, ..Default::default() };
+        if let Ok(listed) = client.vms.list_vms(request).await {
+            for vm in listed.into_inner().vms {
+                let _ = delete(&client, &vm.id).await;
+            }
+        }
+    }
+    daemon.kill();
+}
+
+async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Result<(), Error> {
+    let daemon = Daemon::start(bin_dir, image_dir, work)?;
+    let (client, _) = daemon.serving().await?;
+    let mut results = json!({ "machine": machine() });
+
+    // 1. create→ready, stage by stage. The first create imports the default image: not counted.
+    eprintln!("bench: create→ready of {BOOTS} guests, one at a time");
+    create_watched(&client, "warmup").await?;
+    delete(&client, "warmup").await?;
+    let mut per_stage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let (mut overheads, mut walls) = (Vec::new(), Vec::new());
+    for i in 0..BOOTS {
+        let name = format!("boot-{i}");
+        let (stages, wall) = create_watched(&client, &name).await?;
+        overheads.push(stages.iter().filter(|(s, _)| *s != "vmm_boot" && *s != "wait_agent").map(|(_, ms)| ms).sum());
+        for (stage, ms) in stages {
+            per_stage.entry(stage).or_default().push(ms);
+        }
+        walls.push(wall);
+        delete(&client, &name).await?;
+    }
+    results["create_to_ready"] = json!({
+        "stages": per_stage.into_iter().map(|(s, v)| (s, quantiles_ms(v))).collect::<serde_json::Map<_, _>>(),
+        "control_plane_overhead": quantiles_ms(overheads),
+        "wall": quantiles_ms(walls),
+    });
+
+    // 2. Create throughput at concurrency 1 and 2 (at most two TCG guests at once here).
+    let mut throughput = serde_json::Map::new();
+    for workers in [1usize, 2] {
+        eprintln!("bench: create throughput at concurrency {workers}");
+        let per_worker = 2;
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_worker {
+                        let mut client = client.clone();
+                        let request =
+                            pb::CreateVmRequest { name: format!("tp-{workers}-{w}-{i}"), ..Default::default() };
+                        client.vms.create_vm(request).await?;
+                    }
+                    Ok::<(), tonic::Status>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        throughput.insert(
+            format!("concurrency_{workers}"),
+            json!({ "vms": workers * per_worker, "seconds": elapsed, "vms_per_second": (workers * per_worker) as f64 / elapsed }),
+        );
+        for w in 0..workers {
+            for i in 0..per_worker {
+                delete(&client, &format!("tp-{workers}-{w}-{i}")).await?;
+            }
+        }
+    }
+    results["create_throughput"] = Value::Object(throughput);
+
+    // 3. 1,000 records: 2 running, the rest created but not started.
+    eprintln!("bench: recording {RECORDS} VMs");
+    for name in ["live-0", "live-1"] {
+        create_watched(&client, name).await?;
+    }
+    let started = Instant::now();
+    for i in 0..RECORDS - 2 {
+        let mut client = client.clone();
+        let request = pb::CreateVmRequest { name: format!("rec-{i}"), no_start: true, ..Default::default() };
+        client.vms.create_vm(request).await?;
+    }
+    results["record_rate_per_second"] = json!((RECORDS - 2) as f64 / started.elapsed().as_secs_f64());
+
+    eprintln!("bench: GetVm and ListVms (page of 100) at concurrency 1, 16, 64, unix and TCP");
+    let tcp = daemon.tcp_client().await?;
+    let mut rpc = serde_json::Map::new();
+    for (transport, client) in [("unix", &client), ("tcp", &tcp)] {
+        for (name, call) in [("GetVm", get_vm as fn(Client, usize) -> CallFuture), ("ListVms_100", list_vms)] {
+            for workers in [1, 16, 64] {
+                rpc.insert(format!("{name}/{transport}/c{workers}"), load(client, workers, call).await);
+            }
+        }
+    }
+    results["rpc"] = Value::Object(rpc);
+
+    // 4. Idle memory with 1,000 records.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    results["idle_rss_mib"] = json!(daemon.rss_mib());
+
+    // 5. Crash and restart: the startup reconcile of 1,000 records, 2 of them running.
+    eprintln!("bench: SIGKILL and restart with {RECORDS} records");
+    drop((client, tcp));
+    daemon.kill();
+    let daemon = Daemon::start(bin_dir, image_dir, work)?;
+    let (client, to_serving) = daemon.serving().await?;
+    results["restart"] = json!({
+        "reconcile_ms": daemon.reconcile_ms(),
+        "start_to_serving_ms": to_serving.as_secs_f64() * 1000.0,
+        "idle_rss_mib_after_restart": daemon.rss_mib(),
+    });
+
+    eprintln!("bench: cleaning up");
+    for name in ["live-0", "live-1"] {
+        delete(&client, name).await?;
+    }
+    for i in 0..RECORDS - 2 {
+        delete(&client, &format!("rec-{i}")).await?;
+    }
+    drop(client);
+    daemon.kill();
+
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let table = summary(&results);
+    std::fs::write(out.join("summary.md"), &table)?;
+    update_document(&root.join("docs/PERFORMANCE.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+fn num(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The table of results beside the budgets of DESIGN §9.
+fn summary(r: &Value) -> String {
+    let m = &r["machine"];
+    let overhead = &r["create_to_ready"]["control_plane_overhead"];
+    let get64 = &r["rpc"]["GetVm/unix/c64"];
+    let reconcile = r["restart"]["reconcile_ms"].as_f64();
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let mut out = format!(
+        "Measured {} on {} × {} ({} GiB), {}, kernel {}.\n\n",
+        m["date"].as_str().unwrap_or(""),
+        m["nproc"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory_gib"],
+        m["accel"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or("")
+    );
+    out += "| measure | result | budget (DESIGN §9) | |\n|---|---|---|---|\n";
+    out += &format!(
+        "| control-plane overhead of create→ready (all stages but vmm_boot, wait_agent) | p50 {:.1} ms, p99 {:.1} ms | p50 ≤ 10 ms | {} |\n",
+        num(&overhead["p50_ms"]),
+        num(&overhead["p99_ms"]),
+        verdict(num(&overhead["p50_ms"]) <= 10.0)
+    );
+    out += &format!(
+        "| create→ready wall (client side) | p50 {:.0} ms, p99 {:.0} ms | anchor: Firecracker ~12 ms VMM start, ≤ 125 ms to init (KVM) | TCG here |\n",
+        num(&r["create_to_ready"]["wall"]["p50_ms"]),
+        num(&r["create_to_ready"]["wall"]["p99_ms"])
+    );
+    out += "| `banger vm run -- true` vs the raw VMM, A/B | not measured yet | ratio ≤ 1.05 | open |\n";
+    out += &format!(
+        "| GetVm, 1,000 records, concurrency 64, unix | {:.0} req/s, p99 {:.2} ms | ≥ 20,000 req/s, p99 ≤ 5 ms | {} |\n",
+        num(&get64["per_second"]),
+        num(&get64["p99_ms"]),
+        verdict(num(&get64["per_second"]) >= 20_000.0 && num(&get64["p99_ms"]) <= 5.0)
+    );
+    out += &format!(
+        "| startup reconcile, 1,000 records (2 running) | {} | ≤ 1 s | {} |\n",
+        reconcile.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "not logged".into()),
+        verdict(reconcile.is_some_and(|ms| ms <= 1000.0))
+    );
+    out += &format!(
+        "| idle RSS, 1,000 records | {:.1} MiB | ≤ 50 MiB | {} |\n",
+        num(&r["idle_rss_mib"]),
+        verdict(num(&r["idle_rss_mib"]) <= 50.0)
+    );
+    for c in [1, 2] {
+        let t = &r["create_throughput"][format!("concurrency_{c}")];
+        out += &format!(
+            "| VMs created and booted per second, concurrency {c} | {:.2} VMs/s | anchor: 5 VMs/core/s (KVM) | TCG here |\n",
+            num(&t["vms_per_second"])
+        );
+    }
+    out += "\nRPC latency and throughput (1,000 VMs recorded; one HTTP/2 connection per transport):\n\n";
+    out += "| call | transport | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|\n";
+    if let Some(rpc) = r["rpc"].as_object() {
+        for (key, v) in rpc {
+            let parts: Vec<&str> = key.split('/').collect();
+            out += &format!(
+                "| {} | {} | {} | {:.0} | {:.2} | {:.2} |\n",
+                parts[0].replace('_', " page "),
+                parts[1],
+                parts[2].trim_start_matches('c'),
+                num(&v["per_second"]),
+                num(&v["p50_ms"]),
+                num(&v["p99_ms"])
+            );
+        }
+    }
+    out += "\ncreate→ready by stage (ms, over the runs):\n\n| stage | p50 | p99 |\n|---|---|---|\n";
+    if let Some(stages) = r["create_to_ready"]["stages"].as_object() {
+        for (stage, v) in stages {
+            out += &format!("| {stage} | {:.1} | {:.1} |\n", num(&v["p50_ms"]), num(&v["p99_ms"]));
+        }
+    }
+    out
+}
+
+/// Replaces the text between the bench markers of `path` with `table`.
+fn update_document(path: &Path, table: &str) -> Result<(), Error> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let text = std::fs::read_to_string(path)?;
+    let (Some(begin), Some(end)) = (text.find(BEGIN), text.find(END)) else {
+        return Err(format!("{} has no {BEGIN} ... {END} markers", path.display()).into());
+    };
+    let updated = format!("{}{BEGIN}\n{table}{}", &text[..begin], &text[end..]);
+    std::fs::write(path, updated)?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let [bin_dir, image_dir, root] = <[PathBuf; 3]>::try_from(args).unwrap_or_else(|_| {
+        eprintln!("usage: banger-bench BIN_DIR IMAGE_DIR REPO_ROOT");
+        std::process::exit(2);
+    });
+    let work = match tempfile::Builder::new().prefix("banger-bench").tempdir() {
+        Ok(work) => work,
+        Err(error) => {
+            eprintln!("bench: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match run(&bin_dir, &image_dir, &root, work.path()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench: {error}; deleting what it made");
+            clean_up(&bin_dir, &image_dir, work.path()).await;
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
