@@ -274,8 +274,13 @@ impl Vmm for FirecrackerVmm {
         let vmm = command::spawn_detached_split(&program, &args, &paths.console_log, &paths.vmm_log)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !paths.api_socket.exists() {
+            // The jailer execs Firecracker in place; while the exec replaces the process image
+            // its command line reads empty for a moment, which alone must not count as an exit.
             if !self.processes.alive(&vmm, &paths.api_socket) {
-                return Err(self.exited(paths));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !paths.api_socket.exists() && !self.processes.alive(&vmm, &paths.api_socket) {
+                    return Err(self.exited(paths));
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(HostError::Timeout { what: "firecracker api socket".into(), seconds: 10 });
