@@ -5,7 +5,12 @@ use std::{io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 use super::HostError;
 use crate::domain::VmHandles;
 
-/// Writes the handles atomically (temp file, fsync, rename), mode 0600.
+/// Writes the handles atomically (temp file, rename), mode 0600.
+///
+/// Not fsynced, on purpose: the file must survive the daemon's crash, which the page cache
+/// does, not the host's, after which none of the processes or kernel objects it names exist
+/// (a file the host crash truncated reads as corrupt, i.e. empty, and `/proc` is asked).
+/// An fsync per handle was several milliseconds on the critical path of every boot.
 pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
@@ -21,7 +26,6 @@ pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> 
         .open(&tmp)
         .map_err(io("create"))?;
     file.write_all(&body).map_err(io("write"))?;
-    file.sync_all().map_err(io("sync"))?;
     std::fs::rename(&tmp, path).map_err(io("rename"))?;
     Ok(())
 }
