@@ -360,6 +360,13 @@ impl Drop for Daemon {
     }
 }
 
+/// The sha256 of a file, in hex.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}: {}", path.display(), text(&out.stderr));
+    text(&out.stdout).split_whitespace().next().expect("hash").to_owned()
+}
+
 /// The CLI's output as text, for assertions.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use banger_tests::{Daemon, guest_slot, repo_root, text};
+use banger_tests::{Daemon, guest_slot, repo_root, sha256, text};
 use nix::sys::signal::Signal;
 
 fn try_vm_field(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
@@ -430,11 +430,6 @@ fn guest_output_streams_through_in_bounded_daemon_memory_and_interrupting_kills_
     assert!(daemon.banger(&["vm", "delete", "flood"]).status.success());
 }
 
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    text(&out.stdout).split_whitespace().next().expect("hash").to_owned()
-}
-
 #[test]
 fn files_copied_into_and_back_out_of_a_guest_are_byte_identical_with_their_mode_even_at_200_mib() {
     let _slot = guest_slot();
@@ -464,9 +459,9 @@ fn files_copied_into_and_back_out_of_a_guest_are_byte_identical_with_their_mode_
     let back = work.path().join("back.bin");
     let out = daemon.banger(&["vm", "cp", "files:/root/big.bin", &back.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(sha256_of(&back), sha256_of(&big), "the round trip changed the file");
+    assert_eq!(sha256(&back), sha256(&big), "the round trip changed the file");
     let out = daemon.banger(&["vm", "exec", "files", "--", "sha256sum", "/root/big.bin"]);
-    assert!(text(&out.stdout).starts_with(&sha256_of(&big)), "the guest's copy differs");
+    assert!(text(&out.stdout).starts_with(&sha256(&big)), "the guest's copy differs");
 
     // Errors name the problem with the right code, and leave nothing behind.
     let out = daemon.banger(&["vm", "cp", "files:/no/such/file", &work.path().join("x").display().to_string()]);

@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use banger_tests::{Daemon, bin_dir, guest_slot, text};
+use banger_tests::{Daemon, bin_dir, guest_slot, sha256, text};
 
 /// An XFS file system on a loop device over a sparse file, mounted for one test and torn
 /// down (unmounted, detached) when dropped.
@@ -58,10 +58,6 @@ fn field(daemon: &Daemon, args: &[&str], name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in {args:?}"))
 }
 
-fn sha256(path: &str) -> String {
-    run("sha256sum", &[path]).split_whitespace().next().expect("hash").to_owned()
-}
-
 /// Boots two guests from the default image with `strategy` and checks their isolation.
 fn check_isolation(parent: Option<&Path>, strategy: &str) {
     let config_dir = tempfile::tempdir().expect("config dir");
@@ -76,7 +72,7 @@ fn check_isolation(parent: Option<&Path>, strategy: &str) {
     assert!(root_disk.ends_with(&format!("({strategy})")), "{strategy}: {root_disk}");
     let base = field(&daemon, &["image", "show", "default"], "rootfs");
     let base = base.split(" (").next().expect("path").to_owned();
-    let before = sha256(&base);
+    let before = sha256(Path::new(&base));
 
     let out = daemon.banger(&["vm", "exec", "iso-a", "--", "sh", "-c", "echo only-in-a > /marker && sync"]);
     assert!(out.status.success(), "{strategy}: {}", text(&out.stderr));
@@ -94,7 +90,7 @@ fn check_isolation(parent: Option<&Path>, strategy: &str) {
     for vm in ["iso-a", "iso-b"] {
         assert!(daemon.banger(&["vm", "delete", vm]).status.success());
     }
-    assert_eq!(sha256(&base), before, "{strategy}: the base image changed");
+    assert_eq!(sha256(Path::new(&base)), before, "{strategy}: the base image changed");
 }
 
 #[test]

@@ -196,15 +196,7 @@ impl FirecrackerVmm {
     /// Every request that configures and starts one VM, in order (sent by `boot`).
     pub fn configuration(launch: &LaunchSpec<'_>) -> Vec<ApiRequest> {
         let paths = launch.paths;
-        let mut boot_args = String::from("console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw");
-        boot_args.push_str(&format!(" banger.hostname={}", launch.name));
-        if let Some(nic) = launch.nic {
-            boot_args.push_str(&format!(" {}", nic.kernel_args()));
-        }
-        if !launch.image.kernel_args.is_empty() {
-            boot_args.push(' ');
-            boot_args.push_str(&launch.image.kernel_args);
-        }
+        let boot_args = format!("console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw {}", launch.guest_args());
         let mut requests = vec![
             ApiRequest::PutMachineConfig(MachineConfig {
                 vcpu_count: launch.spec.vcpus,

@@ -36,6 +36,23 @@ pub struct LaunchSpec<'a> {
     pub nic: Option<&'a GuestNic>,
 }
 
+impl LaunchSpec<'_> {
+    /// The kernel arguments of banger's guest contract, the same under every VMM: the
+    /// hostname, the network the guest's init configures, then the image's own arguments.
+    pub fn guest_args(&self) -> String {
+        let mut args = format!("banger.hostname={}", self.name);
+        if let Some(nic) = self.nic {
+            args.push(' ');
+            args.push_str(&nic.kernel_args());
+        }
+        if !self.image.kernel_args.is_empty() {
+            args.push(' ');
+            args.push_str(&self.image.kernel_args);
+        }
+        args
+    }
+}
+
 /// A VM's network interface and its address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestNic {

@@ -53,14 +53,8 @@ impl QemuVmm {
         if let Some(khz) = self.tsc_khz {
             append.push_str(&format!(" tsc_early_khz={khz}"));
         }
-        append.push_str(&format!(" banger.hostname={}", launch.name));
-        if let Some(nic) = launch.nic {
-            append.push_str(&format!(" {}", nic.kernel_args()));
-        }
-        if !launch.image.kernel_args.is_empty() {
-            append.push(' ');
-            append.push_str(&launch.image.kernel_args);
-        }
+        append.push(' ');
+        append.push_str(&launch.guest_args());
         let accel = match self.accel {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
