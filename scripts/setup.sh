@@ -48,9 +48,9 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 	apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 fi
 
-# Tools for the guest image and the tests.
+# Tools for the guest image, the tests and `make bench` (perf samples the daemon).
 missing=()
-for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux; do
+for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux perf:linux-perf; do
 	command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [[ -e /bin/busybox ]] || missing+=(busybox-static)

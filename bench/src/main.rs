@@ -26,8 +26,12 @@ use std::{
 use banger_client::{Client, Target, pb};
 use serde_json::{Value, json};
 
+mod raw;
+
 /// Guests booted one at a time for the create→ready breakdown.
 const BOOTS: usize = 8;
+/// Pairs of the A/B: `banger vm run -- true` against the same guest launched by hand.
+const AB_PAIRS: usize = 6;
 /// VMs recorded for the RPC and reconcile measurements.
 const RECORDS: usize = 1000;
 /// How long each RPC load runs.
@@ -157,6 +161,55 @@ async fn create_watched(client: &Client, name: &str) -> Result<(BTreeMap<String,
     Ok((stages, wall))
 }
 
+/// `banger vm run --name NAME -- true` as a user runs it (the CLI, a new process, its own
+/// connection); its wall time. The VM is left running, as the command leaves it.
+fn banger_run_true(bin_dir: &Path, daemon: &Daemon, name: &str) -> Result<Duration, Error> {
+    let started = Instant::now();
+    let status = Command::new(bin_dir.join("banger"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["vm", "run", "--name", name, "--", "true"])
+        .stdin(Stdio::null())
+        .status()?;
+    let elapsed = started.elapsed();
+    if !status.success() {
+        return Err(format!("banger vm run -- true: {status}").into());
+    }
+    Ok(elapsed)
+}
+
+/// A: `banger vm run -- true`; B: the same QEMU and vsock backend command lines, image and
+/// agent, launched by hand (see `raw.rs`). One pair of each is a warm-up; then the pairs
+/// alternate which side goes first. Teardown is outside both timings.
+async fn side_by_side(bin_dir: &Path, daemon: &Daemon, client: &Client, work: &Path) -> Result<Value, Error> {
+    banger_run_true(bin_dir, daemon, "ab-template")?;
+    let mut probe = client.clone();
+    let vm = probe.vms.get_vm(pb::GetVmRequest { vm: "ab-template".into() }).await?.into_inner().vm.unwrap_or_default();
+    let runtime = vm.runtime.unwrap_or_default();
+    let image = probe.images.get_image(pb::GetImageRequest { image: vm.image_id.clone() }).await?.into_inner();
+    let base = image.image.map(|i| PathBuf::from(i.rootfs_path)).unwrap_or_default();
+    let template = raw::Template::capture(Path::new(&runtime.vm_dir), runtime.vmm_pid, base)?;
+    delete(client, "ab-template").await?;
+    raw::run_true(&template, &work.join("raw-warmup")).await?;
+
+    let (mut banger, mut direct) = (Vec::new(), Vec::new());
+    for pair in 0..AB_PAIRS {
+        for side in if pair % 2 == 0 { ["banger", "raw"] } else { ["raw", "banger"] } {
+            if side == "banger" {
+                let name = format!("ab-{pair}");
+                banger.push(banger_run_true(bin_dir, daemon, &name)?.as_secs_f64() * 1000.0);
+                delete(client, &name).await?;
+            } else {
+                let took = raw::run_true(&template, &work.join(format!("raw-{pair}"))).await?;
+                direct.push(took.as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let (a, b) = (quantiles_ms(banger), quantiles_ms(direct));
+    let ratio = num(&a["p50_ms"]) / num(&b["p50_ms"]);
+    Ok(json!({ "banger_vm_run_true": a, "raw_vmm_true": b, "ratio_p50": ratio }))
+}
+
 async fn delete(client: &Client, vm: &str) -> Result<(), Error> {
     let mut client = client.clone();
     client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.into(), ..Default::default() }).await?;
@@ -165,7 +218,21 @@ async fn delete(client: &Client, vm: &str) -> Result<(), Error> {
 
 /// `calls` at concurrency `workers` for [`LOAD`], each worker on a clone of `client` (one
 /// HTTP/2 connection, as a real client would share).
-async fn load(client: &Client, workers: usize, call: fn(Client, usize) -> CallFuture) -> Value {
+/// CPU time a process has used so far (user + system), in seconds.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) in parentheses; utime and stime are
+    // the 14th and 15th of the line, in clock ticks.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf only reads a constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+async fn load(client: &Client, daemon: u32, workers: usize, call: fn(Client, usize) -> CallFuture) -> Value {
+    let daemon = daemon.to_string();
+    let cpu_before = (cpu_seconds(&daemon), cpu_seconds("self"));
     let started = Instant::now();
     let tasks: Vec<_> = (0..workers)
         .map(|worker| {
@@ -188,7 +255,12 @@ async fn load(client: &Client, workers: usize, call: fn(Client, usize) -> CallFu
     for task in tasks {
         all.extend(task.await.unwrap_or_default());
     }
-    summarize(all, started.elapsed())
+    let calls = all.len().max(1) as f64;
+    let mut summary = summarize(all, started.elapsed());
+    // CPU per call, of the daemon and of this load generator (they share the machine).
+    summary["daemon_cpu_us_per_call"] = json!((cpu_seconds(&daemon) - cpu_before.0) * 1e6 / calls);
+    summary["client_cpu_us_per_call"] = json!((cpu_seconds("self") - cpu_before.1) * 1e6 / calls);
+    summary
 }
 
 type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
@@ -204,6 +276,80 @@ fn list_vms(mut client: Client, _i: usize) -> CallFuture {
     Box::pin(
         async move { client.vms.list_vms(pb::ListVmsRequest { page_size: 100, ..Default::default() }).await.map(drop) },
     )
+}
+
+/// What a symbol belongs to, for the profile's summary.
+fn category(dso: &str, symbol: &str) -> &'static str {
+    let has = |needle: &str| symbol.contains(needle);
+    if dso.contains("kernel") || dso.starts_with('[') {
+        "kernel (syscalls, scheduling, unix socket I/O)"
+    } else if has("sqlite3") || has("sqlx") {
+        "SQLite and sqlx"
+    } else if has("h2::") || has("hyper") || has("tonic") || has("tower") || has("prost") || has("http::") {
+        "gRPC: tonic, hyper, h2, prost"
+    } else if has("tracing") || has("opentelemetry") {
+        "tracing and OpenTelemetry layers"
+    } else if has("tokio::") || has("mio::") {
+        "tokio runtime"
+    } else if has("malloc") || has("free") || has("realloc") || has("alloc::") {
+        "allocator"
+    } else if has("memcpy") || has("memmove") || has("memset") || has("memcmp") || has("strlen") {
+        "libc memory and string functions"
+    } else if has("banger") {
+        "banger's own code"
+    } else {
+        "other"
+    }
+}
+
+/// Samples the daemon with `perf` during a GetVm load (unix, concurrency 64); returns the
+/// share of CPU by category and the top symbols, and writes `getvm-profile.txt` into `out`.
+/// Where `perf` is missing or refuses, says so instead.
+async fn profile_getvm(daemon: &Daemon, client: &Client, out: &Path) -> Value {
+    let data = out.join("getvm.perf.data");
+    let _ = std::fs::create_dir_all(out);
+    let recording = Command::new("perf")
+        .args(["record", "-F", "999", "-p", &daemon.child.id().to_string(), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &LOAD.as_secs().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut recording) = recording else {
+        return json!({ "skipped": "perf is not installed (make setup installs linux-perf)" });
+    };
+    let load = load(client, daemon.child.id(), 64, get_vm).await;
+    let recorded = tokio::task::spawn_blocking(move || recording.wait()).await;
+    if !recorded.is_ok_and(|s| s.is_ok_and(|s| s.success())) {
+        return json!({ "skipped": "perf record failed" });
+    }
+    let report = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none", "--percent-limit", "0", "-i"])
+        .arg(&data)
+        .output();
+    let Ok(report) = report.map(|r| String::from_utf8_lossy(&r.stdout).into_owned()) else {
+        return json!({ "skipped": "perf report failed" });
+    };
+    let mut categories: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut top = Vec::new();
+    for line in report.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        // `  12.34%  bangerd  [.] symbol`
+        let mut fields = line.split_whitespace();
+        let (Some(share), Some(dso)) = (fields.next(), fields.next()) else { continue };
+        let Ok(share) = share.trim_end_matches('%').parse::<f64>() else { continue };
+        let symbol = fields.skip(1).collect::<Vec<_>>().join(" ");
+        *categories.entry(category(dso, &symbol)).or_default() += share;
+        if top.len() < 25 {
+            top.push(format!("{share:6.2}%  {dso}  {symbol}"));
+        }
+    }
+    let _ = std::fs::write(out.join("getvm-profile.txt"), &report);
+    json!({
+        "load_during_profile": load,
+        "by_category_percent": categories,
+        "top_symbols": top,
+        "report": "target/bench/getvm-profile.txt",
+    })
 }
 
 fn machine() -> Value {
@@ -242,6 +388,98 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
     let (client, _) = daemon.serving().await?;
     let mut results = json!({ "machine": machine() });
 
+    // BANGER_BENCH_ONLY=rpc: only the RPC load and the restart, without guests; for working
+    // on the RPC path. Its results go to `results-rpc.json`, and the document is left alone.
+    let only_rpc = std::env::var("BANGER_BENCH_ONLY").is_ok_and(|only| only == "rpc");
+    if !only_rpc {
+        guest_measures(bin_dir, &daemon, &client, work, &mut results).await?;
+    }
+
+    // 3. 1,000 records: 2 running, the rest created but not started.
+    eprintln!("bench: recording {RECORDS} VMs");
+    let live: &[&str] = if only_rpc { &[] } else { &["live-0", "live-1"] };
+    for name in live {
+        create_watched(&client, name).await?;
+    }
+    let started = Instant::now();
+    for i in 0..RECORDS - 2 {
+        let mut client = client.clone();
+        let request = pb::CreateVmRequest { name: format!("rec-{i}"), no_start: true, ..Default::default() };
+        client.vms.create_vm(request).await?;
+    }
+    results["record_rate_per_second"] = json!((RECORDS - 2) as f64 / started.elapsed().as_secs_f64());
+
+    eprintln!("bench: GetVm and ListVms (page of 100) at concurrency 1, 16, 64, unix and TCP");
+    let tcp = daemon.tcp_client().await?;
+    let mut rpc = serde_json::Map::new();
+    for (transport, client) in [("unix", &client), ("tcp", &tcp)] {
+        for (name, call) in [("GetVm", get_vm as fn(Client, usize) -> CallFuture), ("ListVms_100", list_vms)] {
+            for workers in [1, 16, 64] {
+                rpc.insert(
+                    format!("{name}/{transport}/c{workers}"),
+                    load(client, daemon.child.id(), workers, call).await,
+                );
+            }
+        }
+    }
+    results["rpc"] = Value::Object(rpc);
+
+    // 3b. Where the daemon's CPU goes under GetVm at concurrency 64 (a separate run: the
+    // sampler costs CPU of its own).
+    eprintln!("bench: CPU profile of the daemon under GetVm, concurrency 64, unix");
+    results["getvm_profile"] = profile_getvm(&daemon, &client, &root.join("target/bench")).await;
+
+    // 4. Idle memory with 1,000 records.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    results["idle_rss_mib"] = json!(daemon.rss_mib());
+
+    // 5. Crash and restart: the startup reconcile of 1,000 records, 2 of them running.
+    eprintln!("bench: SIGKILL and restart with {RECORDS} records");
+    drop((client, tcp));
+    daemon.kill();
+    let daemon = Daemon::start(bin_dir, image_dir, work)?;
+    let (client, to_serving) = daemon.serving().await?;
+    results["restart"] = json!({
+        "reconcile_ms": daemon.reconcile_ms(),
+        "start_to_serving_ms": to_serving.as_secs_f64() * 1000.0,
+        "idle_rss_mib_after_restart": daemon.rss_mib(),
+    });
+
+    eprintln!("bench: cleaning up");
+    for name in live {
+        delete(&client, name).await?;
+    }
+    for i in 0..RECORDS - 2 {
+        delete(&client, &format!("rec-{i}")).await?;
+    }
+    drop(client);
+    daemon.kill();
+
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    if only_rpc {
+        std::fs::write(out.join("results-rpc.json"), serde_json::to_string_pretty(&results)?)?;
+        println!("{}", serde_json::to_string_pretty(&results["rpc"])?);
+        println!("{}", serde_json::to_string_pretty(&results["getvm_profile"]["by_category_percent"])?);
+        return Ok(());
+    }
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let table = summary(&results);
+    std::fs::write(out.join("summary.md"), &table)?;
+    update_document(&root.join("docs/PERFORMANCE.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+/// Sections 1 and 2: guests booted, one at a time and two at once, and the A/B.
+async fn guest_measures(
+    bin_dir: &Path,
+    daemon: &Daemon,
+    client: &Client,
+    work: &Path,
+    results: &mut Value,
+) -> Result<(), Error> {
+    let client = client.clone();
     // 1. create→ready, stage by stage. The first create imports the default image: not counted.
     eprintln!("bench: create→ready of {BOOTS} guests, one at a time");
     create_watched(&client, "warmup").await?;
@@ -263,6 +501,10 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
         "control_plane_overhead": quantiles_ms(overheads),
         "wall": quantiles_ms(walls),
     });
+
+    // 1b. Side by side with the raw VMM, alternating which goes first.
+    eprintln!("bench: `banger vm run -- true` against the raw VMM, {AB_PAIRS} pairs");
+    results["ab"] = side_by_side(bin_dir, daemon, &client, work).await?;
 
     // 2. Create throughput at concurrency 1 and 2 (at most two TCG guests at once here).
     let mut throughput = serde_json::Map::new();
@@ -300,64 +542,6 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
     }
     results["create_throughput"] = Value::Object(throughput);
 
-    // 3. 1,000 records: 2 running, the rest created but not started.
-    eprintln!("bench: recording {RECORDS} VMs");
-    for name in ["live-0", "live-1"] {
-        create_watched(&client, name).await?;
-    }
-    let started = Instant::now();
-    for i in 0..RECORDS - 2 {
-        let mut client = client.clone();
-        let request = pb::CreateVmRequest { name: format!("rec-{i}"), no_start: true, ..Default::default() };
-        client.vms.create_vm(request).await?;
-    }
-    results["record_rate_per_second"] = json!((RECORDS - 2) as f64 / started.elapsed().as_secs_f64());
-
-    eprintln!("bench: GetVm and ListVms (page of 100) at concurrency 1, 16, 64, unix and TCP");
-    let tcp = daemon.tcp_client().await?;
-    let mut rpc = serde_json::Map::new();
-    for (transport, client) in [("unix", &client), ("tcp", &tcp)] {
-        for (name, call) in [("GetVm", get_vm as fn(Client, usize) -> CallFuture), ("ListVms_100", list_vms)] {
-            for workers in [1, 16, 64] {
-                rpc.insert(format!("{name}/{transport}/c{workers}"), load(client, workers, call).await);
-            }
-        }
-    }
-    results["rpc"] = Value::Object(rpc);
-
-    // 4. Idle memory with 1,000 records.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    results["idle_rss_mib"] = json!(daemon.rss_mib());
-
-    // 5. Crash and restart: the startup reconcile of 1,000 records, 2 of them running.
-    eprintln!("bench: SIGKILL and restart with {RECORDS} records");
-    drop((client, tcp));
-    daemon.kill();
-    let daemon = Daemon::start(bin_dir, image_dir, work)?;
-    let (client, to_serving) = daemon.serving().await?;
-    results["restart"] = json!({
-        "reconcile_ms": daemon.reconcile_ms(),
-        "start_to_serving_ms": to_serving.as_secs_f64() * 1000.0,
-        "idle_rss_mib_after_restart": daemon.rss_mib(),
-    });
-
-    eprintln!("bench: cleaning up");
-    for name in ["live-0", "live-1"] {
-        delete(&client, name).await?;
-    }
-    for i in 0..RECORDS - 2 {
-        delete(&client, &format!("rec-{i}")).await?;
-    }
-    drop(client);
-    daemon.kill();
-
-    let out = root.join("target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
-    let table = summary(&results);
-    std::fs::write(out.join("summary.md"), &table)?;
-    update_document(&root.join("docs/PERFORMANCE.md"), &table)?;
-    println!("{table}");
     Ok(())
 }
 
@@ -393,7 +577,16 @@ fn summary(r: &Value) -> String {
         num(&r["create_to_ready"]["wall"]["p50_ms"]),
         num(&r["create_to_ready"]["wall"]["p99_ms"])
     );
-    out += "| `banger vm run -- true` vs the raw VMM, A/B | not measured yet | ratio ≤ 1.05 | open |\n";
+    let ab = &r["ab"];
+    out += &format!(
+        "| `banger vm run -- true` vs the same QEMU command line and agent by hand, A/B alternating | p50 {:.0} ms vs {:.0} ms (p99 {:.0} vs {:.0}): ratio {:.3} | ratio ≤ 1.05 | {} |\n",
+        num(&ab["banger_vm_run_true"]["p50_ms"]),
+        num(&ab["raw_vmm_true"]["p50_ms"]),
+        num(&ab["banger_vm_run_true"]["p99_ms"]),
+        num(&ab["raw_vmm_true"]["p99_ms"]),
+        num(&ab["ratio_p50"]),
+        verdict(num(&ab["ratio_p50"]) <= 1.05)
+    );
     out += &format!(
         "| GetVm, 1,000 records, concurrency 64, unix | {:.0} req/s, p99 {:.2} ms | ≥ 20,000 req/s, p99 ≤ 5 ms | {} |\n",
         num(&get64["per_second"]),
@@ -418,20 +611,34 @@ fn summary(r: &Value) -> String {
         );
     }
     out += "\nRPC latency and throughput (1,000 VMs recorded; one HTTP/2 connection per transport):\n\n";
-    out += "| call | transport | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|\n";
+    out += "| call | transport | concurrency | req/s | p50 ms | p99 ms | daemon CPU µs/call | load generator CPU µs/call |\n\
+            |---|---|---|---|---|---|---|---|\n";
     if let Some(rpc) = r["rpc"].as_object() {
         for (key, v) in rpc {
             let parts: Vec<&str> = key.split('/').collect();
             out += &format!(
-                "| {} | {} | {} | {:.0} | {:.2} | {:.2} |\n",
+                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} |\n",
                 parts[0].replace('_', " page "),
                 parts[1],
                 parts[2].trim_start_matches('c'),
                 num(&v["per_second"]),
                 num(&v["p50_ms"]),
-                num(&v["p99_ms"])
+                num(&v["p99_ms"]),
+                num(&v["daemon_cpu_us_per_call"]),
+                num(&v["client_cpu_us_per_call"])
             );
         }
+    }
+    if let Some(categories) = r["getvm_profile"]["by_category_percent"].as_object() {
+        out += "\nWhere the daemon's CPU goes under GetVm at concurrency 64 (unix), sampled with `perf` \
+                (`target/bench/getvm-profile.txt`):\n\n| share of samples | what |\n|---|---|\n";
+        let mut shares: Vec<_> = categories.iter().map(|(c, v)| (num(v), c)).collect();
+        shares.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (share, what) in shares {
+            out += &format!("| {share:.1}% | {what} |\n");
+        }
+    } else if let Some(skipped) = r["getvm_profile"]["skipped"].as_str() {
+        out += &format!("\nNo CPU profile: {skipped}.\n");
     }
     out += "\ncreate→ready by stage (ms, over the runs):\n\n| stage | p50 | p99 |\n|---|---|---|\n";
     if let Some(stages) = r["create_to_ready"]["stages"].as_object() {

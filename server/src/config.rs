@@ -47,7 +47,8 @@ pub struct FileConfig {
     pub default_image_dir: Option<PathBuf>,
     /// See [`Config::qemu_binary`].
     pub qemu_binary: Option<PathBuf>,
-    /// See [`Config::qemu_img_binary`].
+    /// Ignored: qcow2 overlays are written by the daemon itself. Still accepted, so that
+    /// config files written for earlier versions load.
     pub qemu_img_binary: Option<PathBuf>,
     /// See [`Config::vsock_backend_binary`].
     pub vsock_backend_binary: Option<PathBuf>,
@@ -126,8 +127,6 @@ pub struct Config {
     pub default_image_dir: PathBuf,
     /// `qemu-system-x86_64`.
     pub qemu_binary: PathBuf,
-    /// `qemu-img`.
-    pub qemu_img_binary: PathBuf,
     /// `vhost-device-vsock`.
     pub vsock_backend_binary: PathBuf,
     /// QEMU accelerator: TCG unless KVM is known to boot guests on this host.
@@ -311,7 +310,6 @@ impl Config {
                 .or(file.default_image_dir)
                 .unwrap_or_else(|| DEFAULT_IMAGE_DIR.into()),
             qemu_binary: file.qemu_binary.unwrap_or_else(|| "qemu-system-x86_64".into()),
-            qemu_img_binary: file.qemu_img_binary.unwrap_or_else(|| "qemu-img".into()),
             vsock_backend_binary: file.vsock_backend_binary.unwrap_or_else(|| "vhost-device-vsock".into()),
             accel,
             otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),

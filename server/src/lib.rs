@@ -100,7 +100,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     };
     let host = HostServices {
         vmm,
-        disks: Arc::new(FileDisks::new(config.qemu_img_binary.clone())),
+        disks: Arc::new(FileDisks),
         agents: Arc::new(VsockAgentChannels::new(vsock_mode, backends)),
         processes: Arc::new(processes),
         network: Arc::new(LinuxNetwork::new("ip".into())),
@@ -119,7 +119,6 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
             firecracker: config.firecracker_binary.clone(),
             jailer: config.jailer.as_ref().map(|j| j.binary.clone()),
             qemu: config.qemu_binary.clone(),
-            qemu_img: config.qemu_img_binary.clone(),
             vsock_backend: config.vsock_backend_binary.clone(),
             accel: config.accel,
             vsock: vsock_mode,

@@ -144,11 +144,9 @@ impl Cgroups {
         }
         args
     }
-}
 
-#[tonic::async_trait]
-impl ResourceLimits for Cgroups {
-    async fn confine(&self, group: &str, spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
+    /// [`ResourceLimits::confine`], blocking.
+    fn confine_now(&self, group: &str, spec: VmSpec, pid: u32) -> Result<Option<String>, HostError> {
         let memory = self.memory_limit_bytes(spec).to_string();
         let quota = Self::cpu_quota_us(spec);
         match self.version {
@@ -162,7 +160,7 @@ impl ResourceLimits for Cgroups {
                 Self::write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 Self::write(&mem.join("memory.limit_in_bytes"), &memory)?;
                 for dir in [&cpu, &mem] {
-                    Self::write(&dir.join("cgroup.procs"), &process.pid.to_string())?;
+                    Self::write(&dir.join("cgroup.procs"), &pid.to_string())?;
                 }
             }
             CgroupVersion::V2 => {
@@ -175,10 +173,21 @@ impl ResourceLimits for Cgroups {
                 create_group_dir(&dir)?;
                 Self::write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
                 Self::write(&dir.join("memory.max"), &memory)?;
-                Self::write(&dir.join("cgroup.procs"), &process.pid.to_string())?;
+                Self::write(&dir.join("cgroup.procs"), &pid.to_string())?;
             }
         }
         Ok(Some(group.to_owned()))
+    }
+}
+
+#[tonic::async_trait]
+impl ResourceLimits for Cgroups {
+    async fn confine(&self, group: &str, spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
+        // Blocking: the move into the group waits for the kernel for milliseconds.
+        let (cgroups, group, pid) = (self.clone(), group.to_owned(), process.pid);
+        tokio::task::spawn_blocking(move || cgroups.confine_now(&group, spec, pid))
+            .await
+            .map_err(|e| io(format!("confine pid {pid}"))(std::io::Error::other(e)))?
     }
 
     async fn remove(&self, group: &str) -> Result<(), HostError> {

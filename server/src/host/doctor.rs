@@ -57,8 +57,6 @@ pub struct DoctorInputs {
     pub state_dir: PathBuf,
     /// `qemu-system-x86_64`.
     pub qemu: PathBuf,
-    /// `qemu-img`.
-    pub qemu_img: PathBuf,
     /// `vhost-device-vsock`.
     pub vsock_backend: PathBuf,
     /// The VMM driver in use (`qemu` or `firecracker`).
@@ -122,12 +120,6 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
             check("qemu", Warn, format!("{} not found: only Firecracker can boot VMs", inputs.qemu.display()))
         }
         None => check("qemu", Fail, format!("{} not found: no VM can boot", inputs.qemu.display())),
-    });
-    checks.push(match version(&inputs.qemu_img).await {
-        Some(v) => check("qemu-img", Pass, v),
-        None => {
-            check("qemu-img", Fail, format!("{} not found: root disks cannot be created", inputs.qemu_img.display()))
-        }
     });
     checks.push(match (version(&inputs.firecracker).await, firecracker) {
         (Some(v), true) => check("firecracker", Pass, format!("{v}; the VMM driver in use")),

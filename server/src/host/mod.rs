@@ -14,6 +14,7 @@ pub mod fake;
 pub mod files;
 pub mod network;
 pub mod process;
+pub mod qcow2;
 pub mod scratch;
 pub mod storage;
 pub mod vmm;

@@ -3,12 +3,9 @@
 //! the sparse file that holds the snapshot's exceptions (the devices over it are made at
 //! boot, see `block.rs`).
 
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-};
+use std::{ffi::OsString, path::Path};
 
-use super::{HostError, command};
+use super::{HostError, command, qcow2};
 use crate::domain::RootDiskStrategy;
 
 /// Copy-on-write root disks over an image's read-only root file system.
@@ -18,39 +15,22 @@ pub trait RootDisks: Send + Sync + std::fmt::Debug {
     async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path) -> Result<(), HostError>;
 }
 
-/// Makes root disks as files: `qemu-img` overlays, `cp --reflink=always` clones, or
-/// `cp --sparse=always` copies.
-#[derive(Debug, Clone)]
-pub struct FileDisks {
-    qemu_img: PathBuf,
-}
-
-impl FileDisks {
-    /// Uses the given `qemu-img` binary for overlays.
-    pub fn new(qemu_img: PathBuf) -> Self {
-        Self { qemu_img }
-    }
-}
+/// Makes root disks as files: qcow2 overlays (written directly, see `qcow2.rs`),
+/// `cp --reflink=always` clones, or `cp --sparse=always` copies.
+#[derive(Debug, Clone, Default)]
+pub struct FileDisks;
 
 #[tonic::async_trait]
 impl RootDisks for FileDisks {
     async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path) -> Result<(), HostError> {
         let (program, args): (&Path, Vec<OsString>) = match strategy {
             RootDiskStrategy::DmSnapshot => return create_exception_store(base, disk),
-            RootDiskStrategy::Qcow2 => (
-                &self.qemu_img,
-                vec![
-                    "create".into(),
-                    "-q".into(),
-                    "-f".into(),
-                    "qcow2".into(),
-                    "-b".into(),
-                    base.into(),
-                    "-F".into(),
-                    "raw".into(),
-                    disk.into(),
-                ],
-            ),
+            RootDiskStrategy::Qcow2 => {
+                return qcow2::create_overlay(base, disk).map_err(|source| HostError::Io {
+                    what: format!("create the qcow2 overlay {}", disk.display()),
+                    source,
+                });
+            }
             RootDiskStrategy::Reflink => (Path::new("cp"), vec!["--reflink=always".into(), base.into(), disk.into()]),
             RootDiskStrategy::Copy => (Path::new("cp"), vec!["--sparse=always".into(), base.into(), disk.into()]),
         };
@@ -131,7 +111,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![7u8; 1 << 20]).expect("base");
-        let disks = FileDisks::new("qemu-img".into());
+        let disks = FileDisks;
         let reflink = reflink_supported(dir.path()).await.expect("probe");
         for strategy in [RootDiskStrategy::Qcow2, RootDiskStrategy::Copy, RootDiskStrategy::Reflink] {
             let disk = dir.path().join(format!("{}-{}", strategy.as_str(), strategy.file_name()));

@@ -71,7 +71,8 @@ impl VsockBackends {
                 self.stop(&handle, paths).await;
                 return Err(HostError::Timeout { what: "vhost-device-vsock socket".into(), seconds: 10 });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // It binds within a few milliseconds: a coarser poll would be most of this stage.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(handle)
     }

@@ -10,7 +10,10 @@ use super::{Error, Ops, remove_file_quietly};
 use crate::{
     config::NetworkConfig,
     domain::{Image, ProcessHandle, RootDiskStrategy, Vm, VmHandles, VmPaths, mac_address, tap_name},
-    host::vmm::{GuestNic, LaunchSpec},
+    host::{
+        HostError,
+        vmm::{GuestNic, LaunchSpec},
+    },
 };
 
 /// How long a guest may take from VMM launch until its agent answers.
@@ -89,12 +92,14 @@ pub struct Boot {
     pub image: Image,
     created_disk: bool,
     handles: VmHandles,
+    /// The VMM joining its cgroup, started by `limit_resources` and awaited by `vmm_boot`.
+    confining: Option<tokio::task::JoinHandle<Result<Option<String>, HostError>>>,
 }
 
 impl Boot {
     /// A boot of `vm` from `image`, with nothing done yet.
     pub fn new(vm: Vm, image: Image) -> Self {
-        Self { vm, image, created_disk: false, handles: VmHandles::default() }
+        Self { vm, image, created_disk: false, handles: VmHandles::default(), confining: None }
     }
 
     /// Runs one stage.
@@ -147,13 +152,22 @@ impl Boot {
                 self.handles.vmm = Some(vmm);
                 ops.set_handles(&self.vm, self.handles.clone())?;
             }
+            // Moving a process into a cgroup waits for the kernel (on cgroup v1, an RCU grace
+            // period: 4–12 ms on this class of host). The VMM is paused and setting itself up
+            // meanwhile, so the move runs beside that, and `vmm_boot` waits for it before the
+            // guest starts: confined from its first instruction, at no cost on the way.
+            BootStage::LimitResources if self.confining.is_some() => {}
             BootStage::LimitResources => {
                 let vmm = self.vmm_handle()?;
-                let group = cgroup_name(&self.vm);
-                self.handles.cgroup = ops.host.limits.confine(&group, self.vm.spec, &vmm).await?;
-                ops.set_handles(&self.vm, self.handles.clone())?;
+                let (limits, group, spec) = (ops.host.limits.clone(), cgroup_name(&self.vm), self.vm.spec);
+                self.confining = Some(tokio::spawn(async move { limits.confine(&group, spec, &vmm).await }));
             }
             BootStage::VmmBoot => {
+                if let Some(confining) = self.confining.take() {
+                    let joined = confining.await.map_err(|e| Error::Unavailable(format!("confining the vmm: {e}")))?;
+                    self.handles.cgroup = joined?;
+                    ops.set_handles(&self.vm, self.handles.clone())?;
+                }
                 let vmm = self.vmm_handle()?;
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
@@ -215,6 +229,11 @@ impl Boot {
             }
             // The group goes with the VMM (undone next, in reverse order): see release_runtime.
             BootStage::LimitResources => {
+                if let Some(confining) = self.confining.take()
+                    && let Ok(Ok(group)) = confining.await
+                {
+                    self.handles.cgroup = group;
+                }
                 if let Some(group) = self.handles.cgroup.take() {
                     if let Some(vmm) = self.handles.vmm {
                         kill_vmm(ops, &vmm, &self.vm).await;

@@ -201,7 +201,7 @@ mod tests {
                 VsockMode::UserSpace,
                 processes.clone(),
             )),
-            disks: Arc::new(FileDisks::new("/nonexistent/qemu-img".into())),
+            disks: Arc::new(FileDisks),
             agents: Arc::new(VsockAgentChannels::new(VsockMode::UserSpace, backends)),
             processes: Arc::new(processes),
             network: Arc::new(crate::host::fake::FakeHost::default()),

@@ -67,6 +67,9 @@ impl QemuVmm {
         push(&["-m", &format!("{memory}M"), "-smp", &launch.spec.vcpus.to_string()]);
         push(&["-object", &format!("memory-backend-memfd,id=mem,size={memory}M,share=on")]);
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        // Paused until `boot` says `cont`: the guest runs no instruction before the VMM is
+        // in its cgroup, and QEMU sets itself up meanwhile.
+        push(&["-S"]);
         push(&["-serial", &format!("file:{}", paths.console_log.display())]);
         push(&["-kernel", &launch.image.kernel_path.to_string_lossy()]);
         if let Some(initrd) = &launch.image.initrd_path {
@@ -136,8 +139,9 @@ impl Vmm for QemuVmm {
             if tokio::time::Instant::now() >= deadline {
                 return Err(HostError::Timeout { what: "qmp socket".into(), seconds: 15 });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        qmp.execute("cont").await?;
         let status = qmp.execute("query-status").await?;
         if status.get("running").and_then(serde_json::Value::as_bool) != Some(true) {
             return Err(HostError::VmmRefused { command: "query-status".into(), message: status.to_string() });
