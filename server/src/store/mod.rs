@@ -3,6 +3,7 @@
 //! SQLite runs in WAL mode with a busy timeout and foreign keys on. Updates of a VM
 //! compare and set its `generation`, so two writers never silently overwrite each other.
 
+mod cache;
 mod events;
 mod images;
 mod requests;
@@ -83,6 +84,8 @@ pub struct Store {
     pool: SqlitePool,
     /// The latest event revision, announced after each commit that recorded events.
     revisions: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Committed VM records, for reads by id or name.
+    vm_cache: cache::VmCache,
 }
 
 impl Store {
@@ -100,7 +103,7 @@ impl Store {
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetch_optional(&pool).await?;
         let (revisions, _) = tokio::sync::watch::channel(latest.unwrap_or(0) as u64);
-        Ok(Self { pool, revisions: std::sync::Arc::new(revisions) })
+        Ok(Self { pool, revisions: std::sync::Arc::new(revisions), vm_cache: cache::VmCache::default() })
     }
 
     /// Closes every connection, checkpointing the WAL.

@@ -119,6 +119,7 @@ impl Store {
                 }
             };
             let now = now_ms();
+            let _invalidation = self.vm_cache.invalidate_on_drop(new.id);
             let mut tx = self.pool.begin().await?;
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
@@ -165,10 +166,18 @@ impl Store {
 
     /// Finds a VM by id or, failing that, by name.
     pub async fn vm_get(&self, id_or_name: &str) -> Result<Vm, StoreError> {
+        let ticket = match self.vm_cache.get(id_or_name) {
+            Ok(vm) => return Ok(vm),
+            Err(ticket) => ticket,
+        };
         let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id_or_name).fetch_optional(&self.pool).await?;
         match row {
-            Some(row) => vm_from_row(&row),
+            Some(row) => {
+                let vm = vm_from_row(&row)?;
+                self.vm_cache.put(ticket, &vm);
+                Ok(vm)
+            }
             None => Err(StoreError::NotFound { kind: "vm", key: id_or_name.to_owned() }),
         }
     }
@@ -214,6 +223,7 @@ impl Store {
 
     /// Sets or clears a VM's expiry; returns the new record.
     pub async fn vm_set_expiry(&self, id: VmId, expire_at_ms: Option<i64>) -> Result<Vm, StoreError> {
+        let invalidation = self.vm_cache.invalidate_on_drop(id);
         let done = sqlx::query(
             "UPDATE vms SET expire_at_ms = ?2, updated_at_ms = ?3, generation = generation + 1 WHERE id = ?1",
         )
@@ -225,12 +235,14 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound { kind: "vm", key: id.to_string() });
         }
+        drop(invalidation);
         self.vm_get(&id.to_string()).await
     }
 
     /// Applies `update` to `vm` if its generation is still `vm.generation`; returns the new record.
     pub async fn vm_update(&self, vm: &Vm, update: VmUpdate) -> Result<Vm, StoreError> {
         let new_state = update.observed_state.filter(|state| *state != vm.observed_state);
+        let invalidation = self.vm_cache.invalidate_on_drop(vm.id);
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE vms SET \
@@ -261,6 +273,7 @@ impl Store {
             None => None,
         };
         tx.commit().await?;
+        drop(invalidation);
         if let Some(revision) = revision {
             self.announce(revision);
         }
@@ -269,6 +282,7 @@ impl Store {
 
     /// Removes a VM record.
     pub async fn vm_delete(&self, id: VmId) -> Result<(), StoreError> {
+        let _invalidation = self.vm_cache.invalidate_on_drop(id);
         let mut tx = self.pool.begin().await?;
         let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?");
         let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_optional(&mut *tx).await?
@@ -325,6 +339,29 @@ mod tests {
             labels: &EMPTY,
             expire_at_ms: None,
         }
+    }
+
+    /// Reads by id or name come from memory once read; every write is seen by the next read.
+    #[tokio::test]
+    async fn cached_reads_never_outlive_a_write() {
+        let (store, _dir) = test_store().await;
+        let image = with_image(&store).await;
+        let vm = store.vm_insert(record("c", image, Path::new("/c"))).await.expect("insert");
+        let (by_name, by_id) = (store.vm_get("c").await.expect("name"), store.vm_get(&vm.id.to_string()).await);
+        assert_eq!(by_id.expect("id"), by_name);
+        let update = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
+        let updated = store.vm_update(&by_name, update).await.expect("update");
+        assert_eq!(updated.observed_state, VmState::Running, "the write's own result is fresh");
+        assert_eq!(store.vm_get("c").await.expect("name").generation, updated.generation);
+        let expiring = store.vm_set_expiry(vm.id, Some(42)).await.expect("expiry");
+        assert_eq!(expiring.expire_at_ms, Some(42));
+        assert_eq!(store.vm_get(&vm.id.to_string()).await.expect("id").expire_at_ms, Some(42));
+        store.vm_delete(vm.id).await.expect("delete");
+        assert!(matches!(store.vm_get("c").await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(store.vm_get(&vm.id.to_string()).await, Err(StoreError::NotFound { .. })));
+        // The name is free again, for a VM with another id.
+        let again = store.vm_insert(record("c", image, Path::new("/c"))).await.expect("again");
+        assert_eq!(store.vm_get("c").await.expect("name").id, again.id);
     }
 
     #[tokio::test]
