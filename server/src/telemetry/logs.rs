@@ -43,9 +43,13 @@ impl fmt::Display for LogLevel {
     }
 }
 
-/// The JSON log layer at `level` (library noise stays at warn).
+/// The JSON log layer at `level` (library noise stays at warn). It sees events only: log
+/// lines carry their own fields, and a span this layer saw would cost every RPC its fields
+/// formatted as JSON, for nothing (spans are for the OpenTelemetry layer).
 pub fn json_layer(level: LogLevel) -> Box<dyn Layer<Registry> + Send + Sync> {
-    let filter = EnvFilter::new(format!("warn,banger_server={level},bangerd={level}"));
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    let filter = EnvFilter::new(format!("warn,banger_server={level},bangerd={level}"))
+        .and(filter_fn(|metadata| metadata.is_event()));
     tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
