@@ -14,14 +14,11 @@ use std::{
 
 use banger_server::{
     domain::{ExecCommand, ExecEvent, ExitStatus},
-    host::{agent::AgentClient, exec},
+    host::{agent::AgentClient, agent_channel::AGENT_ANNOUNCEMENT, exec},
 };
 use tokio_stream::StreamExt;
 
 use crate::Error;
-
-/// What the agent prints on the console once it serves (as bangerd waits for it too).
-const AGENT_ANNOUNCEMENT: &str = "serving banger.agent.v1";
 
 /// The command lines of one VM bangerd booted, to replay with other paths.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ use super::{
 use crate::domain::{ExecCommand, ExecEvent, ExecInput, ProcessHandle, Vm, VmId, VmPaths};
 
 /// What the guest agent prints on the serial console once it serves.
-const AGENT_ANNOUNCEMENT: &str = "serving banger.agent.v1";
+pub const AGENT_ANNOUNCEMENT: &str = "serving banger.agent.v1";
 /// How long to wait for that line before polling the agent anyway.
 const ANNOUNCE_GRACE: Duration = Duration::from_secs(30);
 
