@@ -54,8 +54,9 @@ clients: tools ## Generate the Python and TypeScript clients from proto/ into cl
 demo: setup build ## Start bangerd, boot a VM from the default image, run a command in it
 	@bash scripts/demo.sh
 
-test: setup build clients ## Run every test: unit, ops, API, end to end with real QEMU guests, generated clients
-	$(CARGO) test --locked --workspace
+test: setup build clients ## Run every test: unit, ops, API, end to end with real QEMU guests, generated clients; then what was skipped and why
+	@bash scripts/check-self-contained.sh
+	CARGO=$(CARGO) bash scripts/test.sh
 
 bench: setup ## Measure a release bangerd against DESIGN §9; writes target/bench/ and docs/PERFORMANCE.md's table
 	$(CARGO) build --locked --release --bins -p banger-server -p banger-client -p banger-bench

@@ -1,4 +1,35 @@
-//! Rebuilds the daemon when a migration is added: `sqlx::migrate!` does not notice new files.
+//! Rebuilds the daemon when a migration is added (`sqlx::migrate!` does not notice new
+//! files), and finds Firecracker's published API description for the contract tests
+//! (`tests/firecracker_contract.rs`). It is third-party text and not in this repository:
+//! `BANGER_FIRECRACKER_API=/path/to/firecracker.yaml`, else `../shared/reference/` beside the
+//! checkout. Found, the tests run against it (`cfg(firecracker_api)`); absent, they are
+//! ignored with a `SKIPPED` reason, never passed.
+
+use std::path::{Path, PathBuf};
+
+const FILE_NAME: &str = "firecracker-1.17-api.yaml";
+
 fn main() {
     println!("cargo:rerun-if-changed=../migrations");
+    println!("cargo:rustc-check-cfg=cfg(firecracker_api)");
+    println!("cargo:rerun-if-env-changed=BANGER_FIRECRACKER_API");
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let candidate = match std::env::var_os("BANGER_FIRECRACKER_API") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => manifest_dir.join("../../shared/reference").join(FILE_NAME),
+    };
+    // Watch what exists, so that a description that appears later is noticed (a path that
+    // does not exist would make cargo run this script on every build).
+    let watched = candidate.ancestors().find(|path| path.exists()).unwrap_or(Path::new("/"));
+    println!("cargo:rerun-if-changed={}", watched.display());
+    if candidate.is_file() {
+        println!("cargo:rustc-cfg=firecracker_api");
+        println!("cargo:rustc-env=BANGER_FIRECRACKER_API={}", candidate.display());
+    } else {
+        println!(
+            "cargo:warning=SKIPPED: the Firecracker contract tests: {} is absent; set BANGER_FIRECRACKER_API to \
+             Firecracker 1.17's src/firecracker/swagger/firecracker.yaml to run them",
+            candidate.display()
+        );
+    }
 }

@@ -154,8 +154,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let unix =
-        router.clone().serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), stopped(stop_rx.clone()));
+    let unix = router.clone().serve_with_incoming_shutdown(any_authority(listeners.unix), stopped(stop_rx.clone()));
     let tcp = listeners.tcp.map(|tcp| {
         router.serve_with_incoming_shutdown(no_delay(TcpListenerStream::new(tcp)), stopped(stop_rx.clone()))
     });
@@ -191,6 +190,14 @@ fn no_delay(incoming: TcpListenerStream) -> impl tokio_stream::Stream<Item = std
         stream.set_nodelay(true)?;
         Ok(stream)
     })
+}
+
+/// Accepted unix-socket connections, each taking any `:authority` (see [`api::authority`]).
+fn any_authority(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<api::authority::AnyAuthority<tokio::net::UnixStream>>> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|accepted| accepted.map(api::authority::AnyAuthority::new))
 }
 
 /// Refreshes the VM-by-state counts the `banger.vms` gauge reports.

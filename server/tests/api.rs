@@ -175,6 +175,17 @@ async fn image_import_validates_its_sources_and_names() {
             },
             &["name", "initrd_path"],
         ),
+        (
+            // A regular file that cannot be read (as root too): the caller's error, not INTERNAL.
+            pb::ImportImageRequest {
+                name: "img".into(),
+                kernel_path: kernel_path.clone(),
+                rootfs_path: rootfs_path.clone(),
+                initrd_path: "/proc/self/mem".into(),
+                ..Default::default()
+            },
+            &["initrd_path"],
+        ),
     ];
     for (request, fields) in cases {
         let status = daemon.client.images.import_image(request.clone()).await.expect_err("invalid");
@@ -548,6 +559,38 @@ fn describe(event: &pb::VmEvent) -> String {
         Kind::StageCompleted(stage) => format!("{} {}.{}", event.vm_name, stage.operation, stage.stage),
         Kind::Deleted(_) => format!("{} deleted", event.vm_name),
     }
+}
+
+/// The list-then-watch contract on a daemon that has recorded no event yet: a VM created
+/// between the list and the watch is seen by a watch from the list's revision.
+#[tokio::test]
+async fn a_watch_from_a_fresh_daemons_list_sees_a_vm_created_before_the_watch_began() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let listed = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner();
+    assert!(listed.vms.is_empty());
+    assert_ne!(listed.revision, 0, "0 means 'from now on' to WatchVms, so a list never returns it");
+    let create =
+        pb::CreateVmRequest { name: "raced".into(), image: "img".into(), no_start: true, ..Default::default() };
+    daemon.client.vms.create_vm(create).await.expect("create");
+    let watch = pb::WatchVmsRequest { from_revision: listed.revision, ..Default::default() };
+    let mut watched = daemon.client.vms.watch_vms(watch).await.expect("watch").into_inner();
+    let seen: Vec<String> = next_events(&mut watched, 4).await.iter().map(describe).collect();
+    assert_eq!(
+        seen,
+        [
+            "raced vm.create.resolve_image",
+            "raced Created",
+            "raced vm.create.insert_record",
+            "raced vm.create.prepare_vm_dir"
+        ]
+    );
+    // And 0 still means "from now on": nothing of the past is replayed.
+    let now = pb::WatchVmsRequest { from_revision: 0, ..Default::default() };
+    let mut from_now = daemon.client.vms.watch_vms(now).await.expect("watch").into_inner();
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(300), from_now.message()).await.is_err());
+    daemon.shutdown().await;
 }
 
 #[tokio::test]

@@ -19,6 +19,27 @@ pub fn guest_slot() -> MutexGuard<'static, ()> {
     GUESTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Says that the running test cannot check what it is for on this host, and why: on its
+/// standard error and, when `BANGER_TEST_SKIPS` names a file (`make test` sets it), as a
+/// line `<test>: <reason>` appended there, which `make test` counts and lists at the end.
+/// The caller returns right after (or checks what it can instead, saying so in `reason`).
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed test");
+    eprintln!("SKIPPED: {reason}");
+    if let Some(log) = std::env::var_os("BANGER_TEST_SKIPS") {
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut file| writeln!(file, "{test}: {reason}"));
+        if let Err(error) = written {
+            eprintln!("cannot record the skip in {}: {error}", Path::new(&log).display());
+        }
+    }
+}
+
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use banger_tests::{Daemon, guest_slot, repo_root, sha256, text};
+use banger_tests::{Daemon, guest_slot, repo_root, sha256, skip, text};
 use nix::sys::signal::Signal;
 
 fn try_vm_field(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
@@ -60,7 +60,7 @@ fn vm_run_prints_guest_output_and_exit_codes_and_delete_leaves_nothing() {
         assert_eq!(limit, (256 + 512) * 1024 * 1024);
         assert_eq!(read(format!("/sys/fs/cgroup/cpu/banger/{id}/cpu.cfs_quota_us")).trim(), "100000");
     } else {
-        eprintln!("cgroup v1 checks skipped: this host has no v1 memory controller");
+        skip("cgroup v1 checks: this host has no v1 memory controller");
     }
 
     let out = daemon.banger(&["vm", "stop", "handles-test"]);
@@ -178,8 +178,18 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     assert!(vms.contains("\"keeper\"") && vms.contains("\"idle\""), "{vms}");
     let health = run(&[&listen, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
-    let over_unix = run(&["-unix", "-authority", "localhost", &daemon.socket.display().to_string(), "list"]);
+    // No -authority: grpcurl sends the socket's path, which bangerd accepts on its unix socket.
+    let over_unix = run(&["-unix", &daemon.socket.display().to_string(), "list"]);
     assert!(over_unix.contains("banger.v1.VmService"), "{over_unix}");
+    // Error details decode through reflection: no "is not recognized".
+    let refused = std::process::Command::new(&grpcurl)
+        .args(["-plaintext", "-d", r#"{"name":"has space"}"#, &listen, "banger.v1.VmService/CreateVm"])
+        .output()
+        .expect("grpcurl");
+    let said = text(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("Code: InvalidArgument"), "{said}");
+    assert!(said.contains(r#""@type":"type.googleapis.com/google.rpc.BadRequest""#), "{said}");
+    assert!(said.contains(r#""fieldViolations":[{"field":"name""#) && !said.contains("not recognized"), "{said}");
 
     // A client that gives up mid-create does not cut the operation short: it completes.
     let out = std::process::Command::new(&grpcurl)

@@ -5,7 +5,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use banger_tests::{Daemon, TestNetns, default_image_dir, guest_slot, text};
+use banger_tests::{Daemon, TestNetns, default_image_dir, guest_slot, skip, text};
 use nix::sys::signal::Signal;
 
 const MARKER: &str = "TOY-GUEST-MARKER";
@@ -54,7 +54,7 @@ fn has_kvm() -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("SKIPPED: Firecracker needs /dev/kvm, which this host does not have");
+    skip("Firecracker needs /dev/kvm, which this host does not have");
     false
 }
 

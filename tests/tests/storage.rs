@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use banger_tests::{Daemon, bin_dir, guest_slot, sha256, text};
+use banger_tests::{Daemon, bin_dir, guest_slot, sha256, skip, text};
 
 /// An XFS file system on a loop device over a sparse file, mounted for one test and torn
 /// down (unmounted, detached) when dropped.
@@ -115,9 +115,9 @@ fn writes_stay_in_their_guest_with_reflink_clones_on_xfs() {
 #[test]
 fn writes_stay_in_their_guest_with_dm_snapshots_where_device_mapper_exists() {
     if !Path::new("/dev/mapper/control").exists() {
-        eprintln!(
-            "SKIPPED: this host has no device-mapper (/dev/mapper/control is missing); \
-             checking that a daemon configured for dm-snapshot refuses to start instead"
+        skip(
+            "this host has no device-mapper (/dev/mapper/control is missing); \
+             checking that a daemon configured for dm-snapshot refuses to start instead",
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("config.toml");

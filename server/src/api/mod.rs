@@ -1,6 +1,7 @@
 //! The gRPC surface: tonic services, proto <-> domain conversion and validation, the one
 //! error-to-status mapping, health and reflection.
 
+pub mod authority;
 mod convert;
 mod host_service;
 pub mod idempotency;
@@ -80,7 +81,8 @@ fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
     response
 }
 
-/// Every service the daemon serves: VMs, images, health, reflection (v1 and v1alpha).
+/// Every service the daemon serves: VMs, images, health, reflection (v1 and v1alpha, which
+/// also describes the `google.rpc` error details).
 pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::Error> {
     let idempotency = Idempotency::new(ops.store().clone());
     let (pruner, store) = (idempotency.clone(), ops.store().clone());
@@ -104,6 +106,9 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(banger_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // The `google.rpc` error details errors carry (BadRequest, ErrorInfo, ResourceInfo),
+            // so that grpcurl and reflection-driven clients decode them.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let mut routes = Routes::builder();
     routes

@@ -151,7 +151,7 @@ mod tests {
     #[tokio::test]
     async fn a_real_snapshot_keeps_writes_off_its_base_where_device_mapper_exists() {
         if !std::path::Path::new("/dev/mapper/control").exists() {
-            eprintln!("SKIPPED: this host has no device-mapper (/dev/mapper/control is missing)");
+            banger_tests::skip("this host has no device-mapper (/dev/mapper/control is missing)");
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -183,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn removing_a_missing_dm_device_is_fine_where_device_mapper_exists() {
         if !std::path::Path::new("/dev/mapper/control").exists() {
-            eprintln!("SKIPPED: this host has no device-mapper (/dev/mapper/control is missing)");
+            banger_tests::skip("this host has no device-mapper (/dev/mapper/control is missing)");
             return;
         }
         LinuxBlockDevices::default().remove_dm("banger-test-no-such-device").await.expect("missing is fine");

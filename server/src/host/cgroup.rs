@@ -260,7 +260,7 @@ mod tests {
     async fn confines_a_real_process_with_the_expected_limits_and_removes_its_group() {
         let cgroups = Cgroups::detect("/sys/fs/cgroup".into(), 512);
         if cgroups.version() == CgroupVersion::None {
-            eprintln!("SKIPPED: no usable cgroup cpu and memory controllers on this host");
+            banger_tests::skip("no usable cgroup cpu and memory controllers on this host");
             return;
         }
         let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");

@@ -127,14 +127,17 @@ fn source_violation(field: &str, path: &Path, check: Option<FileCheck>) -> Optio
         Ok(meta) if !meta.is_file() => {
             Some(FieldViolation::new(field, format!("{} is not a regular file", path.display())))
         }
-        Ok(_) => {
-            let check = check?;
-            match read_head(path) {
-                Ok(head) if (check.looks_right)(&head) => None,
-                Ok(_) => Some(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what))),
-                Err(e) => Some(FieldViolation::new(field, format!("{}: {e}", path.display()))),
-            }
-        }
+        // Read, checked or not: a file the daemon cannot read is the caller's to fix, not an
+        // internal failure of the copy that would follow.
+        Ok(_) => match read_head(path) {
+            Err(e) => Some(FieldViolation::new(field, format!("cannot read {}: {e}", path.display()))),
+            Ok(head) => match check {
+                Some(check) if !(check.looks_right)(&head) => {
+                    Some(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what)))
+                }
+                _ => None,
+            },
+        },
     }
 }
 

@@ -192,12 +192,13 @@ impl Store {
         rows.iter().map(event_from_row).collect()
     }
 
-    /// The latest revision (0 before the first event).
+    /// The latest revision: 1 before the first event (revisions start at 1, see migration
+    /// 0007), so that it is never the 0 of "watch from now on".
     pub async fn latest_revision(&self) -> Result<u64, StoreError> {
         let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
             .fetch_optional(&self.pool)
             .await?;
-        Ok(seq.unwrap_or(0) as u64)
+        Ok(seq.unwrap_or(1).max(1) as u64)
     }
 
     /// The oldest revision a watcher may resume after: events after it are all kept.

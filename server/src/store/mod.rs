@@ -102,7 +102,7 @@ impl Store {
         sqlx::migrate!("../migrations").run(&pool).await?;
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetch_optional(&pool).await?;
-        let (revisions, _) = tokio::sync::watch::channel(latest.unwrap_or(0) as u64);
+        let (revisions, _) = tokio::sync::watch::channel(latest.unwrap_or(1) as u64);
         Ok(Self { pool, revisions: std::sync::Arc::new(revisions), vm_cache: cache::VmCache::default() })
     }
 

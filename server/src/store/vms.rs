@@ -426,7 +426,8 @@ mod tests {
         let image = with_image(&store).await;
         let mut revisions = store.subscribe_revisions();
         let vm = store.vm_insert(record("ev", image, Path::new("/tmp/ev"))).await.expect("insert");
-        assert_eq!(*revisions.borrow_and_update(), 1, "announced after commit");
+        // Revisions start at 1 (a fresh host's lists say 1), so the first event is 2.
+        assert_eq!(*revisions.borrow_and_update(), 2, "announced after commit");
         let running = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
         let vm = store.vm_update(&vm, running).await.expect("update");
         // An update that changes no state records nothing; a stale one fails and records nothing.
@@ -442,16 +443,16 @@ mod tests {
         assert_eq!(
             kinds,
             [
-                (1, EventKind::State { state: VmState::Created, previous: None }),
-                (2, EventKind::State { state: VmState::Running, previous: Some(VmState::Created) }),
-                (3, EventKind::Deleted),
+                (2, EventKind::State { state: VmState::Created, previous: None }),
+                (3, EventKind::State { state: VmState::Running, previous: Some(VmState::Created) }),
+                (4, EventKind::Deleted),
             ]
         );
-        assert_eq!(store.latest_revision().await.expect("latest"), 3);
-        assert_eq!(store.oldest_resumable_revision().await.expect("oldest"), 0);
+        assert_eq!(store.latest_revision().await.expect("latest"), 4);
+        assert_eq!(store.oldest_resumable_revision().await.expect("oldest"), 1);
         store.event_prune(i64::MAX).await.expect("prune");
-        assert_eq!(store.oldest_resumable_revision().await.expect("oldest"), 3, "nothing before 3 can be replayed");
-        assert_eq!(store.latest_revision().await.expect("latest"), 3, "revisions are never reused");
+        assert_eq!(store.oldest_resumable_revision().await.expect("oldest"), 4, "nothing before 4 can be replayed");
+        assert_eq!(store.latest_revision().await.expect("latest"), 4, "revisions are never reused");
     }
 
     #[tokio::test]
