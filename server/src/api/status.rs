@@ -94,6 +94,7 @@ mod tests {
             operation: "vm.start",
             stage: "vmm_launch",
             log: Some("/x/vmm.log".into()),
+            undo_failed: vec![],
             source: Box::new(source),
         };
         let missing = to_status(&stage(Error::Host(HostError::ToolMissing { program: "qemu".into() })));

@@ -1,12 +1,15 @@
-//! The stages that boot a recorded VM, shared by `vm.create` and `vm.start`, and the
-//! teardown that releases a VM's runtime, shared by stop, delete, undo and recovery.
+//! The stages that boot a recorded VM, shared by `vm.create` and `vm.start`; their undo
+//! releases what they made through the one teardown (`teardown.rs`).
 
 use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use super::{Error, Ops, remove_file_quietly};
+use super::{
+    Error, Ops,
+    teardown::{Runtime, cgroup_name, nat_tag},
+};
 use crate::{
     config::NetworkConfig,
     domain::{Image, ProcessHandle, RootDiskStrategy, Vm, VmHandles, VmPaths, mac_address, tap_name},
@@ -185,84 +188,42 @@ impl Boot {
         Ok(())
     }
 
-    /// Undoes one completed stage.
-    pub async fn undo(&mut self, ops: &Ops, stage: BootStage) {
+    /// Undoes one completed stage: releases what it made, through the one teardown
+    /// ([`Ops::tear_down`]). What cannot be released stays a handle, in the scratch file, for
+    /// reconcile to retry; the error says what failed. Running it twice changes nothing more.
+    pub async fn undo(&mut self, ops: &Ops, stage: BootStage) -> Result<(), Error> {
         let paths = self.vm.paths();
-        match stage {
-            BootStage::RootDisk => {
-                // The snapshot goes before its loops, and they before the file under them.
-                if let Some(dm) = self.handles.dm_name.take() {
-                    if ops.host.block.remove_dm(&dm).await.is_err() {
-                        self.handles.dm_name = Some(dm);
-                    } else {
-                        self.handles.dm_device = None;
-                    }
-                }
-                if self.handles.dm_name.is_none() {
-                    for slot in [&mut self.handles.cow_loop, &mut self.handles.base_loop] {
-                        if let Some(device) = slot.take()
-                            && ops.host.block.detach_loop(&device).await.is_err()
-                        {
-                            *slot = Some(device);
-                        }
-                    }
-                }
-                let _ = ops.set_handles(&self.vm, self.handles.clone());
-                if self.created_disk && self.handles.cow_loop.is_none() {
-                    remove_file_quietly(&paths.root_disk);
-                }
-            }
-            BootStage::AgentChannel => {
-                if let Some(backend) = self.handles.vsock_backend.take() {
-                    ops.host.agents.stop_backend(&backend, &paths).await;
-                }
-                let _ = ops.set_handles(&self.vm, self.handles.clone());
-            }
-            BootStage::VmmLaunch => {
-                if let Some(vmm) = self.handles.vmm.take() {
-                    kill_vmm(ops, &vmm, &self.vm).await;
-                }
-                // A jailed VMM is in its group before `limit_resources` runs.
-                let _ = ops.host.limits.remove(&cgroup_name(&self.vm)).await;
-                let _ = ops.host.vmm.release(&paths);
-                let _ = ops.set_handles(&self.vm, self.handles.clone());
-            }
-            // The group goes with the VMM (undone next, in reverse order): see release_runtime.
+        let parts: &[Runtime] = match stage {
+            // The snapshot goes before its loops, and they before the file under them.
+            BootStage::RootDisk => &[Runtime::Snapshot, Runtime::Loops],
+            BootStage::AgentChannel => &[Runtime::VsockBackend],
+            BootStage::Tap => &[Runtime::Tap],
+            BootStage::Nat => &[Runtime::Nat],
+            // A jailed VMM is in its group before `limit_resources` runs.
+            BootStage::VmmLaunch => &[Runtime::Vmm, Runtime::Jail, Runtime::Cgroup],
             BootStage::LimitResources => {
                 if let Some(confining) = self.confining.take()
                     && let Ok(Ok(group)) = confining.await
                 {
                     self.handles.cgroup = group;
                 }
-                if let Some(group) = self.handles.cgroup.take() {
-                    if let Some(vmm) = self.handles.vmm {
-                        kill_vmm(ops, &vmm, &self.vm).await;
-                    }
-                    if ops.host.limits.remove(&group).await.is_err() {
-                        // Left in the scratch file for reconcile to retry.
-                        self.handles.cgroup = Some(group);
-                    }
-                }
-                let _ = ops.set_handles(&self.vm, self.handles.clone());
+                // The group goes with the VMM: a group that holds a process cannot be removed.
+                &[Runtime::Vmm, Runtime::Cgroup]
             }
-            BootStage::Tap => {
-                if let Some(tap) = self.handles.tap.take()
-                    && ops.host.network.delete_tap(&tap).await.is_err()
-                {
-                    self.handles.tap = Some(tap);
+            BootStage::VmmBoot | BootStage::WaitAgent => &[],
+        };
+        let released = ops.tear_down(&self.vm, &mut self.handles, parts).await;
+        ops.set_handles(&self.vm, self.handles.clone())?;
+        released?;
+        if stage == BootStage::RootDisk && self.created_disk && self.handles.cow_loop.is_none() {
+            match std::fs::remove_file(&paths.root_disk) {
+                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(HostError::Io { what: format!("remove {}", paths.root_disk.display()), source }.into());
                 }
-                let _ = ops.set_handles(&self.vm, self.handles.clone());
+                _ => self.created_disk = false,
             }
-            BootStage::Nat => {
-                if let Some(tag) = self.handles.nat.take()
-                    && ops.host.network.remove_nat(&tag).await.is_err()
-                {
-                    self.handles.nat = Some(tag);
-                }
-                let _ = ops.set_handles(&self.vm, self.handles.clone());
-            }
-            BootStage::VmmBoot | BootStage::WaitAgent => {}
         }
+        Ok(())
     }
 
     /// Makes the VM's dm-snapshot: a read-only loop over the image, a loop over the VM's
@@ -336,103 +297,10 @@ fn guest_nic(ops: &Ops, vm: &Vm) -> Option<GuestNic> {
     })
 }
 
-/// The tag of a VM's NAT rules: derived from its id alone.
-fn nat_tag(vm: &Vm) -> String {
-    format!("banger-vm-{}", vm.id)
-}
-
 /// The network config and the VM's address, or why the VM has no network.
 fn network_of<'a>(ops: &'a Ops, vm: &Vm) -> Result<(&'a NetworkConfig, std::net::Ipv4Addr), Error> {
     match (&ops.config.network, vm.ip) {
         (Some(network), Some(ip)) => Ok((network, ip)),
         _ => Err(Error::FailedPrecondition(format!("vm {} has no network address", vm.name))),
-    }
-}
-
-/// The cgroup of a VM's VMM: derived from its id alone (the jailer makes the same one).
-fn cgroup_name(vm: &Vm) -> String {
-    crate::host::cgroup::group_of(vm.id)
-}
-
-async fn kill_vmm(ops: &Ops, vmm: &ProcessHandle, vm: &Vm) {
-    let paths = vm.paths();
-    ops.host.processes.terminate(vmm, &paths.api_socket, Duration::ZERO).await;
-    remove_file_quietly(&paths.api_socket);
-}
-
-impl Ops {
-    /// Releases everything a VM holds on the host while it runs: the VMM (killed if it
-    /// still runs), the vsock backend, its cgroup, the tap, the device-mapper snapshot and its loop
-    /// devices (in that order: a loop under a snapshot is busy), sockets, and the scratch
-    /// file. Tolerates anything already gone; safe to run twice. A kernel handle that cannot
-    /// be released stays in the scratch file for the next reconcile, and the error says which.
-    pub(super) async fn release_runtime(&self, vm: &Vm) -> Result<(), Error> {
-        let mut handles = self.handles(vm);
-        let paths = vm.paths();
-        if let Some(vmm) = handles.vmm.take() {
-            kill_vmm(self, &vmm, vm).await;
-        }
-        // A VMM started by a daemon that died before writing handles is still found by its socket.
-        if let Some(orphan) = self.host.processes.find_by_marker(&paths.api_socket) {
-            kill_vmm(self, &orphan, vm).await;
-        }
-        let backend = handles.vsock_backend.take().or_else(|| self.host.processes.find_by_marker(&paths.vsock));
-        if let Some(backend) = backend {
-            self.host.agents.stop_backend(&backend, &paths).await;
-        }
-        let mut first_error = self.host.vmm.release(&paths).err();
-        // The group's name derives from the VM's id, so it is removed even when the scratch
-        // file that named it was lost.
-        {
-            let group = handles.cgroup.clone().unwrap_or_else(|| cgroup_name(vm));
-            match self.host.limits.remove(&group).await {
-                Ok(()) => handles.cgroup = None,
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
-        }
-        // Tap and NAT names derive from the VM's identity: released even when the scratch
-        // file that named them was lost.
-        let nat = self.config.network.as_ref().filter(|n| n.nat).map(|_| nat_tag(vm));
-        if let Some(tag) = handles.nat.clone().or(nat) {
-            match self.host.network.remove_nat(&tag).await {
-                Ok(()) => handles.nat = None,
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
-        }
-        let tap = self.config.network.as_ref().map(|_| tap_name(vm.vsock_cid));
-        if let Some(tap) = handles.tap.clone().or(tap) {
-            match self.host.network.delete_tap(&tap).await {
-                Ok(()) => handles.tap = None,
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
-        }
-        // The snapshot's name derives from the VM's id: removed even when its handle was lost.
-        let dm = (vm.root_disk == RootDiskStrategy::DmSnapshot).then(|| RootDiskStrategy::dm_name(vm.id));
-        if let Some(dm) = handles.dm_name.clone().or(dm) {
-            match self.host.block.remove_dm(&dm).await {
-                Ok(()) => (handles.dm_name, handles.dm_device) = (None, None),
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
-        }
-        // Loops go only once the snapshot over them is gone.
-        if handles.dm_name.is_none() {
-            for slot in [&mut handles.cow_loop, &mut handles.base_loop] {
-                if let Some(device) = slot.clone() {
-                    match self.host.block.detach_loop(&device).await {
-                        Ok(()) => *slot = None,
-                        Err(e) => first_error = first_error.or(Some(e)),
-                    }
-                }
-            }
-        }
-        for socket in [&paths.api_socket, &paths.vsock, &paths.vhost_user_socket] {
-            remove_file_quietly(socket);
-        }
-        self.host.agents.forget(vm.id);
-        self.set_handles(vm, handles)?;
-        match first_error {
-            None => Ok(()),
-            Some(e) => Err(e.into()),
-        }
     }
 }

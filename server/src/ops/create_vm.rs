@@ -49,6 +49,9 @@ struct CreateVmOp<'a> {
     request: CreateVm,
     image: Option<Image>,
     boot: Option<Boot>,
+    /// The VM's runtime could not be released while unwinding: its directory (with the
+    /// scratch file naming what is left) and its record are kept, the record in `error`.
+    leftovers: bool,
 }
 
 impl CreateVmOp<'_> {
@@ -148,22 +151,63 @@ impl Operation for CreateVmOp<'_> {
         Ok(())
     }
 
-    async fn undo(&mut self, stage: Stage) {
+    async fn undo(&mut self, stage: Stage) -> Result<(), Error> {
         let ops = self.ops;
         let failed_dir = self.failed_dir();
-        let Some(boot) = self.boot.as_mut() else { return };
+        let Some(boot) = self.boot.as_mut() else { return Ok(()) };
         match stage {
             Stage::Boot(boot_stage) => boot.undo(ops, boot_stage).await,
+            // Whatever a boot stage's undo could not release is retried here, with names
+            // derived from the VM's identity too; only once nothing is left does the
+            // directory (and its scratch file, the evidence) go.
             Stage::PrepareVmDir => {
+                if !boot.vm.vm_dir.exists() {
+                    return Ok(());
+                }
                 keep_logs(&boot.vm, &failed_dir);
-                let _ = ops.release_runtime(&boot.vm).await;
-                let _ = std::fs::remove_dir_all(&boot.vm.vm_dir);
+                if let Err(error) = ops.release_runtime(&boot.vm).await {
+                    self.leftovers = true;
+                    return Err(error);
+                }
+                self.leftovers = false;
+                std::fs::remove_dir_all(&boot.vm.vm_dir).map_err(|source| crate::host::HostError::Io {
+                    what: format!("remove {}", boot.vm.vm_dir.display()),
+                    source,
+                })?;
+                Ok(())
+            }
+            // With leftovers the record stays, in `error`, so that the VM can be seen and
+            // deleted; reconcile releases what is left meanwhile.
+            Stage::InsertRecord if self.leftovers => {
+                let current = match ops.store.vm_get(&boot.vm.id.to_string()).await {
+                    Ok(current) => current,
+                    Err(crate::store::StoreError::NotFound { .. }) => return Ok(()),
+                    Err(error) => return Err(error.into()),
+                };
+                if current.observed_state != VmState::Error {
+                    let update = VmUpdate {
+                        observed_state: Some(VmState::Error),
+                        desired_state: Some(VmState::Stopped),
+                        last_error: Some(
+                            "create failed and not everything it made could be released; reconcile retries, \
+                             delete the VM to finish"
+                                .into(),
+                        ),
+                        ..Default::default()
+                    };
+                    boot.vm = ops.store.vm_update(&current, update).await?;
+                }
+                Ok(())
             }
             Stage::InsertRecord => {
-                let _ = ops.store.vm_delete(boot.vm.id).await;
+                match ops.store.vm_delete(boot.vm.id).await {
+                    Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => {}
+                    Err(error) => return Err(error.into()),
+                }
                 ops.forget_vm(boot.vm.id);
+                Ok(())
             }
-            Stage::ResolveImage | Stage::MarkRunning => {}
+            Stage::ResolveImage | Stage::MarkRunning => Ok(()),
         }
     }
 
@@ -224,7 +268,7 @@ impl Ops {
         let name = request.name.clone().unwrap_or_else(|| generated_name(id));
         let lock = self.vm_lock(id);
         let _guard = lock.lock().await;
-        let mut op = CreateVmOp { ops: self, op_id, id, name, request, image: None, boot: None };
+        let mut op = CreateVmOp { ops: self, op_id, id, name, request, image: None, boot: None, leftovers: false };
         runner::run_with(op_id, &mut op, &self.run_options()).await?;
         let vm = op.vm()?.clone();
         Ok(vm)

@@ -51,8 +51,13 @@ pub enum Error {
     /// The daemon cannot serve this now (it is stopping); retrying later may work.
     #[error("{0}")]
     Unavailable(String),
-    /// A stage of an operation failed; the stages before it were undone.
-    #[error("{operation} failed at stage {stage}{}", log.as_ref().map(|l| format!("; inspect {}", l.display())).unwrap_or_default())]
+    /// A stage of an operation failed; the stages before it were undone (those in
+    /// `undo_failed` only in part: what is left is recorded for reconcile).
+    #[error(
+        "{operation} failed at stage {stage}{}{}",
+        if undo_failed.is_empty() { String::new() } else { format!("; undoing {} failed (what is left is released by the next reconcile)", undo_failed.join(", ")) },
+        log.as_ref().map(|l| format!("; inspect {}", l.display())).unwrap_or_default()
+    )]
     Stage {
         /// The operation's id.
         op_id: OpId,
@@ -62,6 +67,8 @@ pub enum Error {
         stage: &'static str,
         /// The log worth reading.
         log: Option<PathBuf>,
+        /// The stages whose undo failed, latest first.
+        undo_failed: Vec<&'static str>,
         /// What went wrong.
         #[source]
         source: Box<Error>,

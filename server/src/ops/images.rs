@@ -74,11 +74,17 @@ impl Operation for ImportImageOp<'_> {
         Ok(())
     }
 
-    async fn undo(&mut self, stage: Stage) {
-        if let Stage::CopyFiles = stage
-            && let Some(dir) = self.image.rootfs_path.parent()
-        {
-            let _ = std::fs::remove_dir_all(dir);
+    async fn undo(&mut self, stage: Stage) -> Result<(), Error> {
+        match (stage, self.image.rootfs_path.parent()) {
+            // A directory left behind names no record: reconcile removes it as an orphan.
+            (Stage::CopyFiles, Some(dir)) => match std::fs::remove_dir_all(dir) {
+                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_error(format!("remove {}", dir.display()))(source))
+                }
+                _ => Ok(()),
+            },
+            // The record is the last stage: nothing after it can fail.
+            _ => Ok(()),
         }
     }
 
@@ -209,8 +215,11 @@ impl Ops {
             labels: new.labels.clone(),
         };
         let op_id = OpId::generate();
+        super::lock(&self.importing).insert(id);
         let mut op = ImportImageOp { ops: self, new, image };
-        runner::run_with(op_id, &mut op, &self.run_options()).await?;
+        let imported = runner::run_with(op_id, &mut op, &self.run_options()).await;
+        super::lock(&self.importing).remove(&id);
+        imported?;
         Ok((op.image, op_id))
     }
 

@@ -15,6 +15,7 @@ pub mod runner;
 mod stage_tests;
 mod start_vm;
 mod stop_vm;
+mod teardown;
 
 use std::{
     collections::HashMap,
@@ -98,6 +99,8 @@ pub struct Ops {
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     run_options: Mutex<runner::RunOptions>,
     default_image_lock: tokio::sync::Mutex<()>,
+    /// Images whose import is under way: their directories are not orphans.
+    importing: Mutex<std::collections::HashSet<crate::domain::ImageId>>,
     /// Set when the daemon stops serving: long-lived calls (watches, waits) end.
     stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -118,6 +121,7 @@ impl Ops {
             vm_locks: Mutex::default(),
             run_options: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
+            importing: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
         }
     }

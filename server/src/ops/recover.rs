@@ -94,6 +94,12 @@ impl Ops {
     pub(super) async fn reconcile(&self, vm: Vm, table: &ProcessTable) -> Result<Vm, Error> {
         let state = vm.observed_state;
         if !state.may_have_vmm() {
+            // No VMM, but a failed undo may have left handles (in the scratch file) that
+            // it could not release: try again.
+            if !self.handles(&vm).is_empty() {
+                tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "releasing what a failed operation left");
+                self.release_runtime(&vm).await?;
+            }
             return Ok(vm);
         }
         let handles = self.rediscover_handles(&vm, table);
@@ -164,6 +170,33 @@ impl Ops {
                 let _ = std::fs::remove_dir_all(&dir);
             }
             self.forget_vm(id);
+        }
+        self.remove_orphan_images().await
+    }
+
+    /// Removes image directories that belong to no record and to no import under way (an
+    /// import whose undo could not remove its copy leaves one).
+    async fn remove_orphan_images(&self) -> Result<(), Error> {
+        let Ok(entries) = std::fs::read_dir(self.images_dir()) else { return Ok(()) };
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().and_then(|name| name.parse::<crate::domain::ImageId>().ok())
+            else {
+                continue;
+            };
+            // Checked in this order: an import is registered before its directory exists and
+            // unregistered only after its record is.
+            if super::lock(&self.importing).contains(&id) {
+                continue;
+            }
+            match self.store.image_get(&id.to_string()).await {
+                Ok(_) => continue,
+                Err(StoreError::NotFound { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+            tracing::warn!(image_id = %id, dir = %entry.path().display(), "removing orphan image dir");
+            if let Err(error) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(image_id = %id, error = %error, "cannot remove orphan image dir");
+            }
         }
         Ok(())
     }

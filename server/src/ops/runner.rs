@@ -56,8 +56,14 @@ pub trait Operation: Send {
     /// Runs a stage. It must be safe to run again after a crash (issue of idempotence).
     async fn apply(&mut self, stage: Self::Stage) -> Result<(), Error>;
 
-    /// Undoes a stage that completed; called in reverse order when a later stage fails.
-    async fn undo(&mut self, _stage: Self::Stage) {}
+    /// Undoes a stage that completed; called in reverse order when a later stage fails. It
+    /// must be safe to run again. A failed undo is logged and reported in the operation's
+    /// error ([`Error::Stage`]'s `undo_failed`), and the runner goes on with the stages
+    /// before it; the operation leaves evidence of what is left (a handle in the VM's
+    /// scratch file, a directory) for reconcile to retry.
+    async fn undo(&mut self, _stage: Self::Stage) -> Result<(), Error> {
+        Ok(())
+    }
 
     /// Who the operation acts on (may change as stages learn more, e.g. a new VM's id).
     fn subject(&self) -> Subject;
@@ -144,6 +150,8 @@ pub struct RunOptions {
     pub repeat_stages: bool,
     /// Fail the stage at this index, as if it had failed, before applying it.
     pub fail_at: Option<usize>,
+    /// Undo every stage twice in a row (undos must be idempotent).
+    pub repeat_undos: bool,
 }
 
 /// Runs every stage of `op` in order; on failure undoes the completed ones in reverse and
@@ -291,11 +299,38 @@ async fn run_stages<O: Operation>(
                     Error::Host(host) => host.log_path().map(PathBuf::from),
                     _ => None,
                 });
+                let mut undo_failed = Vec::new();
                 for completed in done.iter().rev() {
-                    op.undo(*completed).await;
-                    tracing::debug!(op_id = %op_id, operation = O::NAME, stage = O::stage_name(*completed), "operation stage undone");
+                    let undone_stage = O::stage_name(*completed);
+                    let undone = match op.undo(*completed).await {
+                        Ok(()) if options.repeat_undos => op.undo(*completed).await,
+                        other => other,
+                    };
+                    match undone {
+                        Ok(()) => {
+                            tracing::debug!(op_id = %op_id, operation = O::NAME, stage = undone_stage, "operation stage undone")
+                        }
+                        Err(undo_error) => {
+                            tracing::warn!(
+                                op_id = %op_id,
+                                operation = O::NAME,
+                                stage = undone_stage,
+                                failed_stage = stage_name,
+                                error = undo_error.chain(),
+                                "operation stage undo failed; what it could not release is left for reconcile"
+                            );
+                            undo_failed.push(undone_stage);
+                        }
+                    }
                 }
-                let error = Error::Stage { op_id, operation: O::NAME, stage: stage_name, log, source: Box::new(error) };
+                let error = Error::Stage {
+                    op_id,
+                    operation: O::NAME,
+                    stage: stage_name,
+                    log,
+                    undo_failed,
+                    source: Box::new(error),
+                };
                 tracing::warn!(
                     op_id = %op_id,
                     operation = O::NAME,
@@ -355,8 +390,9 @@ mod tests {
             Ok(())
         }
 
-        async fn undo(&mut self, stage: usize) {
+        async fn undo(&mut self, stage: usize) -> Result<(), Error> {
             assert_eq!(self.effects.pop(), Some(Self::stage_name(stage)), "undo in reverse order");
+            Ok(())
         }
 
         fn subject(&self) -> Subject {

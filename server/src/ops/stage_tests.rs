@@ -1,7 +1,8 @@
 //! Generic properties of every operation, over the stateful fake host and a real SQLite
-//! file: each stage applied twice changes nothing the second time, and a failure at each
-//! stage in turn (or inside any host capability) unwinds to a clean host and a consistent
-//! record.
+//! file: each stage applied twice changes nothing the second time, a failure at each stage
+//! in turn (or inside any host capability) unwinds to a clean host and a consistent record,
+//! with every undo run twice (the second changing nothing), and an undo that fails leaves
+//! evidence that reconcile acts on.
 
 use std::path::Path;
 
@@ -23,10 +24,28 @@ async fn fixture() -> Fixture {
 }
 
 async fn fixture_with(root_disk: RootDiskStrategy) -> Fixture {
+    fixture_configured(|config| config.root_disk = root_disk).await
+}
+
+/// VMs get a tap on a bridge, and NAT.
+async fn networked_fixture() -> Fixture {
+    fixture_configured(|config| {
+        config.network = Some(crate::config::NetworkConfig {
+            bridge: "banger0".into(),
+            pool: "172.30.0.0/24".parse().expect("pool"),
+            nat: true,
+            dns: false,
+        })
+    })
+    .await
+}
+
+async fn fixture_configured(configure: impl FnOnce(&mut OpsConfig)) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("banger.db")).await.expect("store");
     let host = FakeHost::default();
-    let config = OpsConfig { root_disk, ..OpsConfig::for_tests(dir.path()) };
+    let mut config = OpsConfig::for_tests(dir.path());
+    configure(&mut config);
     let sources = dir.path().join("image");
     std::fs::create_dir_all(&sources).expect("image dir");
     for file in ["vmlinuz", "rootfs.ext4"] {
@@ -109,6 +128,7 @@ fn assert_stage_error(result: Result<impl std::fmt::Debug, Error>, index: usize)
 
 /// Runs `setup` normally, then `attempt` with a failure injected at stage i = 0, 1, ...
 /// until an attempt succeeds (i is past the last stage); returns how many stages failed.
+/// Every undo runs twice.
 macro_rules! for_each_failing_stage {
     ($fixture:expr, |$index:ident| $attempt:expr, |$stage:ident| $check:block) => {
         for_each_failing_stage!($fixture, |$index| {} => $attempt, |$stage| $check)
@@ -117,7 +137,7 @@ macro_rules! for_each_failing_stage {
         let mut $index = 0;
         loop {
             $setup
-            $fixture.run(RunOptions { fail_at: Some($index), ..Default::default() });
+            $fixture.run(RunOptions { fail_at: Some($index), repeat_undos: true, ..Default::default() });
             let result = $attempt;
             $fixture.run(RunOptions::default());
             if result.is_ok() {
@@ -218,7 +238,7 @@ async fn delete_stages_are_idempotent_and_a_failed_delete_can_be_retried() {
     loop {
         let name = format!("del-{stages}");
         let vm = f.ops.create_vm(create(&name)).await.expect("create");
-        f.run(RunOptions { fail_at: Some(stages), ..Default::default() });
+        f.run(RunOptions { fail_at: Some(stages), repeat_undos: true, ..Default::default() });
         let result = f.ops.delete_vm(&name).await;
         f.run(RunOptions::default());
         if result.is_ok() {
@@ -335,4 +355,99 @@ async fn dm_snapshot_devices_are_handles_made_at_boot_and_released_whenever_the_
         assert_eq!(f.host.kernel_state(), no_devices, "{call}");
         assert!(f.host.disks().is_empty(), "{call}: {:?}", f.host.disks());
     }
+}
+
+#[tokio::test]
+async fn networked_creates_failing_at_any_stage_leave_no_tap_and_no_nat_rule() {
+    let f = networked_fixture().await;
+    let stages = for_each_failing_stage!(f, |i| f.ops.create_vm(create(&format!("net-{i}"))).await, |stage| {
+        assert_eq!(f.host.kernel_state().0, Vec::<String>::new(), "{stage}: taps left");
+        assert!(f.host.nat_rules().is_empty(), "{stage}: {:?}", f.host.nat_rules());
+        assert!(f.host.processes().is_empty(), "{stage}: {:?}", f.host.processes());
+        assert_eq!(f.vm_dirs(), 0, "{stage}: vm dir left");
+    });
+    assert_eq!(stages, 12, "resolve_image .. mark_running, with tap and nat");
+}
+
+/// An undo that fails is reported, recorded and left for reconcile: the VM stays, in
+/// `error`, its scratch file names what could not be released, and the next reconcile
+/// releases it.
+#[tokio::test]
+async fn a_failed_undo_is_reported_recorded_and_finished_by_reconcile() {
+    let f = networked_fixture().await;
+    // vmm_boot fails; undoing the tap fails, and so does the retry with everything else.
+    f.host.fail_next("vmm.boot");
+    f.host.fail_next("network.delete_tap");
+    f.host.fail_next("network.delete_tap");
+    let result = f.ops.create_vm(create("stuck")).await;
+    match &result {
+        Err(Error::Stage { stage: "vmm_boot", undo_failed, .. }) => {
+            assert_eq!(undo_failed, &["tap", "prepare_vm_dir"], "{result:?}")
+        }
+        other => panic!("expected a stage error with failed undos, got {other:?}"),
+    }
+    let record = f.record("stuck").await.expect("the record is kept");
+    assert_eq!(record.observed_state, VmState::Error);
+    assert!(!record.last_error.is_empty());
+    let (taps, _, _) = f.host.kernel_state();
+    assert_eq!(taps.len(), 1, "the tap is still there");
+    let left = crate::host::scratch::read_handles(&record.paths().handles);
+    assert_eq!(left.tap.as_deref(), Some(taps[0].as_str()), "the scratch file names it: {left:?}");
+    assert!(f.host.processes().is_empty() && f.host.nat_rules().is_empty(), "everything else went");
+
+    f.ops.recover().await.expect("reconcile releases what is left");
+    assert_eq!(f.host.kernel_state().0, Vec::<String>::new());
+    assert!(f.ops.handles(&record).is_empty() && !record.paths().handles.exists());
+    f.ops.delete_vm("stuck").await.expect("and the VM can be deleted");
+    assert_eq!(f.vm_dirs(), 0);
+}
+
+fn image_sources(f: &Fixture) -> crate::domain::NewImage {
+    let sources = f._dir.path().join("import");
+    std::fs::create_dir_all(&sources).expect("dir");
+    let mut kernel = vec![0u8; 4096];
+    kernel[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(sources.join("vmlinuz"), kernel).expect("kernel");
+    let mut rootfs = vec![0u8; 1 << 16];
+    rootfs[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+    std::fs::write(sources.join("rootfs.ext4"), rootfs).expect("rootfs");
+    std::fs::write(sources.join("initrd.img"), b"initrd").expect("initrd");
+    crate::domain::NewImage {
+        name: "imported".into(),
+        kernel_path: sources.join("vmlinuz"),
+        initrd_path: Some(sources.join("initrd.img")),
+        rootfs_path: sources.join("rootfs.ext4"),
+        kernel_args: String::new(),
+        labels: Default::default(),
+    }
+}
+
+fn image_dirs(f: &Fixture) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(f.ops.images_dir()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn image_import_stages_are_idempotent_and_a_failed_import_leaves_nothing() {
+    let f = fixture().await;
+    let stages = for_each_failing_stage!(f, |i| f.ops.import_image(image_sources(&f)).await, |stage| {
+        assert!(f.ops.store.image_get("imported").await.is_err(), "{stage}: record left");
+        assert!(image_dirs(&f).is_empty(), "{stage}: {:?}", image_dirs(&f));
+    });
+    assert_eq!(stages, 2, "copy_files, insert_record");
+    f.ops.delete_image("imported").await.expect("delete");
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    let (image, _) = f.ops.import_image(image_sources(&f)).await.expect("import with every stage twice");
+    assert_eq!(image_dirs(&f), [image.rootfs_path.parent().expect("dir").to_owned()]);
+    assert_eq!(std::fs::read(image.initrd_path.expect("initrd")).expect("copied"), b"initrd");
+}
+
+#[tokio::test]
+async fn reconcile_removes_image_directories_no_record_names() {
+    let f = fixture().await;
+    let (image, _) = f.ops.import_image(image_sources(&f)).await.expect("import");
+    let stray = f.ops.images_dir().join(ImageId::generate().to_string());
+    std::fs::create_dir_all(&stray).expect("stray dir");
+    std::fs::write(stray.join("rootfs.ext4"), b"left by an import whose undo failed").expect("file");
+    f.ops.recover().await.expect("recover");
+    assert_eq!(image_dirs(&f), [image.rootfs_path.parent().expect("dir").to_owned()]);
 }

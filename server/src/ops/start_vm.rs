@@ -99,9 +99,11 @@ impl Operation for StartVmOp<'_> {
         Ok(())
     }
 
-    async fn undo(&mut self, stage: Stage) {
-        if let (Stage::Boot(boot_stage), Some(boot)) = (stage, self.boot.as_mut()) {
-            boot.undo(self.ops, boot_stage).await;
+    async fn undo(&mut self, stage: Stage) -> Result<(), Error> {
+        match (stage, self.boot.as_mut()) {
+            (Stage::Boot(boot_stage), Some(boot)) => boot.undo(self.ops, boot_stage).await,
+            // A failed start leaves the VM in `error` with the reason (see `start_vm`).
+            _ => Ok(()),
         }
     }
 
