@@ -175,6 +175,20 @@ pub fn error_op_id(status: &Status) -> Option<String> {
     status.get_details_error_info()?.metadata.get("op_id").cloned()
 }
 
+/// Why a call failed, as a code to branch on: the `reason` of the status's
+/// `google.rpc.ErrorInfo` (`VM_NOT_FOUND`, `WRONG_STATE`, ...), and its facts (`metadata`).
+pub fn error_reason(status: &Status) -> Option<(String, std::collections::HashMap<String, String>)> {
+    let info = status.get_details_error_info()?;
+    Some((info.reason, info.metadata))
+}
+
+/// The resource a `NOT_FOUND` or `ALREADY_EXISTS` status names, as `(type, name)`
+/// (`banger.v1.Vm`, `web`).
+pub fn error_resource(status: &Status) -> Option<(String, String)> {
+    let info = status.get_details_resource_info()?;
+    Some((info.resource_type, info.resource_name))
+}
+
 /// The field violations of an `INVALID_ARGUMENT` status, as `(field, description)`.
 pub fn field_violations(status: &Status) -> Vec<(String, String)> {
     status

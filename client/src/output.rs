@@ -26,6 +26,17 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// A VM's error reason as `vm show` prints it; empty when there is none.
+fn error_reason_name(reason: i32) -> &'static str {
+    match pb::VmErrorReason::try_from(reason).unwrap_or(pb::VmErrorReason::Unspecified) {
+        pb::VmErrorReason::Unspecified => "",
+        pb::VmErrorReason::VmmExited => "vmm_exited",
+        pb::VmErrorReason::Interrupted => "interrupted",
+        pb::VmErrorReason::StartFailed => "start_failed",
+        pb::VmErrorReason::CreateLeftovers => "create_leftovers",
+    }
+}
+
 fn time(ts: Option<&prost_types::Timestamp>) -> String {
     let Some(ts) = ts.filter(|t| t.seconds > 0) else { return String::new() };
     let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(ts.seconds as u64);
@@ -76,6 +87,7 @@ pub fn print_vm_details(vm: &pb::Vm) {
         ("vcpus", vm.vcpus.to_string()),
         ("memory", format!("{} MiB", vm.memory_mib)),
         ("last error", vm.last_error.clone()),
+        ("error reason", error_reason_name(vm.last_error_reason).into()),
         ("last operation", vm.last_operation.clone()),
         ("created", time(vm.create_time.as_ref())),
         ("updated", time(vm.update_time.as_ref())),
@@ -175,6 +187,16 @@ pub fn print_status(status: &Status) {
     }
     if let Some(op) = error_op_id(status) {
         eprintln!("  op: {op}");
+    }
+    // The reason and its facts, for scripts: stable where the message's words are not.
+    if let Some((reason, facts)) = banger_client::error_reason(status) {
+        let mut facts: Vec<_> = facts.into_iter().filter(|(key, _)| key != "op_id").collect();
+        facts.sort();
+        let facts: Vec<String> = facts.into_iter().map(|(key, value)| format!("{key}={value}")).collect();
+        eprintln!(
+            "  reason: {reason}{}",
+            if facts.is_empty() { String::new() } else { format!(" ({})", facts.join(" ")) }
+        );
     }
 }
 

@@ -40,7 +40,7 @@ pub struct FileConfig {
     /// See [`Config::listen`].
     pub listen: Option<String>,
     /// See [`Config::log_level`].
-    pub log_level: Option<String>,
+    pub log_level: Option<LogLevel>,
     /// See [`Config::default_image`].
     pub default_image: Option<String>,
     /// See [`Config::default_image_dir`].
@@ -53,13 +53,13 @@ pub struct FileConfig {
     /// See [`Config::vsock_backend_binary`].
     pub vsock_backend_binary: Option<PathBuf>,
     /// See [`Config::accel`].
-    pub accel: Option<String>,
+    pub accel: Option<Accel>,
     /// See [`Config::otlp_endpoint`].
     pub otlp_endpoint: Option<String>,
     /// See [`Config::vmm_memory_overhead_mib`].
     pub vmm_memory_overhead_mib: Option<u64>,
     /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink`, `copy` or `dm-snapshot`.
-    pub root_disk: Option<String>,
+    pub root_disk: Option<RootDiskChoice>,
     /// See [`Config::network`]: the bridge VMs attach to; none gives VMs no network.
     pub bridge: Option<String>,
     /// See [`Config::network`]: the bridge's network, e.g. `172.30.0.0/24`.
@@ -69,7 +69,7 @@ pub struct FileConfig {
     /// See [`NetworkConfig::dns`]: serve `<vm>.vm` names on the bridge address.
     pub dns: Option<bool>,
     /// See [`Config::vmm`]: `qemu` or `firecracker`.
-    pub vmm: Option<String>,
+    pub vmm: Option<VmmKind>,
     /// See [`Config::firecracker_binary`].
     pub firecracker_binary: Option<PathBuf>,
     /// See [`Config::jailer`]: run each Firecracker under its jailer.
@@ -159,8 +159,27 @@ pub struct JailerConfig {
     pub uid_base: u32,
 }
 
+/// How root disks are made, as configured: chosen at startup, or one strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RootDiskChoice {
+    /// `auto`.
+    Auto(Auto),
+    /// `qcow2`, `reflink`, `copy` or `dm-snapshot`.
+    Strategy(RootDiskStrategy),
+}
+
+/// The word `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auto {
+    /// Chosen at startup.
+    Auto,
+}
+
 /// Which VMM drives the VMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VmmKind {
     /// QEMU `-M microvm`: works on any Linux host, under TCG where KVM cannot boot guests.
     Qemu,
@@ -212,29 +231,20 @@ impl Config {
 
     /// Merges file values and overrides over the defaults, validating each.
     pub fn from_parts(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
-        let log_level = overrides.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
-        let log_level =
-            log_level.parse::<LogLevel>().map_err(|message| ConfigError::Invalid { key: "log level", message })?;
+        let log_level = match overrides.log_level {
+            Some(level) => {
+                level.parse::<LogLevel>().map_err(|message| ConfigError::Invalid { key: "log level", message })?
+            }
+            None => file.log_level.unwrap_or(LogLevel::Info),
+        };
         let listen = match overrides.listen.or(file.listen).filter(|l| !l.is_empty()) {
             None => None,
             Some(listen) => Some(parse_listen(&listen)?),
         };
-        let accel = match file.accel.as_deref().unwrap_or("tcg") {
-            "tcg" => Accel::Tcg,
-            "kvm" => Accel::Kvm,
-            other => {
-                return Err(ConfigError::Invalid {
-                    key: "accel",
-                    message: format!("{other:?}; allowed values: tcg, kvm"),
-                });
-            }
-        };
-        let root_disk = match file.root_disk.as_deref().unwrap_or("auto") {
-            "auto" => None,
-            other => Some(RootDiskStrategy::parse(other).ok_or_else(|| ConfigError::Invalid {
-                key: "root_disk",
-                message: format!("{other:?}; allowed values: auto, qcow2, reflink, copy, dm-snapshot"),
-            })?),
+        let accel = file.accel.unwrap_or(Accel::Tcg);
+        let root_disk = match file.root_disk {
+            None | Some(RootDiskChoice::Auto(_)) => None,
+            Some(RootDiskChoice::Strategy(strategy)) => Some(strategy),
         };
         let network = match file.bridge.filter(|b| !b.is_empty()) {
             None => None,
@@ -253,16 +263,7 @@ impl Config {
                 Some(NetworkConfig { bridge, pool, nat: file.nat.unwrap_or(false), dns: file.dns.unwrap_or(true) })
             }
         };
-        let vmm = match file.vmm.as_deref().unwrap_or("qemu") {
-            "qemu" => VmmKind::Qemu,
-            "firecracker" => VmmKind::Firecracker,
-            other => {
-                return Err(ConfigError::Invalid {
-                    key: "vmm",
-                    message: format!("{other:?}; allowed values: qemu, firecracker"),
-                });
-            }
-        };
+        let vmm = file.vmm.unwrap_or(VmmKind::Qemu);
         if vmm == VmmKind::Firecracker && root_disk == Some(RootDiskStrategy::Qcow2) {
             return Err(ConfigError::Invalid {
                 key: "root_disk",
@@ -368,28 +369,32 @@ mod tests {
             assert_eq!(Config::from_parts(FileConfig::default(), overrides).expect(given).log_level, level);
         }
         let level = Overrides { log_level: Some("verbose".into()), ..Default::default() };
-        let err = Config::from_parts(FileConfig::default(), level).expect_err("bad level").to_string();
-        assert!(err.contains("debug, info, warn, error"), "{err}");
+        let err = Config::from_parts(FileConfig::default(), level).expect_err("bad level");
+        assert!(matches!(err, ConfigError::Invalid { key: "log level", .. }), "{err}");
     }
 
     #[test]
     fn the_jailer_needs_firecracker_and_an_unprivileged_uid_range() {
-        let file = |vmm: &str, base: Option<u32>| FileConfig {
-            vmm: Some(vmm.into()),
+        let file = |vmm: VmmKind, base: Option<u32>| FileConfig {
+            vmm: Some(vmm),
             jailer: Some(true),
             jailer_uid_base: base,
             ..Default::default()
         };
-        let err = Config::from_parts(file("qemu", None), Overrides::default()).expect_err("qemu").to_string();
-        assert!(err.contains("vmm = \"firecracker\""), "{err}");
+        let err = Config::from_parts(file(VmmKind::Qemu, None), Overrides::default()).expect_err("qemu");
+        assert!(matches!(err, ConfigError::Invalid { key: "jailer", .. }), "{err}");
         for base in [0, u32::MAX] {
-            let err = Config::from_parts(file("firecracker", Some(base)), Overrides::default()).expect_err("base");
-            assert!(err.to_string().contains("jailer_uid_base"), "{err}");
+            let err =
+                Config::from_parts(file(VmmKind::Firecracker, Some(base)), Overrides::default()).expect_err("base");
+            assert!(matches!(err, ConfigError::Invalid { key: "jailer_uid_base", .. }), "{err}");
         }
-        let dm = FileConfig { root_disk: Some("dm-snapshot".into()), ..file("firecracker", None) };
-        let err = Config::from_parts(dm, Overrides::default()).expect_err("dm-snapshot").to_string();
-        assert!(err.contains("root_disk") && err.contains("disk files"), "{err}");
-        let config = Config::from_parts(file("firecracker", None), Overrides::default()).expect("valid");
+        let dm = FileConfig {
+            root_disk: Some(RootDiskChoice::Strategy(RootDiskStrategy::DmSnapshot)),
+            ..file(VmmKind::Firecracker, None)
+        };
+        let err = Config::from_parts(dm, Overrides::default()).expect_err("dm-snapshot");
+        assert!(matches!(err, ConfigError::Invalid { key: "root_disk", .. }), "{err}");
+        let config = Config::from_parts(file(VmmKind::Firecracker, None), Overrides::default()).expect("valid");
         assert_eq!(config.jailer, Some(JailerConfig { binary: "jailer".into(), uid_base: DEFAULT_JAILER_UID_BASE }));
     }
 
@@ -400,6 +405,22 @@ mod tests {
         let from_example = Config::from_parts(file, Overrides::default()).expect("valid");
         let defaults = Config::from_parts(FileConfig::default(), Overrides::default()).expect("valid");
         assert_eq!(from_example, defaults);
+    }
+
+    #[test]
+    fn enumerated_values_are_parsed_as_such_and_others_refused() {
+        let file: FileConfig =
+            toml::from_str("vmm = 'firecracker'\naccel = 'kvm'\nroot_disk = 'dm-snapshot'\nlog_level = 'WARNING'")
+                .expect("parses");
+        assert_eq!(file.vmm, Some(VmmKind::Firecracker));
+        assert_eq!(file.accel, Some(Accel::Kvm));
+        assert_eq!(file.root_disk, Some(RootDiskChoice::Strategy(RootDiskStrategy::DmSnapshot)));
+        assert_eq!(file.log_level, Some(LogLevel::Warn));
+        let auto: FileConfig = toml::from_str("root_disk = 'auto'").expect("parses");
+        assert_eq!(auto.root_disk, Some(RootDiskChoice::Auto(Auto::Auto)));
+        for bad in ["vmm = 'xen'", "accel = 'hvf'", "root_disk = 'zfs'", "log_level = 'verbose'"] {
+            assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

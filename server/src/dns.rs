@@ -171,11 +171,7 @@ impl Directory for crate::ops::Ops {
         if crate::domain::vm_name_error(name).is_err() {
             return Ok(None);
         }
-        match self.store().vm_get(name).await {
-            Ok(vm) if vm.name == name => Ok(Some(vm.ip)),
-            Ok(_) | Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
+        self.vm_address(name).await.map_err(|e| e.chain())
     }
 }
 

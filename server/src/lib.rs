@@ -75,7 +75,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         },
     };
     let processes = ProcFs::default();
-    let cgroups = Cgroups::detect("/sys/fs/cgroup".into(), config.vmm_memory_overhead_mib);
+    let cgroups = Cgroups::detect(Cgroups::DEFAULT_ROOT.into(), config.vmm_memory_overhead_mib);
     let vsock_mode = if firecracker { VsockMode::VmmHybrid } else { VsockMode::detect() };
     tracing::info!(
         vmm = ?config.vmm,
@@ -177,7 +177,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     resync.abort();
     reaper.abort();
     counting.abort();
-    ops.store().close().await;
+    ops.close().await;
     Ok(())
 }
 
@@ -205,15 +205,7 @@ async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCou
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tick.tick().await;
-        if let Ok(vms) = ops.store().vm_list().await {
-            let mut by_state: Vec<(&'static str, u64)> = Vec::new();
-            for vm in vms {
-                let state = vm.observed_state.as_str();
-                match by_state.iter_mut().find(|(s, _)| *s == state) {
-                    Some((_, count)) => *count += 1,
-                    None => by_state.push((state, 1)),
-                }
-            }
+        if let Ok(by_state) = ops.count_vms_by_state().await {
             *counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = by_state;
         }
     }

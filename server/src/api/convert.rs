@@ -8,7 +8,7 @@ use banger_proto::v1 as pb;
 use crate::{
     domain::{
         DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ExecCommand, ExecEvent, ExitStatus, Image, MAX_MEMORY_MIB, MAX_VCPUS,
-        MIN_MEMORY_MIB, NewImage, Vm, VmHandles, VmSpec, VmState, vm_name_error,
+        MIN_MEMORY_MIB, NewImage, Vm, VmFault, VmHandles, VmSpec, VmState, vm_name_error,
     },
     ops::{CreateVm, Error, FieldViolation},
 };
@@ -42,6 +42,14 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
         state: vm_state(vm.observed_state).into(),
         desired_state: vm_state(vm.desired_state).into(),
         last_error: vm.last_error.clone(),
+        last_error_reason: match vm.last_error_reason {
+            None => pb::VmErrorReason::Unspecified,
+            Some(VmFault::VmmExited) => pb::VmErrorReason::VmmExited,
+            Some(VmFault::Interrupted) => pb::VmErrorReason::Interrupted,
+            Some(VmFault::StartFailed) => pb::VmErrorReason::StartFailed,
+            Some(VmFault::CreateLeftovers) => pb::VmErrorReason::CreateLeftovers,
+        }
+        .into(),
         last_operation: vm.last_operation.clone(),
         create_time: Some(timestamp(vm.created_at_ms)),
         update_time: Some(timestamp(vm.updated_at_ms)),
@@ -121,7 +129,7 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
             ));
         }
         if let Err(e) = crate::domain::labels_error(&request.labels) {
-            violations.push(FieldViolation::new("labels", e));
+            violations.push(FieldViolation::new("labels", e.to_string()));
         }
         let ttl_ms = ttl_ms("ttl", request.ttl).unwrap_or_else(|violation| {
             violations.push(violation);
@@ -248,7 +256,8 @@ pub fn page_after(token: &str) -> Result<Option<String>, Error> {
 
 /// A list filter's labels, checked.
 pub fn label_selector(labels: crate::domain::Labels) -> Result<crate::domain::Labels, Error> {
-    crate::domain::labels_error(&labels).map_err(|e| Error::InvalidArgument(vec![FieldViolation::new("labels", e)]))?;
+    crate::domain::labels_error(&labels)
+        .map_err(|e| Error::InvalidArgument(vec![FieldViolation::new("labels", e.to_string())]))?;
     Ok(labels)
 }
 

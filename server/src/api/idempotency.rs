@@ -15,8 +15,11 @@ use prost::Message;
 use tokio::sync::{Mutex, watch};
 use tonic::{Response, Status, metadata::MetadataValue};
 
-use super::{OP_ID_METADATA, status::invalid_field};
-use crate::store::{Store, StoreError, now_ms};
+use super::{
+    OP_ID_METADATA,
+    status::{ApiError, api_status, invalid_field},
+};
+use crate::store::{RequestLog, StoreError, now_ms};
 
 /// How long a request id is remembered.
 pub const RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -36,7 +39,7 @@ struct InFlight {
 /// The requests this daemon runs or ran, by request id.
 #[derive(Clone)]
 pub struct Idempotency {
-    store: Store,
+    store: RequestLog,
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
 }
 
@@ -47,7 +50,7 @@ impl std::fmt::Debug for Idempotency {
 }
 
 fn store_status(error: StoreError) -> Status {
-    Status::internal(format!("request record: {error}"))
+    api_status(&ApiError::Ops(error.into()))
 }
 
 /// Checks a client's request id: up to 128 printable ASCII characters.
@@ -63,14 +66,13 @@ fn check_request_id(request_id: &str) -> Result<(), Status> {
 
 fn conflict(request_id: &str, method: &str, first_method: &str) -> Status {
     let first = if first_method == method { format!("{method} with a different request") } else { first_method.into() };
-    Status::already_exists(format!(
-        "request_id {request_id:?} was already used for {first}; a new request needs a new request_id"
-    ))
+    api_status(&ApiError::RequestIdReused { request_id: request_id.into(), first })
 }
 
 fn response_of<T: Message + Default>(outcome: Outcome) -> Result<Response<T>, Status> {
     let (bytes, op_id) = outcome?;
-    let message = T::decode(bytes.as_slice()).map_err(|e| Status::internal(format!("recorded response: {e}")))?;
+    let message = T::decode(bytes.as_slice())
+        .map_err(|e| api_status(&ApiError::Internal { what: "recorded response", detail: e.to_string() }))?;
     let mut response = Response::new(message);
     if let Some(value) = op_id.and_then(|id| MetadataValue::try_from(id).ok()) {
         response.metadata_mut().insert(OP_ID_METADATA, value);
@@ -80,7 +82,7 @@ fn response_of<T: Message + Default>(outcome: Outcome) -> Result<Response<T>, St
 
 impl Idempotency {
     /// Requests recorded in `store`.
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: RequestLog) -> Self {
         Self { store, in_flight: Arc::default() }
     }
 
@@ -109,19 +111,19 @@ impl Idempotency {
                     return Err(conflict(request_id, method, running.method));
                 }
                 running.outcome.clone()
-            } else if !self.store.request_begin(request_id, method, &body).await.map_err(store_status)? {
-                let Some(first) = self.store.request_get(request_id).await.map_err(store_status)? else {
-                    return Err(Status::unavailable(format!("request_id {request_id:?} was being forgotten; retry")));
+            } else if !self.store.begin(request_id, method, &body).await.map_err(store_status)? {
+                let Some(first) = self.store.get(request_id).await.map_err(store_status)? else {
+                    return Err(api_status(&ApiError::RequestIdExpiring { request_id: request_id.into() }));
                 };
                 if first.method != method || first.body != body {
                     return Err(conflict(request_id, method, &first.method));
                 }
                 return match first.outcome {
                     Some(outcome) => response_of(Ok(outcome)),
-                    None => Err(Status::aborted(format!(
-                        "request_id {request_id:?} ({method}) was interrupted by a daemon restart before it finished; \
-                         its VM or image is in whatever state recovery left it: read it, then retry with a new request_id"
-                    ))),
+                    None => Err(api_status(&ApiError::RequestInterrupted {
+                        request_id: request_id.into(),
+                        method: method.into(),
+                    })),
                 };
             } else {
                 let (sender, receiver) = watch::channel(None);
@@ -139,8 +141,8 @@ impl Idempotency {
                             (response.into_inner().encode_to_vec(), op_id)
                         });
                         let recorded = match &outcome {
-                            Ok((bytes, op_id)) => store.request_done(&request_id, bytes, op_id.as_deref()).await,
-                            Err(_) => store.request_forget(&request_id).await,
+                            Ok((bytes, op_id)) => store.done(&request_id, bytes, op_id.as_deref()).await,
+                            Err(_) => store.forget(&request_id).await,
                         };
                         if let Err(error) = recorded {
                             tracing::warn!(request_id, error = %error, "cannot record the request's outcome");
@@ -158,7 +160,7 @@ impl Idempotency {
         let outcome = waiting
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| Status::internal("the request's task ended without an outcome"))?
+            .map_err(|e| api_status(&ApiError::Internal { what: "the request's task", detail: e.to_string() }))?
             .clone()
             .expect("waited for Some");
         response_of(outcome)
@@ -166,6 +168,6 @@ impl Idempotency {
 
     /// Forgets request ids older than [`RETENTION`].
     pub async fn prune(&self) -> Result<u64, StoreError> {
-        self.store.request_prune(now_ms() - RETENTION.as_millis() as i64).await
+        self.store.prune(now_ms() - RETENTION.as_millis() as i64).await
     }
 }

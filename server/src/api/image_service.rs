@@ -42,7 +42,7 @@ impl ImageService for ImageApi {
 
     async fn get_image(&self, request: Request<pb::GetImageRequest>) -> Result<Response<pb::GetImageResponse>, Status> {
         let key = convert::key("image", &request.into_inner().image).map_err(|e| to_status(&e))?;
-        let image = self.ops.store().image_get(&key).await.map_err(|e| to_status(&e.into()))?;
+        let image = self.ops.get_image(&key).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::GetImageResponse { image: Some(convert::image(&image)) }))
     }
 
@@ -54,16 +54,9 @@ impl ImageService for ImageApi {
         let page_size = convert::page_size(request.page_size).map_err(|e| to_status(&e))?;
         let after = convert::page_after(&request.page_token).map_err(|e| to_status(&e))?;
         let labels = convert::label_selector(request.labels).map_err(|e| to_status(&e))?;
-        let mut images = self
-            .ops
-            .store()
-            .image_page(&labels, after.as_deref(), page_size + 1)
-            .await
-            .map_err(|e| to_status(&e.into()))?;
-        let more = images.len() > page_size as usize;
-        images.truncate(page_size as usize);
-        let next_page_token =
-            images.last().filter(|_| more).map(|image| convert::page_token(&image.id.to_string())).unwrap_or_default();
+        let (images, last) =
+            self.ops.list_images_page(&labels, after.as_deref(), page_size).await.map_err(|e| to_status(&e))?;
+        let next_page_token = last.map(|id| convert::page_token(&id)).unwrap_or_default();
         Ok(Response::new(pb::ListImagesResponse {
             images: images.iter().map(convert::image).collect(),
             next_page_token,

@@ -6,7 +6,6 @@ mod convert;
 mod host_service;
 pub mod idempotency;
 mod image_service;
-mod logs;
 pub mod status;
 mod vm_service;
 mod watch;
@@ -45,7 +44,9 @@ async fn run_to_completion<T: Send + 'static>(
     // The operation's spans stay children of this request's span.
     match tokio::spawn(tracing::Instrument::instrument(use_case, tracing::Span::current())).await {
         Ok(result) => result.map_err(|e| status::to_status(&e)),
-        Err(join) => Err(tonic::Status::internal(format!("operation task failed: {join}"))),
+        Err(join) => {
+            Err(status::api_status(&status::ApiError::Internal { what: "operation task", detail: join.to_string() }))
+        }
     }
 }
 
@@ -84,15 +85,15 @@ fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
 /// Every service the daemon serves: VMs, images, health, reflection (v1 and v1alpha, which
 /// also describes the `google.rpc` error details).
 pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::Error> {
-    let idempotency = Idempotency::new(ops.store().clone());
-    let (pruner, store) = (idempotency.clone(), ops.store().clone());
+    let idempotency = Idempotency::new(ops.request_log());
+    let (pruner, events) = (idempotency.clone(), ops.event_log());
     tokio::spawn(async move {
         loop {
             if let Err(error) = pruner.prune().await {
                 tracing::warn!(error = %error, "cannot forget old request ids");
             }
             let before = crate::store::now_ms() - idempotency::RETENTION.as_millis() as i64;
-            if let Err(error) = store.event_prune(before).await {
+            if let Err(error) = events.prune(before).await {
                 tracing::warn!(error = %error, "cannot forget old events");
             }
             tokio::time::sleep(std::time::Duration::from_secs(3600)).await;

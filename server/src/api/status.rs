@@ -1,81 +1,328 @@
-//! The one mapping from use-case errors to gRPC statuses. Never `UNKNOWN`.
+//! The one mapping from errors to gRPC statuses, and the only place in the daemon that picks
+//! a gRPC code (`tests/invariants.rs` checks). Never `UNKNOWN`.
+//!
+//! Every status carries `google.rpc.ErrorInfo` (domain `banger.v1`) whose `reason` names the
+//! error's variant (`VM_NOT_FOUND`, `WRONG_STATE`, ...) and whose `metadata` holds its facts
+//! (the VM, the state, the path; for a failed operation its id, stage and log), so clients
+//! branch on those rather than on the message. Invalid input carries `BadRequest` field
+//! violations; a missing or taken name carries `ResourceInfo`.
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{host::HostError, ops::Error};
+use crate::{
+    domain::{Resource, VmState},
+    host::{HostError, agent::AgentError},
+    ops::{Error, FieldViolation},
+};
 
 /// The `ErrorInfo.domain` of banger's errors.
 pub const ERROR_DOMAIN: &str = "banger.v1";
 
-/// Maps an error to the status a client sees: the right code, the full message, and
-/// details (`BadRequest` for invalid input, `ErrorInfo` with the op id and log otherwise).
+/// What an API call can fail with beyond its use case's [`Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The use case failed.
+    #[error(transparent)]
+    Ops(#[from] Error),
+    /// A watch asked for revisions this host has not reached.
+    #[error("revision {from} is ahead of this host's latest ({latest}): list again and watch from its revision")]
+    RevisionAhead {
+        /// The revision asked for.
+        from: u64,
+        /// The latest.
+        latest: u64,
+    },
+    /// A watch asked for revisions this host no longer keeps.
+    #[error(
+        "revision {from} is too old to replay (events up to {oldest} are forgotten): list again and watch from its \
+         revision"
+    )]
+    RevisionForgotten {
+        /// The revision asked for.
+        from: u64,
+        /// The oldest revision a watch may resume from.
+        oldest: u64,
+    },
+    /// `WaitVm` reached its deadline first.
+    #[error("vm {vm} is {}, not {}, after {seconds:.1} s", state.as_str(), wanted.as_str())]
+    WaitTimedOut {
+        /// The VM's name.
+        vm: String,
+        /// Where it is.
+        state: VmState,
+        /// Where it was awaited.
+        wanted: VmState,
+        /// How long was waited.
+        seconds: f64,
+    },
+    /// A request id came back with another request.
+    #[error("request_id {request_id:?} was already used for {first}; a new request needs a new request_id")]
+    RequestIdReused {
+        /// The id.
+        request_id: String,
+        /// What it was first used for (`CreateVm`, or `CreateVm with a different request`).
+        first: String,
+    },
+    /// A request id is being forgotten at this very moment.
+    #[error("request_id {request_id:?} was being forgotten; retry")]
+    RequestIdExpiring {
+        /// The id.
+        request_id: String,
+    },
+    /// The first call with this request id was cut short by a daemon restart.
+    #[error(
+        "request_id {request_id:?} ({method}) was interrupted by a daemon restart before it finished; its VM or \
+         image is in whatever state recovery left it: read it, then retry with a new request_id"
+    )]
+    RequestInterrupted {
+        /// The id.
+        request_id: String,
+        /// The method.
+        method: String,
+    },
+    /// Something inside the daemon that cannot fail did (a task ended without an answer, a
+    /// recorded response does not decode).
+    #[error("{what}: {detail}")]
+    Internal {
+        /// What failed.
+        what: &'static str,
+        /// How.
+        detail: String,
+    },
+}
+
+/// A status for one invalid request field.
+pub fn invalid_field(field: &str, description: &str) -> Status {
+    to_status(&Error::InvalidArgument(vec![FieldViolation::new(field, description)]))
+}
+
+/// Maps a use case's error to the status a client sees.
 pub fn to_status(error: &Error) -> Status {
-    let message = error.chain();
     if let Error::InvalidArgument(violations) = error.root() {
         let violations: Vec<tonic_types::FieldViolation> = violations
             .iter()
             .map(|v| tonic_types::FieldViolation::new(v.field.clone(), v.description.clone()))
             .collect();
-        return Status::with_error_details(Code::InvalidArgument, message, ErrorDetails::with_bad_request(violations));
+        return Status::with_error_details(
+            Code::InvalidArgument,
+            error.chain(),
+            ErrorDetails::with_bad_request(violations),
+        );
     }
-    let code = match error.root() {
-        Error::InvalidArgument(_) => Code::InvalidArgument,
-        Error::NotFound { .. } => Code::NotFound,
-        Error::AlreadyExists { .. } => Code::AlreadyExists,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        Error::ResourceExhausted(_) => Code::ResourceExhausted,
-        Error::Unavailable(_) => Code::Unavailable,
-        Error::Host(HostError::ToolMissing { .. }) => Code::Unavailable,
-        Error::Host(HostError::Timeout { .. }) => Code::DeadlineExceeded,
-        // What the guest agent says about the caller's request (a missing file, a directory
-        // given as a file) reaches the caller as such.
-        Error::Host(HostError::Agent(agent))
-            if agent.status().is_some_and(|s| {
-                matches!(
-                    s.code(),
-                    Code::NotFound | Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument
-                )
-            }) =>
-        {
-            agent.status().map(|s| s.code()).unwrap_or(Code::Internal)
+    let root = describe(error.root());
+    let mut metadata = root.metadata;
+    if let Error::Stage { op_id, operation, stage, log, undo_failed, .. } = error {
+        metadata.insert("op_id".into(), op_id.to_string());
+        metadata.insert("operation".into(), (*operation).into());
+        metadata.insert("stage".into(), (*stage).into());
+        if let Some(log) = log {
+            metadata.insert("log_path".into(), log.display().to_string());
         }
-        Error::Stage { .. } | Error::Host(_) | Error::Store(_) => Code::Internal,
+        if !undo_failed.is_empty() {
+            metadata.insert("undo_failed".into(), undo_failed.join(","));
+        }
+    }
+    let mut details = ErrorDetails::with_error_info(root.reason, ERROR_DOMAIN, metadata);
+    if let Some((kind, name)) = root.resource {
+        details.set_resource_info(format!("banger.v1.{}", resource_type(kind)), name, "", "");
+    }
+    Status::with_error_details(root.code, error.chain(), details)
+}
+
+/// Maps an API call's error to the status a client sees.
+pub fn api_status(error: &ApiError) -> Status {
+    let (code, reason, metadata): (Code, &str, Vec<(&str, String)>) = match error {
+        ApiError::Ops(error) => return to_status(error),
+        ApiError::RevisionAhead { from, latest } => (
+            Code::OutOfRange,
+            "REVISION_AHEAD",
+            vec![("from_revision", from.to_string()), ("latest_revision", latest.to_string())],
+        ),
+        ApiError::RevisionForgotten { from, oldest } => (
+            Code::OutOfRange,
+            "REVISION_FORGOTTEN",
+            vec![("from_revision", from.to_string()), ("oldest_revision", oldest.to_string())],
+        ),
+        ApiError::WaitTimedOut { vm, state, wanted, .. } => (
+            Code::DeadlineExceeded,
+            "WAIT_TIMED_OUT",
+            vec![("vm", vm.clone()), ("state", state.as_str().into()), ("wanted", wanted.as_str().into())],
+        ),
+        ApiError::RequestIdReused { request_id, .. } => {
+            (Code::AlreadyExists, "REQUEST_ID_REUSED", vec![("request_id", request_id.clone())])
+        }
+        ApiError::RequestIdExpiring { request_id } => {
+            (Code::Unavailable, "REQUEST_ID_EXPIRING", vec![("request_id", request_id.clone())])
+        }
+        ApiError::RequestInterrupted { request_id, method } => {
+            (Code::Aborted, "REQUEST_INTERRUPTED", vec![("request_id", request_id.clone()), ("method", method.clone())])
+        }
+        ApiError::Internal { what, .. } => (Code::Internal, "INTERNAL", vec![("what", (*what).into())]),
     };
-    match error {
-        Error::Stage { op_id, operation, stage, log, .. } => {
-            let mut metadata = HashMap::from([
-                ("op_id".to_owned(), op_id.to_string()),
-                ("operation".to_owned(), (*operation).to_owned()),
-                ("stage".to_owned(), (*stage).to_owned()),
-            ]);
-            if let Some(log) = log {
-                metadata.insert("log_path".to_owned(), log.display().to_string());
-            }
-            let reason = match code {
-                Code::Unavailable => "HOST_TOOL_MISSING",
-                Code::FailedPrecondition => "FAILED_PRECONDITION",
-                Code::NotFound => "NOT_FOUND",
-                Code::DeadlineExceeded => "TIMEOUT",
-                _ => "OPERATION_FAILED",
-            };
-            Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
-        }
-        _ => Status::new(code, message),
+    let metadata: HashMap<String, String> = metadata.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    Status::with_error_details(code, error.to_string(), ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+}
+
+fn resource_type(kind: Resource) -> &'static str {
+    match kind {
+        Resource::Vm => "Vm",
+        Resource::Image => "Image",
     }
 }
 
-/// A status for one invalid request field.
-pub fn invalid_field(field: &str, description: &str) -> Status {
-    to_status(&Error::InvalidArgument(vec![crate::ops::FieldViolation::new(field, description)]))
+/// How one (innermost) error reaches a client.
+struct Described {
+    code: Code,
+    reason: &'static str,
+    metadata: HashMap<String, String>,
+    resource: Option<(Resource, String)>,
+}
+
+fn described(code: Code, reason: &'static str, metadata: &[(&str, String)]) -> Described {
+    let metadata = metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    Described { code, reason, metadata, resource: None }
+}
+
+fn describe(error: &Error) -> Described {
+    match error {
+        Error::InvalidArgument(_) => described(Code::InvalidArgument, "INVALID_ARGUMENT", &[]),
+        Error::NotFound { kind, key } => Described {
+            resource: Some((*kind, key.clone())),
+            ..described(
+                Code::NotFound,
+                match kind {
+                    Resource::Vm => "VM_NOT_FOUND",
+                    Resource::Image => "IMAGE_NOT_FOUND",
+                },
+                &[(kind.as_str(), key.clone())],
+            )
+        },
+        Error::AlreadyExists { kind, name } => Described {
+            resource: Some((*kind, name.clone())),
+            ..described(
+                Code::AlreadyExists,
+                match kind {
+                    Resource::Vm => "VM_NAME_TAKEN",
+                    Resource::Image => "IMAGE_NAME_TAKEN",
+                },
+                &[(kind.as_str(), name.clone())],
+            )
+        },
+        Error::WrongState { vm, state, action } => described(
+            Code::FailedPrecondition,
+            "WRONG_STATE",
+            &[("vm", vm.clone()), ("state", state.as_str().into()), ("action", (*action).into())],
+        ),
+        Error::ImageInUse { image, vms } => {
+            described(Code::FailedPrecondition, "IMAGE_IN_USE", &[("image", image.clone()), ("vms", vms.to_string())])
+        }
+        Error::ImageBroken { image, missing } => described(
+            Code::FailedPrecondition,
+            "IMAGE_BROKEN",
+            &[("image", image.clone()), ("missing", missing.display().to_string())],
+        ),
+        Error::KernelNotBootable { image, vmm } => described(
+            Code::FailedPrecondition,
+            "KERNEL_NOT_BOOTABLE",
+            &[("image", image.clone()), ("vmm", (*vmm).into())],
+        ),
+        Error::NoDefaultImage { name, dir } => described(
+            Code::FailedPrecondition,
+            "NO_DEFAULT_IMAGE",
+            &[("image", name.clone()), ("dir", dir.display().to_string())],
+        ),
+        Error::NoNetworkAddress { vm } => {
+            described(Code::FailedPrecondition, "NO_NETWORK_ADDRESS", &[("vm", vm.clone())])
+        }
+        Error::Conflict { kind, id } => {
+            described(Code::Aborted, "CONCURRENT_CHANGE", &[("kind", kind.as_str().into()), ("id", id.clone())])
+        }
+        Error::AddressesExhausted { pool } => {
+            described(Code::ResourceExhausted, "ADDRESSES_EXHAUSTED", &[("pool", pool.clone())])
+        }
+        Error::Stopping => described(Code::Unavailable, "DAEMON_STOPPING", &[]),
+        Error::NotConfigured { what } => {
+            described(Code::FailedPrecondition, "NOT_CONFIGURED", &[("what", (*what).into())])
+        }
+        Error::StageOrder { needs } => described(Code::Internal, "STAGE_ORDER", &[("needs", (*needs).into())]),
+        Error::Stage { source, .. } => describe(source),
+        Error::Store(_) => described(Code::Internal, "DATABASE", &[]),
+        Error::Host(host) => describe_host(host),
+    }
+}
+
+fn describe_host(error: &HostError) -> Described {
+    match error {
+        HostError::ToolMissing { program } => {
+            described(Code::Unavailable, "HOST_TOOL_MISSING", &[("program", program.clone())])
+        }
+        HostError::Timeout { what, seconds } => {
+            described(Code::DeadlineExceeded, "TIMEOUT", &[("what", what.clone()), ("seconds", seconds.to_string())])
+        }
+        HostError::Command(failed) => described(
+            Code::Internal,
+            "HOST_COMMAND_FAILED",
+            &[("program", failed.program.clone()), ("exit_status", failed.status.to_string())],
+        ),
+        HostError::File { action, path, .. } => described(
+            Code::Internal,
+            "HOST_FILE",
+            &[("action", (*action).into()), ("path", path.display().to_string())],
+        ),
+        HostError::Spawn { program, .. } => {
+            described(Code::Internal, "HOST_SPAWN", &[("program", program.display().to_string())])
+        }
+        HostError::Io { what, .. } => described(Code::Internal, "HOST_IO", &[("what", what.clone())]),
+        HostError::ProcessExited { process, log, .. } => described(
+            Code::Internal,
+            "PROCESS_EXITED",
+            &[("process", (*process).into()), ("log_path", log.display().to_string())],
+        ),
+        HostError::VmmRefused { command, .. } => {
+            described(Code::Internal, "VMM_REFUSED", &[("command", command.clone())])
+        }
+        HostError::InputAborted { .. } => described(Code::Cancelled, "INPUT_ABORTED", &[]),
+        HostError::Injected { call } => described(Code::Internal, "INJECTED", &[("call", (*call).into())]),
+        HostError::FakeRule { .. } => described(Code::Internal, "FAKE_HOST_RULE", &[]),
+        HostError::Agent(agent) => describe_agent(agent),
+    }
+}
+
+fn describe_agent(error: &AgentError) -> Described {
+    match error {
+        // What the guest agent says about the caller's request (a missing file, a directory
+        // given as a file) reaches the caller as such.
+        AgentError::Rpc { call, status }
+            if matches!(
+                status.code(),
+                Code::NotFound | Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument
+            ) =>
+        {
+            described(status.code(), "GUEST_REFUSED", &[("call", (*call).into())])
+        }
+        AgentError::Rpc { call, .. } => described(Code::Internal, "GUEST_AGENT_FAILED", &[("call", (*call).into())]),
+        AgentError::Timeout { call, .. } => {
+            described(Code::DeadlineExceeded, "GUEST_AGENT_TIMEOUT", &[("call", (*call).into())])
+        }
+        AgentError::NotReady { .. } => described(Code::Internal, "GUEST_AGENT_NOT_READY", &[]),
+        AgentError::Protocol { call, .. } => {
+            described(Code::Internal, "GUEST_AGENT_PROTOCOL", &[("call", (*call).into())])
+        }
+        AgentError::VmmExited => described(Code::Internal, "VMM_EXITED", &[]),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{domain::OpId, ops::FieldViolation};
+    use crate::domain::OpId;
+
+    fn info(status: &Status) -> tonic_types::ErrorInfo {
+        status.get_error_details().error_info().cloned().expect("error info")
+    }
 
     #[test]
     fn invalid_arguments_carry_field_violations() {
@@ -94,16 +341,37 @@ mod tests {
             operation: "vm.start",
             stage: "vmm_launch",
             log: Some("/x/vmm.log".into()),
-            undo_failed: vec![],
+            undo_failed: vec!["tap"],
             source: Box::new(source),
         };
         let missing = to_status(&stage(Error::Host(HostError::ToolMissing { program: "qemu".into() })));
         assert_eq!(missing.code(), Code::Unavailable);
-        let internal = to_status(&stage(Error::Host(HostError::Timeout { what: "x".into(), seconds: 1 })));
-        assert_eq!(internal.code(), Code::DeadlineExceeded);
-        let info = internal.get_error_details().error_info().cloned().expect("error info");
+        assert_eq!(info(&missing).reason, "HOST_TOOL_MISSING");
+        assert_eq!(info(&missing).metadata.get("program").map(String::as_str), Some("qemu"));
+        let timeout = to_status(&stage(Error::Host(HostError::Timeout { what: "x".into(), seconds: 1 })));
+        assert_eq!(timeout.code(), Code::DeadlineExceeded);
+        let info = info(&timeout);
+        assert_eq!(info.domain, ERROR_DOMAIN);
         assert_eq!(info.metadata.get("op_id"), Some(&op_id.to_string()));
+        assert_eq!(info.metadata.get("stage").map(String::as_str), Some("vmm_launch"));
         assert_eq!(info.metadata.get("log_path").map(String::as_str), Some("/x/vmm.log"));
-        assert!(internal.message().contains("inspect /x/vmm.log"), "{}", internal.message());
+        assert_eq!(info.metadata.get("undo_failed").map(String::as_str), Some("tap"));
+    }
+
+    #[test]
+    fn a_missing_resource_names_itself_in_resource_info() {
+        let status = to_status(&Error::NotFound { kind: Resource::Image, key: "nope".into() });
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(info(&status).reason, "IMAGE_NOT_FOUND");
+        let resource = status.get_error_details().resource_info().cloned().expect("resource info");
+        assert_eq!((resource.resource_type.as_str(), resource.resource_name.as_str()), ("banger.v1.Image", "nope"));
+    }
+
+    #[test]
+    fn api_errors_have_their_own_codes_and_reasons() {
+        let ahead = api_status(&ApiError::RevisionAhead { from: 9, latest: 3 });
+        assert_eq!((ahead.code(), info(&ahead).reason.as_str()), (Code::OutOfRange, "REVISION_AHEAD"));
+        let stopping = api_status(&ApiError::Ops(Error::Stopping));
+        assert_eq!((stopping.code(), info(&stopping).reason.as_str()), (Code::Unavailable, "DAEMON_STOPPING"));
     }
 }

@@ -10,12 +10,12 @@ use super::{
     answer_within, call_timeout, convert,
     idempotency::Idempotency,
     idempotency_key, run_to_completion,
-    status::{invalid_field, to_status},
+    status::{ApiError, api_status, invalid_field, to_status},
     with_op_id,
 };
 use crate::{
-    domain::{ExecInput, Vm},
-    ops::{CreateVm, Ops},
+    domain::{ExecInput, Resource, Vm},
+    ops::{CreateVm, Error, Ops},
     store::VmFilter,
 };
 
@@ -77,7 +77,7 @@ impl VmService for VmApi {
         }
         let filter = VmFilter { labels, states };
         // Read before the list: a watch from it misses no change made after the list was read.
-        let revision = self.ops.store().latest_revision().await.map_err(|e| to_status(&e.into()))?;
+        let revision = self.ops.latest_revision().await.map_err(|e| to_status(&e))?;
         let (vms, last) =
             self.ops.list_vms_page(&filter, after.as_deref(), page_size).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListVmsResponse {
@@ -97,7 +97,7 @@ impl VmService for VmApi {
         let waited = async move {
             tokio::select! {
                 result = ops.wait_vm(&waited_for, state, WAIT_POLL) => result,
-                () = stopped => Err(crate::ops::Error::Unavailable("bangerd is stopping: wait again".into())),
+                () = stopped => Err(crate::ops::Error::Stopping),
             }
         };
         let vm = match timeout {
@@ -106,13 +106,12 @@ impl VmService for VmApi {
                 Ok(result) => result,
                 Err(_) => {
                     let now = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
-                    return Err(Status::deadline_exceeded(format!(
-                        "vm {} is {}, not {}, after {:.1} s",
-                        now.name,
-                        now.observed_state.as_str(),
-                        state.as_str(),
-                        timeout.as_secs_f64()
-                    )));
+                    return Err(api_status(&ApiError::WaitTimedOut {
+                        vm: now.name,
+                        state: now.observed_state,
+                        wanted: state,
+                        seconds: timeout.as_secs_f64(),
+                    }));
                 }
             },
         }
@@ -164,13 +163,18 @@ impl VmService for VmApi {
         let (ops, allow_missing) = (self.ops.clone(), request.allow_missing);
         self.idempotency
             .run("DeleteVm", &request_id, body, async move {
-                match run_to_completion(async move { ops.delete_vm(&key).await }).await {
-                    Ok((id, op_id)) => Ok(with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string())),
-                    Err(status) if allow_missing && status.code() == tonic::Code::NotFound => {
-                        Ok(Response::new(pb::DeleteVmResponse { id: String::new() }))
+                let deleted = run_to_completion(async move {
+                    match ops.delete_vm(&key).await {
+                        Ok(deleted) => Ok(Some(deleted)),
+                        Err(Error::NotFound { kind: Resource::Vm, .. }) if allow_missing => Ok(None),
+                        Err(error) => Err(error),
                     }
-                    Err(status) => Err(status),
-                }
+                })
+                .await?;
+                Ok(match deleted {
+                    Some((id, op_id)) => with_op_id(pb::DeleteVmResponse { id: id.to_string() }, &op_id.to_string()),
+                    None => Response::new(pb::DeleteVmResponse { id: String::new() }),
+                })
             })
             .await
     }
@@ -182,7 +186,7 @@ impl VmService for VmApi {
         let labels = convert::label_selector(request.labels).map_err(|e| to_status(&e))?;
         let filter = super::watch::WatchFilter { vm: (!request.vm.is_empty()).then_some(request.vm), labels };
         let stopped = self.ops.stopped_serving();
-        let stream = super::watch::watch(self.ops.store().clone(), request.from_revision, filter, stopped).await?;
+        let stream = super::watch::watch(self.ops.event_log(), request.from_revision, filter, stopped).await?;
         Ok(Response::new(stream))
     }
 
@@ -232,7 +236,7 @@ impl VmService for VmApi {
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(info)).chain(data))))
     }
 
-    type StreamVmLogsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::StreamVmLogsResponse, Status>>;
+    type StreamVmLogsStream = Pin<Box<dyn Stream<Item = Result<pb::StreamVmLogsResponse, Status>> + Send>>;
 
     async fn stream_vm_logs(
         &self,
@@ -240,15 +244,18 @@ impl VmService for VmApi {
     ) -> Result<Response<Self::StreamVmLogsStream>, Status> {
         let request = request.into_inner();
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let vm = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
-        let paths = vm.paths();
-        let path = match pb::VmLog::try_from(request.log) {
-            Ok(pb::VmLog::Unspecified | pb::VmLog::Console) => paths.console_log,
-            Ok(pb::VmLog::Vmm) => paths.vmm_log,
+        let which = match pb::VmLog::try_from(request.log) {
+            Ok(pb::VmLog::Unspecified | pb::VmLog::Console) => crate::ops::VmLog::Console,
+            Ok(pb::VmLog::Vmm) => crate::ops::VmLog::Vmm,
             Err(_) => return Err(invalid_field("log", "must be VM_LOG_CONSOLE or VM_LOG_VMM")),
         };
-        let stopped = self.ops.stopped_serving();
-        Ok(Response::new(super::logs::stream(path, request.tail_bytes, request.follow, stopped).await?))
+        let log =
+            self.ops.stream_vm_log(&key, which, request.tail_bytes, request.follow).await.map_err(|e| to_status(&e))?;
+        let log = log.map(|chunk| match chunk {
+            Ok(data) => Ok(pb::StreamVmLogsResponse { data }),
+            Err(e) => Err(to_status(&e)),
+        });
+        Ok(Response::new(Box::pin(log)))
     }
 
     type ExecVmStream = ExecStream;

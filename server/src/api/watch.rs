@@ -8,10 +8,13 @@ use banger_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::convert;
+use super::{
+    convert,
+    status::{ApiError, api_status},
+};
 use crate::{
     domain::Labels,
-    store::{Event, EventKind, Store},
+    store::{Event, EventKind, EventLog},
 };
 
 /// Events read from the database per query.
@@ -60,30 +63,24 @@ fn to_pb(event: Event) -> pb::WatchVmsResponse {
 
 /// Starts a watch after `from_revision` (0: from now).
 pub async fn watch(
-    store: Store,
+    events: EventLog,
     from_revision: u64,
     filter: WatchFilter,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ReceiverStream<Result<pb::WatchVmsResponse, Status>>, Status> {
-    let internal = |e: crate::store::StoreError| Status::internal(format!("events: {e}"));
+    let internal = |e: crate::store::StoreError| api_status(&ApiError::Ops(e.into()));
     // Subscribed before the first read: nothing committed after it goes unnoticed.
-    let mut announced = store.subscribe_revisions();
-    let latest = store.latest_revision().await.map_err(internal)?;
+    let mut announced = events.subscribe();
+    let latest = events.latest_revision().await.map_err(internal)?;
     let mut after = match from_revision {
         0 => latest,
         from if from > latest => {
-            return Err(Status::out_of_range(format!(
-                "revision {from} is ahead of this host's latest ({latest}): list again and watch from its revision"
-            )));
+            return Err(api_status(&ApiError::RevisionAhead { from, latest }));
         }
         from => {
-            let oldest = store.oldest_resumable_revision().await.map_err(internal)?;
+            let oldest = events.oldest_resumable_revision().await.map_err(internal)?;
             if from < oldest {
-                return Err(Status::out_of_range(format!(
-                    "revision {from} is too old to replay (events before {} are forgotten): list again and watch \
-                     from its revision",
-                    oldest + 1
-                )));
+                return Err(api_status(&ApiError::RevisionForgotten { from, oldest }));
             }
             from
         }
@@ -92,15 +89,15 @@ pub async fn watch(
     tokio::spawn(async move {
         tokio::pin!(stopped);
         loop {
-            let events = match store.events_after(after, BATCH).await {
-                Ok(events) => events,
+            let batch = match events.after(after, BATCH).await {
+                Ok(batch) => batch,
                 Err(error) => {
                     let _ = sender.send(Err(internal(error))).await;
                     return;
                 }
             };
-            let full = events.len() == BATCH as usize;
-            for event in events {
+            let full = batch.len() == BATCH as usize;
+            for event in batch {
                 after = event.revision;
                 if filter.matches(&event) && sender.send(Ok(to_pb(event))).await.is_err() {
                     return;
@@ -113,7 +110,8 @@ pub async fn watch(
                 changed = announced.changed() => if changed.is_err() { return },
                 () = sender.closed() => return,
                 () = &mut stopped => {
-                    let _ = sender.send(Err(Status::unavailable("bangerd is stopping: watch again from the last revision"))).await;
+                    // Watch again from the last revision, against the next daemon.
+                    let _ = sender.send(Err(api_status(&ApiError::Ops(crate::ops::Error::Stopping)))).await;
                     return;
                 }
             }

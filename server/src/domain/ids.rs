@@ -4,6 +4,31 @@ use std::{fmt, str::FromStr};
 
 use ulid::Ulid;
 
+/// The kinds of resource the API names, for errors that say which one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// A VM.
+    Vm,
+    /// An image.
+    Image,
+}
+
+impl Resource {
+    /// `vm` or `image`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vm => "vm",
+            Self::Image => "image",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The string was not a valid id (a 26-character ULID).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a valid id: {0:?}")]

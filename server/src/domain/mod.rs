@@ -11,12 +11,12 @@ mod vm;
 
 pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus, FileMeta};
 pub use handles::{ProcessHandle, VmHandles};
-pub use ids::{ImageId, OpId, ParseIdError, VmId};
+pub use ids::{ImageId, OpId, ParseIdError, Resource, VmId};
 pub use image::{Image, NewImage};
-pub use labels::{Labels, MAX_LABELS, labels_error, matches as labels_match};
+pub use labels::{LabelError, Labels, MAX_LABELS, labels_error, matches as labels_match};
 pub use names::{NameError, image_name_error, vm_name_error};
 pub use network::{IpPool, PoolError, mac_address, tap_name};
 pub use vm::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, RootDiskStrategy, Transition,
-    TransitionError, Vm, VmPaths, VmSpec, VmState,
+    TransitionError, Vm, VmFault, VmPaths, VmSpec, VmState,
 };

@@ -89,6 +89,38 @@ pub enum Transition {
     Died,
 }
 
+/// Why a VM's last operation failed or why it stopped on its own, as a code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmFault {
+    /// The VMM exited without being asked.
+    VmmExited,
+    /// An operation was cut short by the daemon's exit.
+    Interrupted,
+    /// A start failed.
+    StartFailed,
+    /// A failed create could not release everything it made.
+    CreateLeftovers,
+}
+
+impl VmFault {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VmmExited => "vmm_exited",
+            Self::Interrupted => "interrupted",
+            Self::StartFailed => "start_failed",
+            Self::CreateLeftovers => "create_leftovers",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(stored: &str) -> Option<Self> {
+        [Self::VmmExited, Self::Interrupted, Self::StartFailed, Self::CreateLeftovers]
+            .into_iter()
+            .find(|fault| fault.as_str() == stored)
+    }
+}
+
 /// A transition that the VM's current state does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a vm that is {} cannot {}", from.as_str(), verb(*transition))]
@@ -144,6 +176,15 @@ pub enum RootDiskStrategy {
     /// in a sparse per-VM file on a second loop device: raw, instant, any file system;
     /// needs device-mapper.
     DmSnapshot,
+}
+
+impl<'de> serde::Deserialize<'de> for RootDiskStrategy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Self::parse(&name).ok_or_else(|| {
+            serde::de::Error::invalid_value(serde::de::Unexpected::Str(&name), &"qcow2, reflink, copy or dm-snapshot")
+        })
+    }
 }
 
 impl RootDiskStrategy {
@@ -227,6 +268,8 @@ pub struct Vm {
     pub vm_dir: PathBuf,
     /// Why the last operation failed, or why the VM is in error.
     pub last_error: String,
+    /// The same, as a code; `None` when there is no error.
+    pub last_error_reason: Option<VmFault>,
     /// Id of the last operation run on the VM.
     pub last_operation: String,
     /// Milliseconds since the Unix epoch at creation.

@@ -72,6 +72,14 @@ pub enum AgentError {
         /// The deadline that passed.
         after: Duration,
     },
+    /// The agent answered, but not as its protocol says it must.
+    #[error("guest agent call {call} broke the protocol: {what}")]
+    Protocol {
+        /// The RPC.
+        call: &'static str,
+        /// What was wrong.
+        what: &'static str,
+    },
     /// The agent answered with an error status, or the channel to it failed.
     #[error("guest agent call {call} failed")]
     Rpc {
@@ -411,7 +419,7 @@ fn is_retryable(err: &AgentError) -> bool {
         AgentError::Rpc { status, .. } => {
             matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
         }
-        AgentError::NotReady { .. } | AgentError::VmmExited => false,
+        AgentError::NotReady { .. } | AgentError::VmmExited | AgentError::Protocol { .. } => false,
     }
 }
 
@@ -663,7 +671,7 @@ mod tests {
         let result =
             crate::host::files::write(client.clone(), "/aborted".into(), 0o600, Box::pin(tokio_stream::iter(failing)))
                 .await;
-        assert!(result.is_err_and(|e| e.to_string().contains("aborted")));
+        assert!(matches!(result, Err(crate::host::HostError::InputAborted { .. })), "{result:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!fake_files().contains_key("/aborted"), "an aborted copy was kept");
         let missing = crate::host::files::read(client, "/missing".into()).await.map(|_| ());

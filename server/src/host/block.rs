@@ -44,14 +44,20 @@ impl Default for LinuxBlockDevices {
     }
 }
 
-/// How often, and how far apart, a busy device-mapper device is retried.
+/// How often, and how far apart, a device-mapper device that is still there after a
+/// failed removal (busy: udev, a dying VMM) is retried.
 const DM_BUSY_RETRIES: u32 = 20;
 const DM_BUSY_PAUSE: Duration = Duration::from_millis(100);
 
-fn gone(stderr: &str) -> bool {
-    ["No such device", "not found", "does not exist", "No such file or directory"]
-        .iter()
-        .any(|needle| stderr.contains(needle))
+/// True when the device-mapper device `name` exists (its node under `/dev/mapper`).
+fn dm_exists(name: &str) -> bool {
+    Path::new("/dev/mapper").join(name).exists()
+}
+
+/// True when the loop device `/dev/loopN` has a file attached (the kernel's own record).
+fn loop_attached(device: &str) -> bool {
+    let name = device.rsplit('/').next().unwrap_or(device);
+    Path::new("/sys/block").join(name).join("loop/backing_file").exists()
 }
 
 #[tonic::async_trait]
@@ -78,11 +84,14 @@ impl BlockDevices for LinuxBlockDevices {
         let args: Vec<OsString> = vec!["remove".into(), name.into()];
         let mut attempt = 0;
         loop {
+            if !dm_exists(name) {
+                return Ok(());
+            }
             match command::run(&self.dmsetup, &args).await {
                 Ok(_) => return Ok(()),
-                Err(HostError::Command(failed)) if gone(&failed.stderr) => return Ok(()),
-                // A device still open (udev, a dying VMM) is busy for a moment: retry.
-                Err(HostError::Command(failed)) if failed.stderr.contains("busy") && attempt < DM_BUSY_RETRIES => {
+                Err(HostError::Command(_)) if !dm_exists(name) => return Ok(()),
+                // Still there: a device still open (udev, a dying VMM) is busy for a moment.
+                Err(HostError::Command(_)) if attempt < DM_BUSY_RETRIES => {
                     attempt += 1;
                     tokio::time::sleep(DM_BUSY_PAUSE).await;
                 }
@@ -93,8 +102,11 @@ impl BlockDevices for LinuxBlockDevices {
 
     async fn detach_loop(&self, device: &str) -> Result<(), HostError> {
         let args: Vec<OsString> = vec!["-d".into(), device.into()];
+        if !loop_attached(device) {
+            return Ok(());
+        }
         match command::run(&self.losetup, &args).await {
-            Err(HostError::Command(failed)) if gone(&failed.stderr) => Ok(()),
+            Err(HostError::Command(_)) if !loop_attached(device) => Ok(()),
             other => other.map(drop),
         }
     }

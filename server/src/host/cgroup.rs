@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use super::HostError;
+use super::{HostError, file_error};
 use crate::domain::{ProcessHandle, VmSpec};
 
 /// The CFS period the CPU quota is expressed in.
@@ -56,10 +56,6 @@ pub struct Cgroups {
     overhead_mib: u64,
 }
 
-fn io(what: String) -> impl FnOnce(std::io::Error) -> HostError {
-    move |source| HostError::Io { what, source }
-}
-
 /// Creates `dir` and its parents. Retried because [`ResourceLimits::remove`] of another VM
 /// may remove an emptied parent in between.
 fn create_group_dir(dir: &Path) -> Result<(), HostError> {
@@ -67,12 +63,15 @@ fn create_group_dir(dir: &Path) -> Result<(), HostError> {
     loop {
         match std::fs::create_dir_all(dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
-            other => return other.map_err(io(format!("create {}", dir.display()))),
+            other => return other.map_err(file_error("create", dir)),
         }
     }
 }
 
 impl Cgroups {
+    /// Where cgroup file systems are mounted on Linux.
+    pub const DEFAULT_ROOT: &'static str = "/sys/fs/cgroup";
+
     /// Detects the hierarchy under `root` (normally `/sys/fs/cgroup`).
     pub fn detect(root: PathBuf, overhead_mib: u64) -> Self {
         let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
@@ -103,7 +102,7 @@ impl Cgroups {
     }
 
     fn write(path: &Path, value: &str) -> Result<(), HostError> {
-        std::fs::write(path, value).map_err(io(format!("write {value:?} to {}", path.display())))
+        std::fs::write(path, value).map_err(file_error("write", path))
     }
 
     fn is_controller_root(&self, dir: &Path) -> bool {
@@ -187,7 +186,7 @@ impl ResourceLimits for Cgroups {
         let (cgroups, group, pid) = (self.clone(), group.to_owned(), process.pid);
         tokio::task::spawn_blocking(move || cgroups.confine_now(&group, spec, pid))
             .await
-            .map_err(|e| io(format!("confine pid {pid}"))(std::io::Error::other(e)))?
+            .map_err(|e| HostError::Io { what: format!("confine pid {pid}"), source: std::io::Error::other(e) })?
     }
 
     async fn remove(&self, group: &str) -> Result<(), HostError> {
@@ -202,7 +201,7 @@ impl ResourceLimits for Cgroups {
                         attempts += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    Err(e) => return Err(io(format!("remove {}", dir.display()))(e)),
+                    Err(e) => return Err(file_error("remove", &dir)(e)),
                 }
             }
             // The shared parent (`banger/`) goes with its last group; busy means others remain.

@@ -33,14 +33,16 @@ fn spawn_error(program: &Path, err: std::io::Error) -> HostError {
     if err.kind() == std::io::ErrorKind::NotFound {
         HostError::ToolMissing { program: program.display().to_string() }
     } else {
-        HostError::Io { what: format!("spawn {}", program.display()), source: err }
+        HostError::Spawn { program: program.to_owned(), source: err }
     }
 }
 
 /// Runs a tool to completion and returns its standard output; a non-zero exit is an error.
+/// Tools run in the C locale: what they print is the same on every host.
 pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError> {
     let output = tokio::process::Command::new(program)
         .args(args)
+        .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -72,13 +74,8 @@ pub fn spawn_detached_split(
     stdout_log: &Path,
     stderr_log: &Path,
 ) -> Result<ProcessHandle, HostError> {
-    let open_log = |log: &Path| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| HostError::Io { what: format!("open {}", log.display()), source })
-    };
+    let open_log =
+        |log: &Path| OpenOptions::new().create(true).append(true).open(log).map_err(super::file_error("open", log));
     let mut command = StdCommand::new(program);
     command.args(args).stdin(Stdio::null()).stdout(open_log(stdout_log)?).stderr(open_log(stderr_log)?);
     // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.

@@ -50,8 +50,8 @@ pub struct FakeHost {
     state: Arc<Mutex<State>>,
 }
 
-fn injected(call: &str) -> HostError {
-    HostError::Io { what: format!("fake host: {call}"), source: std::io::Error::other("injected failure") }
+fn injected(call: &'static str) -> HostError {
+    HostError::Injected { call }
 }
 
 impl FakeHost {
@@ -188,10 +188,7 @@ impl Vmm for FakeHost {
         let paths = launch.paths;
         // Rule: one VMM per VM, ever. Two would share a disk.
         if !self.live_mentioning(&paths.api_socket).is_empty() {
-            return Err(HostError::Io {
-                what: format!("fake host: a vmm already serves {}", paths.api_socket.display()),
-                source: std::io::ErrorKind::AddrInUse.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("a vmm already serves {}", paths.api_socket.display()) });
         }
         Ok(self.spawn(format!(
             "qemu-system-x86_64 -qmp unix:{},server=on -chardev socket,path={} -drive file={}",
@@ -230,18 +227,16 @@ impl RootDisks for FakeHost {
         self.check("disks.create")?;
         // Rule: never overwrite a disk; that would wipe a stopped VM's data.
         if disk.exists() {
-            return Err(HostError::Io {
-                what: format!("fake host: {} exists", disk.display()),
-                source: std::io::ErrorKind::AlreadyExists.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("{} exists", disk.display()) });
         }
         if !base.is_file() {
-            return Err(HostError::Io {
-                what: format!("fake host: no base {}", base.display()),
-                source: std::io::ErrorKind::NotFound.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("no base {}", base.display()) });
         }
-        std::fs::write(disk, b"overlay").map_err(|source| HostError::Io { what: "fake disk".into(), source })?;
+        std::fs::write(disk, b"overlay").map_err(|source| HostError::File {
+            action: "write",
+            path: disk.to_owned(),
+            source,
+        })?;
         self.state().disks.insert(disk.to_owned());
         Ok(())
     }
@@ -253,10 +248,7 @@ impl AgentChannels for FakeHost {
         self.check("agents.start_backend")?;
         // Rule: one backend per hybrid socket; a second could not bind it.
         if !self.live_mentioning(&paths.vsock).is_empty() {
-            return Err(HostError::Io {
-                what: format!("fake host: {} is bound", paths.vsock.display()),
-                source: std::io::ErrorKind::AddrInUse.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("{} is bound", paths.vsock.display()) });
         }
         Ok(Some(self.spawn(format!(
             "vhost-device-vsock --vm guest-cid={cid},socket={},uds-path={}",
@@ -328,10 +320,7 @@ impl Network for FakeHost {
         self.check("network.create_tap")?;
         // Rule: interface names are at most 15 bytes.
         if name.len() > 15 {
-            return Err(HostError::Io {
-                what: format!("fake host: {name} is too long"),
-                source: std::io::ErrorKind::InvalidInput.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("{name} is too long") });
         }
         self.state().taps.insert(name.to_owned());
         Ok(())
@@ -365,10 +354,7 @@ impl BlockDevices for FakeHost {
         state.next_loop += 1;
         // Rule: only an existing file is attached.
         if !state.disks.contains(file) && !file.exists() {
-            return Err(HostError::Io {
-                what: format!("fake host: losetup {}", file.display()),
-                source: std::io::ErrorKind::NotFound.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("losetup {}", file.display()) });
         }
         state.loops.insert(device.clone());
         Ok(device)
@@ -379,10 +365,7 @@ impl BlockDevices for FakeHost {
         let mut state = self.state();
         // Rules: a name is taken once, and a snapshot sits on attached loop devices.
         if state.dms.contains_key(name) || !state.loops.contains(base) || !state.loops.contains(cow) {
-            return Err(HostError::Io {
-                what: format!("fake host: dmsetup create {name} over {base} and {cow}"),
-                source: std::io::ErrorKind::InvalidInput.into(),
-            });
+            return Err(HostError::FakeRule { rule: format!("dmsetup create {name} over {base} and {cow}") });
         }
         state.dms.insert(name.to_owned(), vec![base.to_owned(), cow.to_owned()]);
         Ok(format!("/dev/mapper/{name}"))
@@ -399,10 +382,7 @@ impl BlockDevices for FakeHost {
         let mut state = self.state();
         // Rule: a loop device under a live snapshot is busy.
         if state.dms.values().any(|loops| loops.iter().any(|l| l == device)) {
-            return Err(HostError::Io {
-                what: format!("fake host: {device} is held by a device-mapper device"),
-                source: std::io::Error::from_raw_os_error(16),
-            });
+            return Err(HostError::FakeRule { rule: format!("{device} is held by a device-mapper device") });
         }
         state.loops.remove(device);
         Ok(())
@@ -414,10 +394,7 @@ impl ResourceLimits for FakeHost {
     async fn confine(&self, group: &str, _spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
         self.check("limits.confine")?;
         if !self.state().processes.contains_key(&process.pid) {
-            return Err(HostError::Io {
-                what: "fake host: no such process".into(),
-                source: std::io::ErrorKind::NotFound.into(),
-            });
+            return Err(HostError::FakeRule { rule: "no such process".into() });
         }
         self.state().cgroups.insert(group.to_owned());
         Ok(Some(group.to_owned()))
@@ -430,10 +407,7 @@ impl ResourceLimits for FakeHost {
         let vm_dir_marker = group.rsplit('/').next().unwrap_or(group).to_owned();
         if state.processes.values().any(|(_, cmdline)| cmdline.contains(&vm_dir_marker) && cmdline.starts_with("qemu"))
         {
-            return Err(HostError::Io {
-                what: format!("fake host: cgroup {group} still has a process"),
-                source: std::io::Error::from_raw_os_error(16),
-            });
+            return Err(HostError::FakeRule { rule: format!("cgroup {group} still has a process") });
         }
         state.cgroups.remove(group);
         Ok(())

@@ -32,7 +32,7 @@ pub async fn read(agent: AgentClient, path: String) -> Result<(FileMeta, FileDat
     let mut responses = agent.read_file(path).await?;
     let first = responses.message().await.map_err(read_error)?;
     let Some(pb::ReadFileResponse { payload: Some(pb::read_file_response::Payload::Info(info)) }) = first else {
-        return Err(read_error(tonic::Status::internal("the agent sent no file info first")));
+        return Err(HostError::Agent(AgentError::Protocol { call: "ReadFile", what: "no file info first" }));
     };
     let data = responses.filter_map(chunk as fn(_) -> Option<Result<Vec<u8>, HostError>>);
     Ok((FileMeta { mode: info.mode, size: info.size }, Box::pin(data)))
@@ -71,10 +71,7 @@ pub async fn write(agent: AgentClient, path: String, mode: u32, mut input: FileI
             outcome = &mut feed, if !fed => match outcome {
                 Ok(()) => fed = true,
                 Err(why) => {
-                    return Err(HostError::Io {
-                        what: format!("copy into the guest aborted: {why}"),
-                        source: std::io::Error::other(why),
-                    });
+                    return Err(HostError::InputAborted { why });
                 }
             },
             result = &mut call => return result.map_err(HostError::from),

@@ -12,6 +12,8 @@ pub mod exec;
 #[cfg(test)]
 pub mod fake;
 pub mod files;
+pub mod fs;
+pub mod logs;
 pub mod network;
 pub mod process;
 pub mod qcow2;
@@ -36,7 +38,27 @@ pub enum HostError {
     /// A host tool ran and failed.
     #[error(transparent)]
     Command(#[from] CommandFailed),
-    /// A file or socket operation failed.
+    /// A file operation failed.
+    #[error("cannot {action} {}", path.display())]
+    File {
+        /// What was being done (`create`, `remove`, `open`).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program could not be started (for a reason other than being absent).
+    #[error("cannot start {}", program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to a process over its socket failed (QMP, Firecracker's API).
     #[error("{what}")]
     Io {
         /// What was being done.
@@ -44,6 +66,25 @@ pub enum HostError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// The input a call was streaming to the guest ended abnormally (the client went away
+    /// or sent something else): nothing was kept.
+    #[error("the input stream was aborted: {why}")]
+    InputAborted {
+        /// What happened to it.
+        why: String,
+    },
+    /// A failure the fake host injected (tests only make these).
+    #[error("injected failure of {call}")]
+    Injected {
+        /// The capability call (`vmm.launch`).
+        call: &'static str,
+    },
+    /// The fake host refused a call that the real host would refuse too (tests only).
+    #[error("the fake host refuses: {rule}")]
+    FakeRule {
+        /// The rule broken.
+        rule: String,
     },
     /// A process the VM needs exited.
     #[error("{process} exited{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
@@ -84,6 +125,12 @@ impl HostError {
             _ => None,
         }
     }
+}
+
+/// Maps an I/O error on `path` to [`HostError::File`].
+pub fn file_error(action: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> HostError {
+    let path = path.to_owned();
+    move |source| HostError::File { action, path, source }
 }
 
 /// Last non-empty line of a log file, for error messages.

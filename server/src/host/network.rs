@@ -1,4 +1,6 @@
-//! Host networking the VMs use. For now: tearing down a VM's tap, which outlives its VMM.
+//! Host networking the VMs use: the bridge, a tap per VM, NAT rules per VM. Outcomes are
+//! judged by exit status and by asking again (`ip link show`), and nftables is read as JSON
+//! (`nft -j`): no tool's wording is parsed.
 
 use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf};
 
@@ -51,6 +53,27 @@ impl LinuxNetwork {
         command::run(&self.ip, &self.args(rest)).await.map(drop)
     }
 
+    /// True when an interface of this name exists.
+    async fn link_exists(&self, name: &str) -> bool {
+        self.ip(&["link", "show", "dev", name]).await.is_ok()
+    }
+
+    /// The handles of the rules of banger's NAT chain tagged `tag` (their comment); none
+    /// when the chain does not exist.
+    async fn nat_rule_handles(&self, tag: &str) -> Result<Vec<u64>, HostError> {
+        let chains = self.nft(&["-j", "list", "chains", "ip"]).await?;
+        let ours = |item: &serde_json::Value| item["chain"]["table"] == NFT_TABLE && item["chain"]["name"] == NFT_CHAIN;
+        if !nft_items(&chains).iter().any(ours) {
+            return Ok(Vec::new());
+        }
+        let listing = self.nft(&["-j", "-a", "list", "chain", "ip", NFT_TABLE, NFT_CHAIN]).await?;
+        Ok(nft_items(&listing)
+            .iter()
+            .filter(|item| item["rule"]["comment"] == tag)
+            .filter_map(|item| item["rule"]["handle"].as_u64())
+            .collect())
+    }
+
     /// `nft` in the same namespace as `ip` (through `ip netns exec` when there is one).
     async fn nft(&self, rest: &[&str]) -> Result<String, HostError> {
         let (program, mut args): (PathBuf, Vec<OsString>) = match &self.netns {
@@ -74,9 +97,12 @@ impl LinuxNetwork {
 #[tonic::async_trait]
 impl Network for LinuxNetwork {
     async fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), HostError> {
-        match self.ip(&["link", "add", "name", bridge, "type", "bridge"]).await {
-            Err(HostError::Command(failed)) if failed.stderr.contains("File exists") => {}
-            other => other?,
+        if !self.link_exists(bridge).await {
+            let added = self.ip(&["link", "add", "name", bridge, "type", "bridge"]).await;
+            // Another create may have added it meanwhile.
+            if added.is_err() && !self.link_exists(bridge).await {
+                return added;
+            }
         }
         self.ip(&["addr", "replace", &format!("{gateway}/{prefix}"), "dev", bridge]).await?;
         self.ip(&["link", "set", bridge, "up"]).await
@@ -141,26 +167,33 @@ impl Network for LinuxNetwork {
     }
 
     async fn remove_nat(&self, tag: &str) -> Result<(), HostError> {
-        let listing = match self.nft(&["-a", "list", "chain", "ip", NFT_TABLE, NFT_CHAIN]).await {
-            Ok(listing) => listing,
-            // No table or chain: no rule.
-            Err(HostError::Command(failed)) if failed.stderr.contains("No such file or directory") => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let marker = format!("comment \"{tag}\"");
-        for line in listing.lines().filter(|l| l.contains(&marker)) {
-            if let Some(handle) = line.rsplit("# handle ").next().map(str::trim).filter(|h| h.parse::<u64>().is_ok()) {
-                self.nft(&["delete", "rule", "ip", NFT_TABLE, NFT_CHAIN, "handle", handle]).await?;
-            }
+        for handle in self.nat_rule_handles(tag).await? {
+            self.nft(&["delete", "rule", "ip", NFT_TABLE, NFT_CHAIN, "handle", &handle.to_string()]).await?;
         }
         Ok(())
     }
 
     async fn delete_tap(&self, name: &str) -> Result<(), HostError> {
-        match command::run(&self.ip, &self.args(&["link", "del", "dev", name])).await {
-            Err(HostError::Command(failed)) if failed.stderr.contains("Cannot find device") => Ok(()),
-            other => other.map(drop),
+        if !self.link_exists(name).await {
+            return Ok(());
         }
+        let deleted = self.ip(&["link", "del", "dev", name]).await;
+        // Gone meanwhile (another teardown) is fine too.
+        if deleted.is_err() && !self.link_exists(name).await {
+            return Ok(());
+        }
+        deleted
+    }
+}
+
+/// The objects of `nft -j` output (`{"nftables": [{"metainfo": ...}, {"rule": ...}]}`).
+fn nft_items(json: &str) -> Vec<serde_json::Value> {
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(serde_json::Value::Object(mut top)) => match top.remove("nftables") {
+            Some(serde_json::Value::Array(items)) => items,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
     }
 }
 
@@ -173,7 +206,9 @@ mod tests {
 
     impl TestNetns {
         fn new() -> Self {
-            let name = format!("banger-test-{}", std::process::id());
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("banger-test-{}-{n}", std::process::id());
             let status = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add");
             assert!(status.success(), "ip netns add {name}");
             Self(name)
@@ -193,6 +228,21 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
         }
+    }
+
+    #[tokio::test]
+    async fn nat_rules_are_added_and_removed_by_tag_in_a_test_namespace() {
+        let netns = TestNetns::new();
+        let network = LinuxNetwork::in_netns("ip".into(), netns.0.clone());
+        network.remove_nat("banger-vm-a").await.expect("no table yet is no rule");
+        network.add_nat("banger-vm-a", Ipv4Addr::new(172, 30, 0, 2), "br-test").await.expect("add a");
+        network.add_nat("banger-vm-b", Ipv4Addr::new(172, 30, 0, 3), "br-test").await.expect("add b");
+        network.add_nat("banger-vm-a", Ipv4Addr::new(172, 30, 0, 2), "br-test").await.expect("add a again");
+        assert_eq!(network.nat_rule_handles("banger-vm-a").await.expect("list").len(), 1, "never twice");
+        network.remove_nat("banger-vm-a").await.expect("remove a");
+        network.remove_nat("banger-vm-a").await.expect("twice is fine");
+        assert!(network.nat_rule_handles("banger-vm-a").await.expect("list").is_empty());
+        assert_eq!(network.nat_rule_handles("banger-vm-b").await.expect("list").len(), 1, "b is kept");
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 
-use super::HostError;
+use super::{HostError, file_error};
 use crate::domain::VmHandles;
 
 /// Writes the handles atomically (temp file, rename), mode 0600.
@@ -12,21 +12,17 @@ use crate::domain::VmHandles;
 /// (a file the host crash truncated reads as corrupt, i.e. empty, and `/proc` is asked).
 /// An fsync per handle was several milliseconds on the critical path of every boot.
 pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> {
-    let io = |what: &str| {
-        let what = format!("{what} {}", path.display());
-        move |source| HostError::Io { what, source }
-    };
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(handles).map_err(|e| io("encode")(std::io::Error::other(e)))?;
+    let body = serde_json::to_vec_pretty(handles).map_err(|e| file_error("encode", path)(std::io::Error::other(e)))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(io("create"))?;
-    file.write_all(&body).map_err(io("write"))?;
-    std::fs::rename(&tmp, path).map_err(io("rename"))?;
+        .map_err(file_error("create", &tmp))?;
+    file.write_all(&body).map_err(file_error("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(file_error("rename", &tmp))?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 
 use std::{ffi::OsString, path::Path};
 
-use super::{HostError, command, qcow2};
+use super::{HostError, command, file_error, qcow2};
 use crate::domain::RootDiskStrategy;
 
 /// Copy-on-write root disks over an image's read-only root file system.
@@ -26,10 +26,7 @@ impl RootDisks for FileDisks {
         let (program, args): (&Path, Vec<OsString>) = match strategy {
             RootDiskStrategy::DmSnapshot => return create_exception_store(base, disk),
             RootDiskStrategy::Qcow2 => {
-                return qcow2::create_overlay(base, disk).map_err(|source| HostError::Io {
-                    what: format!("create the qcow2 overlay {}", disk.display()),
-                    source,
-                });
+                return qcow2::create_overlay(base, disk).map_err(file_error("create the qcow2 overlay", disk));
             }
             RootDiskStrategy::Reflink => (Path::new("cp"), vec!["--reflink=always".into(), base.into(), disk.into()]),
             RootDiskStrategy::Copy => (Path::new("cp"), vec!["--sparse=always".into(), base.into(), disk.into()]),
@@ -52,12 +49,11 @@ pub fn exception_store_bytes(base_bytes: u64) -> u64 {
 }
 
 fn create_exception_store(base: &Path, disk: &Path) -> Result<(), HostError> {
-    let io = |what: String| move |source| HostError::Io { what, source };
-    let base_bytes = std::fs::metadata(base).map_err(io(format!("stat {}", base.display())))?.len();
-    let file = std::fs::File::create_new(disk).map_err(io(format!("create {}", disk.display())))?;
+    let base_bytes = std::fs::metadata(base).map_err(file_error("stat", base))?.len();
+    let file = std::fs::File::create_new(disk).map_err(file_error("create", disk))?;
     file.set_len(exception_store_bytes(base_bytes)).map_err(|e| {
         let _ = std::fs::remove_file(disk);
-        io(format!("size {}", disk.display()))(e)
+        file_error("size", disk)(e)
     })
 }
 

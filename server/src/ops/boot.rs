@@ -111,7 +111,7 @@ impl Boot {
         match stage {
             BootStage::RootDisk => {
                 // A stopped VM keeps its disk: never recreate (that would wipe it).
-                if !paths.root_disk.exists() {
+                if !crate::host::fs::exists(&paths.root_disk).await {
                     ops.host.disks.create(self.vm.root_disk, &self.image.rootfs_path, &paths.root_disk).await?;
                     self.created_disk = true;
                 }
@@ -167,7 +167,10 @@ impl Boot {
             }
             BootStage::VmmBoot => {
                 if let Some(confining) = self.confining.take() {
-                    let joined = confining.await.map_err(|e| Error::Unavailable(format!("confining the vmm: {e}")))?;
+                    let joined = confining.await.map_err(|e| HostError::Io {
+                        what: "confine the vmm".into(),
+                        source: std::io::Error::other(e),
+                    })?;
                     self.handles.cgroup = joined?;
                     ops.set_handles(&self.vm, self.handles.clone())?;
                 }
@@ -216,12 +219,8 @@ impl Boot {
         ops.set_handles(&self.vm, self.handles.clone())?;
         released?;
         if stage == BootStage::RootDisk && self.created_disk && self.handles.cow_loop.is_none() {
-            match std::fs::remove_file(&paths.root_disk) {
-                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(HostError::Io { what: format!("remove {}", paths.root_disk.display()), source }.into());
-                }
-                _ => self.created_disk = false,
-            }
+            crate::host::fs::remove_file(&paths.root_disk).await?;
+            self.created_disk = false;
         }
         Ok(())
     }
@@ -242,10 +241,7 @@ impl Boot {
         if let (None, Some(base), Some(cow)) = (&self.handles.dm_name, &self.handles.base_loop, &self.handles.cow_loop)
         {
             let name = RootDiskStrategy::dm_name(self.vm.id);
-            let sectors = std::fs::metadata(&self.image.rootfs_path)
-                .map_err(|e| Error::FailedPrecondition(format!("image root file system: {e}")))?
-                .len()
-                / 512;
+            let sectors = crate::host::fs::file_len(&self.image.rootfs_path).await? / 512;
             let device = ops.host.block.create_snapshot(&name, base, cow, sectors).await?;
             (self.handles.dm_name, self.handles.dm_device) = (Some(name), Some(device));
             ops.set_handles(&self.vm, self.handles.clone())?;
@@ -276,7 +272,7 @@ impl Boot {
     }
 
     fn vmm_handle(&self) -> Result<ProcessHandle, Error> {
-        self.handles.vmm.ok_or_else(|| Error::FailedPrecondition("vmm was not launched".into()))
+        self.handles.vmm.ok_or(Error::StageOrder { needs: "the vmm" })
     }
 
     /// The log to point at when `stage` fails.
@@ -301,6 +297,6 @@ fn guest_nic(ops: &Ops, vm: &Vm) -> Option<GuestNic> {
 fn network_of<'a>(ops: &'a Ops, vm: &Vm) -> Result<(&'a NetworkConfig, std::net::Ipv4Addr), Error> {
     match (&ops.config.network, vm.ip) {
         (Some(network), Some(ip)) => Ok((network, ip)),
-        _ => Err(Error::FailedPrecondition(format!("vm {} has no network address", vm.name))),
+        _ => Err(Error::NoNetworkAddress { vm: vm.name.clone() }),
     }
 }

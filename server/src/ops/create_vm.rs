@@ -9,8 +9,8 @@ use super::{
     runner::{self, Operation, Subject},
 };
 use crate::{
-    domain::{Image, OpId, Vm, VmId, VmSpec, VmState},
-    store::{NewVmRecord, VmUpdate},
+    domain::{Image, OpId, Vm, VmFault, VmId, VmSpec, VmState},
+    store::{LastError, NewVmRecord, VmUpdate},
 };
 
 /// A validated create request.
@@ -56,7 +56,7 @@ struct CreateVmOp<'a> {
 
 impl CreateVmOp<'_> {
     fn vm(&self) -> Result<&Vm, Error> {
-        self.boot.as_ref().map(|b| &b.vm).ok_or_else(|| Error::FailedPrecondition("vm record not inserted".into()))
+        self.boot.as_ref().map(|b| &b.vm).ok_or(Error::StageOrder { needs: "the vm record" })
     }
 
     /// Where the logs of a failed create are kept after its VM dir is removed.
@@ -99,13 +99,13 @@ impl Operation for CreateVmOp<'_> {
                     Some(key) => ops.store.image_get(key).await?,
                     None => ops.ensure_default_image().await?,
                 };
-                super::images::check_image_files(&image)?;
-                super::images::check_kernel_for(ops.host.vmm.name(), &image)?;
+                super::images::check_image_files(&image).await?;
+                super::images::check_kernel_for(ops.host.vmm.name(), &image).await?;
                 self.image = Some(image);
             }
             Stage::InsertRecord if self.boot.is_some() => {}
             Stage::InsertRecord => {
-                let image = self.image.clone().ok_or_else(|| Error::FailedPrecondition("no image".into()))?;
+                let image = self.image.clone().ok_or(Error::StageOrder { needs: "the image" })?;
                 let (desired, observed) = match self.request.start {
                     true => (VmState::Running, VmState::Starting),
                     false => (VmState::Stopped, VmState::Created),
@@ -132,18 +132,14 @@ impl Operation for CreateVmOp<'_> {
                 self.boot = Some(Boot::new(vm, image));
             }
             Stage::PrepareVmDir => {
-                let dir = &self.vm()?.vm_dir;
-                std::fs::create_dir_all(dir).map_err(|source| crate::host::HostError::Io {
-                    what: format!("create {}", dir.display()),
-                    source,
-                })?;
+                crate::host::fs::create_dir(&self.vm()?.vm_dir).await?;
             }
             Stage::Boot(boot_stage) => {
-                let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no vm".into()))?;
+                let boot = self.boot.as_mut().ok_or(Error::StageOrder { needs: "the vm record" })?;
                 boot.apply(ops, boot_stage).await?;
             }
             Stage::MarkRunning => {
-                let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no vm".into()))?;
+                let boot = self.boot.as_mut().ok_or(Error::StageOrder { needs: "the vm record" })?;
                 let update = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
                 boot.vm = ops.store.vm_update(&boot.vm, update).await?;
             }
@@ -161,20 +157,16 @@ impl Operation for CreateVmOp<'_> {
             // derived from the VM's identity too; only once nothing is left does the
             // directory (and its scratch file, the evidence) go.
             Stage::PrepareVmDir => {
-                if !boot.vm.vm_dir.exists() {
+                if !crate::host::fs::exists(&boot.vm.vm_dir).await {
                     return Ok(());
                 }
-                keep_logs(&boot.vm, &failed_dir);
+                keep_logs(&boot.vm, &failed_dir).await;
                 if let Err(error) = ops.release_runtime(&boot.vm).await {
                     self.leftovers = true;
                     return Err(error);
                 }
                 self.leftovers = false;
-                std::fs::remove_dir_all(&boot.vm.vm_dir).map_err(|source| crate::host::HostError::Io {
-                    what: format!("remove {}", boot.vm.vm_dir.display()),
-                    source,
-                })?;
-                Ok(())
+                Ok(crate::host::fs::remove_dir(&boot.vm.vm_dir).await?)
             }
             // With leftovers the record stays, in `error`, so that the VM can be seen and
             // deleted; reconcile releases what is left meanwhile.
@@ -188,11 +180,11 @@ impl Operation for CreateVmOp<'_> {
                     let update = VmUpdate {
                         observed_state: Some(VmState::Error),
                         desired_state: Some(VmState::Stopped),
-                        last_error: Some(
+                        last_error: Some(LastError::new(
+                            VmFault::CreateLeftovers,
                             "create failed and not everything it made could be released; reconcile retries, \
-                             delete the VM to finish"
-                                .into(),
-                        ),
+                             delete the VM to finish",
+                        )),
                         ..Default::default()
                     };
                     boot.vm = ops.store.vm_update(&current, update).await?;
@@ -233,25 +225,10 @@ const KEPT_FAILURES: usize = 20;
 
 /// Copies a failed VM's logs out of its directory before the directory is removed, and
 /// prunes the logs of all but the latest [`KEPT_FAILURES`] failed creates.
-fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
+async fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
     let paths = vm.paths();
-    let logs = [&paths.console_log, &paths.vmm_log, &paths.vsock_backend_log];
-    if logs.iter().any(|log| log.exists()) && std::fs::create_dir_all(failed_dir).is_ok() {
-        for log in logs {
-            if let Some(file) = log.file_name() {
-                let _ = std::fs::copy(log, failed_dir.join(file));
-            }
-        }
-    }
-    let Some(all_failures) = failed_dir.parent() else { return };
-    let Ok(entries) = std::fs::read_dir(all_failures) else { return };
-    let mut kept: Vec<(std::time::SystemTime, PathBuf)> =
-        entries.flatten().filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
-    kept.sort();
-    let excess = kept.len().saturating_sub(KEPT_FAILURES);
-    for (_, old) in kept.into_iter().take(excess) {
-        let _ = std::fs::remove_dir_all(old);
-    }
+    let logs = [paths.console_log.as_path(), &paths.vmm_log, &paths.vsock_backend_log];
+    crate::host::fs::keep_logs(&logs, failed_dir, KEPT_FAILURES).await;
 }
 
 /// A generated name: `vm-` and the random tail of a fresh ULID, lower case.

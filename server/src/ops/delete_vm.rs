@@ -50,16 +50,7 @@ impl Operation for DeleteVmOp<'_> {
                 }
             }
             Stage::ReleaseRuntime => ops.release_runtime(&self.vm).await?,
-            Stage::RemoveVmDir => match std::fs::remove_dir_all(&self.vm.vm_dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(crate::host::HostError::Io {
-                        what: format!("remove {}", self.vm.vm_dir.display()),
-                        source: e,
-                    }
-                    .into());
-                }
-                _ => {}
-            },
+            Stage::RemoveVmDir => crate::host::fs::remove_dir(&self.vm.vm_dir).await?,
             Stage::DeleteRecord => match ops.store.vm_delete(self.vm.id).await {
                 Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),

@@ -1,4 +1,5 @@
-//! Running a process in a running VM. Not an operation: it changes no state of the VM.
+//! Using a VM without changing its state (not operations): running a process in it, copying
+//! files in and out, reading its logs.
 
 use std::pin::Pin;
 
@@ -13,6 +14,18 @@ use crate::{
 /// The output of a guest process, ending with its exit.
 pub type ExecOutput = Pin<Box<dyn Stream<Item = Result<ExecEvent, Error>> + Send>>;
 
+/// A log's content as it is read, and followed.
+pub type LogOutput = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Error>> + Send>>;
+
+/// Which log of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmLog {
+    /// The guest's serial console.
+    Console,
+    /// The VMM's own log.
+    Vmm,
+}
+
 /// The content of a file copied out of a guest.
 pub type FileOutput = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Error>> + Send>>;
 
@@ -21,13 +34,27 @@ impl Ops {
     async fn running_vm(&self, key: &str) -> Result<crate::domain::Vm, Error> {
         let vm = self.refresh(self.store.vm_get(key).await?).await?;
         if vm.observed_state != VmState::Running || !self.vm_alive(&vm) {
-            return Err(Error::FailedPrecondition(format!(
-                "vm {} is {}, not running; start it first",
-                vm.name,
-                vm.observed_state.as_str()
-            )));
+            return Err(Error::WrongState { vm: vm.name, state: vm.observed_state, action: "be used before it runs" });
         }
         Ok(vm)
+    }
+
+    /// A VM's log: its last `tail_bytes` (0: all of it), then, with `follow`, what is
+    /// appended until the caller goes, the daemon stops serving or the VM is deleted.
+    pub async fn stream_vm_log(
+        &self,
+        key: &str,
+        which: VmLog,
+        tail_bytes: u64,
+        follow: bool,
+    ) -> Result<LogOutput, Error> {
+        let paths = self.get_vm(key).await?.paths();
+        let path = match which {
+            VmLog::Console => paths.console_log,
+            VmLog::Vmm => paths.vmm_log,
+        };
+        let log = crate::host::logs::stream(path, tail_bytes, follow, self.stopped_serving()).await?;
+        Ok(Box::pin(log.map(|chunk| chunk.map_err(Error::from))))
     }
 
     /// Opens a regular file in the VM named by `key`: its mode and size, then its content.

@@ -8,8 +8,8 @@ use super::{
     runner::{self, Operation, Subject},
 };
 use crate::{
-    domain::{Image, ImageId, NewImage, OpId},
-    host::HostError,
+    domain::{Image, ImageId, NewImage, OpId, Resource},
+    host::fs,
     store::now_ms,
 };
 
@@ -30,10 +30,6 @@ struct ImportImageOp<'a> {
     ops: &'a Ops,
     new: NewImage,
     image: Image,
-}
-
-fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Host(HostError::Io { what, source })
 }
 
 async fn copy_into(from: &Path, to: &Path) -> Result<(), Error> {
@@ -61,7 +57,7 @@ impl Operation for ImportImageOp<'_> {
         match stage {
             Stage::CopyFiles => {
                 let dir = self.image.rootfs_path.parent().unwrap_or(Path::new("/")).to_owned();
-                tokio::fs::create_dir_all(&dir).await.map_err(io_error(format!("create {}", dir.display())))?;
+                fs::create_dir(&dir).await?;
                 copy_into(&self.new.kernel_path, &self.image.kernel_path).await?;
                 if let (Some(from), Some(to)) = (&self.new.initrd_path, &self.image.initrd_path) {
                     copy_into(from, to).await?;
@@ -77,12 +73,7 @@ impl Operation for ImportImageOp<'_> {
     async fn undo(&mut self, stage: Stage) -> Result<(), Error> {
         match (stage, self.image.rootfs_path.parent()) {
             // A directory left behind names no record: reconcile removes it as an orphan.
-            (Stage::CopyFiles, Some(dir)) => match std::fs::remove_dir_all(dir) {
-                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
-                    Err(io_error(format!("remove {}", dir.display()))(source))
-                }
-                _ => Ok(()),
-            },
+            (Stage::CopyFiles, Some(dir)) => Ok(fs::remove_dir(dir).await?),
             // The record is the last stage: nothing after it can fail.
             _ => Ok(()),
         }
@@ -103,12 +94,8 @@ fn looks_like_ext4(head: &[u8]) -> bool {
     head.get(1080..1082) == Some(&[0x53, 0xEF])
 }
 
-fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(2048);
-    std::fs::File::open(path)?.take(2048).read_to_end(&mut head)?;
-    Ok(head)
-}
+/// How much of a source file its checks read.
+const HEAD_BYTES: u64 = 2048;
 
 /// What a source file's first bytes must look like.
 #[derive(Debug, Clone, Copy)]
@@ -120,58 +107,48 @@ struct FileCheck {
 const KERNEL_CHECK: FileCheck = FileCheck { looks_right: looks_like_kernel, what: "a bzImage or ELF kernel" };
 const EXT4_CHECK: FileCheck = FileCheck { looks_right: looks_like_ext4, what: "an ext4 file system image" };
 
-/// Checks one source path of an import; returns a violation when it is unusable.
-fn source_violation(field: &str, path: &Path, check: Option<FileCheck>) -> Option<FieldViolation> {
+/// Checks one source path of an import; returns a violation when it is unusable. Every
+/// source is read, checked or not: a file the daemon cannot read is the caller's to fix,
+/// not an internal failure of the copy that would follow.
+async fn source_violation(field: &str, path: &Path, check: Option<FileCheck>) -> Option<FieldViolation> {
     if !path.is_absolute() {
         return Some(FieldViolation::new(
             field,
             format!("must be an absolute path, got {:?}", path.display().to_string()),
         ));
     }
-    match std::fs::metadata(path) {
-        Err(e) => Some(FieldViolation::new(field, format!("{}: {e}", path.display()))),
-        Ok(meta) if !meta.is_file() => {
+    match fs::inspect_source(path, HEAD_BYTES).await {
+        Err(e) => Some(FieldViolation::new(field, format!("cannot read {}: {e}", path.display()))),
+        Ok(fs::Source::NotAFile) => {
             Some(FieldViolation::new(field, format!("{} is not a regular file", path.display())))
         }
-        // Read, checked or not: a file the daemon cannot read is the caller's to fix, not an
-        // internal failure of the copy that would follow.
-        Ok(_) => match read_head(path) {
-            Err(e) => Some(FieldViolation::new(field, format!("cannot read {}: {e}", path.display()))),
-            Ok(head) => match check {
-                Some(check) if !(check.looks_right)(&head) => {
-                    Some(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what)))
-                }
-                _ => None,
-            },
+        Ok(fs::Source::File { head, .. }) => match check {
+            Some(check) if !(check.looks_right)(&head) => {
+                Some(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what)))
+            }
+            _ => None,
         },
     }
 }
 
 /// Checks that the VMM can boot the image's kernel: Firecracker loads only uncompressed ELF
 /// kernels (a `vmlinux`), not bzImages.
-pub fn check_kernel_for(vmm: &str, image: &Image) -> Result<(), Error> {
+pub async fn check_kernel_for(vmm: &'static str, image: &Image) -> Result<(), Error> {
     if vmm != "firecracker" {
         return Ok(());
     }
-    match read_head(&image.kernel_path) {
-        Ok(head) if head.starts_with(b"\x7fELF") => Ok(()),
-        _ => Err(Error::FailedPrecondition(format!(
-            "firecracker boots only uncompressed ELF kernels (vmlinux); the kernel of image {} is not one",
-            image.name
-        ))),
+    match fs::inspect_source(&image.kernel_path, 4).await {
+        Ok(fs::Source::File { head, .. }) if head.starts_with(b"\x7fELF") => Ok(()),
+        _ => Err(Error::KernelNotBootable { image: image.name.clone(), vmm }),
     }
 }
 
 /// Checks that an image's files are still in place, before a VM boots from them.
-pub fn check_image_files(image: &Image) -> Result<(), Error> {
+pub async fn check_image_files(image: &Image) -> Result<(), Error> {
     let files = [Some(&image.kernel_path), image.initrd_path.as_ref(), Some(&image.rootfs_path)];
     for path in files.into_iter().flatten() {
-        if !path.is_file() {
-            return Err(Error::FailedPrecondition(format!(
-                "image {} is broken: {} is missing; delete and re-import it",
-                image.name,
-                path.display()
-            )));
+        if !fs::is_file(path).await {
+            return Err(Error::ImageBroken { image: image.name.clone(), missing: path.clone() });
         }
     }
     Ok(())
@@ -180,10 +157,14 @@ pub fn check_image_files(image: &Image) -> Result<(), Error> {
 impl Ops {
     /// Imports an image: validates the sources, copies them into the state dir, records it.
     pub async fn import_image(&self, new: NewImage) -> Result<(Image, OpId), Error> {
+        let initrd = match new.initrd_path.as_deref() {
+            Some(path) => source_violation("initrd_path", path, None).await,
+            None => None,
+        };
         let mut violations: Vec<FieldViolation> = [
-            source_violation("kernel_path", &new.kernel_path, Some(KERNEL_CHECK)),
-            new.initrd_path.as_deref().and_then(|p| source_violation("initrd_path", p, None)),
-            source_violation("rootfs_path", &new.rootfs_path, Some(EXT4_CHECK)),
+            source_violation("kernel_path", &new.kernel_path, Some(KERNEL_CHECK)).await,
+            initrd,
+            source_violation("rootfs_path", &new.rootfs_path, Some(EXT4_CHECK)).await,
         ]
         .into_iter()
         .flatten()
@@ -192,17 +173,17 @@ impl Ops {
             violations.insert(0, FieldViolation::new("name", e.to_string()));
         }
         if let Err(e) = crate::domain::labels_error(&new.labels) {
-            violations.push(FieldViolation::new("labels", e));
+            violations.push(FieldViolation::new("labels", e.to_string()));
         }
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations));
         }
         if self.store.image_get(&new.name).await.is_ok() {
-            return Err(Error::AlreadyExists { kind: "image", name: new.name });
+            return Err(Error::AlreadyExists { kind: Resource::Image, name: new.name });
         }
         let id = ImageId::generate();
         let dir = self.images_dir().join(id.to_string());
-        let rootfs_size_bytes = std::fs::metadata(&new.rootfs_path).map(|m| m.len()).unwrap_or_default();
+        let rootfs_size_bytes = fs::file_len(&new.rootfs_path).await.unwrap_or_default();
         let image = Image {
             id,
             name: new.name.clone(),
@@ -234,18 +215,14 @@ impl Ops {
         }
         let dir = &self.config.default_image_dir;
         let file = |name: &str| -> PathBuf { dir.join(name) };
-        if !file(KERNEL_FILE).is_file() || !file(ROOTFS_FILE).is_file() {
-            return Err(Error::FailedPrecondition(format!(
-                "no image given and the default image {name:?} is neither imported nor built in {} \
-                 (run `make image`, or pass an image)",
-                dir.display()
-            )));
+        if !fs::is_file(&file(KERNEL_FILE)).await || !fs::is_file(&file(ROOTFS_FILE)).await {
+            return Err(Error::NoDefaultImage { name: name.clone(), dir: dir.clone() });
         }
         let initrd = file(INITRD_FILE);
         let new = NewImage {
             name: name.clone(),
             kernel_path: file(KERNEL_FILE),
-            initrd_path: initrd.is_file().then_some(initrd),
+            initrd_path: fs::is_file(&initrd).await.then_some(initrd),
             rootfs_path: file(ROOTFS_FILE),
             kernel_args: String::new(),
             labels: Default::default(),
@@ -260,8 +237,10 @@ impl Ops {
         self.store.image_delete(image.id).await?;
         if let Some(dir) = image.rootfs_path.parent()
             && dir.starts_with(self.images_dir())
+            && let Err(error) = fs::remove_dir(dir).await
         {
-            let _ = std::fs::remove_dir_all(dir);
+            // The record is gone: the directory is an orphan that reconcile removes.
+            tracing::warn!(image_id = %image.id, error = %error, "cannot remove the image's files");
         }
         Ok(image.id)
     }

@@ -19,13 +19,13 @@ mod teardown;
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
 pub use create_vm::CreateVm;
 pub use error::{Error, FieldViolation};
-pub use exec_vm::ExecOutput;
+pub use exec_vm::{ExecOutput, LogOutput, VmLog};
 
 use crate::{
     domain::{Vm, VmHandles, VmId},
@@ -57,7 +57,7 @@ pub struct OpsConfig {
 #[cfg(test)]
 impl OpsConfig {
     /// A config for tests: state under `dir`, no default image, qcow2 disks, no network.
-    pub(crate) fn for_tests(dir: &Path) -> Self {
+    pub(crate) fn for_tests(dir: &std::path::Path) -> Self {
         Self {
             state_dir: dir.join("state"),
             default_image: "default".into(),
@@ -158,17 +158,23 @@ impl Ops {
 
     /// What this host supports and which drivers the daemon uses.
     pub async fn host_report(&self) -> Result<(Vec<crate::host::doctor::Check>, crate::host::doctor::Choices), Error> {
-        let inputs = self
-            .config
-            .doctor
-            .as_ref()
-            .ok_or_else(|| Error::FailedPrecondition("host checks are not configured".into()))?;
+        let inputs = self.config.doctor.as_ref().ok_or(Error::NotConfigured { what: "host checks" })?;
         Ok(crate::host::doctor::diagnose(inputs).await)
     }
 
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The log of idempotent requests (for `api`'s idempotency).
+    pub fn request_log(&self) -> crate::store::RequestLog {
+        self.store.request_log()
+    }
+
+    /// The log of VM events (for `api`'s watches).
+    pub fn event_log(&self) -> crate::store::EventLog {
+        self.store.event_log()
+    }
+
+    /// Closes the database (once the daemon stops serving).
+    pub async fn close(&self) {
+        self.store.close().await;
     }
 
     fn vms_dir(&self) -> PathBuf {
@@ -217,8 +223,4 @@ impl Ops {
     pub fn vm_alive(&self, vm: &Vm) -> bool {
         self.handles(vm).vmm.is_some_and(|vmm| self.host.processes.alive(&vmm, &vm.paths().api_socket))
     }
-}
-
-fn remove_file_quietly(path: &Path) {
-    let _ = std::fs::remove_file(path);
 }

@@ -13,6 +13,54 @@ impl Ops {
         self.refresh(vm).await
     }
 
+    /// The address of the VM named exactly `name`: `None` when there is no such VM,
+    /// `Some(None)` when it has none. Cheap (the record cache): for DNS.
+    pub async fn vm_address(&self, name: &str) -> Result<Option<Option<std::net::Ipv4Addr>>, Error> {
+        match self.store.vm_get(name).await {
+            Ok(vm) if vm.name == name => Ok(Some(vm.ip)),
+            Ok(_) | Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// How many VMs are in each observed state (for the `banger.vms` gauge).
+    pub async fn count_vms_by_state(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+        let mut by_state: Vec<(&'static str, u64)> = Vec::new();
+        for vm in self.store.vm_list().await? {
+            let state = vm.observed_state.as_str();
+            match by_state.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, count)) => *count += 1,
+                None => by_state.push((state, 1)),
+            }
+        }
+        Ok(by_state)
+    }
+
+    /// An image by id or name.
+    pub async fn get_image(&self, key: &str) -> Result<crate::domain::Image, Error> {
+        Ok(self.store.image_get(key).await?)
+    }
+
+    /// A page of images carrying every label of `labels`, after the id `after`; and the
+    /// id to continue after, when there are more.
+    pub async fn list_images_page(
+        &self,
+        labels: &crate::domain::Labels,
+        after: Option<&str>,
+        page_size: u32,
+    ) -> Result<(Vec<crate::domain::Image>, Option<String>), Error> {
+        let mut images = self.store.image_page(labels, after, page_size + 1).await?;
+        let more = images.len() > page_size as usize;
+        images.truncate(page_size as usize);
+        let last = images.last().filter(|_| more).map(|image| image.id.to_string());
+        Ok((images, last))
+    }
+
+    /// The latest event revision (see `ListVmsResponse.revision`).
+    pub async fn latest_revision(&self) -> Result<u64, Error> {
+        Ok(self.store.latest_revision().await?)
+    }
+
     /// Every VM, oldest first.
     pub async fn list_vms(&self) -> Result<Vec<Vm>, Error> {
         let mut vms = Vec::new();

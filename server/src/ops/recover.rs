@@ -15,9 +15,9 @@ use std::collections::HashSet;
 
 use super::{Error, Ops};
 use crate::{
-    domain::{Transition, Vm, VmHandles, VmId, VmState},
-    host::{process::ProcessTable, scratch},
-    store::{StoreError, VmUpdate},
+    domain::{Transition, Vm, VmFault, VmHandles, VmId, VmState},
+    host::{fs, process::ProcessTable, scratch},
+    store::{LastError, StoreError, VmUpdate},
 };
 
 impl Ops {
@@ -105,7 +105,7 @@ impl Ops {
         let handles = self.rediscover_handles(&vm, table);
         let paths = vm.paths();
         let alive = handles.vmm.is_some_and(|vmm| self.host.processes.alive(&vmm, &paths.api_socket));
-        let (next, reason) = match (state, alive) {
+        let (next, fault, reason) = match (state, alive) {
             (VmState::Running, true) => {
                 // Adopt: the scratch file and the cache now say what /proc says.
                 self.set_handles(&vm, handles)?;
@@ -113,14 +113,16 @@ impl Ops {
             }
             (VmState::Running, false) => (
                 VmState::Stopped,
+                Some(VmFault::VmmExited),
                 format!("vmm exited without a stop request; inspect {}", paths.console_log.display()),
             ),
             // No operation drives this boot any more: bangerd died during it.
             (VmState::Starting, _) => (
                 state.apply(Transition::Died).unwrap_or(VmState::Error),
+                Some(VmFault::Interrupted),
                 "start interrupted: bangerd exited during the operation".to_owned(),
             ),
-            (_, _) => (VmState::Stopped, String::new()),
+            (_, _) => (VmState::Stopped, None, String::new()),
         };
         // Tear down what the rediscovered handles name, whatever runs or not.
         self.set_handles(&vm, handles)?;
@@ -133,7 +135,8 @@ impl Ops {
             reason,
             "vm reconciled"
         );
-        let update = VmUpdate { observed_state: Some(next), last_error: Some(reason), ..Default::default() };
+        let last_error = LastError { reason: fault, message: reason };
+        let update = VmUpdate { observed_state: Some(next), last_error: Some(last_error), ..Default::default() };
         Ok(self.store.vm_update(&vm, update).await?)
     }
 
@@ -141,10 +144,8 @@ impl Ops {
     /// under the VMs directory. A VM an operation holds (e.g. being created) is skipped.
     async fn remove_orphans(&self, known: HashSet<VmId>, table: &ProcessTable) -> Result<(), Error> {
         let vms_dir = self.vms_dir();
-        let mut candidates: HashSet<VmId> = HashSet::new();
-        if let Ok(entries) = std::fs::read_dir(&vms_dir) {
-            candidates.extend(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<VmId>().ok()));
-        }
+        let mut candidates: HashSet<VmId> =
+            fs::entries_named::<VmId>(&vms_dir).await.into_iter().map(|(id, _)| id).collect();
         let prefix = format!("{}/", vms_dir.display());
         for (_, cmdline) in table.mentioning(&prefix) {
             for part in cmdline.split(&prefix).skip(1) {
@@ -165,9 +166,11 @@ impl Ops {
                 tracing::warn!(vm_id = %id, pid = process.pid, cmdline, "killing orphan process");
                 self.host.processes.terminate(process, &dir, std::time::Duration::from_secs(1)).await;
             }
-            if dir.exists() {
+            if fs::exists(&dir).await {
                 tracing::warn!(vm_id = %id, dir = %dir.display(), "removing orphan vm dir");
-                let _ = std::fs::remove_dir_all(&dir);
+                if let Err(error) = fs::remove_dir(&dir).await {
+                    tracing::warn!(vm_id = %id, error = %error, "cannot remove orphan vm dir");
+                }
             }
             self.forget_vm(id);
         }
@@ -177,12 +180,7 @@ impl Ops {
     /// Removes image directories that belong to no record and to no import under way (an
     /// import whose undo could not remove its copy leaves one).
     async fn remove_orphan_images(&self) -> Result<(), Error> {
-        let Ok(entries) = std::fs::read_dir(self.images_dir()) else { return Ok(()) };
-        for entry in entries.flatten() {
-            let Some(id) = entry.file_name().to_str().and_then(|name| name.parse::<crate::domain::ImageId>().ok())
-            else {
-                continue;
-            };
+        for (id, dir) in fs::entries_named::<crate::domain::ImageId>(&self.images_dir()).await {
             // Checked in this order: an import is registered before its directory exists and
             // unregistered only after its record is.
             if super::lock(&self.importing).contains(&id) {
@@ -193,8 +191,8 @@ impl Ops {
                 Err(StoreError::NotFound { .. }) => {}
                 Err(error) => return Err(error.into()),
             }
-            tracing::warn!(image_id = %id, dir = %entry.path().display(), "removing orphan image dir");
-            if let Err(error) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!(image_id = %id, dir = %dir.display(), "removing orphan image dir");
+            if let Err(error) = fs::remove_dir(&dir).await {
                 tracing::warn!(image_id = %id, error = %error, "cannot remove orphan image dir");
             }
         }
@@ -352,7 +350,7 @@ mod tests {
         ops.recover().await.expect("recover");
         let after = ops.store.vm_get("web").await.expect("vm");
         assert_eq!(after.observed_state, VmState::Stopped);
-        assert!(after.last_error.contains("vmm exited"), "{}", after.last_error);
+        assert_eq!(after.last_error_reason, Some(VmFault::VmmExited), "{}", after.last_error);
         assert!(!vm.paths().handles.exists(), "scratch cleared");
     }
 

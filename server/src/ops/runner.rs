@@ -235,10 +235,7 @@ async fn run_stages<O: Operation>(
             otel.status_code = tracing::field::Empty,
         );
         let result = if options.fail_at == Some(index) {
-            Err(Error::Host(crate::host::HostError::Io {
-                what: "injected failure".into(),
-                source: std::io::Error::other("injected by RunOptions::fail_at"),
-            }))
+            Err(Error::Host(crate::host::HostError::Injected { call: "RunOptions::fail_at" }))
         } else {
             async {
                 match op.apply(stage).await {
@@ -384,7 +381,7 @@ mod tests {
 
         async fn apply(&mut self, stage: usize) -> Result<(), Error> {
             if self.fail_at == Some(stage) {
-                return Err(Error::FailedPrecondition("injected".into()));
+                return Err(Error::NotConfigured { what: "injected" });
             }
             self.effects.push(Self::stage_name(stage));
             Ok(())

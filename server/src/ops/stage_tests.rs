@@ -289,7 +289,7 @@ async fn reconcile_tears_down_kernel_handles_in_order_and_retries_what_failed() 
     assert!(!vm.paths().handles.exists());
     let record = f.record("plumbed").await.expect("record");
     assert_eq!(record.observed_state, VmState::Stopped);
-    assert!(record.last_error.contains("vmm exited"), "{}", record.last_error);
+    assert_eq!(record.last_error_reason, Some(crate::domain::VmFault::VmmExited), "{}", record.last_error);
 }
 
 #[tokio::test]
@@ -388,7 +388,7 @@ async fn a_failed_undo_is_reported_recorded_and_finished_by_reconcile() {
     }
     let record = f.record("stuck").await.expect("the record is kept");
     assert_eq!(record.observed_state, VmState::Error);
-    assert!(!record.last_error.is_empty());
+    assert_eq!(record.last_error_reason, Some(crate::domain::VmFault::CreateLeftovers));
     let (taps, _, _) = f.host.kernel_state();
     assert_eq!(taps.len(), 1, "the tap is still there");
     let left = crate::host::scratch::read_handles(&record.paths().handles);

@@ -9,8 +9,8 @@ use super::{
     runner::{self, Operation, Subject},
 };
 use crate::{
-    domain::{OpId, Transition, Vm, VmState},
-    store::VmUpdate,
+    domain::{OpId, Transition, Vm, VmFault, VmState},
+    store::{LastError, VmUpdate},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -55,43 +55,40 @@ impl Operation for StartVmOp<'_> {
         match stage {
             Stage::ResolveImage => {
                 let image = ops.store.image_get(&self.vm.image_id.to_string()).await?;
-                super::images::check_image_files(&image)?;
-                super::images::check_kernel_for(ops.host.vmm.name(), &image)?;
+                super::images::check_image_files(&image).await?;
+                super::images::check_kernel_for(ops.host.vmm.name(), &image).await?;
                 self.boot = Some(Boot::new(self.vm.clone(), image));
             }
             Stage::MarkStarting if self.vm.observed_state == VmState::Starting => {}
             Stage::MarkStarting => {
-                let next = self
-                    .vm
-                    .observed_state
-                    .apply(Transition::Start)
-                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+                let next = self.vm.observed_state.apply(Transition::Start).map_err(|_| Error::WrongState {
+                    vm: self.vm.name.clone(),
+                    state: self.vm.observed_state,
+                    action: "be started",
+                })?;
                 let update = VmUpdate {
                     desired_state: Some(VmState::Running),
                     observed_state: Some(next),
-                    last_error: Some(String::new()),
+                    last_error: Some(LastError::none()),
                     last_operation: Some(self.op_id.to_string()),
                 };
                 self.vm = ops.store.vm_update(&self.vm, update).await?;
                 if let Some(boot) = self.boot.as_mut() {
                     boot.vm = self.vm.clone();
                 }
-                std::fs::create_dir_all(&self.vm.vm_dir).map_err(|source| crate::host::HostError::Io {
-                    what: format!("create {}", self.vm.vm_dir.display()),
-                    source,
-                })?;
+                crate::host::fs::create_dir(&self.vm.vm_dir).await?;
             }
             Stage::Boot(boot_stage) => {
-                let boot = self.boot.as_mut().ok_or_else(|| Error::FailedPrecondition("no image".into()))?;
+                let boot = self.boot.as_mut().ok_or(Error::StageOrder { needs: "the image" })?;
                 boot.apply(ops, boot_stage).await?;
             }
             Stage::MarkRunning if self.vm.observed_state == VmState::Running => {}
             Stage::MarkRunning => {
-                let next = self
-                    .vm
-                    .observed_state
-                    .apply(Transition::Booted)
-                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+                let next = self.vm.observed_state.apply(Transition::Booted).map_err(|_| Error::WrongState {
+                    vm: self.vm.name.clone(),
+                    state: self.vm.observed_state,
+                    action: "finish booting",
+                })?;
                 let update = VmUpdate { observed_state: Some(next), ..Default::default() };
                 self.vm = ops.store.vm_update(&self.vm, update).await?;
             }
@@ -140,7 +137,7 @@ impl Ops {
                 if current.observed_state == VmState::Starting {
                     let update = VmUpdate {
                         observed_state: Some(VmState::Error),
-                        last_error: Some(reason),
+                        last_error: Some(LastError::new(VmFault::StartFailed, reason)),
                         ..Default::default()
                     };
                     self.store.vm_update(&current, update).await?;

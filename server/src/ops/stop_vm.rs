@@ -9,7 +9,7 @@ use super::{
 };
 use crate::{
     domain::{OpId, Transition, Vm, VmState},
-    store::VmUpdate,
+    store::{LastError, VmUpdate},
 };
 
 /// How long the guest gets to power off after the agent's shutdown.
@@ -77,11 +77,11 @@ impl Operation for StopVmOp<'_> {
         match stage {
             Stage::MarkStopping if self.vm.observed_state == VmState::Stopping => {}
             Stage::MarkStopping => {
-                let next = self
-                    .vm
-                    .observed_state
-                    .apply(Transition::Stop)
-                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+                let next = self.vm.observed_state.apply(Transition::Stop).map_err(|_| Error::WrongState {
+                    vm: self.vm.name.clone(),
+                    state: self.vm.observed_state,
+                    action: "be stopped",
+                })?;
                 let update = VmUpdate {
                     desired_state: Some(VmState::Stopped),
                     observed_state: Some(next),
@@ -114,7 +114,7 @@ impl Operation for StopVmOp<'_> {
             Stage::MarkStopped => {
                 let update = VmUpdate {
                     observed_state: Some(VmState::Stopped),
-                    last_error: Some(String::new()),
+                    last_error: Some(LastError::none()),
                     ..Default::default()
                 };
                 self.vm = ops.store.vm_update(&self.vm, update).await?;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Error, Ops, remove_file_quietly};
+use super::{Error, Ops};
 use crate::{
     domain::{ProcessHandle, RootDiskStrategy, Vm, VmHandles, tap_name},
     host::HostError,
@@ -157,7 +157,7 @@ impl Ops {
                 }
                 Runtime::Sockets => {
                     for socket in [&paths.api_socket, &paths.vsock, &paths.vhost_user_socket] {
-                        remove_file_quietly(socket);
+                        crate::host::fs::remove_file_quietly(socket).await;
                     }
                 }
             }
@@ -168,7 +168,7 @@ impl Ops {
     async fn kill_vmm(&self, vmm: &ProcessHandle, vm: &Vm) {
         let paths = vm.paths();
         self.host.processes.terminate(vmm, &paths.api_socket, Duration::ZERO).await;
-        remove_file_quietly(&paths.api_socket);
+        crate::host::fs::remove_file_quietly(&paths.api_socket).await;
     }
 
     /// Releases everything a VM holds on the host (see [`Runtime`]), then records what is

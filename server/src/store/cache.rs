@@ -107,6 +107,7 @@ mod tests {
             ip: None,
             vm_dir: "/vm".into(),
             last_error: String::new(),
+            last_error_reason: None,
             last_operation: String::new(),
             created_at_ms: 0,
             updated_at_ms: 0,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use sqlx::Row;
 
 use super::{Store, StoreError, is_unique_violation};
-use crate::domain::{Image, ImageId};
+use crate::domain::{Image, ImageId, Resource};
 
 const COLUMNS: &str =
     "id, name, kernel_path, initrd_path, rootfs_path, kernel_args, rootfs_size_bytes, created_at_ms, labels";
@@ -46,7 +46,9 @@ impl Store {
         .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(StoreError::NameTaken { kind: "image", name: image.name.clone() }),
+            Err(e) if is_unique_violation(&e) => {
+                Err(StoreError::NameTaken { kind: Resource::Image, name: image.name.clone() })
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -57,7 +59,7 @@ impl Store {
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id_or_name).fetch_optional(&self.pool).await?;
         match row {
             Some(row) => image_from_row(&row),
-            None => Err(StoreError::NotFound { kind: "image", key: id_or_name.to_owned() }),
+            None => Err(StoreError::NotFound { kind: Resource::Image, key: id_or_name.to_owned() }),
         }
     }
 
@@ -100,7 +102,7 @@ impl Store {
         }
         let done = sqlx::query("DELETE FROM images WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { kind: "image", key: id.to_string() });
+            return Err(StoreError::NotFound { kind: Resource::Image, key: id.to_string() });
         }
         tx.commit().await?;
         Ok(())

@@ -11,11 +11,12 @@ mod vms;
 
 use std::{path::Path, str::FromStr, time::Duration};
 
+use crate::domain::Resource;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 pub use events::{Event, EventKind, StageRecord};
 pub use requests::RequestRecord;
-pub use vms::{NewVmRecord, VmFilter, VmUpdate};
+pub use vms::{LastError, NewVmRecord, VmFilter, VmUpdate};
 
 /// What can go wrong reading or writing records.
 #[derive(Debug, thiserror::Error)]
@@ -23,24 +24,24 @@ pub enum StoreError {
     /// No record matched.
     #[error("{kind} {key:?} not found")]
     NotFound {
-        /// `vm` or `image`.
-        kind: &'static str,
+        /// A VM or an image.
+        kind: Resource,
         /// The id or name looked up.
         key: String,
     },
     /// A record with the same unique name exists.
     #[error("{kind} named {name:?} already exists")]
     NameTaken {
-        /// `vm` or `image`.
-        kind: &'static str,
+        /// A VM or an image.
+        kind: Resource,
         /// The name.
         name: String,
     },
     /// The record changed since it was read (its generation moved on).
     #[error("{kind} {id} changed concurrently (expected generation {expected})")]
     Conflict {
-        /// `vm` or `image`.
-        kind: &'static str,
+        /// A VM or an image.
+        kind: Resource,
         /// The record's id.
         id: String,
         /// The generation the writer had read.
@@ -109,6 +110,81 @@ impl Store {
     /// Closes every connection, checkpointing the WAL.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The request log, as `api`'s idempotency sees it: a view of the store that reaches
+/// nothing else (records are `ops`' to read and write).
+#[derive(Debug, Clone)]
+pub struct RequestLog(Store);
+
+impl RequestLog {
+    /// See [`Store::request_begin`].
+    pub async fn begin(&self, request_id: &str, method: &str, body: &[u8]) -> Result<bool, StoreError> {
+        self.0.request_begin(request_id, method, body).await
+    }
+
+    /// See [`Store::request_get`].
+    pub async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        self.0.request_get(request_id).await
+    }
+
+    /// See [`Store::request_done`].
+    pub async fn done(&self, request_id: &str, response: &[u8], op_id: Option<&str>) -> Result<(), StoreError> {
+        self.0.request_done(request_id, response, op_id).await
+    }
+
+    /// See [`Store::request_forget`].
+    pub async fn forget(&self, request_id: &str) -> Result<(), StoreError> {
+        self.0.request_forget(request_id).await
+    }
+
+    /// See [`Store::request_prune`].
+    pub async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.0.request_prune(before_ms).await
+    }
+}
+
+/// The event log, as `api`'s watches see it: read, follow, prune; nothing else.
+#[derive(Debug, Clone)]
+pub struct EventLog(Store);
+
+impl EventLog {
+    /// See [`Store::subscribe_revisions`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe_revisions()
+    }
+
+    /// See [`Store::events_after`].
+    pub async fn after(&self, revision: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.0.events_after(revision, limit).await
+    }
+
+    /// See [`Store::latest_revision`].
+    pub async fn latest_revision(&self) -> Result<u64, StoreError> {
+        self.0.latest_revision().await
+    }
+
+    /// See [`Store::oldest_resumable_revision`].
+    pub async fn oldest_resumable_revision(&self) -> Result<u64, StoreError> {
+        self.0.oldest_resumable_revision().await
+    }
+
+    /// See [`Store::event_prune`].
+    pub async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.0.event_prune(before_ms).await
+    }
+}
+
+impl Store {
+    /// The request log.
+    pub fn request_log(&self) -> RequestLog {
+        RequestLog(self.clone())
+    }
+
+    /// The event log.
+    pub fn event_log(&self) -> EventLog {
+        EventLog(self.clone())
     }
 }
 

@@ -5,11 +5,33 @@ use std::path::{Path, PathBuf};
 use sqlx::Row;
 
 use super::{Store, StoreError, is_unique_violation, now_ms};
-use crate::domain::{IpPool, Labels, RootDiskStrategy, Vm, VmId, VmSpec, VmState};
+use crate::domain::{IpPool, Labels, Resource, RootDiskStrategy, Vm, VmFault, VmId, VmSpec, VmState};
 
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-    vsock_cid, root_disk, ip, vm_dir, last_error, last_operation, created_at_ms, updated_at_ms, generation, \
+    vsock_cid, root_disk, ip, vm_dir, last_error, last_error_reason, last_operation, created_at_ms, updated_at_ms, \
+    generation, \
     labels, expire_at_ms";
+
+/// Why a VM's last operation failed: a code and words.
+#[derive(Debug, Clone, Default)]
+pub struct LastError {
+    /// The code; `None` with an empty message.
+    pub reason: Option<VmFault>,
+    /// The words.
+    pub message: String,
+}
+
+impl LastError {
+    /// No error.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// An error of `reason`, said in `message`.
+    pub fn new(reason: VmFault, message: impl Into<String>) -> Self {
+        Self { reason: Some(reason), message: message.into() }
+    }
+}
 
 /// The mutable part of a VM record, applied with compare-and-set by [`Store::vm_update`].
 #[derive(Debug, Clone, Default)]
@@ -18,8 +40,8 @@ pub struct VmUpdate {
     pub desired_state: Option<VmState>,
     /// New observed state.
     pub observed_state: Option<VmState>,
-    /// New last error (empty clears it).
-    pub last_error: Option<String>,
+    /// New last error ([`LastError::none`] clears it).
+    pub last_error: Option<LastError>,
     /// New last operation id.
     pub last_operation: Option<String>,
 }
@@ -50,6 +72,10 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
             .ok_or_else(|| corrupt("root_disk"))?,
         vm_dir: PathBuf::from(row.try_get::<String, _>("vm_dir")?),
         last_error: row.try_get("last_error")?,
+        last_error_reason: match row.try_get::<String, _>("last_error_reason")?.as_str() {
+            "" => None,
+            stored => Some(VmFault::parse(stored).ok_or_else(|| corrupt("last_error_reason"))?),
+        },
         last_operation: row.try_get("last_operation")?,
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
@@ -154,9 +180,18 @@ impl Store {
                     self.announce(revision);
                     return Ok(vm);
                 }
-                Err(e) if is_unique_violation(&e) && e.to_string().contains("vms.ip") => continue,
+                // Which constraint: the name is asked, not read from SQLite's message. A name
+                // that is free means a concurrent create took the address: the next one is tried.
                 Err(e) if is_unique_violation(&e) => {
-                    return Err(StoreError::NameTaken { kind: "vm", name: new.name.to_owned() });
+                    drop(tx);
+                    let taken: Option<i64> = sqlx::query_scalar("SELECT 1 FROM vms WHERE name = ?")
+                        .bind(new.name)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    if taken.is_some() || new.ip_pool.is_none() {
+                        return Err(StoreError::NameTaken { kind: Resource::Vm, name: new.name.to_owned() });
+                    }
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -178,7 +213,7 @@ impl Store {
                 self.vm_cache.put(ticket, &vm);
                 Ok(vm)
             }
-            None => Err(StoreError::NotFound { kind: "vm", key: id_or_name.to_owned() }),
+            None => Err(StoreError::NotFound { kind: Resource::Vm, key: id_or_name.to_owned() }),
         }
     }
 
@@ -233,7 +268,7 @@ impl Store {
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { kind: "vm", key: id.to_string() });
+            return Err(StoreError::NotFound { kind: Resource::Vm, key: id.to_string() });
         }
         drop(invalidation);
         self.vm_get(&id.to_string()).await
@@ -249,6 +284,7 @@ impl Store {
                desired_state = COALESCE(?3, desired_state), \
                observed_state = COALESCE(?4, observed_state), \
                last_error = COALESCE(?5, last_error), \
+               last_error_reason = COALESCE(?8, last_error_reason), \
                last_operation = COALESCE(?6, last_operation), \
                updated_at_ms = ?7, generation = generation + 1 \
              WHERE id = ?1 AND generation = ?2",
@@ -257,16 +293,17 @@ impl Store {
         .bind(vm.generation)
         .bind(update.desired_state.map(VmState::as_str))
         .bind(update.observed_state.map(VmState::as_str))
-        .bind(update.last_error)
+        .bind(update.last_error.as_ref().map(|e| e.message.clone()))
         .bind(update.last_operation)
         .bind(now_ms())
+        .bind(update.last_error.as_ref().map(|e| e.reason.map(VmFault::as_str).unwrap_or_default()))
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             drop(tx);
             // Either gone or changed: tell which.
             self.vm_get(&vm.id.to_string()).await?;
-            return Err(StoreError::Conflict { kind: "vm", id: vm.id.to_string(), expected: vm.generation });
+            return Err(StoreError::Conflict { kind: Resource::Vm, id: vm.id.to_string(), expected: vm.generation });
         }
         let revision = match new_state {
             Some(state) => Some(super::events::record_state(&mut tx, vm, state, Some(vm.observed_state)).await?),
@@ -287,7 +324,7 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?");
         let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_optional(&mut *tx).await?
         else {
-            return Err(StoreError::NotFound { kind: "vm", key: id.to_string() });
+            return Err(StoreError::NotFound { kind: Resource::Vm, key: id.to_string() });
         };
         let vm = vm_from_row(&row)?;
         sqlx::query("DELETE FROM vms WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
@@ -431,7 +468,8 @@ mod tests {
         let running = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
         let vm = store.vm_update(&vm, running).await.expect("update");
         // An update that changes no state records nothing; a stale one fails and records nothing.
-        let same = store.vm_update(&vm, VmUpdate { last_error: Some("x".into()), ..Default::default() }).await;
+        let error = LastError::new(VmFault::StartFailed, "x");
+        let same = store.vm_update(&vm, VmUpdate { last_error: Some(error), ..Default::default() }).await;
         let vm = same.expect("update");
         let stale = VmUpdate { observed_state: Some(VmState::Stopped), ..Default::default() };
         let mut old = vm.clone();

@@ -5,8 +5,10 @@ use std::{fmt, str::FromStr};
 
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt::format::FmtSpan};
 
-/// How much the daemon logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How much the daemon logs. Read from the config file, a flag or the environment, case
+/// insensitively, `warning` as `warn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum LogLevel {
     /// Everything, including fine-grained steps.
     Debug,
@@ -29,6 +31,14 @@ impl FromStr for LogLevel {
             "error" => Ok(Self::Error),
             _ => Err(format!("{s:?} is not a log level; allowed values: debug, info, warn, error")),
         }
+    }
+}
+
+impl TryFrom<String> for LogLevel {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        value.parse()
     }
 }
 

@@ -31,7 +31,7 @@ use crate::{
         HostError,
         cgroup::Cgroups,
         command::{self, resolve_program},
-        last_log_line,
+        file_error, last_log_line,
         process::{ProcFs, Processes},
     },
 };
@@ -55,10 +55,6 @@ pub struct FirecrackerVmm {
     jailer: Option<Jailer>,
 }
 
-fn io(what: String) -> impl FnOnce(std::io::Error) -> HostError {
-    move |source| HostError::Io { what, source }
-}
-
 /// Where a host path appears inside a chroot.
 fn inside(chroot: &Path, host_path: &Path) -> PathBuf {
     chroot.join(host_path.strip_prefix("/").unwrap_or(host_path))
@@ -71,7 +67,7 @@ fn jail_base(paths: &VmPaths) -> PathBuf {
 
 fn remove_tree(dir: &Path) -> Result<(), HostError> {
     match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("remove {}", dir.display()))(e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(file_error("remove", dir)(e)),
         _ => Ok(()),
     }
 }
@@ -123,10 +119,9 @@ impl FirecrackerVmm {
         remove_tree(&base)?;
         let chroot = base.join(&exec_name).join(launch.id.to_string()).join("root");
         let vm_dir = inside(&chroot, &paths.dir);
-        std::fs::create_dir_all(&vm_dir).map_err(io(format!("create {}", vm_dir.display())))?;
-        let chown = |path: &Path| {
-            std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(io(format!("chown {}", path.display())))
-        };
+        std::fs::create_dir_all(&vm_dir).map_err(file_error("create", &vm_dir))?;
+        let chown =
+            |path: &Path| std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(file_error("chown", path));
         // The VMM makes its sockets here and writes the root disk: both belong to its uid.
         chown(&vm_dir)?;
         // Its own log goes to the VM's vmm.log (not stdout, which is the guest's console).
@@ -134,9 +129,9 @@ impl FirecrackerVmm {
             .create(true)
             .append(true)
             .open(&paths.vmm_log)
-            .map_err(io(format!("create {}", paths.vmm_log.display())))?;
+            .map_err(file_error("create", &paths.vmm_log))?;
         std::fs::hard_link(&paths.vmm_log, inside(&chroot, &paths.vmm_log))
-            .map_err(io(format!("link {} into the jail", paths.vmm_log.display())))?;
+            .map_err(file_error("link into the jail", &paths.vmm_log))?;
         chown(&paths.vmm_log)?;
         if launch.disk != paths.root_disk {
             return Err(HostError::VmmRefused {
@@ -145,27 +140,25 @@ impl FirecrackerVmm {
             });
         }
         let disk = inside(&chroot, &paths.root_disk);
-        std::fs::hard_link(&paths.root_disk, &disk)
-            .map_err(io(format!("link {} into the jail", paths.root_disk.display())))?;
+        std::fs::hard_link(&paths.root_disk, &disk).map_err(file_error("link into the jail", &paths.root_disk))?;
         chown(&paths.root_disk)?;
         for file in std::iter::once(&launch.image.kernel_path).chain(launch.image.initrd_path.as_ref()) {
             let target = inside(&chroot, file);
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+                std::fs::create_dir_all(parent).map_err(file_error("create", parent))?;
             }
             // Shared read-only files are linked when the VMM may read them, else copied for it.
             let readable = std::fs::metadata(file).is_ok_and(|m| m.mode() & 0o004 != 0);
             if !readable || std::fs::hard_link(file, &target).is_err() {
-                std::fs::copy(file, &target).map_err(io(format!("copy {} into the jail", file.display())))?;
+                std::fs::copy(file, &target).map_err(file_error("copy into the jail", file))?;
                 std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o400))
-                    .map_err(io(format!("chmod {}", target.display())))?;
+                    .map_err(file_error("chmod", &target))?;
                 chown(&target)?;
             }
         }
         for socket in [&paths.api_socket, &paths.vsock] {
             let _ = std::fs::remove_file(socket);
-            std::os::unix::fs::symlink(inside(&chroot, socket), socket)
-                .map_err(io(format!("link {}", socket.display())))?;
+            std::os::unix::fs::symlink(inside(&chroot, socket), socket).map_err(file_error("link", socket))?;
         }
         let mut args: Vec<OsString> = vec![
             "--id".into(),
@@ -256,7 +249,7 @@ impl Vmm for FirecrackerVmm {
                     .create(true)
                     .append(true)
                     .open(&paths.vmm_log)
-                    .map_err(io(format!("create {}", paths.vmm_log.display())))?;
+                    .map_err(file_error("create", &paths.vmm_log))?;
                 let mut args = Self::firecracker_args(paths);
                 args.extend(["--id".into(), launch.id.to_string().into()]);
                 (self.binary.clone(), args)

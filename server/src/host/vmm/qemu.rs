@@ -12,8 +12,9 @@ use crate::{
     },
 };
 
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which accelerator QEMU uses (`accel = "tcg"` or `"kvm"` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Software emulation: works everywhere, slower.
     Tcg,

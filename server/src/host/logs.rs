@@ -1,12 +1,12 @@
-//! `StreamVmLogs`: a VM's console or VMM log, its end or all of it, then (following) what is
-//! appended. Read in chunks through a bounded channel: a large log never sits in memory.
+//! A VM's console or VMM log for `StreamVmLogs`: its end or all of it, then (following) what
+//! is appended. Read in chunks through a bounded channel: a large log never sits in memory.
 
 use std::{io::SeekFrom, path::PathBuf, time::Duration};
 
-use banger_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
+
+use super::HostError;
 
 /// Bytes per message.
 const CHUNK: usize = 64 * 1024;
@@ -20,18 +20,18 @@ pub async fn stream(
     tail_bytes: u64,
     follow: bool,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<ReceiverStream<Result<pb::StreamVmLogsResponse, Status>>, Status> {
+) -> Result<ReceiverStream<Result<Vec<u8>, HostError>>, HostError> {
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(file) => Some(file),
         // A VM that never booted has no log yet: empty, and followed until it appears.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Status::internal(format!("open {}: {e}", path.display()))),
+        Err(e) => return Err(HostError::File { action: "open", path, source: e }),
     };
     let mut position = 0;
     if let Some(file) = file.as_mut() {
         let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         position = if tail_bytes == 0 { 0 } else { len.saturating_sub(tail_bytes) };
-        file.seek(SeekFrom::Start(position)).await.map_err(|e| Status::internal(e.to_string()))?;
+        file.seek(SeekFrom::Start(position)).await.map_err(super::file_error("seek", &path))?;
     }
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -43,14 +43,13 @@ pub async fn stream(
                     Ok(0) => {}
                     Ok(n) => {
                         position += n as u64;
-                        let data = pb::StreamVmLogsResponse { data: buf[..n].to_vec() };
-                        if tx.send(Ok(data)).await.is_err() {
+                        if tx.send(Ok(buf[..n].to_vec())).await.is_err() {
                             return;
                         }
                         continue;
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("read {}: {e}", path.display())))).await;
+                        let _ = tx.send(Err(HostError::File { action: "read", path: path.clone(), source: e })).await;
                         return;
                     }
                 }
