@@ -2,6 +2,7 @@
 //! [`run`]; tests call [`serve`] with their own listeners.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod domain;
@@ -46,11 +47,25 @@ pub struct Listeners {
     pub tcp: Option<TcpListener>,
 }
 
+/// What [`open_ops_with`] wires that a test may replace.
+#[derive(Debug, Default)]
+pub struct Wiring {
+    /// The host's capabilities; `None` wires the real host as the config says.
+    pub host: Option<HostServices>,
+    /// What "now" is.
+    pub clock: clock::Clock,
+}
+
 /// Opens the database, wires the host, and reconciles records with what runs.
 pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
+    open_ops_with(config, Wiring::default()).await
+}
+
+/// [`open_ops`] with a host and a clock of the caller's (tests: `FakeHost`, a manual clock).
+pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Arc<Ops>> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
-    let store = Store::open(&config.state_dir.join("banger.db"))
+    let store = Store::open_with_clock(&config.state_dir.join("banger.db"), wiring.clock)
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
     let firecracker = config.vmm == VmmKind::Firecracker;
@@ -98,7 +113,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
     } else {
         Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone()))
     };
-    let host = HostServices {
+    let host = wiring.host.unwrap_or_else(|| HostServices {
         vmm,
         disks: Arc::new(FileDisks),
         agents: Arc::new(VsockAgentChannels::new(vsock_mode, backends)),
@@ -106,7 +121,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
         network: Arc::new(LinuxNetwork::new("ip".into())),
         block: Arc::new(LinuxBlockDevices::default()),
         limits: Arc::new(cgroups.clone()),
-    };
+    });
     let ops_config = OpsConfig {
         state_dir: config.state_dir.clone(),
         default_image: config.default_image.clone(),
@@ -214,12 +229,16 @@ async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCou
 /// How often the reaper looks for VMs whose time to live is over.
 const REAP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Deletes expired VMs every [`REAP_PERIOD`].
+/// Deletes expired VMs every [`REAP_PERIOD`], and whenever a test moves the clock.
 async fn reap_periodically(ops: Arc<Ops>) {
     let mut tick = tokio::time::interval(REAP_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut moves = ops.clock().moves();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = moves.moved() => {}
+        }
         if let Err(error) = ops.reap_expired().await {
             tracing::warn!(error = %error, "reaper failed");
         }

@@ -1,13 +1,17 @@
 //! API tests: the real tonic server in-process on a unix socket, driven by the real client
 //! library, over a real SQLite file. No guest boots here (see `tests/` for that): these
-//! cover validation, error codes and details, lookups by id and name, and durability.
+//! cover validation, error codes and details, lookups by id and name, durability, and,
+//! over the stateful fake host, the whole path of a VM (create, exec, copy, delete). Time
+//! is a manual clock where it matters (time to live, retention): advanced, never slept.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use banger_client::{Client, Target, error_op_id, error_reason, error_resource, field_violations, pb};
 use banger_server::{
-    Listeners,
+    Listeners, Wiring,
+    clock::Clock,
     config::{Config, FileConfig, Overrides},
+    host::fake::FakeHost,
 };
 use tokio::sync::oneshot;
 use tonic::Code;
@@ -30,8 +34,18 @@ fn config(dir: &Path, file: FileConfig) -> Config {
 }
 
 impl TestDaemon {
+    /// Over the real host (nothing here boots: creates fail before a VMM, or never start one).
     async fn start(config: Config) -> Self {
-        let ops = banger_server::open_ops(&config).await.expect("open ops");
+        Self::start_with(config, Wiring::default()).await
+    }
+
+    /// Over the fake host, with `clock`.
+    async fn start_fake(config: Config, host: &FakeHost, clock: &Clock) -> Self {
+        Self::start_with(config, Wiring { host: Some(host.services()), clock: clock.clone() }).await
+    }
+
+    async fn start_with(config: Config, wiring: Wiring) -> Self {
+        let ops = banger_server::open_ops_with(&config, wiring).await.expect("open ops");
         let unix = banger_server::bind_unix(&config.socket).await.expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(banger_server::serve(ops, Listeners { unix, tcp: None }, async {
@@ -467,11 +481,26 @@ async fn images_carry_labels_and_are_listed_by_them_in_pages() {
     daemon.shutdown().await;
 }
 
+/// Reads events from a watch until one says `name` was deleted; returns what came before.
+async fn until_deleted(stream: &mut tonic::Streaming<pb::WatchVmsResponse>, name: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let event = next_events(stream, 1).await.remove(0);
+        let described = describe(&event);
+        if described == format!("{name} deleted") {
+            return seen;
+        }
+        seen.push(described);
+    }
+}
+
 #[tokio::test]
 async fn vms_with_a_ttl_are_reaped_also_across_a_restart_and_touch_extends_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), FileConfig::default());
-    let mut daemon = TestDaemon::start(config.clone()).await;
+    let clock = Clock::manual_from_now();
+    let wiring = || Wiring { host: None, clock: clock.clone() };
+    let mut daemon = TestDaemon::start_with(config.clone(), wiring()).await;
     import(&mut daemon.client, dir.path(), "img").await;
     let create = |name: &str, seconds: i64| pb::CreateVmRequest {
         name: name.into(),
@@ -495,24 +524,79 @@ async fn vms_with_a_ttl_are_reaped_also_across_a_restart_and_touch_extends_them(
     let touch = pb::TouchVmRequest { vm: "touched".into(), ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }) };
     let touched = daemon.client.vms.touch_vm(touch).await.expect("touch").into_inner().vm.expect("vm");
     assert!(touched.expire_time.expect("expiry").seconds >= expire.seconds + 50, "pushed out");
+
+    // Past "short"'s time: the reaper, woken by the clock, deletes it and nothing else.
+    let revision = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().revision;
+    let watch = pb::WatchVmsRequest { from_revision: revision, ..Default::default() };
+    let mut events = daemon.client.vms.watch_vms(watch.clone()).await.expect("watch").into_inner();
+    clock.advance(Duration::from_millis(2500));
+    let before = until_deleted(&mut events, "short").await;
+    assert!(before.iter().all(|event| event.starts_with("short")), "only short went: {before:?}");
     daemon.shutdown().await;
 
-    // Down for longer than "short" had to live: the next daemon reaps it at once.
-    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
-    let mut daemon = TestDaemon::start(config).await;
-    let mut names = Vec::new();
-    for _ in 0..40 {
-        let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
-        names = vms.into_iter().map(|vm| vm.name).collect();
-        if names == ["touched"] {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(names, ["touched"], "expired VMs are reaped, the touched one is kept");
+    // Down for longer than "across-restart" had to live: the next daemon reaps it at once.
+    clock.advance(Duration::from_secs(1));
+    let mut daemon = TestDaemon::start_with(config, wiring()).await;
+    let mut events = daemon.client.vms.watch_vms(watch).await.expect("watch").into_inner();
+    until_deleted(&mut events, "across-restart").await;
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
+    assert_eq!(vms.iter().map(|vm| vm.name.as_str()).collect::<Vec<_>>(), ["touched"], "the touched one is kept");
     let clear = pb::TouchVmRequest { vm: "touched".into(), ttl: None };
     let cleared = daemon.client.vms.touch_vm(clear).await.expect("touch").into_inner().vm.expect("vm");
     assert!(cleared.expire_time.is_none(), "no ttl: lives until deleted");
+    clock.advance(Duration::from_secs(3600));
+    let vms = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
+    assert_eq!(vms.len(), 1, "without a ttl it stays");
+    daemon.shutdown().await;
+}
+
+/// Request ids and events are kept for 24 hours of the daemon's clock, then forgotten.
+#[tokio::test]
+async fn request_ids_and_events_are_forgotten_after_a_day() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::manual_from_now();
+    let mut daemon =
+        TestDaemon::start_with(config(dir.path(), FileConfig::default()), Wiring { host: None, clock: clock.clone() })
+            .await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let create = |name: &str| pb::CreateVmRequest {
+        name: name.into(),
+        image: "img".into(),
+        no_start: true,
+        request_id: "job-1".into(),
+        ..Default::default()
+    };
+    daemon.client.vms.create_vm(create("first")).await.expect("create");
+    let status = daemon.client.vms.create_vm(create("second")).await.expect_err("the id is taken");
+    assert_eq!(reason(&status), "REQUEST_ID_REUSED");
+    let first_revision = 1;
+    daemon
+        .client
+        .vms
+        .watch_vms(pb::WatchVmsRequest { from_revision: first_revision, ..Default::default() })
+        .await
+        .expect("the first events are still kept");
+
+    clock.advance(Duration::from_secs(25 * 3600));
+    // The pruner wakes with the clock; once it ran, the id is free and the events gone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        match daemon.client.vms.create_vm(create("second")).await {
+            Ok(created) => break created,
+            Err(status) if reason(&status) == "REQUEST_ID_REUSED" && tokio::time::Instant::now() < deadline => {
+                tokio::task::yield_now().await;
+            }
+            Err(status) => panic!("the request id was not forgotten: {status:?}"),
+        }
+    };
+    assert_eq!(second.into_inner().vm.expect("vm").name, "second");
+    let status = daemon
+        .client
+        .vms
+        .watch_vms(pb::WatchVmsRequest { from_revision: first_revision, ..Default::default() })
+        .await
+        .expect_err("forgotten");
+    assert_eq!(reason(&status), "REVISION_FORGOTTEN");
     daemon.shutdown().await;
 }
 
@@ -531,10 +615,10 @@ async fn wait_returns_once_the_state_is_reached_and_honours_the_deadline_and_del
     request.set_timeout(std::time::Duration::from_millis(300));
     let status = daemon.client.vms.wait_vm(request).await.expect_err("never runs");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    // A VM deleted while waited for is not found.
+    // A VM deleted while waited for (or just before the wait began: the answer is the same)
+    // is not found.
     let mut waiter = daemon.client.clone();
     let waiting = tokio::spawn(async move { waiter.vms.wait_vm(wait(pb::VmState::Running)).await });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let delete = pb::DeleteVmRequest { vm: "idle".into(), ..Default::default() };
     daemon.client.vms.delete_vm(delete.clone()).await.expect("delete");
     let status = waiting.await.expect("task").expect_err("deleted");
@@ -687,5 +771,94 @@ async fn a_watcher_that_disconnects_and_resumes_from_its_last_revision_sees_ever
     assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(reason(&status), "REVISION_FORGOTTEN");
     daemon.client.vms.watch_vms(watch(latest)).await.expect("the latest is still resumable");
+    daemon.shutdown().await;
+}
+
+/// Runs `argv` in `vm` with `stdin`; returns standard output, standard error and the exit code.
+async fn exec(client: &mut Client, vm: &str, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, Option<i32>) {
+    use pb::{exec_exit::Status as Exit, exec_vm_response::Payload};
+    let start = pb::ExecVmStart {
+        vm: vm.into(),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        stdin: !stdin.is_empty(),
+        ..Default::default()
+    };
+    let mut output = client.exec(start, tokio_stream::iter(vec![stdin.to_vec()])).await.expect("exec");
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+    while let Some(message) = output.message().await.expect("output") {
+        match message.payload {
+            Some(Payload::Stdout(data)) => out.extend(data),
+            Some(Payload::Stderr(data)) => err.extend(data),
+            Some(Payload::Exit(exit)) => {
+                code = exit.status.and_then(|s| if let Exit::Code(c) = s { Some(c) } else { None })
+            }
+            None => {}
+        }
+    }
+    (out, err, code)
+}
+
+/// A VM's whole path through the API, over the stateful fake host: created and booted,
+/// used (exec with input, output and exit codes; files in and out), stopped, deleted, with
+/// nothing left on the host.
+#[tokio::test]
+async fn over_the_fake_host_a_vm_is_created_used_and_deleted_through_the_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = FakeHost::default();
+    let mut daemon = TestDaemon::start_fake(config(dir.path(), FileConfig::default()), &host, &Clock::system()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let request = pb::CreateVmRequest { name: "web".into(), image: "img".into(), ..Default::default() };
+    let created = daemon.client.vms.create_vm(request).await.expect("create");
+    assert!(banger_client::response_op_id(&created).is_some(), "the op id comes back");
+    let vm = created.into_inner().vm.expect("vm");
+    assert_eq!(vm.state(), pb::VmState::Running);
+    assert_eq!(host.processes().len(), 2, "a vmm and a vsock backend: {:?}", host.processes());
+
+    let (out, err, code) = exec(&mut daemon.client, "web", &["echo", "hello", "there"], b"").await;
+    assert_eq!((out.as_slice(), err.as_slice(), code), (&b"hello there\n"[..], &b""[..], Some(0)));
+    let (out, _, code) = exec(&mut daemon.client, "web", &["cat"], b"fed through stdin").await;
+    assert_eq!((out.as_slice(), code), (&b"fed through stdin"[..], Some(0)));
+    let (_, err, code) = exec(&mut daemon.client, "web", &["no-such-program"], b"").await;
+    assert_eq!(code, Some(127));
+    assert!(!err.is_empty());
+
+    use pb::{copy_from_vm_response::Payload as From, copy_to_vm_request::Payload as To};
+    let start = pb::CopyToVmStart { vm: "web".into(), path: "/root/report".into(), mode: 0o640 };
+    let sent = tokio_stream::iter(vec![
+        pb::CopyToVmRequest { payload: Some(To::Start(start)) },
+        pb::CopyToVmRequest { payload: Some(To::Data(b"line one\n".to_vec())) },
+        pb::CopyToVmRequest { payload: Some(To::Data(b"line two\n".to_vec())) },
+    ]);
+    let copied = daemon.client.vms.copy_to_vm(sent).await.expect("copy in").into_inner();
+    assert_eq!(copied.size, 18);
+    let request = pb::CopyFromVmRequest { vm: "web".into(), path: "/root/report".into() };
+    let mut back = daemon.client.vms.copy_from_vm(request).await.expect("copy out").into_inner();
+    let (mut info, mut content) = (None, Vec::new());
+    while let Some(message) = back.message().await.expect("chunk") {
+        match message.payload {
+            Some(From::Info(i)) => info = Some((i.mode, i.size)),
+            Some(From::Data(data)) => content.extend(data),
+            None => {}
+        }
+    }
+    assert_eq!((info, content.as_slice()), (Some((0o640, 18)), &b"line one\nline two\n"[..]));
+    let missing = pb::CopyFromVmRequest { vm: "web".into(), path: "/nope".into() };
+    let status = match daemon.client.vms.copy_from_vm(missing).await {
+        Err(status) => status,
+        Ok(stream) => stream.into_inner().message().await.expect_err("missing file"),
+    };
+    assert_eq!(status.code(), Code::NotFound, "the guest's answer reaches the caller: {status:?}");
+
+    let stopped = daemon.client.vms.stop_vm(pb::StopVmRequest { vm: "web".into(), ..Default::default() }).await;
+    assert_eq!(stopped.expect("stop").into_inner().vm.expect("vm").state(), pb::VmState::Stopped);
+    assert!(host.processes().is_empty(), "{:?}", host.processes());
+    let status = daemon.client.exec(
+        pb::ExecVmStart { vm: "web".into(), argv: vec!["true".into()], ..Default::default() },
+        tokio_stream::empty(),
+    );
+    let status = status.await.expect_err("a stopped vm runs nothing");
+    assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "WRONG_STATE".into()));
+    daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "web".into(), ..Default::default() }).await.expect("delete");
+    assert!(host.disks().is_empty() && host.cgroups().is_empty(), "nothing left: {:?}", host.disks());
     daemon.shutdown().await;
 }

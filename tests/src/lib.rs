@@ -71,6 +71,92 @@ pub fn default_image_dir() -> PathBuf {
     dir
 }
 
+/// Waits until `done` says yes, checking every few milliseconds; panics naming `what` after
+/// `timeout`. The way tests wait: on the condition, never for a fixed time.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True when the process `pid` is gone (or a zombie, which runs nothing any more).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rfind(')').is_some_and(|i| stat[i + 1..].trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits until the process `pid` is gone (e.g. after a SIGKILL, before checking what a new
+/// daemon makes of it).
+pub fn wait_gone(pid: u32) {
+    wait_until(&format!("process {pid} to go"), Duration::from_secs(10), || process_gone(pid));
+}
+
+/// A CLI run in the background whose standard output is read as it comes: a test waits for
+/// what it expects to appear instead of sleeping.
+pub struct Follower {
+    child: Child,
+    output: std::sync::Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    fn start(mut child: Child) -> Self {
+        use std::io::Read;
+        let output = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let sink = output.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(&buf[..n]);
+            }
+        });
+        Self { child, output, reader: Some(reader) }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+    }
+
+    /// Waits until its output holds `needle` (up to `timeout`); returns the output.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        wait_until(&format!("{needle:?} in the output"), timeout, || self.output().contains(needle));
+        self.output()
+    }
+
+    /// Waits until it printed at least `bytes` bytes (up to `timeout`).
+    pub fn wait_for_bytes(&self, bytes: usize, timeout: Duration) {
+        wait_until(&format!("{bytes} bytes of output"), timeout, || self.output().len() >= bytes);
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for it to exit; returns how, its whole output and its standard error.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        use std::io::Read;
+        let status = self.child.wait().expect("wait");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        (status, self.output(), stderr)
+    }
+}
+
 /// Every process whose command line mentions `needle`, found through /proc.
 pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
@@ -271,6 +357,11 @@ impl Daemon {
             .expect("spawn banger")
     }
 
+    /// Starts the CLI in the background, its standard output read as it comes.
+    pub fn banger_follow(&self, args: &[&str]) -> Follower {
+        Follower::start(self.banger_piped(args))
+    }
+
     /// Waits until the daemon's log holds `needle` (up to `timeout`).
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -368,8 +459,9 @@ impl Drop for Daemon {
             let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
         // A failed test may leave VMs' cgroups behind: remove them once their processes are gone.
-        if !leftovers.is_empty() {
-            std::thread::sleep(Duration::from_millis(200));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while leftovers.iter().any(|(pid, _)| !process_gone(*pid)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
         for entry in std::fs::read_dir(self.state_dir().join("vms")).into_iter().flatten().flatten() {
             for controller in ["cpu", "memory"] {

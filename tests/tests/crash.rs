@@ -65,7 +65,7 @@ fn a_vmm_killed_while_the_daemon_was_down_is_cleaned_up_and_can_start_again() {
 
     daemon.signal(Signal::SIGKILL);
     nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill vmm");
-    std::thread::sleep(Duration::from_millis(200));
+    banger_tests::wait_gone(pid as u32);
     daemon.restart();
 
     assert_eq!(show(&daemon, "victim", "state"), "stopped");

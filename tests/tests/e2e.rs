@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use banger_tests::{Daemon, guest_slot, repo_root, sha256, skip, text};
+use banger_tests::{Daemon, guest_slot, repo_root, sha256, skip, text, wait_until};
 use nix::sys::signal::Signal;
 
 fn try_vm_field(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
@@ -220,8 +220,7 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     for vm in ["keeper", "idle", "impatient"] {
         assert!(daemon.banger(&["vm", "delete", vm]).status.success());
     }
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+    wait_until("every guest process to go", Duration::from_secs(10), || daemon.guest_processes().is_empty());
 }
 
 #[test]
@@ -340,17 +339,17 @@ fn a_labelled_vm_with_a_ttl_is_listed_waited_for_and_reaped_with_all_it_held_acr
 fn a_watcher_sees_a_real_vm_boot_stage_by_stage_and_its_deletion() {
     let _slot = guest_slot();
     let daemon = Daemon::start(&[]);
-    let watcher = daemon.banger_piped(&["vm", "watch", "watched"]);
-    std::thread::sleep(Duration::from_millis(300));
+    // From the first revision of this new daemon: whenever the watch begins, nothing is missed.
+    let watcher = daemon.banger_follow(&["vm", "watch", "watched", "--from", "1"]);
     let out = daemon.banger(&["vm", "create", "--name", "watched"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let other = daemon.banger(&["vm", "create", "--name", "unwatched", "--no-start"]);
     assert!(other.status.success(), "{}", text(&other.stderr));
     assert!(daemon.banger(&["vm", "delete", "watched", "unwatched"]).status.success());
-    std::thread::sleep(Duration::from_millis(500));
+    watcher.wait_for(" deleted", Duration::from_secs(30));
     let pid = nix::unistd::Pid::from_raw(watcher.id() as i32);
     nix::sys::signal::kill(pid, Signal::SIGTERM).expect("stop the watcher");
-    let seen = text(&watcher.wait_with_output().expect("watcher").stdout);
+    let (_, seen, _) = watcher.finish();
     let lines: Vec<&str> = seen.lines().collect();
     let position = |needle: &str| {
         lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{seen}"))
@@ -500,14 +499,14 @@ fn a_vms_console_log_is_printed_tailed_and_followed_until_the_vm_is_deleted() {
     assert!(tail.len() <= 64 && whole.as_bytes().ends_with(&tail), "--tail 64 gave {} bytes", tail.len());
     assert!(daemon.banger(&["vm", "logs", "logged", "--vmm"]).status.success());
 
-    let follower = daemon.banger_piped(&["vm", "logs", "logged", "--follow", "--tail", "1"]);
-    std::thread::sleep(Duration::from_millis(500));
+    let follower = daemon.banger_follow(&["vm", "logs", "logged", "--follow", "--tail", "1"]);
+    // The last byte of the log comes first: from then on the log is followed.
+    follower.wait_for_bytes(1, Duration::from_secs(10));
     let out = daemon.banger(&["vm", "exec", "logged", "--", "sh", "-c", "echo FOLLOW-MARK > /dev/console"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    std::thread::sleep(Duration::from_millis(800));
+    follower.wait_for("FOLLOW-MARK", Duration::from_secs(10));
     // Deleting the VM ends the follow by itself.
     assert!(daemon.banger(&["vm", "delete", "logged"]).status.success());
-    let followed = follower.wait_with_output().expect("follower");
-    assert!(followed.status.success(), "{}", text(&followed.stderr));
-    assert!(text(&followed.stdout).contains("FOLLOW-MARK"), "{}", text(&followed.stdout));
+    let (status, _, stderr) = follower.finish();
+    assert!(status.success(), "{stderr}");
 }

@@ -64,12 +64,8 @@ fn show(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
     text(&out.stdout).lines().find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
 }
 
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what} did not happen within 20 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    banger_tests::wait_until(what, Duration::from_secs(20), done);
 }
 
 #[test]

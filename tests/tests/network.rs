@@ -60,7 +60,10 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
             .spawn()
             .expect("http server"),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    banger_tests::wait_until("the http server to listen", Duration::from_secs(10), || {
+        let probe = "import socket; socket.create_connection(('172.31.99.1', 8080), 1)";
+        Command::new("ip").args(["netns", "exec", &netns.0, "python3", "-c", probe]).status().is_ok_and(|s| s.success())
+    });
 
     for (from, to) in [("net-a", &ip_b), ("net-b", &ip_a)] {
         let out = daemon.banger(&["vm", "exec", from, "--", "ping", "-c", "1", "-W", "5", to]);
@@ -99,7 +102,7 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     let vmm_a: i32 = show(&daemon, "net-a", "vmm pid").parse().expect("pid");
     daemon.signal(Signal::SIGKILL);
     nix::sys::signal::kill(Pid::from_raw(vmm_a), Signal::SIGKILL).expect("kill vmm");
-    std::thread::sleep(Duration::from_millis(300));
+    banger_tests::wait_gone(vmm_a as u32);
     daemon.restart();
     assert_eq!(show(&daemon, "net-a", "state"), "stopped");
     assert!(!netns.has_link(&tap_a), "{tap_a} left behind");

@@ -139,7 +139,8 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
     let op_id = text(&out.stdout).split("op=").nth(1).expect("op id").trim().to_owned();
     let failed = daemon.banger(&["vm", "create", "--name", "ghost", "--image", "no-such-image"]);
     assert!(!failed.status.success());
-    let failed_op = text(&failed.stderr).split("op: ").nth(1).expect("failed op id").trim().to_owned();
+    let stderr = text(&failed.stderr);
+    let failed_op = stderr.lines().find_map(|l| l.trim().strip_prefix("op: ")).expect("failed op id").to_owned();
 
     // A caller's trace continues into the daemon.
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
@@ -238,16 +239,24 @@ fn an_unreachable_collector_never_fails_a_call_and_is_reported_at_most_once_a_mi
     // Nothing listens on this port once the listener is dropped.
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let daemon = Daemon::start_with_env(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
+    // Batches every 200 ms; failures past the first are logged at debug level only.
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
+    let daemon = Daemon::start_with_env(&["--log-level", "debug"], &env);
+    let failed_again = "span export failed again";
     for i in 0..3 {
         let out = daemon.banger(&["vm", "create", "--no-start", "--name", &format!("quiet-{i}")]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert!(daemon.banger(&["vm", "list"]).status.success());
-        // Let the batch exporter (every 5 s) try, and fail, more than once.
-        std::thread::sleep(Duration::from_secs(4));
+        // Each round's spans make another failed export.
+        let before = daemon.log().matches(failed_again).count();
+        banger_tests::wait_until("another failed export", Duration::from_secs(30), || {
+            daemon.log().matches(failed_again).count() > before
+                || (i == 0 && daemon.log().contains("span export failed;"))
+        });
     }
-    let reports = daemon.log().matches("span export failed").count();
+    let reports = daemon.log().matches("span export failed;").count();
     assert_eq!(reports, 1, "{}", daemon.log());
+    assert!(daemon.log().matches(failed_again).count() >= 2, "{}", daemon.log());
     for i in 0..3 {
         assert!(daemon.banger(&["vm", "delete", &format!("quiet-{i}")]).status.success());
     }

@@ -19,7 +19,10 @@ use super::{
     OP_ID_METADATA,
     status::{ApiError, api_status, invalid_field},
 };
-use crate::store::{RequestLog, StoreError, now_ms};
+use crate::{
+    clock::Clock,
+    store::{RequestLog, StoreError},
+};
 
 /// How long a request id is remembered.
 pub const RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -166,8 +169,8 @@ impl Idempotency {
         response_of(outcome)
     }
 
-    /// Forgets request ids older than [`RETENTION`].
-    pub async fn prune(&self) -> Result<u64, StoreError> {
-        self.store.prune(now_ms() - RETENTION.as_millis() as i64).await
+    /// Forgets request ids older than [`RETENTION`] by `clock`.
+    pub async fn prune(&self, clock: &Clock) -> Result<u64, StoreError> {
+        self.store.prune(clock.now_ms() - RETENTION.as_millis() as i64).await
     }
 }

@@ -86,17 +86,23 @@ fn with_op_id<T>(message: T, op_id: &str) -> Response<T> {
 /// also describes the `google.rpc` error details).
 pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::Error> {
     let idempotency = Idempotency::new(ops.request_log());
-    let (pruner, events) = (idempotency.clone(), ops.event_log());
+    let (pruner, events, clock) = (idempotency.clone(), ops.event_log(), ops.clock().clone());
+    // Hourly, and whenever a test moves the clock.
+    let mut moves = clock.moves();
     tokio::spawn(async move {
         loop {
-            if let Err(error) = pruner.prune().await {
-                tracing::warn!(error = %error, "cannot forget old request ids");
-            }
-            let before = crate::store::now_ms() - idempotency::RETENTION.as_millis() as i64;
+            // Events first: whoever finds a request id forgotten finds its events gone too.
+            let before = clock.now_ms() - idempotency::RETENTION.as_millis() as i64;
             if let Err(error) = events.prune(before).await {
                 tracing::warn!(error = %error, "cannot forget old events");
             }
-            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            if let Err(error) = pruner.prune(&clock).await {
+                tracing::warn!(error = %error, "cannot forget old request ids");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                () = moves.moved() => {}
+            }
         }
     });
     let (health_reporter, health) = tonic_health::server::health_reporter();

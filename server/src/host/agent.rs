@@ -626,6 +626,14 @@ mod tests {
             request: tonic::Request<tonic::Streaming<WriteFileRequest>>,
         ) -> Result<tonic::Response<banger_proto::agent::v1::WriteFileResponse>, tonic::Status> {
             use banger_proto::agent::v1::write_file_request::Payload;
+            // Counted however the call ends, dropped mid-stream included.
+            struct Ended;
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    WRITES_ENDED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _ended = Ended;
             let mut stream = request.into_inner();
             let Some(WriteFileRequest { payload: Some(Payload::Start(start)) }) = stream.message().await? else {
                 return Err(tonic::Status::invalid_argument("start first"));
@@ -633,7 +641,10 @@ mod tests {
             let mut content = Vec::new();
             loop {
                 match stream.message().await?.and_then(|m| m.payload) {
-                    Some(Payload::Data(data)) => content.extend(data),
+                    Some(Payload::Data(data)) => {
+                        content.extend(data);
+                        received().insert(start.path.clone());
+                    }
                     Some(Payload::End(size)) if size == content.len() as u64 => break,
                     _ => return Err(tonic::Status::aborted("no end message: nothing kept")),
                 }
@@ -643,6 +654,16 @@ mod tests {
             Ok(tonic::Response::new(banger_proto::agent::v1::WriteFileResponse { size }))
         }
     }
+
+    /// The paths the fake agent has received data for.
+    fn received() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<String>> {
+        static RECEIVED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        RECEIVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many WriteFile calls the fake agent has finished handling.
+    static WRITES_ENDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     fn fake_files() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, Vec<u8>>> {
         static FILES: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>> =
@@ -666,13 +687,29 @@ mod tests {
         assert_eq!((meta.mode, meta.size), (0o640, 11));
         let content: Vec<u8> = data.map(|c| c.expect("chunk")).collect::<Vec<_>>().await.concat();
         assert_eq!(content, b"hello world");
-        // The input fails midway: the agent sees the call reset, never a clean end.
-        let failing: Vec<Result<Vec<u8>, String>> = vec![Ok(b"partial".to_vec()), Err("client went away".into())];
-        let result =
-            crate::host::files::write(client.clone(), "/aborted".into(), 0o600, Box::pin(tokio_stream::iter(failing)))
-                .await;
+        // The input fails midway, once the agent has part of the file: the agent sees the
+        // call end without the end message, and keeps nothing.
+        let (input, feed) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(1);
+        let ended = WRITES_ENDED.load(std::sync::atomic::Ordering::SeqCst);
+        let writing = tokio::spawn(crate::host::files::write(
+            client.clone(),
+            "/aborted".into(),
+            0o600,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(feed)),
+        ));
+        input.send(Ok(b"partial".to_vec())).await.expect("send");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !received().contains("/aborted") {
+            assert!(tokio::time::Instant::now() < deadline, "the agent never got the first chunk");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        input.send(Err("client went away".into())).await.expect("send");
+        let result = writing.await.expect("task");
         assert!(matches!(result, Err(crate::host::HostError::InputAborted { .. })), "{result:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        while WRITES_ENDED.load(std::sync::atomic::Ordering::SeqCst) == ended {
+            assert!(tokio::time::Instant::now() < deadline, "the agent never finished the aborted write");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(!fake_files().contains_key("/aborted"), "an aborted copy was kept");
         let missing = crate::host::files::read(client, "/missing".into()).await.map(|_| ());
         match missing {

@@ -1,6 +1,11 @@
-//! A stateful fake host for `ops` tests: processes, disks and guest agents modelled in
-//! memory, enforcing the rules the real host has (or that banger must never break), and
-//! able to fail any capability call on demand. Tests assert on the resulting state.
+//! A stateful fake host for `ops` tests and, with the `testing` feature, the in-process API
+//! tests: processes, disks and guest agents modelled in memory, enforcing the rules the real
+//! host has (or that banger must never break), and able to fail any capability call on
+//! demand. Tests assert on the resulting state.
+//!
+//! Its guests run a few commands, as a shell would: `echo ARGS`, `cat` (standard input to
+//! standard output), `true`, `false`, `exit N`, `hostname` (the VM's name); anything else
+//! exits 127 saying so on standard error. Their files live in memory, per VM.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -42,6 +47,8 @@ struct State {
     nat: BTreeSet<String>,
     /// capability call -> failures still to inject
     failures: HashMap<&'static str, usize>,
+    /// (vm, path) -> (mode, content): the guests' files
+    guest_files: BTreeMap<(VmId, String), (u32, Vec<u8>)>,
 }
 
 /// The fake host; clones share state.
@@ -289,22 +296,81 @@ impl AgentChannels for FakeHost {
         Ok(())
     }
 
-    fn exec(&self, _vm: &Vm, _command: crate::domain::ExecCommand, _input: ExecInputStream) -> ExecStarting {
-        Box::pin(async { Err(injected("agents.exec (not modelled)")) })
+    fn exec(&self, vm: &Vm, command: crate::domain::ExecCommand, input: ExecInputStream) -> ExecStarting {
+        use crate::domain::{ExecEvent, ExecInput, ExitStatus};
+        use tokio_stream::StreamExt;
+        let checked = self.check("agents.exec");
+        let name = vm.name.clone();
+        Box::pin(async move {
+            checked?;
+            let argv = command.argv;
+            let (stdout, stderr, code): (Vec<u8>, Vec<u8>, i32) = match argv.first().map(String::as_str) {
+                Some("echo") => (format!("{}\n", argv[1..].join(" ")).into_bytes(), vec![], 0),
+                Some("cat") => {
+                    let mut read = Vec::new();
+                    let mut input = input;
+                    while let Some(piece) = input.next().await {
+                        match piece {
+                            ExecInput::Data(data) => read.extend(data),
+                            ExecInput::Eof => break,
+                        }
+                    }
+                    (read, vec![], 0)
+                }
+                Some("true") => (vec![], vec![], 0),
+                Some("false") => (vec![], vec![], 1),
+                Some("hostname") => (format!("{name}\n").into_bytes(), vec![], 0),
+                Some("exit") => (vec![], vec![], argv.get(1).and_then(|n| n.parse().ok()).unwrap_or(0)),
+                Some(other) => (vec![], format!("fake guest: {other}: not found\n").into_bytes(), 127),
+                None => (vec![], vec![], 0),
+            };
+            let mut events = Vec::new();
+            if !stdout.is_empty() {
+                events.push(Ok(ExecEvent::Stdout(stdout)));
+            }
+            if !stderr.is_empty() {
+                events.push(Ok(ExecEvent::Stderr(stderr)));
+            }
+            events.push(Ok(ExecEvent::Exit { status: ExitStatus::Code(code), timed_out: false }));
+            Ok(Box::pin(tokio_stream::iter(events)) as super::agent_channel::ExecEventStream)
+        })
     }
 
-    fn read_file(&self, _vm: &Vm, _path: String) -> crate::host::agent_channel::FileReading {
-        Box::pin(async { Err(injected("agents.read_file (not modelled)")) })
+    fn read_file(&self, vm: &Vm, path: String) -> crate::host::agent_channel::FileReading {
+        let found =
+            self.check("agents.read_file").map(|()| self.state().guest_files.get(&(vm.id, path.clone())).cloned());
+        Box::pin(async move {
+            let Some((mode, content)) = found? else {
+                let status = tonic::Status::not_found(format!("{path}: no such file"));
+                return Err(HostError::Agent(super::agent::AgentError::Rpc { call: "ReadFile", status }));
+            };
+            let meta = crate::domain::FileMeta { mode, size: content.len() as u64 };
+            let data: super::files::FileData = Box::pin(tokio_stream::iter(vec![Ok(content)]));
+            Ok((meta, data))
+        })
     }
 
     fn write_file(
         &self,
-        _vm: &Vm,
-        _path: String,
-        _mode: u32,
-        _input: crate::host::files::FileInput,
+        vm: &Vm,
+        path: String,
+        mode: u32,
+        input: crate::host::files::FileInput,
     ) -> crate::host::agent_channel::FileWriting {
-        Box::pin(async { Err(injected("agents.write_file (not modelled)")) })
+        use tokio_stream::StreamExt;
+        let (host, id, checked) = (self.clone(), vm.id, self.check("agents.write_file"));
+        Box::pin(async move {
+            checked?;
+            let mut content = Vec::new();
+            let mut input = input;
+            while let Some(piece) = input.next().await {
+                // Rule: an aborted copy leaves nothing.
+                content.extend(piece.map_err(|why| HostError::InputAborted { why })?);
+            }
+            let size = content.len() as u64;
+            host.state().guest_files.insert((id, path), (mode, content));
+            Ok(size)
+        })
     }
 
     fn forget(&self, _vm: VmId) {}

@@ -9,7 +9,7 @@ pub mod cgroup;
 pub mod command;
 pub mod doctor;
 pub mod exec;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod files;
 pub mod fs;

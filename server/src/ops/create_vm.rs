@@ -126,7 +126,7 @@ impl Operation for CreateVmOp<'_> {
                         vm_dir: &vm_dir,
                         last_operation: &op_id,
                         labels: &self.request.labels,
-                        expire_at_ms: self.request.ttl_ms.map(|ttl| crate::store::now_ms() + ttl),
+                        expire_at_ms: self.request.ttl_ms.map(|ttl| ops.clock().now_ms() + ttl),
                     })
                     .await?;
                 self.boot = Some(Boot::new(vm, image));

@@ -10,7 +10,6 @@ use super::{
 use crate::{
     domain::{Image, ImageId, NewImage, OpId, Resource},
     host::fs,
-    store::now_ms,
 };
 
 /// File names of an image's artifacts, in the state dir and in an image directory.
@@ -192,7 +191,7 @@ impl Ops {
             rootfs_path: dir.join(ROOTFS_FILE),
             kernel_args: new.kernel_args.clone(),
             rootfs_size_bytes,
-            created_at_ms: now_ms(),
+            created_at_ms: self.clock().now_ms(),
             labels: new.labels.clone(),
         };
         let op_id = OpId::generate();

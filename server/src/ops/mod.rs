@@ -172,6 +172,11 @@ impl Ops {
         self.store.event_log()
     }
 
+    /// What "now" is: the system's clock, or a test's.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        self.store.clock()
+    }
+
     /// Closes the database (once the daemon stops serving).
     pub async fn close(&self) {
         self.store.close().await;

@@ -109,7 +109,7 @@ impl Ops {
     /// Sets a VM's time to live anew from now, or removes its expiry.
     pub async fn touch_vm(&self, key: &str, ttl_ms: Option<i64>) -> Result<Vm, Error> {
         let vm = self.store.vm_get(key).await?;
-        let vm = self.store.vm_set_expiry(vm.id, ttl_ms.map(|ttl| crate::store::now_ms() + ttl)).await?;
+        let vm = self.store.vm_set_expiry(vm.id, ttl_ms.map(|ttl| self.clock().now_ms() + ttl)).await?;
         self.refresh(vm).await
     }
 }

@@ -2,17 +2,16 @@
 //! the record), so a VM whose time ran out while the daemon was down goes at its next start.
 
 use super::{Error, Ops};
-use crate::store::now_ms;
 
 impl Ops {
     /// Deletes every VM whose expiry is past; returns how many went. One that fails to go
     /// is logged and tried again on the next call.
     pub async fn reap_expired(&self) -> Result<usize, Error> {
         let mut reaped = 0;
-        for vm in self.store.vm_expired(now_ms()).await? {
+        for vm in self.store.vm_expired(self.clock().now_ms()).await? {
             // Touched or deleted since it was read: not this call's to reap.
             match self.store.vm_get(&vm.id.to_string()).await {
-                Ok(current) if current.expire_at_ms.is_some_and(|at| at <= now_ms()) => {}
+                Ok(current) if current.expire_at_ms.is_some_and(|at| at <= self.clock().now_ms()) => {}
                 _ => continue,
             }
             tracing::info!(vm_id = %vm.id, vm_name = %vm.name, expire_at_ms = vm.expire_at_ms, "time to live over: deleting");

@@ -451,3 +451,16 @@ async fn reconcile_removes_image_directories_no_record_names() {
     f.ops.recover().await.expect("recover");
     assert_eq!(image_dirs(&f), [image.rootfs_path.parent().expect("dir").to_owned()]);
 }
+
+/// Operations on one VM are serialized by its lock: of two deletes at once, one runs and
+/// the other, let in after it, finds no VM.
+#[tokio::test]
+async fn operations_on_one_vm_run_one_at_a_time() {
+    let f = fixture().await;
+    f.ops.create_vm(create("shared")).await.expect("create");
+    let (a, b) = tokio::join!(f.ops.delete_vm("shared"), f.ops.delete_vm("shared"));
+    let (done, refused) = if a.is_ok() { (a, b) } else { (b, a) };
+    assert!(done.is_ok(), "{done:?}");
+    assert!(matches!(refused, Err(Error::NotFound { .. })), "the second delete ran too: {refused:?}");
+    assert!(f.host.processes().is_empty());
+}

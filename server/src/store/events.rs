@@ -3,7 +3,7 @@
 
 use sqlx::{Row, SqliteConnection};
 
-use super::{Store, StoreError, now_ms};
+use super::{Store, StoreError};
 use crate::domain::{Labels, Vm, VmState};
 
 /// A completed operation stage, as recorded.
@@ -77,6 +77,7 @@ pub(super) async fn record_state(
     vm: &Vm,
     state: VmState,
     previous: Option<VmState>,
+    at_ms: i64,
 ) -> Result<u64, StoreError> {
     let revision: i64 = sqlx::query_scalar(
         "INSERT INTO events (vm_id, vm_name, labels, kind, state, previous_state, created_at_ms) \
@@ -87,21 +88,21 @@ pub(super) async fn record_state(
     .bind(serde_json::to_string(&vm.labels).unwrap_or_else(|_| "{}".into()))
     .bind(state.as_str())
     .bind(previous.map(VmState::as_str))
-    .bind(now_ms())
+    .bind(at_ms)
     .fetch_one(conn)
     .await?;
     Ok(revision as u64)
 }
 
 /// Records the deletion of `vm` inside the caller's transaction; returns its revision.
-pub(super) async fn record_deleted(conn: &mut SqliteConnection, vm: &Vm) -> Result<u64, StoreError> {
+pub(super) async fn record_deleted(conn: &mut SqliteConnection, vm: &Vm, at_ms: i64) -> Result<u64, StoreError> {
     let revision: i64 = sqlx::query_scalar(
         "INSERT INTO events (vm_id, vm_name, labels, kind, created_at_ms) VALUES (?, ?, ?, 'deleted', ?) RETURNING revision",
     )
     .bind(vm.id.to_string())
     .bind(&vm.name)
     .bind(serde_json::to_string(&vm.labels).unwrap_or_else(|_| "{}".into()))
-    .bind(now_ms())
+    .bind(at_ms)
     .fetch_one(conn)
     .await?;
     Ok(revision as u64)
@@ -175,7 +176,7 @@ impl Store {
         .bind(stage.stage)
         .bind(stage.since_start_ms as i64)
         .bind(stage.since_last_stage_ms as i64)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .fetch_one(&self.pool)
         .await?;
         self.announce(revision as u64);

@@ -11,7 +11,7 @@ mod vms;
 
 use std::{path::Path, str::FromStr, time::Duration};
 
-use crate::domain::Resource;
+use crate::{clock::Clock, domain::Resource};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 pub use events::{Event, EventKind, StageRecord};
@@ -87,11 +87,18 @@ pub struct Store {
     revisions: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// Committed VM records, for reads by id or name.
     vm_cache: cache::VmCache,
+    /// What "now" is, for timestamps.
+    clock: Clock,
 }
 
 impl Store {
     /// Opens (creating if needed) the database file and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_clock(path, Clock::system()).await
+    }
+
+    /// [`Store::open`], with timestamps read from `clock`.
+    pub async fn open_with_clock(path: &Path, clock: Clock) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -104,7 +111,12 @@ impl Store {
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetch_optional(&pool).await?;
         let (revisions, _) = tokio::sync::watch::channel(latest.unwrap_or(1) as u64);
-        Ok(Self { pool, revisions: std::sync::Arc::new(revisions), vm_cache: cache::VmCache::default() })
+        Ok(Self { pool, revisions: std::sync::Arc::new(revisions), vm_cache: cache::VmCache::default(), clock })
+    }
+
+    /// The clock its timestamps come from.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Closes every connection, checkpointing the WAL.
@@ -186,11 +198,6 @@ impl Store {
     pub fn event_log(&self) -> EventLog {
         EventLog(self.clone())
     }
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {

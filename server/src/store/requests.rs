@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::{Store, StoreError, is_unique_violation, now_ms};
+use super::{Store, StoreError, is_unique_violation};
 
 /// A recorded request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ impl Store {
         .bind(request_id)
         .bind(method)
         .bind(body)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .execute(&self.pool)
         .await;
         match inserted {
@@ -104,7 +104,7 @@ mod tests {
         store.request_forget("r1").await.expect("forget");
         assert_eq!(store.request_get("r1").await.expect("get"), None);
         assert!(store.request_begin("r2", "DeleteVm", b"").await.expect("begin"));
-        assert_eq!(store.request_prune(super::now_ms() + 1).await.expect("prune"), 1);
+        assert_eq!(store.request_prune(store.clock().now_ms() + 1).await.expect("prune"), 1);
         assert_eq!(store.request_get("r2").await.expect("get"), None);
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use sqlx::Row;
 
-use super::{Store, StoreError, is_unique_violation, now_ms};
+use super::{Store, StoreError, is_unique_violation};
 use crate::domain::{IpPool, Labels, Resource, RootDiskStrategy, Vm, VmFault, VmId, VmSpec, VmState};
 
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
@@ -144,7 +144,7 @@ impl Store {
                     Some(pool.first_free(&used).ok_or(StoreError::PoolExhausted { pool: pool.to_string() })?)
                 }
             };
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let _invalidation = self.vm_cache.invalidate_on_drop(new.id);
             let mut tx = self.pool.begin().await?;
             let result = sqlx::query(
@@ -175,7 +175,7 @@ impl Store {
                     let row =
                         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(new.id.to_string()).fetch_one(&mut *tx).await?;
                     let vm = vm_from_row(&row)?;
-                    let revision = super::events::record_state(&mut tx, &vm, vm.observed_state, None).await?;
+                    let revision = super::events::record_state(&mut tx, &vm, vm.observed_state, None, now).await?;
                     tx.commit().await?;
                     self.announce(revision);
                     return Ok(vm);
@@ -264,7 +264,7 @@ impl Store {
         )
         .bind(id.to_string())
         .bind(expire_at_ms)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
@@ -295,7 +295,7 @@ impl Store {
         .bind(update.observed_state.map(VmState::as_str))
         .bind(update.last_error.as_ref().map(|e| e.message.clone()))
         .bind(update.last_operation)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .bind(update.last_error.as_ref().map(|e| e.reason.map(VmFault::as_str).unwrap_or_default()))
         .execute(&mut *tx)
         .await?;
@@ -306,7 +306,9 @@ impl Store {
             return Err(StoreError::Conflict { kind: Resource::Vm, id: vm.id.to_string(), expected: vm.generation });
         }
         let revision = match new_state {
-            Some(state) => Some(super::events::record_state(&mut tx, vm, state, Some(vm.observed_state)).await?),
+            Some(state) => Some(
+                super::events::record_state(&mut tx, vm, state, Some(vm.observed_state), self.clock.now_ms()).await?,
+            ),
             None => None,
         };
         tx.commit().await?;
@@ -328,7 +330,7 @@ impl Store {
         };
         let vm = vm_from_row(&row)?;
         sqlx::query("DELETE FROM vms WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
-        let revision = super::events::record_deleted(&mut tx, &vm).await?;
+        let revision = super::events::record_deleted(&mut tx, &vm, self.clock.now_ms()).await?;
         tx.commit().await?;
         self.announce(revision);
         Ok(())

@@ -37,7 +37,13 @@ impl<E> ReportingSpanExporter<E> {
         if now.saturating_sub(last) < REPORT_EVERY.as_secs()
             || self.last_report_secs.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
         {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            let suppressed = self.suppressed.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::debug!(
+                target: EXPORT_LOG_TARGET,
+                error = %error,
+                failures_since_last_report = suppressed,
+                "span export failed again (not reported until a minute has passed)"
+            );
             return;
         }
         let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
