@@ -151,3 +151,34 @@ fn the_checks_match_whole_tokens_only() {
     assert!(holds("let x: Store = y;", ": Store") && !holds("e: StoreError", ": Store"));
     assert!(holds("self.ops.store()", ".store()") && holds("\"/proc/1\"", "\"/proc"));
 }
+
+#[test]
+fn only_the_clock_reads_wall_time() {
+    // The export reporter's once-a-minute limit is about log noise, not durable time.
+    let allowed = ["clock.rs", "telemetry/export.rs"];
+    assert_eq!(offenders("", &["SystemTime::now", "UNIX_EPOCH"], &allowed), Vec::<String>::new());
+}
+
+/// `ARCHITECTURE.md` names, in brackets, the test behind each invariant: every name it gives
+/// is a test that exists, so the map cannot point at a check that is gone.
+#[test]
+fn the_architecture_names_only_tests_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let mut named = Vec::new();
+    for bracket in doc.split('[').skip(1).filter_map(|rest| rest.split(']').next()) {
+        for token in bracket.split('`').skip(1).step_by(2) {
+            if token.contains('_') && token.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                named.push(token.to_owned());
+            }
+        }
+    }
+    assert!(named.len() >= 8, "the invariants name their tests: {named:?}");
+    let mut files = Vec::new();
+    for dir in ["server/src", "server/tests", "tests/tests"] {
+        collect(&root.join(dir), &mut files);
+    }
+    let code: String = files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).collect();
+    let missing: Vec<&String> = named.iter().filter(|name| !code.contains(&format!("fn {name}("))).collect();
+    assert!(missing.is_empty(), "ARCHITECTURE.md names tests that do not exist: {missing:?}");
+}

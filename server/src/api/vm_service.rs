@@ -77,7 +77,7 @@ impl VmService for VmApi {
         }
         let filter = VmFilter { labels, states };
         // Read before the list: a watch from it misses no change made after the list was read.
-        let revision = self.ops.latest_revision().await.map_err(|e| to_status(&e))?;
+        let revision = self.ops.latest_revision();
         let (vms, last) =
             self.ops.list_vms_page(&filter, after.as_deref(), page_size).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListVmsResponse {

@@ -96,6 +96,9 @@ pub struct Ops {
     config: OpsConfig,
     host: HostServices,
     handles: Mutex<HashMap<VmId, VmHandles>>,
+    /// Set once a reconcile has read every VM's scratch file into `handles`: from then on a
+    /// VM absent from it holds nothing, and no read goes to the disk to be told so.
+    handles_complete: std::sync::atomic::AtomicBool,
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     run_options: Mutex<runner::RunOptions>,
     default_image_lock: tokio::sync::Mutex<()>,
@@ -118,6 +121,7 @@ impl Ops {
             config,
             host,
             handles: Mutex::default(),
+            handles_complete: std::sync::atomic::AtomicBool::new(false),
             vm_locks: Mutex::default(),
             run_options: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
@@ -201,10 +205,14 @@ impl Ops {
         self.host.agents.forget(id);
     }
 
-    /// The VM's transient handles: the cache, else its scratch file.
+    /// The VM's transient handles: the cache, else (until every scratch file has been read
+    /// once) its scratch file.
     pub fn handles(&self, vm: &Vm) -> VmHandles {
         if let Some(handles) = lock(&self.handles).get(&vm.id) {
             return handles.clone();
+        }
+        if self.handles_complete.load(std::sync::atomic::Ordering::Acquire) {
+            return VmHandles::default();
         }
         scratch::read_handles(&vm.paths().handles)
     }

@@ -56,9 +56,11 @@ impl Ops {
         Ok((images, last))
     }
 
-    /// The latest event revision (see `ListVmsResponse.revision`).
-    pub async fn latest_revision(&self) -> Result<u64, Error> {
-        Ok(self.store.latest_revision().await?)
+    /// The latest event revision (see `ListVmsResponse.revision`), as last announced after
+    /// a commit: never ahead of what a watch can replay, at most a commit behind (a watch
+    /// from it then replays one event the list already shows; none is ever missed).
+    pub fn latest_revision(&self) -> u64 {
+        self.store.announced_revision()
     }
 
     /// Every VM, oldest first.
@@ -79,14 +81,17 @@ impl Ops {
         after: Option<&str>,
         page_size: u32,
     ) -> Result<(Vec<Vm>, Option<String>), Error> {
-        let records = self.store.vm_page(filter, after, page_size + 1).await?;
-        let more = records.len() > page_size as usize;
+        let (records, matched) = self.store.vm_page(filter, after, page_size + 1).await?;
+        let more = matched > page_size as usize;
         let mut vms = Vec::with_capacity(records.len().min(page_size as usize));
         let mut last = None;
         for vm in records.into_iter().take(page_size as usize) {
             last = Some(vm.id.to_string());
             let vm = self.refresh(vm).await?;
-            if filter.states.is_empty() || filter.states.contains(&vm.observed_state) {
+            // Read after the ids were picked: checked again (a state may have moved on).
+            if (filter.states.is_empty() || filter.states.contains(&vm.observed_state))
+                && crate::domain::labels_match(&vm.labels, &filter.labels)
+            {
                 vms.push(vm);
             }
         }

@@ -42,7 +42,15 @@ impl Ops {
             }
         }
         self.remove_orphans(vms.iter().map(|vm| vm.id).collect(), &table).await?;
-        first_error.map_or(Ok(()), Err)
+        match first_error {
+            Some(error) => Err(error),
+            None => {
+                // Every VM's scratch file was read into the cache (each one that held
+                // anything is there), and only this daemon writes them, through the cache.
+                self.handles_complete.store(true, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
+        }
     }
 
     /// What the host shows about a VM: processes found in `/proc` by the sockets only this

@@ -464,3 +464,37 @@ async fn operations_on_one_vm_run_one_at_a_time() {
     assert!(matches!(refused, Err(Error::NotFound { .. })), "the second delete ran too: {refused:?}");
     assert!(f.host.processes().is_empty());
 }
+
+/// Reconcile is idempotent: run twice over VMs in every situation it handles (running,
+/// dead, stopped, an orphan directory), the second run changes no record, no scratch file
+/// and nothing on the host.
+#[tokio::test]
+async fn reconcile_twice_changes_nothing_the_second_time() {
+    let f = fixture().await;
+    f.ops.create_vm(create("alive")).await.expect("create");
+    let dead = f.ops.create_vm(create("dead")).await.expect("create");
+    let stopped = f.ops.create_vm(create("stopped")).await.expect("create");
+    f.ops.stop_vm("stopped", false).await.expect("stop");
+    let vmm = f.ops.handles(&dead).vmm.expect("vmm");
+    crate::host::process::Processes::terminate(&f.host, &vmm, &dead.paths().api_socket, std::time::Duration::ZERO)
+        .await;
+    std::fs::create_dir_all(f.ops.vms_dir().join(crate::domain::VmId::generate().to_string())).expect("orphan");
+    f.ops.recover().await.expect("first reconcile");
+    let after_first = snapshot(&f).await;
+    assert_eq!(f.record("dead").await.expect("dead").observed_state, VmState::Stopped);
+    assert_eq!(f.vm_dirs(), 3, "the orphan dir went");
+    f.ops.recover().await.expect("second reconcile");
+    assert_eq!(snapshot(&f).await, after_first, "the second reconcile changed something");
+    assert_eq!(f.processes_of(&stopped), 0);
+}
+
+/// What reconcile could change: the records, their scratch files, the fake host's state.
+async fn snapshot(f: &Fixture) -> String {
+    let mut records = Vec::new();
+    for name in ["alive", "dead", "stopped"] {
+        let vm = f.record(name).await.expect("record");
+        let scratch = crate::host::scratch::read_handles(&vm.paths().handles);
+        records.push(format!("{vm:?} {scratch:?}"));
+    }
+    format!("{records:?} {:?} {:?} {:?} {}", f.host.processes(), f.host.disks(), f.host.cgroups(), f.vm_dirs())
+}

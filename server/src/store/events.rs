@@ -162,6 +162,11 @@ impl Store {
         self.revisions.subscribe()
     }
 
+    /// The latest revision announced (after its commit); no database read.
+    pub fn announced_revision(&self) -> u64 {
+        *self.revisions.borrow()
+    }
+
     /// Records a completed stage of an operation on a VM.
     pub async fn event_stage(&self, stage: &StageRecord<'_>) -> Result<u64, StoreError> {
         let revision: i64 = sqlx::query_scalar(
