@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     public.file.retain(|file| file.package() != "banger.agent.v1");
     std::fs::write(out.join("banger_descriptor.bin"), prost::Message::encode_to_vec(&public))?;
     // Maps as BTreeMap: encoding is deterministic (idempotent requests compare encoded bodies).
-    tonic_prost_build::configure().btree_map(".").compile_fds(descriptors)?;
+    // Type names (`prost::Name`): the CLI prints any message as JSON from its descriptor.
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure().btree_map(".").compile_fds_with_config(descriptors, config)?;
     Ok(())
 }

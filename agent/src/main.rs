@@ -12,14 +12,13 @@ mod files;
 mod service;
 mod supervisor;
 
-use std::error::Error;
 use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use banger_proto::agent::v1::agent_service_server::AgentServiceServer;
+use banger_proto::{agent::v1::agent_service_server::AgentServiceServer, error_chain};
 use tokio_stream::{Stream, StreamExt};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 use tonic::transport::Server;
@@ -183,18 +182,6 @@ fn remove_stale_socket(path: &std::path::Path) {
     if std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
-}
-
-/// Formats an error and its sources as `outer: inner: innermost`.
-fn error_chain(err: &dyn Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ fn time(ts: Option<&prost_types::Timestamp>) -> String {
 /// One line about a VM an operation acted on.
 pub fn print_vm_line(vm: &pb::Vm, op: Option<&str>) {
     if json() {
-        return crate::json::print(&crate::json::vm(vm));
+        return crate::json::print_message(vm);
     }
     let op = op.map(|op| format!(" op={op}")).unwrap_or_default();
     println!("{} {} {}{op}", vm.name, vm.id, state_name(vm.state));
@@ -55,7 +55,7 @@ pub fn print_vm_line(vm: &pb::Vm, op: Option<&str>) {
 /// VMs as a table.
 pub fn print_vm_table(vms: &[pb::Vm]) {
     if json() {
-        return crate::json::print(&serde_json::Value::Array(vms.iter().map(crate::json::vm).collect()));
+        return crate::json::print(&serde_json::Value::Array(vms.iter().map(crate::json::value).collect()));
     }
     println!("{:<24} {:<26} {:<9} {:>5} {:>7} {:>8}", "NAME", "ID", "STATE", "VCPUS", "MEMORY", "PID");
     for vm in vms {
@@ -75,7 +75,7 @@ pub fn print_vm_table(vms: &[pb::Vm]) {
 /// One VM, field by field.
 pub fn print_vm_details(vm: &pb::Vm) {
     if json() {
-        return crate::json::print(&crate::json::vm(vm));
+        return crate::json::print_message(vm);
     }
     let runtime = vm.runtime.clone().unwrap_or_default();
     let rows = [
@@ -113,7 +113,7 @@ pub fn print_vm_details(vm: &pb::Vm) {
 /// Images as a table.
 pub fn print_image_table(images: &[pb::Image]) {
     if json() {
-        return crate::json::print(&serde_json::Value::Array(images.iter().map(crate::json::image).collect()));
+        return crate::json::print(&serde_json::Value::Array(images.iter().map(crate::json::value).collect()));
     }
     println!("{:<24} {:<26} {:>10}", "NAME", "ID", "ROOTFS");
     for image in images {
@@ -124,7 +124,7 @@ pub fn print_image_table(images: &[pb::Image]) {
 /// One image, field by field.
 pub fn print_image_details(image: &pb::Image) {
     if json() {
-        return crate::json::print(&crate::json::image(image));
+        return crate::json::print_message(image);
     }
     let rows = [
         ("name", image.name.clone()),
@@ -144,7 +144,7 @@ pub fn print_image_details(image: &pb::Image) {
 pub fn print_host_report(report: &pb::GetHostResponse) -> bool {
     let failed = report.checks.iter().any(|c| c.status == pb::HostCheckStatus::Fail as i32);
     if json() {
-        crate::json::print(&crate::json::host(report));
+        crate::json::print_message(report);
         return failed;
     }
     for check in &report.checks {
@@ -218,7 +218,7 @@ pub fn print_connect_error(target: &Target, err: &ClientError) {
 /// One VM event as a line: revision, time, VM, what happened.
 pub fn print_event(event: &pb::VmEvent) {
     if json() {
-        crate::json::print(&crate::json::event(event));
+        crate::json::print_message(event);
         let _ = std::io::Write::flush(&mut std::io::stdout());
         return;
     }

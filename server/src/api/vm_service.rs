@@ -35,6 +35,23 @@ impl VmApi {
     fn to_pb(&self, vm: &Vm) -> pb::Vm {
         convert::vm(vm, &self.ops.handles(vm), self.ops.vmm_name())
     }
+
+    /// Runs a use case that changes one VM at most once per request id (on its own task:
+    /// see `run_to_completion`), answering with the VM and the operation's id.
+    async fn vm_mutation<R: prost::Message + Default + 'static>(
+        &self,
+        method: &'static str,
+        (request_id, body): (String, Vec<u8>),
+        use_case: impl std::future::Future<Output = Result<Vm, Error>> + Send + 'static,
+        answer: fn(pb::Vm) -> R,
+    ) -> Result<Response<R>, Status> {
+        let api = self.clone();
+        let once = async move {
+            let vm = run_to_completion(use_case).await?;
+            Ok(with_op_id(answer(api.to_pb(&vm)), &vm.last_operation))
+        };
+        self.idempotency.run(method, &request_id, body, once).await
+    }
 }
 
 /// How often `WaitVm` looks at the VM.
@@ -46,16 +63,11 @@ type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecVmResponse, Status>> 
 impl VmService for VmApi {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::CreateVmResponse>, Status> {
         let request = request.into_inner();
-        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let idempotency = idempotency_key(&request, |r| &mut r.request_id);
         let create = CreateVm::try_from(request).map_err(|e| to_status(&e))?;
-        let api = self.clone();
-        self.idempotency
-            .run("CreateVm", &request_id, body, async move {
-                let ops = api.ops.clone();
-                let vm = run_to_completion(async move { ops.create_vm(create).await }).await?;
-                Ok(with_op_id(pb::CreateVmResponse { vm: Some(api.to_pb(&vm)) }, &vm.last_operation))
-            })
-            .await
+        let ops = self.ops.clone();
+        let use_case = async move { ops.create_vm(create).await };
+        self.vm_mutation("CreateVm", idempotency, use_case, |vm| pb::CreateVmResponse { vm: Some(vm) }).await
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::GetVmResponse>, Status> {
@@ -130,30 +142,20 @@ impl VmService for VmApi {
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
         let request = request.into_inner();
-        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let idempotency = idempotency_key(&request, |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let (api, wait_agent) = (self.clone(), !request.no_wait);
-        self.idempotency
-            .run("StartVm", &request_id, body, async move {
-                let ops = api.ops.clone();
-                let vm = run_to_completion(async move { ops.start_vm(&key, wait_agent).await }).await?;
-                Ok(with_op_id(pb::StartVmResponse { vm: Some(api.to_pb(&vm)) }, &vm.last_operation))
-            })
-            .await
+        let (ops, wait_agent) = (self.ops.clone(), !request.no_wait);
+        let use_case = async move { ops.start_vm(&key, wait_agent).await };
+        self.vm_mutation("StartVm", idempotency, use_case, |vm| pb::StartVmResponse { vm: Some(vm) }).await
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
         let request = request.into_inner();
-        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let idempotency = idempotency_key(&request, |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let (api, force) = (self.clone(), request.force);
-        self.idempotency
-            .run("StopVm", &request_id, body, async move {
-                let ops = api.ops.clone();
-                let vm = run_to_completion(async move { ops.stop_vm(&key, force).await }).await?;
-                Ok(with_op_id(pb::StopVmResponse { vm: Some(api.to_pb(&vm)) }, &vm.last_operation))
-            })
-            .await
+        let (ops, force) = (self.ops.clone(), request.force);
+        let use_case = async move { ops.stop_vm(&key, force).await };
+        self.vm_mutation("StopVm", idempotency, use_case, |vm| pb::StopVmResponse { vm: Some(vm) }).await
     }
 
     async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {

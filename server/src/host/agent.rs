@@ -23,6 +23,7 @@ use banger_proto::agent::v1::{
     ExecRequest, ExecResponse, InfoRequest, InfoResponse, ReadFileRequest, ReadFileResponse, ReadyRequest,
     ReadyResponse, ShutdownRequest, WriteFileRequest,
 };
+use banger_proto::error_chain;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -421,18 +422,6 @@ fn is_retryable(err: &AgentError) -> bool {
         }
         AgentError::NotReady { .. } | AgentError::VmmExited | AgentError::Protocol { .. } => false,
     }
-}
-
-/// `outer: inner: innermost`, for trace logs.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

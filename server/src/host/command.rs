@@ -3,9 +3,8 @@
 use std::{
     ffi::OsString,
     fs::OpenOptions,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command as StdCommand, Stdio},
+    process::Stdio,
 };
 
 use super::{HostError, process};
@@ -60,8 +59,8 @@ pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError
 }
 
 /// Starts a long-lived process in its own session, detached from the daemon: it keeps
-/// running when the daemon dies. Its output goes to `log`. The daemon reaps it if it
-/// exits while the daemon lives.
+/// running when the daemon dies. Its output goes to `log`. While the daemon lives, tokio
+/// reaps it when it exits (its child handle is dropped unwaited: tokio's orphan queue).
 pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<ProcessHandle, HostError> {
     spawn_detached_split(program, args, log, log)
 }
@@ -76,23 +75,22 @@ pub fn spawn_detached_split(
 ) -> Result<ProcessHandle, HostError> {
     let open_log =
         |log: &Path| OpenOptions::new().create(true).append(true).open(log).map_err(super::file_error("open", log));
-    let mut command = StdCommand::new(program);
+    let mut command = tokio::process::Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(open_log(stdout_log)?).stderr(open_log(stderr_log)?);
+    // Dropping the handle must not kill it: the VMM outlives this call, and the daemon.
+    command.kill_on_drop(false);
     // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
     }
     let child = command.spawn().map_err(|e| spawn_error(program, e))?;
-    let pid = child.id();
+    let pid = child.id().ok_or_else(|| HostError::Spawn {
+        program: program.to_owned(),
+        source: std::io::Error::other("exited before its pid was read"),
+    })?;
     let start_time = process::read_stat(Path::new("/proc"), pid).map(|s| s.start_time).unwrap_or(0);
-    // Reap it when it exits, so that it never lingers as a zombie of the daemon.
-    std::thread::Builder::new()
-        .name(format!("reap-{pid}"))
-        .spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        })
-        .map_err(|source| HostError::Io { what: "spawn reaper thread".into(), source })?;
+    // Not awaited: dropped, tokio reaps it when it exits, so it never lingers as a zombie.
+    drop(child);
     Ok(ProcessHandle { pid, start_time })
 }
 

@@ -190,14 +190,7 @@ impl Error {
 
     /// The full chain of messages, outermost first, joined with `: `.
     pub fn chain(&self) -> String {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
+        banger_proto::error_chain(self)
     }
 }
 
