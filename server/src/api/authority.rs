@@ -6,10 +6,12 @@
 //! replaces an authority that does not parse with `localhost` on the way in.
 //!
 //! Header blocks are HPACK-compressed with a table shared by the client's encoder and the
-//! server's decoder, so every block is decoded here to follow the client's table. Blocks pass
-//! through byte for byte until one needs a new authority; from then on, every block of that
-//! connection is re-encoded as literals that never touch the server's table, which therefore
-//! stays consistent. Everything else passes through as it came.
+//! server's decoder. The first block of a connection is decoded: when its authority parses
+//! (tonic, grpc-go, grpcurl: clients keep one authority per connection), the connection is
+//! not looked at again and its bytes pass through as they came, at no cost. Otherwise that
+//! block and every later one of the connection is decoded (following the client's table)
+//! and re-encoded as literals that never touch the server's table, which therefore stays
+//! consistent.
 
 use std::{
     borrow::Cow,
@@ -53,15 +55,29 @@ struct Rewriter {
     decoder: loona_hpack::Decoder<'static>,
     /// Blocks are re-encoded from now on.
     rewriting: bool,
-    /// The connection is not followed any more (not HTTP/2): everything passes.
+    /// The connection is not followed any more (not HTTP/2, or its first authority parsed):
+    /// everything passes.
     opaque: bool,
+    /// The fields of the block being handled, as spans of `arena` (reused: no allocation
+    /// per field).
+    arena: Vec<u8>,
+    spans: Vec<(usize, usize, usize)>,
 }
 
 impl Rewriter {
     fn new() -> Self {
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(MAX_TABLE_SIZE);
-        Self { pending: Vec::new(), passing: 0, started: false, decoder, rewriting: false, opaque: false }
+        Self {
+            pending: Vec::new(),
+            passing: 0,
+            started: false,
+            decoder,
+            rewriting: false,
+            opaque: false,
+            arena: Vec::new(),
+            spans: Vec::new(),
+        }
     }
 
     /// Handles `input`, appending what the server should read to `out`.
@@ -183,30 +199,38 @@ impl Rewriter {
     /// Follows one header block and hands it on: as it came, or re-encoded with a parsable
     /// authority.
     fn emit(&mut self, raw: &[u8], block: &HeaderBlock, out: &mut Vec<u8>) -> io::Result<()> {
-        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let (arena, spans) = (&mut self.arena, &mut self.spans);
+        arena.clear();
+        spans.clear();
         let mut replace = false;
         self.decoder
             .decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
+                let start = arena.len();
+                arena.extend_from_slice(&name);
+                let name_end = arena.len();
                 if &*name == b":authority" && Authority::try_from(&*value).is_err() {
                     replace = true;
-                    fields.push((name.into_owned(), REPLACEMENT.to_vec()));
+                    arena.extend_from_slice(REPLACEMENT);
                 } else {
-                    fields.push((name.into_owned(), value.into_owned()));
+                    arena.extend_from_slice(&value);
                 }
+                spans.push((start, name_end, arena.len()));
             })
             .map_err(|e| protocol(&format!("a header block does not decode: {e}")))?;
         self.rewriting |= replace;
         if !self.rewriting {
+            // A first authority that parses: nothing of this connection needs looking at.
+            self.opaque = true;
             out.extend_from_slice(raw);
             return Ok(());
         }
         let mut encoded = Vec::with_capacity(block.fragment.len() * 2);
-        for (name, value) in &fields {
+        for &(start, name_end, end) in &self.spans {
             // A literal field without indexing, with a literal name: the server's table is
             // never touched.
             encoded.push(0x00);
-            encode_string(name, &mut encoded);
-            encode_string(value, &mut encoded);
+            encode_string(&self.arena[start..name_end], &mut encoded);
+            encode_string(&self.arena[name_end..end], &mut encoded);
         }
         let mut first = Vec::with_capacity(5);
         if let Some(priority) = block.priority {
@@ -332,6 +356,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AnyAuthority<S> {
                     state.read_at = 0;
                 }
                 return Poll::Ready(Ok(()));
+            }
+            // Nothing to look at any more: straight into the caller's buffer.
+            if state.rewriter.opaque && state.rewriter.pending.is_empty() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let mut scratch = ReadBuf::new(&mut state.scratch);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut scratch))?;

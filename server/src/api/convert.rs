@@ -32,7 +32,13 @@ pub fn vm_state(state: VmState) -> pb::VmState {
 /// A VM as the API shows it: its record plus the live VMM pid.
 pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
     let paths = vm.paths();
-    let path = |p: &std::path::Path| p.display().to_string();
+    // Not `display()` nor `to_string_lossy()`: their chunk-by-chunk UTF-8 walk cost a page of
+    // VMs more than the rest of its paths; the paths are UTF-8 (built from ids under the state
+    // dir), checked at once, and a lossy copy only where one is not.
+    let path = |p: &std::path::Path| match p.to_str() {
+        Some(text) => text.to_owned(),
+        None => p.to_string_lossy().into_owned(),
+    };
     pb::Vm {
         id: vm.id.to_string(),
         name: vm.name.clone(),

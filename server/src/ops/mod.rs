@@ -95,7 +95,7 @@ pub struct Ops {
     store: Store,
     config: OpsConfig,
     host: HostServices,
-    handles: Mutex<HashMap<VmId, VmHandles>>,
+    handles: std::sync::RwLock<HashMap<VmId, VmHandles>>,
     /// Set once a reconcile has read every VM's scratch file into `handles`: from then on a
     /// VM absent from it holds nothing, and no read goes to the disk to be told so.
     handles_complete: std::sync::atomic::AtomicBool,
@@ -113,6 +113,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Reads the handle cache: every list page and liveness check does, side by side.
+fn read<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Ops {
     /// The core over an opened store.
     pub fn new(store: Store, config: OpsConfig, host: HostServices) -> Self {
@@ -120,7 +129,7 @@ impl Ops {
             store,
             config,
             host,
-            handles: Mutex::default(),
+            handles: std::sync::RwLock::default(),
             handles_complete: std::sync::atomic::AtomicBool::new(false),
             vm_locks: Mutex::default(),
             run_options: Mutex::default(),
@@ -201,14 +210,14 @@ impl Ops {
 
     fn forget_vm(&self, id: VmId) {
         lock(&self.vm_locks).remove(&id);
-        lock(&self.handles).remove(&id);
+        write(&self.handles).remove(&id);
         self.host.agents.forget(id);
     }
 
     /// The VM's transient handles: the cache, else (until every scratch file has been read
     /// once) its scratch file.
     pub fn handles(&self, vm: &Vm) -> VmHandles {
-        if let Some(handles) = lock(&self.handles).get(&vm.id) {
+        if let Some(handles) = read(&self.handles).get(&vm.id) {
             return handles.clone();
         }
         if self.handles_complete.load(std::sync::atomic::Ordering::Acquire) {
@@ -221,7 +230,7 @@ impl Ops {
     /// lock is held across both writes so that memory and file never disagree.
     fn set_handles(&self, vm: &Vm, handles: VmHandles) -> Result<(), Error> {
         let path = vm.paths().handles;
-        let mut cache = lock(&self.handles);
+        let mut cache = write(&self.handles);
         if handles.is_empty() {
             scratch::remove_handles(&path);
             cache.remove(&vm.id);

@@ -10,14 +10,14 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use crate::domain::{Vm, VmId};
 
 #[derive(Debug, Default)]
 struct Entries {
-    by_id: HashMap<VmId, Vm>,
+    by_id: HashMap<VmId, Arc<Vm>>,
     by_name: HashMap<String, VmId>,
     /// Bumped by every invalidation.
     generation: u64,
@@ -25,7 +25,7 @@ struct Entries {
 
 /// The cache; cheap to clone (shared).
 #[derive(Debug, Clone, Default)]
-pub struct VmCache(Arc<Mutex<Entries>>);
+pub struct VmCache(Arc<RwLock<Entries>>);
 
 /// Where a read may start: the generation it saw.
 #[derive(Debug, Clone, Copy)]
@@ -45,22 +45,30 @@ impl Drop for Invalidation {
 }
 
 impl VmCache {
-    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn entries(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
+        self.0.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Readers share the lock, and copy the record only once they let go of it.
+    fn reading(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The record keyed by `key`, an id or a name, if cached; else a ticket to cache what
     /// the database returns. A key that could be an id is only ever looked up as one (a
     /// name is only found by name when it cannot be some other VM's id).
     pub fn get(&self, key: &str) -> Result<Vm, ReadTicket> {
-        let entries = self.entries();
-        let found = match key.parse::<VmId>() {
-            // As the database compares it: the id's own spelling only.
-            Ok(id) if id.to_string() == key => entries.by_id.get(&id),
-            Ok(_) => None,
-            Err(_) => entries.by_name.get(key).and_then(|id| entries.by_id.get(id)),
+        let found = {
+            let entries = self.reading();
+            let found = match key.parse::<VmId>() {
+                // As the database compares it: the id's own spelling only.
+                Ok(id) if id.to_string() == key => entries.by_id.get(&id),
+                Ok(_) => None,
+                Err(_) => entries.by_name.get(key).and_then(|id| entries.by_id.get(id)),
+            };
+            found.cloned().ok_or(ReadTicket(entries.generation))
         };
-        found.cloned().ok_or(ReadTicket(entries.generation))
+        found.map(|vm| Vm::clone(&vm))
     }
 
     /// Caches `vm`, read from the database after `ticket` was taken, unless a write may
@@ -69,7 +77,7 @@ impl VmCache {
         let mut entries = self.entries();
         if entries.generation == ticket.0 {
             entries.by_name.insert(vm.name.clone(), vm.id);
-            entries.by_id.insert(vm.id, vm.clone());
+            entries.by_id.insert(vm.id, Arc::new(vm.clone()));
         }
     }
 
