@@ -92,7 +92,8 @@ fn outside(layers: &[&str], needles: &[&str]) -> Vec<String> {
 
 #[test]
 fn generated_protobuf_types_stay_in_api_and_the_agent_protocol_in_host() {
-    assert_eq!(outside(&["api/", "host/"], &["banger_proto"]), Vec::<String>::new());
+    let generated = ["banger_proto::v1", "banger_proto::agent", "banger_proto::{"];
+    assert_eq!(outside(&["api/", "host/"], &generated), Vec::<String>::new());
     assert_eq!(offenders("host/", &["banger_proto::v1", "proto::v1"], &[]), Vec::<String>::new());
     assert_eq!(offenders("api/", &["banger_proto::agent"], &[]), Vec::<String>::new());
 }

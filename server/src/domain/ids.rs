@@ -34,6 +34,15 @@ impl fmt::Display for Resource {
 #[error("not a valid id: {0:?}")]
 pub struct ParseIdError(pub String);
 
+/// The next id of this process: one generator for every kind of id, so that ids made in the
+/// same millisecond still grow (keyset pages and "oldest first" rely on it).
+fn next_ulid() -> Ulid {
+    static GENERATOR: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    let mut generator = GENERATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Only 2^80 ids in one millisecond overflow.
+    generator.generate().unwrap_or_else(|_| Ulid::generate())
+}
+
 macro_rules! ulid_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -43,7 +52,7 @@ macro_rules! ulid_id {
         impl $name {
             /// A new id, ordered after every id generated before it in this process.
             pub fn generate() -> Self {
-                Self(Ulid::generate())
+                Self(next_ulid())
             }
         }
 
@@ -84,6 +93,13 @@ mod tests {
     fn ids_round_trip_through_strings() {
         let id = VmId::generate();
         assert_eq!(id.to_string().parse::<VmId>(), Ok(id));
+    }
+
+    #[test]
+    fn ids_made_in_the_same_millisecond_still_grow() {
+        let ids: Vec<VmId> = (0..1000).map(|_| VmId::generate()).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(ids.windows(2).all(|pair| pair[0].to_string() < pair[1].to_string()), "as text too");
     }
 
     #[test]

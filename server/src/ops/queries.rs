@@ -81,17 +81,15 @@ impl Ops {
         after: Option<&str>,
         page_size: u32,
     ) -> Result<(Vec<Vm>, Option<String>), Error> {
-        let (records, matched) = self.store.vm_page(filter, after, page_size + 1).await?;
-        let more = matched > page_size as usize;
+        let records = self.store.vm_page(filter, after, page_size + 1).await?;
+        let more = records.len() > page_size as usize;
         let mut vms = Vec::with_capacity(records.len().min(page_size as usize));
         let mut last = None;
         for vm in records.into_iter().take(page_size as usize) {
             last = Some(vm.id.to_string());
             let vm = self.refresh(vm).await?;
-            // Read after the ids were picked: checked again (a state may have moved on).
-            if (filter.states.is_empty() || filter.states.contains(&vm.observed_state))
-                && crate::domain::labels_match(&vm.labels, &filter.labels)
-            {
+            // Reconciled just now: its state may have moved on.
+            if filter.states.is_empty() || filter.states.contains(&vm.observed_state) {
                 vms.push(vm);
             }
         }

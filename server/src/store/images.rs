@@ -92,7 +92,7 @@ impl Store {
 
     /// Removes an image that no VM uses.
     pub async fn image_delete(&self, id: ImageId) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE image_id = ?")
             .bind(id.to_string())
             .fetch_one(&mut *tx)

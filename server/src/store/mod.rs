@@ -3,9 +3,9 @@
 //! SQLite runs in WAL mode with a busy timeout and foreign keys on. Updates of a VM
 //! compare and set its `generation`, so two writers never silently overwrite each other.
 
-mod cache;
 mod events;
 mod images;
+mod index;
 mod requests;
 mod vms;
 
@@ -85,8 +85,8 @@ pub struct Store {
     pool: SqlitePool,
     /// The latest event revision, announced after each commit that recorded events.
     revisions: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
-    /// Committed VM records, for reads by id or name.
-    vm_cache: cache::VmCache,
+    /// Every committed VM record, for reads that need not wait for SQLite.
+    vms: index::VmIndex,
     /// What "now" is, for timestamps.
     clock: Clock,
 }
@@ -111,7 +111,15 @@ impl Store {
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetch_optional(&pool).await?;
         let (revisions, _) = tokio::sync::watch::channel(latest.unwrap_or(1) as u64);
-        Ok(Self { pool, revisions: std::sync::Arc::new(revisions), vm_cache: cache::VmCache::default(), clock })
+        let vms = index::VmIndex::load(vms::load_all(&pool).await?);
+        Ok(Self { pool, revisions: std::sync::Arc::new(revisions), vms, clock })
+    }
+
+    /// A transaction that writes: it takes SQLite's write lock at its start (waiting for
+    /// it up to the busy timeout), so that no read it made goes stale before its write (a
+    /// deferred transaction upgraded after another commit fails at once, busy).
+    async fn write_transaction(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// The clock its timestamps come from.

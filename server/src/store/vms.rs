@@ -85,6 +85,20 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
     })
 }
 
+/// Every VM record in the database (to load the index when the store opens).
+pub(super) async fn load_all(pool: &sqlx::SqlitePool) -> Result<Vec<Vm>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM vms ORDER BY id");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?;
+    rows.iter().map(vm_from_row).collect()
+}
+
+/// A VM's row as the transaction `tx` sees it (what it will commit).
+async fn read_in(tx: &mut sqlx::SqliteConnection, id: VmId) -> Result<Vm, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_one(tx).await?;
+    vm_from_row(&row)
+}
+
 /// Which VMs a page lists.
 #[derive(Debug, Clone, Default)]
 pub struct VmFilter {
@@ -132,8 +146,9 @@ impl Store {
     /// Records a new VM, allocating the lowest unused-above-max vsock CID
     /// (3 and up) in the same statement so concurrent creates never share one.
     pub async fn vm_insert(&self, new: NewVmRecord<'_>) -> Result<Vm, StoreError> {
-        // The lowest free address is read, then claimed by the insert; the unique index makes
-        // a concurrent create that picked the same one fail, and it tries the next.
+        // Writes are this daemon's, one at a time: the lowest free address read here is
+        // still free when the insert claims it (the unique index would refuse it otherwise).
+        let writing = self.vms.writing().await;
         for _ in 0..8 {
             let ip = match new.ip_pool {
                 None => None,
@@ -145,8 +160,7 @@ impl Store {
                 }
             };
             let now = self.clock.now_ms();
-            let _invalidation = self.vm_cache.invalidate_on_drop(new.id);
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.write_transaction().await?;
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
                  vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms) \
@@ -177,13 +191,14 @@ impl Store {
                     let vm = vm_from_row(&row)?;
                     let revision = super::events::record_state(&mut tx, &vm, vm.observed_state, None, now).await?;
                     tx.commit().await?;
+                    writing.put(vm.clone());
                     self.announce(revision);
                     return Ok(vm);
                 }
                 // Which constraint: the name is asked, not read from SQLite's message. A name
                 // that is free means a concurrent create took the address: the next one is tried.
                 Err(e) if is_unique_violation(&e) => {
-                    drop(tx);
+                    tx.rollback().await?;
                     let taken: Option<i64> = sqlx::query_scalar("SELECT 1 FROM vms WHERE name = ?")
                         .bind(new.name)
                         .fetch_optional(&self.pool)
@@ -201,133 +216,51 @@ impl Store {
 
     /// Finds a VM by id or, failing that, by name.
     pub async fn vm_get(&self, id_or_name: &str) -> Result<Vm, StoreError> {
-        let ticket = match self.vm_cache.get(id_or_name) {
-            Ok(vm) => return Ok(vm),
-            Err(ticket) => ticket,
-        };
-        let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id_or_name).fetch_optional(&self.pool).await?;
-        match row {
-            Some(row) => {
-                let vm = vm_from_row(&row)?;
-                self.vm_cache.put(ticket, &vm);
-                Ok(vm)
-            }
-            None => Err(StoreError::NotFound { kind: Resource::Vm, key: id_or_name.to_owned() }),
-        }
+        self.vms.get(id_or_name).ok_or_else(|| StoreError::NotFound { kind: Resource::Vm, key: id_or_name.to_owned() })
     }
 
     /// Every VM, oldest first.
     pub async fn vm_list(&self) -> Result<Vec<Vm>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM vms ORDER BY id");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
-        rows.iter().map(vm_from_row).collect()
+        Ok(self.vms.all())
     }
 
     /// Up to `limit` VMs matching `filter` with ids after `after` (keyset pagination: a VM
-    /// created meanwhile has a greater id, so pages never repeat or skip one), oldest first,
-    /// and how many ids matched (a VM deleted between the two reads below is left out, so
-    /// fewer records may come back).
-    ///
-    /// SQLite picks the ids (filter, order, limit: one light query); the records come from
-    /// the cache, and those it lacks from one more query that fills it. Decoding a hundred
-    /// rows per page, and its allocations, was most of a page's cost.
-    pub async fn vm_page(
-        &self,
-        filter: &VmFilter,
-        after: Option<&str>,
-        limit: u32,
-    ) -> Result<(Vec<Vm>, usize), StoreError> {
-        let ids = self.vm_page_ids(filter, after, limit).await?;
-        let mut found: Vec<Option<Vm>> = Vec::with_capacity(ids.len());
-        let mut missing = Vec::new();
-        let mut ticket = None;
-        for id in &ids {
-            match self.vm_cache.get(id) {
-                Ok(vm) => found.push(Some(vm)),
-                Err(read) => {
-                    ticket.get_or_insert(read);
-                    missing.push(id.clone());
-                    found.push(None);
-                }
-            }
-        }
-        if let Some(ticket) = ticket {
-            let marks = vec!["?"; missing.len()].join(", ");
-            let sql = format!("SELECT {COLUMNS} FROM vms WHERE id IN ({marks})");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in &missing {
-                query = query.bind(id.clone());
-            }
-            let mut read = std::collections::HashMap::new();
-            for row in query.fetch_all(&self.pool).await? {
-                let vm = vm_from_row(&row)?;
-                self.vm_cache.put(ticket, &vm);
-                read.insert(vm.id.to_string(), vm);
-            }
-            for (slot, id) in found.iter_mut().zip(&ids) {
-                if slot.is_none() {
-                    *slot = read.remove(id);
-                }
-            }
-        }
-        Ok((found.into_iter().flatten().collect(), ids.len()))
-    }
-
-    /// The ids of the page [`Store::vm_page`] reads.
-    async fn vm_page_ids(&self, filter: &VmFilter, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError> {
-        let mut sql = "SELECT id FROM vms WHERE id > ?".to_owned();
-        if !filter.states.is_empty() {
-            let marks = vec!["?"; filter.states.len()].join(", ");
-            sql.push_str(&format!(" AND observed_state IN ({marks})"));
-        }
-        for _ in &filter.labels {
-            sql.push_str(" AND json_extract(labels, ?) = ?");
-        }
-        sql.push_str(" ORDER BY id LIMIT ?");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after.unwrap_or("").to_owned());
-        for state in &filter.states {
-            query = query.bind(state.as_str());
-        }
-        for (key, value) in &filter.labels {
-            query = query.bind(label_path(key)).bind(value.clone());
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.iter().map(|row| row.try_get::<String, _>("id").map_err(StoreError::from)).collect()
+    /// created meanwhile has a greater id, so pages never repeat or skip one), oldest first.
+    pub async fn vm_page(&self, filter: &VmFilter, after: Option<&str>, limit: u32) -> Result<Vec<Vm>, StoreError> {
+        Ok(self.vms.page(filter, after, limit as usize))
     }
 
     /// VMs whose expiry is at or before `now_ms`, soonest first.
     pub async fn vm_expired(&self, now_ms: i64) -> Result<Vec<Vm>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM vms WHERE expire_at_ms IS NOT NULL AND expire_at_ms <= ? ORDER BY expire_at_ms"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_ms).fetch_all(&self.pool).await?;
-        rows.iter().map(vm_from_row).collect()
+        Ok(self.vms.expired(now_ms))
     }
 
     /// Sets or clears a VM's expiry; returns the new record.
     pub async fn vm_set_expiry(&self, id: VmId, expire_at_ms: Option<i64>) -> Result<Vm, StoreError> {
-        let invalidation = self.vm_cache.invalidate_on_drop(id);
+        let writing = self.vms.writing().await;
+        let mut tx = self.write_transaction().await?;
         let done = sqlx::query(
             "UPDATE vms SET expire_at_ms = ?2, updated_at_ms = ?3, generation = generation + 1 WHERE id = ?1",
         )
         .bind(id.to_string())
         .bind(expire_at_ms)
         .bind(self.clock.now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound { kind: Resource::Vm, key: id.to_string() });
         }
-        drop(invalidation);
-        self.vm_get(&id.to_string()).await
+        let vm = read_in(&mut tx, id).await?;
+        tx.commit().await?;
+        writing.put(vm.clone());
+        Ok(vm)
     }
 
     /// Applies `update` to `vm` if its generation is still `vm.generation`; returns the new record.
     pub async fn vm_update(&self, vm: &Vm, update: VmUpdate) -> Result<Vm, StoreError> {
         let new_state = update.observed_state.filter(|state| *state != vm.observed_state);
-        let invalidation = self.vm_cache.invalidate_on_drop(vm.id);
-        let mut tx = self.pool.begin().await?;
+        let writing = self.vms.writing().await;
+        let mut tx = self.write_transaction().await?;
         let done = sqlx::query(
             "UPDATE vms SET \
                desired_state = COALESCE(?3, desired_state), \
@@ -349,7 +282,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
-            drop(tx);
+            tx.rollback().await?;
             // Either gone or changed: tell which.
             self.vm_get(&vm.id.to_string()).await?;
             return Err(StoreError::Conflict { kind: Resource::Vm, id: vm.id.to_string(), expected: vm.generation });
@@ -360,18 +293,19 @@ impl Store {
             ),
             None => None,
         };
+        let updated = read_in(&mut tx, vm.id).await?;
         tx.commit().await?;
-        drop(invalidation);
+        writing.put(updated.clone());
         if let Some(revision) = revision {
             self.announce(revision);
         }
-        self.vm_get(&vm.id.to_string()).await
+        Ok(updated)
     }
 
     /// Removes a VM record.
     pub async fn vm_delete(&self, id: VmId) -> Result<(), StoreError> {
-        let _invalidation = self.vm_cache.invalidate_on_drop(id);
-        let mut tx = self.pool.begin().await?;
+        let writing = self.vms.writing().await;
+        let mut tx = self.write_transaction().await?;
         let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?");
         let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_optional(&mut *tx).await?
         else {
@@ -381,6 +315,7 @@ impl Store {
         sqlx::query("DELETE FROM vms WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
         let revision = super::events::record_deleted(&mut tx, &vm, self.clock.now_ms()).await?;
         tx.commit().await?;
+        writing.remove(id);
         self.announce(revision);
         Ok(())
     }
@@ -431,7 +366,7 @@ mod tests {
 
     /// Reads by id or name come from memory once read; every write is seen by the next read.
     #[tokio::test]
-    async fn cached_reads_never_outlive_a_write() {
+    async fn the_index_follows_every_write() {
         let (store, _dir) = test_store().await;
         let image = with_image(&store).await;
         let vm = store.vm_insert(record("c", image, Path::new("/c"))).await.expect("insert");
@@ -450,6 +385,39 @@ mod tests {
         // The name is free again, for a VM with another id.
         let again = store.vm_insert(record("c", image, Path::new("/c"))).await.expect("again");
         assert_eq!(store.vm_get("c").await.expect("name").id, again.id);
+    }
+
+    /// Concurrent writes leave the index as the database is, and a store opened again finds
+    /// the same records.
+    #[tokio::test]
+    async fn the_index_agrees_with_the_database_after_concurrent_writes_and_a_reopen() {
+        let (store, dir) = test_store().await;
+        let image = with_image(&store).await;
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let vm = store.vm_insert(record(&format!("w-{i}"), image, Path::new("/w"))).await.expect("insert");
+                let running = VmUpdate { observed_state: Some(VmState::Running), ..Default::default() };
+                let vm = store.vm_update(&vm, running).await.expect("update");
+                // A stale update loses; a second writer's turn comes after the first's commit.
+                let stale = store.vm_update(&vm, VmUpdate::default()).await.map(|vm| vm.generation);
+                let _ = store.vm_update(&vm, VmUpdate::default()).await;
+                if i % 3 == 0 {
+                    store.vm_delete(vm.id).await.expect("delete");
+                }
+                stale
+            }));
+        }
+        for task in tasks {
+            let _ = task.await.expect("task");
+        }
+        let from_database = load_all(&store.pool).await.expect("rows");
+        assert_eq!(store.vm_list().await.expect("index"), from_database);
+        assert_eq!(from_database.len(), 8);
+        store.close().await;
+        let reopened = Store::open(&dir.path().join("banger.db")).await.expect("reopen");
+        assert_eq!(reopened.vm_list().await.expect("index"), from_database);
     }
 
     #[tokio::test]
