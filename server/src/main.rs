@@ -39,6 +39,12 @@ struct Args {
     otlp_endpoint: Option<String>,
 }
 
+/// mimalloc, not glibc's allocator: a page of `ListVms` is a few thousand small allocations,
+/// and glibc's spent a third of the daemon's time on them (`make bench`, docs/PERFORMANCE.md:
+/// 531 → 228 µs of daemon CPU per page, GetVm 44 → 33 µs per call).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let overrides = Overrides {
