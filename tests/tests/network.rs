@@ -75,8 +75,16 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
 
     // Names: <vm>.vm from the guests (their resolver is bangerd on the bridge, with
     // `search vm`) and from the host; a name nobody has does not exist.
-    let out = daemon.banger(&["vm", "exec", "net-a", "--", "nslookup", "net-b.vm"]);
-    assert!(text(&out.stdout).contains(&ip_b), "net-b.vm from net-a: {}{}", text(&out.stdout), text(&out.stderr));
+    // busybox's nslookup sends each query once: a UDP answer lost on the way (seen once in
+    // a dozen runs under load, the A reply never arriving) fails it, where a resolver would
+    // ask again. So does this test, up to three times; every attempt's answer is shown.
+    let mut attempts = Vec::new();
+    let resolved = (0..3).any(|_| {
+        let out = daemon.banger(&["vm", "exec", "net-a", "--", "nslookup", "net-b.vm"]);
+        attempts.push(format!("{}{}", text(&out.stdout), text(&out.stderr)));
+        text(&out.stdout).contains(&ip_b)
+    });
+    assert!(resolved, "net-b.vm from net-a: {attempts:#?}");
     let out = daemon.banger(&["vm", "exec", "net-b", "--", "ping", "-c", "1", "-W", "5", "net-a"]);
     assert_eq!(out.status.code(), Some(0), "ping net-a (search vm): {}{}", text(&out.stdout), text(&out.stderr));
     let out = daemon.banger(&["vm", "exec", "net-a", "--", "nslookup", "nobody.vm"]);
