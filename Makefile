@@ -14,7 +14,7 @@ BUF := .tools/node_modules/.bin/buf
 PYTHON := .tools/venv/bin/python
 PROTOS := $(wildcard proto/banger/v1/*.proto)
 
-.PHONY: help setup tools agent image install-image build clients demo test lint fmt bench clean
+.PHONY: help setup tools agent image install-image build clients test-images demo test lint fmt bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -51,14 +51,17 @@ clients: tools ## Generate the Python and TypeScript clients from proto/ into cl
 	cd clients/typescript && ../../$(BUF) generate
 	cd clients/typescript && node_modules/.bin/tsc -p .
 
+test-images: tools ## Build the root file systems the container-image tests boot (a Debian minbase), once, into build/cache
+	@bash scripts/build-test-images.sh build/cache
+
 demo: setup build ## Start bangerd, boot a VM from the default image, run a command in it
 	@bash scripts/demo.sh
 
-test: setup build clients ## Run every test: unit, ops, API, end to end with real QEMU guests, generated clients; then what was skipped and why
+test: setup build clients test-images ## Run every test: unit, ops, API, end to end with real QEMU guests, generated clients; then what was skipped and why
 	@bash scripts/check-self-contained.sh
 	CARGO=$(CARGO) bash scripts/test.sh
 
-bench: setup ## Measure a release bangerd against DESIGN §9; writes target/bench/ and docs/PERFORMANCE.md's table
+bench: setup test-images ## Measure a release bangerd against DESIGN §9; writes target/bench/ and docs/PERFORMANCE.md's table
 	$(CARGO) build --locked --release --bins -p banger-server -p banger-client -p banger-bench
 	target/release/banger-bench target/release $(DEFAULT_IMAGE_DIR) $(CURDIR)
 

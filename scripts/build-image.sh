@@ -4,8 +4,10 @@
 # usage: scripts/build-image.sh [--cache DIR] OUT_DIR AGENT_BINARY
 #
 #   vmlinuz      Debian's cloud kernel (linux-image-cloud-amd64, resolved to the real package).
-#   initrd.img   busybox-static plus the virtio/vsock modules; its /init mounts root= and
-#                switch_roots to it.
+#   initrd.img   busybox-static, the virtio/vsock modules and the agent; its /init names the
+#                host, configures eth0, mounts root= and switch_roots to its /sbin/init, or, with
+#                banger.init=agent (images without an agent: container images), makes the agent
+#                PID 1 over it.
 #   rootfs.ext4  busybox-static, /usr/bin/banger-agent and a /sbin/init that names the host
 #                (banger.hostname= on the kernel command line) and execs `banger-agent --init`.
 #                Built with `mkfs.ext4 -d`, never mounted. The daemon boots each VM from a
@@ -187,6 +189,7 @@ initramfs=$work/initramfs
 mkdir -p "$initramfs"/{dev,proc,sys,mnt,lib/modules}
 install_busybox "$initramfs"
 mknod -m 0600 "$initramfs/dev/console" c 5 1 # the kernel opens it for /init's stdio
+install -D -m 0755 "$agent" "$initramfs/banger/banger-agent" # init over images without it
 : >"$initramfs/lib/modules/load-order"
 for module in "${MODULES[@]}"; do
 	source_ko=$(find "$modules_dir" -name "$module.ko" -o -name "$module.ko.*" | head -n1)
@@ -208,7 +211,15 @@ done
 
 cat >"$initramfs/init" <<'EOF'
 #!/bin/sh
-# banger initramfs: load the virtio and vsock modules, mount the root disk, switch to it.
+# banger initramfs: load the virtio and vsock modules, name the host, configure eth0, mount
+# the root disk, then start init on it:
+#   - banger.init=agent: the root disk is an image that does not carry banger's agent (a
+#     container image): the agent from this initramfs becomes PID 1 over it (it moves the
+#     disk onto / itself); nothing is written into the image but /etc/resolv.conf when
+#     banger.dns= is given;
+#   - otherwise: switch_root to the disk's /sbin/init.
+# Kernel command line: banger.hostname= (default "banger"), banger.ip=ADDR/PREFIX,
+# banger.gw=ADDR, banger.dns=ADDR (bangerd serving <vm>.vm).
 # Exiting is fatal on purpose: PID 1 dying panics the kernel, and with panic=-1 and QEMU's
 # -no-reboot the VMM exits, which the daemon sees at once.
 export PATH=/bin
@@ -223,12 +234,28 @@ while read -r module; do
 	insmod "/lib/modules/$module.ko" || fail "insmod $module failed"
 done </lib/modules/load-order
 
-root=
+root= init= name=banger address= gateway= nameserver=
 set -f # the command line is split on spaces, never globbed
 for arg in $(cat /proc/cmdline); do
-	case $arg in root=*) root=${arg#root=} ;; esac
+	case $arg in
+	root=*) root=${arg#root=} ;;
+	banger.init=?*) init=${arg#banger.init=} ;;
+	banger.hostname=?*) name=${arg#banger.hostname=} ;;
+	banger.ip=?*) address=${arg#banger.ip=} ;;
+	banger.gw=?*) gateway=${arg#banger.gw=} ;;
+	banger.dns=?*) nameserver=${arg#banger.dns=} ;;
+	esac
 done
 set +f
+
+# The host name and the network are kernel state: they outlive switch_root.
+hostname "$name" || echo "banger-initramfs: cannot set hostname $name" >&2
+ip link set lo up
+if [ -n "$address" ]; then
+	ip addr add "$address" dev eth0 && ip link set eth0 up || echo "banger-initramfs: cannot configure eth0 with $address" >&2
+	[ -z "$gateway" ] || ip route add default via "$gateway" || echo "banger-initramfs: cannot route via $gateway" >&2
+fi
+
 [ -n "$root" ] || fail "no root= on the kernel command line"
 tries=0
 while [ ! -b "$root" ]; do
@@ -237,6 +264,26 @@ while [ ! -b "$root" ]; do
 	tries=$((tries + 1))
 done
 mount -t ext4 -o rw "$root" /mnt || fail "cannot mount $root"
+
+if [ "$init" = agent ]; then
+	# What a container runtime gives a container: /proc, /sys, /dev with pts and shm, and
+	# the name server.
+	[ -d /mnt/proc ] && mount -t proc -o nosuid,nodev,noexec proc /mnt/proc
+	[ -d /mnt/sys ] && mount -t sysfs -o nosuid,nodev,noexec sysfs /mnt/sys
+	umount /proc /sys
+	if [ -d /mnt/dev ]; then
+		mount --move /dev /mnt/dev
+		mkdir -p /mnt/dev/pts /mnt/dev/shm
+		mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /mnt/dev/pts
+		mount -t tmpfs -o nosuid,nodev,mode=1777 shm /mnt/dev/shm
+	fi
+	if [ -n "$nameserver" ] && [ -d /mnt/etc ] && [ ! -L /mnt/etc/resolv.conf ]; then
+		printf 'nameserver %s\nsearch vm\n' "$nameserver" >/mnt/etc/resolv.conf
+	fi
+	export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+	exec /banger/banger-agent --init --switch-root /mnt
+	fail "cannot start the agent"
+fi
 umount /proc /sys
 mount --move /dev /mnt/dev
 exec switch_root /mnt /sbin/init
@@ -262,10 +309,8 @@ printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
 
 cat >"$rootfs/sbin/init" <<'EOF'
 #!/bin/sh
-# banger guest init: finish the mounts, name the host from banger.hostname= on the kernel
-# command line (default "banger"), configure eth0 from banger.ip=, banger.gw= and
-# banger.dns= when given,
-# then hand PID 1 to the agent, which reaps orphans.
+# banger guest init: finish the mounts, record the host name the initramfs set, point
+# resolv.conf at banger.dns= when given, then hand PID 1 to the agent, which reaps orphans.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Debian's busybox-static has no mountpoint applet; /proc/mounts answers the same question.
 [ -e /proc/mounts ] || mount -t proc proc /proc
@@ -275,34 +320,14 @@ mounted /dev || mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 
-name=banger
+# The initramfs named the host and configured eth0 (banger.hostname=, banger.ip=, banger.gw=).
+hostname >/etc/hostname
+nameserver=
 set -f # the command line is split on spaces, never globbed
 for arg in $(cat /proc/cmdline); do
-	case $arg in banger.hostname=?*) name=${arg#banger.hostname=} ;; esac
+	case $arg in banger.dns=?*) nameserver=${arg#banger.dns=} ;; esac
 done
 set +f
-echo "$name" >/etc/hostname
-hostname -F /etc/hostname || echo "init: cannot set hostname $name" >&2
-
-# Networking, when the host gave the VM an address: banger.ip=ADDR/PREFIX banger.gw=ADDR,
-# and banger.dns=ADDR when bangerd serves the VMs' names (<vm>.vm) there.
-ip link set lo up
-address=
-gateway=
-nameserver=
-set -f
-for arg in $(cat /proc/cmdline); do
-	case $arg in
-	banger.ip=?*) address=${arg#banger.ip=} ;;
-	banger.gw=?*) gateway=${arg#banger.gw=} ;;
-	banger.dns=?*) nameserver=${arg#banger.dns=} ;;
-	esac
-done
-set +f
-if [ -n "$address" ]; then
-	ip addr add "$address" dev eth0 && ip link set eth0 up || echo "init: cannot configure eth0 with $address" >&2
-	[ -z "$gateway" ] || ip route add default via "$gateway" || echo "init: cannot route via $gateway" >&2
-fi
 [ -z "$nameserver" ] || printf 'nameserver %s\nsearch vm\n' "$nameserver" >/etc/resolv.conf
 
 exec /usr/bin/banger-agent --init
@@ -333,6 +358,8 @@ kernel_release=$kernel_release
 busybox_package=$BUSYBOX_PACKAGE
 busybox_version=$busybox_version
 modules="$(tr '\n' ' ' <"$initramfs/lib/modules/load-order" | sed 's/ $//')"
+# The initramfs starts /banger/banger-agent over images that lack it (banger.init=agent).
+initramfs_agent=1
 source_date_epoch=$SOURCE_DATE_EPOCH
 agent_sha256=$(sha "$agent")
 vmlinuz_sha256=$(sha "$work/vmlinuz")

@@ -3,6 +3,10 @@
 # checks first, so a second run is a quick no-op.
 #
 #   - QEMU 10 from bookworm-backports (the preinstalled qemu-utils blocks bookworm's 7.2),
+#     e2fsprogs >= 1.47.1 from bookworm-backports and libarchive13 (`mke2fs -d -` takes a
+#     tar stream: container images become ext4 without a mount), mmdebstrap (a real Debian
+#     root file system for the image tests), skopeo, umoci and docker-registry (the
+#     by-hand pipeline make bench compares with, and a registry on loopback),
 #     busybox-static, cpio, e2fsprogs, kmod (for the guest image), iproute2, python3-venv,
 #     xfsprogs (the reflink root-disk test makes an XFS file system), nftables (per-VM NAT),
 #     dmsetup (dm-snapshot root disks where the kernel has device-mapper), linux-perf
@@ -50,9 +54,23 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/nul
 	apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 fi
 
+# e2fsprogs >= 1.47.1 from bookworm-backports: `mke2fs -d -` reads a tar stream (with
+# libarchive), which is how container images become ext4 without a mount. Bookworm's own
+# 1.47.0 cannot.
+e2fsprogs_version=$(mke2fs -V 2>&1 | awk 'NR == 1 { print $2 }')
+if ! printf '1.47.1\n%s\n' "${e2fsprogs_version:-0}" | sort -V -C || ! ldconfig -p | grep -q 'libarchive.so.13'; then
+	log "installing e2fsprogs from bookworm-backports (have ${e2fsprogs_version:-none}) and libarchive13"
+	if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+		echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/bookworm-backports.list
+	fi
+	apt_update
+	apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
+	apt-get install -y -qq --no-install-recommends libarchive13 >/dev/null
+fi
+
 # Tools for the guest image, the tests and `make bench` (perf samples the daemon).
 missing=()
-for tool in busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux perf:linux-perf; do
+for tool in mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci docker-registry:docker-registry busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux perf:linux-perf; do
 	command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [[ -e /bin/busybox ]] || missing+=(busybox-static)

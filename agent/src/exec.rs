@@ -23,7 +23,9 @@ use banger_proto::agent::v1::exit_status::Status as ExitKind;
 use banger_proto::agent::v1::{ExecRequest, ExecResponse, ExecStart, ExitStatus};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid, setgid, setgroups, setuid};
+
+use crate::user;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -62,8 +64,9 @@ pub async fn start(mut requests: Streaming<ExecRequest>) -> Result<ExecStream, S
             return Err(Status::invalid_argument("the exec stream ended before its ExecStart"));
         }
     };
-    let plan = ExecPlan::try_from(start)?;
+    let mut plan = ExecPlan::try_from(start)?;
     plan.check_working_dir().await?;
+    plan.check_user()?;
 
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
     match plan.command().spawn() {
@@ -96,6 +99,9 @@ struct ExecPlan {
     args: Vec<String>,
     env: Vec<(String, String)>,
     working_dir: Option<String>,
+    /// `ExecStart.user`, resolved by `check_user`; root when empty.
+    user: Option<String>,
+    identity: Option<user::Identity>,
     stdin: bool,
     timeout: Option<Duration>,
 }
@@ -122,6 +128,8 @@ impl TryFrom<ExecStart> for ExecPlan {
             args: argv.collect(),
             env,
             working_dir: Some(start.working_dir).filter(|dir| !dir.is_empty()),
+            user: Some(start.user).filter(|user| !user.is_empty()),
+            identity: None,
             stdin: start.stdin,
             timeout: (start.timeout_seconds > 0).then(|| Duration::from_secs(start.timeout_seconds.into())),
         })
@@ -142,13 +150,23 @@ impl ExecPlan {
         }
     }
 
+    /// Resolves `user` in the guest's /etc/passwd and /etc/group; an unknown name is the
+    /// caller's error.
+    fn check_user(&mut self) -> Result<(), Status> {
+        if let Some(spec) = &self.user {
+            self.identity = Some(user::resolve(spec).map_err(|err| Status::invalid_argument(err.to_string()))?);
+        }
+        Ok(())
+    }
+
     fn command(&self) -> Command {
         let mut command = Command::new(&self.program);
+        let home = self.identity.as_ref().and_then(|identity| identity.home.as_deref()).unwrap_or(DEFAULT_HOME);
         command
             .args(&self.args)
             .env_clear()
             .env("PATH", DEFAULT_PATH)
-            .env("HOME", DEFAULT_HOME)
+            .env("HOME", home)
             // Set after the defaults so the request can override them; a PATH given here is also
             // the one the program is looked up in.
             .envs(self.env.iter().map(|(name, value)| (name, value)))
@@ -159,6 +177,19 @@ impl ExecPlan {
             .kill_on_drop(true);
         if let Some(dir) = &self.working_dir {
             command.current_dir(Path::new(dir));
+        }
+        if let Some(identity) = self.identity.clone() {
+            let groups: Vec<Gid> = identity.groups.iter().copied().map(Gid::from_raw).collect();
+            // Not Command::uid/gid: std drops the supplementary groups there, and pre_exec runs
+            // after it, when setgroups is no longer allowed. Groups first, then gid, then uid.
+            // SAFETY: setgroups, setgid and setuid are async-signal-safe and allocate nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    setgroups(&groups).map_err(io::Error::from)?;
+                    setgid(Gid::from_raw(identity.gid)).map_err(io::Error::from)?;
+                    setuid(Uid::from_raw(identity.uid)).map_err(io::Error::from)
+                });
+            }
         }
         command
     }

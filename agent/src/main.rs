@@ -11,6 +11,8 @@ mod exec;
 mod files;
 mod service;
 mod supervisor;
+mod switch_root;
+mod user;
 
 use std::ffi::OsString;
 use std::io;
@@ -32,7 +34,7 @@ const AGENT_VSOCK_PORT: u32 = 1024;
 /// error such as EMFILE would otherwise spin the guest's only CPU.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-const USAGE: &str = "usage: banger-agent [--init] [--vsock-port PORT | --listen-unix PATH]";
+const USAGE: &str = "usage: banger-agent [--init [--switch-root DIR]] [--vsock-port PORT | --listen-unix PATH]";
 
 /// Where the gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,9 @@ enum Listen {
 struct Args {
     /// Act as init: supervise the server from PID 1 and reap orphans.
     init: bool,
+    /// As init, first make this directory (the guest's root disk, mounted by the initramfs)
+    /// the root file system.
+    switch_root: Option<PathBuf>,
     listen: Listen,
 }
 
@@ -60,6 +65,8 @@ enum UsageError {
     MissingValue(&'static str),
     #[error("invalid vsock port {0:?}")]
     InvalidPort(OsString),
+    #[error("--switch-root needs --init")]
+    SwitchRootWithoutInit,
 }
 
 /// Why the server could not start or stopped.
@@ -86,11 +93,15 @@ enum ServeError {
 impl Args {
     fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Self, UsageError> {
         let mut init = false;
+        let mut switch_root = None;
         let mut listen = Listen::Vsock { port: AGENT_VSOCK_PORT };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.to_str() {
                 Some("--init") => init = true,
+                Some("--switch-root") => {
+                    switch_root = Some(args.next().ok_or(UsageError::MissingValue("--switch-root"))?.into());
+                }
                 Some("--listen-unix") => {
                     let path = args.next().ok_or(UsageError::MissingValue("--listen-unix"))?;
                     listen = Listen::Unix { path: path.into() };
@@ -104,7 +115,10 @@ impl Args {
                 _ => return Err(UsageError::UnknownArgument(arg)),
             }
         }
-        Ok(Self { init, listen })
+        if switch_root.is_some() && !init {
+            return Err(UsageError::SwitchRootWithoutInit);
+        }
+        Ok(Self { init, switch_root, listen })
     }
 }
 
@@ -116,6 +130,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(new_root) = &args.switch_root
+        && let Err(err) = switch_root::switch_root(new_root)
+    {
+        // As PID 1, exiting panics the guest kernel: the VMM exits and the host sees why.
+        log!("cannot switch to the root file system at {}: {err}", new_root.display());
+        return ExitCode::FAILURE;
+    }
     if args.init {
         // Must run before the runtime exists: fork() only copies the calling thread.
         supervisor::supervise_if_pid1();
@@ -211,5 +232,12 @@ mod tests {
         assert_eq!(parse(&["--listen-unix"]), Err(UsageError::MissingValue("--listen-unix")));
         assert_eq!(parse(&["--vsock-port", "x"]), Err(UsageError::InvalidPort("x".into())));
         assert_eq!(parse(&["--bogus"]), Err(UsageError::UnknownArgument("--bogus".into())));
+        assert_eq!(parse(&["--switch-root", "/mnt"]), Err(UsageError::SwitchRootWithoutInit));
+    }
+
+    #[test]
+    fn parses_switch_root_as_init() {
+        let args = parse(&["--init", "--switch-root", "/mnt"]).expect("parses");
+        assert_eq!(args.switch_root.as_deref(), Some(std::path::Path::new("/mnt")));
     }
 }

@@ -12,7 +12,11 @@
 //!    `ListVms` (a page of 100) at concurrency 1, 16 and 64, over the unix socket and TCP;
 //! 4. the daemon's idle RSS with those records;
 //! 5. the daemon killed (SIGKILL) and started again: the startup reconcile of the 1,000
-//!    records, as the daemon logs it.
+//!    records, as the daemon logs it;
+//! 6. container images: the Debian minbase root file system (`make test-images`) pushed to a
+//!    registry on loopback (Debian's `docker-registry`), pulled and converted by bangerd,
+//!    beside the same work by hand (`skopeo copy` + `umoci unpack` + `mkfs.ext4 -d`); a second
+//!    pull sharing every layer; `vm run -- true` from it beside the default image.
 //!
 //! Usage: `banger-bench BIN_DIR IMAGE_DIR REPO_ROOT` (the Makefile passes them).
 
@@ -75,7 +79,14 @@ impl Daemon {
         let socket = dir.join("bangerd.sock");
         let log = dir.join("bangerd.log");
         let output = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        // The bench's registry (section 6), when it runs one, is plain HTTP on loopback.
+        let config = dir.join("bangerd.toml");
+        if !config.exists() {
+            std::fs::write(&config, "")?;
+        }
         let child = Command::new(bin_dir.join("bangerd"))
+            .arg("--config")
+            .arg(&config)
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--socket")
@@ -414,15 +425,20 @@ async fn clean_up(bin_dir: &Path, image_dir: &Path, work: &Path) {
 }
 
 async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Result<(), Error> {
+    let only_rpc = std::env::var("BANGER_BENCH_ONLY").is_ok_and(|only| only == "rpc");
+    let registry = (!only_rpc).then(banger_tests::Registry::start);
+    if let Some(registry) = &registry {
+        std::fs::write(work.join("bangerd.toml"), format!("insecure_registries = [\"{}\"]\n", registry.address))?;
+    }
     let daemon = Daemon::start(bin_dir, image_dir, work)?;
     let (client, _) = daemon.serving().await?;
     let mut results = json!({ "machine": machine() });
 
     // BANGER_BENCH_ONLY=rpc: only the RPC load and the restart, without guests; for working
     // on the RPC path. Its results go to `results-rpc.json`, and the document is left alone.
-    let only_rpc = std::env::var("BANGER_BENCH_ONLY").is_ok_and(|only| only == "rpc");
-    if !only_rpc {
+    if let Some(registry) = &registry {
         guest_measures(bin_dir, &daemon, &client, work, &mut results).await?;
+        image_measures(bin_dir, &daemon, &client, registry, root, work, &mut results).await?;
     }
 
     // 3. 1,000 records: 2 running, the rest created but not started.
@@ -587,6 +603,123 @@ async fn guest_measures(
     Ok(())
 }
 
+/// Runs a tool to completion; its wall time.
+fn timed(program: &str, args: &[&str]) -> Result<f64, Error> {
+    let started = Instant::now();
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(format!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Pulls `reference` as `name` through the API; its wall time (ms) and the image.
+async fn pull(client: &Client, reference: &str, name: &str) -> Result<(f64, pb::Image), Error> {
+    use tokio_stream::StreamExt;
+    let mut client = client.clone();
+    let started = Instant::now();
+    let request = pb::PullImageRequest {
+        name: name.into(),
+        source: Some(pb::pull_image_request::Source::Reference(reference.into())),
+        ..Default::default()
+    };
+    let mut stream = client.images.pull_image(request).await?.into_inner();
+    while let Some(message) = stream.next().await {
+        if let Some(pb::pull_image_response::Payload::Image(image)) = message?.payload {
+            return Ok((started.elapsed().as_secs_f64() * 1000.0, image));
+        }
+    }
+    Err("the pull ended without an image".into())
+}
+
+/// `banger vm run --rm --image IMAGE -- true`; its wall time in ms.
+fn banger_run_image(bin_dir: &Path, daemon: &Daemon, image: &str) -> Result<f64, Error> {
+    let socket = daemon.socket.display().to_string();
+    timed(
+        &bin_dir.join("banger").display().to_string(),
+        &["--socket", &socket, "vm", "run", "--rm", "--image", image, "--", "true"],
+    )
+}
+
+/// Section 6: container images.
+async fn image_measures(
+    bin_dir: &Path,
+    daemon: &Daemon,
+    client: &Client,
+    registry: &banger_tests::Registry,
+    root: &Path,
+    work: &Path,
+    results: &mut Value,
+) -> Result<(), Error> {
+    let minbase = root.join("build/cache/debian-minbase-bookworm.tar");
+    let tar =
+        std::fs::read(&minbase).map_err(|e| format!("{}: {e} (make test-images builds it)", minbase.display()))?;
+    let config = banger_tests::oci::Config {
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        cmd: vec!["bash".into()],
+        ..Default::default()
+    };
+    let archive = work.join("minbase.tar");
+    std::fs::write(&archive, banger_tests::oci::docker_archive("debian:minbase", &config, &[tar]))?;
+    eprintln!("bench: pushing the Debian minbase image to the loopback registry");
+    registry.push(&format!("docker-archive:{}", archive.display()), "debian:minbase");
+    std::fs::remove_file(&archive)?;
+    let reference = format!("{}/debian:minbase", registry.address);
+
+    eprintln!("bench: pull + convert by bangerd, then the same by hand");
+    let (banger_ms, image) = pull(client, &reference, "minbase").await?;
+    let origin = image.origin.clone().unwrap_or_default();
+    let layer_bytes: u64 = origin.layers.iter().map(|l| l.size_bytes).sum();
+    let hand = work.join("by-hand");
+    std::fs::create_dir_all(&hand)?;
+    let (layout, bundle, ext4) = (hand.join("layout"), hand.join("bundle"), hand.join("rootfs.ext4"));
+    let skopeo_ms = timed(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            &format!("docker://{reference}"),
+            &format!("oci:{}:minbase", layout.display()),
+        ],
+    )?;
+    let umoci_ms = timed(
+        "umoci",
+        &["unpack", "--image", &format!("{}:minbase", layout.display()), &bundle.display().to_string()],
+    )?;
+    let size_k = format!("{}k", image.rootfs_size_bytes / 1024);
+    let rootfs = bundle.join("rootfs").display().to_string();
+    let mkfs_ms = timed("mkfs.ext4", &["-q", "-F", "-d", &rootfs, &ext4.display().to_string(), &size_k])?;
+    let _ = std::fs::remove_dir_all(&hand);
+    let hand_ms = skopeo_ms + umoci_ms + mkfs_ms;
+
+    eprintln!("bench: a second pull of an image sharing every layer");
+    let pinned = format!("{}/debian@{}", registry.address, origin.manifest_digest);
+    let (again_ms, _) = pull(client, &pinned, "minbase-again").await?;
+
+    eprintln!("bench: `vm run --rm -- true` from the minbase image and from the default image, alternating");
+    let (mut from_minbase, mut from_default) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        from_minbase.push(banger_run_image(bin_dir, daemon, "minbase")?);
+        from_default.push(banger_run_image(bin_dir, daemon, "default")?);
+    }
+    for name in ["minbase", "minbase-again"] {
+        client.clone().images.delete_image(pb::DeleteImageRequest { image: name.into() }).await?;
+    }
+    results["images"] = json!({
+        "layer_bytes": layer_bytes,
+        "rootfs_bytes": image.rootfs_size_bytes,
+        "banger_pull_ms": banger_ms,
+        "banger_mb_per_s": layer_bytes as f64 / 1e6 / (banger_ms / 1000.0),
+        "by_hand_ms": { "skopeo_copy": skopeo_ms, "umoci_unpack": umoci_ms, "mkfs_ext4": mkfs_ms, "total": hand_ms },
+        "ratio": banger_ms / hand_ms,
+        "second_pull_ms": again_ms,
+        "vm_run_true_minbase": quantiles_ms(from_minbase),
+        "vm_run_true_default": quantiles_ms(from_default),
+    });
+    Ok(())
+}
+
 fn num(value: &Value) -> f64 {
     value.as_f64().unwrap_or(f64::NAN)
 }
@@ -666,6 +799,30 @@ fn summary(r: &Value) -> String {
             num(&t["vms_per_second"])
         );
     }
+    let images = &r["images"];
+    out += &format!(
+        "| pull + convert of the Debian minbase image ({:.1} MB of layers, {:.0} MiB ext4) from a loopback registry, by bangerd vs by hand (`skopeo copy` {:.0} ms + `umoci unpack` {:.0} ms + `mkfs.ext4 -d` {:.0} ms) | {:.2} s ({:.1} MB/s of layers) vs {:.2} s: ratio {:.2} | ratio < 1, ≤ 5 s | {} |\n",
+        num(&images["layer_bytes"]) / 1e6,
+        num(&images["rootfs_bytes"]) / 1048576.0,
+        num(&images["by_hand_ms"]["skopeo_copy"]),
+        num(&images["by_hand_ms"]["umoci_unpack"]),
+        num(&images["by_hand_ms"]["mkfs_ext4"]),
+        num(&images["banger_pull_ms"]) / 1000.0,
+        num(&images["banger_mb_per_s"]),
+        num(&images["by_hand_ms"]["total"]) / 1000.0,
+        num(&images["ratio"]),
+        verdict(num(&images["ratio"]) < 1.0 && num(&images["banger_pull_ms"]) <= 5000.0)
+    );
+    out += &format!(
+        "| a second pull of an image sharing every layer (by digest, another name) | {:.0} ms | ≤ 1 s | {} |\n",
+        num(&images["second_pull_ms"]),
+        verdict(num(&images["second_pull_ms"]) <= 1000.0)
+    );
+    out += &format!(
+        "| `vm run --rm --image minbase -- true` vs `--image default`, 4 runs each, alternating | p50 {:.0} ms vs {:.0} ms | no more than the image's size forces | |\n",
+        num(&images["vm_run_true_minbase"]["p50_ms"]),
+        num(&images["vm_run_true_default"]["p50_ms"])
+    );
     out += "\nRPC latency and throughput (1,000 VMs recorded; one HTTP/2 connection per transport):\n\n";
     out += "| call | transport | concurrency | req/s | p50 ms | p99 ms | daemon CPU µs/call | load generator CPU µs/call |\n\
             |---|---|---|---|---|---|---|---|\n";

@@ -148,6 +148,7 @@ pub async fn run_true(template: &Template, dir: &Path) -> Result<Duration, Error
         working_dir: String::new(),
         stdin: false,
         timeout_seconds: 0,
+        user: String::new(),
     };
     let mut events = Box::pin(exec::exec(agent, command, tokio_stream::empty()).await?);
     let mut status = None;

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::{Command, ImageCommand, ProcessArgs, VmCommand, VmShape, output};
+use crate::{Command, ImageCommand, ProcessArgs, VmCommand, VmShape, output, pull};
 
 /// Exit code of `vm run`/`vm exec` when banger itself fails (not the guest command).
 const EXIT_BANGER_ERROR: u8 = 125;
@@ -100,6 +100,9 @@ fn duration(d: std::time::Duration) -> prost_types::Duration {
 async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failure> {
     match command {
         VmCommand::Create { shape, no_start, no_wait, request_id } => {
+            if let Some(image) = &shape.image {
+                pull::ensure_image(&mut client, image).await?;
+            }
             let name = shape.name.clone();
             let request = create_request(shape, no_start, no_wait, request_id);
             let mut creating = client.clone();
@@ -204,8 +207,51 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
 
 async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), Failure> {
     match command {
-        ImageCommand::Import { name, kernel, rootfs, initrd, kernel_args, request_id, labels } => {
+        ImageCommand::Import {
+            name,
+            oci,
+            archive,
+            upload,
+            tag,
+            kernel,
+            rootfs,
+            initrd,
+            kernel_args,
+            request_id,
+            labels,
+        } => {
             let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
+            let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
+            if let Some(path) = upload {
+                let image = pull::upload(&mut client, name, &path, tag, labels).await?;
+                println!("imported {} ({})", image.name, image.id);
+                return Ok(());
+            }
+            let source = match (oci, archive) {
+                (Some(layout), _) => {
+                    let (dir, layout_tag) = pull::split_layout_tag(&layout);
+                    Some((pb::pull_image_request::Source::OciLayout(absolute(dir.into())), layout_tag.or(tag)))
+                }
+                (None, Some(path)) => Some((pb::pull_image_request::Source::Archive(absolute(path)), tag)),
+                (None, None) => None,
+            };
+            if let Some((source, tag)) = source {
+                let request = pb::PullImageRequest {
+                    name,
+                    source: Some(source),
+                    tag: tag.unwrap_or_default(),
+                    labels,
+                    request_id: request_id.unwrap_or_default(),
+                };
+                let image = pull::pull(&mut client, request).await?;
+                println!("imported {} ({})", image.name, image.id);
+                return Ok(());
+            }
+            let (Some(kernel), Some(rootfs)) = (kernel, rootfs) else {
+                return Err(Failure::Status(Status::invalid_argument(
+                    "name a source: --oci, --archive, --upload, or --kernel and --rootfs",
+                )));
+            };
             let request = pb::ImportImageRequest {
                 name,
                 kernel_path: absolute(kernel),
@@ -217,6 +263,17 @@ async fn image_command(mut client: Client, command: ImageCommand) -> Result<(), 
             };
             let image = client.images.import_image(request).await?.into_inner().image.unwrap_or_default();
             println!("imported {} ({})", image.name, image.id);
+        }
+        ImageCommand::Pull { reference, name, labels, request_id } => {
+            let request = pb::PullImageRequest {
+                name: name.unwrap_or_default(),
+                source: Some(pb::pull_image_request::Source::Reference(reference)),
+                labels: labels.into_iter().collect(),
+                request_id: request_id.unwrap_or_default(),
+                ..Default::default()
+            };
+            let image = pull::pull(&mut client, request).await?;
+            println!("pulled {} ({}) {}", image.name, image.id, image.origin.unwrap_or_default().manifest_digest);
         }
         ImageCommand::List => {
             let request = pb::ListImagesRequest { page_size: 1000, ..Default::default() };
@@ -266,6 +323,7 @@ async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Resul
         working_dir: process.workdir.unwrap_or_default(),
         stdin: process.interactive,
         timeout_seconds: process.timeout.unwrap_or(0),
+        user: process.user.unwrap_or_default(),
     };
     let mut output = if process.interactive {
         client.exec(start, local_stdin()).await?
@@ -301,17 +359,33 @@ async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Resul
 }
 
 async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
+    if process.argv.is_empty() {
+        return Err(usage("name the command to run after --"));
+    }
     exec_in(&mut client, vm, process).await
 }
 
-async fn vm_run(mut client: Client, shape: VmShape, rm: bool, process: ProcessArgs) -> Result<ExitCode, Failure> {
+async fn vm_run(mut client: Client, shape: VmShape, rm: bool, mut process: ProcessArgs) -> Result<ExitCode, Failure> {
+    if let Some(image) = &shape.image {
+        pull::ensure_image(&mut client, image).await?;
+    }
     let name = shape.name.clone();
     let mut creating = client.clone();
     let request = create_request(shape, false, false, None);
     // Standard error belongs to the guest command: progress only on a terminal.
     let created = with_progress(&client, name.as_deref(), "vm.create", true, creating.vms.create_vm(request)).await;
     let vm = created?.into_inner().vm.unwrap_or_default();
-    let result = exec_in(&mut client, vm.id.clone(), process).await;
+    if process.argv.is_empty() {
+        // The image's own command, like `docker run IMAGE`.
+        let image = client.images.get_image(pb::GetImageRequest { image: vm.image_id.clone() }).await;
+        let config = image.ok().and_then(|i| i.into_inner().image?.origin?.config).unwrap_or_default();
+        process.argv = config.entrypoint.into_iter().chain(config.cmd).collect();
+    }
+    let result = if process.argv.is_empty() {
+        Err(usage("the image names no Entrypoint or Cmd: give the command after --"))
+    } else {
+        exec_in(&mut client, vm.id.clone(), process).await
+    };
     if rm
         && let Err(status) = client.vms.delete_vm(pb::DeleteVmRequest { vm: vm.id.clone(), ..Default::default() }).await
     {

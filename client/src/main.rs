@@ -4,6 +4,7 @@ mod autostart;
 mod commands;
 mod json;
 mod output;
+mod pull;
 mod telemetry;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -72,7 +73,8 @@ struct VmShape {
     /// Name of the VM (a hostname label: a-z, 0-9, -); generated when omitted.
     #[arg(long)]
     name: Option<String>,
-    /// Image id or name [default: the host's default image].
+    /// Image id, name, or registry reference (`debian:bookworm`: pulled first when no image
+    /// was pulled from it) [default: the host's default image].
     #[arg(long)]
     image: Option<String>,
     /// Number of virtual CPUs [default: 1].
@@ -148,14 +150,19 @@ struct ProcessArgs {
     /// Extra environment variable for the process (repeatable).
     #[arg(short, long, value_name = "NAME=VALUE")]
     env: Vec<String>,
-    /// Working directory in the guest.
+    /// Working directory in the guest (default: the image's WorkingDir, else /).
     #[arg(short = 'w', long, value_name = "DIR")]
     workdir: Option<String>,
+    /// Run as this guest user: USER, USER:GROUP, UID or UID:GID (default: the image's
+    /// User, else root).
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
     /// Kill the process after this many seconds (exit code 124).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u32>,
-    /// The program and its arguments.
-    #[arg(required = true, last = true, value_name = "CMD")]
+    /// The program and its arguments (`vm run` without them runs the image's Entrypoint and
+    /// Cmd).
+    #[arg(last = true, value_name = "CMD")]
     argv: Vec<String>,
 }
 
@@ -320,17 +327,58 @@ enum VmCommand {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum ImageCommand {
-    /// Import a kernel, optional initramfs and ext4 root file system from paths on the daemon's host.
+    /// Pull a container image from a registry and make it bootable (OCI distribution or
+    /// Docker registry v2; docker.io is the default registry; an image index is resolved to
+    /// linux/amd64). Layers already stored are not downloaded again. Progress is shown as it
+    /// goes.
+    Pull {
+        /// The reference: `debian:bookworm`, `127.0.0.1:5000/ci/builder@sha256:…`.
+        reference: String,
+        /// Name of the new image [default: from the reference, `debian-bookworm`].
+        #[arg(long)]
+        name: Option<String>,
+        /// Label the image (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Makes retries safe: a retry with the same id returns the first call's result.
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+    },
+    /// Import an image: a container image (an OCI layout, a `docker save` archive, or an
+    /// archive uploaded from this machine), or a kernel, optional initramfs and ext4 root
+    /// file system.
+    ///
+    /// A container image's layers are stored by digest, merged and written into an ext4
+    /// root file system without mounting anything; its VMs boot the default image's kernel,
+    /// and ExecVm takes its Env, WorkingDir and User as defaults. Progress is shown as it
+    /// goes.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["oci", "archive", "upload", "kernel"])))]
     Import {
         /// Name of the new image.
         name: String,
+        /// An OCI image layout directory on the daemon's host, optionally with the tag to
+        /// take (`./layout:1.0`).
+        #[arg(long, value_name = "DIR[:TAG]")]
+        oci: Option<String>,
+        /// An archive on the daemon's host: `docker save`/`podman save` output, or an OCI
+        /// layout packed as a tar.
+        #[arg(long, visible_alias = "docker-archive", value_name = "PATH")]
+        archive: Option<PathBuf>,
+        /// An archive on this machine, streamed to the daemon (for a daemon on another host).
+        #[arg(long, value_name = "PATH")]
+        upload: Option<PathBuf>,
+        /// Which image of an archive holding several (a repository tag).
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
         /// Kernel (bzImage or ELF vmlinux), absolute path.
-        #[arg(long, value_name = "PATH")]
-        kernel: PathBuf,
+        #[arg(long, value_name = "PATH", requires = "rootfs")]
+        kernel: Option<PathBuf>,
         /// Root file system (ext4 image), absolute path.
-        #[arg(long, value_name = "PATH")]
-        rootfs: PathBuf,
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        rootfs: Option<PathBuf>,
         /// Initramfs, absolute path.
         #[arg(long, value_name = "PATH")]
         initrd: Option<PathBuf>,

@@ -115,9 +115,18 @@ pub fn print_image_table(images: &[pb::Image]) {
     if json() {
         return crate::json::print(&serde_json::Value::Array(images.iter().map(crate::json::value).collect()));
     }
-    println!("{:<24} {:<26} {:>10}", "NAME", "ID", "ROOTFS");
+    println!("{:<24} {:<26} {:>10}  {:<19} SOURCE", "NAME", "ID", "ROOTFS", "DIGEST");
     for image in images {
-        println!("{:<24} {:<26} {:>9}M", image.name, image.id, image.rootfs_size_bytes / (1024 * 1024));
+        let (digest, source) = match &image.origin {
+            Some(origin) => (short_digest(&origin.manifest_digest), origin.source.clone()),
+            None => ("-".to_owned(), "boot files".to_owned()),
+        };
+        println!(
+            "{:<24} {:<26} {:>9}M  {digest:<19} {source}",
+            image.name,
+            image.id,
+            image.rootfs_size_bytes / (1024 * 1024)
+        );
     }
 }
 
@@ -138,6 +147,36 @@ pub fn print_image_details(image: &pb::Image) {
     for (key, value) in rows {
         println!("{:<12} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });
     }
+    let Some(origin) = &image.origin else {
+        return;
+    };
+    let config = origin.config.clone().unwrap_or_default();
+    let words = |words: &[String]| if words.is_empty() { "-".to_owned() } else { format!("{words:?}") };
+    let rows = [
+        ("source", origin.source.clone()),
+        ("manifest", origin.manifest_digest.clone()),
+        ("config", origin.config_digest.clone()),
+        ("platform", origin.platform.clone()),
+        ("entrypoint", words(&config.entrypoint)),
+        ("cmd", words(&config.cmd)),
+        ("workdir", config.working_dir.clone()),
+        ("user", config.user.clone()),
+    ];
+    for (key, value) in rows {
+        println!("{:<12} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });
+    }
+    for variable in &config.env {
+        println!("{:<12} {variable}", "env:");
+    }
+    println!("layers:");
+    for layer in &origin.layers {
+        println!("  {} {:>10} bytes  {}", layer.digest, layer.size_bytes, layer.media_type);
+    }
+}
+
+/// `sha256:` and the first 12 hex digits.
+fn short_digest(digest: &str) -> String {
+    digest.get(..19).unwrap_or(digest).to_owned()
 }
 
 /// The host report: one line per check, then the drivers in use. True when a check failed.

@@ -5,22 +5,75 @@
 
 Steps: create a VM twice with one request_id (one VM, the same answer), wait until it is
 running, run a command streaming its output and exit code, list by label in pages of one,
-delete everything it made.
+delete everything it made; then upload a container image as a streamed `docker save`
+archive (the client shares no file system with the daemon), read its progress and origin,
+see a stream that is not an archive refused, and delete the image.
 """
 
+import hashlib
+import io
+import json
 import os
 import sys
+import tarfile
 import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated"))
 
 import grpc  # noqa: E402
-from banger.v1 import vm_pb2, vm_pb2_grpc  # noqa: E402
+from banger.v1 import image_pb2, image_pb2_grpc, vm_pb2, vm_pb2_grpc  # noqa: E402
 
 
 def check(condition, message):
     if not condition:
         raise SystemExit(f"python scenario: FAILED: {message}")
+
+
+def tar_of(members):
+    """A tar stream of (name, bytes) regular files."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1700000000
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def docker_archive():
+    """A one-layer image as `docker save` writes it."""
+    layer = tar_of([("hello.txt", b"hello from a python upload\n")])
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["FROM=python"], "Cmd": ["cat", "/hello.txt"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": ["py:upload"], "Layers": ["layer/layer.tar"]}])
+    return tar_of([(config_name, config), ("layer/layer.tar", layer), ("manifest.json", manifest.encode())])
+
+
+def upload(images, name, archive, chunk=64 * 1024):
+    """Streams `archive` to UploadImage; returns (progress stages seen, image)."""
+    def requests():
+        yield image_pb2.UploadImageRequest(start=image_pb2.UploadImageStart(name=name, label="py.tar"))
+        for offset in range(0, len(archive), chunk):
+            yield image_pb2.UploadImageRequest(chunk=archive[offset:offset + chunk])
+
+    stages, image = [], None
+    call = images.UploadImage(requests(), timeout=120)
+    for response in call:
+        if response.WhichOneof("payload") == "progress":
+            if response.progress.stage not in stages:
+                stages.append(response.progress.stage)
+        else:
+            image = response.image
+    op_ids = [value for key, value in call.initial_metadata() if key == "x-banger-op-id"]
+    check(len(op_ids) == 1 and len(op_ids[0]) == 26, f"the operation id header: {op_ids}")
+    return stages, image
 
 
 def main(target):
@@ -84,6 +137,22 @@ def main(target):
             vms.DeleteVm(vm_pb2.DeleteVmRequest(vm=vm.id, request_id=str(uuid.uuid4())), timeout=120)
         left = vms.ListVms(vm_pb2.ListVmsRequest(labels=labels), timeout=30)
         check(len(left.vms) == 0, f"left behind: {[vm.name for vm in left.vms]}")
+
+        # A container image uploaded as a streamed archive.
+        images = image_pb2_grpc.ImageServiceStub(channel)
+        stages, image = upload(images, f"{job}-img", docker_archive())
+        check(image is not None, "the upload ended without an image")
+        check(stages == ["fetch", "flatten", "build_rootfs", "copy_kernel", "insert_record"], f"stages {stages}")
+        check(image.origin.source == "docker-archive:upload:py.tar", f"source {image.origin.source}")
+        check(image.origin.manifest_digest.startswith("sha256:"), "no manifest digest")
+        check(len(image.origin.layers) == 1, f"layers {image.origin.layers}")
+        check(list(image.origin.config.cmd) == ["cat", "/hello.txt"], f"config {image.origin.config}")
+        try:
+            upload(images, f"{job}-bad", b"this is not a tar archive" * 100)
+            check(False, "a stream that is not an archive was accepted")
+        except grpc.RpcError as err:
+            check(err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"expected INVALID_ARGUMENT, got {err.code()}")
+        images.DeleteImage(image_pb2.DeleteImageRequest(image=image.id), timeout=60)
     print("python scenario: ok")
 
 

@@ -22,6 +22,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
 pub const DEFAULT_IMAGE_DIR: &str = "/usr/local/share/banger/images/default";
 /// Memory a VMM may use beyond its guest's: device emulation, and under TCG the code cache.
 pub const DEFAULT_VMM_MEMORY_OVERHEAD_MIB: u64 = 512;
+/// Default [`Config::image_min_rootfs_mib`]: 1 GiB, like the default image's.
+pub const DEFAULT_IMAGE_MIN_ROOTFS_MIB: u64 = 1024;
 /// The VM network when a bridge is configured without one.
 pub const DEFAULT_BRIDGE_CIDR: &str = "172.30.0.0/24";
 /// Config file read when `--config` is not given, if it exists.
@@ -58,6 +60,12 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     /// See [`Config::vmm_memory_overhead_mib`].
     pub vmm_memory_overhead_mib: Option<u64>,
+    /// See [`Config::image_min_rootfs_mib`].
+    pub image_min_rootfs_mib: Option<u64>,
+    /// See [`Config::insecure_registries`].
+    pub insecure_registries: Option<Vec<String>>,
+    /// See [`Config::registry_auth_file`].
+    pub registry_auth_file: Option<PathBuf>,
     /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink`, `copy` or `dm-snapshot`.
     pub root_disk: Option<RootDiskChoice>,
     /// See [`Config::network`]: the bridge VMs attach to; none gives VMs no network.
@@ -135,6 +143,15 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Memory a VMM may use beyond its guest's, in its cgroup's limit.
     pub vmm_memory_overhead_mib: u64,
+    /// The smallest root file system made for a container image, in MiB (sparse: the room
+    /// costs nothing on the host until a guest writes into it).
+    pub image_min_rootfs_mib: u64,
+    /// Registries (`host:port`) pulled from over plain HTTP; every other one over HTTPS with
+    /// the system's CAs.
+    pub insecure_registries: Vec<String>,
+    /// A docker `config.json` whose `auths` give registry credentials; by default
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, when it exists.
+    pub registry_auth_file: Option<PathBuf>,
     /// How new VMs' root disks are made; `None` chooses at startup (reflink where the state
     /// dir supports it, else qcow2 under QEMU; under Firecracker, which boots raw disks,
     /// a dm-snapshot where device-mapper works and the VMM is not jailed, else a copy).
@@ -315,8 +332,19 @@ impl Config {
             accel,
             otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
             vmm_memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(DEFAULT_VMM_MEMORY_OVERHEAD_MIB),
+            image_min_rootfs_mib: file.image_min_rootfs_mib.unwrap_or(DEFAULT_IMAGE_MIN_ROOTFS_MIB),
+            insecure_registries: file.insecure_registries.unwrap_or_default(),
+            registry_auth_file: file.registry_auth_file.or_else(default_registry_auth_file),
         })
     }
+}
+
+/// Where docker keeps registry credentials for the daemon's user.
+fn default_registry_auth_file() -> Option<PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))?;
+    Some(dir.join("config.json"))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -128,6 +128,11 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
         default_image_dir: config.default_image_dir.clone(),
         root_disk,
         network: config.network.clone(),
+        min_rootfs_bytes: config.image_min_rootfs_mib * 1024 * 1024,
+        registry: crate::host::oci::registry::RegistryConfig {
+            insecure: config.insecure_registries.clone(),
+            docker_config: config.registry_auth_file.clone(),
+        },
         doctor: Some(DoctorInputs {
             state_dir: config.state_dir.clone(),
             vmm: if firecracker { "firecracker" } else { "qemu" },

@@ -405,6 +405,7 @@ fn driver_requests() -> Vec<ApiRequest> {
         rootfs_size_bytes: 1,
         created_at_ms: 0,
         labels: Default::default(),
+        origin: None,
     };
     let paths = VmPaths::new(std::path::Path::new("/state/vms/x"));
     let nic = GuestNic {

@@ -1,6 +1,8 @@
 //! Harness for the end-to-end tests: a real `bangerd` process in a temporary state dir,
 //! the real `banger` CLI against it, and cleanup of every process either left behind.
 
+pub mod oci;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -534,5 +536,74 @@ impl Default for TestNetns {
 impl Drop for TestNetns {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A real registry (Debian's `docker-registry`, the CNCF distribution registry) on a free
+/// loopback port, with its storage in a temporary directory; stopped by PID when dropped.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Registry {
+    /// Starts one and waits until it answers.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("banger-registry").tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let address = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        let storage = dir.path().join("storage");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n",
+                storage.display()
+            ),
+        )
+        .expect("registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (make setup installs it)");
+        let registry = Self { address, dir, child };
+        wait_until("the registry to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&registry.address).is_ok()
+        });
+        registry
+    }
+
+    /// Pushes `source` (a skopeo transport: `oci:DIR:TAG`, `docker-archive:FILE`) as
+    /// `REPOSITORY:TAG` here; every platform of an index.
+    pub fn push(&self, source: &str, target: &str) {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--all", "--dest-tls-verify=false", source])
+            .arg(format!("docker://{}/{target}", self.address))
+            .output()
+            .expect("skopeo (make setup installs it)");
+        assert!(out.status.success(), "skopeo copy {source} {target}: {}", text(&out.stderr));
+    }
+
+    /// The registry's log (one access line per request).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// How many blobs (not manifests) were fetched from it with GET so far.
+    pub fn blob_downloads(&self) -> usize {
+        self.log().lines().filter(|line| line.contains("\"GET /v2/") && line.contains("/blobs/sha256:")).count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -7,10 +7,10 @@ use banger_proto::v1 as pb;
 
 use crate::{
     domain::{
-        DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ExecCommand, ExecEvent, ExitStatus, Image, MAX_MEMORY_MIB, MAX_VCPUS,
-        MIN_MEMORY_MIB, NewImage, Vm, VmFault, VmHandles, VmSpec, VmState, vm_name_error,
+        DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ExecCommand, ExecEvent, ExitStatus, Image, ImageProgress, MAX_MEMORY_MIB,
+        MAX_VCPUS, MIN_MEMORY_MIB, NewImage, Vm, VmFault, VmHandles, VmSpec, VmState, vm_name_error,
     },
-    ops::{CreateVm, Error, FieldViolation},
+    ops::{CreateVm, Error, FieldViolation, ImageSource as Source, NewOciImage},
 };
 
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
@@ -81,7 +81,30 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
 
 /// An image as the API shows it.
 pub fn image(image: &Image) -> pb::Image {
+    let origin = image.origin.as_ref().map(|origin| pb::ImageOrigin {
+        source: origin.source.clone(),
+        manifest_digest: origin.manifest_digest.clone(),
+        config_digest: origin.config_digest.clone(),
+        platform: origin.platform.clone(),
+        layers: origin
+            .layers
+            .iter()
+            .map(|layer| pb::ImageLayer {
+                digest: layer.digest.clone(),
+                size_bytes: layer.size_bytes,
+                media_type: layer.media_type.clone(),
+            })
+            .collect(),
+        config: Some(pb::ImageConfig {
+            env: origin.config.env.clone(),
+            working_dir: origin.config.working_dir.clone(),
+            user: origin.config.user.clone(),
+            entrypoint: origin.config.entrypoint.clone(),
+            cmd: origin.config.cmd.clone(),
+        }),
+    });
     pb::Image {
+        origin,
         id: image.id.to_string(),
         name: image.name.clone(),
         kernel_path: image.kernel_path.display().to_string(),
@@ -177,6 +200,7 @@ pub fn exec_start(start: pb::ExecVmStart) -> Result<(String, ExecCommand), Error
         working_dir: start.working_dir,
         stdin: start.stdin,
         timeout_seconds: start.timeout_seconds,
+        user: start.user,
     };
     Ok((start.vm, command))
 }
@@ -207,6 +231,38 @@ pub fn new_image(request: pb::ImportImageRequest) -> NewImage {
         rootfs_path: PathBuf::from(request.rootfs_path),
         kernel_args: request.kernel_args,
         labels: request.labels,
+    }
+}
+
+/// What a PullImage asks for.
+pub fn new_oci_image(request: pb::PullImageRequest) -> Result<NewOciImage, Error> {
+    use pb::pull_image_request::Source as PbSource;
+    let tag = (!request.tag.is_empty()).then_some(request.tag);
+    let source = match request.source {
+        // The daemon's registry settings are the use case's to fill in.
+        Some(PbSource::Reference(reference)) => Source::Registry { reference, config: Default::default() },
+        Some(PbSource::OciLayout(dir)) => Source::Layout { dir: PathBuf::from(dir), tag },
+        Some(PbSource::Archive(path)) => Source::Archive { path: PathBuf::from(path), tag },
+        None => {
+            return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                "source",
+                "name a reference, an oci_layout or an archive",
+            )]));
+        }
+    };
+    Ok(NewOciImage { name: request.name, source, labels: request.labels })
+}
+
+/// An image's progress as the API streams it.
+pub fn image_progress(stage: &str, progress: &ImageProgress) -> pb::ImageProgress {
+    match progress {
+        ImageProgress::Stage(name) => pb::ImageProgress { stage: (*name).into(), ..Default::default() },
+        ImageProgress::Blob { digest, done, total } => pb::ImageProgress {
+            stage: stage.into(),
+            digest: digest.clone(),
+            done_bytes: *done,
+            total_bytes: total.unwrap_or(0),
+        },
     }
 }
 

@@ -3,10 +3,18 @@
 use std::sync::Arc;
 
 use banger_proto::v1::{self as pb, image_service_server::ImageService};
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, idempotency::Idempotency, idempotency_key, run_to_completion, status::to_status, with_op_id};
-use crate::ops::Ops;
+use super::{
+    OP_ID_METADATA, convert, idempotency::Idempotency, idempotency_key, run_to_completion, status::invalid_field,
+    status::to_status, with_op_id,
+};
+use crate::{
+    domain::{ImageProgress, OpId},
+    ops::{ImageSource, NewOciImage, Ops, ProgressFn},
+};
 
 /// Serves the image API over the daemon's core.
 #[derive(Debug, Clone)]
@@ -63,6 +71,92 @@ impl ImageService for ImageApi {
         }))
     }
 
+    type PullImageStream = ImageStream<pb::PullImageResponse>;
+
+    async fn pull_image(
+        &self,
+        request: Request<pb::PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        let request = request.into_inner();
+        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let new = convert::new_oci_image(request).map_err(|e| to_status(&e))?;
+        let (ops, idempotency, op_id) = (self.ops.clone(), self.idempotency.clone(), OpId::generate());
+        let run = move |progress: ProgressFn| -> std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> {
+            Box::pin(async move {
+                idempotency
+                    .run("PullImage", &request_id, body, async move {
+                        let image =
+                            run_to_completion(async move { ops.pull_image(new, op_id, progress).await }).await?;
+                        Ok(with_op_id(convert::image(&image), &op_id.to_string()))
+                    })
+                    .await
+            })
+        };
+        use pb::pull_image_response::Payload;
+        stream_pull(
+            op_id,
+            run,
+            |p| pb::PullImageResponse { payload: Some(Payload::Progress(p)) },
+            |i| pb::PullImageResponse { payload: Some(Payload::Image(i)) },
+        )
+        .await
+    }
+
+    type UploadImageStream = ImageStream<pb::UploadImageResponse>;
+
+    async fn upload_image(
+        &self,
+        request: Request<Streaming<pb::UploadImageRequest>>,
+    ) -> Result<Response<Self::UploadImageStream>, Status> {
+        use pb::upload_image_request::Payload as In;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid_field("start", "the stream ended before its first message"))?;
+        let Some(In::Start(start)) = first.payload else {
+            return Err(invalid_field("start", "the first message must be start"));
+        };
+        // A few chunks in flight at most: a client faster than the conversion waits.
+        let (chunks_tx, chunks) = mpsc::channel::<Result<Vec<u8>, String>>(8);
+        tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(pb::UploadImageRequest { payload: Some(In::Chunk(chunk)) })) => Ok(chunk),
+                    Ok(Some(_)) => Err("a second start message".to_owned()),
+                    Ok(None) => break,
+                    Err(status) => Err(format!("the upload stream failed: {}", status.message())),
+                };
+                let failed = next.is_err();
+                if chunks_tx.send(next).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let label = if start.label.is_empty() { "upload".to_owned() } else { start.label };
+        let source = ImageSource::Stream {
+            reader: Box::new(UploadReader { chunks, current: std::io::Cursor::new(Vec::new()) }),
+            tag: (!start.tag.is_empty()).then_some(start.tag),
+            label: format!("upload:{label}"),
+        };
+        let new = NewOciImage { name: start.name, source, labels: start.labels };
+        let (ops, op_id) = (self.ops.clone(), OpId::generate());
+        let run = move |progress: ProgressFn| -> std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> {
+            Box::pin(async move {
+                let image = run_to_completion(async move { ops.pull_image(new, op_id, progress).await }).await?;
+                Ok(with_op_id(convert::image(&image), &op_id.to_string()))
+            })
+        };
+        use pb::upload_image_response::Payload;
+        stream_pull(
+            op_id,
+            run,
+            |p| pb::UploadImageResponse { payload: Some(Payload::Progress(p)) },
+            |i| pb::UploadImageResponse { payload: Some(Payload::Image(i)) },
+        )
+        .await
+    }
+
     async fn delete_image(
         &self,
         request: Request<pb::DeleteImageRequest>,
@@ -71,5 +165,109 @@ impl ImageService for ImageApi {
         let ops = self.ops.clone();
         let id = run_to_completion(async move { ops.delete_image(&key).await }).await?;
         Ok(Response::new(pb::DeleteImageResponse { id: id.to_string() }))
+    }
+}
+
+/// What a pull's worker task hands the response stream.
+enum PullEvent {
+    Progress(pb::ImageProgress),
+    Done(Box<Result<Response<pb::Image>, Status>>),
+}
+
+/// The progress callback of a pull: stage changes and blob bytes, dropped rather than
+/// queued when the client reads slower than the pull goes (the next report supersedes
+/// them), and at most one blob report per [`PROGRESS_STEP`] bytes.
+fn progress_to(tx: mpsc::Sender<PullEvent>) -> ProgressFn {
+    let state = std::sync::Mutex::new((String::from("fetch"), 0u64));
+    Arc::new(move |progress: ImageProgress| {
+        let mut state = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &progress {
+            ImageProgress::Stage(name) => {
+                *state = ((*name).to_owned(), 0);
+            }
+            ImageProgress::Blob { done, total, .. } => {
+                let finished = total.is_some_and(|t| *done >= t);
+                if !finished && done.saturating_sub(state.1) < PROGRESS_STEP && *done > 0 {
+                    return;
+                }
+                state.1 = *done;
+            }
+        }
+        let _ = tx.try_send(PullEvent::Progress(convert::image_progress(&state.0, &progress)));
+    })
+}
+
+/// Bytes between two blob progress reports.
+const PROGRESS_STEP: u64 = 1 << 20;
+
+/// Runs a pull in its own task and answers with its progress then its image: the header
+/// names the operation (the first run's, for a retry answered from the idempotency log).
+async fn stream_pull<R: Send + 'static>(
+    op_id: OpId,
+    run: impl FnOnce(
+        ProgressFn,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<pb::Image>, Status>> + Send>>
+    + Send
+    + 'static,
+    progress_message: fn(pb::ImageProgress) -> R,
+    image_message: fn(pb::Image) -> R,
+) -> Result<Response<ImageStream<R>>, Status> {
+    let (tx, mut rx) = mpsc::channel::<PullEvent>(64);
+    let progress = progress_to(tx.clone());
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let outcome = run(progress).await;
+            let _ = tx.send(PullEvent::Done(Box::new(outcome))).await;
+        },
+        tracing::Span::current(),
+    ));
+    let (header, first) = match rx.recv().await {
+        Some(PullEvent::Progress(progress)) => (op_id.to_string(), progress_message(progress)),
+        Some(PullEvent::Done(done)) => match *done {
+            Ok(response) => {
+                let header =
+                    response.metadata().get(OP_ID_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                (header, image_message(response.into_inner()))
+            }
+            Err(status) => return Err(status),
+        },
+        None => {
+            return Err(super::status::api_status(&super::status::ApiError::Internal {
+                what: "pull task",
+                detail: "it ended without an answer".into(),
+            }));
+        }
+    };
+    let rest = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |event| match event {
+        PullEvent::Progress(progress) => Ok(progress_message(progress)),
+        PullEvent::Done(done) => (*done).map(|response| image_message(response.into_inner())),
+    });
+    let stream: ImageStream<R> = Box::pin(tokio_stream::once(Ok(first)).chain(rest));
+    Ok(with_op_id(stream, &header))
+}
+
+/// A pull's or an upload's response stream.
+pub type ImageStream<R> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<R, Status>> + Send>>;
+
+/// An uploaded archive as a blocking reader, fed by the request stream.
+struct UploadReader {
+    chunks: mpsc::Receiver<Result<Vec<u8>, String>>,
+    current: std::io::Cursor<Vec<u8>>,
+}
+
+impl std::io::Read for UploadReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = std::io::Read::read(&mut self.current, buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.current = std::io::Cursor::new(chunk),
+                Some(Err(why)) => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why)),
+                None => return Ok(0),
+            }
+        }
     }
 }

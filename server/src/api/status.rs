@@ -14,7 +14,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     domain::{Resource, VmState},
-    host::{HostError, agent::AgentError},
+    host::{HostError, agent::AgentError, oci::OciError},
     ops::{Error, FieldViolation},
 };
 
@@ -251,6 +251,54 @@ fn describe(error: &Error) -> Described {
         Error::Stage { source, .. } => describe(source),
         Error::Store(_) => described(Code::Internal, "DATABASE", &[]),
         Error::Host(host) => describe_host(host),
+        Error::Image(image) => describe_image(image),
+        Error::NoBootKernel { dir, .. } => {
+            described(Code::FailedPrecondition, "NO_BOOT_KERNEL", &[("dir", dir.display().to_string())])
+        }
+    }
+}
+
+fn describe_image(error: &OciError) -> Described {
+    match error {
+        OciError::Layer { layer, digest, entry, .. } => described(
+            Code::InvalidArgument,
+            "IMAGE_LAYER_REFUSED",
+            &[("layer", layer.to_string()), ("digest", digest.clone()), ("entry", entry.clone())],
+        ),
+        OciError::CorruptLayer { layer, digest, .. } => described(
+            Code::DataLoss,
+            "IMAGE_LAYER_CORRUPT",
+            &[("layer", layer.to_string()), ("digest", digest.clone())],
+        ),
+        OciError::DigestMismatch { expected, actual } => described(
+            Code::DataLoss,
+            "BLOB_DIGEST_MISMATCH",
+            &[("expected", expected.clone()), ("actual", actual.clone())],
+        ),
+        OciError::BadSource { what, .. } => {
+            described(Code::InvalidArgument, "IMAGE_SOURCE_INVALID", &[("what", what.clone())])
+        }
+        OciError::NotFound { what, available } => described(
+            Code::NotFound,
+            "IMAGE_SOURCE_NOT_FOUND",
+            &[("what", what.clone()), ("available", available.join(","))],
+        ),
+        OciError::NoPlatform { wanted, available } => described(
+            Code::FailedPrecondition,
+            "IMAGE_PLATFORM_MISSING",
+            &[("wanted", wanted.clone()), ("available", available.join(","))],
+        ),
+        OciError::Unreachable { registry, .. } => {
+            described(Code::Unavailable, "REGISTRY_UNREACHABLE", &[("reference", registry.clone())])
+        }
+        OciError::Denied { registry, .. } => {
+            described(Code::PermissionDenied, "REGISTRY_DENIED", &[("reference", registry.clone())])
+        }
+        OciError::Unsupported { what } => {
+            described(Code::FailedPrecondition, "IMAGE_UNSUPPORTED", &[("what", what.clone())])
+        }
+        OciError::Write { .. } => described(Code::Internal, "IMAGE_WRITE", &[]),
+        OciError::Host(host) => describe_host(host),
     }
 }
 

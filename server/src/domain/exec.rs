@@ -13,6 +13,8 @@ pub struct ExecCommand {
     pub stdin: bool,
     /// Seconds before the process is killed; 0 is no limit.
     pub timeout_seconds: u32,
+    /// Who runs it (`USER[:GROUP]`, `UID[:GID]`); root when empty.
+    pub user: String,
 }
 
 /// One piece of standard input.

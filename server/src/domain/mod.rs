@@ -12,7 +12,7 @@ mod vm;
 pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus, FileMeta};
 pub use handles::{ProcessHandle, VmHandles};
 pub use ids::{ImageId, OpId, ParseIdError, Resource, VmId};
-pub use image::{Image, NewImage};
+pub use image::{Image, ImageConfig, ImageProgress, NewImage, OciLayer, OciOrigin};
 pub use labels::{LabelError, Labels, MAX_LABELS, labels_error, matches as labels_match};
 pub use names::{NameError, image_name_error, vm_name_error};
 pub use network::{IpPool, PoolError, mac_address, tap_name};

@@ -58,6 +58,87 @@ pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError
     Ok(output.stdout)
 }
 
+/// Runs a tool to completion from a blocking thread, with extra environment; returns its
+/// standard output. A non-zero exit is an error.
+pub fn run_blocking(program: &Path, args: &[OsString], envs: &[(&str, &str)]) -> Result<Vec<u8>, HostError> {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| spawn_error(program, e))?;
+    if !output.status.success() {
+        return Err(HostError::Command(CommandFailed {
+            program: program.display().to_string(),
+            args: display_args(args),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        }));
+    }
+    Ok(output.stdout)
+}
+
+/// Runs a tool from a blocking thread and feeds its standard input with `feed`; returns how
+/// the tool ended and what `feed` returned, for the caller to tell which failure came first
+/// (a tool that exits early breaks the pipe; a feed that fails leaves the tool a short input).
+pub fn run_feeding_blocking<E>(
+    program: &Path,
+    args: &[OsString],
+    envs: &[(&str, &str)],
+    feed: impl FnOnce(&mut dyn std::io::Write) -> Result<(), E>,
+) -> (Result<(), HostError>, Result<(), E>) {
+    match feed_tool(program, args, envs, feed) {
+        Ok(outcome) => outcome,
+        Err(e) => (Err(e), Ok(())),
+    }
+}
+
+/// How a fed tool ended, and what its feed returned.
+type FeedOutcome<E> = (Result<(), HostError>, Result<(), E>);
+
+fn feed_tool<E>(
+    program: &Path,
+    args: &[OsString],
+    envs: &[(&str, &str)],
+    feed: impl FnOnce(&mut dyn std::io::Write) -> Result<(), E>,
+) -> Result<FeedOutcome<E>, HostError> {
+    use std::io::{Read, Seek};
+    // Standard error goes to an unnamed file, not a pipe: a chatty tool must never block
+    // on a pipe nobody reads while this thread is busy writing its input.
+    let mut stderr =
+        tempfile::tempfile().map_err(|e| HostError::Io { what: "cannot make a temporary file".into(), source: e })?;
+    let stderr_for_child =
+        stderr.try_clone().map_err(|e| HostError::Io { what: "cannot duplicate a file".into(), source: e })?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(stderr_for_child)
+        .spawn()
+        .map_err(|e| spawn_error(program, e))?;
+    let fed = match child.stdin.take() {
+        Some(mut stdin) => feed(&mut stdin),
+        None => Ok(()),
+    }; // the pipe closes here: the tool sees the end of its input
+    let status =
+        child.wait().map_err(|e| HostError::Io { what: format!("waiting for {}", program.display()), source: e })?;
+    if !status.success() {
+        let mut text = String::new();
+        let _ = stderr.seek(std::io::SeekFrom::Start(0)).and_then(|_| stderr.read_to_string(&mut text));
+        let failed = HostError::Command(CommandFailed {
+            program: program.display().to_string(),
+            args: display_args(args),
+            status,
+            stderr: text.trim().to_owned(),
+        });
+        return Ok((Err(failed), fed));
+    }
+    Ok((Ok(()), fed))
+}
+
 /// Starts a long-lived process in its own session, detached from the daemon: it keeps
 /// running when the daemon dies. Its output goes to `log`. While the daemon lives, tokio
 /// reaps it when it exits (its child handle is dropped unwaited: tokio's orphan queue).

@@ -68,6 +68,7 @@ pub async fn exec(
             working_dir: command.working_dir,
             stdin: command.stdin,
             timeout_seconds: command.timeout_seconds,
+            user: command.user,
         })),
     };
     // Standard input is forwarded by its own task through a channel, which keeps the request

@@ -42,6 +42,11 @@ pub async fn is_file(path: &Path) -> bool {
     tokio::fs::metadata(path).await.is_ok_and(|meta| meta.is_file())
 }
 
+/// A small text file's content.
+pub async fn read_to_string(path: &Path) -> Result<String, HostError> {
+    tokio::fs::read_to_string(path).await.map_err(file_error("read", path))
+}
+
 /// The size of a file.
 pub async fn file_len(path: &Path) -> Result<u64, HostError> {
     tokio::fs::metadata(path).await.map(|meta| meta.len()).map_err(file_error("stat", path))

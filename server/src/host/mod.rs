@@ -15,6 +15,7 @@ pub mod files;
 pub mod fs;
 pub mod logs;
 pub mod network;
+pub mod oci;
 pub mod process;
 pub mod qcow2;
 pub mod scratch;

@@ -96,7 +96,7 @@ impl Operation for CreateVmOp<'_> {
         match stage {
             Stage::ResolveImage => {
                 let image = match &self.request.image {
-                    Some(key) => ops.store.image_get(key).await?,
+                    Some(key) => ops.find_image(key).await?,
                     None => ops.ensure_default_image().await?,
                 };
                 super::images::check_image_files(&image).await?;

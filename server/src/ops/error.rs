@@ -161,6 +161,18 @@ pub enum Error {
     /// A host capability failed.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// A container image could not be read or converted.
+    #[error(transparent)]
+    Image(#[from] crate::host::oci::OciError),
+    /// Container images boot the default image's kernel and initramfs, which are missing or
+    /// too old to start the agent over an image that lacks it.
+    #[error("container images boot the kernel and initramfs of the default image in {}, which {why}; run `make install-image`", dir.display())]
+    NoBootKernel {
+        /// The default image's directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// The database failed.
     #[error(transparent)]
     Store(StoreError),

@@ -29,6 +29,21 @@ pub enum VmLog {
 /// The content of a file copied out of a guest.
 pub type FileOutput = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Error>> + Send>>;
 
+/// A container image's `Env`, `WorkingDir` and `User` under what the request says.
+fn with_image_defaults(mut command: ExecCommand, config: Option<&crate::domain::ImageConfig>) -> ExecCommand {
+    let Some(config) = config else {
+        return command;
+    };
+    command.env = config.merged_env(&command.env);
+    if command.working_dir.is_empty() {
+        command.working_dir = config.working_dir.clone();
+    }
+    if command.user.is_empty() {
+        command.user = config.user.clone();
+    }
+    command
+}
+
 impl Ops {
     /// The VM named by `key`, which must be running (its agent answers calls).
     async fn running_vm(&self, key: &str) -> Result<crate::domain::Vm, Error> {
@@ -78,7 +93,42 @@ impl Ops {
         input: impl Stream<Item = ExecInput> + Send + 'static,
     ) -> Result<ExecOutput, Error> {
         let vm = self.running_vm(key).await?;
+        let command = match self.store.image_get(&vm.image_id.to_string()).await {
+            Ok(image) => with_image_defaults(command, image.config()),
+            Err(_) => command, // its image is gone: the VM runs on its own disk
+        };
         let output = self.host.agents.exec(&vm, command, Box::pin(input)).await?;
         Ok(Box::pin(output.map(|item| item.map_err(Error::from))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ImageConfig;
+
+    #[test]
+    fn a_request_overrides_the_image_config_by_name() {
+        let config = ImageConfig {
+            env: vec!["PATH=/usr/bin".into(), "LANG=C.UTF-8".into()],
+            working_dir: "/srv".into(),
+            user: "ci".into(),
+            ..Default::default()
+        };
+        let command = ExecCommand {
+            argv: vec!["id".into()],
+            env: vec!["LANG=fr_FR.UTF-8".into(), "EXTRA=1".into()],
+            working_dir: String::new(),
+            stdin: false,
+            timeout_seconds: 0,
+            user: String::new(),
+        };
+        let merged = with_image_defaults(command.clone(), Some(&config));
+        assert_eq!(merged.env, vec!["PATH=/usr/bin", "LANG=fr_FR.UTF-8", "EXTRA=1"]);
+        assert_eq!((merged.working_dir.as_str(), merged.user.as_str()), ("/srv", "ci"));
+        let own = ExecCommand { working_dir: "/tmp".into(), user: "root".into(), ..command.clone() };
+        let merged = with_image_defaults(own, Some(&config));
+        assert_eq!((merged.working_dir.as_str(), merged.user.as_str()), ("/tmp", "root"));
+        assert_eq!(with_image_defaults(command.clone(), None), command);
     }
 }

@@ -193,6 +193,7 @@ impl Ops {
             rootfs_size_bytes,
             created_at_ms: self.clock().now_ms(),
             labels: new.labels.clone(),
+            origin: None,
         };
         let op_id = OpId::generate();
         super::lock(&self.importing).insert(id);
@@ -240,6 +241,14 @@ impl Ops {
         {
             // The record is gone: the directory is an orphan that reconcile removes.
             tracing::warn!(image_id = %image.id, error = %error, "cannot remove the image's files");
+        }
+        // Its layers, unless another image shares them. While a pull runs, the next
+        // reconcile does it.
+        if image.origin.is_some()
+            && let Ok(_turn) = self.pull_lock.try_lock()
+            && let Err(error) = self.collect_blobs(false).await
+        {
+            tracing::warn!(image_id = %image.id, error = %error, "cannot remove the image's blobs");
         }
         Ok(image.id)
     }

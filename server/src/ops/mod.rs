@@ -7,6 +7,7 @@ mod delete_vm;
 mod error;
 mod exec_vm;
 mod images;
+mod pull_image;
 mod queries;
 mod reaper;
 mod recover;
@@ -23,9 +24,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+/// Where a container image comes from (defined with the code that reads it).
+pub use crate::host::oci::{ProgressFn, Source as ImageSource};
 pub use create_vm::CreateVm;
 pub use error::{Error, FieldViolation};
 pub use exec_vm::{ExecOutput, LogOutput, VmLog};
+pub use pull_image::{AGENT_INIT_ARGS, NewOciImage};
 
 use crate::{
     domain::{Vm, VmHandles, VmId},
@@ -52,6 +56,11 @@ pub struct OpsConfig {
     pub network: Option<crate::config::NetworkConfig>,
     /// What `banger doctor` checks (`None` in tests that never ask).
     pub doctor: Option<crate::host::doctor::DoctorInputs>,
+    /// The smallest root file system made for a container image (it is sparse: room costs
+    /// nothing until the guest writes).
+    pub min_rootfs_bytes: u64,
+    /// How to reach registries.
+    pub registry: crate::host::oci::registry::RegistryConfig,
 }
 
 #[cfg(test)]
@@ -65,6 +74,8 @@ impl OpsConfig {
             root_disk: crate::domain::RootDiskStrategy::Qcow2,
             network: None,
             doctor: None,
+            min_rootfs_bytes: 64 * 1024 * 1024,
+            registry: Default::default(),
         }
     }
 }
@@ -102,6 +113,8 @@ pub struct Ops {
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     run_options: Mutex<runner::RunOptions>,
     default_image_lock: tokio::sync::Mutex<()>,
+    /// Held by a container image's pull or import, and by blob collection.
+    pull_lock: tokio::sync::Mutex<()>,
     /// Images whose import is under way: their directories are not orphans.
     importing: Mutex<std::collections::HashSet<crate::domain::ImageId>>,
     /// Set when the daemon stops serving: long-lived calls (watches, waits) end.
@@ -134,6 +147,7 @@ impl Ops {
             vm_locks: Mutex::default(),
             run_options: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
+            pull_lock: tokio::sync::Mutex::new(()),
             importing: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
         }

@@ -38,7 +38,25 @@ impl Ops {
 
     /// An image by id or name.
     pub async fn get_image(&self, key: &str) -> Result<crate::domain::Image, Error> {
-        Ok(self.store.image_get(key).await?)
+        self.find_image(key).await
+    }
+
+    /// An image by id, by name, or by the registry reference it was pulled from
+    /// (`debian:bookworm` finds `docker.io/library/debian:bookworm`).
+    pub async fn find_image(&self, key: &str) -> Result<crate::domain::Image, Error> {
+        let not_found = match self.store.image_get(key).await {
+            Ok(image) => return Ok(image),
+            Err(crate::store::StoreError::NotFound { kind, key }) => Error::NotFound { kind, key },
+            Err(other) => return Err(other.into()),
+        };
+        let Some(reference) = crate::host::oci::registry::normalize(key) else {
+            return Err(not_found);
+        };
+        let images = self.store.image_list().await?;
+        images
+            .into_iter()
+            .find(|image| image.origin.as_ref().is_some_and(|origin| origin.source == reference))
+            .ok_or(not_found)
     }
 
     /// A page of images carrying every label of `labels`, after the id `after`; and the

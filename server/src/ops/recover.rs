@@ -204,6 +204,11 @@ impl Ops {
                 tracing::warn!(image_id = %id, error = %error, "cannot remove orphan image dir");
             }
         }
+        // Blobs no image uses (a pull that failed or was killed), and its partial writes;
+        // only while no pull runs (the next reconcile gets them otherwise).
+        if let Ok(_turn) = self.pull_lock.try_lock() {
+            self.collect_blobs(true).await?;
+        }
         Ok(())
     }
 }
@@ -272,6 +277,7 @@ mod tests {
             rootfs_size_bytes: 0,
             created_at_ms: 0,
             labels: Default::default(),
+            origin: None,
         };
         ops.store.image_insert(&image).await.expect("image");
         let id = VmId::generate();

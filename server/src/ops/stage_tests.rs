@@ -61,6 +61,7 @@ async fn fixture_configured(configure: impl FnOnce(&mut OpsConfig)) -> Fixture {
         rootfs_size_bytes: 1,
         created_at_ms: 0,
         labels: Default::default(),
+        origin: None,
     };
     store.image_insert(&image).await.expect("image");
     let services: HostServices = host.services();
@@ -497,4 +498,149 @@ async fn snapshot(f: &Fixture) -> String {
         records.push(format!("{vm:?} {scratch:?}"));
     }
     format!("{records:?} {:?} {:?} {:?} {}", f.host.processes(), f.host.disks(), f.host.cgroups(), f.vm_dirs())
+}
+
+/// A fixture whose default image can boot container images (a kernel, an initramfs and
+/// the manifest line that says it starts the agent).
+async fn oci_fixture() -> Fixture {
+    let f = fixture_configured(|config| config.min_rootfs_bytes = 16 * 1024 * 1024).await;
+    let default = f._dir.path().join("none");
+    std::fs::create_dir_all(&default).expect("default image dir");
+    std::fs::write(default.join("vmlinuz"), b"kernel").expect("kernel");
+    std::fs::write(default.join("initrd.img"), b"initrd").expect("initrd");
+    std::fs::write(default.join("manifest.txt"), b"initramfs_agent=1\n").expect("manifest");
+    f
+}
+
+/// An OCI layout of the rule fixture under the fixture's dir, tagged `t`.
+fn oci_layout(f: &Fixture, name: &str, layers: &[Vec<u8>]) -> std::path::PathBuf {
+    let dir = f._dir.path().join(name);
+    std::fs::create_dir_all(&dir).expect("layout dir");
+    banger_tests::oci::write_layout(&dir, "t", &Default::default(), layers);
+    dir
+}
+
+fn pull_from(name: &str, dir: &Path) -> super::NewOciImage {
+    super::NewOciImage {
+        name: name.into(),
+        source: super::ImageSource::Layout { dir: dir.to_owned(), tag: Some("t".into()) },
+        labels: Default::default(),
+    }
+}
+
+fn blobs(f: &Fixture) -> usize {
+    std::fs::read_dir(f.ops.blobs().root().join("sha256")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn no_progress() -> super::ProgressFn {
+    std::sync::Arc::new(|_| {})
+}
+
+#[tokio::test]
+async fn image_pull_stages_are_idempotent_and_a_failed_pull_leaves_no_image_and_no_blob() {
+    let f = oci_fixture().await;
+    let layout = oci_layout(&f, "layout", &banger_tests::oci::rule_layers_with(3));
+    let stages = for_each_failing_stage!(
+        f,
+        |i| f.ops.pull_image(pull_from("pulled", &layout), crate::domain::OpId::generate(), no_progress()).await,
+        |stage| {
+            assert!(f.ops.store.image_get("pulled").await.is_err(), "{stage}: record left");
+            assert!(image_dirs(&f).is_empty(), "{stage}: {:?}", image_dirs(&f));
+            assert_eq!(blobs(&f), 0, "{stage}: blobs left");
+        }
+    );
+    assert_eq!(stages, 5, "fetch, flatten, build_rootfs, copy_kernel, insert_record");
+    let image = f.ops.store.image_get("pulled").await.expect("pulled");
+    let origin = image.origin.clone().expect("origin");
+    assert_eq!((origin.layers.len(), origin.platform.as_str()), (2, "linux/amd64"));
+    assert_eq!(blobs(&f), 4, "two layers, the config and the manifest");
+    assert_eq!(image.kernel_args, super::AGENT_INIT_ARGS);
+
+    // A second image sharing every layer stores no blob twice; deleting one keeps them.
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    let again = f.ops.pull_image(pull_from("again", &layout), crate::domain::OpId::generate(), no_progress()).await;
+    f.run(RunOptions::default());
+    let again = again.expect("pull with every stage twice");
+    assert_eq!(blobs(&f), 4);
+    assert!(
+        std::fs::read(&image.rootfs_path).expect("first") == std::fs::read(&again.rootfs_path).expect("second"),
+        "the same image makes the same ext4 bytes"
+    );
+    f.ops.delete_image("pulled").await.expect("delete");
+    assert_eq!(blobs(&f), 4, "the other image still uses them");
+    f.ops.delete_image("again").await.expect("delete");
+    assert_eq!(blobs(&f), 0, "the last image took its blobs along");
+}
+
+#[tokio::test]
+async fn hostile_sources_are_refused_with_their_own_error_and_leave_nothing() {
+    use banger_tests::oci::{Entry as E, layer};
+    use tar::EntryType;
+    let f = oci_fixture().await;
+    type Case = (&'static str, Vec<Vec<u8>>, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
+        ("dotdot", vec![layer(&[E::Raw(b"../../etc/x".to_vec(), EntryType::Regular)])], |e| {
+            matches!(e.root(), Error::Image(crate::host::oci::OciError::Layer { .. }))
+        }),
+        ("absolute", vec![layer(&[E::Raw(b"/etc/x".to_vec(), EntryType::Regular)])], |e| {
+            matches!(e.root(), Error::Image(crate::host::oci::OciError::Layer { .. }))
+        }),
+        (
+            "through-symlink",
+            vec![layer(&[E::Sym("escape", "/")]), layer(&[E::File("escape/etc/x", b"x", 0o644)])],
+            |e| matches!(e.root(), Error::Image(crate::host::oci::OciError::Layer { .. })),
+        ),
+        ("truncated", vec![layer(&[E::Many("many", 2000)])[..3000].to_vec()], |e| {
+            matches!(e.root(), Error::Image(crate::host::oci::OciError::CorruptLayer { .. }))
+        }),
+    ];
+    for (name, layers, expected) in cases {
+        let layout = oci_layout(&f, name, &layers);
+        let err = f
+            .ops
+            .pull_image(pull_from(name, &layout), crate::domain::OpId::generate(), no_progress())
+            .await
+            .expect_err(name);
+        assert!(expected(&err), "{name}: {err:?}");
+        assert!(f.ops.store.image_get(name).await.is_err(), "{name}: an image was recorded");
+        assert!(image_dirs(&f).is_empty(), "{name}: {:?}", image_dirs(&f));
+        assert_eq!(blobs(&f), 0, "{name}: blobs left");
+    }
+
+    // A blob whose content does not match its digest.
+    let layout = oci_layout(&f, "tampered", &[layer(&[E::File("a", b"a", 0o644)])]);
+    let layer_blob = std::fs::read_dir(layout.join("blobs/sha256"))
+        .expect("blobs")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::read(p).is_ok_and(|b| b.starts_with(&[0x1f, 0x8b])))
+        .expect("the layer blob");
+    std::fs::write(&layer_blob, layer(&[E::File("a", b"tampered", 0o644)])).expect("tamper");
+    let err = f
+        .ops
+        .pull_image(pull_from("tampered", &layout), crate::domain::OpId::generate(), no_progress())
+        .await
+        .expect_err("tampered");
+    assert!(matches!(err.root(), Error::Image(crate::host::oci::OciError::DigestMismatch { .. })), "{err:?}");
+
+    // An image for another platform only, and a tag the layout does not have.
+    let arm = f._dir.path().join("arm");
+    banger_tests::oci::write_multi_platform_layout(&arm, "t", &["linux/arm64", "linux/arm/v7"], &[layer(&[])]);
+    let err = f
+        .ops
+        .pull_image(pull_from("arm", &arm), crate::domain::OpId::generate(), no_progress())
+        .await
+        .expect_err("arm64 only");
+    match err.root() {
+        Error::Image(crate::host::oci::OciError::NoPlatform { available, .. }) => {
+            assert_eq!(available, &["linux/arm64".to_owned(), "linux/arm/v7".to_owned()])
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut unknown = pull_from("unknown", &arm);
+    unknown.source = super::ImageSource::Layout { dir: arm.clone(), tag: Some("nope".into()) };
+    let err = f.ops.pull_image(unknown, crate::domain::OpId::generate(), no_progress()).await.expect_err("tag");
+    assert!(matches!(err.root(), Error::Image(crate::host::oci::OciError::NotFound { .. })), "{err:?}");
+    assert_eq!(blobs(&f), 0, "blobs left");
+    assert_eq!(f.ops.store.image_list().await.expect("list").len(), 1, "only the fixture's own image");
 }

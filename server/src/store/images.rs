@@ -8,7 +8,7 @@ use super::{Store, StoreError, is_unique_violation};
 use crate::domain::{Image, ImageId, Resource};
 
 const COLUMNS: &str =
-    "id, name, kernel_path, initrd_path, rootfs_path, kernel_args, rootfs_size_bytes, created_at_ms, labels";
+    "id, name, kernel_path, initrd_path, rootfs_path, kernel_args, rootfs_size_bytes, created_at_ms, labels, origin";
 
 fn image_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Image, StoreError> {
     let id: String = row.try_get("id")?;
@@ -23,6 +23,10 @@ fn image_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Image, StoreError> {
         rootfs_size_bytes: row.try_get::<i64, _>("rootfs_size_bytes")? as u64,
         created_at_ms: row.try_get("created_at_ms")?,
         labels: serde_json::from_str(&row.try_get::<String, _>("labels")?).map_err(|_| corrupt("labels"))?,
+        origin: match row.try_get::<Option<String>, _>("origin")? {
+            Some(json) => Some(serde_json::from_str(&json).map_err(|_| corrupt("origin"))?),
+            None => None,
+        },
     })
 }
 
@@ -31,7 +35,7 @@ impl Store {
     pub async fn image_insert(&self, image: &Image) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO images (id, name, kernel_path, initrd_path, rootfs_path, kernel_args, \
-             rootfs_size_bytes, created_at_ms, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             rootfs_size_bytes, created_at_ms, labels, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(image.id.to_string())
         .bind(&image.name)
@@ -42,6 +46,7 @@ impl Store {
         .bind(image.rootfs_size_bytes as i64)
         .bind(image.created_at_ms)
         .bind(serde_json::to_string(&image.labels).unwrap_or_else(|_| "{}".into()))
+        .bind(image.origin.as_ref().and_then(|origin| serde_json::to_string(origin).ok()))
         .execute(&self.pool)
         .await;
         match result {

@@ -340,6 +340,7 @@ mod tests {
             rootfs_size_bytes: 1,
             created_at_ms: 0,
             labels: Default::default(),
+            origin: None,
         };
         store.image_insert(&image).await.expect("insert image");
         image.id

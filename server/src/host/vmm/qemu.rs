@@ -182,6 +182,7 @@ mod tests {
             rootfs_size_bytes: 0,
             created_at_ms: 0,
             labels: Default::default(),
+            origin: None,
         };
         let paths = VmPaths::new(Path::new("/state/vms/x"));
         let launch = LaunchSpec {
