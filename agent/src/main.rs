@@ -9,6 +9,7 @@ macro_rules! log {
 
 mod exec;
 mod files;
+mod grow_root;
 mod service;
 mod supervisor;
 mod switch_root;
@@ -130,12 +131,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.switch_root.is_some() && std::process::id() != 1 {
+        log!("--switch-root is for the guest's PID 1 only");
+        return ExitCode::from(2);
+    }
     if let Some(new_root) = &args.switch_root
         && let Err(err) = switch_root::switch_root(new_root)
     {
         // As PID 1, exiting panics the guest kernel: the VMM exits and the host sees why.
         log!("cannot switch to the root file system at {}: {err}", new_root.display());
         return ExitCode::FAILURE;
+    }
+    // Only as the guest's PID 1: never a host's root file system (tests start `--init` too).
+    if args.init && std::process::id() == 1 {
+        match grow_root::grow_root() {
+            Ok(Some(bytes)) => log!("grew the root file system to its disk: {} MiB", bytes >> 20),
+            Ok(None) => {}
+            Err(err) => log!("cannot grow the root file system to its disk: {err}"),
+        }
     }
     if args.init {
         // Must run before the runtime exists: fork() only copies the calling thread.

@@ -85,6 +85,7 @@ fn create_request(shape: VmShape, no_start: bool, no_wait: bool, request_id: Opt
         image: shape.image.unwrap_or_default(),
         vcpus: shape.vcpus,
         memory_mib: shape.memory,
+        disk_size_bytes: shape.disk_size.unwrap_or(0),
         no_start,
         no_wait,
         request_id: request_id.unwrap_or_default(),

@@ -83,6 +83,11 @@ struct VmShape {
     /// Guest memory in MiB [default: 256].
     #[arg(long, value_name = "MIB")]
     memory: Option<u32>,
+    /// Root disk size (e.g. 10G, 512M; at least the image's): the guest's root file system
+    /// grows to fill it at boot, and the host stores only what the guest writes [default:
+    /// the image's size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    disk_size: Option<u64>,
     /// Label the VM (repeatable), e.g. --label ci.job=4711.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -110,6 +115,25 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 }
 
 /// Parses `KEY=VALUE`.
+/// A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.trim_end_matches(['B', 'b', 'i']).to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?}: a size is a number with K, M, G or T (10G, 512M)")),
+    };
+    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (10G, 512M)"))?;
+    number.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too big"))
+}
+
 fn parse_label(text: &str) -> Result<(String, String), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
     Ok((key.to_owned(), value.to_owned()))
@@ -449,4 +473,18 @@ fn command_name(matches: &clap::ArgMatches) -> String {
         current = sub_matches;
     }
     name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("ten").is_err() && parse_size("1X").is_err());
+    }
 }

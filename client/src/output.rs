@@ -86,6 +86,10 @@ pub fn print_vm_details(vm: &pb::Vm) {
         ("image", vm.image_id.clone()),
         ("vcpus", vm.vcpus.to_string()),
         ("memory", format!("{} MiB", vm.memory_mib)),
+        (
+            "disk size",
+            if vm.disk_size_bytes == 0 { "the image's".into() } else { format!("{} MiB", vm.disk_size_bytes >> 20) },
+        ),
         ("last error", vm.last_error.clone()),
         ("error reason", error_reason_name(vm.last_error_reason).into()),
         ("last operation", vm.last_operation.clone()),

@@ -422,7 +422,7 @@ fn driver_requests() -> Vec<ApiRequest> {
                 id: banger_server::domain::VmId::generate(),
                 name: "web",
                 paths: &paths,
-                spec: VmSpec { vcpus: 2, memory_mib: 512 },
+                spec: VmSpec { vcpus: 2, memory_mib: 512, disk_bytes: 0 },
                 image: &image,
                 vsock_cid: 3,
                 disk: &paths.root_disk,

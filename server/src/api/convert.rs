@@ -45,6 +45,7 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
         image_id: vm.image_id.to_string(),
         vcpus: vm.spec.vcpus,
         memory_mib: vm.spec.memory_mib,
+        disk_size_bytes: vm.spec.disk_bytes,
         state: vm_state(vm.observed_state).into(),
         desired_state: vm_state(vm.desired_state).into(),
         last_error: vm.last_error.clone(),
@@ -160,6 +161,13 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
         if let Err(e) = crate::domain::labels_error(&request.labels) {
             violations.push(FieldViolation::new("labels", e.to_string()));
         }
+        let disk_bytes = request.disk_size_bytes.div_ceil(MIB) * MIB;
+        if disk_bytes > MAX_DISK_BYTES {
+            violations.push(FieldViolation::new(
+                "disk_size_bytes",
+                format!("must be at most 1 TiB, got {} bytes", request.disk_size_bytes),
+            ));
+        }
         let ttl_ms = ttl_ms("ttl", request.ttl).unwrap_or_else(|violation| {
             violations.push(violation);
             None
@@ -172,7 +180,7 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
             ttl_ms,
             name: (!request.name.is_empty()).then_some(request.name),
             image: (!request.image.is_empty()).then_some(request.image),
-            spec: VmSpec { vcpus, memory_mib },
+            spec: VmSpec { vcpus, memory_mib, disk_bytes },
             start: !request.no_start,
             wait_agent: !request.no_wait,
         })
@@ -265,6 +273,10 @@ pub fn image_progress(stage: &str, progress: &ImageProgress) -> pb::ImageProgres
         },
     }
 }
+
+const MIB: u64 = 1024 * 1024;
+/// The largest root disk a VM may ask for.
+pub const MAX_DISK_BYTES: u64 = 1 << 40;
 
 /// The longest time to live a VM may have.
 pub const MAX_TTL_SECONDS: i64 = 365 * 24 * 3600;

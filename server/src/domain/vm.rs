@@ -241,6 +241,8 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Root disk size in bytes; 0: the image's.
+    pub disk_bytes: u64,
 }
 
 /// A VM's durable record.

@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn the_jailer_makes_the_same_group_with_the_same_limits() {
-        let spec = VmSpec { vcpus: 2, memory_mib: 256 };
+        let spec = VmSpec { vcpus: 2, memory_mib: 256, disk_bytes: 0 };
         let with = |version| Cgroups { root: "/sys/fs/cgroup".into(), version, overhead_mib: 512 }.jailer_args(spec);
         let memory = (256 + 512) * 1024 * 1024u64;
         assert_eq!(
@@ -265,7 +265,7 @@ mod tests {
         let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
         let process = ProcessHandle { pid: child.id(), start_time: 0 };
         let group = format!("banger-test/{}", std::process::id());
-        let spec = VmSpec { vcpus: 2, memory_mib: 256 };
+        let spec = VmSpec { vcpus: 2, memory_mib: 256, disk_bytes: 0 };
         let named = cgroups.confine(&group, spec, &process).await;
         // Checked before cleanup, asserted after, so a failure still removes the process and group.
         let check = || -> Result<(), String> {

@@ -230,6 +230,7 @@ impl RootDisks for FakeHost {
         _strategy: crate::domain::RootDiskStrategy,
         base: &Path,
         disk: &Path,
+        _size: u64,
     ) -> Result<(), HostError> {
         self.check("disks.create")?;
         // Rule: never overwrite a disk; that would wipe a stopped VM's data.

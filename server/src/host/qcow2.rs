@@ -76,8 +76,9 @@ fn layout(base: &Path, virtual_size: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
 
 /// Creates `disk`, a qcow2 overlay over the raw file `base` (its size is the guest's disk
 /// size). Fails if `disk` exists; removes what it wrote when it fails.
-pub fn create_overlay(base: &Path, disk: &Path) -> io::Result<()> {
-    let virtual_size = std::fs::metadata(base)?.len();
+pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> io::Result<()> {
+    // Beyond the end of its backing file, an overlay reads zeros.
+    let virtual_size = std::fs::metadata(base)?.len().max(size);
     let pieces = layout(base, virtual_size)?;
     let file = std::fs::File::create_new(disk)?;
     let written = pieces
@@ -127,8 +128,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (base, disk) = (dir.path().join("base.raw"), dir.path().join("root.qcow2"));
         std::fs::File::create(&base).expect("base").set_len(3 << 30).expect("3 GiB");
-        create_overlay(&base, &disk).expect("overlay");
-        assert!(create_overlay(&base, &disk).is_err(), "an existing disk is never overwritten");
+        create_overlay(&base, &disk, 0).expect("overlay");
+        assert!(create_overlay(&base, &disk, 0).is_err(), "an existing disk is never overwritten");
+        // A disk asked bigger than its base: the rest reads as zeros.
+        let bigger = dir.path().join("bigger.qcow2");
+        create_overlay(&base, &bigger, 5 << 30).expect("bigger overlay");
+        let info =
+            std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&bigger).output().expect("info");
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+        assert_eq!(info["virtual-size"], 5u64 << 30);
+        let io = std::process::Command::new("qemu-io").args(["-c", "read -P 0 4G 64k"]).arg(&bigger).output();
+        if let Ok(io) = io {
+            let said = String::from_utf8_lossy(&io.stdout);
+            assert!(io.status.success() && !said.contains("fail"), "beyond the base: {said}");
+        }
         let check = std::process::Command::new("qemu-img").arg("check").arg(&disk).output().expect("check");
         assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
         let info =

@@ -11,8 +11,10 @@ use crate::domain::RootDiskStrategy;
 /// Copy-on-write root disks over an image's read-only root file system.
 #[tonic::async_trait]
 pub trait RootDisks: Send + Sync + std::fmt::Debug {
-    /// Creates `disk` from the raw image `base` with `strategy`; `base` is never written.
-    async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path) -> Result<(), HostError>;
+    /// Creates `disk` from the raw image `base` with `strategy`; `base` is never written. With
+    /// `size` above the base's, the disk is that big (the rest reads as zeros and takes no
+    /// room until written).
+    async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path, size: u64) -> Result<(), HostError>;
 }
 
 /// Makes root disks as files: qcow2 overlays (written directly, see `qcow2.rs`),
@@ -22,22 +24,35 @@ pub struct FileDisks;
 
 #[tonic::async_trait]
 impl RootDisks for FileDisks {
-    async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path) -> Result<(), HostError> {
+    async fn create(&self, strategy: RootDiskStrategy, base: &Path, disk: &Path, size: u64) -> Result<(), HostError> {
         let (program, args): (&Path, Vec<OsString>) = match strategy {
             RootDiskStrategy::DmSnapshot => return create_exception_store(base, disk),
             RootDiskStrategy::Qcow2 => {
-                return qcow2::create_overlay(base, disk).map_err(file_error("create the qcow2 overlay", disk));
+                return qcow2::create_overlay(base, disk, size).map_err(file_error("create the qcow2 overlay", disk));
             }
             RootDiskStrategy::Reflink => (Path::new("cp"), vec!["--reflink=always".into(), base.into(), disk.into()]),
             RootDiskStrategy::Copy => (Path::new("cp"), vec!["--sparse=always".into(), base.into(), disk.into()]),
         };
-        let made = command::run(program, &args).await.map(drop);
+        let mut made = command::run(program, &args).await.map(drop);
+        if made.is_ok() && size > 0 {
+            made = grow(disk, size).await;
+        }
         if made.is_err() {
             // A half-written copy is not a disk.
             let _ = std::fs::remove_file(disk);
         }
         made
     }
+}
+
+/// Extends a raw disk to `size` bytes (a hole: no room taken), never shrinks it.
+async fn grow(disk: &Path, size: u64) -> Result<(), HostError> {
+    let file = tokio::fs::OpenOptions::new().write(true).open(disk).await.map_err(file_error("open", disk))?;
+    let len = file.metadata().await.map_err(file_error("stat", disk))?.len();
+    if size > len {
+        file.set_len(size).await.map_err(file_error("extend", disk))?;
+    }
+    Ok(())
 }
 
 /// The size of a snapshot's exception store over a base of `base_bytes`: every chunk of the
@@ -62,6 +77,17 @@ fn create_exception_store(base: &Path, disk: &Path) -> Result<(), HostError> {
 pub async fn copy_file(from: &Path, to: &Path) -> Result<(), HostError> {
     let args: Vec<OsString> = vec!["--reflink=auto".into(), "--sparse=always".into(), from.into(), to.into()];
     command::run(Path::new("cp"), &args).await.map(drop)
+}
+
+/// Makes `to` the same file as `from` (a hard link: images are never written, so two images
+/// of one manifest share their root file system), or a copy where a link cannot be made.
+/// Replaces what is at `to`.
+pub async fn share_file(from: &Path, to: &Path) -> Result<(), HostError> {
+    let _ = tokio::fs::remove_file(to).await;
+    if tokio::fs::hard_link(from, to).await.is_ok() {
+        return Ok(());
+    }
+    copy_file(from, to).await
 }
 
 /// The strategy for new VMs: reflink clones where the state dir's file system makes them
@@ -111,13 +137,15 @@ mod tests {
         let reflink = reflink_supported(dir.path()).await.expect("probe");
         for strategy in [RootDiskStrategy::Qcow2, RootDiskStrategy::Copy, RootDiskStrategy::Reflink] {
             let disk = dir.path().join(format!("{}-{}", strategy.as_str(), strategy.file_name()));
-            let made = disks.create(strategy, &base, &disk).await;
+            let made = disks.create(strategy, &base, &disk, 4 << 20).await;
             if strategy == RootDiskStrategy::Reflink && !reflink {
                 assert!(made.is_err() && !disk.exists(), "reflink where unsupported must fail cleanly");
                 continue;
             }
             made.expect("create");
             if strategy != RootDiskStrategy::Qcow2 {
+                let len = std::fs::metadata(&disk).expect("disk").len();
+                assert_eq!(len, 4 << 20, "{strategy:?}: the disk has the size asked for");
                 std::fs::write(&disk, b"written").expect("write the copy");
             }
         }

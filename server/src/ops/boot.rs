@@ -112,7 +112,10 @@ impl Boot {
             BootStage::RootDisk => {
                 // A stopped VM keeps its disk: never recreate (that would wipe it).
                 if !crate::host::fs::exists(&paths.root_disk).await {
-                    ops.host.disks.create(self.vm.root_disk, &self.image.rootfs_path, &paths.root_disk).await?;
+                    ops.host
+                        .disks
+                        .create(self.vm.root_disk, &self.image.rootfs_path, &paths.root_disk, self.vm.spec.disk_bytes)
+                        .await?;
                     self.created_disk = true;
                 }
                 if self.vm.root_disk == RootDiskStrategy::DmSnapshot {

@@ -101,6 +101,7 @@ impl Operation for CreateVmOp<'_> {
                 };
                 super::images::check_image_files(&image).await?;
                 super::images::check_kernel_for(ops.host.vmm.name(), &image).await?;
+                check_disk_size(self.request.spec.disk_bytes, &image, ops.config.root_disk)?;
                 self.image = Some(image);
             }
             Stage::InsertRecord if self.boot.is_some() => {}
@@ -235,6 +236,29 @@ async fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
 fn generated_name(id: VmId) -> String {
     let id = id.to_string().to_lowercase();
     format!("vm-{}", &id[id.len() - 8..])
+}
+
+/// A root disk asked bigger than its image must be at least the image, and made by a
+/// strategy that can grow (a dm-snapshot is its base's size).
+fn check_disk_size(
+    disk_bytes: u64,
+    image: &crate::domain::Image,
+    strategy: crate::domain::RootDiskStrategy,
+) -> Result<(), Error> {
+    let violation = |why: String| Err(Error::InvalidArgument(vec![super::FieldViolation::new("disk_size_bytes", why)]));
+    if disk_bytes == 0 || disk_bytes == image.rootfs_size_bytes {
+        return Ok(());
+    }
+    if disk_bytes < image.rootfs_size_bytes {
+        return violation(format!(
+            "must be at least the image's root file system, {} bytes, got {disk_bytes}",
+            image.rootfs_size_bytes
+        ));
+    }
+    if strategy == crate::domain::RootDiskStrategy::DmSnapshot {
+        return violation("dm-snapshot root disks (root_disk = \"dm-snapshot\") are their image's size".into());
+    }
+    Ok(())
 }
 
 impl Ops {

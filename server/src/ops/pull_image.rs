@@ -53,6 +53,9 @@ struct PullImageOp<'a> {
     source: Option<Source>,
     origin: Option<OciOrigin>,
     plan: Option<Arc<oci::flatten::Plan>>,
+    /// The root file system of an image of the same manifest, converted already: shared
+    /// instead of made again (the same manifest makes the same bytes).
+    converted: Option<(PathBuf, u64)>,
     image: Image,
     progress: ProgressFn,
 }
@@ -107,16 +110,25 @@ impl Operation for PullImageOp<'_> {
                 }
             }
             Stage::Flatten => {
-                let plan = oci::flatten(self.ops.blobs(), self.origin()?, self.progress.clone()).await?;
-                self.plan = Some(plan);
+                let origin = self.origin()?;
+                self.converted = self.ops.converted(&origin.manifest_digest).await?;
+                if self.converted.is_none() {
+                    let plan = oci::flatten(self.ops.blobs(), origin, self.progress.clone()).await?;
+                    self.plan = Some(plan);
+                }
             }
             Stage::BuildRootfs => {
-                let plan = self.plan.clone().ok_or(Error::StageOrder { needs: "flatten" })?;
                 fs::create_dir(self.dir()).await?;
-                let min = self.ops.config.min_rootfs_bytes;
                 let out = self.image.rootfs_path.clone();
-                self.image.rootfs_size_bytes =
-                    oci::write_rootfs(self.ops.blobs(), self.origin()?, plan, out, min).await?;
+                if let Some((from, size)) = &self.converted {
+                    crate::host::storage::share_file(from, &out).await?;
+                    self.image.rootfs_size_bytes = *size;
+                } else {
+                    let plan = self.plan.clone().ok_or(Error::StageOrder { needs: "flatten" })?;
+                    let min = self.ops.config.min_rootfs_bytes;
+                    self.image.rootfs_size_bytes =
+                        oci::write_rootfs(self.ops.blobs(), self.origin()?, plan, out, min).await?;
+                }
             }
             Stage::CopyKernel => {
                 let (kernel, initrd) = self.ops.boot_kernel().await?;
@@ -183,6 +195,18 @@ impl Ops {
             tracing::info!(blobs = removed.len(), "removed blobs no image uses");
         }
         Ok(())
+    }
+
+    /// The root file system (and its size) of an image of this manifest, if one is converted.
+    async fn converted(&self, manifest_digest: &str) -> Result<Option<(PathBuf, u64)>, Error> {
+        for image in self.store.image_list().await? {
+            if image.origin.as_ref().is_some_and(|origin| origin.manifest_digest == manifest_digest)
+                && fs::is_file(&image.rootfs_path).await
+            {
+                return Ok(Some((image.rootfs_path, image.rootfs_size_bytes)));
+            }
+        }
+        Ok(None)
     }
 
     /// The kernel and initramfs container images boot: the default image's, when its
@@ -257,7 +281,15 @@ impl Ops {
             origin: None,
         };
         super::lock(&self.importing).insert(id);
-        let mut op = PullImageOp { ops: self, source: Some(new.source), origin: None, plan: None, image, progress };
+        let mut op = PullImageOp {
+            ops: self,
+            source: Some(new.source),
+            origin: None,
+            plan: None,
+            converted: None,
+            image,
+            progress,
+        };
         let pulled = runner::run_with(op_id, &mut op, &self.run_options()).await;
         super::lock(&self.importing).remove(&id);
         pulled?;

@@ -288,7 +288,7 @@ mod tests {
                 id,
                 name,
                 image_id: image.id,
-                spec: VmSpec { vcpus: 1, memory_mib: 256 },
+                spec: VmSpec { vcpus: 1, memory_mib: 256, disk_bytes: 0 },
                 desired_state: VmState::Running,
                 observed_state: VmState::Running,
                 root_disk: crate::domain::RootDiskStrategy::Qcow2,

@@ -72,7 +72,7 @@ fn create(name: &str) -> CreateVm {
     CreateVm {
         name: Some(name.into()),
         image: Some("img".into()),
-        spec: VmSpec { vcpus: 1, memory_mib: 256 },
+        spec: VmSpec { vcpus: 1, memory_mib: 256, disk_bytes: 0 },
         start: true,
         wait_agent: true,
         labels: Default::default(),
@@ -562,14 +562,18 @@ async fn image_pull_stages_are_idempotent_and_a_failed_pull_leaves_no_image_and_
     f.run(RunOptions::default());
     let again = again.expect("pull with every stage twice");
     assert_eq!(blobs(&f), 4);
-    assert!(
-        std::fs::read(&image.rootfs_path).expect("first") == std::fs::read(&again.rootfs_path).expect("second"),
-        "the same image makes the same ext4 bytes"
-    );
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &Path| std::fs::metadata(path).expect("rootfs").ino();
+    assert_eq!(inode(&image.rootfs_path), inode(&again.rootfs_path), "a converted manifest is shared, not made again");
+    let first_bytes = std::fs::read(&image.rootfs_path).expect("first");
     f.ops.delete_image("pulled").await.expect("delete");
     assert_eq!(blobs(&f), 4, "the other image still uses them");
+    assert_eq!(std::fs::read(&again.rootfs_path).expect("still there"), first_bytes);
     f.ops.delete_image("again").await.expect("delete");
     assert_eq!(blobs(&f), 0, "the last image took its blobs along");
+    // Converted again from nothing: the same bytes.
+    let third = f.ops.pull_image(pull_from("third", &layout), crate::domain::OpId::generate(), no_progress()).await;
+    assert!(std::fs::read(&third.expect("third").rootfs_path).expect("third") == first_bytes, "reproducible");
 }
 
 #[tokio::test]

@@ -147,7 +147,7 @@ mod tests {
             id: VmId::generate(),
             name: name.into(),
             image_id: ImageId::generate(),
-            spec: VmSpec { vcpus: 1, memory_mib: 128 },
+            spec: VmSpec { vcpus: 1, memory_mib: 128, disk_bytes: 0 },
             desired_state: VmState::Created,
             observed_state: VmState::Created,
             vsock_cid: 3,

@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::{Store, StoreError, is_unique_violation};
 use crate::domain::{IpPool, Labels, Resource, RootDiskStrategy, Vm, VmFault, VmId, VmSpec, VmState};
 
-const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
+const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, disk_size_bytes, desired_state, observed_state, \
     vsock_cid, root_disk, ip, vm_dir, last_error, last_error_reason, last_operation, created_at_ms, updated_at_ms, \
     generation, \
     labels, expire_at_ms";
@@ -60,6 +60,7 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         spec: VmSpec {
             vcpus: row.try_get::<i64, _>("vcpus")? as u32,
             memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
+            disk_bytes: row.try_get::<i64, _>("disk_size_bytes")? as u64,
         },
         desired_state: state("desired_state")?,
         observed_state: state("observed_state")?,
@@ -163,9 +164,10 @@ impl Store {
             let mut tx = self.write_transaction().await?;
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
-                 vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms) \
+                 vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms, \
+                 disk_size_bytes) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
-                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14)",
+                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14, ?15)",
             )
             .bind(new.id.to_string())
             .bind(new.name)
@@ -181,6 +183,7 @@ impl Store {
             .bind(ip.map(|ip| ip.to_string()))
             .bind(serde_json::to_string(new.labels).unwrap_or_else(|_| "{}".into()))
             .bind(new.expire_at_ms)
+            .bind(new.spec.disk_bytes as i64)
             .execute(&mut *tx)
             .await;
             match result {
@@ -353,7 +356,7 @@ mod tests {
             id: VmId::generate(),
             name,
             image_id,
-            spec: VmSpec { vcpus: 1, memory_mib: 256 },
+            spec: VmSpec { vcpus: 1, memory_mib: 256, disk_bytes: 0 },
             desired_state: VmState::Running,
             observed_state: VmState::Created,
             root_disk: RootDiskStrategy::Qcow2,

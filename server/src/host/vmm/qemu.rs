@@ -189,7 +189,7 @@ mod tests {
             id: crate::domain::VmId::generate(),
             name: "web",
             paths: &paths,
-            spec: VmSpec { vcpus: 2, memory_mib: 384 },
+            spec: VmSpec { vcpus: 2, memory_mib: 384, disk_bytes: 0 },
             image: &image,
             vsock_cid: 7,
             disk: &paths.root_disk,
