@@ -36,6 +36,23 @@ fn spawn_error(program: &Path, err: std::io::Error) -> HostError {
     }
 }
 
+/// A finished tool's standard output, or the failure its exit status says.
+fn checked(program: &Path, args: &[OsString], output: std::process::Output) -> Result<Vec<u8>, HostError> {
+    if !output.status.success() {
+        return Err(failed(program, args, output.status, &output.stderr));
+    }
+    Ok(output.stdout)
+}
+
+fn failed(program: &Path, args: &[OsString], status: std::process::ExitStatus, stderr: &[u8]) -> HostError {
+    HostError::Command(CommandFailed {
+        program: program.display().to_string(),
+        args: display_args(args),
+        status,
+        stderr: String::from_utf8_lossy(stderr).trim().to_owned(),
+    })
+}
+
 /// Runs a tool to completion and returns its standard output; a non-zero exit is an error.
 /// Tools run in the C locale: what they print is the same on every host.
 pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError> {
@@ -47,15 +64,7 @@ pub async fn run(program: &Path, args: &[OsString]) -> Result<Vec<u8>, HostError
         .output()
         .await
         .map_err(|e| spawn_error(program, e))?;
-    if !output.status.success() {
-        return Err(HostError::Command(CommandFailed {
-            program: program.display().to_string(),
-            args: display_args(args),
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        }));
-    }
-    Ok(output.stdout)
+    checked(program, args, output)
 }
 
 /// Runs a tool to completion from a blocking thread, with extra environment; returns its
@@ -68,15 +77,7 @@ pub fn run_blocking(program: &Path, args: &[OsString], envs: &[(&str, &str)]) ->
         .stdin(Stdio::null())
         .output()
         .map_err(|e| spawn_error(program, e))?;
-    if !output.status.success() {
-        return Err(HostError::Command(CommandFailed {
-            program: program.display().to_string(),
-            args: display_args(args),
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        }));
-    }
-    Ok(output.stdout)
+    checked(program, args, output)
 }
 
 /// Runs a tool from a blocking thread and feeds its standard input with `feed`; returns how
@@ -128,13 +129,7 @@ fn feed_tool<E>(
     if !status.success() {
         let mut text = String::new();
         let _ = stderr.seek(std::io::SeekFrom::Start(0)).and_then(|_| stderr.read_to_string(&mut text));
-        let failed = HostError::Command(CommandFailed {
-            program: program.display().to_string(),
-            args: display_args(args),
-            status,
-            stderr: text.trim().to_owned(),
-        });
-        return Ok((Err(failed), fed));
+        return Ok((Err(failed(program, args, status, text.as_bytes())), fed));
     }
     Ok((Ok(()), fed))
 }
