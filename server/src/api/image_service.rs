@@ -178,19 +178,24 @@ enum PullEvent {
 /// queued when the client reads slower than the pull goes (the next report supersedes
 /// them), and at most one blob report per [`PROGRESS_STEP`] bytes.
 fn progress_to(tx: mpsc::Sender<PullEvent>) -> ProgressFn {
-    let state = std::sync::Mutex::new((String::from("fetch"), 0u64));
+    // The stage under way, and the blob and byte count last reported.
+    let state = std::sync::Mutex::new((String::from("fetch"), String::new(), 0u64));
     Arc::new(move |progress: ImageProgress| {
         let mut state = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match &progress {
             ImageProgress::Stage(name) => {
-                *state = ((*name).to_owned(), 0);
+                *state = ((*name).to_owned(), String::new(), 0);
             }
-            ImageProgress::Blob { done, total, .. } => {
+            ImageProgress::Blob { digest, done, total } => {
+                // A blob's first report, then one per step, and its last one, once each.
+                let same_blob = *digest == state.1 && state.2 > 0;
                 let finished = total.is_some_and(|t| *done >= t);
-                if !finished && done.saturating_sub(state.1) < PROGRESS_STEP && *done > 0 {
+                let stepped = done.saturating_sub(state.2) >= PROGRESS_STEP;
+                if same_blob && (*done == state.2 || (!finished && !stepped)) {
                     return;
                 }
-                state.1 = *done;
+                state.1 = digest.clone();
+                state.2 = *done;
             }
         }
         let _ = tx.try_send(PullEvent::Progress(convert::image_progress(&state.0, &progress)));
