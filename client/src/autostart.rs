@@ -11,6 +11,8 @@ use banger_client::{Client, ClientError, Target};
 
 /// How long a freshly started daemon may take to become healthy.
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for another daemon on the socket once the one started here exited.
+const LOST_RACE_WAIT: Duration = Duration::from_secs(10);
 
 /// The bangerd binary: next to this banger binary, else from PATH.
 fn bangerd_binary() -> PathBuf {
@@ -47,8 +49,18 @@ pub async fn start_daemon(socket: &Path) -> Result<Client, String> {
     eprintln!("banger: started bangerd (pid {}, log {})", child.id(), log_path.display());
     let deadline = Instant::now() + HEALTHY_TIMEOUT;
     let target = Target::Unix(socket.to_owned());
+    // A daemon that exits at once may have lost the race for the state dir to another
+    // CLI's autostart: that one may still come up on the socket, so wait a little for it.
+    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if exited.is_none()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            exited = Some((status, Instant::now()));
+        }
+        if let Some((status, at)) = exited
+            && at.elapsed() >= LOST_RACE_WAIT
+        {
             return Err(format!("bangerd exited with {status}; see {}", log_path.display()));
         }
         if let Ok(client) = Client::connect(&target).await

@@ -267,12 +267,17 @@ async fn resync_periodically(ops: Arc<Ops>) {
     }
 }
 
-/// Binds the unix socket (mode 0660), refusing to take over one another daemon serves.
+/// Binds the unix socket (mode 0660), refusing to take over one another daemon serves, and
+/// removing what is at the path only when it is a socket nobody answers on.
 pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create socket dir {}", dir.display()))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!("{} exists and is not a socket: refusing to remove it", path.display());
+        }
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             anyhow::bail!("another bangerd is already serving on {}", path.display());
         }
@@ -286,6 +291,9 @@ pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
 
 /// Runs the daemon with `config` until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Before anything else: a second daemon on this state dir would reconcile the first
+    // one's booting VMs as interrupted and kill them.
+    let _lock = host::lock::StateDirLock::acquire(&config.state_dir)?;
     let ops = open_ops(&config).await?;
     let unix = bind_unix(&config.socket).await?;
     let tcp = match config.listen {

@@ -149,3 +149,42 @@ fn a_daemon_killed_during_create_leaves_a_running_vm_or_a_clean_error() {
     }
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }
+
+/// One daemon per state dir: a second `bangerd` on it exits at once, naming the first one's
+/// PID, while the first one's VM boots untouched; a regular file where the socket should be
+/// is refused, not deleted.
+#[test]
+fn a_second_daemon_on_one_state_dir_exits_naming_the_first_and_touches_nothing() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let mut create = daemon.banger_spawn(&["vm", "create", "--name", "first"]);
+    let state_dir = daemon.state_dir().display().to_string();
+    let other_socket = daemon.dir.path().join("other.sock").display().to_string();
+    let second = std::process::Command::new(banger_tests::bin_dir().join("bangerd"))
+        .args(["--state-dir", &state_dir, "--socket", &other_socket])
+        .output()
+        .expect("second bangerd");
+    let stderr = text(&second.stderr);
+    assert!(!second.status.success(), "a second daemon ran on the state dir: {stderr}");
+    assert!(stderr.contains(&format!("another bangerd (pid {}) uses the state dir", daemon.pid())), "{stderr}");
+    let status = create.wait().expect("create");
+    assert!(status.success(), "the first daemon's create failed:\n{}", daemon.log());
+    let out = daemon.banger(&["vm", "show", "first"]);
+    assert_eq!(field(&out, "state").as_deref(), Some("running"), "{}", text(&out.stdout));
+    assert!(!daemon.log().contains("interrupted"), "the first daemon's VM was touched:\n{}", daemon.log());
+
+    let not_a_socket = daemon.dir.path().join("precious.txt");
+    std::fs::write(&not_a_socket, b"not a socket").expect("file");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let refused = std::process::Command::new(banger_tests::bin_dir().join("bangerd"))
+        .arg("--state-dir")
+        .arg(elsewhere.path())
+        .arg("--socket")
+        .arg(&not_a_socket)
+        .output()
+        .expect("bangerd");
+    let stderr = text(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&not_a_socket).expect("still there"), b"not a socket");
+    daemon.banger(&["vm", "delete", "first"]);
+}

@@ -13,6 +13,7 @@ pub mod exec;
 pub mod fake;
 pub mod files;
 pub mod fs;
+pub mod lock;
 pub mod logs;
 pub mod network;
 pub mod oci;
