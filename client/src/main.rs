@@ -422,12 +422,12 @@ enum ImageCommand {
     List,
     /// Show one image.
     Show {
-        /// Image id or name.
+        /// Image id, name, or the registry reference it was pulled from.
         image: String,
     },
     /// Delete an image no VM uses.
     Delete {
-        /// Image id or name.
+        /// Image id, name, or the registry reference it was pulled from.
         image: String,
     },
 }

@@ -361,6 +361,10 @@ fn images_pulled_from_a_registry_boot_share_their_layers_and_fail_with_the_right
     assert_eq!(blobs(&daemon), blobs_before, "failed pulls left blobs");
     let images = text(&ok(&daemon, &["image", "ls"]).stdout);
     assert_eq!(images.lines().count(), 3, "the header and two images:\n{images}");
+    // Named by the reference it was pulled from, as `image show` and `--image` name it.
+    ok(&daemon, &["image", "delete", &reference]);
+    let images = text(&ok(&daemon, &["image", "ls"]).stdout);
+    assert!(!images.contains("rules-v1"), "{images}");
 }
 
 #[test]

@@ -231,9 +231,10 @@ impl Ops {
         Ok(image)
     }
 
-    /// Deletes an image no VM uses, and its files.
+    /// Deletes an image no VM uses (named as GetImage names it: id, name or the reference it
+    /// was pulled from), and its files.
     pub async fn delete_image(&self, key: &str) -> Result<ImageId, Error> {
-        let image = self.store.image_get(key).await?;
+        let image = self.find_image(key).await?;
         self.store.image_delete(image.id).await?;
         if let Some(dir) = image.rootfs_path.parent()
             && dir.starts_with(self.images_dir())
