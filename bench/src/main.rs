@@ -909,6 +909,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Like /var/lib: the VMs' uids pass through it to their files in bangerd's state dir.
+    if let Err(error) = std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)) {
+        eprintln!("bench: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     match run(&bin_dir, &image_dir, &root, work.path()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -191,7 +191,9 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
                 }
             }
         }
-        VmCommand::Cp { source, destination, mode } => copy(&mut client, &source, &destination, mode).await?,
+        VmCommand::Cp { source, destination, mode, preserve_special } => {
+            copy(&mut client, &source, &destination, mode, preserve_special).await?
+        }
         VmCommand::Touch { vm, ttl, no_ttl: _ } => {
             let request = pb::TouchVmRequest { vm, ttl: ttl.map(duration) };
             let vm = client.vms.touch_vm(request).await?.into_inner().vm.unwrap_or_default();
@@ -407,7 +409,13 @@ fn usage(message: &str) -> Failure {
 }
 
 /// Copies one file into or out of a VM, streaming it in 1 MiB chunks.
-async fn copy(client: &mut Client, source: &str, destination: &str, mode: Option<u32>) -> Result<(), Failure> {
+async fn copy(
+    client: &mut Client,
+    source: &str,
+    destination: &str,
+    mode: Option<u32>,
+    preserve_special: bool,
+) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt;
     const CHUNK: usize = 1 << 20;
     match (guest_side(source), guest_side(destination)) {
@@ -455,37 +463,54 @@ async fn copy(client: &mut Client, source: &str, destination: &str, mode: Option
                 Ok(meta) if meta.is_dir() => target.join(std::path::Path::new(path).file_name().unwrap_or_default()),
                 _ => target.to_path_buf(),
             };
-            let temp = target.with_file_name(format!(
-                ".{}.banger-cp-{}",
-                target.file_name().unwrap_or_default().to_string_lossy(),
-                std::process::id()
-            ));
-            let result = async {
-                let mut file =
-                    tokio::fs::File::create(&temp).await.map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
-                let (mut mode, mut size) = (0o644, 0u64);
-                while let Some(message) = stream.message().await? {
-                    match message.payload {
-                        Some(pb::copy_from_vm_response::Payload::Info(info)) => mode = info.mode,
-                        Some(pb::copy_from_vm_response::Payload::Data(data)) => {
-                            file.write_all(&data).await.map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
-                            size += data.len() as u64;
+            // A new file (O_EXCL, mode 0600) with an unpredictable name in the destination's
+            // directory: nothing there can be followed or raced. Dropped unpersisted, it is
+            // removed: a failed copy leaves nothing.
+            let dir = match target.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            let name = target.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let temp = tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .suffix(".banger-cp")
+                .tempfile_in(&dir)
+                .map_err(|e| usage(&format!("{}: {e}", dir.display())))?;
+            let (file, temp) = temp.into_parts();
+            let mut file = tokio::fs::File::from_std(file);
+            let written = |e: std::io::Error| usage(&format!("{}: {e}", temp.display()));
+            let mismatch = |announced: u64, sent: u64| {
+                Failure::Status(Status::data_loss(format!(
+                    "{vm}:{path} was announced as {announced} bytes and {sent} came (it changed while being \
+                     copied, or its size is not its content's); nothing was written"
+                )))
+            };
+            // The guest is untrusted: it never writes more to the host than it announced.
+            let (mut info, mut size) = (None::<pb::CopiedFileInfo>, 0u64);
+            while let Some(message) = stream.message().await? {
+                match message.payload {
+                    Some(pb::copy_from_vm_response::Payload::Info(announced)) => info = Some(announced),
+                    Some(pb::copy_from_vm_response::Payload::Data(data)) => {
+                        let announced = info.as_ref().map_or(0, |info| info.size);
+                        size += data.len() as u64;
+                        if size > announced {
+                            return Err(mismatch(announced, size));
                         }
-                        None => {}
+                        file.write_all(&data).await.map_err(written)?;
                     }
+                    None => {}
                 }
-                file.sync_all().await.map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
-                tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
-                    .await
-                    .map_err(|e| usage(&format!("{}: {e}", temp.display())))?;
-                tokio::fs::rename(&temp, &target).await.map_err(|e| usage(&format!("{}: {e}", target.display())))?;
-                Ok::<u64, Failure>(size)
             }
-            .await;
-            if result.is_err() {
-                let _ = tokio::fs::remove_file(&temp).await;
+            let info = info.ok_or_else(|| Failure::Status(Status::data_loss("the guest announced no file")))?;
+            if size != info.size {
+                return Err(mismatch(info.size, size));
             }
-            println!("copied {} bytes to {}", result?, target.display());
+            file.sync_all().await.map_err(written)?;
+            let special = if preserve_special { 0o7777 } else { 0o777 };
+            file.set_permissions(std::fs::Permissions::from_mode(info.mode & special)).await.map_err(written)?;
+            drop(file);
+            temp.persist(&target).map_err(|e| usage(&format!("{}: {}", target.display(), e.error)))?;
+            println!("copied {size} bytes to {}", target.display());
         }
         (Some(_), Some(_)) => {
             return Err(usage("copy between two VMs through the host: out of one, then into the other"));

@@ -311,7 +311,10 @@ enum VmCommand {
     /// Copy a file into or out of a running VM: `vm cp LOCAL VM:PATH` or `vm cp VM:PATH LOCAL`.
     ///
     /// Streamed both ways (any size); the copy appears complete or not at all. Into a VM the
-    /// file keeps its local mode unless --mode is given; out of a VM it gets the guest's mode.
+    /// file keeps its local mode unless --mode is given. Out of a VM it gets the guest's
+    /// permission bits without setuid, setgid and sticky (unless --preserve-special); it is
+    /// written to a new file with an unpredictable name beside the destination and renamed
+    /// into place only when its size is the one the guest announced.
     Cp {
         /// Source: a local path, or VM:ABSOLUTE-PATH.
         source: String,
@@ -320,6 +323,10 @@ enum VmCommand {
         /// Mode of the file written into the VM, in octal (e.g. 0755).
         #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
         mode: Option<u32>,
+        /// Out of a VM: keep the guest's setuid, setgid and sticky bits (a guest is untrusted:
+        /// they are dropped by default).
+        #[arg(long)]
+        preserve_special: bool,
     },
     /// Show one VM in detail.
     Show {

@@ -24,12 +24,18 @@ pub const DEFAULT_IMAGE_DIR: &str = "/usr/local/share/banger/images/default";
 pub const DEFAULT_VMM_MEMORY_OVERHEAD_MIB: u64 = 512;
 /// Default [`Config::image_min_rootfs_mib`]: 1 GiB, like the default image's.
 pub const DEFAULT_IMAGE_MIN_ROOTFS_MIB: u64 = 1024;
+/// Default [`Config::max_log_mib`].
+pub const DEFAULT_MAX_LOG_MIB: u64 = 16;
+/// Default [`Config::max_memory_percent`]: guests get at most 90% of the host's memory.
+pub const DEFAULT_MAX_MEMORY_PERCENT: u32 = 90;
+/// Default [`Config::min_free_disk_mib`].
+pub const DEFAULT_MIN_FREE_DISK_MIB: u64 = 1024;
 /// The VM network when a bridge is configured without one.
 pub const DEFAULT_BRIDGE_CIDR: &str = "172.30.0.0/24";
 /// Config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/banger/config.toml";
-/// First uid (and gid) of jailed VMMs: the VM with vsock context id N runs as this + N.
-pub const DEFAULT_JAILER_UID_BASE: u32 = 900_000;
+/// First uid (and gid) of VMs' processes: the VM with vsock context id N runs as this + N.
+pub const DEFAULT_VM_UID_BASE: u32 = 900_000;
 
 /// The config file's contents; every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +68,16 @@ pub struct FileConfig {
     pub vmm_memory_overhead_mib: Option<u64>,
     /// See [`Config::image_min_rootfs_mib`].
     pub image_min_rootfs_mib: Option<u64>,
+    /// See [`Config::max_log_mib`].
+    pub max_log_mib: Option<u64>,
+    /// See [`Config::max_vms`].
+    pub max_vms: Option<u64>,
+    /// See [`Config::max_vcpus`].
+    pub max_vcpus: Option<u64>,
+    /// See [`Config::max_memory_percent`].
+    pub max_memory_percent: Option<u32>,
+    /// See [`Config::min_free_disk_mib`].
+    pub min_free_disk_mib: Option<u64>,
     /// See [`Config::insecure_registries`].
     pub insecure_registries: Option<Vec<String>>,
     /// See [`Config::registry_auth_file`].
@@ -84,7 +100,9 @@ pub struct FileConfig {
     pub jailer: Option<bool>,
     /// See [`JailerConfig::binary`].
     pub jailer_binary: Option<PathBuf>,
-    /// See [`JailerConfig::uid_base`].
+    /// See [`Config::vm_uid_base`].
+    pub vm_uid_base: Option<u32>,
+    /// The name `vm_uid_base` had when only jailed VMMs dropped root.
     pub jailer_uid_base: Option<u32>,
 }
 
@@ -146,6 +164,18 @@ pub struct Config {
     /// The smallest root file system made for a container image, in MiB (sparse: the room
     /// costs nothing on the host until a guest writes into it).
     pub image_min_rootfs_mib: u64,
+    /// Each VM log (console, VMM, vsock backend) is kept under this size: its oldest part is
+    /// dropped (checked every second).
+    pub max_log_mib: u64,
+    /// At most this many VMs are recorded; none: no limit.
+    pub max_vms: Option<u64>,
+    /// The VMs that run (or are starting) have at most this many vCPUs in all; none: no limit.
+    pub max_vcpus: Option<u64>,
+    /// The VMs that run (or are starting) have at most this share of the host's memory, in
+    /// percent, as guest memory in all.
+    pub max_memory_percent: u32,
+    /// Creates are refused while the state dir's file system has less free space than this.
+    pub min_free_disk_mib: u64,
     /// Registries (`host:port`) pulled from over plain HTTP; every other one over HTTPS with
     /// the system's CAs.
     pub insecure_registries: Vec<String>,
@@ -164,6 +194,10 @@ pub struct Config {
     pub firecracker_binary: PathBuf,
     /// Firecracker's jailer, when each Firecracker runs under it.
     pub jailer: Option<JailerConfig>,
+    /// The processes of the VM with vsock context id N (its VMM, its vsock backend) run as
+    /// uid and gid `vm_uid_base + N`: one unprivileged identity per VM, in a range nothing
+    /// else on the host uses.
+    pub vm_uid_base: u32,
 }
 
 /// How Firecracker's jailer confines each VMM.
@@ -287,6 +321,27 @@ impl Config {
                 message: "firecracker boots raw disks only: use reflink, copy or auto".into(),
             });
         }
+        let max_log_mib = file.max_log_mib.unwrap_or(DEFAULT_MAX_LOG_MIB);
+        if max_log_mib == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max_log_mib",
+                message: "0 would keep no log: give a size".into(),
+            });
+        }
+        let max_memory_percent = file.max_memory_percent.unwrap_or(DEFAULT_MAX_MEMORY_PERCENT);
+        if max_memory_percent == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max_memory_percent",
+                message: "0 would admit no VM: give a share of the host's memory (above 100 overcommits)".into(),
+            });
+        }
+        let vm_uid_base = file.vm_uid_base.or(file.jailer_uid_base).unwrap_or(DEFAULT_VM_UID_BASE);
+        if vm_uid_base == 0 || vm_uid_base > u32::MAX / 2 {
+            return Err(ConfigError::Invalid {
+                key: "vm_uid_base",
+                message: format!("{vm_uid_base}: must be above 0 (root) and leave room for one uid per VM"),
+            });
+        }
         let jailer = match file.jailer.unwrap_or(false) {
             false => None,
             true if root_disk == Some(RootDiskStrategy::DmSnapshot) => {
@@ -301,20 +356,15 @@ impl Config {
                     message: "the jailer confines Firecracker: set vmm = \"firecracker\" too".into(),
                 });
             }
-            true => {
-                let uid_base = file.jailer_uid_base.unwrap_or(DEFAULT_JAILER_UID_BASE);
-                if uid_base == 0 || uid_base > u32::MAX / 2 {
-                    return Err(ConfigError::Invalid {
-                        key: "jailer_uid_base",
-                        message: format!("{uid_base}: must be above 0 (root) and leave room for one uid per VM"),
-                    });
-                }
-                Some(JailerConfig { binary: file.jailer_binary.unwrap_or_else(|| "jailer".into()), uid_base })
-            }
+            true => Some(JailerConfig {
+                binary: file.jailer_binary.unwrap_or_else(|| "jailer".into()),
+                uid_base: vm_uid_base,
+            }),
         };
         Ok(Self {
             vmm,
             jailer,
+            vm_uid_base,
             firecracker_binary: file.firecracker_binary.unwrap_or_else(|| "firecracker".into()),
             network,
             root_disk,
@@ -333,6 +383,11 @@ impl Config {
             otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
             vmm_memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(DEFAULT_VMM_MEMORY_OVERHEAD_MIB),
             image_min_rootfs_mib: file.image_min_rootfs_mib.unwrap_or(DEFAULT_IMAGE_MIN_ROOTFS_MIB),
+            max_log_mib,
+            max_vms: file.max_vms,
+            max_vcpus: file.max_vcpus,
+            max_memory_percent,
+            min_free_disk_mib: file.min_free_disk_mib.unwrap_or(DEFAULT_MIN_FREE_DISK_MIB),
             insecure_registries: file.insecure_registries.unwrap_or_default(),
             registry_auth_file: file.registry_auth_file.or_else(default_registry_auth_file),
         })
@@ -414,7 +469,7 @@ mod tests {
         for base in [0, u32::MAX] {
             let err =
                 Config::from_parts(file(VmmKind::Firecracker, Some(base)), Overrides::default()).expect_err("base");
-            assert!(matches!(err, ConfigError::Invalid { key: "jailer_uid_base", .. }), "{err}");
+            assert!(matches!(err, ConfigError::Invalid { key: "vm_uid_base", .. }), "{err}");
         }
         let dm = FileConfig {
             root_disk: Some(RootDiskChoice::Strategy(RootDiskStrategy::DmSnapshot)),
@@ -423,7 +478,7 @@ mod tests {
         let err = Config::from_parts(dm, Overrides::default()).expect_err("dm-snapshot");
         assert!(matches!(err, ConfigError::Invalid { key: "root_disk", .. }), "{err}");
         let config = Config::from_parts(file(VmmKind::Firecracker, None), Overrides::default()).expect("valid");
-        assert_eq!(config.jailer, Some(JailerConfig { binary: "jailer".into(), uid_base: DEFAULT_JAILER_UID_BASE }));
+        assert_eq!(config.jailer, Some(JailerConfig { binary: "jailer".into(), uid_base: DEFAULT_VM_UID_BASE }));
     }
 
     #[test]

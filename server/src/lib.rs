@@ -65,6 +65,9 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
 pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Arc<Ops>> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
+    if wiring.host.is_none() {
+        host::fs::open_state_dir_to_vms(&config.state_dir)?;
+    }
     let store = Store::open_with_clock(&config.state_dir.join("banger.db"), wiring.clock)
         .await
         .with_context(|| format!("open database in {}", config.state_dir.display()))?;
@@ -100,6 +103,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
         "host capabilities"
     );
     let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
+    let uid_base = config.vm_uid_base;
     let vmm: Arc<dyn host::vmm::Vmm> = if firecracker {
         let vmm = FirecrackerVmm::new(config.firecracker_binary.clone(), processes.clone());
         Arc::new(match &config.jailer {
@@ -111,7 +115,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
             None => vmm,
         })
     } else {
-        Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone()))
+        Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone(), uid_base))
     };
     let host = wiring.host.unwrap_or_else(|| HostServices {
         vmm,
@@ -129,6 +133,13 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
         root_disk,
         network: config.network.clone(),
         min_rootfs_bytes: config.image_min_rootfs_mib * 1024 * 1024,
+        capacity: ops::Capacity {
+            max_vms: config.max_vms,
+            max_vcpus: config.max_vcpus,
+            max_memory_mib: host::fs::host_memory_mib().map(|mib| mib * u64::from(config.max_memory_percent) / 100),
+            min_free_mib: config.min_free_disk_mib,
+        },
+        max_log_bytes: config.max_log_mib * 1024 * 1024,
         registry: crate::host::oci::registry::RegistryConfig {
             insecure: config.insecure_registries.clone(),
             docker_config: config.registry_auth_file.clone(),
@@ -231,10 +242,11 @@ async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCou
     }
 }
 
-/// How often the reaper looks for VMs whose time to live is over.
+/// How often the reaper looks for VMs whose time to live is over, and VM logs are capped.
 const REAP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Deletes expired VMs every [`REAP_PERIOD`], and whenever a test moves the clock.
+/// Deletes expired VMs and caps VM logs every [`REAP_PERIOD`], and whenever a test moves
+/// the clock.
 async fn reap_periodically(ops: Arc<Ops>) {
     let mut tick = tokio::time::interval(REAP_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,6 +258,9 @@ async fn reap_periodically(ops: Arc<Ops>) {
         }
         if let Err(error) = ops.reap_expired().await {
             tracing::warn!(error = %error, "reaper failed");
+        }
+        if let Err(error) = ops.cap_logs().await {
+            tracing::warn!(error = %error, "capping logs failed");
         }
     }
 }
@@ -291,8 +306,8 @@ pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
 
 /// Runs the daemon with `config` until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    // Before anything else: a second daemon on this state dir would reconcile the first
-    // one's booting VMs as interrupted and kill them.
+    // Private by default: what the daemon makes is its own unless it says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = host::lock::StateDirLock::acquire(&config.state_dir)?;
     let ops = open_ops(&config).await?;
     let unix = bind_unix(&config.socket).await?;

@@ -139,6 +139,11 @@ impl Follower {
         wait_until(&format!("{bytes} bytes of output"), timeout, || self.output().len() >= bytes);
     }
 
+    /// True once it exited.
+    pub fn finished(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Its process id.
     pub fn id(&self) -> u32 {
         self.child.id()
@@ -227,6 +232,8 @@ impl Daemon {
             None => builder.tempdir(),
         }
         .expect("tempdir");
+        // Like /var/lib: the VMs' uids pass through to the state dir inside.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).expect("chmod");
         let socket = dir.path().join("bangerd.sock");
         let mut daemon = Self {
             dir,

@@ -243,6 +243,16 @@ fn describe(error: &Error) -> Described {
         Error::AddressesExhausted { pool } => {
             described(Code::ResourceExhausted, "ADDRESSES_EXHAUSTED", &[("pool", pool.clone())])
         }
+        Error::CapacityExhausted(exhausted) => described(
+            Code::ResourceExhausted,
+            "CAPACITY_EXHAUSTED",
+            &[
+                ("resource", exhausted.resource.into()),
+                ("asked", exhausted.asked.to_string()),
+                ("used", exhausted.used.to_string()),
+                ("limit", exhausted.limit.to_string()),
+            ],
+        ),
         Error::Stopping => described(Code::Unavailable, "DAEMON_STOPPING", &[]),
         Error::NotConfigured { what } => {
             described(Code::FailedPrecondition, "NOT_CONFIGURED", &[("what", (*what).into())])

@@ -9,6 +9,7 @@ use tokio_stream::Stream;
 use super::{
     HostError,
     agent::AgentClient,
+    confine::VmIdentity,
     exec,
     files::{self, FileData, FileInput},
     vsock::{VsockBackends, VsockMode},
@@ -30,8 +31,14 @@ pub type ExecStarting = Pin<Box<dyn std::future::Future<Output = Result<ExecEven
 /// How the daemon reaches the agent inside each guest.
 #[tonic::async_trait]
 pub trait AgentChannels: Send + Sync + std::fmt::Debug {
-    /// Starts the channel's host-side backend for a VM, if this host needs one.
-    async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError>;
+    /// Starts the channel's host-side backend for a VM, if this host needs one, as the VM's
+    /// `identity` where it has one.
+    async fn start_backend(
+        &self,
+        cid: u32,
+        paths: &VmPaths,
+        identity: Option<VmIdentity>,
+    ) -> Result<Option<ProcessHandle>, HostError>;
 
     /// Stops a backend and removes its sockets; tolerates one already gone.
     async fn stop_backend(&self, backend: &ProcessHandle, paths: &VmPaths);
@@ -98,11 +105,16 @@ impl VsockAgentChannels {
 
 #[tonic::async_trait]
 impl AgentChannels for VsockAgentChannels {
-    async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError> {
+    async fn start_backend(
+        &self,
+        cid: u32,
+        paths: &VmPaths,
+        identity: Option<VmIdentity>,
+    ) -> Result<Option<ProcessHandle>, HostError> {
         match self.mode {
             // QEMU opens /dev/vhost-vsock itself, Firecracker serves the socket: no host process.
             VsockMode::Kernel | VsockMode::VmmHybrid => Ok(None),
-            VsockMode::UserSpace => self.backends.start(cid, paths).await.map(Some),
+            VsockMode::UserSpace => self.backends.start(cid, paths, identity).await.map(Some),
         }
     }
 

@@ -16,6 +16,16 @@ use crate::domain::{ProcessHandle, VmSpec};
 /// The CFS period the CPU quota is expressed in.
 const CPU_PERIOD_US: u64 = 100_000;
 
+/// The most tasks (processes and threads) one VM's group may hold: QEMU's vCPU, I/O and
+/// helper threads and the vsock backend's fit many times over; a fork bomb in an escaped
+/// VMM does not.
+pub const PIDS_MAX: u64 = 1024;
+
+/// The I/O weight of a VM's group, where the host's I/O scheduler has weights: the same for
+/// every VM (the default of the range 1–10000 for v2, 10–1000 for v1), so that no VM takes
+/// the disk from the others or from the daemon.
+const IO_WEIGHT: u64 = 100;
+
 /// The group every VM's group sits in: a VM's group is `banger/<vm id>`.
 pub const PARENT_GROUP: &str = "banger";
 
@@ -27,9 +37,15 @@ pub fn group_of(vm_id: impl std::fmt::Display) -> String {
 /// What the host offers to bound a VMM's resources.
 #[tonic::async_trait]
 pub trait ResourceLimits: Send + Sync + std::fmt::Debug {
-    /// Puts `process` into a group named `group` limited for `spec`; returns the group's
-    /// name (its handle), or `None` where the host offers no usable cgroups.
-    async fn confine(&self, group: &str, spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError>;
+    /// Puts `processes` (a VMM, its vsock backend) into a group named `group` limited for
+    /// `spec`; returns the group's name (its handle), or `None` where the host offers no
+    /// usable cgroups.
+    async fn confine(
+        &self,
+        group: &str,
+        spec: VmSpec,
+        processes: &[ProcessHandle],
+    ) -> Result<Option<String>, HostError>;
 
     /// Removes a group; one already gone is fine. Waits briefly for its last process to go.
     async fn remove(&self, group: &str) -> Result<(), HostError>;
@@ -92,10 +108,16 @@ impl Cgroups {
         self.version
     }
 
-    /// The directories of one group, one per controller (v1) or one (v2).
+    /// The directories of one group, one per controller (v1: cpu, memory, and pids and blkio
+    /// where mounted) or one (v2).
     pub fn group_dirs(&self, group: &str) -> Vec<PathBuf> {
         match self.version {
-            CgroupVersion::V1 => vec![self.root.join("cpu").join(group), self.root.join("memory").join(group)],
+            CgroupVersion::V1 => ["cpu", "memory", "pids", "blkio"]
+                .iter()
+                .enumerate()
+                .filter(|(i, controller)| *i < 2 || self.root.join(controller).join("cgroup.procs").exists())
+                .map(|(_, controller)| self.root.join(controller).join(group))
+                .collect(),
             CgroupVersion::V2 => vec![self.root.join(group)],
             CgroupVersion::None => vec![],
         }
@@ -144,34 +166,61 @@ impl Cgroups {
         args
     }
 
-    /// [`ResourceLimits::confine`], blocking.
-    fn confine_now(&self, group: &str, spec: VmSpec, pid: u32) -> Result<Option<String>, HostError> {
+    /// The limits of a group for `spec`: (controller dir, file, value) for v1, (file, value)
+    /// for v2 with "" as the controller; pids and I/O weight only where the host has them
+    /// (checked by the caller: a file that does not exist is skipped).
+    fn limits(&self, spec: VmSpec) -> Vec<(&'static str, &'static str, String)> {
         let memory = self.memory_limit_bytes(spec).to_string();
         let quota = Self::cpu_quota_us(spec);
         match self.version {
-            CgroupVersion::None => return Ok(None),
-            CgroupVersion::V1 => {
-                let [cpu, mem] = [self.root.join("cpu").join(group), self.root.join("memory").join(group)];
-                for dir in [&cpu, &mem] {
-                    create_group_dir(dir)?;
-                }
-                Self::write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                Self::write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                Self::write(&mem.join("memory.limit_in_bytes"), &memory)?;
-                for dir in [&cpu, &mem] {
-                    Self::write(&dir.join("cgroup.procs"), &pid.to_string())?;
-                }
+            CgroupVersion::None => Vec::new(),
+            CgroupVersion::V1 => vec![
+                ("cpu", "cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                ("cpu", "cpu.cfs_quota_us", quota.to_string()),
+                ("memory", "memory.limit_in_bytes", memory),
+                ("pids", "pids.max", PIDS_MAX.to_string()),
+                ("blkio", "blkio.bfq.weight", IO_WEIGHT.to_string()),
+                ("blkio", "blkio.weight", IO_WEIGHT.to_string()),
+            ],
+            CgroupVersion::V2 => vec![
+                ("", "cpu.max", format!("{quota} {CPU_PERIOD_US}")),
+                ("", "memory.max", memory),
+                ("", "pids.max", PIDS_MAX.to_string()),
+                ("", "io.weight", format!("default {IO_WEIGHT}")),
+            ],
+        }
+    }
+
+    /// [`ResourceLimits::confine`], blocking.
+    fn confine_now(&self, group: &str, spec: VmSpec, pids: &[u32]) -> Result<Option<String>, HostError> {
+        if self.version == CgroupVersion::None {
+            return Ok(None);
+        }
+        if self.version == CgroupVersion::V2
+            && let Some(parent) = self.root.join(group).parent()
+        {
+            // Children of a v2 group only get the controllers its parent delegates.
+            create_group_dir(parent)?;
+            for controller in ["+cpu", "+memory", "+pids", "+io"] {
+                let _ = std::fs::write(parent.join("cgroup.subtree_control"), controller);
             }
-            CgroupVersion::V2 => {
-                let dir = self.root.join(group);
-                if let Some(parent) = dir.parent() {
-                    // Children of a v2 group only get the controllers its parent delegates.
-                    create_group_dir(parent)?;
-                    let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
-                }
-                create_group_dir(&dir)?;
-                Self::write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
-                Self::write(&dir.join("memory.max"), &memory)?;
+        }
+        let dirs = self.group_dirs(group);
+        for dir in &dirs {
+            create_group_dir(dir)?;
+        }
+        for (controller, file, value) in self.limits(spec) {
+            let path = self.root.join(controller).join(group).join(file);
+            // cpu and memory are required (detect checked them); pids and I/O weight are
+            // set where the host has them.
+            let required = matches!(file, "cpu.cfs_period_us" | "cpu.cfs_quota_us" | "memory.limit_in_bytes")
+                || matches!(file, "cpu.max" | "memory.max");
+            if required || path.exists() {
+                Self::write(&path, &value)?;
+            }
+        }
+        for dir in &dirs {
+            for pid in pids {
                 Self::write(&dir.join("cgroup.procs"), &pid.to_string())?;
             }
         }
@@ -181,12 +230,18 @@ impl Cgroups {
 
 #[tonic::async_trait]
 impl ResourceLimits for Cgroups {
-    async fn confine(&self, group: &str, spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
+    async fn confine(
+        &self,
+        group: &str,
+        spec: VmSpec,
+        processes: &[ProcessHandle],
+    ) -> Result<Option<String>, HostError> {
         // Blocking: the move into the group waits for the kernel for milliseconds.
-        let (cgroups, group, pid) = (self.clone(), group.to_owned(), process.pid);
-        tokio::task::spawn_blocking(move || cgroups.confine_now(&group, spec, pid))
+        let (cgroups, owned) = (self.clone(), group.to_owned());
+        let pids: Vec<u32> = processes.iter().map(|process| process.pid).collect();
+        tokio::task::spawn_blocking(move || cgroups.confine_now(&owned, spec, &pids))
             .await
-            .map_err(|e| HostError::Io { what: format!("confine pid {pid}"), source: std::io::Error::other(e) })?
+            .map_err(|e| HostError::Io { what: format!("confine {group}"), source: std::io::Error::other(e) })?
     }
 
     async fn remove(&self, group: &str) -> Result<(), HostError> {
@@ -266,7 +321,7 @@ mod tests {
         let process = ProcessHandle { pid: child.id(), start_time: 0 };
         let group = format!("banger-test/{}", std::process::id());
         let spec = VmSpec { vcpus: 2, memory_mib: 256, disk_bytes: 0 };
-        let named = cgroups.confine(&group, spec, &process).await;
+        let named = cgroups.confine(&group, spec, &[process]).await;
         // Checked before cleanup, asserted after, so a failure still removes the process and group.
         let check = || -> Result<(), String> {
             let read = |path: String| {
@@ -284,6 +339,12 @@ mod tests {
                 let quota = read(format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us"))?;
                 if limit != ((256 + 512) * 1024 * 1024u64).to_string() || quota != "200000" {
                     return Err(format!("limits: memory {limit}, cpu quota {quota}"));
+                }
+                if std::path::Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists() {
+                    let pids = read(format!("/sys/fs/cgroup/pids/{group}/pids.max"))?;
+                    if pids != PIDS_MAX.to_string() {
+                        return Err(format!("pids.max {pids}"));
+                    }
                 }
             }
             Ok(())

@@ -7,7 +7,7 @@ use std::{
     process::Stdio,
 };
 
-use super::{HostError, process};
+use super::{HostError, confine::VmIdentity, process};
 use crate::domain::ProcessHandle;
 
 /// A host tool that ran and failed; keeps everything needed to reproduce it.
@@ -149,17 +149,67 @@ pub fn spawn_detached_split(
     stdout_log: &Path,
     stderr_log: &Path,
 ) -> Result<ProcessHandle, HostError> {
+    spawn(program, args, stdout_log, stderr_log, None, None)
+}
+
+/// Like [`spawn_detached`], as the VM's unprivileged `identity` under the seccomp filter
+/// of [`confine`](super::confine): the process never runs a program's instruction as root.
+/// Its logs are opened here, by the daemon: it can write them, not reopen them. `fd_3`, if
+/// given, is its file descriptor 3 (a device only root may open, opened for it).
+pub fn spawn_confined(
+    program: &Path,
+    args: &[OsString],
+    log: &Path,
+    identity: VmIdentity,
+    fd_3: Option<std::os::fd::OwnedFd>,
+) -> Result<ProcessHandle, HostError> {
+    spawn(program, args, log, log, Some(identity), fd_3)
+}
+
+fn spawn(
+    program: &Path,
+    args: &[OsString],
+    stdout_log: &Path,
+    stderr_log: &Path,
+    identity: Option<VmIdentity>,
+    fd_3: Option<std::os::fd::OwnedFd>,
+) -> Result<ProcessHandle, HostError> {
+    use std::os::fd::AsRawFd;
+    let inherited = fd_3.as_ref().map(|fd| fd.as_raw_fd());
     let open_log =
         |log: &Path| OpenOptions::new().create(true).append(true).open(log).map_err(super::file_error("open", log));
     let mut command = tokio::process::Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(open_log(stdout_log)?).stderr(open_log(stderr_log)?);
     // Dropping the handle must not kill it: the VMM outlives this call, and the daemon.
     command.kill_on_drop(false);
-    // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
+    let filter = match identity {
+        Some(_) => Some(super::confine::filter().map_err(|e| HostError::Spawn {
+            program: program.to_owned(),
+            source: std::io::Error::other(format!("the seccomp filter: {e}")),
+        })?),
+        None => None,
+    };
+    // SAFETY: setsid(), setgroups(), setres[ug]id(), prctl() and seccomp() are
+    // async-signal-safe system calls; the filter was compiled before the fork.
     unsafe {
-        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        command.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            match inherited {
+                // Already 3: only its close-on-exec flag goes.
+                Some(3) if libc::fcntl(3, libc::F_SETFD, 0) < 0 => return Err(std::io::Error::last_os_error()),
+                Some(3) => {}
+                // dup2 leaves the new descriptor open across exec.
+                Some(fd) if libc::dup2(fd, 3) < 0 => return Err(std::io::Error::last_os_error()),
+                _ => {}
+            }
+            if let (Some(identity), Some(filter)) = (identity, filter) {
+                super::confine::enter(identity, filter)?;
+            }
+            Ok(())
+        });
     }
     let child = command.spawn().map_err(|e| spawn_error(program, e))?;
+    drop(fd_3); // the child has its own
     let pid = child.id().ok_or_else(|| HostError::Spawn {
         program: program.to_owned(),
         source: std::io::Error::other("exited before its pid was read"),

@@ -252,7 +252,12 @@ impl RootDisks for FakeHost {
 
 #[tonic::async_trait]
 impl AgentChannels for FakeHost {
-    async fn start_backend(&self, cid: u32, paths: &VmPaths) -> Result<Option<ProcessHandle>, HostError> {
+    async fn start_backend(
+        &self,
+        cid: u32,
+        paths: &VmPaths,
+        _identity: Option<crate::host::confine::VmIdentity>,
+    ) -> Result<Option<ProcessHandle>, HostError> {
         self.check("agents.start_backend")?;
         // Rule: one backend per hybrid socket; a second could not bind it.
         if !self.live_mentioning(&paths.vsock).is_empty() {
@@ -458,9 +463,14 @@ impl BlockDevices for FakeHost {
 
 #[tonic::async_trait]
 impl ResourceLimits for FakeHost {
-    async fn confine(&self, group: &str, _spec: VmSpec, process: &ProcessHandle) -> Result<Option<String>, HostError> {
+    async fn confine(
+        &self,
+        group: &str,
+        _spec: VmSpec,
+        processes: &[ProcessHandle],
+    ) -> Result<Option<String>, HostError> {
         self.check("limits.confine")?;
-        if !self.state().processes.contains_key(&process.pid) {
+        if processes.iter().any(|process| !self.state().processes.contains_key(&process.pid)) {
             return Err(HostError::FakeRule { rule: "no such process".into() });
         }
         self.state().cgroups.insert(group.to_owned());

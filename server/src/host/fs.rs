@@ -4,11 +4,111 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{HostError, file_error};
+use super::{HostError, confine::VmIdentity, file_error};
+use crate::domain::VmPaths;
 
 /// Creates `dir` and its parents.
 pub async fn create_dir(dir: &Path) -> Result<(), HostError> {
     tokio::fs::create_dir_all(dir).await.map_err(file_error("create", dir))
+}
+
+/// Hands a VM's directory to the identity its processes run as: the directory becomes
+/// root's with the VM's group, writable by that group and sticky (its processes add their
+/// sockets and console log; only root removes or replaces root's files), its disk and
+/// console log the VM's, mode 0600; the daemon's own files in it root's, mode 0600. Nothing
+/// is followed: a link a VM's process put in place of a file is changed, never its target.
+pub async fn hand_over(paths: &VmPaths, identity: VmIdentity) -> Result<(), HostError> {
+    let paths = paths.clone();
+    tokio::task::spawn_blocking(move || {
+        let (root, vm) = ((0, 0), (identity.uid, identity.gid));
+        set_owner(&paths.dir, (0, identity.gid), 0o1770, true)?;
+        set_owner(&paths.root_disk, vm, 0o600, true)?;
+        set_owner(&paths.console_log, vm, 0o600, false)?;
+        for daemons in [&paths.vmm_log, &paths.vsock_backend_log, &paths.handles] {
+            set_owner(daemons, root, 0o600, false)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "hand over a VM's files".into(), source: std::io::Error::other(e) })?
+}
+
+/// Sets the owner and mode of `path` without following a link; an absent path is an error
+/// only when `required`.
+fn set_owner(path: &Path, (uid, gid): (u32, u32), mode: u32, required: bool) -> Result<(), HostError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(()),
+        opened => opened.map_err(file_error("open", path))?,
+    };
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(file_error("chown", path))?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(file_error("chmod", path))
+}
+
+/// Lets the VMs' identities open an image's files: a VM's VMM opens its kernel, initrd and
+/// root file system as the VM's own uid. Adds read permission for others to the files and
+/// search permission to their directories, where missing; takes nothing away.
+pub async fn open_to_vms(files: &[&Path]) -> Result<(), HostError> {
+    use std::os::unix::fs::PermissionsExt;
+    for &file in files {
+        let dir = file.parent().unwrap_or(Path::new("/"));
+        for (path, bits) in [(dir, 0o111), (file, 0o444)] {
+            let meta = tokio::fs::metadata(path).await.map_err(file_error("stat", path))?;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & bits != bits {
+                let mode = std::fs::Permissions::from_mode(mode | bits);
+                tokio::fs::set_permissions(path, mode).await.map_err(file_error("chmod", path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the state dir and its `vms` and `images` dirs traversable but not listable by
+/// others (0711): the VMs' identities pass through them to their own files and their
+/// images'. Fails, naming it, when a directory above the state dir cannot be passed.
+pub fn open_state_dir_to_vms(state_dir: &Path) -> Result<(), HostError> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [state_dir.to_owned(), state_dir.join("vms"), state_dir.join("images")] {
+        std::fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(file_error("chmod", &dir))?;
+    }
+    for dir in state_dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(file_error("stat", dir))?;
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(HostError::File {
+                action: "let the VMs' uids pass through",
+                path: dir.to_owned(),
+                source: std::io::Error::other(format!(
+                    "mode {:04o} has no search permission for others: VMs run as their own uids and reach \
+                     their files under {}; chmod o+x it or choose another state_dir",
+                    meta.permissions().mode() & 0o7777,
+                    state_dir.display()
+                )),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The bytes free for an unprivileged writer on the file system holding `path`.
+pub async fn free_bytes(path: &Path) -> Result<u64, HostError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let stat = nix::sys::statvfs::statvfs(&path).map_err(|e| file_error("statvfs", &path)(e.into()))?;
+        Ok(stat.blocks_available() * stat.fragment_size())
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "statvfs".into(), source: std::io::Error::other(e) })?
+}
+
+/// The host's memory in MiB (`MemTotal` of `/proc/meminfo`).
+pub fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024)
 }
 
 /// Removes `dir` and everything in it; one already gone is fine.

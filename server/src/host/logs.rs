@@ -13,6 +13,49 @@ const CHUNK: usize = 64 * 1024;
 /// How often a followed log is checked for growth.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
+/// Keeps the log at `path` at most `max_bytes` long: when it is longer, its oldest part is
+/// cut so that about half of `max_bytes` is left, the newest. Its writers append
+/// (`O_APPEND`), so they go on writing at its new end. Cut in place where the file system
+/// can collapse a range of a file (ext4, XFS); elsewhere the log is emptied. Returns the
+/// bytes dropped. Never follows a link; a missing log is fine.
+pub fn cap(path: &std::path::Path, max_bytes: u64) -> Result<u64, HostError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        opened => opened.map_err(super::file_error("open", path))?,
+    };
+    let meta = file.metadata().map_err(super::file_error("stat", path))?;
+    if !meta.is_file() || meta.len() <= max_bytes {
+        return Ok(0);
+    }
+    let block = meta.blksize().max(512);
+    let cut = (meta.len() - max_bytes / 2) / block * block;
+    let flags = nix::fcntl::FallocateFlags::FALLOC_FL_COLLAPSE_RANGE;
+    let collapsed = cut > 0 && nix::fcntl::fallocate(&file, flags, 0, cut as libc::off_t).is_ok();
+    if collapsed {
+        return Ok(cut);
+    }
+    file.set_len(0).map_err(super::file_error("truncate", path))?;
+    Ok(meta.len())
+}
+
+/// [`cap`] of every log in `paths`, on a blocking thread; returns the bytes dropped.
+pub async fn cap_all(paths: Vec<std::path::PathBuf>, max_bytes: u64) -> Result<u64, HostError> {
+    tokio::task::spawn_blocking(move || {
+        let mut dropped = 0;
+        for path in paths {
+            let cut = cap(&path, max_bytes)?;
+            if cut > 0 {
+                tracing::info!(log = %path.display(), bytes = cut, "log over its cap: oldest part dropped");
+            }
+            dropped += cut;
+        }
+        Ok(dropped)
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "cap logs".into(), source: std::io::Error::other(e) })?
+}
+
 /// Streams `path` from `tail_bytes` before its end (0: the start); with `follow`, keeps
 /// streaming appends until the client goes, `stopped` completes, or the file is removed.
 pub async fn stream(
@@ -21,7 +64,9 @@ pub async fn stream(
     follow: bool,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ReceiverStream<Result<Vec<u8>, HostError>>, HostError> {
-    let mut file = match tokio::fs::File::open(&path).await {
+    // Never through a link: the VM's processes own its directory's console log.
+    let opened = tokio::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).await;
+    let mut file = match opened {
         Ok(file) => Some(file),
         // A VM that never booted has no log yet: empty, and followed until it appears.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -82,4 +127,35 @@ pub async fn stream(
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_log_over_its_cap_keeps_its_newest_part_and_its_writer_appends_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let mut writer = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open");
+        let line = |n: u32| format!("line {n:07}\n");
+        for n in 0..300_000 {
+            writer.write_all(line(n).as_bytes()).expect("write");
+        }
+        let before = std::fs::metadata(&path).expect("meta").len();
+        assert_eq!(cap(&path, 8 << 20).expect("under the cap"), 0);
+        let dropped = cap(&path, 1 << 20).expect("cap");
+        let after = std::fs::metadata(&path).expect("meta").len();
+        assert_eq!(before - dropped, after);
+        assert!(after <= 1 << 20, "{after} bytes left");
+        writer.write_all(b"appended\n").expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.ends_with(&format!("{}appended\n", line(299_999))), "the newest part is kept");
+        // A link is never followed.
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&path, &link).expect("link");
+        assert!(cap(&link, 1).is_err());
+    }
 }

@@ -7,6 +7,7 @@ pub mod agent_channel;
 pub mod block;
 pub mod cgroup;
 pub mod command;
+pub mod confine;
 pub mod doctor;
 pub mod exec;
 #[cfg(any(test, feature = "testing"))]

@@ -27,6 +27,29 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     async fn remove_nat(&self, tag: &str) -> Result<(), HostError>;
 }
 
+/// Opens the existing tap `name` for a VMM that may not open `/dev/net/tun` itself (it
+/// runs unprivileged): the descriptor is handed to it. With a virtio-net header, as QEMU
+/// expects of a tap it is given.
+pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, HostError> {
+    use std::os::fd::AsRawFd;
+    let tun = std::path::Path::new("/dev/net/tun");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(tun).map_err(super::file_error("open", tun))?;
+    // SAFETY: ifreq is plain data; all zeros is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        return Err(HostError::Io { what: format!("tap name {name}"), source: std::io::Error::other("too long") });
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads an ifreq, which `request` is, for the whole call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &request) } < 0 {
+        return Err(HostError::Io { what: format!("attach to tap {name}"), source: std::io::Error::last_os_error() });
+    }
+    Ok(file.into())
+}
+
 /// The nftables table and chain holding banger's NAT rules.
 const NFT_TABLE: &str = "banger";
 const NFT_CHAIN: &str = "postrouting";

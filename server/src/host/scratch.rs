@@ -11,13 +11,17 @@ use crate::domain::VmHandles;
 /// does, not the host's, after which none of the processes or kernel objects it names exist
 /// (a file the host crash truncated reads as corrupt, i.e. empty, and `/proc` is asked).
 /// An fsync per handle was several milliseconds on the critical path of every boot.
+///
+/// The VM's processes may add files to its directory: the temp file is made anew, never
+/// through a link or over a file someone else put there.
 pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(handles).map_err(|e| file_error("encode", path)(std::io::Error::other(e)))?;
+    let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&tmp)
         .map_err(file_error("create", &tmp))?;
@@ -26,15 +30,27 @@ pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> 
     Ok(())
 }
 
-/// Reads the handles; a missing file is no handles, a corrupt one is logged and treated as none.
+/// Reads the handles; a missing file is no handles, a corrupt one is logged and treated as
+/// none, and so is one the daemon's user does not own or a link (put there by a VM's
+/// process: the handles name what the daemon kills and removes).
 pub fn read_handles(path: &Path) -> VmHandles {
-    match std::fs::read(path) {
-        Ok(body) => serde_json::from_slice(&body).unwrap_or_else(|err| {
-            tracing::warn!(path = %path.display(), error = %err, "corrupt handles file ignored");
-            VmHandles::default()
-        }),
-        Err(_) => VmHandles::default(),
+    use std::{io::Read, os::unix::fs::MetadataExt};
+    let Ok(mut file) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else {
+        return VmHandles::default();
+    };
+    let owner = file.metadata().map(|meta| meta.uid()).ok();
+    if owner != Some(nix::unistd::geteuid().as_raw()) {
+        tracing::warn!(path = %path.display(), owner = ?owner, "handles file not the daemon's: ignored");
+        return VmHandles::default();
     }
+    let mut body = Vec::new();
+    if file.read_to_end(&mut body).is_err() {
+        return VmHandles::default();
+    }
+    serde_json::from_slice(&body).unwrap_or_else(|err| {
+        tracing::warn!(path = %path.display(), error = %err, "corrupt handles file ignored");
+        VmHandles::default()
+    })
 }
 
 /// Removes the scratch file; a missing one is fine.
@@ -59,5 +75,32 @@ mod tests {
         assert_eq!(read_handles(&path), VmHandles::default());
         remove_handles(&path);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn handles_someone_else_put_in_place_are_not_read_or_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("handles.json");
+        let handles = VmHandles { vmm: Some(ProcessHandle { pid: 7, start_time: 9 }), ..Default::default() };
+        // A link where the temp file goes: replaced, its target untouched.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"precious").expect("target");
+        std::os::unix::fs::symlink(&target, path.with_extension("json.tmp")).expect("link");
+        write_handles(&path, &handles).expect("write");
+        assert_eq!(std::fs::read(&target).expect("target"), b"precious");
+        assert_eq!(read_handles(&path), handles);
+        // A link in place of the file itself is not followed.
+        std::fs::remove_file(&path).expect("remove");
+        let elsewhere = dir.path().join("elsewhere.json");
+        write_handles(&elsewhere, &handles).expect("write");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("link");
+        assert_eq!(read_handles(&path), VmHandles::default());
+        // Nor is a file another user owns (tests run as root: give it away).
+        std::fs::remove_file(&path).expect("remove");
+        write_handles(&path, &handles).expect("write");
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(900_001), None).expect("chown");
+            assert_eq!(read_handles(&path), VmHandles::default());
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use super::{
     HostError, command,
+    confine::VmIdentity,
     process::{ProcFs, Processes},
 };
 use crate::domain::{ProcessHandle, VmPaths};
@@ -49,15 +50,24 @@ impl VsockBackends {
         &self.binary
     }
 
-    /// Starts the backend for guest `cid` and waits until its vhost-user socket exists.
-    pub async fn start(&self, cid: u32, paths: &VmPaths) -> Result<ProcessHandle, HostError> {
+    /// Starts the backend for guest `cid`, as `identity` when given, and waits until its
+    /// vhost-user socket exists.
+    pub async fn start(
+        &self,
+        cid: u32,
+        paths: &VmPaths,
+        identity: Option<VmIdentity>,
+    ) -> Result<ProcessHandle, HostError> {
         for stale in [&paths.vhost_user_socket, &paths.vsock] {
             let _ = std::fs::remove_file(stale);
         }
         let vm =
             format!("guest-cid={cid},socket={},uds-path={}", paths.vhost_user_socket.display(), paths.vsock.display());
         let args: Vec<OsString> = vec!["--vm".into(), vm.into()];
-        let handle = command::spawn_detached(&self.binary, &args, &paths.vsock_backend_log)?;
+        let handle = match identity {
+            Some(identity) => command::spawn_confined(&self.binary, &args, &paths.vsock_backend_log, identity, None)?,
+            None => command::spawn_detached(&self.binary, &args, &paths.vsock_backend_log)?,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !paths.vhost_user_socket.exists() {
             if !self.processes.alive(&handle, &paths.vsock) {

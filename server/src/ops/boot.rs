@@ -121,11 +121,23 @@ impl Boot {
                 if self.vm.root_disk == RootDiskStrategy::DmSnapshot {
                     self.make_snapshot(ops).await?;
                 }
+                // The VM's processes run as its own identity: its dir lets them add files
+                // (sockets, the console log) and only root's stay root's; its disk is theirs.
+                if let Some(identity) = ops.host.vmm.runs_as(self.vm.vsock_cid) {
+                    crate::host::fs::hand_over(&paths, identity).await?;
+                    let image = &self.image;
+                    let mut files = vec![image.kernel_path.as_path(), image.rootfs_path.as_path()];
+                    files.extend(image.initrd_path.as_deref());
+                    crate::host::fs::open_to_vms(&files).await?;
+                }
             }
             BootStage::AgentChannel => {
                 let running =
                     self.handles.vsock_backend.is_some_and(|backend| ops.host.processes.alive(&backend, &paths.vsock));
-                if !running && let Some(backend) = ops.host.agents.start_backend(self.vm.vsock_cid, &paths).await? {
+                let identity = ops.host.vmm.runs_as(self.vm.vsock_cid);
+                if !running
+                    && let Some(backend) = ops.host.agents.start_backend(self.vm.vsock_cid, &paths, identity).await?
+                {
                     self.handles.vsock_backend = Some(backend);
                     ops.set_handles(&self.vm, self.handles.clone())?;
                 }
@@ -134,7 +146,7 @@ impl Boot {
                 let (network, _) = network_of(ops, &self.vm)?;
                 ops.host.network.ensure_bridge(&network.bridge, network.pool.gateway(), network.pool.prefix()).await?;
                 let tap = tap_name(self.vm.vsock_cid);
-                let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
+                let owner = ops.host.vmm.runs_as(self.vm.vsock_cid).map(|identity| identity.uid);
                 ops.host.network.create_tap(&tap, &network.bridge, owner).await?;
                 self.handles.tap = Some(tap);
                 ops.set_handles(&self.vm, self.handles.clone())?;
@@ -166,7 +178,9 @@ impl Boot {
             BootStage::LimitResources => {
                 let vmm = self.vmm_handle()?;
                 let (limits, group, spec) = (ops.host.limits.clone(), cgroup_name(&self.vm), self.vm.spec);
-                self.confining = Some(tokio::spawn(async move { limits.confine(&group, spec, &vmm).await }));
+                // The vsock backend too: it serves the guest, so it is bounded with it.
+                let processes: Vec<_> = std::iter::once(vmm).chain(self.handles.vsock_backend).collect();
+                self.confining = Some(tokio::spawn(async move { limits.confine(&group, spec, &processes).await }));
             }
             BootStage::VmmBoot => {
                 if let Some(confining) = self.confining.take() {
@@ -202,19 +216,21 @@ impl Boot {
         let parts: &[Runtime] = match stage {
             // The snapshot goes before its loops, and they before the file under them.
             BootStage::RootDisk => &[Runtime::Snapshot, Runtime::Loops],
-            BootStage::AgentChannel => &[Runtime::VsockBackend],
+            // The VM's group holds the vsock backend too: it goes once both processes went.
+            BootStage::AgentChannel => &[Runtime::VsockBackend, Runtime::Cgroup],
             BootStage::Tap => &[Runtime::Tap],
             BootStage::Nat => &[Runtime::Nat],
-            // A jailed VMM is in its group before `limit_resources` runs.
-            BootStage::VmmLaunch => &[Runtime::Vmm, Runtime::Jail, Runtime::Cgroup],
+            // A jailed VMM is in its group before `limit_resources` runs; the group goes
+            // with the vsock backend, in `agent_channel`'s undo.
+            BootStage::VmmLaunch => &[Runtime::Vmm, Runtime::Jail],
             BootStage::LimitResources => {
                 if let Some(confining) = self.confining.take()
                     && let Ok(Ok(group)) = confining.await
                 {
                     self.handles.cgroup = group;
                 }
-                // The group goes with the VMM: a group that holds a process cannot be removed.
-                &[Runtime::Vmm, Runtime::Cgroup]
+                // The group goes in `agent_channel`'s undo: it holds the vsock backend too.
+                &[Runtime::Vmm]
             }
             BootStage::VmmBoot | BootStage::WaitAgent => &[],
         };

@@ -267,6 +267,7 @@ impl Ops {
         let op_id = OpId::generate();
         let id = VmId::generate();
         let name = request.name.clone().unwrap_or_else(|| generated_name(id));
+        let _admitted = self.admit(id, request.spec, true, request.start).await?;
         let lock = self.vm_lock(id);
         let _guard = lock.lock().await;
         let mut op = CreateVmOp { ops: self, op_id, id, name, request, image: None, boot: None, leftovers: false };

@@ -117,6 +117,9 @@ pub enum Error {
         /// The pool.
         pool: String,
     },
+    /// The request does not fit in what the host gives VMs; nothing was made.
+    #[error("not admitted: {0}")]
+    CapacityExhausted(super::Exhausted),
     /// The daemon is stopping; the call may be retried against the next one.
     #[error("bangerd is stopping")]
     Stopping,

@@ -1,6 +1,7 @@
 //! Use cases, one module each. Every mutating one is an [`runner::Operation`]: named
 //! stages with undo, run by the one runner, serialized per VM.
 
+mod admission;
 mod boot;
 mod create_vm;
 mod delete_vm;
@@ -26,6 +27,7 @@ use std::{
 
 /// Where a container image comes from (defined with the code that reads it).
 pub use crate::host::oci::{ProgressFn, Source as ImageSource};
+pub use admission::{Capacity, Exhausted};
 pub use create_vm::CreateVm;
 pub use error::{Error, FieldViolation};
 pub use exec_vm::{ExecOutput, LogOutput, VmLog};
@@ -61,6 +63,10 @@ pub struct OpsConfig {
     pub min_rootfs_bytes: u64,
     /// How to reach registries.
     pub registry: crate::host::oci::registry::RegistryConfig,
+    /// What the host gives VMs.
+    pub capacity: Capacity,
+    /// Each VM log (console, VMM, vsock backend) is kept under this size.
+    pub max_log_bytes: u64,
 }
 
 #[cfg(test)]
@@ -76,6 +82,8 @@ impl OpsConfig {
             doctor: None,
             min_rootfs_bytes: 64 * 1024 * 1024,
             registry: Default::default(),
+            capacity: Capacity::default(),
+            max_log_bytes: 16 << 20,
         }
     }
 }
@@ -113,6 +121,8 @@ pub struct Ops {
     vm_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     run_options: Mutex<runner::RunOptions>,
     default_image_lock: tokio::sync::Mutex<()>,
+    /// What creates and starts under way take, until they end.
+    reservations: Mutex<admission::Reservations>,
     /// Held by a container image's pull or import, and by blob collection.
     pull_lock: tokio::sync::Mutex<()>,
     /// Images whose import is under way: their directories are not orphans.
@@ -147,6 +157,7 @@ impl Ops {
             vm_locks: Mutex::default(),
             run_options: Mutex::default(),
             default_image_lock: tokio::sync::Mutex::new(()),
+            reservations: Mutex::default(),
             pull_lock: tokio::sync::Mutex::new(()),
             importing: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),

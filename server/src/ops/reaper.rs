@@ -4,6 +4,23 @@
 use super::{Error, Ops};
 
 impl Ops {
+    /// Keeps the logs of every VM with a runtime (console, VMM, vsock backend) under the
+    /// configured size: a guest writing without end to its console never fills the host's
+    /// disk. Returns the bytes dropped.
+    pub async fn cap_logs(&self) -> Result<u64, Error> {
+        let max = self.config.max_log_bytes;
+        let live: Vec<_> =
+            self.handles.read().unwrap_or_else(std::sync::PoisonError::into_inner).keys().copied().collect();
+        let mut logs = Vec::new();
+        for id in live {
+            if let Ok(vm) = self.store.vm_get(&id.to_string()).await {
+                let paths = vm.paths();
+                logs.extend([paths.console_log, paths.vmm_log, paths.vsock_backend_log]);
+            }
+        }
+        Ok(crate::host::logs::cap_all(logs, max).await?)
+    }
+
     /// Deletes every VM whose expiry is past; returns how many went. One that fails to go
     /// is logged and tried again on the next call.
     pub async fn reap_expired(&self) -> Result<usize, Error> {

@@ -244,6 +244,7 @@ mod tests {
                 Accel::Tcg,
                 VsockMode::UserSpace,
                 processes.clone(),
+                crate::config::DEFAULT_VM_UID_BASE,
             )),
             disks: Arc::new(FileDisks),
             agents: Arc::new(VsockAgentChannels::new(VsockMode::UserSpace, backends)),

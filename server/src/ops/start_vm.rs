@@ -127,6 +127,7 @@ impl Ops {
         if vm.observed_state == VmState::Running {
             return Ok(vm);
         }
+        let _admitted = self.admit(vm.id, vm.spec, false, true).await?;
         let op_id = OpId::generate();
         let mut op = StartVmOp { ops: self, wait_agent, op_id, vm, boot: None };
         match runner::run_with(op_id, &mut op, &self.run_options()).await {

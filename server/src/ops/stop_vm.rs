@@ -101,7 +101,10 @@ impl Operation for StopVmOp<'_> {
                 }
             }
             Stage::PowerDown => {
-                if ops.vm_alive(&self.vm) && ops.host.vmm.power_down(&self.vm.paths()).await.is_ok() {
+                // Bounded too (a wedged VMM may never answer): SIGKILL follows either way.
+                let paths = self.vm.paths();
+                let asked = tokio::time::timeout(POWER_DOWN_GRACE, ops.host.vmm.power_down(&paths));
+                if ops.vm_alive(&self.vm) && matches!(asked.await, Ok(Ok(()))) {
                     self.wait_vmm_gone(POWER_DOWN_GRACE).await;
                 }
             }

@@ -31,6 +31,7 @@ use crate::{
         HostError,
         cgroup::Cgroups,
         command::{self, resolve_program},
+        confine::VmIdentity,
         file_error, last_log_line,
         process::{ProcFs, Processes},
     },
@@ -155,6 +156,19 @@ impl FirecrackerVmm {
                     .map_err(file_error("chmod", &target))?;
                 chown(&target)?;
             }
+        }
+        // The daemon's umask is 077: the VMM, chrooted as its own uid, passes through the
+        // directories made for it (never lists them).
+        let mut made: Vec<PathBuf> = vec![vm_dir.clone()];
+        made.extend(
+            std::iter::once(&launch.image.kernel_path)
+                .chain(launch.image.initrd_path.as_ref())
+                .filter_map(|file| inside(&chroot, file).parent().map(Path::to_owned)),
+        );
+        for dir in made.iter().flat_map(|dir| dir.ancestors()).filter(|dir| dir.starts_with(&base)) {
+            let mode = std::fs::metadata(dir).map_err(file_error("stat", dir))?.mode() & 0o7777;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o111))
+                .map_err(file_error("chmod", dir))?;
         }
         for socket in [&paths.api_socket, &paths.vsock] {
             let _ = std::fs::remove_file(socket);
@@ -294,8 +308,9 @@ impl Vmm for FirecrackerVmm {
         FirecrackerApi::new(&paths.api_socket).send(&request).await.map(drop).map_err(api_error)
     }
 
-    fn runs_as(&self, vsock_cid: u32) -> Option<u32> {
-        self.jailer.as_ref().and_then(|jailer| Self::jail_uid(jailer, vsock_cid).ok())
+    fn runs_as(&self, vsock_cid: u32) -> Option<VmIdentity> {
+        let jailer = self.jailer.as_ref()?;
+        VmIdentity::of(jailer.uid_base, vsock_cid)
     }
 
     fn release(&self, paths: &VmPaths) -> Result<(), HostError> {

@@ -10,7 +10,7 @@ use std::fmt::Debug;
 
 pub use qemu::{Accel, QemuVmm};
 
-use super::HostError;
+use super::{HostError, confine::VmIdentity};
 use crate::domain::{Image, ProcessHandle, VmId, VmPaths, VmSpec};
 
 /// Everything a VMM needs to launch one VM.
@@ -95,9 +95,10 @@ pub trait Vmm: Send + Sync + Debug {
     /// Asks the guest to power off through the VMM (ACPI power button).
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError>;
 
-    /// The uid the VM's VMM runs as when it drops root (jailed); host devices it opens
-    /// itself, its tap, must belong to that uid. `None`: it runs as the daemon's user.
-    fn runs_as(&self, _vsock_cid: u32) -> Option<u32> {
+    /// The unprivileged identity the VM's VMM (and its vsock backend) runs as; the VM's
+    /// files and host devices it opens itself, its tap, must belong to it. `None`: it runs
+    /// as the daemon's user (a test's fake).
+    fn runs_as(&self, _vsock_cid: u32) -> Option<VmIdentity> {
         None
     }
 

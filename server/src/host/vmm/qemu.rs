@@ -6,7 +6,9 @@ use super::{LaunchSpec, Vmm, qmp::Qmp};
 use crate::{
     domain::{ProcessHandle, VmPaths},
     host::{
-        HostError, command, last_log_line,
+        HostError, command,
+        confine::VmIdentity,
+        last_log_line,
         process::{ProcFs, Processes},
         vsock::VsockMode,
     },
@@ -31,7 +33,14 @@ pub struct QemuVmm {
     processes: ProcFs,
     /// The host TSC frequency, passed as `tsc_early_khz` so a loaded host never hangs calibration.
     tsc_khz: Option<u64>,
+    /// The VM with vsock context id N runs as uid and gid `uid_base + N`.
+    uid_base: u32,
 }
+
+/// QEMU's own seccomp filter, on top of the one every confined process gets: obsolete
+/// system calls, changing ids, spawning processes and changing scheduling or resource
+/// limits are refused.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Reads the host CPU's frequency in kHz from `/proc/cpuinfo`.
 fn host_tsc_khz() -> Option<u64> {
@@ -41,9 +50,17 @@ fn host_tsc_khz() -> Option<u64> {
 }
 
 impl QemuVmm {
-    /// Uses `binary` (qemu-system-x86_64) with the given accelerator and vsock device.
-    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode, processes: ProcFs) -> Self {
-        Self { binary, accel, vsock, processes, tsc_khz: host_tsc_khz() }
+    /// Uses `binary` (qemu-system-x86_64) with the given accelerator and vsock device; each
+    /// VM's QEMU runs as uid and gid `uid_base` + its vsock cid.
+    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode, processes: ProcFs, uid_base: u32) -> Self {
+        Self { binary, accel, vsock, processes, tsc_khz: host_tsc_khz(), uid_base }
+    }
+
+    fn identity(&self, vsock_cid: u32) -> Result<VmIdentity, HostError> {
+        VmIdentity::of(self.uid_base, vsock_cid).ok_or_else(|| HostError::Io {
+            what: format!("the uid of vsock cid {vsock_cid} from {}", self.uid_base),
+            source: std::io::Error::other("overflows a uid"),
+        })
     }
 
     /// The command line for one VM; its api socket path identifies the process in `/proc`.
@@ -71,7 +88,9 @@ impl QemuVmm {
         // Paused until `boot` says `cont`: the guest runs no instruction before the VMM is
         // in its cgroup, and QEMU sets itself up meanwhile.
         push(&["-S"]);
-        push(&["-serial", &format!("file:{}", paths.console_log.display())]);
+        // Appended to (across boots too), so that the daemon can cut its oldest part.
+        push(&["-chardev", &format!("file,id=console,path={},append=on", paths.console_log.display())]);
+        push(&["-serial", "chardev:console"]);
         push(&["-kernel", &launch.image.kernel_path.to_string_lossy()]);
         if let Some(initrd) = &launch.image.initrd_path {
             push(&["-initrd", &initrd.to_string_lossy()]);
@@ -93,14 +112,17 @@ impl QemuVmm {
             ]),
         }
         if let Some(nic) = launch.nic {
+            // The tap is opened by the daemon and is QEMU's fd 3: an unprivileged QEMU may
+            // not open /dev/net/tun.
             push(&[
                 "-netdev",
-                &format!("tap,id=net0,ifname={},script=no,downscript=no", nic.tap),
+                "tap,id=net0,fd=3",
                 "-device",
                 &format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
             ]);
         }
         push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.api_socket.display())]);
+        push(&["-sandbox", SANDBOX]);
         args
     }
 
@@ -120,9 +142,16 @@ impl Vmm for QemuVmm {
 
     async fn launch(&self, launch: &LaunchSpec<'_>) -> Result<ProcessHandle, HostError> {
         let _ = std::fs::remove_file(&launch.paths.api_socket);
+        let identity = self.identity(launch.vsock_cid)?;
+        if launch.disk != launch.paths.root_disk {
+            // A device made over the disk file (dm-snapshot): opened by QEMU, as the VM.
+            std::os::unix::fs::chown(launch.disk, Some(identity.uid), Some(identity.gid))
+                .map_err(crate::host::file_error("chown", launch.disk))?;
+        }
+        let tap = launch.nic.map(|nic| crate::host::network::open_tap(&nic.tap)).transpose()?;
         let args = self.args(launch);
-        tracing::debug!(binary = %self.binary.display(), args = ?args, "qemu command line");
-        command::spawn_detached(&self.binary, &args, &launch.paths.vmm_log)
+        tracing::debug!(binary = %self.binary.display(), args = ?args, uid = identity.uid, "qemu command line");
+        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, tap)
     }
 
     async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError> {
@@ -161,6 +190,10 @@ impl Vmm for QemuVmm {
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
         Qmp::connect(&paths.api_socket).await?.execute("system_powerdown").await.map(drop)
     }
+
+    fn runs_as(&self, vsock_cid: u32) -> Option<VmIdentity> {
+        self.identity(vsock_cid).ok()
+    }
 }
 
 #[cfg(test)]
@@ -170,8 +203,12 @@ mod tests {
     use super::*;
     use crate::domain::{Image, ImageId, VmSpec};
 
+    fn vmm_for_test() -> QemuVmm {
+        QemuVmm::new("qemu".into(), Accel::Tcg, VsockMode::UserSpace, ProcFs::default(), 900_000)
+    }
+
     fn args(vsock: VsockMode) -> Vec<String> {
-        let vmm = QemuVmm::new("qemu".into(), Accel::Tcg, vsock, ProcFs::default());
+        let vmm = QemuVmm::new("qemu".into(), Accel::Tcg, vsock, ProcFs::default(), 900_000);
         let image = Image {
             id: ImageId::generate(),
             name: "img".into(),
@@ -213,17 +250,20 @@ mod tests {
         assert_eq!(after(&args, "-object"), ["memory-backend-memfd,id=mem,size=384M,share=on"]);
         let append = after(&args, "-append")[0];
         assert!(append.contains("banger.hostname=web") && append.ends_with("extra=1"), "{append}");
-        assert_eq!(after(&args, "-serial"), ["file:/state/vms/x/console.log"]);
+        assert_eq!(after(&args, "-serial"), ["chardev:console"]);
+        assert!(after(&args, "-chardev").contains(&"file,id=console,path=/state/vms/x/console.log,append=on"));
         assert_eq!(after(&args, "-initrd"), ["/img/initrd.img"]);
+        assert_eq!(after(&args, "-sandbox"), [SANDBOX]);
+        assert_eq!(vmm_for_test().runs_as(7), Some(VmIdentity { uid: 900_007, gid: 900_007 }));
     }
 
     #[test]
     fn the_vsock_device_follows_the_host_mode() {
         let user = args(VsockMode::UserSpace);
         assert!(after(&user, "-device").contains(&"vhost-user-vsock-device,chardev=vsock"));
-        assert_eq!(after(&user, "-chardev"), ["socket,id=vsock,path=/state/vms/x/vhost-user.sock"]);
+        assert!(after(&user, "-chardev").contains(&"socket,id=vsock,path=/state/vms/x/vhost-user.sock"));
         let kernel = args(VsockMode::Kernel);
         assert!(after(&kernel, "-device").contains(&"vhost-vsock-device,guest-cid=7"));
-        assert!(after(&kernel, "-chardev").is_empty());
+        assert!(!after(&kernel, "-chardev").iter().any(|c| c.contains("vhost-user")));
     }
 }

@@ -1,6 +1,6 @@
 //! A minimal QMP client: QEMU's JSON control protocol on the VM's api socket.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use serde_json::{Value, json};
 use tokio::{
@@ -17,13 +17,28 @@ pub struct Qmp {
     writer: tokio::net::unix::OwnedWriteHalf,
 }
 
+/// How long one QMP exchange (connecting with the greeting, or one command) may take: a
+/// wedged or stopped VMM never holds its caller, or its VM's lock, longer.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `call` within [`QMP_TIMEOUT`].
+async fn bounded<T>(what: &str, call: impl Future<Output = Result<T, HostError>>) -> Result<T, HostError> {
+    tokio::time::timeout(QMP_TIMEOUT, call)
+        .await
+        .map_err(|_| HostError::Timeout { what: format!("qmp {what}"), seconds: QMP_TIMEOUT.as_secs() })?
+}
+
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> HostError + '_ {
     move |source| HostError::Io { what: format!("qmp {what}"), source }
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and negotiates capabilities.
+    /// Connects, reads the greeting and negotiates capabilities, within [`QMP_TIMEOUT`].
     pub async fn connect(socket: &Path) -> Result<Self, HostError> {
+        bounded("connect", Self::connect_now(socket)).await
+    }
+
+    async fn connect_now(socket: &Path) -> Result<Self, HostError> {
         let stream = UnixStream::connect(socket).await.map_err(io("connect"))?;
         let (read, writer) = stream.into_split();
         let mut qmp = Self { reader: BufReader::new(read), writer };
@@ -31,7 +46,7 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             return Err(HostError::VmmRefused { command: "greeting".into(), message: greeting.to_string() });
         }
-        qmp.execute("qmp_capabilities").await?;
+        qmp.execute_now("qmp_capabilities").await?;
         Ok(qmp)
     }
 
@@ -44,8 +59,13 @@ impl Qmp {
             .map_err(|e| HostError::Io { what: "qmp decode".into(), source: std::io::Error::other(e) })
     }
 
-    /// Runs a command and returns its `return` value; asynchronous events are skipped.
+    /// Runs a command and returns its `return` value, within [`QMP_TIMEOUT`]; asynchronous
+    /// events are skipped.
     pub async fn execute(&mut self, command: &str) -> Result<Value, HostError> {
+        bounded(command, self.execute_now(command)).await
+    }
+
+    async fn execute_now(&mut self, command: &str) -> Result<Value, HostError> {
         let mut request = json!({ "execute": command }).to_string();
         request.push('\n');
         self.writer.write_all(request.as_bytes()).await.map_err(io("write"))?;
