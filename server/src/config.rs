@@ -92,6 +92,8 @@ pub struct FileConfig {
     pub nat: Option<bool>,
     /// See [`NetworkConfig::dns`]: serve `<vm>.vm` names on the bridge address.
     pub dns: Option<bool>,
+    /// See [`NetworkConfig::dns_upstream`].
+    pub dns_upstream: Option<String>,
     /// See [`Config::vmm`]: `qemu` or `firecracker`.
     pub vmm: Option<VmmKind>,
     /// See [`Config::firecracker_binary`].
@@ -250,6 +252,9 @@ pub struct NetworkConfig {
     /// Whether bangerd answers DNS on the bridge address (port 53) for `<vm>.vm` names,
     /// relaying other names to the host's nameserver, and guests use it.
     pub dns: bool,
+    /// Where other names are relayed (`IP` or `IP:PORT`); by default the first nameserver of
+    /// the host's `/etc/resolv.conf`.
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -311,7 +316,24 @@ impl Config {
                     key: "bridge_cidr",
                     message: e.to_string(),
                 })?;
-                Some(NetworkConfig { bridge, pool, nat: file.nat.unwrap_or(false), dns: file.dns.unwrap_or(true) })
+                let dns_upstream = match &file.dns_upstream {
+                    None => None,
+                    Some(text) => Some(
+                        text.parse::<std::net::SocketAddr>()
+                            .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                            .map_err(|_| ConfigError::Invalid {
+                                key: "dns_upstream",
+                                message: format!("{text:?} is not an IP address or IP:PORT"),
+                            })?,
+                    ),
+                };
+                Some(NetworkConfig {
+                    bridge,
+                    pool,
+                    nat: file.nat.unwrap_or(false),
+                    dns: file.dns.unwrap_or(true),
+                    dns_upstream,
+                })
             }
         };
         let vmm = file.vmm.unwrap_or(VmmKind::Qemu);

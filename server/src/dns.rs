@@ -6,6 +6,12 @@
 //! Only what that needs of RFC 1035: one question per query, `A` answers, no compression
 //! in questions. Anything malformed is answered `FORMERR` (or dropped when not even a
 //! header), never trusted.
+//!
+//! Guests are untrusted, so the server is bounded: it answers only sources on the bridge's
+//! network, each at most [`Limits::rate`] queries a second; `.vm` names are answered from the
+//! daemon's memory at once; relayed questions share one long-lived upstream socket (random
+//! query ids, TCP for truncated answers) and at most [`Limits::in_flight`] are under way,
+//! the others are answered `SERVFAIL` at once.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -13,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::UdpSocket;
+use tokio::{net::UdpSocket, sync::oneshot};
 
 /// The zone VM names live in.
 pub const ZONE: &str = "vm";
@@ -177,7 +183,7 @@ impl Directory for crate::ops::Ops {
 
 /// The answer to one query packet: from the directory for names in the zone, relayed to
 /// `upstream` for others (refused without one). `None`: send nothing.
-pub async fn answer(packet: &[u8], directory: &dyn Directory, upstream: Option<SocketAddr>) -> Option<Vec<u8>> {
+pub async fn answer(packet: &[u8], directory: &dyn Directory, upstream: Option<&Upstream>) -> Option<Vec<u8>> {
     let query = match parse_query(packet) {
         Ok(query) => query,
         Err(Malformed::Truncated) => return None,
@@ -186,7 +192,7 @@ pub async fn answer(packet: &[u8], directory: &dyn Directory, upstream: Option<S
     let in_zone = query.name == ZONE || query.name.ends_with(&format!(".{ZONE}"));
     if !in_zone {
         return Some(match upstream {
-            Some(upstream) => relay(packet, upstream).await.unwrap_or_else(|| response(&query, Rcode::ServFail, None)),
+            Some(upstream) => upstream.relay(packet).await.unwrap_or_else(|| response(&query, Rcode::ServFail, None)),
             None => response(&query, Rcode::Refused, None),
         });
     }
@@ -208,16 +214,114 @@ pub async fn answer(packet: &[u8], directory: &dyn Directory, upstream: Option<S
     })
 }
 
-/// Sends `packet` to `upstream` from a fresh port and returns its answer, if one comes in time.
-async fn relay(packet: &[u8], upstream: SocketAddr) -> Option<Vec<u8>> {
-    let bind: SocketAddr = if upstream.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
-    let socket = UdpSocket::bind(bind).await.ok()?;
-    socket.connect(upstream).await.ok()?;
-    socket.send(packet).await.ok()?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let len = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut buf)).await.ok()?.ok()?;
-    // The answer must be to this question.
-    (len >= 2 && buf[..2] == packet[..2]).then(|| buf[..len].to_vec())
+/// Questions waiting for the upstream's answer, by the id they were sent with.
+type Pending = Arc<std::sync::Mutex<std::collections::HashMap<u16, oneshot::Sender<Vec<u8>>>>>;
+
+/// The upstream nameserver, reached through one long-lived UDP socket: each relayed
+/// question is sent with a fresh random id (an off-path answer has to guess it), its answer
+/// is matched by that id and given back the asker's. A truncated answer is asked again
+/// over TCP.
+#[derive(Debug)]
+pub struct Upstream {
+    address: SocketAddr,
+    socket: Arc<UdpSocket>,
+    pending: Pending,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A random query id.
+fn random_id() -> u16 {
+    let mut bytes = [0u8; 2];
+    // The OS's generator does not fail on Linux; a zero id would still be matched correctly.
+    let _ = getrandom::fill(&mut bytes);
+    u16::from_ne_bytes(bytes)
+}
+
+impl Upstream {
+    /// Opens the socket to `address` and starts reading its answers.
+    pub async fn connect(address: SocketAddr) -> std::io::Result<Self> {
+        let bind: SocketAddr =
+            if address.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        let socket = Arc::new(UdpSocket::bind(bind).await?);
+        socket.connect(address).await?;
+        let pending: Pending = Arc::default();
+        let reader = tokio::spawn({
+            let (socket, pending) = (socket.clone(), pending.clone());
+            async move {
+                let mut buf = vec![0u8; MAX_MESSAGE];
+                loop {
+                    let len = match socket.recv(&mut buf).await {
+                        Ok(len) => len,
+                        // An ICMP error of an earlier send, reported on this socket: go on.
+                        Err(_) => continue,
+                    };
+                    if len < 12 {
+                        continue;
+                    }
+                    let id = u16::from_be_bytes([buf[0], buf[1]]);
+                    let waiting = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+                    if let Some(waiting) = waiting {
+                        let _ = waiting.send(buf[..len].to_vec());
+                    }
+                }
+            }
+        });
+        Ok(Self { address, socket, pending, reader })
+    }
+
+    /// Relays `packet` (a parsed query) and returns the answer with the asker's id, if one
+    /// comes within [`UPSTREAM_TIMEOUT`].
+    pub async fn relay(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Far fewer are pending than there are ids: a free one comes within a few tries.
+            let id = std::iter::repeat_with(random_id).take(64).find(|id| !pending.contains_key(id))?;
+            pending.insert(id, tx);
+            id
+        };
+        let forget = || {
+            self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+        };
+        let mut sent = packet.to_vec();
+        sent[..2].copy_from_slice(&id.to_be_bytes());
+        if self.socket.send(&sent).await.is_err() {
+            forget();
+            return None;
+        }
+        let Ok(Ok(mut reply)) = tokio::time::timeout(UPSTREAM_TIMEOUT, rx).await else {
+            forget();
+            return None;
+        };
+        reply[..2].copy_from_slice(&packet[..2]);
+        let truncated = reply[2] & 0x02 != 0;
+        if truncated && let Some(whole) = self.relay_tcp(packet).await {
+            return Some(whole);
+        }
+        Some(reply)
+    }
+
+    /// Asks `packet` over TCP (RFC 1035 4.2.2: each message after its two-byte length).
+    async fn relay_tcp(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(self.address).await.ok()?;
+            let mut message = u16::try_from(packet.len()).ok()?.to_be_bytes().to_vec();
+            message.extend_from_slice(packet);
+            stream.write_all(&message).await.ok()?;
+            let len = usize::from(stream.read_u16().await.ok()?);
+            let mut reply = vec![0u8; len];
+            stream.read_exact(&mut reply).await.ok()?;
+            (len >= 12 && reply[..2] == packet[..2]).then_some(reply)
+        };
+        tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await.ok().flatten()
+    }
 }
 
 /// The first nameserver in `/etc/resolv.conf`-style text.
@@ -240,10 +344,78 @@ pub fn bind(address: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Answers queries on `socket` until the task is dropped; each query is answered on its own
-/// task, so a slow upstream delays no one else.
-pub async fn serve(socket: UdpSocket, directory: Arc<dyn Directory>, upstream: Option<SocketAddr>) {
+/// What a guest may ask of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Queries are answered only from this network (the bridge's), address and prefix.
+    pub network: (Ipv4Addr, u8),
+    /// Relayed questions under way at once; more are answered `SERVFAIL` at once.
+    pub in_flight: usize,
+    /// Queries a second from one source; more are dropped.
+    pub rate: u32,
+    /// Queries one source may send at once above its rate.
+    pub burst: u32,
+}
+
+impl Limits {
+    /// The limits for guests on `network`: 256 relays under way, 100 queries a second from
+    /// one source with bursts of 200.
+    pub fn for_network(address: Ipv4Addr, prefix: u8) -> Self {
+        Self { network: (address, prefix), in_flight: 256, rate: 100, burst: 200 }
+    }
+
+    fn admits_source(&self, source: std::net::IpAddr) -> bool {
+        let std::net::IpAddr::V4(source) = source else { return false };
+        let (network, prefix) = self.network;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+        u32::from(source) & mask == u32::from(network) & mask
+    }
+}
+
+/// Token buckets, one per source address.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: std::collections::HashMap<std::net::IpAddr, (f64, tokio::time::Instant)>,
+}
+
+impl RateLimiter {
+    fn new(limits: &Limits) -> Self {
+        Self { rate: f64::from(limits.rate), burst: f64::from(limits.burst), buckets: Default::default() }
+    }
+
+    fn allow(&mut self, source: std::net::IpAddr, now: tokio::time::Instant) -> bool {
+        if self.buckets.len() > 4096 {
+            // Sources quiet long enough to have a full bucket again are forgotten.
+            let full = Duration::from_secs_f64(self.burst / self.rate);
+            self.buckets.retain(|_, (_, at)| now.duration_since(*at) < full);
+        }
+        let (tokens, at) = self.buckets.entry(source).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
+/// True when answering `packet` means asking the upstream: a well-formed question outside
+/// the zone.
+fn needs_upstream(packet: &[u8]) -> bool {
+    parse_query(packet).is_ok_and(|query| query.name != ZONE && !query.name.ends_with(&format!(".{ZONE}")))
+}
+
+/// Answers queries on `socket` within `limits` until the task is dropped. Names in the zone
+/// are answered at once, from memory; relayed questions each run on their own task, so a
+/// slow upstream delays no one else, and at most `limits.in_flight` of them at once.
+pub async fn serve(socket: UdpSocket, directory: Arc<dyn Directory>, upstream: Option<Upstream>, limits: Limits) {
     let socket = Arc::new(socket);
+    let upstream = upstream.map(Arc::new);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.in_flight));
+    let mut rate = RateLimiter::new(&limits);
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let (len, peer) = match socket.recv_from(&mut buf).await {
@@ -254,10 +426,28 @@ pub async fn serve(socket: UdpSocket, directory: Arc<dyn Directory>, upstream: O
                 continue;
             }
         };
-        let packet = buf[..len].to_vec();
-        let (socket, directory) = (socket.clone(), directory.clone());
+        if !limits.admits_source(peer.ip()) || !rate.allow(peer.ip(), tokio::time::Instant::now()) {
+            continue;
+        }
+        let packet = &buf[..len];
+        let relayed = upstream.as_ref().filter(|_| needs_upstream(packet));
+        let Some(upstream) = relayed else {
+            if let Some(reply) = answer(packet, directory.as_ref(), None).await {
+                let _ = socket.send_to(&reply, peer).await;
+            }
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if let Ok(query) = parse_query(packet) {
+                let _ = socket.send_to(&response(&query, Rcode::ServFail, None), peer).await;
+            }
+            continue;
+        };
+        let (packet, socket, directory, upstream) =
+            (packet.to_vec(), socket.clone(), directory.clone(), upstream.clone());
         tokio::spawn(async move {
-            if let Some(reply) = answer(&packet, directory.as_ref(), upstream).await {
+            let _permit = permit;
+            if let Some(reply) = answer(&packet, directory.as_ref(), Some(&upstream)).await {
                 let _ = socket.send_to(&reply, peer).await;
             }
         });
@@ -340,13 +530,129 @@ mod tests {
             upstream.send_to(&reply, peer).await.expect("send");
         });
         let asked = query("example.com", TYPE_A);
-        let reply = answer(&asked, &Vms, Some(address)).await.expect("reply");
+        let relay = Upstream::connect(address).await.expect("upstream socket");
+        let reply = answer(&asked, &Vms, Some(&relay)).await.expect("reply");
         assert!(reply.ends_with(b"upstream") && reply[..2] == asked[..2], "{reply:?}");
         server.await.expect("upstream task");
         // A silent upstream: the client gets SERVFAIL, not silence.
         let silent = UdpSocket::bind("127.0.0.1:0").await.expect("silent");
-        let reply = answer(&asked, &Vms, Some(silent.local_addr().expect("addr"))).await.expect("reply");
+        let relay = Upstream::connect(silent.local_addr().expect("addr")).await.expect("upstream socket");
+        let reply = answer(&asked, &Vms, Some(&relay)).await.expect("reply");
         assert_eq!(rcode(&reply), Rcode::ServFail as u8);
+    }
+
+    /// A server on a loopback port with `limits`, relaying to `upstream`.
+    async fn server(upstream: Option<SocketAddr>, limits: Limits) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let address = socket.local_addr().expect("addr");
+        let upstream = match upstream {
+            Some(upstream) => Some(Upstream::connect(upstream).await.expect("upstream")),
+            None => None,
+        };
+        (address, tokio::spawn(serve(socket, Arc::new(Vms), upstream, limits)))
+    }
+
+    /// Sends `packet` from `client` to `server`; the reply, if one comes within `wait`.
+    async fn ask(client: &UdpSocket, server: SocketAddr, packet: &[u8], wait: Duration) -> Option<Vec<u8>> {
+        client.send_to(packet, server).await.expect("send");
+        let mut buf = [0u8; MAX_MESSAGE];
+        let (len, _) = tokio::time::timeout(wait, client.recv_from(&mut buf)).await.ok()?.ok()?;
+        Some(buf[..len].to_vec())
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").expect("fds").count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_at_a_silent_upstream_holds_no_descriptor_per_query_and_vm_names_still_answer_at_once() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.expect("silent upstream");
+        let limits = Limits { rate: 1_000_000, burst: 1_000_000, ..Limits::for_network(Ipv4Addr::LOCALHOST, 8) };
+        let (address, task) = server(Some(silent.local_addr().expect("addr")), limits).await;
+        let before = open_fds();
+        let flooder = UdpSocket::bind("127.0.0.2:0").await.expect("flooder");
+        let mut most = before;
+        let mut servfails = 0;
+        for n in 0..20_000u32 {
+            flooder.send_to(&query(&format!("q{n}.example"), TYPE_A), address).await.expect("send");
+            if n % 500 == 0 {
+                most = most.max(open_fds());
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), flooder.recv_from(&mut buf)).await {
+            servfails += 1;
+        }
+        // Meanwhile the relays under way wait for an upstream that never answers.
+        let client = UdpSocket::bind("127.0.0.3:0").await.expect("client");
+        let started = std::time::Instant::now();
+        let reply = ask(&client, address, &query("web.vm", TYPE_A), Duration::from_secs(1)).await.expect("web.vm");
+        let took = started.elapsed();
+        most = most.max(open_fds());
+        task.abort();
+        assert_eq!(answers(&reply), 1, "web.vm answered during the flood");
+        assert!(took < Duration::from_millis(500), "web.vm took {took:?}");
+        assert!(most <= before + 8, "open descriptors grew from {before} to {most}");
+        assert!(servfails > 0, "relays beyond the cap are answered SERVFAIL at once");
+    }
+
+    #[tokio::test]
+    async fn each_source_is_rate_limited_and_only_the_bridge_network_is_answered() {
+        let limits = Limits { rate: 10, burst: 10, ..Limits::for_network(Ipv4Addr::new(127, 0, 0, 0), 8) };
+        let (address, task) = server(None, limits).await;
+        let noisy = UdpSocket::bind("127.0.0.4:0").await.expect("noisy");
+        for _ in 0..50 {
+            noisy.send_to(&query("web.vm", TYPE_A), address).await.expect("send");
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut answered = 0;
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), noisy.recv_from(&mut buf)).await {
+            answered += 1;
+        }
+        assert!((10..=13).contains(&answered), "{answered} of 50 answered at 10 a second, bursts of 10");
+        let other = UdpSocket::bind("127.0.0.5:0").await.expect("other");
+        assert!(
+            ask(&other, address, &query("web.vm", TYPE_A), Duration::from_secs(1)).await.is_some(),
+            "another source is answered"
+        );
+        task.abort();
+        // A source off the bridge's network gets nothing.
+        let (address, task) = server(None, Limits::for_network(Ipv4Addr::new(10, 0, 0, 0), 8)).await;
+        let outsider = UdpSocket::bind("127.0.0.1:0").await.expect("outsider");
+        assert!(ask(&outsider, address, &query("web.vm", TYPE_A), Duration::from_millis(300)).await.is_none());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp upstream");
+        let address = udp.local_addr().expect("addr");
+        let tcp = tokio::net::TcpListener::bind(address).await.expect("tcp upstream");
+        let upstream = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 512];
+            let (len, peer) = udp.recv_from(&mut buf).await.expect("recv");
+            let mut truncated = buf[..len].to_vec();
+            truncated[2] |= 0x82; // a response, truncated
+            udp.send_to(&truncated, peer).await.expect("send");
+            let (mut stream, _) = tcp.accept().await.expect("accept");
+            let len = usize::from(stream.read_u16().await.expect("len"));
+            let mut question = vec![0u8; len];
+            stream.read_exact(&mut question).await.expect("question");
+            let mut whole = question.clone();
+            whole[2] |= 0x80;
+            whole.extend_from_slice(&[b'w'; 1000]);
+            stream.write_all(&(whole.len() as u16).to_be_bytes()).await.expect("write");
+            stream.write_all(&whole).await.expect("write");
+        });
+        let relay = Upstream::connect(address).await.expect("upstream socket");
+        let asked = query("big.example", TYPE_A);
+        let reply = answer(&asked, &Vms, Some(&relay)).await.expect("reply");
+        upstream.await.expect("upstream task");
+        assert_eq!(reply[..2], asked[..2], "the asker's id");
+        assert_eq!(reply[2] & 0x02, 0, "the whole answer, not the truncated one");
+        assert!(reply.ends_with(&[b'w'; 1000]));
     }
 
     #[tokio::test]

@@ -322,21 +322,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         version = env!("CARGO_PKG_VERSION"),
         "bangerd serving"
     );
-    let dns = config.network.as_ref().filter(|n| n.dns).and_then(|network| {
-        let address = std::net::SocketAddr::from((network.pool.gateway(), 53));
-        match dns::bind(address) {
-            Ok(socket) => {
-                let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-                let upstream = dns::first_nameserver(&resolv_conf);
-                tracing::info!(%address, upstream = upstream.map(|u| u.to_string()), "serving dns for .vm names");
-                Some(tokio::spawn(dns::serve(socket, ops.clone(), upstream)))
-            }
-            Err(error) => {
-                tracing::warn!(%address, error = %error, "cannot serve dns; guests resolve no .vm names");
-                None
+    let dns = match config.network.as_ref().filter(|n| n.dns) {
+        None => None,
+        Some(network) => {
+            let address = std::net::SocketAddr::from((network.pool.gateway(), 53));
+            match dns::bind(address) {
+                Ok(socket) => {
+                    let upstream = network.dns_upstream.or_else(|| {
+                        dns::first_nameserver(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+                    });
+                    let relay = match upstream {
+                        Some(upstream) => match dns::Upstream::connect(upstream).await {
+                            Ok(relay) => Some(relay),
+                            Err(error) => {
+                                tracing::warn!(%upstream, error = %error, "cannot reach the upstream nameserver; other names are refused");
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    let limits = dns::Limits::for_network(network.pool.gateway(), network.pool.prefix());
+                    tracing::info!(%address, upstream = upstream.map(|u| u.to_string()), "serving dns for .vm names");
+                    Some(tokio::spawn(dns::serve(socket, ops.clone(), relay, limits)))
+                }
+                Err(error) => {
+                    tracing::warn!(%address, error = %error, "cannot serve dns; guests resolve no .vm names");
+                    None
+                }
             }
         }
-    });
+    };
     let result = serve(ops, Listeners { unix, tcp }, shutdown).await;
     if let Some(dns) = dns {
         dns.abort();

@@ -129,3 +129,95 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     assert!(!rules.contains("banger-vm-"), "{rules}");
     drop(daemon);
 }
+
+/// Sends 20,000 questions about names outside `.vm` from the bridge address as fast as it
+/// can, then asks `<argv[2]>.vm` from another address on the bridge and prints the
+/// answer's size and how long it took, in ms.
+const DNS_FLOOD: &str = r#"
+import socket, struct, sys, time
+server, name, flooder, asker = (sys.argv[1], 53), sys.argv[2], sys.argv[3], sys.argv[4]
+def query(qid, qname):
+    out = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in qname.split("."):
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\0" + struct.pack(">HH", 1, 1)
+flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+flood.bind((flooder, 0))
+for n in range(20000):
+    flood.sendto(query(n & 0xffff, "q%d.example" % n), server)
+ask = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+ask.bind((asker, 0))
+ask.settimeout(5)
+started = time.monotonic()
+ask.sendto(query(4242, name + ".vm"), server)
+reply = ask.recv(4096)
+print(len(reply), struct.unpack(">H", reply[6:8])[0], round((time.monotonic() - started) * 1000, 1))
+"#;
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_dns_flood_at_a_silent_upstream_leaves_the_daemons_descriptors_bounded_and_vm_names_answered() {
+    let netns = TestNetns::new();
+    // An upstream that reads and never answers, inside the namespace.
+    let silent = "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                  s.bind(('127.0.0.1', 5399)); time.sleep(600)";
+    let _upstream = Reaped(
+        Command::new("ip").args(["netns", "exec", &netns.0, "python3", "-c", silent]).spawn().expect("silent upstream"),
+    );
+    let config_dir = tempfile::tempdir().expect("config dir");
+    let config = config_dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "bridge = \"bgbr1\"\nbridge_cidr = \"172.31.97.0/24\"\ndns_upstream = \"127.0.0.1:5399\"\n",
+    )
+    .expect("config");
+    // The bridge with its address and a second one on its network, as a guest would have.
+    for args in [
+        &["link", "add", "name", "bgbr1", "type", "bridge"][..],
+        &["addr", "add", "172.31.97.1/24", "dev", "bgbr1"],
+        &["addr", "add", "172.31.97.250/24", "dev", "bgbr1"],
+        &["link", "set", "bgbr1", "up"],
+    ] {
+        let status = Command::new("ip").args(["-n", &netns.0]).args(args).status().expect("ip");
+        assert!(status.success(), "ip {args:?}");
+    }
+    let daemon = Daemon::start_in_netns(&netns.0, &["--config", &config.display().to_string()]);
+    let out = daemon.banger(&["vm", "create", "--name", "named", "--no-start"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ip = show(&daemon, "named", "ip");
+    banger_tests::wait_until("dns to answer", Duration::from_secs(10), || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &netns.0, "busybox", "nslookup", "named.vm", "172.31.97.1"])
+            .output()
+            .expect("nslookup");
+        text(&out.stdout).contains(&ip)
+    });
+    let before = open_fds(daemon.pid());
+    let mut flood = Command::new("ip")
+        .args(["netns", "exec", &netns.0, "python3", "-c", DNS_FLOOD, "172.31.97.1", "named", "172.31.97.1"])
+        .arg("172.31.97.250")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flood");
+    let mut most = before;
+    while flood.try_wait().expect("wait").is_none() {
+        most = most.max(open_fds(daemon.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = flood.wait_with_output().expect("flood output");
+    let printed = text(&out.stdout);
+    println!(
+        "daemon descriptors: {before} before, at most {most} during the flood; named.vm answer (bytes, answers, ms): {printed}"
+    );
+    assert!(out.status.success(), "{printed}{}", text(&out.stderr));
+    let fields: Vec<f64> = printed.split_whitespace().map(|f| f.parse().expect("number")).collect();
+    assert_eq!(fields[1], 1.0, "named.vm has one address: {printed}");
+    assert!(fields[2] < 1000.0, "named.vm took {} ms", fields[2]);
+    assert!(most <= before + 8, "the daemon's descriptors grew from {before} to {most}");
+    assert!(daemon.banger(&["vm", "delete", "named"]).status.success());
+}

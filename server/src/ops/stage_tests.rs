@@ -35,6 +35,7 @@ async fn networked_fixture() -> Fixture {
             pool: "172.30.0.0/24".parse().expect("pool"),
             nat: true,
             dns: false,
+            dns_upstream: None,
         })
     })
     .await
