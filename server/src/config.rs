@@ -364,12 +364,15 @@ impl Config {
                 message: format!("{vm_uid_base}: must be above 0 (root) and leave room for one uid per VM"),
             });
         }
-        let jailer = match file.jailer.unwrap_or(false) {
+        // Firecracker runs under its jailer unless told otherwise: no VMM runs as root.
+        let jailer = match file.jailer.unwrap_or(vmm == VmmKind::Firecracker) {
             false => None,
             true if root_disk == Some(RootDiskStrategy::DmSnapshot) => {
                 return Err(ConfigError::Invalid {
                     key: "root_disk",
-                    message: "jailed VMs boot from disk files: use reflink, copy or auto with the jailer".into(),
+                    message: "jailed VMs boot from disk files (Firecracker is jailed unless jailer = false): use \
+                              reflink, copy or auto, or set jailer = false to run it unjailed, as root"
+                        .into(),
                 });
             }
             true if vmm != VmmKind::Firecracker => {
@@ -501,6 +504,17 @@ mod tests {
         assert!(matches!(err, ConfigError::Invalid { key: "root_disk", .. }), "{err}");
         let config = Config::from_parts(file(VmmKind::Firecracker, None), Overrides::default()).expect("valid");
         assert_eq!(config.jailer, Some(JailerConfig { binary: "jailer".into(), uid_base: DEFAULT_VM_UID_BASE }));
+        // On by default under Firecracker, off under QEMU (whose VMs are confined anyway).
+        let firecracker = FileConfig { vmm: Some(VmmKind::Firecracker), ..Default::default() };
+        assert!(Config::from_parts(firecracker, Overrides::default()).expect("valid").jailer.is_some());
+        assert!(Config::from_parts(FileConfig::default(), Overrides::default()).expect("valid").jailer.is_none());
+        let unjailed = FileConfig {
+            vmm: Some(VmmKind::Firecracker),
+            jailer: Some(false),
+            root_disk: Some(RootDiskChoice::Strategy(RootDiskStrategy::DmSnapshot)),
+            ..Default::default()
+        };
+        assert!(Config::from_parts(unjailed, Overrides::default()).expect("valid").jailer.is_none());
     }
 
     #[test]
