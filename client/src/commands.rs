@@ -91,6 +91,7 @@ fn create_request(shape: VmShape, no_start: bool, no_wait: bool, request_id: Opt
         request_id: request_id.unwrap_or_default(),
         labels: shape.labels.into_iter().collect(),
         ttl: shape.ttl.map(duration),
+        egress: shape.egress,
     }
 }
 

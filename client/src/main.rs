@@ -95,6 +95,25 @@ struct VmShape {
     /// 10m, 2h, 1d); `banger vm touch` extends it.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     ttl: Option<std::time::Duration>,
+    /// Where the VM's traffic may go beyond its bridge: `internet` (public addresses only),
+    /// `none`, or networks it may reach, comma-separated (`10.1.0.0/16,192.0.2.7`; the host's
+    /// own addresses too) [default: internet]. Guests always reach each other and bangerd's
+    /// DNS, and send only from their own address.
+    #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
+    egress: Option<banger_client::pb::EgressPolicy>,
+}
+
+/// Parses `--egress`.
+fn parse_egress(text: &str) -> Result<banger_client::pb::EgressPolicy, String> {
+    use banger_client::pb::{EgressMode, EgressPolicy};
+    Ok(match text {
+        "internet" => EgressPolicy { mode: EgressMode::Internet.into(), allow: Vec::new() },
+        "none" => EgressPolicy { mode: EgressMode::None.into(), allow: Vec::new() },
+        list => EgressPolicy {
+            mode: EgressMode::Allow.into(),
+            allow: list.split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect(),
+        },
+    })
 }
 
 /// Parses a VM state name into the API's value.

@@ -73,6 +73,16 @@ pub fn print_vm_table(vms: &[pb::Vm]) {
 }
 
 /// One VM, field by field.
+/// An egress policy as `vm create --egress` takes it.
+fn egress_text(policy: Option<&pb::EgressPolicy>) -> String {
+    let Some(policy) = policy else { return "internet".into() };
+    match pb::EgressMode::try_from(policy.mode).unwrap_or(pb::EgressMode::Unspecified) {
+        pb::EgressMode::None => "none".into(),
+        pb::EgressMode::Allow => policy.allow.join(","),
+        pb::EgressMode::Internet | pb::EgressMode::Unspecified => "internet".into(),
+    }
+}
+
 pub fn print_vm_details(vm: &pb::Vm) {
     if json() {
         return crate::json::print_message(vm);
@@ -90,6 +100,7 @@ pub fn print_vm_details(vm: &pb::Vm) {
             "disk size",
             if vm.disk_size_bytes == 0 { "the image's".into() } else { format!("{} MiB", vm.disk_size_bytes >> 20) },
         ),
+        ("egress", egress_text(vm.egress.as_ref())),
         ("last error", vm.last_error.clone()),
         ("error reason", error_reason_name(vm.last_error_reason).into()),
         ("last operation", vm.last_operation.clone()),

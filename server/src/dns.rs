@@ -560,23 +560,16 @@ mod tests {
         Some(buf[..len].to_vec())
     }
 
-    fn open_fds() -> usize {
-        std::fs::read_dir("/proc/self/fd").expect("fds").count()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_flood_at_a_silent_upstream_holds_no_descriptor_per_query_and_vm_names_still_answer_at_once() {
+    async fn a_flood_at_a_silent_upstream_is_capped_and_vm_names_still_answer_at_once() {
         let silent = UdpSocket::bind("127.0.0.1:0").await.expect("silent upstream");
         let limits = Limits { rate: 1_000_000, burst: 1_000_000, ..Limits::for_network(Ipv4Addr::LOCALHOST, 8) };
         let (address, task) = server(Some(silent.local_addr().expect("addr")), limits).await;
-        let before = open_fds();
         let flooder = UdpSocket::bind("127.0.0.2:0").await.expect("flooder");
-        let mut most = before;
         let mut servfails = 0;
         for n in 0..20_000u32 {
             flooder.send_to(&query(&format!("q{n}.example"), TYPE_A), address).await.expect("send");
             if n % 500 == 0 {
-                most = most.max(open_fds());
                 tokio::task::yield_now().await;
             }
         }
@@ -589,11 +582,11 @@ mod tests {
         let started = std::time::Instant::now();
         let reply = ask(&client, address, &query("web.vm", TYPE_A), Duration::from_secs(1)).await.expect("web.vm");
         let took = started.elapsed();
-        most = most.max(open_fds());
         task.abort();
         assert_eq!(answers(&reply), 1, "web.vm answered during the flood");
         assert!(took < Duration::from_millis(500), "web.vm took {took:?}");
-        assert!(most <= before + 8, "open descriptors grew from {before} to {most}");
+        // Descriptors are counted on a real bangerd (tests/network.rs): this process runs
+        // other tests beside this one.
         assert!(servfails > 0, "relays beyond the cap are answered SERVFAIL at once");
     }
 

@@ -1,6 +1,7 @@
 //! VM networking end to end, inside a network namespace the test creates: two guests on
-//! the bridge get distinct addresses, reach each other (also by their `<vm>.vm` names) and
-//! a server on the bridge address;
+//! the bridge get distinct addresses, reach each other (also by their `<vm>.vm` names), a
+//! server on the bridge address only when their egress policy names it, never the host's
+//! other addresses, and nothing with a spoofed address or MAC;
 //! NAT rules live exactly as long as their VM; a crash of the daemon and a VMM leaves
 //! nothing of the dead VM behind once the daemon restarts. Needs `make setup`.
 
@@ -40,10 +41,23 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     std::fs::write(&config, "bridge = \"bgbr0\"\nbridge_cidr = \"172.31.99.0/24\"\nnat = true\n").expect("config");
     let mut daemon = Daemon::start_in_netns(&netns.0, &["--config", &config.display().to_string()]);
 
-    for vm in ["net-a", "net-b"] {
-        let out = daemon.banger(&["vm", "create", "--name", vm]);
+    // Addresses of the host standing in for a private network and the cloud metadata
+    // service (on its loopback: this kernel has no dummy interfaces; local all the same).
+    for address in ["10.250.0.1/24", "169.254.169.254/32"] {
+        let added = Command::new("ip").args(["-n", &netns.0, "addr", "add", address, "dev", "lo"]).status();
+        assert!(added.expect("ip").success(), "{address}");
+    }
+    // net-a may reach the host's server on the bridge address and the private network;
+    // net-b has the default policy: the public internet only.
+    let egress = [("net-a", Some("172.31.99.1,10.250.0.0/24")), ("net-b", None)];
+    for (vm, allow) in egress {
+        let mut args = vec!["vm", "create", "--name", vm];
+        args.extend(allow.map(|allow| ["--egress", allow]).into_iter().flatten());
+        let out = daemon.banger(&args);
         assert!(out.status.success(), "{vm}: {}\n{}", text(&out.stderr), daemon.log());
     }
+    assert_eq!(show(&daemon, "net-a", "egress"), "172.31.99.1/32,10.250.0.0/24");
+    assert_eq!(show(&daemon, "net-b", "egress"), "internet");
     let (ip_a, ip_b) = (show(&daemon, "net-a", "ip"), show(&daemon, "net-b", "ip"));
     assert_ne!(ip_a, ip_b);
     assert!(ip_a.starts_with("172.31.99.") && ip_b.starts_with("172.31.99."), "{ip_a} {ip_b}");
@@ -72,6 +86,43 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     let out =
         daemon.banger(&["vm", "exec", "net-a", "--", "wget", "-q", "-O", "-", "http://172.31.99.1:8080/hello.txt"]);
     assert_eq!(text(&out.stdout), "hello from the bridge\n", "{}", text(&out.stderr));
+    let reaches = |vm: &str, target: &str| {
+        let out = daemon.banger(&["vm", "exec", vm, "--", "ping", "-c", "1", "-W", "2", target]);
+        out.status.code() == Some(0)
+    };
+    // The egress policies: only what net-a's list names answers it; net-b reaches nothing of
+    // the host but its DNS, not the private network, not the metadata address.
+    assert!(reaches("net-a", "10.250.0.1"), "net-a's allow list names 10.250.0.0/24");
+    assert!(!reaches("net-a", "169.254.169.254"), "net-a reached the metadata address");
+    for target in ["10.250.0.1", "169.254.169.254", "172.31.99.1"] {
+        assert!(!reaches("net-b", target), "net-b reached the host at {target}");
+    }
+    let out = daemon.banger(&[
+        "vm",
+        "exec",
+        "net-b",
+        "--",
+        "wget",
+        "-q",
+        "-T",
+        "3",
+        "-O",
+        "-",
+        "http://172.31.99.1:8080/hello.txt",
+    ]);
+    assert!(!text(&out.stdout).contains("hello"), "net-b reached the host's server");
+    // A guest sends only from its own address and MAC: spoofed, nothing gets through.
+    let spoof = |script: &str| daemon.banger(&["vm", "exec", "net-b", "--", "sh", "-c", script]).status.code();
+    assert_eq!(spoof(&format!("ping -c 1 -W 2 {ip_a}")), Some(0), "net-b reaches net-a as itself");
+    let other_ip = format!(
+        "ip addr add 172.31.99.200/24 dev eth0 && ping -c 1 -W 2 -I 172.31.99.200 {ip_a}; r=$?; ip addr del 172.31.99.200/24 dev eth0; exit $r"
+    );
+    assert_ne!(spoof(&other_ip), Some(0), "a spoofed source address got through");
+    let other_mac = format!(
+        "m=$(cat /sys/class/net/eth0/address); ip link set eth0 address 02:00:00:00:00:99 && ping -c 1 -W 2 {ip_a}; r=$?; ip link set eth0 address $m; exit $r"
+    );
+    assert_ne!(spoof(&other_mac), Some(0), "a spoofed MAC got through");
+    assert_eq!(spoof(&format!("ping -c 1 -W 5 {ip_a}")), Some(0), "net-b is itself again");
 
     // Names: <vm>.vm from the guests (their resolver is bangerd on the bridge, with
     // `search vm`) and from the host; a name nobody has does not exist.

@@ -77,6 +77,54 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
         generation: vm.generation as u64,
         labels: vm.labels.clone(),
         expire_time: vm.expire_at_ms.map(timestamp),
+        egress: Some(egress(&vm.egress)),
+    }
+}
+
+/// The API's form of an egress policy.
+pub fn egress(egress: &crate::domain::Egress) -> pb::EgressPolicy {
+    use crate::domain::Egress;
+    match egress {
+        Egress::None => pb::EgressPolicy { mode: pb::EgressMode::None.into(), allow: Vec::new() },
+        Egress::Internet => pb::EgressPolicy { mode: pb::EgressMode::Internet.into(), allow: Vec::new() },
+        Egress::Allow { cidrs } => pb::EgressPolicy {
+            mode: pb::EgressMode::Allow.into(),
+            allow: cidrs.iter().map(ToString::to_string).collect(),
+        },
+    }
+}
+
+/// The most networks an allow list may name.
+pub const MAX_EGRESS_CIDRS: usize = 64;
+
+/// An egress policy from the API; field violations name `egress.mode` or `egress.allow`.
+fn egress_policy(policy: Option<pb::EgressPolicy>) -> Result<crate::domain::Egress, Vec<FieldViolation>> {
+    use crate::domain::{Cidr, Egress};
+    let Some(policy) = policy else { return Ok(Egress::Internet) };
+    let mode = pb::EgressMode::try_from(policy.mode)
+        .map_err(|_| vec![FieldViolation::new("egress.mode", format!("{} is not an egress mode", policy.mode))])?;
+    if mode != pb::EgressMode::Allow && !policy.allow.is_empty() {
+        return Err(vec![FieldViolation::new("egress.allow", "only with EGRESS_MODE_ALLOW")]);
+    }
+    match mode {
+        pb::EgressMode::Unspecified | pb::EgressMode::Internet => Ok(Egress::Internet),
+        pb::EgressMode::None => Ok(Egress::None),
+        pb::EgressMode::Allow => {
+            if policy.allow.is_empty() || policy.allow.len() > MAX_EGRESS_CIDRS {
+                let why = format!("1 to {MAX_EGRESS_CIDRS} networks, got {}", policy.allow.len());
+                return Err(vec![FieldViolation::new("egress.allow", why)]);
+            }
+            let mut cidrs = Vec::new();
+            let mut violations = Vec::new();
+            for text in &policy.allow {
+                match text.parse::<Cidr>() {
+                    Ok(cidr) if !cidrs.contains(&cidr) => cidrs.push(cidr),
+                    Ok(_) => {}
+                    Err(e) => violations.push(FieldViolation::new("egress.allow", e.to_string())),
+                }
+            }
+            if violations.is_empty() { Ok(Egress::Allow { cidrs }) } else { Err(violations) }
+        }
     }
 }
 
@@ -172,10 +220,15 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
             violations.push(violation);
             None
         });
+        let egress = egress_policy(request.egress).unwrap_or_else(|mut bad| {
+            violations.append(&mut bad);
+            Default::default()
+        });
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations));
         }
         Ok(CreateVm {
+            egress,
             labels: request.labels,
             ttl_ms,
             name: (!request.name.is_empty()).then_some(request.name),
@@ -366,6 +419,20 @@ mod tests {
         assert!(ok.name.is_none() && ok.image.is_none());
         let bad = pb::CreateVmRequest { name: "a b".into(), vcpus: Some(0), memory_mib: Some(1), ..Default::default() };
         assert_eq!(fields(CreateVm::try_from(bad)), ["name", "vcpus", "memory_mib"]);
+        // Egress: a list only with ALLOW, of 1 to 64 IPv4 networks; none set is the internet.
+        let with = |mode: pb::EgressMode, allow: &[&str]| pb::CreateVmRequest {
+            egress: Some(pb::EgressPolicy { mode: mode.into(), allow: allow.iter().map(|a| a.to_string()).collect() }),
+            ..Default::default()
+        };
+        assert_eq!(fields(CreateVm::try_from(with(pb::EgressMode::Allow, &["10.0.0.0/33"]))), ["egress.allow"]);
+        assert_eq!(fields(CreateVm::try_from(with(pb::EgressMode::Allow, &[]))), ["egress.allow"]);
+        assert_eq!(fields(CreateVm::try_from(with(pb::EgressMode::Internet, &["10.0.0.0/8"]))), ["egress.allow"]);
+        let allowed = CreateVm::try_from(with(pb::EgressMode::Allow, &["10.1.2.3/16", "192.0.2.7"])).expect("valid");
+        let expected: Vec<crate::domain::Cidr> =
+            vec!["10.1.0.0/16".parse().expect("cidr"), "192.0.2.7/32".parse().expect("cidr")];
+        assert_eq!(allowed.egress, crate::domain::Egress::Allow { cidrs: expected });
+        let default = CreateVm::try_from(pb::CreateVmRequest::default()).expect("valid");
+        assert_eq!(default.egress, crate::domain::Egress::Internet);
     }
 
     #[test]

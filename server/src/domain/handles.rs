@@ -44,6 +44,9 @@ pub struct VmHandles {
     /// The tag of the VM's NAT rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<String>,
+    /// The tag of the VM's guest rules (anti-spoofing, host access, egress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<String>,
     /// The cgroup bounding the VMM (`banger/<vm id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,

@@ -75,6 +75,99 @@ pub fn mac_address(cid: u32) -> String {
     format!("02:bg:{a:02x}:{b:02x}:{c:02x}:{d:02x}").replace("bg", "42")
 }
 
+/// An IPv4 network in CIDR notation (`10.0.0.0/8`, `192.0.2.7/32`), normalized to its
+/// network address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+/// Text that is not an IPv4 CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IPv4 network like 10.0.0.0/8 or an address like 192.0.2.7")]
+pub struct CidrError(pub String);
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || CidrError(s.to_owned());
+        let (address, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        Ok(Self { network: Ipv4Addr::from(u32::from(address) & mask), prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Destinations that are not the public internet: this network, private, shared (CGNAT),
+/// loopback, link-local (cloud metadata lives there), the IETF's and benchmarking ranges,
+/// multicast and reserved.
+pub const NOT_INTERNET: [&str; 11] = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
+/// Where a VM's traffic may go beyond its bridge. Whatever the policy, a guest sends only
+/// from its own MAC and address, reaches the other guests on its bridge and bangerd's DNS on
+/// the bridge address, and nothing else of the host unless its allow list names it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Egress {
+    /// Nothing leaves the bridge.
+    None,
+    /// Public addresses only (not [`NOT_INTERNET`], not the host's own).
+    #[default]
+    Internet,
+    /// Only these networks, wherever they are (the host's own addresses included).
+    Allow {
+        /// The networks.
+        cidrs: Vec<Cidr>,
+    },
+}
+
+impl fmt::Display for Egress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => write!(f, "none"),
+            Self::Internet => write!(f, "internet"),
+            Self::Allow { cidrs } => {
+                let list: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+                write!(f, "{}", list.join(","))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

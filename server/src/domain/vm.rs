@@ -284,6 +284,8 @@ pub struct Vm {
     pub labels: super::Labels,
     /// Milliseconds since the Unix epoch when the reaper deletes it, if it has a time to live.
     pub expire_at_ms: Option<i64>,
+    /// Where its traffic may go beyond its bridge.
+    pub egress: super::Egress,
 }
 
 impl Vm {

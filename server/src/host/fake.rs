@@ -45,6 +45,7 @@ struct State {
     dms: BTreeMap<String, Vec<String>>,
     cgroups: BTreeSet<String>,
     nat: BTreeSet<String>,
+    firewall: BTreeSet<String>,
     /// capability call -> failures still to inject
     failures: HashMap<&'static str, usize>,
     /// (vm, path) -> (mode, content): the guests' files
@@ -78,6 +79,11 @@ impl FakeHost {
     /// NAT rule tags that exist.
     pub fn nat_rules(&self) -> Vec<String> {
         self.state().nat.iter().cloned().collect()
+    }
+
+    /// The tags of the guest rules installed.
+    pub fn guest_rules(&self) -> Vec<String> {
+        self.state().firewall.iter().cloned().collect()
     }
 
     /// cgroups that exist.
@@ -407,6 +413,22 @@ impl Network for FakeHost {
     async fn remove_nat(&self, tag: &str) -> Result<(), HostError> {
         self.check("network.remove_nat")?;
         self.state().nat.remove(tag);
+        Ok(())
+    }
+
+    async fn add_guest_rules(&self, tag: &str, guest: &crate::host::network::GuestRules) -> Result<(), HostError> {
+        self.check("network.add_guest_rules")?;
+        // Rule: the rules name a tap that exists.
+        if !self.state().taps.contains(&guest.tap) {
+            return Err(HostError::FakeRule { rule: format!("no tap {}", guest.tap) });
+        }
+        self.state().firewall.insert(tag.to_owned());
+        Ok(())
+    }
+
+    async fn remove_guest_rules(&self, tag: &str) -> Result<(), HostError> {
+        self.check("network.remove_guest_rules")?;
+        self.state().firewall.remove(tag);
         Ok(())
     }
 

@@ -25,6 +25,75 @@ pub trait Network: Send + Sync + std::fmt::Debug {
 
     /// Removes the NAT rules tagged `tag`; none is not an error.
     async fn remove_nat(&self, tag: &str) -> Result<(), HostError>;
+
+    /// Installs one guest's rules, tagged `tag` (replacing any a crashed attempt left): its
+    /// frames from its tap carry only its MAC and address (ARP and IPv4 only); of the host it
+    /// reaches only DNS on the bridge address (and what its allow list names); beyond the
+    /// bridge it goes where its egress policy says.
+    async fn add_guest_rules(&self, tag: &str, guest: &GuestRules) -> Result<(), HostError>;
+
+    /// Removes the guest rules tagged `tag`; none is not an error.
+    async fn remove_guest_rules(&self, tag: &str) -> Result<(), HostError>;
+}
+
+/// What one guest's rules are made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestRules {
+    /// Its tap.
+    pub tap: String,
+    /// Its MAC address.
+    pub mac: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// The bridge.
+    pub bridge: String,
+    /// The bridge's address (bangerd's DNS).
+    pub gateway: Ipv4Addr,
+    /// Where its traffic may go beyond the bridge.
+    pub egress: crate::domain::Egress,
+}
+
+impl GuestRules {
+    /// The nft commands that add its rules, each ending with `comment "<tag>"`.
+    pub fn commands(&self, tag: &str) -> Vec<String> {
+        use crate::domain::Egress;
+        let (tap, mac, ip, bridge, gateway) = (&self.tap, &self.mac, self.ip, &self.bridge, self.gateway);
+        let comment = format!("comment \"{tag}\"");
+        let from_tap = format!("add rule bridge {NFT_TABLE} {BRIDGE_CHAIN} iifname \"{tap}\"");
+        let into_host = format!("add rule ip {NFT_TABLE} {INPUT_CHAIN} iifname \"{bridge}\" ip saddr {ip}");
+        // Leaving the bridge: with br_netfilter, frames between guests pass the ip forward
+        // hook too, from the bridge to the bridge; those stay the bridge's (and its rules').
+        let through = format!(
+            "add rule ip {NFT_TABLE} {FORWARD_CHAIN} iifname \"{bridge}\" oifname != \"{bridge}\" ip saddr {ip}"
+        );
+        let mut rules = vec![
+            format!("{from_tap} ether saddr != {mac} drop"),
+            format!("{from_tap} ether type != {{ ip, arp }} drop"),
+            format!("{from_tap} ether type arp arp saddr ether != {mac} drop"),
+            format!("{from_tap} ether type arp arp saddr ip != {ip} drop"),
+            format!("{from_tap} ether type ip ip saddr != {ip} drop"),
+            format!("{into_host} ip daddr {gateway} udp dport 53 accept"),
+            format!("{into_host} ip daddr {gateway} tcp dport 53 accept"),
+            format!("{into_host} ct state established,related accept"),
+        ];
+        match &self.egress {
+            Egress::None => rules.extend([format!("{into_host} drop"), format!("{through} drop")]),
+            Egress::Internet => rules.extend([
+                format!("{into_host} drop"),
+                format!("{through} ip daddr {{ {} }} drop", crate::domain::NOT_INTERNET.join(", ")),
+            ]),
+            Egress::Allow { cidrs } => {
+                let set = cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                rules.extend([
+                    format!("{into_host} ip daddr {{ {set} }} accept"),
+                    format!("{into_host} drop"),
+                    format!("{through} ip daddr {{ {set} }} accept"),
+                    format!("{through} drop"),
+                ]);
+            }
+        }
+        rules.into_iter().map(|rule| format!("{rule} {comment}")).collect()
+    }
 }
 
 /// Opens the existing tap `name` for a VMM that may not open `/dev/net/tun` itself (it
@@ -53,6 +122,11 @@ pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, HostError> {
 /// The nftables table and chain holding banger's NAT rules.
 const NFT_TABLE: &str = "banger";
 const NFT_CHAIN: &str = "postrouting";
+/// The chains of guests' rules: frames entering the bridge from a tap (bridge family),
+/// packets from the bridge to the host and through it (ip family, in [`NFT_TABLE`]).
+const BRIDGE_CHAIN: &str = "guests";
+const INPUT_CHAIN: &str = "guest_input";
+const FORWARD_CHAIN: &str = "guest_forward";
 
 /// Linux networking through iproute2, optionally inside a network namespace.
 #[derive(Debug, Clone)]
@@ -196,6 +270,44 @@ impl Network for LinuxNetwork {
         Ok(())
     }
 
+    async fn add_guest_rules(&self, tag: &str, guest: &GuestRules) -> Result<(), HostError> {
+        // One nft run, one transaction: the chains, then the rules; all or nothing.
+        self.remove_guest_rules(tag).await?;
+        let mut script = vec![
+            format!("add table bridge {NFT_TABLE}"),
+            format!("add chain bridge {NFT_TABLE} {BRIDGE_CHAIN} {{ type filter hook prerouting priority -200 ; }}"),
+            format!("add table ip {NFT_TABLE}"),
+            format!("add chain ip {NFT_TABLE} {INPUT_CHAIN} {{ type filter hook input priority 0 ; }}"),
+            format!("add chain ip {NFT_TABLE} {FORWARD_CHAIN} {{ type filter hook forward priority 0 ; }}"),
+        ];
+        script.extend(guest.commands(tag));
+        self.nft(&[&script.join("; ")]).await.map(drop)
+    }
+
+    async fn remove_guest_rules(&self, tag: &str) -> Result<(), HostError> {
+        let mut deletions = Vec::new();
+        for family in ["bridge", "ip"] {
+            let tables = self.nft(&["-j", "list", "tables", family]).await?;
+            if !nft_items(&tables).iter().any(|item| item["table"]["name"] == NFT_TABLE) {
+                continue;
+            }
+            let listing = self.nft(&["-j", "-a", "list", "table", family, NFT_TABLE]).await?;
+            for item in nft_items(&listing) {
+                let rule = &item["rule"];
+                if rule["comment"] == tag
+                    && rule["chain"] != NFT_CHAIN
+                    && let (Some(chain), Some(handle)) = (rule["chain"].as_str(), rule["handle"].as_u64())
+                {
+                    deletions.push(format!("delete rule {family} {NFT_TABLE} {chain} handle {handle}"));
+                }
+            }
+        }
+        if deletions.is_empty() {
+            return Ok(());
+        }
+        self.nft(&[&deletions.join("; ")]).await.map(drop)
+    }
+
     async fn delete_tap(&self, name: &str) -> Result<(), HostError> {
         if !self.link_exists(name).await {
             return Ok(());
@@ -266,6 +378,39 @@ mod tests {
         network.remove_nat("banger-vm-a").await.expect("twice is fine");
         assert!(network.nat_rule_handles("banger-vm-a").await.expect("list").is_empty());
         assert_eq!(network.nat_rule_handles("banger-vm-b").await.expect("list").len(), 1, "b is kept");
+    }
+
+    #[tokio::test]
+    async fn guest_rules_are_added_once_and_removed_by_tag_beside_nat_rules() {
+        let netns = TestNetns::new();
+        let network = LinuxNetwork::in_netns("ip".into(), netns.0.clone());
+        let guest = |ip: [u8; 4], egress| GuestRules {
+            tap: "bgtap3".into(),
+            mac: "02:42:ac:1e:00:03".into(),
+            ip: Ipv4Addr::from(ip),
+            bridge: "br-test".into(),
+            gateway: Ipv4Addr::new(172, 30, 0, 1),
+            egress,
+        };
+        let allow = crate::domain::Egress::Allow { cidrs: vec!["10.1.0.0/16".parse().expect("cidr")] };
+        network.remove_guest_rules("banger-vm-a").await.expect("no table yet is no rule");
+        network.add_nat("banger-vm-a", Ipv4Addr::new(172, 30, 0, 3), "br-test").await.expect("nat");
+        network.add_guest_rules("banger-vm-a", &guest([172, 30, 0, 3], allow)).await.expect("add a");
+        network.add_guest_rules("banger-vm-a", &guest([172, 30, 0, 3], Default::default())).await.expect("again");
+        network.add_guest_rules("banger-vm-b", &guest([172, 30, 0, 4], crate::domain::Egress::None)).await.expect("b");
+        let count = |tag: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &netns.0, "nft", "-j", "list", "ruleset"])
+                .output()
+                .expect("nft");
+            nft_items(&String::from_utf8_lossy(&out.stdout)).iter().filter(|i| i["rule"]["comment"] == tag).count()
+        };
+        let expected = |egress| guest([172, 30, 0, 3], egress).commands("t").len();
+        assert_eq!(count("banger-vm-a"), expected(crate::domain::Egress::Internet) + 1, "once, and the NAT rule");
+        network.remove_guest_rules("banger-vm-a").await.expect("remove a");
+        network.remove_guest_rules("banger-vm-a").await.expect("twice is fine");
+        assert_eq!(count("banger-vm-a"), 1, "the NAT rule is the NAT's to remove");
+        assert_eq!(count("banger-vm-b"), expected(crate::domain::Egress::None), "b is kept");
     }
 
     #[tokio::test]

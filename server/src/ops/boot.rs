@@ -15,6 +15,7 @@ use crate::{
     domain::{Image, ProcessHandle, RootDiskStrategy, Vm, VmHandles, VmPaths, mac_address, tap_name},
     host::{
         HostError,
+        network::GuestRules,
         vmm::{GuestNic, LaunchSpec},
     },
 };
@@ -31,6 +32,8 @@ pub enum BootStage {
     AgentChannel,
     /// Create the VM's tap on the bridge (when VMs get a network).
     Tap,
+    /// Install the VM's guest rules: anti-spoofing, host access, egress policy.
+    Firewall,
     /// Masquerade the VM's traffic leaving the bridge (when NAT is on).
     Nat,
     /// Launch the VMM process, detached.
@@ -48,7 +51,7 @@ pub enum BootStage {
 pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool) -> Vec<BootStage> {
     let mut stages = vec![BootStage::RootDisk, BootStage::AgentChannel];
     if let Some(network) = network {
-        stages.push(BootStage::Tap);
+        stages.extend([BootStage::Tap, BootStage::Firewall]);
         if network.nat {
             stages.push(BootStage::Nat);
         }
@@ -67,6 +70,7 @@ impl BootStage {
             Self::RootDisk => "root_disk",
             Self::AgentChannel => "agent_channel",
             Self::Tap => "tap",
+            Self::Firewall => "firewall",
             Self::Nat => "nat",
             Self::VmmLaunch => "vmm_launch",
             Self::LimitResources => "limit_resources",
@@ -78,7 +82,7 @@ impl BootStage {
     /// The log worth reading when this stage fails, as a file name inside the VM dir.
     pub fn evidence_file(self) -> Option<&'static str> {
         match self {
-            Self::RootDisk | Self::Tap | Self::Nat => None,
+            Self::RootDisk | Self::Tap | Self::Firewall | Self::Nat => None,
             Self::AgentChannel => Some("vsock-backend.log"),
             Self::VmmLaunch | Self::LimitResources | Self::VmmBoot => Some("vmm.log"),
             Self::WaitAgent => Some("console.log"),
@@ -151,6 +155,21 @@ impl Boot {
                 self.handles.tap = Some(tap);
                 ops.set_handles(&self.vm, self.handles.clone())?;
             }
+            BootStage::Firewall => {
+                let (network, ip) = network_of(ops, &self.vm)?;
+                let tag = nat_tag(&self.vm);
+                let rules = GuestRules {
+                    tap: tap_name(self.vm.vsock_cid),
+                    mac: mac_address(self.vm.vsock_cid),
+                    ip,
+                    bridge: network.bridge.clone(),
+                    gateway: network.pool.gateway(),
+                    egress: self.vm.egress.clone(),
+                };
+                ops.host.network.add_guest_rules(&tag, &rules).await?;
+                self.handles.firewall = Some(tag);
+                ops.set_handles(&self.vm, self.handles.clone())?;
+            }
             BootStage::Nat => {
                 let (network, ip) = network_of(ops, &self.vm)?;
                 let tag = nat_tag(&self.vm);
@@ -219,6 +238,7 @@ impl Boot {
             // The VM's group holds the vsock backend too: it goes once both processes went.
             BootStage::AgentChannel => &[Runtime::VsockBackend, Runtime::Cgroup],
             BootStage::Tap => &[Runtime::Tap],
+            BootStage::Firewall => &[Runtime::Firewall],
             BootStage::Nat => &[Runtime::Nat],
             // A jailed VMM is in its group before `limit_resources` runs; the group goes
             // with the vsock backend, in `agent_channel`'s undo.

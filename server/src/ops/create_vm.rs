@@ -30,6 +30,8 @@ pub struct CreateVm {
     pub labels: crate::domain::Labels,
     /// Its time to live in milliseconds, from its creation.
     pub ttl_ms: Option<i64>,
+    /// Where its traffic may go beyond its bridge.
+    pub egress: crate::domain::Egress,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +130,7 @@ impl Operation for CreateVmOp<'_> {
                         last_operation: &op_id,
                         labels: &self.request.labels,
                         expire_at_ms: self.request.ttl_ms.map(|ttl| ops.clock().now_ms() + ttl),
+                        egress: &self.request.egress,
                     })
                     .await?;
                 self.boot = Some(Boot::new(vm, image));

@@ -298,6 +298,7 @@ mod tests {
                 last_operation: "op",
                 labels: &Default::default(),
                 expire_at_ms: None,
+                egress: &Default::default(),
             })
             .await
             .expect("vm")

@@ -78,6 +78,7 @@ fn create(name: &str) -> CreateVm {
         wait_agent: true,
         labels: Default::default(),
         ttl_ms: None,
+        egress: Default::default(),
     }
 }
 
@@ -360,15 +361,16 @@ async fn dm_snapshot_devices_are_handles_made_at_boot_and_released_whenever_the_
 }
 
 #[tokio::test]
-async fn networked_creates_failing_at_any_stage_leave_no_tap_and_no_nat_rule() {
+async fn networked_creates_failing_at_any_stage_leave_no_tap_no_guest_rule_and_no_nat_rule() {
     let f = networked_fixture().await;
     let stages = for_each_failing_stage!(f, |i| f.ops.create_vm(create(&format!("net-{i}"))).await, |stage| {
         assert_eq!(f.host.kernel_state().0, Vec::<String>::new(), "{stage}: taps left");
         assert!(f.host.nat_rules().is_empty(), "{stage}: {:?}", f.host.nat_rules());
+        assert!(f.host.guest_rules().is_empty(), "{stage}: {:?}", f.host.guest_rules());
         assert!(f.host.processes().is_empty(), "{stage}: {:?}", f.host.processes());
         assert_eq!(f.vm_dirs(), 0, "{stage}: vm dir left");
     });
-    assert_eq!(stages, 12, "resolve_image .. mark_running, with tap and nat");
+    assert_eq!(stages, 13, "resolve_image .. mark_running, with tap, firewall and nat");
 }
 
 /// An undo that fails is reported, recorded and left for reconcile: the VM stays, in

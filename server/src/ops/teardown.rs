@@ -24,6 +24,8 @@ pub(super) enum Runtime {
     Cgroup,
     /// The VM's NAT rules.
     Nat,
+    /// The VM's guest rules (anti-spoofing, host access, egress).
+    Firewall,
     /// The VM's tap.
     Tap,
     /// The device-mapper snapshot of a dm-snapshot root disk.
@@ -42,6 +44,7 @@ impl Runtime {
         Self::Jail,
         Self::Cgroup,
         Self::Nat,
+        Self::Firewall,
         Self::Tap,
         Self::Snapshot,
         Self::Loops,
@@ -114,6 +117,18 @@ impl Ops {
                             Err(error) => {
                                 handles.nat = Some(tag);
                                 failed(error, "nat");
+                            }
+                        }
+                    }
+                }
+                Runtime::Firewall => {
+                    let derived = network.map(|_| nat_tag(vm));
+                    if let Some(tag) = handles.firewall.clone().or(derived) {
+                        match self.host.network.remove_guest_rules(&tag).await {
+                            Ok(()) => handles.firewall = None,
+                            Err(error) => {
+                                handles.firewall = Some(tag);
+                                failed(error, "firewall");
                             }
                         }
                     }

@@ -162,6 +162,7 @@ mod tests {
             generation: 0,
             labels: Default::default(),
             expire_at_ms: None,
+            egress: Default::default(),
         }
     }
 

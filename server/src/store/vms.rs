@@ -10,7 +10,7 @@ use crate::domain::{IpPool, Labels, Resource, RootDiskStrategy, Vm, VmFault, VmI
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, disk_size_bytes, desired_state, observed_state, \
     vsock_cid, root_disk, ip, vm_dir, last_error, last_error_reason, last_operation, created_at_ms, updated_at_ms, \
     generation, \
-    labels, expire_at_ms";
+    labels, expire_at_ms, egress";
 
 /// Why a VM's last operation failed: a code and words.
 #[derive(Debug, Clone, Default)]
@@ -83,6 +83,7 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         generation: row.try_get("generation")?,
         labels: serde_json::from_str(&row.try_get::<String, _>("labels")?).map_err(|_| corrupt("labels"))?,
         expire_at_ms: row.try_get("expire_at_ms")?,
+        egress: serde_json::from_str(&row.try_get::<String, _>("egress")?).map_err(|_| corrupt("egress"))?,
     })
 }
 
@@ -141,6 +142,8 @@ pub struct NewVmRecord<'a> {
     pub labels: &'a Labels,
     /// When the reaper deletes it, if ever.
     pub expire_at_ms: Option<i64>,
+    /// Where its traffic may go beyond its bridge.
+    pub egress: &'a crate::domain::Egress,
 }
 
 impl Store {
@@ -165,9 +168,9 @@ impl Store {
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
                  vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms, \
-                 disk_size_bytes) \
+                 disk_size_bytes, egress) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
-                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14, ?15)",
+                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14, ?15, ?16)",
             )
             .bind(new.id.to_string())
             .bind(new.name)
@@ -184,6 +187,7 @@ impl Store {
             .bind(serde_json::to_string(new.labels).unwrap_or_else(|_| "{}".into()))
             .bind(new.expire_at_ms)
             .bind(new.spec.disk_bytes as i64)
+            .bind(serde_json::to_string(new.egress).unwrap_or_else(|_| r#"{"mode":"internet"}"#.into()))
             .execute(&mut *tx)
             .await;
             match result {
@@ -365,6 +369,7 @@ mod tests {
             last_operation: "op",
             labels: &EMPTY,
             expire_at_ms: None,
+            egress: &crate::domain::Egress::Internet,
         }
     }
 
