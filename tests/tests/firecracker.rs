@@ -203,7 +203,18 @@ fn jailed_firecracker_runs_chrooted_as_its_own_uid_in_its_cgroup_and_leaves_no_j
     let read =
         |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().to_owned();
     assert_eq!(read(format!("{memory}/memory.limit_in_bytes")), ((128 + 512) * 1024 * 1024u64).to_string());
-    assert_eq!(read(format!("{cpu}/cpu.cfs_quota_us")), "100000");
+    assert_eq!(read(format!("{cpu}/cpu.cfs_quota_us")), "200000");
+    // No privilege left: the jailer's uid switch, Firecracker's own seccomp filters.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let lines: Vec<&str> = status
+        .lines()
+        .filter(|l| ["Uid:", "CapEff:", "NoNewPrivs:", "Seccomp:"].iter().any(|k| l.starts_with(k)))
+        .collect();
+    println!("/proc/{pid}/status (jailed firecracker):\n  {}", lines.join("\n  "));
+    let value = |key: &str| lines.iter().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default();
+    assert_eq!(value("CapEff:"), "0000000000000000", "{lines:?}");
+    assert_eq!(value("NoNewPrivs:"), "1", "{lines:?}");
+    assert_eq!(value("Seccomp:"), "2", "{lines:?}");
 
     // A daemon killed and restarted finds the jailed VMM through /proc, as an unjailed one.
     daemon.signal(Signal::SIGKILL);
