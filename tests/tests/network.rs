@@ -155,6 +155,7 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     let (tap_a, tap_b) = (show(&daemon, "net-a", "tap"), show(&daemon, "net-b", "tap"));
     let rules = netns.ruleset();
     assert!(rules.contains(&format!("banger-vm-{id_a}")) && rules.contains(&format!("banger-vm-{id_b}")), "{rules}");
+    assert!(rules.contains("banger-forward-guard"), "forwarding turned on for the bridge only: {rules}");
     assert!(netns.has_link(&tap_a) && netns.has_link(&tap_b));
 
     // The daemon and net-a's VMM die; the next daemon removes net-a's tap and rule.
@@ -178,6 +179,13 @@ fn guests_on_the_bridge_reach_each_other_and_the_host_and_crashes_leave_no_tap_o
     assert!(!netns.has_link(&tap_b));
     let rules = netns.ruleset();
     assert!(!rules.contains("banger-vm-"), "{rules}");
+    // The namespace did not forward before banger's NAT: it does not after the last NAT rule.
+    let forward = Command::new("ip")
+        .args(["netns", "exec", &netns.0, "sysctl", "-n", "net.ipv4.ip_forward"])
+        .output()
+        .expect("sysctl");
+    assert_eq!(text(&forward.stdout).trim(), "0", "forwarding left on");
+    assert!(!rules.contains("banger-forward-guard"), "{rules}");
     drop(daemon);
 }
 

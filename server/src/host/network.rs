@@ -20,10 +20,15 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     /// Deletes a tap interface; one already gone is not an error.
     async fn delete_tap(&self, name: &str) -> Result<(), HostError>;
 
-    /// Masquerades traffic from `ip` leaving through anything but `bridge`, tagged `tag`.
+    /// Masquerades traffic from `ip` leaving through anything but `bridge`, tagged `tag`,
+    /// and turns IPv4 forwarding on. Where it was off, forwarding stays the bridge's only: a
+    /// guard rule drops what would be forwarded neither from nor to the bridge (the host's
+    /// other interfaces keep not forwarding), and its presence records that banger turned
+    /// forwarding on.
     async fn add_nat(&self, tag: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), HostError>;
 
-    /// Removes the NAT rules tagged `tag`; none is not an error.
+    /// Removes the NAT rules tagged `tag`; none is not an error. With the last NAT rule, the
+    /// forwarding banger turned on is turned off again, and its guard removed.
     async fn remove_nat(&self, tag: &str) -> Result<(), HostError>;
 
     /// Installs one guest's rules, tagged `tag` (replacing any a crashed attempt left): its
@@ -127,23 +132,54 @@ const NFT_CHAIN: &str = "postrouting";
 const BRIDGE_CHAIN: &str = "guests";
 const INPUT_CHAIN: &str = "guest_input";
 const FORWARD_CHAIN: &str = "guest_forward";
+/// The comment of the rule that keeps forwarding the bridge's when banger turned it on.
+const FORWARD_GUARD: &str = "banger-forward-guard";
 
 /// Linux networking through iproute2, optionally inside a network namespace.
 #[derive(Debug, Clone)]
 pub struct LinuxNetwork {
     ip: PathBuf,
     netns: Option<String>,
+    /// Held while NAT rules and forwarding change together: the last NAT rule's removal
+    /// turns forwarding off, never under a NAT rule being added.
+    forwarding: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl LinuxNetwork {
     /// Uses `ip` in the daemon's own network namespace.
     pub fn new(ip: PathBuf) -> Self {
-        Self { ip, netns: None }
+        Self { ip, netns: None, forwarding: Default::default() }
     }
 
     /// Uses `ip -n NETNS`: every interface lives in that namespace.
     pub fn in_netns(ip: PathBuf, netns: String) -> Self {
-        Self { ip, netns: Some(netns) }
+        Self { ip, netns: Some(netns), forwarding: Default::default() }
+    }
+
+    /// `net.ipv4.ip_forward` in the namespace, read or (with `value`) written.
+    async fn ip_forward(&self, value: Option<&str>) -> Result<String, HostError> {
+        let (program, mut args): (PathBuf, Vec<OsString>) = match &self.netns {
+            Some(netns) => (self.ip.clone(), vec!["netns".into(), "exec".into(), netns.into(), "sysctl".into()]),
+            None => (PathBuf::from("sysctl"), Vec::new()),
+        };
+        match value {
+            None => args.extend(["-n".into(), "net.ipv4.ip_forward".into()]),
+            Some(value) => args.extend(["-q".into(), "-w".into(), format!("net.ipv4.ip_forward={value}").into()]),
+        }
+        command::run(&program, &args).await.map(|out| String::from_utf8_lossy(&out).trim().to_owned())
+    }
+
+    /// The handle of the forwarding guard (see [`Network::add_nat`]), if it is in place.
+    async fn forward_guard(&self) -> Result<Option<u64>, HostError> {
+        let tables = self.nft(&["-j", "list", "tables", "ip"]).await?;
+        if !nft_items(&tables).iter().any(|item| item["table"]["name"] == NFT_TABLE) {
+            return Ok(None);
+        }
+        let listing = self.nft(&["-j", "-a", "list", "table", "ip", NFT_TABLE]).await?;
+        Ok(nft_items(&listing)
+            .iter()
+            .find(|item| item["rule"]["comment"] == FORWARD_GUARD)
+            .and_then(|item| item["rule"]["handle"].as_u64()))
     }
 
     async fn ip(&self, rest: &[&str]) -> Result<(), HostError> {
@@ -225,10 +261,13 @@ impl Network for LinuxNetwork {
     }
 
     async fn add_nat(&self, tag: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), HostError> {
+        let _forwarding = self.forwarding.lock().await;
         self.nft(&["add", "table", "ip", NFT_TABLE]).await?;
         self.nft(&["add", "chain", "ip", NFT_TABLE, NFT_CHAIN, "{ type nat hook postrouting priority 100 ; }"]).await?;
         // Adding twice would masquerade twice: remove what a crashed attempt left first.
-        self.remove_nat(tag).await?;
+        for handle in self.nat_rule_handles(tag).await? {
+            self.nft(&["delete", "rule", "ip", NFT_TABLE, NFT_CHAIN, "handle", &handle.to_string()]).await?;
+        }
         let ip = ip.to_string();
         let rule = [
             "add",
@@ -249,23 +288,42 @@ impl Network for LinuxNetwork {
         let mut args: Vec<&str> = rule.to_vec();
         args.push(&quoted);
         self.nft(&args).await?;
-        // Forwarding is what NAT is for; without it nothing leaves the bridge.
-        match &self.netns {
-            None => std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-                .map_err(|source| HostError::Io { what: "enable ip_forward".into(), source }),
-            Some(netns) => {
-                let args: Vec<OsString> = ["netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]
-                    .iter()
-                    .map(OsString::from)
-                    .collect();
-                command::run(&self.ip, &args).await.map(drop)
+        // Forwarding is what NAT is for; without it nothing leaves the bridge. Where it was
+        // off, the guard goes in first: nothing else is forwarded for a moment.
+        if self.ip_forward(None).await? != "1" {
+            let guard = [
+                format!("add chain ip {NFT_TABLE} {FORWARD_CHAIN} {{ type filter hook forward priority 0 ; }}"),
+                format!(
+                    "add rule ip {NFT_TABLE} {FORWARD_CHAIN} iifname != \"{bridge}\" oifname != \"{bridge}\" drop \
+                     comment \"{FORWARD_GUARD}\""
+                ),
+            ];
+            if self.forward_guard().await?.is_none() {
+                self.nft(&[&guard.join("; ")]).await?;
             }
+            self.ip_forward(Some("1")).await?;
         }
+        Ok(())
     }
 
     async fn remove_nat(&self, tag: &str) -> Result<(), HostError> {
+        let _forwarding = self.forwarding.lock().await;
         for handle in self.nat_rule_handles(tag).await? {
             self.nft(&["delete", "rule", "ip", NFT_TABLE, NFT_CHAIN, "handle", &handle.to_string()]).await?;
+        }
+        // The last NAT rule gone: forwarding as it was before banger, if banger turned it on.
+        let chains = self.nft(&["-j", "list", "chains", "ip"]).await?;
+        let nat_chain =
+            |item: &serde_json::Value| item["chain"]["table"] == NFT_TABLE && item["chain"]["name"] == NFT_CHAIN;
+        let nat_rules_left = if nft_items(&chains).iter().any(nat_chain) {
+            let listing = self.nft(&["-j", "list", "chain", "ip", NFT_TABLE, NFT_CHAIN]).await?;
+            nft_items(&listing).iter().any(|item| item.get("rule").is_some())
+        } else {
+            false
+        };
+        if !nat_rules_left && let Some(guard) = self.forward_guard().await? {
+            self.ip_forward(Some("0")).await?;
+            self.nft(&["delete", "rule", "ip", NFT_TABLE, FORWARD_CHAIN, "handle", &guard.to_string()]).await?;
         }
         Ok(())
     }
@@ -378,6 +436,13 @@ mod tests {
         network.remove_nat("banger-vm-a").await.expect("twice is fine");
         assert!(network.nat_rule_handles("banger-vm-a").await.expect("list").is_empty());
         assert_eq!(network.nat_rule_handles("banger-vm-b").await.expect("list").len(), 1, "b is kept");
+        // The namespace did not forward: banger turned it on, for the bridge only, and turns
+        // it off with the last NAT rule.
+        assert_eq!(network.ip_forward(None).await.expect("sysctl"), "1");
+        assert!(network.forward_guard().await.expect("guard").is_some());
+        network.remove_nat("banger-vm-b").await.expect("remove b");
+        assert_eq!(network.ip_forward(None).await.expect("sysctl"), "0");
+        assert!(network.forward_guard().await.expect("guard").is_none());
     }
 
     #[tokio::test]
