@@ -473,10 +473,15 @@ impl Drop for Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         for entry in std::fs::read_dir(self.state_dir().join("vms")).into_iter().flatten().flatten() {
-            for controller in ["cpu", "memory"] {
-                let _ = std::fs::remove_dir(
-                    Path::new("/sys/fs/cgroup").join(controller).join("banger").join(entry.file_name()),
-                );
+            for controller in ["cpu", "memory", "pids", "blkio"] {
+                let group = Path::new("/sys/fs/cgroup").join(controller).join("banger").join(entry.file_name());
+                // A killed process leaves its group a moment after it is gone.
+                for _ in 0..50 {
+                    if std::fs::remove_dir(&group).is_ok() || !group.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
     }
