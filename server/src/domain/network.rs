@@ -20,15 +20,12 @@ impl FromStr for IpPool {
     type Err = PoolError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || PoolError(s.to_owned());
-        let (address, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if !(16..=29).contains(&prefix) {
-            return Err(bad());
+        // A network (a bare address is a /32, which no pool is).
+        let cidr: Cidr = s.parse().map_err(|_| PoolError(s.to_owned()))?;
+        if !(16..=29).contains(&cidr.prefix) {
+            return Err(PoolError(s.to_owned()));
         }
-        let mask = u32::MAX << (32 - prefix);
-        Ok(Self { network: Ipv4Addr::from(u32::from(address) & mask), prefix })
+        Ok(Self { network: cidr.network, prefix: cidr.prefix })
     }
 }
 
