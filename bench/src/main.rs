@@ -9,7 +9,8 @@
 //!    `wait_agent`;
 //! 2. create throughput: VMs created and booted per second at concurrency 1 and 2;
 //! 3. 1,000 recorded VMs (2 running, the rest created but not started), then `GetVm` and
-//!    `ListVms` (a page of 100) at concurrency 1, 16 and 64, over the unix socket and TCP;
+//!    `ListVms` (a page of 100) at concurrency 1, 16 and 64, over the unix socket (the caller
+//!    found by its peer credentials) and TCP (mutual TLS);
 //! 4. the daemon's idle RSS with those records;
 //! 5. the daemon killed (SIGKILL) and started again: the startup reconcile of the 1,000
 //!    records, as the daemon logs it;
@@ -71,6 +72,8 @@ struct Daemon {
     port: u16,
     log: PathBuf,
     started: Instant,
+    /// The TCP listener's CA and the bench's client certificate (mutual TLS).
+    pki: banger_tests::tls::Pki,
 }
 
 impl Daemon {
@@ -81,9 +84,10 @@ impl Daemon {
         let output = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         // The bench's registry (section 6), when it runs one, is plain HTTP on loopback.
         let config = dir.join("bangerd.toml");
-        if !config.exists() {
-            std::fs::write(&config, "")?;
-        }
+        let settings = std::fs::read_to_string(&config).unwrap_or_default();
+        // TCP is mutual TLS: the bench's certificate is admin, as root on the socket is.
+        let pki = banger_tests::tls::Pki::new();
+        let config = pki.config(&format!("{settings}\n[[auth.grants]]\ncert = \"bench\"\nrole = \"admin\"\n"));
         let child = Command::new(bin_dir.join("bangerd"))
             .arg("--config")
             .arg(&config)
@@ -99,7 +103,7 @@ impl Daemon {
             .stdout(output.try_clone()?)
             .stderr(output)
             .spawn()?;
-        Ok(Self { child, socket, port, log, started: Instant::now() })
+        Ok(Self { child, socket, port, log, started: Instant::now(), pki })
     }
 
     /// Waits until the daemon answers; returns how long it took since it was started.
@@ -118,8 +122,16 @@ impl Daemon {
         }
     }
 
+    /// A client over TCP with mutual TLS (TLS 1.3, one connection: one handshake).
     async fn tcp_client(&self) -> Result<Client, Error> {
-        Ok(Client::connect(&Target::Endpoint(format!("http://127.0.0.1:{}", self.port))).await?)
+        let client = self.pki.client("bench");
+        let credentials = banger_client::Credentials {
+            tls_ca: Some(std::fs::read(self.pki.ca())?),
+            tls_identity: Some((std::fs::read(&client.cert)?, std::fs::read(&client.key)?)),
+            ..Default::default()
+        };
+        let target = Target::Endpoint(format!("https://127.0.0.1:{}", self.port));
+        Ok(Client::connect_with(&target, &credentials).await?)
     }
 
     fn rss_mib(&self) -> f64 {
@@ -454,7 +466,7 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
     }
     results["record_rate_per_second"] = json!((RECORDS - 2) as f64 / started.elapsed().as_secs_f64());
 
-    eprintln!("bench: GetVm and ListVms (page of 100) at concurrency 1, 16, 64, unix and TCP");
+    eprintln!("bench: GetVm and ListVms (page of 100) at concurrency 1, 16, 64, unix and TCP (mutual TLS)");
     let tcp = daemon.tcp_client().await?;
     let mut rpc = serde_json::Map::new();
     for (transport, client) in [("unix", &client), ("tcp", &tcp)] {
@@ -476,6 +488,7 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
         }
     }
     results["rpc"] = Value::Object(rpc);
+    results["auth_check"] = auth_check();
 
     // 3b. Where the daemon's CPU goes at concurrency 64 (separate runs: the sampler costs
     // CPU of its own).
@@ -733,6 +746,35 @@ fn num(value: &Value) -> f64 {
     value.as_f64().unwrap_or(f64::NAN)
 }
 
+/// What the daemon's check of each call's caller costs, alone: authentication (peer
+/// credentials, or a bearer token's SHA-256 against each configured one) and the role check
+/// of `GetVm`, as the auth layer runs them, in ns per call.
+fn auth_check() -> Value {
+    use banger_server::domain::access::{AccessPolicy, Peer, Role, Token, needs, token_sha256};
+    let tokens = (0..8)
+        .map(|i| Token {
+            name: format!("t{i}"),
+            sha256: token_sha256(&format!("token-{i}")),
+            role: Role::Viewer,
+            tenant: None,
+            expires_ms: None,
+        })
+        .collect();
+    let policy = AccessPolicy { grants: Vec::new(), tokens, health_without_credentials: false };
+    let peer = Peer::Local { uid: 0, gid: 0, groups: Vec::new().into(), pid: None };
+    let method = "/banger.v1.VmService/GetVm";
+    let per_call = |authorization: Option<&[u8]>| {
+        const CALLS: u32 = 200_000;
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            let caller = policy.authenticate(std::hint::black_box(&peer), authorization, 0).expect("authenticated");
+            caller.may(method, needs(std::hint::black_box(method))).expect("allowed");
+        }
+        started.elapsed().as_nanos() as f64 / f64::from(CALLS)
+    };
+    json!({ "peer_ns": per_call(None), "token_ns": per_call(Some(b"Bearer token-7")) })
+}
+
 /// The table of results beside the budgets of DESIGN §9.
 fn summary(r: &Value) -> String {
     let m = &r["machine"];
@@ -779,6 +821,21 @@ fn summary(r: &Value) -> String {
         num(&get64["per_second"]),
         num(&get64["p99_ms"]),
         verdict(num(&get64["per_second"]) >= 20_000.0 && num(&get64["p99_ms"]) <= 5.0)
+    );
+    let (tcp64, auth) = (&r["rpc"]["GetVm/tcp/c64"], &r["auth_check"]);
+    let tcp_share = num(&tcp64["per_second"]) / num(&get64["per_second"]);
+    let check_share = num(&auth["peer_ns"]) / 1000.0 / num(&get64["daemon_cpu_us_per_call"]);
+    out += &format!(
+        "| GetVm, concurrency 64, TCP with mutual TLS beside unix with peer credentials | {:.0} vs {:.0} req/s ({:.0}%), daemon CPU {:.0} vs {:.0} µs/call; the caller's check {:.2} µs/call ({:.1}% of GetVm's daemon CPU; with a token {:.2} µs) | auth costs ≤ 10% of the rate | {} |\n",
+        num(&tcp64["per_second"]),
+        num(&get64["per_second"]),
+        tcp_share * 100.0,
+        num(&tcp64["daemon_cpu_us_per_call"]),
+        num(&get64["daemon_cpu_us_per_call"]),
+        num(&auth["peer_ns"]) / 1000.0,
+        check_share * 100.0,
+        num(&auth["token_ns"]) / 1000.0,
+        verdict(tcp_share >= 0.9 && check_share <= 0.1)
     );
     let list64 = &r["rpc"]["ListVms_100/unix/c64"];
     // A page is 100 records: the budget for pages is 10,000/s with p99 ≤ 10 ms (the rate of

@@ -81,7 +81,8 @@ pub async fn start_daemon(socket: &Path) -> Result<Client, String> {
 }
 
 /// True when connecting failed because nothing serves the socket (as opposed to, say, a
-/// malformed endpoint).
+/// malformed endpoint, or a socket this user may not connect to: starting another daemon
+/// would not help, and would fight the one serving).
 pub fn nobody_serving(err: &ClientError) -> bool {
-    matches!(err, ClientError::Connect { .. })
+    matches!(err, ClientError::Connect { .. }) && !err.permission_denied()
 }

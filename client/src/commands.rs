@@ -2,7 +2,7 @@
 
 use std::{io::Write, process::ExitCode};
 
-use banger_client::{Client, Target, pb, response_op_id};
+use banger_client::{Client, Credentials, Target, pb, response_op_id};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
@@ -38,8 +38,8 @@ impl From<banger_client::ClientError> for Failure {
 }
 
 /// Connects to the daemon, starting it first when allowed and nobody serves the socket.
-async fn connect(target: &Target, autostart: bool) -> Result<Client, Failure> {
-    match Client::connect(target).await {
+async fn connect(target: &Target, credentials: &Credentials, autostart: bool) -> Result<Client, Failure> {
+    match Client::connect_with(target, credentials).await {
         Ok(client) => Ok(client),
         Err(err) if autostart && crate::autostart::nobody_serving(&err) => match target {
             Target::Unix(socket) => crate::autostart::start_daemon(socket).await.map_err(Failure::Autostart),
@@ -50,8 +50,8 @@ async fn connect(target: &Target, autostart: bool) -> Result<Client, Failure> {
 }
 
 /// Runs one command and returns the process's exit code.
-pub async fn run(target: Target, autostart: bool, command: Command) -> ExitCode {
-    let client = connect(&target, autostart).await;
+pub async fn run(target: Target, credentials: Credentials, autostart: bool, command: Command) -> ExitCode {
+    let client = connect(&target, &credentials, autostart).await;
     let error_exit = match command {
         Command::Vm(VmCommand::Exec { .. } | VmCommand::Run { .. }) => EXIT_BANGER_ERROR,
         _ => 1,
@@ -64,6 +64,8 @@ pub async fn run(target: Target, autostart: bool, command: Command) -> ExitCode 
             Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
             Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
             Command::Doctor => doctor(client).await,
+            // Local: `main` runs them before any connection.
+            Command::Tls(_) | Command::Token(_) => Ok(ExitCode::SUCCESS),
         },
     };
     match result {

@@ -7,6 +7,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod pki;
+
 use std::path::PathBuf;
 
 use tokio_stream::Stream;
@@ -32,8 +34,33 @@ pub const OP_ID_METADATA: &str = "x-banger-op-id";
 pub enum Target {
     /// A unix socket path.
     Unix(PathBuf),
-    /// An `http://HOST:PORT` endpoint.
+    /// A `https://HOST:PORT` endpoint (TLS; `http://` is taken to mean the same when
+    /// [`Credentials::tls_ca`] is given, as bangerd serves TCP only over TLS).
     Endpoint(String),
+}
+
+/// How a client proves who it is, and knows the daemon is who it claims.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// PEM CA certificate(s) the daemon's TCP certificate must be signed by.
+    pub tls_ca: Option<Vec<u8>>,
+    /// PEM client certificate and its private key (mutual TLS).
+    pub tls_identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the daemon's certificate must carry; by default the endpoint's host.
+    pub tls_server_name: Option<String>,
+    /// A bearer token, sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("tls_identity", &self.tls_identity.is_some())
+            .field("tls_server_name", &self.tls_server_name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Default for Target {
@@ -63,6 +90,9 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The credentials cannot be used.
+    #[error("invalid credentials: {0}")]
+    InvalidCredentials(String),
     /// Connecting failed.
     #[error("cannot connect to bangerd at {target}")]
     Connect {
@@ -78,9 +108,12 @@ pub enum ClientError {
 }
 
 /// Puts the current span's trace context into each request as W3C `traceparent`, so the
-/// daemon's spans join the caller's trace. Sends nothing when there is no trace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TraceContextInjector;
+/// daemon's spans join the caller's trace (nothing when there is no trace), and the bearer
+/// token, when there is one.
+#[derive(Debug, Clone, Default)]
+pub struct TraceContextInjector {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
 
 struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
@@ -96,6 +129,9 @@ impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
 
 impl Interceptor for TraceContextInjector {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert("authorization", authorization.clone());
+        }
         let context = tracing::Span::current().context();
         opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
@@ -121,22 +157,66 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the daemon at `target`.
+    /// Connects to the daemon at `target`, as whoever this process is (on the unix socket).
     pub async fn connect(target: &Target) -> Result<Self, ClientError> {
+        Self::connect_with(target, &Credentials::default()).await
+    }
+
+    /// Connects to the daemon at `target` with `credentials`: TLS (with a client
+    /// certificate when given) on TCP, and a bearer token on every call when given.
+    pub async fn connect_with(target: &Target, credentials: &Credentials) -> Result<Self, ClientError> {
         let uri = match target {
             Target::Unix(path) => format!("unix://{}", path.display()),
+            Target::Endpoint(endpoint) if credentials.tls_ca.is_some() => match endpoint.strip_prefix("http://") {
+                Some(rest) => format!("https://{rest}"),
+                None => endpoint.clone(),
+            },
             Target::Endpoint(endpoint) => endpoint.clone(),
         };
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|source| ClientError::InvalidEndpoint { endpoint: uri, source })?;
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|source| ClientError::InvalidEndpoint { endpoint: uri.clone(), source })?;
+        if uri.starts_with("https://") {
+            let Some(ca) = &credentials.tls_ca else {
+                return Err(ClientError::InvalidCredentials(format!(
+                    "{uri} is TLS: give the CA that signed the daemon's certificate (--tls-ca)"
+                )));
+            };
+            let mut tls =
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            if let Some((cert, key)) = &credentials.tls_identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &credentials.tls_server_name {
+                tls = tls.domain_name(name.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| ClientError::InvalidEndpoint { endpoint: uri.clone(), source })?;
+        } else if credentials.tls_identity.is_some() {
+            return Err(ClientError::InvalidCredentials(
+                "a client certificate is for TCP endpoints (https://HOST:PORT with --tls-ca)".into(),
+            ));
+        }
+        let authorization = match &credentials.token {
+            Some(token) => Some(
+                format!("Bearer {}", token.trim())
+                    .parse()
+                    .map_err(|_| ClientError::InvalidCredentials("the token must be printable ASCII".into()))?,
+            ),
+            None => None,
+        };
         let channel =
             endpoint.connect().await.map_err(|source| ClientError::Connect { target: target.clone(), source })?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::with_interceptor(channel, TraceContextInjector { authorization }))
     }
 
     /// A client over an existing channel.
     pub fn from_channel(channel: tonic::transport::Channel) -> Self {
-        let traced = InterceptedService::new(channel, TraceContextInjector);
+        Self::with_interceptor(channel, TraceContextInjector::default())
+    }
+
+    fn with_interceptor(channel: tonic::transport::Channel, interceptor: TraceContextInjector) -> Self {
+        let traced = InterceptedService::new(channel, interceptor);
         Self {
             health: tonic_health::pb::health_client::HealthClient::new(traced.clone()),
             host: pb::host_service_client::HostServiceClient::new(traced.clone()),
@@ -167,6 +247,23 @@ impl Client {
         let eof = tokio_stream::once(pb::ExecVmRequest { payload: Some(Payload::StdinEof(true)) });
         let requests = tokio_stream::once(first).chain(data).chain(eof);
         Ok(self.vms.exec_vm(requests).await?.into_inner())
+    }
+}
+
+impl ClientError {
+    /// True when the daemon's socket is there but this user may not connect to it (as
+    /// opposed to nobody serving it).
+    pub fn permission_denied(&self) -> bool {
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            if let Some(io) = cause.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::PermissionDenied
+            {
+                return true;
+            }
+            source = cause.source();
+        }
+        false
     }
 }
 

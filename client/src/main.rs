@@ -26,9 +26,26 @@ struct Cli {
     /// The daemon's unix socket.
     #[arg(long, global = true, env = "BANGER_SOCKET", value_name = "PATH", conflicts_with = "endpoint")]
     socket: Option<PathBuf>,
-    /// The daemon's TCP endpoint, e.g. http://127.0.0.1:7070.
+    /// The daemon's TCP endpoint, e.g. https://bangerd.example:7070 (always TLS: give
+    /// --tls-ca, and --tls-cert/--tls-key or --token).
     #[arg(long, global = true, env = "BANGER_ENDPOINT", value_name = "URL")]
     endpoint: Option<String>,
+    /// PEM CA certificate the daemon's TCP certificate must be signed by.
+    #[arg(long, global = true, env = "BANGER_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, signed by the CA bangerd trusts (mutual TLS).
+    #[arg(long, global = true, env = "BANGER_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    #[arg(long, global = true, env = "BANGER_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the daemon's certificate must carry [default: the endpoint's host].
+    #[arg(long, global = true, env = "BANGER_TLS_SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// A bearer token (from bangerd's [[auth.tokens]]), sent with every call; on the unix
+    /// socket it names the caller instead of the user.
+    #[arg(long, global = true, env = "BANGER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Export this command's trace over OTLP/gRPC (e.g. http://127.0.0.1:4317); the daemon's
     /// spans for it join the same trace.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
@@ -56,6 +73,62 @@ enum Command {
     ///
     /// Exits 1 when a check fails (VMs cannot run until it is fixed).
     Doctor,
+    /// Make a CA and certificates for bangerd's TCP listener (mutual TLS). Needs no daemon.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+    /// Make bearer tokens for bangerd's config. Needs no daemon.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Make a CA, bangerd's certificate and client certificates in DIR (keys mode 0600):
+    /// ca.pem, ca-key.pem, server.pem, server-key.pem, client-NAME.pem, client-NAME-key.pem.
+    /// Prints the [tls] section of bangerd's config and the grants to add.
+    Init {
+        /// Where the files go (created; existing files are not overwritten).
+        dir: PathBuf,
+        /// A name clients dial bangerd by: DNS name or IP address (repeatable) [default:
+        /// this host's name, localhost, 127.0.0.1].
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+        /// Make a client certificate with this name (repeatable).
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
+        /// How long the certificates are valid (e.g. 90d, 1y).
+        #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
+        valid: std::time::Duration,
+    },
+    /// Make one more client certificate with the CA in DIR.
+    Client {
+        /// The directory `banger tls init` wrote.
+        dir: PathBuf,
+        /// The client's name (its common name and DNS name), which bangerd's grants name.
+        name: String,
+        /// How long the certificate is valid.
+        #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
+        valid: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a random token: prints it once (give it to the caller) and the [[auth.tokens]]
+    /// entry for bangerd's config, which holds only its SHA-256.
+    New {
+        /// The token's name, which logs and spans show.
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Confine it to VMs with these labels, e.g. team=payments.
+        #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
+        tenant: Option<String>,
+        /// Refuse it after this long (e.g. 30d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
 }
 
 /// How read commands print.
@@ -465,6 +538,18 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
+    match cli.command {
+        Command::Tls(command) => return tls_command(command),
+        Command::Token(command) => return token_command(command),
+        _ => {}
+    }
+    let credentials = match credentials(&cli) {
+        Ok(credentials) => credentials,
+        Err(message) => {
+            eprintln!("banger: INVALID_ARGUMENT: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let target = match (cli.endpoint, cli.socket) {
         (Some(endpoint), _) => Target::Endpoint(endpoint),
         (None, Some(socket)) => Target::Unix(socket),
@@ -483,9 +568,116 @@ fn main() -> ExitCode {
         let telemetry = telemetry::CliTelemetry::init(cli.otlp_endpoint.as_deref());
         let span = tracing::info_span!("command", otel.name = %command_name, otel.kind = "client");
         output::set_json(cli.output == OutputFormat::Json);
-        let code = tracing::Instrument::instrument(commands::run(target, autostart, cli.command), span).await;
+        let code =
+            tracing::Instrument::instrument(commands::run(target, credentials, autostart, cli.command), span).await;
         telemetry.shutdown();
         code
+    })
+}
+
+/// `banger tls ...`.
+fn tls_command(command: TlsCommand) -> ExitCode {
+    use banger_client::pki::{self, Ca, Usage};
+    let result = (|| -> Result<(), String> {
+        let write = |path: PathBuf, contents: &str, private: bool| -> Result<(), String> {
+            if path.exists() {
+                return Err(format!("{} exists: not overwritten", path.display()));
+            }
+            pki::write_file(&path, contents, private).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(())
+        };
+        match command {
+            TlsCommand::Init { dir, mut server_names, clients, valid } => {
+                std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                if server_names.is_empty() {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    server_names.extend([host.trim().to_owned(), "localhost".into(), "127.0.0.1".into()]);
+                    server_names.retain(|n| !n.is_empty());
+                }
+                let until = std::time::SystemTime::now() + valid;
+                let ca = Ca::new(pki::CA_NAME).map_err(|e| e.to_string())?;
+                let server = ca.issue(Usage::Server, &server_names, until).map_err(|e| e.to_string())?;
+                write(dir.join("ca.pem"), &ca.cert_pem, false)?;
+                write(dir.join("ca-key.pem"), &ca.key_pem(), true)?;
+                write(dir.join("server.pem"), &server.cert_pem, false)?;
+                write(dir.join("server-key.pem"), &server.key_pem, true)?;
+                for name in &clients {
+                    let client =
+                        ca.issue(Usage::Client, std::slice::from_ref(name), until).map_err(|e| e.to_string())?;
+                    let (cert, key) = pki::client_files(&dir, name);
+                    write(cert, &client.cert_pem, false)?;
+                    write(key, &client.key_pem, true)?;
+                }
+                let dir = std::path::absolute(&dir).unwrap_or(dir);
+                println!("\n# bangerd's config (then start it with --listen HOST:PORT):");
+                println!(
+                    "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/server.pem\"\nkey = \"{0}/server-key.pem\"",
+                    dir.display()
+                );
+                for name in &clients {
+                    println!("\n[[auth.grants]]\ncert = \"{name}\"\nrole = \"operator\"  # viewer, operator or admin");
+                }
+                println!("\n# keep ca-key.pem offline once every certificate is made (banger tls client needs it)");
+            }
+            TlsCommand::Client { dir, name, valid } => {
+                let read = |file: &str| {
+                    let path = dir.join(file);
+                    std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+                };
+                let ca = Ca::load(&read("ca.pem")?, &read("ca-key.pem")?).map_err(|e| e.to_string())?;
+                let until = std::time::SystemTime::now() + valid;
+                let client = ca.issue(Usage::Client, std::slice::from_ref(&name), until).map_err(|e| e.to_string())?;
+                let (cert, key) = pki::client_files(&dir, &name);
+                write(cert, &client.cert_pem, false)?;
+                write(key, &client.key_pem, true)?;
+                println!("\n[[auth.grants]]\ncert = \"{name}\"\nrole = \"operator\"  # viewer, operator or admin");
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("banger: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `banger token new`.
+fn token_command(command: TokenCommand) -> ExitCode {
+    let TokenCommand::New { name, role, tenant, expires_in } = command;
+    let (token, digest) = match banger_client::pki::new_token() {
+        Ok(made) => made,
+        Err(e) => {
+            eprintln!("banger: cannot make a token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("token (shown once; give it to the caller, e.g. as BANGER_TOKEN): {token}");
+    println!("\n# bangerd's config:\n[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{digest}\"\nrole = \"{role}\"");
+    if let Some(tenant) = tenant {
+        println!("tenant = \"{tenant}\"");
+    }
+    if let Some(after) = expires_in {
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + after);
+        println!("expires = \"{at}\"");
+    }
+    ExitCode::SUCCESS
+}
+
+/// The credentials the flags name, their files read.
+fn credentials(cli: &Cli) -> Result<banger_client::Credentials, String> {
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+    Ok(banger_client::Credentials {
+        tls_ca: cli.tls_ca.as_ref().map(read).transpose()?,
+        tls_identity: match (&cli.tls_cert, &cli.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        },
+        tls_server_name: cli.tls_server_name.clone(),
+        token: cli.token.clone(),
     })
 }
 

@@ -235,7 +235,17 @@ fn code_name(code: Code) -> String {
 
 /// A failed call: code, message, field violations and op id.
 pub fn print_status(status: &Status) {
-    eprintln!("banger: {}: {}", code_name(status.code()), status.message());
+    // A transport failure says why only in its causes (a TLS alert, a reset connection).
+    let mut message = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!(": {text}"));
+        }
+        source = cause.source();
+    }
+    eprintln!("banger: {}: {message}", code_name(status.code()));
     for (field, description) in field_violations(status) {
         eprintln!("  {field}: {description}");
     }
@@ -264,6 +274,19 @@ pub fn print_connect_error(target: &Target, err: &ClientError) {
             message.push_str(&format!(": {text}"));
         }
         source = cause.source();
+    }
+    if err.permission_denied() {
+        eprintln!("banger: PERMISSION_DENIED: {message}");
+        eprintln!(
+            "  bangerd serves {target}, but this user may not connect: the socket's group (socket_group in bangerd's \
+             config) lets its members in, and [[auth.grants]] gives them a role; or use a TCP endpoint with a \
+             certificate or token"
+        );
+        return;
+    }
+    if let ClientError::InvalidCredentials(_) = err {
+        eprintln!("banger: INVALID_ARGUMENT: {message}");
+        return;
     }
     eprintln!("banger: UNAVAILABLE: {message}");
     eprintln!("  is bangerd running? start it with `bangerd`, or point --socket/--endpoint at it ({target})");

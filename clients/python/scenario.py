@@ -2,6 +2,11 @@
 `make clients` from proto/ (grpcio-tools). Exits non-zero, saying why, if any step fails.
 
     python scenario.py unix:/run/banger/bangerd.sock
+    python scenario.py HOST:PORT CA.pem CERT.pem KEY.pem [unix:SOCKET]   # mutual TLS
+
+Over TCP, bangerd serves only TLS: the client proves itself with a certificate its CA
+signed. With a unix socket as the last argument, a listing over it follows (gRPC C-core sends
+the socket's path as :authority, which bangerd accepts).
 
 Steps: create a VM twice with one request_id (one VM, the same answer), wait until it is
 running, run a command streaming its output and exit code, list by label in pages of one,
@@ -76,12 +81,21 @@ def upload(images, name, archive, chunk=64 * 1024):
     return stages, image
 
 
-def main(target):
+def channel_to(target, tls):
+    """A channel to bangerd: plain on its unix socket, mutual TLS (CA, cert, key files) on TCP."""
+    if tls is None:
+        # Over a unix socket gRPC C-core sends the socket's path as :authority, which bangerd
+        # accepts (no grpc.default_authority needed).
+        return grpc.insecure_channel(target)
+    ca, cert, key = (open(path, "rb").read() for path in tls)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(target, credentials)
+
+
+def main(target, tls=None, unix=None):
     job = f"py-{os.getpid()}"
     labels = {"ci.example.com/job": job}
-    # A plain channel: over a unix socket gRPC C-core sends the socket's path as :authority,
-    # which bangerd accepts (no grpc.default_authority needed).
-    with grpc.insecure_channel(target) as channel:
+    with channel_to(target, tls) as channel:
         vms = vm_pb2_grpc.VmServiceStub(channel)
 
         # Create, retried with the same request id: one VM, one answer.
@@ -153,8 +167,13 @@ def main(target):
         except grpc.RpcError as err:
             check(err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"expected INVALID_ARGUMENT, got {err.code()}")
         images.DeleteImage(image_pb2.DeleteImageRequest(image=image.id), timeout=60)
+    if unix is not None:
+        with grpc.insecure_channel(unix) as channel:
+            listed = vm_pb2_grpc.VmServiceStub(channel).ListVms(vm_pb2.ListVmsRequest(labels=labels), timeout=30)
+            check(len(listed.vms) == 0, f"left behind: {[vm.name for vm in listed.vms]}")
     print("python scenario: ok")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    main(args[0], tls=args[1:4] if len(args) >= 4 else None, unix=args[4] if len(args) >= 5 else None)

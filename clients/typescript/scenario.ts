@@ -3,12 +3,14 @@
 // saying why, if any step fails.
 //
 //     npx tsx scenario.ts /run/banger/bangerd.sock
+//     npx tsx scenario.ts https://HOST:PORT CA.pem CERT.pem KEY.pem   # mutual TLS
 //
 // Steps: create a VM twice with one request_id (one VM, the same answer), wait until it is
 // running, run a command streaming its output and exit code, list by label in pages of one,
 // delete everything it made.
 
 import { randomUUID } from "node:crypto";
+import { readFileSync } from "node:fs";
 import * as net from "node:net";
 
 import { create, equals } from "@bufbuild/protobuf";
@@ -31,12 +33,19 @@ function check(condition: boolean, message: string): asserts condition {
   }
 }
 
-async function main(socket: string): Promise<void> {
-  // gRPC over HTTP/2 on bangerd's unix socket.
-  const transport = createGrpcTransport({
-    baseUrl: "http://localhost",
-    nodeOptions: { createConnection: () => net.connect(socket) },
-  });
+async function main(args: string[]): Promise<void> {
+  const [target, ca, cert, key] = args;
+  // gRPC over HTTP/2: on bangerd's unix socket, or over TCP with mutual TLS (bangerd serves
+  // TCP only over TLS; the client's certificate says who it is).
+  const transport = target.startsWith("https://")
+    ? createGrpcTransport({
+        baseUrl: target,
+        nodeOptions: { ca: readFileSync(ca), cert: readFileSync(cert), key: readFileSync(key) },
+      })
+    : createGrpcTransport({
+        baseUrl: "http://localhost",
+        nodeOptions: { createConnection: () => net.connect(target) },
+      });
   const vms = createClient(VmService, transport);
   const job = `ts-${process.pid}`;
   const labels = { "ci.example.com/job": job };
@@ -101,7 +110,7 @@ async function main(socket: string): Promise<void> {
   console.log("typescript scenario: ok");
 }
 
-main(process.argv[2] ?? "/run/banger/bangerd.sock").catch((err) => {
+main(process.argv.length > 2 ? process.argv.slice(2) : ["/run/banger/bangerd.sock"]).catch((err) => {
   console.error(`typescript scenario: FAILED: ${err}`);
   process.exit(1);
 });

@@ -11,6 +11,12 @@ use std::{
     time::Duration,
 };
 
+/// Milliseconds since the Unix epoch at `at` (a time read from configuration, say); 0
+/// before 1970.
+pub fn epoch_ms(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
+}
+
 /// A clock; clones share it.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {

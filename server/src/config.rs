@@ -9,7 +9,10 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    domain::{IpPool, RootDiskStrategy},
+    domain::{
+        IpPool, Labels, RootDiskStrategy,
+        access::{AccessPolicy, Grant, Principal, Role, Tenant, Token},
+    },
     host::vmm::Accel,
     telemetry::LogLevel,
 };
@@ -106,6 +109,78 @@ pub struct FileConfig {
     pub vm_uid_base: Option<u32>,
     /// The name `vm_uid_base` had when only jailed VMMs dropped root.
     pub jailer_uid_base: Option<u32>,
+    /// See [`Config::socket_group`]: a group name or number.
+    pub socket_group: Option<String>,
+    /// See [`Config::tls`].
+    pub tls: Option<FileTls>,
+    /// See [`Config::access`] and [`Config::import_roots`].
+    pub auth: Option<FileAuth>,
+}
+
+/// `[tls]`: what TCP is served with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// See [`TlsFiles::ca`].
+    pub ca: Option<PathBuf>,
+    /// See [`TlsFiles::cert`].
+    pub cert: Option<PathBuf>,
+    /// See [`TlsFiles::key`].
+    pub key: Option<PathBuf>,
+    /// See [`TlsFiles::crl`].
+    pub crl: Option<PathBuf>,
+}
+
+/// `[auth]`: who may do what.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// See [`AccessPolicy::health_without_credentials`].
+    pub health_without_credentials: Option<bool>,
+    /// See [`Config::import_roots`].
+    pub import_roots: Option<Vec<PathBuf>>,
+    /// `[[auth.grants]]`.
+    #[serde(default)]
+    pub grants: Vec<FileGrant>,
+    /// `[[auth.tokens]]`.
+    #[serde(default)]
+    pub tokens: Vec<FileToken>,
+}
+
+/// `[[auth.grants]]`: one of `uid`, `gid`, `user`, `group`, `cert`; a role; maybe a tenant.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGrant {
+    /// A local uid.
+    pub uid: Option<u32>,
+    /// A local gid.
+    pub gid: Option<u32>,
+    /// A local user, by name.
+    pub user: Option<String>,
+    /// A local group, by name.
+    pub group: Option<String>,
+    /// A client certificate's common name or subject alternative name.
+    pub cert: Option<String>,
+    /// `viewer`, `operator` or `admin`.
+    pub role: Role,
+    /// A label selector, `key=value[,key=value]`, the caller is confined to.
+    pub tenant: Option<String>,
+}
+
+/// `[[auth.tokens]]`: a bearer token.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileToken {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 of its text, in hex (`banger token new` prints both).
+    pub sha256: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: Role,
+    /// A label selector the caller is confined to.
+    pub tenant: Option<String>,
+    /// RFC 3339 time after which it is refused, e.g. `2027-01-31T00:00:00Z`.
+    pub expires: Option<String>,
 }
 
 /// A configuration value that cannot be used.
@@ -145,8 +220,19 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The API's unix socket (mode 0660).
     pub socket: PathBuf,
-    /// Optional TCP address of the API; loopback only until TLS exists.
+    /// Optional TCP address of the API, served over TLS with client certificates (mTLS) or
+    /// bearer tokens; needs [`Config::tls`].
     pub listen: Option<SocketAddr>,
+    /// The unix socket's group (mode 0660): its members may connect (and have the role
+    /// their grants give them); `None`: root's group.
+    pub socket_group: Option<u32>,
+    /// The TCP listener's certificate and the CA its clients' certificates must come from.
+    pub tls: Option<TlsFiles>,
+    /// Who may do what.
+    pub access: AccessPolicy,
+    /// `ImportImage` reads host files only under these directories; `None`: anywhere
+    /// (admins only, regular files only, never through a symbolic link).
+    pub import_roots: Option<Vec<PathBuf>>,
     /// Log verbosity.
     pub log_level: LogLevel,
     /// Name of the image a create without an image uses.
@@ -200,6 +286,19 @@ pub struct Config {
     /// uid and gid `vm_uid_base + N`: one unprivileged identity per VM, in a range nothing
     /// else on the host uses.
     pub vm_uid_base: u32,
+}
+
+/// The PEM files TCP is served with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificate(s) client certificates must be signed by.
+    pub ca: PathBuf,
+    /// The daemon's certificate chain.
+    pub cert: PathBuf,
+    /// The daemon's private key.
+    pub key: PathBuf,
+    /// Revoked client certificates (a CRL from the CA), if any.
+    pub crl: Option<PathBuf>,
 }
 
 /// How Firecracker's jailer confines each VMM.
@@ -293,10 +392,37 @@ impl Config {
             }
             None => file.log_level.unwrap_or(LogLevel::Info),
         };
+        let tls = match file.tls {
+            None => None,
+            Some(FileTls { ca: Some(ca), cert: Some(cert), key: Some(key), crl }) => {
+                Some(TlsFiles { ca, cert, key, crl })
+            }
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls",
+                    message: "[tls] needs ca (the clients' CA), cert and key (the daemon's)".into(),
+                });
+            }
+        };
         let listen = match overrides.listen.or(file.listen).filter(|l| !l.is_empty()) {
             None => None,
-            Some(listen) => Some(parse_listen(&listen)?),
+            Some(listen) => Some(parse_listen(&listen, tls.is_some())?),
         };
+        let auth = file.auth.unwrap_or_default();
+        let access = AccessPolicy {
+            grants: auth.grants.into_iter().map(grant).collect::<Result<_, _>>()?,
+            tokens: auth.tokens.into_iter().map(token).collect::<Result<_, _>>()?,
+            health_without_credentials: auth.health_without_credentials.unwrap_or(false),
+        };
+        if let Some(roots) = &auth.import_roots
+            && let Some(root) = roots.iter().find(|r| !r.is_absolute())
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth.import_roots",
+                message: format!("{} is not an absolute path", root.display()),
+            });
+        }
+        let socket_group = file.socket_group.as_deref().map(group_id).transpose()?;
         let accel = file.accel.unwrap_or(Accel::Tcg);
         let root_disk = match file.root_disk {
             None | Some(RootDiskChoice::Auto(_)) => None,
@@ -396,6 +522,10 @@ impl Config {
             state_dir: overrides.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             socket: overrides.socket.or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
             listen,
+            socket_group,
+            tls,
+            access,
+            import_roots: auth.import_roots,
             log_level,
             default_image: file.default_image.unwrap_or_else(|| "default".into()),
             default_image_dir: overrides
@@ -432,21 +562,86 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
 }
 
-/// Parses a TCP listen address and refuses anything but loopback: there is no TLS yet.
-fn parse_listen(listen: &str) -> Result<SocketAddr, ConfigError> {
+/// Parses a TCP listen address, which needs TLS: no path into the API is unauthenticated,
+/// loopback included (every local user and container in the host's network reaches it).
+fn parse_listen(listen: &str, tls: bool) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
         key: "listen address",
         message: format!("{listen:?} is not HOST:PORT with a numeric IP"),
     })?;
-    if !addr.ip().is_loopback() {
+    if !tls {
         return Err(ConfigError::Invalid {
             key: "listen address",
             message: format!(
-                "{addr} is not a loopback address; serving beyond this host needs TLS, which bangerd does not offer yet"
+                "{addr}: TCP is served only over TLS with client certificates or tokens; set [tls] ca, cert and key \
+                 in the config file (`banger tls init DIR` makes a CA and certificates)"
             ),
         });
     }
     Ok(addr)
+}
+
+/// A `key=value[,key=value]` tenant selector.
+fn tenant(key: &'static str, text: &str) -> Result<Tenant, ConfigError> {
+    let mut labels = Labels::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Invalid { key, message: format!("{pair:?} is not key=value") })?;
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    crate::domain::labels_error(&labels).map_err(|e| ConfigError::Invalid { key, message: e.to_string() })?;
+    Tenant::new(labels).ok_or_else(|| ConfigError::Invalid { key, message: "an empty tenant confines nothing".into() })
+}
+
+/// A grant from `[[auth.grants]]`, with user and group names resolved.
+fn grant(file: FileGrant) -> Result<Grant, ConfigError> {
+    const KEY: &str = "auth.grants";
+    let invalid = |message: String| ConfigError::Invalid { key: KEY, message };
+    let mut principals = Vec::new();
+    principals.extend(file.uid.map(Principal::Uid));
+    principals.extend(file.gid.map(Principal::Gid));
+    principals.extend(file.cert.map(Principal::Certificate));
+    if let Some(user) = &file.user {
+        let found = nix::unistd::User::from_name(user).ok().flatten();
+        principals.push(Principal::Uid(found.ok_or_else(|| invalid(format!("no user {user:?}")))?.uid.as_raw()));
+    }
+    if let Some(group) = &file.group {
+        principals.push(Principal::Gid(group_id(group)?));
+    }
+    let [principal] = <[Principal; 1]>::try_from(principals)
+        .map_err(|_| invalid("each grant names exactly one of uid, gid, user, group or cert".into()))?;
+    let tenant = file.tenant.as_deref().map(|t| tenant("auth.grants.tenant", t)).transpose()?;
+    Ok(Grant { principal, role: file.role, tenant })
+}
+
+/// A token from `[[auth.tokens]]`.
+fn token(file: FileToken) -> Result<Token, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: "auth.tokens", message };
+    let mut sha256 = [0u8; 32];
+    hex::decode_to_slice(file.sha256.trim(), &mut sha256)
+        .map_err(|_| invalid(format!("token {:?}: sha256 must be 64 hex digits", file.name)))?;
+    let expires_ms = match &file.expires {
+        None => None,
+        Some(text) => {
+            let at = humantime::parse_rfc3339_weak(text)
+                .map_err(|e| invalid(format!("token {:?}: expires {text:?}: {e}", file.name)))?;
+            Some(crate::clock::epoch_ms(at))
+        }
+    };
+    let tenant = file.tenant.as_deref().map(|t| tenant("auth.tokens.tenant", t)).transpose()?;
+    Ok(Token { name: file.name, sha256, role: file.role, tenant, expires_ms })
+}
+
+/// A group's id from its name or number.
+fn group_id(group: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(found)) => Ok(found.gid.as_raw()),
+        _ => Err(ConfigError::Invalid { key: "group", message: format!("no group {group:?}") }),
+    }
 }
 
 #[cfg(test)]
@@ -465,13 +660,23 @@ mod tests {
         assert_eq!(config.accel, Accel::Tcg);
     }
 
+    fn with_tls() -> FileConfig {
+        let tls = FileTls { ca: Some("/ca".into()), cert: Some("/c".into()), key: Some("/k".into()), crl: None };
+        FileConfig { tls: Some(tls), ..Default::default() }
+    }
+
     #[test]
-    fn refuses_non_loopback_listen_addresses_and_unknown_levels() {
+    fn tcp_needs_tls_even_on_loopback_and_unknown_levels_are_refused() {
         let listen = |l: &str| Overrides { listen: Some(l.into()), ..Default::default() };
-        assert!(Config::from_parts(FileConfig::default(), listen("127.0.0.1:7000")).is_ok());
-        assert!(Config::from_parts(FileConfig::default(), listen("[::1]:7000")).is_ok());
-        assert!(Config::from_parts(FileConfig::default(), listen("0.0.0.0:7000")).is_err());
-        assert!(Config::from_parts(FileConfig::default(), listen("localhost")).is_err());
+        for address in ["127.0.0.1:7000", "[::1]:7000", "0.0.0.0:7000"] {
+            let err = Config::from_parts(FileConfig::default(), listen(address)).expect_err("no tls");
+            assert!(err.to_string().contains("[tls]"), "{err}");
+            assert!(Config::from_parts(with_tls(), listen(address)).is_ok(), "{address}");
+        }
+        assert!(Config::from_parts(with_tls(), listen("localhost")).is_err());
+        let half =
+            FileConfig { tls: Some(FileTls { ca: Some("/ca".into()), ..Default::default() }), ..Default::default() };
+        assert!(Config::from_parts(half, Overrides::default()).is_err());
         for (given, level) in [("debug", LogLevel::Debug), ("warning", LogLevel::Warn), ("WARN", LogLevel::Warn)] {
             let overrides = Overrides { log_level: Some(given.into()), ..Default::default() };
             assert_eq!(Config::from_parts(FileConfig::default(), overrides).expect(given).log_level, level);
@@ -540,6 +745,54 @@ mod tests {
         for bad in ["vmm = 'xen'", "accel = 'hvf'", "root_disk = 'zfs'", "log_level = 'verbose'"] {
             assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn grants_and_tokens_are_parsed_and_checked() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            socket_group = "0"
+            [auth]
+            import_roots = ["/srv/images"]
+            [[auth.grants]]
+            user = "root"
+            role = "viewer"
+            [[auth.grants]]
+            cert = "ci"
+            role = "operator"
+            tenant = "team=a, env=prod"
+            [[auth.tokens]]
+            name = "deploy"
+            sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+            role = "admin"
+            expires = "2027-01-31T00:00:00Z"
+            "#,
+        )
+        .expect("parses");
+        let config = Config::from_parts(file, Overrides::default()).expect("valid");
+        assert_eq!(config.socket_group, Some(0));
+        assert_eq!(config.import_roots, Some(vec![PathBuf::from("/srv/images")]));
+        assert_eq!(config.access.grants[0].principal, Principal::Uid(0));
+        assert_eq!(
+            config.access.grants[1].tenant.as_ref().map(ToString::to_string).as_deref(),
+            Some("env=prod,team=a")
+        );
+        let token = &config.access.tokens[0];
+        assert_eq!(token.sha256, crate::domain::access::token_sha256("secret"));
+        assert_eq!(token.expires_ms, Some(1_801_353_600_000));
+        for bad in [
+            "[[auth.grants]]\nuid = 1\ngid = 2\nrole = 'viewer'",
+            "[[auth.grants]]\nrole = 'viewer'",
+            "[[auth.grants]]\nuid = 1\nrole = 'viewer'\ntenant = 'no pair'",
+            "[[auth.grants]]\nuser = 'no-such-user-here'\nrole = 'viewer'",
+            "[[auth.tokens]]\nname = 't'\nsha256 = 'abc'\nrole = 'viewer'",
+            "[[auth.tokens]]\nname = 't'\nsha256 = '2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b'\nrole = 'viewer'\nexpires = 'soon'",
+            "[auth]\nimport_roots = ['relative']",
+        ] {
+            let file: FileConfig = toml::from_str(bad).expect(bad);
+            assert!(Config::from_parts(file, Overrides::default()).is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<FileConfig>("[[auth.grants]]\nuid = 1\nrole = 'root'").is_err());
     }
 
     #[test]

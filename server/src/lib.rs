@@ -15,7 +15,7 @@ use std::{future::Future, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::{
     config::{Config, VmmKind},
@@ -38,13 +38,15 @@ use crate::{
     store::Store,
 };
 
-/// The sockets the API is served on.
+/// The sockets the API is served on, and who may call it.
 #[derive(Debug)]
 pub struct Listeners {
     /// The unix socket.
     pub unix: UnixListener,
-    /// The optional TCP socket.
-    pub tcp: Option<TcpListener>,
+    /// The optional TCP socket, always with its TLS.
+    pub tcp: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    /// Who may do what.
+    pub access: domain::access::AccessPolicy,
 }
 
 /// What [`open_ops_with`] wires that a test may replace.
@@ -140,6 +142,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
             min_free_mib: config.min_free_disk_mib,
         },
         max_log_bytes: config.max_log_mib * 1024 * 1024,
+        import_roots: config.import_roots.clone(),
         registry: crate::host::oci::registry::RegistryConfig {
             insecure: config.insecure_registries.clone(),
             docker_config: config.registry_auth_file.clone(),
@@ -177,6 +180,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     let router = tonic::transport::Server::builder()
         .trace_fn(telemetry::propagation::request_span)
         .layer(telemetry::propagation::RpcMetricsLayer)
+        .layer(api::auth::AuthLayer::new(listeners.access, ops.clock().clone()))
         .add_routes(routes);
     let vm_counts = telemetry::metrics::VmCounts::default();
     telemetry::metrics::observe_vms(vm_counts.clone());
@@ -186,8 +190,8 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let unix = router.clone().serve_with_incoming_shutdown(any_authority(listeners.unix), stopped(stop_rx.clone()));
-    let tcp = listeners.tcp.map(|tcp| {
-        router.serve_with_incoming_shutdown(no_delay(TcpListenerStream::new(tcp)), stopped(stop_rx.clone()))
+    let tcp = listeners.tcp.map(|(tcp, tls)| {
+        router.serve_with_incoming_shutdown(api::auth::tls_incoming(tcp, tls), stopped(stop_rx.clone()))
     });
     let servers = async {
         match tcp {
@@ -212,23 +216,19 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     Ok(())
 }
 
-/// Accepted TCP connections with Nagle's algorithm off: a small response must not wait for
-/// the client's delayed ACK (40 ms per call otherwise).
-fn no_delay(incoming: TcpListenerStream) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    incoming.map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
-/// Accepted unix-socket connections, each taking any `:authority` (see [`api::authority`]).
+/// Accepted unix-socket connections, each with its peer's credentials and taking any
+/// `:authority` (see [`api::authority`]).
 fn any_authority(
     listener: UnixListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<api::authority::AnyAuthority<tokio::net::UnixStream>>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<api::auth::Peered<api::authority::AnyAuthority<tokio::net::UnixStream>>>>
+{
     use tokio_stream::StreamExt;
-    UnixListenerStream::new(listener).map(|accepted| accepted.map(api::authority::AnyAuthority::new))
+    UnixListenerStream::new(listener).map(|accepted| {
+        accepted.map(|stream| {
+            let peer = api::auth::local_peer(&stream);
+            api::auth::Peered::new(api::authority::AnyAuthority::new(stream), peer)
+        })
+    })
 }
 
 /// Refreshes the VM-by-state counts the `banger.vms` gauge reports.
@@ -282,9 +282,10 @@ async fn resync_periodically(ops: Arc<Ops>) {
     }
 }
 
-/// Binds the unix socket (mode 0660), refusing to take over one another daemon serves, and
-/// removing what is at the path only when it is a socket nobody answers on.
-pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the unix socket (mode 0660, group `group` when given), refusing to take over one
+/// another daemon serves, and removing what is at the path only when it is a socket nobody
+/// answers on.
+pub async fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create socket dir {}", dir.display()))?;
@@ -299,6 +300,10 @@ pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("give {} to group {gid}", path.display()))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)
@@ -310,10 +315,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = host::lock::StateDirLock::acquire(&config.state_dir)?;
     let ops = open_ops(&config).await?;
-    let unix = bind_unix(&config.socket).await?;
-    let tcp = match config.listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?),
-        None => None,
+    let unix = bind_unix(&config.socket, config.socket_group).await?;
+    let tcp = match (config.listen, &config.tls) {
+        (Some(addr), Some(tls)) => {
+            let tls = api::auth::server_config(tls, &config.access)?;
+            Some((TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?, tls))
+        }
+        (Some(addr), None) => anyhow::bail!("{addr}: TCP is served only over TLS: set [tls] in the config file"),
+        (None, _) => None,
     };
     tracing::info!(
         socket = %config.socket.display(),
@@ -352,7 +361,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         }
     };
-    let result = serve(ops, Listeners { unix, tcp }, shutdown).await;
+    let access = config.access.clone();
+    let result = serve(ops, Listeners { unix, tcp, access }, shutdown).await;
     if let Some(dns) = dns {
         dns.abort();
     }

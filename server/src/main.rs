@@ -25,7 +25,8 @@ struct Args {
     /// Unix socket of the API, created with mode 0660 [default: /run/banger/bangerd.sock].
     #[arg(long, env = "BANGER_SOCKET", value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Also serve the API on TCP; loopback addresses only (no TLS yet).
+    /// Also serve the API on TCP, over TLS 1.3 with client certificates or tokens; needs
+    /// [tls] in the config file (refused without it, loopback included).
     #[arg(long, env = "BANGER_LISTEN", value_name = "HOST:PORT")]
     listen: Option<String>,
     /// Log level: debug, info, warn or error [default: info].

@@ -46,9 +46,10 @@ impl TestDaemon {
 
     async fn start_with(config: Config, wiring: Wiring) -> Self {
         let ops = banger_server::open_ops_with(&config, wiring).await.expect("open ops");
-        let unix = banger_server::bind_unix(&config.socket).await.expect("bind");
+        let unix = banger_server::bind_unix(&config.socket, None).await.expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(banger_server::serve(ops, Listeners { unix, tcp: None }, async {
+        let access = config.access.clone();
+        let served = tokio::spawn(banger_server::serve(ops, Listeners { unix, tcp: None, access }, async {
             let _ = stopped.await;
         }));
         let client = Client::connect(&Target::Unix(config.socket.clone())).await.expect("connect");
@@ -864,5 +865,263 @@ async fn over_the_fake_host_a_vm_is_created_used_and_deleted_through_the_api() {
     assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "WRONG_STATE".into()));
     daemon.client.vms.delete_vm(pb::DeleteVmRequest { vm: "web".into(), ..Default::default() }).await.expect("delete");
     assert!(host.disks().is_empty() && host.cgroups().is_empty(), "nothing left: {:?}", host.disks());
+    daemon.shutdown().await;
+}
+
+/// The tokens of the access tests: their names are their texts.
+const ACCESS_CONFIG: &str = r#"
+[[auth.tokens]]
+name = "viewer"
+sha256 = "$viewer"
+role = "viewer"
+[[auth.tokens]]
+name = "operator"
+sha256 = "$operator"
+role = "operator"
+[[auth.tokens]]
+name = "admin"
+sha256 = "$admin"
+role = "admin"
+[[auth.tokens]]
+name = "team-a"
+sha256 = "$team-a"
+role = "operator"
+tenant = "team=a"
+[[auth.tokens]]
+name = "team-b"
+sha256 = "$team-b"
+role = "operator"
+tenant = "team=b"
+[[auth.tokens]]
+name = "short-lived"
+sha256 = "$short-lived"
+role = "admin"
+expires = "$expires"
+"#;
+
+fn access_config(dir: &Path, expires: &str) -> Config {
+    let mut text = ACCESS_CONFIG.replace("$expires", expires);
+    for name in ["viewer", "operator", "admin", "team-a", "team-b", "short-lived"] {
+        let digest = banger_server::domain::access::token_sha256(name);
+        text = text.replace(&format!("${name}\""), &format!("{}\"", hex_digest(&digest)));
+    }
+    config(dir, toml::from_str(&text).expect("access config parses"))
+}
+
+fn hex_digest(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn as_token(config: &Config, token: &str) -> Client {
+    let credentials = banger_client::Credentials { token: Some(token.into()), ..Default::default() };
+    Client::connect_with(&Target::Unix(config.socket.clone()), &credentials).await.expect("connect")
+}
+
+fn create(name: &str, labels: &[(&str, &str)]) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        name: name.into(),
+        image: "img".into(),
+        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..Default::default()
+    }
+}
+
+fn names(list: pb::ListVmsResponse) -> Vec<String> {
+    let mut names: Vec<String> = list.vms.into_iter().map(|vm| vm.name).collect();
+    names.sort();
+    names
+}
+
+/// Roles over the unix socket, with tokens (root, without one, is admin): a viewer reads
+/// but changes nothing, an operator runs VMs but reads no host file, an admin does; expired
+/// and unknown tokens are refused before anything runs.
+#[tokio::test]
+async fn each_role_may_do_what_it_is_granted_and_nothing_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = FakeHost::default();
+    let clock = Clock::manual_from_now();
+    let expires = humantime_rfc3339(clock.now_ms() + 3_600_000);
+    let config = access_config(dir.path(), &expires);
+    let mut daemon = TestDaemon::start_fake(config.clone(), &host, &clock).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let (kernel_path, rootfs_path) = fake_image_sources(dir.path());
+    let host_import = |name: &str| pb::ImportImageRequest {
+        name: name.into(),
+        kernel_path: kernel_path.clone(),
+        rootfs_path: rootfs_path.clone(),
+        ..Default::default()
+    };
+
+    let mut viewer = as_token(&config, "viewer").await;
+    assert!(viewer.vms.list_vms(pb::ListVmsRequest::default()).await.is_ok());
+    assert!(viewer.vms.watch_vms(pb::WatchVmsRequest::default()).await.is_ok());
+    assert!(viewer.host.get_host(pb::GetHostRequest::default()).await.is_ok());
+    let denied = viewer.vms.create_vm(create("v", &[])).await.expect_err("a viewer creates nothing");
+    assert_eq!((denied.code(), reason(&denied)), (Code::PermissionDenied, "PERMISSION_DENIED".into()));
+    let (_, facts) = error_reason(&denied).expect("error info");
+    assert_eq!(
+        (facts["caller"].as_str(), facts["role"].as_str(), facts["needed"].as_str()),
+        ("token:viewer", "viewer", "operator")
+    );
+
+    let mut operator = as_token(&config, "operator").await;
+    operator.vms.create_vm(create("web", &[])).await.expect("an operator creates");
+    let denied = viewer
+        .exec(
+            pb::ExecVmStart { vm: "web".into(), argv: vec!["true".into()], ..Default::default() },
+            tokio_stream::empty(),
+        )
+        .await
+        .expect_err("a viewer execs nothing");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let (out, _, code) = exec(&mut operator, "web", &["echo", "ran"], b"").await;
+    assert_eq!((out.as_slice(), code), (&b"ran\n"[..], Some(0)));
+    let denied = operator.images.import_image(host_import("from-host")).await.expect_err("host files are admin's");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = operator.images.delete_image(pb::DeleteImageRequest { image: "img".into() }).await;
+    assert_eq!(denied.expect_err("admin's").code(), Code::PermissionDenied);
+    let archive = pb::pull_image_request::Source::Archive("/etc/passwd".into());
+    let pull = pb::PullImageRequest { name: "from-host".into(), source: Some(archive), ..Default::default() };
+    let denied = operator.images.pull_image(pull).await.expect_err("a host path is admin's, pulled or imported");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let mut admin = as_token(&config, "admin").await;
+    admin.images.import_image(host_import("from-host")).await.expect("an admin imports from the host");
+
+    let mut short = as_token(&config, "short-lived").await;
+    assert!(short.vms.list_vms(pb::ListVmsRequest::default()).await.is_ok());
+    clock.advance(Duration::from_secs(3_601));
+    let expired = short.vms.list_vms(pb::ListVmsRequest::default()).await.expect_err("expired");
+    assert_eq!((expired.code(), reason(&expired)), (Code::Unauthenticated, "TOKEN_EXPIRED".into()));
+    let mut unknown = as_token(&config, "guessed").await;
+    let refused = unknown.vms.create_vm(create("sneaky", &[])).await.expect_err("unknown");
+    assert_eq!((refused.code(), reason(&refused)), (Code::Unauthenticated, "UNAUTHENTICATED".into()));
+    let listed = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list");
+    assert_eq!(names(listed.into_inner()), ["web"], "refused calls made nothing");
+    daemon.shutdown().await;
+}
+
+/// RFC 3339 for a time in ms since the epoch.
+fn humantime_rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).expect("after 1970"));
+    format!("{}", humantime::format_rfc3339_seconds(at))
+}
+
+/// Two tenants on one host: each sees, watches and touches only its own VMs (another's is
+/// not found, as if it did not exist), and its creates carry its labels whatever they ask.
+#[tokio::test]
+async fn tenants_see_and_touch_only_their_own_vms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = FakeHost::default();
+    let config = access_config(dir.path(), "2100-01-01T00:00:00Z");
+    let mut daemon = TestDaemon::start_fake(config.clone(), &host, &Clock::system()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let (mut a, mut b) = (as_token(&config, "team-a").await, as_token(&config, "team-b").await);
+    let revision = a.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().revision;
+    let watch = pb::WatchVmsRequest { from_revision: revision, ..Default::default() };
+    let mut a_watch = a.vms.watch_vms(watch.clone()).await.expect("watch").into_inner();
+
+    let made = a.vms.create_vm(create("a1", &[("team", "b"), ("job", "7")])).await.expect("create").into_inner();
+    let labels = made.vm.expect("vm").labels;
+    assert_eq!((labels["team"].as_str(), labels["job"].as_str()), ("a", "7"), "the tenant's label wins");
+    b.vms.create_vm(create("b1", &[])).await.expect("create");
+    daemon.client.vms.create_vm(create("untenanted", &[])).await.expect("create");
+
+    let list = |labels: &[(&str, &str)]| pb::ListVmsRequest {
+        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..Default::default()
+    };
+    assert_eq!(names(a.vms.list_vms(list(&[])).await.expect("list").into_inner()), ["a1"]);
+    assert_eq!(names(b.vms.list_vms(list(&[])).await.expect("list").into_inner()), ["b1"]);
+    assert!(names(a.vms.list_vms(list(&[("team", "b")])).await.expect("list").into_inner()).is_empty());
+    assert_eq!(
+        names(daemon.client.vms.list_vms(list(&[])).await.expect("list").into_inner()),
+        ["a1", "b1", "untenanted"]
+    );
+
+    for other in ["b1", "untenanted"] {
+        let missing = a.vms.get_vm(pb::GetVmRequest { vm: other.into() }).await.expect_err("another's");
+        assert_eq!((missing.code(), reason(&missing)), (Code::NotFound, "VM_NOT_FOUND".into()), "{other}");
+        let start = pb::ExecVmStart { vm: other.into(), argv: vec!["true".into()], ..Default::default() };
+        let missing = a.exec(start, tokio_stream::empty()).await.expect_err("another's");
+        assert_eq!(missing.code(), Code::NotFound, "{other}: {missing:?}");
+        let delete = pb::DeleteVmRequest { vm: other.into(), ..Default::default() };
+        assert_eq!(a.vms.delete_vm(delete).await.expect_err("another's").code(), Code::NotFound);
+        let stop = pb::StopVmRequest { vm: other.into(), ..Default::default() };
+        assert_eq!(a.vms.stop_vm(stop).await.expect_err("another's").code(), Code::NotFound);
+    }
+    let by_id = a.vms.get_vm(pb::GetVmRequest { vm: "a1".into() }).await.expect("its own").into_inner();
+    assert_eq!(by_id.vm.expect("vm").name, "a1");
+
+    // Its watch saw only its VM's events, up to its delete.
+    a.vms.delete_vm(pb::DeleteVmRequest { vm: "a1".into(), ..Default::default() }).await.expect("delete");
+    let seen = until_deleted(&mut a_watch, "a1").await;
+    assert!(!seen.is_empty() && seen.iter().all(|event| event.starts_with("a1 ")), "{seen:?}");
+    assert_eq!(host.processes().len(), 4, "b1 and untenanted still run: {:?}", host.processes());
+    daemon.shutdown().await;
+}
+
+/// Host paths an import must never read: kernel files, devices, FIFOs, links to secrets.
+/// Each is INVALID_ARGUMENT naming its field, and nothing is copied.
+#[tokio::test]
+async fn imports_refuse_pseudo_files_devices_fifos_and_links_and_copy_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = TestDaemon::start(config(dir.path(), FileConfig::default())).await;
+    let (kernel_path, rootfs_path) = fake_image_sources(dir.path());
+    let shadow = dir.path().join("shadow-link");
+    std::os::unix::fs::symlink("/etc/shadow", &shadow).expect("symlink");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let request = |kernel: &str, initrd: &str, rootfs: &str| pb::ImportImageRequest {
+        name: "hostile".into(),
+        kernel_path: kernel.into(),
+        initrd_path: initrd.into(),
+        rootfs_path: rootfs.into(),
+        ..Default::default()
+    };
+    let cases = [
+        (request(&kernel_path, "/proc/1/environ", &rootfs_path), "initrd_path", "proc"),
+        (request(&kernel_path, "", "/dev/zero"), "rootfs_path", "not a regular file"),
+        (request(&shadow.display().to_string(), "", &rootfs_path), "kernel_path", "symbolic link"),
+        (request(&kernel_path, &fifo.display().to_string(), &rootfs_path), "initrd_path", "not a regular file"),
+    ];
+    for (request, field, why) in cases {
+        let status = daemon.client.images.import_image(request.clone()).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
+        let violations = field_violations(&status);
+        assert!(violations.iter().any(|(f, d)| f == field && d.contains(why)), "{request:?}: {violations:?}");
+    }
+    let images = dir.path().join("state/images");
+    let copied: Vec<_> =
+        std::fs::read_dir(&images).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(copied.is_empty(), "nothing copied: {copied:?}");
+    daemon.shutdown().await;
+}
+
+/// `auth.import_roots`: host files are read only beneath them, never through a link out.
+#[tokio::test]
+async fn with_import_roots_only_files_beneath_them_are_imported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("imports");
+    std::fs::create_dir(&root).expect("mkdir");
+    let file: FileConfig = toml::from_str(&format!("[auth]\nimport_roots = [\"{}\"]", root.display())).expect("parses");
+    let mut daemon = TestDaemon::start(config(dir.path(), file)).await;
+    let (kernel_path, rootfs_path) = fake_image_sources(dir.path());
+    let outside = pb::ImportImageRequest {
+        name: "out".into(),
+        kernel_path: kernel_path.clone(),
+        rootfs_path: rootfs_path.clone(),
+        ..Default::default()
+    };
+    let status = daemon.client.images.import_image(outside).await.expect_err("outside the roots");
+    assert!(field_violations(&status).iter().all(|(_, d)| d.contains("not under an import root")), "{status:?}");
+    std::fs::copy(&kernel_path, root.join("vmlinuz")).expect("copy");
+    std::fs::copy(&rootfs_path, root.join("rootfs.ext4")).expect("copy");
+    let inside = pb::ImportImageRequest {
+        name: "in".into(),
+        kernel_path: root.join("vmlinuz").display().to_string(),
+        rootfs_path: root.join("rootfs.ext4").display().to_string(),
+        ..Default::default()
+    };
+    daemon.client.images.import_image(inside).await.expect("beneath a root");
     daemon.shutdown().await;
 }

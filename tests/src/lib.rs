@@ -2,6 +2,7 @@
 //! the real `banger` CLI against it, and cleanup of every process either left behind.
 
 pub mod oci;
+pub mod tls;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,10 +1,13 @@
 //! The generated clients in other languages, each running an orchestrator's job (see its
-//! scenario file) against a real bangerd and a real guest. Needs `make setup` and `make
+//! scenario file) against a real bangerd and a real guest, over TCP with mutual TLS. Needs `make setup` and `make
 //! clients`, which `make test` runs first.
 
 use std::process::Command;
 
-use banger_tests::{Daemon, guest_slot, repo_root, text};
+use banger_tests::{
+    Daemon, guest_slot, repo_root, text,
+    tls::{Pki, free_port},
+};
 
 #[test]
 fn the_generated_python_client_runs_an_orchestrator_scenario() {
@@ -17,9 +20,15 @@ fn the_generated_python_client_runs_an_orchestrator_scenario() {
         "run `make setup` and `make clients` first ({})",
         generated.display()
     );
-    let daemon = Daemon::start(&[]);
+    let (pki, listen) = (Pki::new(), format!("127.0.0.1:{}", free_port()));
+    let config = pki.config("[[auth.grants]]\ncert = \"python\"\nrole = \"admin\"\n");
+    let daemon = Daemon::start(&["--config", &config.display().to_string(), "--listen", &listen]);
+    let client = pki.client("python");
+    // Over TCP with mutual TLS, then a listing over the unix socket.
     let out = Command::new(python)
         .arg(root.join("clients/python/scenario.py"))
+        .arg(&listen)
+        .args([pki.ca(), client.cert, client.key])
         .arg(format!("unix:{}", daemon.socket.display()))
         .output()
         .expect("python");
@@ -40,10 +49,14 @@ fn the_generated_typescript_client_runs_an_orchestrator_scenario() {
     let tsx = root.join("clients/typescript/node_modules/.bin/tsx");
     let generated = root.join("clients/typescript/generated/banger/v1/vm_pb.ts");
     assert!(tsx.exists() && generated.exists(), "run `make setup` and `make clients` first ({})", generated.display());
-    let daemon = Daemon::start(&[]);
+    let (pki, listen) = (Pki::new(), format!("127.0.0.1:{}", free_port()));
+    let config = pki.config("[[auth.grants]]\ncert = \"typescript\"\nrole = \"operator\"\n");
+    let daemon = Daemon::start(&["--config", &config.display().to_string(), "--listen", &listen]);
+    let client = pki.client("typescript");
     let out = Command::new(tsx)
         .arg(root.join("clients/typescript/scenario.ts"))
-        .arg(&daemon.socket)
+        .arg(format!("https://{listen}"))
+        .args([pki.ca(), client.cert, client.key])
         .current_dir(root.join("clients/typescript"))
         .output()
         .expect("tsx");

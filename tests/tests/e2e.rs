@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use banger_tests::{Daemon, guest_slot, repo_root, sha256, skip, text, wait_until};
+use banger_tests::{Daemon, guest_slot, sha256, skip, text, wait_until};
 use nix::sys::signal::Signal;
 
 fn try_vm_field(daemon: &Daemon, vm: &str, field: &str) -> Option<String> {
@@ -145,9 +145,11 @@ fn bad_input_is_refused_with_field_violations_and_leaves_nothing() {
 #[test]
 fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection() {
     let _slot = guest_slot();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start(&["--listen", &listen]);
+    let pki = banger_tests::tls::Pki::new();
+    let config = pki.config("[[auth.grants]]\ncert = \"e2e\"\nrole = \"admin\"\n");
+    let client = pki.client("e2e");
+    let listen = format!("127.0.0.1:{}", banger_tests::tls::free_port());
+    let mut daemon = Daemon::start(&["--config", &config.display().to_string(), "--listen", &listen]);
 
     assert!(daemon.banger(&["vm", "create", "--name", "keeper"]).status.success(), "{}", daemon.log());
     assert!(daemon.banger(&["vm", "create", "--name", "idle", "--no-start"]).status.success());
@@ -163,13 +165,16 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     let out = daemon.banger(&["vm", "exec", "keeper", "--", "cat", "/etc/hostname"]);
     assert_eq!(text(&out.stdout), "keeper\n", "{}", text(&out.stderr));
 
-    // Reflection and health, with no proto files, over TCP.
-    let grpcurl = std::env::var_os("BANGER_GRPCURL")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".tools/venv/bin/grpcurl"));
-    assert!(grpcurl.is_file(), "grpcurl not found at {} (make setup installs it)", grpcurl.display());
+    // Reflection and health, with no proto files, over TCP with mutual TLS.
+    let grpcurl = banger_tests::tls::grpcurl();
+    let tls = pki.grpcurl_flags(Some(&client));
+    let grpcurl_tls = || {
+        let mut command = std::process::Command::new(&grpcurl);
+        command.args(&tls);
+        command
+    };
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(&grpcurl).arg("-plaintext").args(args).output().expect("grpcurl");
+        let out = grpcurl_tls().args(args).output().expect("grpcurl");
         assert!(out.status.success(), "grpcurl {args:?}: {}", text(&out.stderr));
         text(&out.stdout)
     };
@@ -183,11 +188,14 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     let health = run(&[&listen, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
     // No -authority: grpcurl sends the socket's path, which bangerd accepts on its unix socket.
-    let over_unix = run(&["-unix", &daemon.socket.display().to_string(), "list"]);
-    assert!(over_unix.contains("banger.v1.VmService"), "{over_unix}");
+    let over_unix = std::process::Command::new(&grpcurl)
+        .args(["-plaintext", "-unix", &daemon.socket.display().to_string(), "list"])
+        .output()
+        .expect("grpcurl");
+    assert!(text(&over_unix.stdout).contains("banger.v1.VmService"), "{}", text(&over_unix.stderr));
     // Error details decode through reflection: no "is not recognized".
-    let refused = std::process::Command::new(&grpcurl)
-        .args(["-plaintext", "-d", r#"{"name":"has space"}"#, &listen, "banger.v1.VmService/CreateVm"])
+    let refused = grpcurl_tls()
+        .args(["-d", r#"{"name":"has space"}"#, &listen, "banger.v1.VmService/CreateVm"])
         .output()
         .expect("grpcurl");
     let said = text(&refused.stderr);
@@ -196,16 +204,8 @@ fn a_restarted_daemon_keeps_records_and_adopts_running_vms_and_serves_reflection
     assert!(said.contains(r#""fieldViolations":[{"field":"name""#) && !said.contains("not recognized"), "{said}");
 
     // A client that gives up mid-create does not cut the operation short: it completes.
-    let out = std::process::Command::new(&grpcurl)
-        .args([
-            "-plaintext",
-            "-max-time",
-            "0.3",
-            "-d",
-            r#"{"name":"impatient"}"#,
-            &listen,
-            "banger.v1.VmService/CreateVm",
-        ])
+    let out = grpcurl_tls()
+        .args(["-max-time", "0.3", "-d", r#"{"name":"impatient"}"#, &listen, "banger.v1.VmService/CreateVm"])
         .output()
         .expect("grpcurl");
     // grpcurl reports the expired deadline as DeadlineExceeded or Canceled, depending on when it hit.

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use banger_tests::{Daemon, guest_slot, repo_root, text};
+use banger_tests::{Daemon, guest_slot, text};
 use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::{
     collector::{
@@ -130,9 +130,11 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
     let _slot = guest_slot();
     let received = Received::default();
     let (endpoint, _receiver) = start_receiver(received.clone());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start_with_env(&["--listen", &listen], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
+    let pki = banger_tests::tls::Pki::new();
+    let config = pki.config("[[auth.grants]]\ncert = \"tracer\"\nrole = \"viewer\"\n");
+    let listen = format!("127.0.0.1:{}", banger_tests::tls::free_port());
+    let flags = ["--config", &config.display().to_string(), "--listen", &listen];
+    let mut daemon = Daemon::start_with_env(&flags, &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
 
     let out = daemon.banger(&["vm", "create", "--name", "traced"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -145,9 +147,9 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
     // A caller's trace continues into the daemon.
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let parent_id = "b7ad6b7169203331";
-    let grpcurl = repo_root().join(".tools/venv/bin/grpcurl");
-    let out = std::process::Command::new(&grpcurl)
-        .args(["-plaintext", "-H", &format!("traceparent: 00-{trace_id}-{parent_id}-01")])
+    let out = std::process::Command::new(banger_tests::tls::grpcurl())
+        .args(pki.grpcurl_flags(Some(&pki.client("tracer"))))
+        .args(["-H", &format!("traceparent: 00-{trace_id}-{parent_id}-01")])
         .args(["-d", r#"{"vm":"traced"}"#, &listen, "banger.v1.VmService/GetVm"])
         .output()
         .expect("grpcurl");
@@ -213,6 +215,20 @@ fn operations_are_exported_as_spans_with_stage_children_and_the_callers_trace_is
         .find(|s| s.trace_id == hex(trace_id) && s.name == "banger.v1.VmService/GetVm")
         .unwrap_or_else(|| panic!("no GetVm span in the caller's trace {trace_id}"));
     assert_eq!(continued.parent_span_id, hex(parent_id));
+    // Every call is attributed: who called, with which role, on its span and in its log line.
+    assert_eq!(string_attribute(continued, "caller").as_deref(), Some("cert:tracer"));
+    assert_eq!(string_attribute(continued, "role").as_deref(), Some("viewer"));
+    let create_call = spans
+        .iter()
+        .find(|s| s.name == "banger.v1.VmService/CreateVm" && s.span_id == create.parent_span_id)
+        .expect("the CreateVm call's span, parent of its operation");
+    assert_eq!(string_attribute(create_call, "caller").as_deref(), Some("uid:0"));
+    assert_eq!(string_attribute(create_call, "role").as_deref(), Some("admin"));
+    let call_line = log
+        .lines()
+        .find(|l| l.contains("\"message\":\"call\"") && l.contains(&format!("\"op_id\":\"{op_id}\"")))
+        .unwrap_or_else(|| panic!("no call line for {op_id} in {log}"));
+    assert!(call_line.contains("\"caller\":\"uid:0\"") && call_line.contains("\"role\":\"admin\""), "{call_line}");
 
     let cli = spans.iter().find(|s| s.name == "banger vm show").expect("the CLI's root span");
     let server = spans

@@ -12,7 +12,10 @@ use super::{
     status::to_status, with_op_id,
 };
 use crate::{
-    domain::{ImageProgress, OpId},
+    domain::{
+        ImageProgress, OpId,
+        access::{Caller, Needs, Role},
+    },
     ops::{ImageSource, NewOciImage, Ops, ProgressFn},
 };
 
@@ -77,6 +80,14 @@ impl ImageService for ImageApi {
         &self,
         request: Request<pb::PullImageRequest>,
     ) -> Result<Response<Self::PullImageStream>, Status> {
+        use pb::pull_image_request::Source;
+        // A registry is the operator's; a path on the daemon's host is the admin's.
+        if matches!(request.get_ref().source, Some(Source::OciLayout(_) | Source::Archive(_))) {
+            let caller = request.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::nobody);
+            caller
+                .may("/banger.v1.ImageService/PullImage (from a host path)", Needs::Role(Role::Admin))
+                .map_err(|denied| super::status::permission_denied(&denied))?;
+        }
         let request = request.into_inner();
         let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
         let new = convert::new_oci_image(request).map_err(|e| to_status(&e))?;

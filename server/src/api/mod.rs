@@ -1,6 +1,7 @@
 //! The gRPC surface: tonic services, proto <-> domain conversion and validation, the one
 //! error-to-status mapping, health and reflection.
 
+pub mod auth;
 pub mod authority;
 mod convert;
 mod host_service;

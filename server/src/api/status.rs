@@ -132,6 +132,37 @@ pub fn to_status(error: &Error) -> Status {
     Status::with_error_details(root.code, error.chain(), details)
 }
 
+/// A caller that is not accepted at all: `UNAUTHENTICATED`, reason `UNAUTHENTICATED`
+/// (`TOKEN_EXPIRED` for an expired token).
+pub fn unauthenticated(error: &crate::domain::access::Unauthenticated) -> Status {
+    use crate::domain::access::Unauthenticated;
+    let (reason, metadata) = match error {
+        Unauthenticated::Expired { name } => ("TOKEN_EXPIRED", HashMap::from([("token".to_owned(), name.clone())])),
+        _ => ("UNAUTHENTICATED", HashMap::new()),
+    };
+    Status::with_error_details(
+        Code::Unauthenticated,
+        error.to_string(),
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+/// A caller whose role does not allow the call: `PERMISSION_DENIED`, reason
+/// `PERMISSION_DENIED`, with the caller, its role, the method and the role it needs.
+pub fn permission_denied(denied: &crate::domain::access::Denied) -> Status {
+    let metadata = HashMap::from([
+        ("caller".to_owned(), denied.identity.clone()),
+        ("role".to_owned(), denied.role.map_or("none", |r| r.as_str()).to_owned()),
+        ("method".to_owned(), denied.method.clone()),
+        ("needed".to_owned(), denied.needed.as_str().to_owned()),
+    ]);
+    Status::with_error_details(
+        Code::PermissionDenied,
+        denied.to_string(),
+        ErrorDetails::with_error_info("PERMISSION_DENIED", ERROR_DOMAIN, metadata),
+    )
+}
+
 /// Maps an API call's error to the status a client sees.
 pub fn api_status(error: &ApiError) -> Status {
     let (code, reason, metadata): (Code, &str, Vec<(&str, String)>) = match error {

@@ -14,10 +14,44 @@ use super::{
     with_op_id,
 };
 use crate::{
-    domain::{ExecInput, Resource, Vm},
+    domain::{
+        ExecInput, Resource, Vm,
+        access::{Caller, Tenant},
+    },
     ops::{CreateVm, Error, Ops},
     store::VmFilter,
 };
+
+/// The tenant the caller is confined to, if any (the auth layer put the caller there).
+fn tenant_of<T>(request: &Request<T>) -> Option<Tenant> {
+    request.extensions().get::<Caller>().and_then(|caller| caller.tenant.clone())
+}
+
+/// The key a confined caller reaches the VM `key` by: its id when it is the tenant's (so a
+/// VM of that name made later by another tenant is not reached instead), else the VM is not
+/// found, exactly as if it did not exist.
+async fn visible(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<String, Error> {
+    let Some(tenant) = tenant else { return Ok(key) };
+    match ops.get_vm(&key).await {
+        Ok(vm) if tenant.admits(&vm.labels) => Ok(vm.id.to_string()),
+        Ok(_) => Err(Error::NotFound { kind: Resource::Vm, key }),
+        Err(error) => Err(error),
+    }
+}
+
+/// A request's idempotency key, the caller's tenant part of its body: a request id reused
+/// by another tenant is another request, never the first one's answer.
+fn tenant_idempotency_key<T: prost::Message + Clone>(
+    request: &T,
+    tenant: Option<&Tenant>,
+    id: impl Fn(&mut T) -> &mut String,
+) -> (String, Vec<u8>) {
+    let (request_id, mut body) = idempotency_key(request, id);
+    if let Some(tenant) = tenant {
+        body.extend_from_slice(format!("\0tenant:{tenant}").as_bytes());
+    }
+    (request_id, body)
+}
 
 /// Serves the VM API over the daemon's core.
 #[derive(Debug, Clone)]
@@ -62,8 +96,13 @@ type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecVmResponse, Status>> 
 #[tonic::async_trait]
 impl VmService for VmApi {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::CreateVmResponse>, Status> {
-        let request = request.into_inner();
-        let idempotency = idempotency_key(&request, |r| &mut r.request_id);
+        let tenant = tenant_of(&request);
+        let mut request = request.into_inner();
+        // A confined caller's VMs carry its tenant's labels, whatever the request says.
+        if let Some(tenant) = &tenant {
+            request.labels.extend(tenant.labels().clone());
+        }
+        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
         let create = CreateVm::try_from(request).map_err(|e| to_status(&e))?;
         let ops = self.ops.clone();
         let use_case = async move { ops.create_vm(create).await };
@@ -71,12 +110,23 @@ impl VmService for VmApi {
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::GetVmResponse>, Status> {
+        let tenant = tenant_of(&request);
         let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
-        let vm = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
+        let vm = match tenant {
+            Some(tenant) => {
+                let vm = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
+                if !tenant.admits(&vm.labels) {
+                    return Err(to_status(&Error::NotFound { kind: Resource::Vm, key }));
+                }
+                vm
+            }
+            None => self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?,
+        };
         Ok(Response::new(pb::GetVmResponse { vm: Some(self.to_pb(&vm)) }))
     }
 
     async fn list_vms(&self, request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
         let page_size = convert::page_size(request.page_size).map_err(|e| to_status(&e))?;
         let after = convert::page_after(&request.page_token).map_err(|e| to_status(&e))?;
@@ -87,9 +137,21 @@ impl VmService for VmApi {
                 invalid_field("states", &format!("{state} is not a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))
             })?);
         }
-        let filter = VmFilter { labels, states };
         // Read before the list: a watch from it misses no change made after the list was read.
         let revision = self.ops.latest_revision();
+        let labels = match tenant.map(|tenant| tenant.confine(labels.clone())) {
+            None => labels,
+            Some(Some(confined)) => confined,
+            // The filter asks for another tenant's VMs: there are none for this caller.
+            Some(None) => {
+                return Ok(Response::new(pb::ListVmsResponse {
+                    vms: Vec::new(),
+                    next_page_token: String::new(),
+                    revision,
+                }));
+            }
+        };
+        let filter = VmFilter { labels, states };
         let (vms, last) =
             self.ops.list_vms_page(&filter, after.as_deref(), page_size).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListVmsResponse {
@@ -101,8 +163,10 @@ impl VmService for VmApi {
 
     async fn wait_vm(&self, request: Request<pb::WaitVmRequest>) -> Result<Response<pb::WaitVmResponse>, Status> {
         let timeout = call_timeout(request.metadata());
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let state = convert::state_from_pb(request.state)
             .ok_or_else(|| invalid_field("state", "must be a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))?;
         let (ops, stopped, waited_for) = (self.ops.clone(), self.ops.stopped_serving(), key.clone());
@@ -132,8 +196,10 @@ impl VmService for VmApi {
     }
 
     async fn touch_vm(&self, request: Request<pb::TouchVmRequest>) -> Result<Response<pb::TouchVmResponse>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let ttl = convert::ttl_ms("ttl", request.ttl)
             .map_err(|violation| to_status(&crate::ops::Error::InvalidArgument(vec![violation])))?;
         let vm = self.ops.touch_vm(&key, ttl).await.map_err(|e| to_status(&e))?;
@@ -141,32 +207,45 @@ impl VmService for VmApi {
     }
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
-        let idempotency = idempotency_key(&request, |r| &mut r.request_id);
+        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let (ops, wait_agent) = (self.ops.clone(), !request.no_wait);
-        let use_case = async move { ops.start_vm(&key, wait_agent).await };
+        let use_case = async move {
+            let key = visible(&ops, key, tenant.as_ref()).await?;
+            ops.start_vm(&key, wait_agent).await
+        };
         self.vm_mutation("StartVm", idempotency, use_case, |vm| pb::StartVmResponse { vm: Some(vm) }).await
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
-        let idempotency = idempotency_key(&request, |r| &mut r.request_id);
+        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let (ops, force) = (self.ops.clone(), request.force);
-        let use_case = async move { ops.stop_vm(&key, force).await };
+        let use_case = async move {
+            let key = visible(&ops, key, tenant.as_ref()).await?;
+            ops.stop_vm(&key, force).await
+        };
         self.vm_mutation("StopVm", idempotency, use_case, |vm| pb::StopVmResponse { vm: Some(vm) }).await
     }
 
     async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
-        let (request_id, body) = idempotency_key(&request, |r| &mut r.request_id);
+        let (request_id, body) = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let (ops, allow_missing) = (self.ops.clone(), request.allow_missing);
         self.idempotency
             .run("DeleteVm", &request_id, body, async move {
                 let deleted = run_to_completion(async move {
-                    match ops.delete_vm(&key).await {
+                    let found = match visible(&ops, key, tenant.as_ref()).await {
+                        Ok(key) => ops.delete_vm(&key).await,
+                        Err(error) => Err(error),
+                    };
+                    match found {
                         Ok(deleted) => Ok(Some(deleted)),
                         Err(Error::NotFound { kind: Resource::Vm, .. }) if allow_missing => Ok(None),
                         Err(error) => Err(error),
@@ -184,9 +263,18 @@ impl VmService for VmApi {
     type WatchVmsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WatchVmsResponse, Status>>;
 
     async fn watch_vms(&self, request: Request<pb::WatchVmsRequest>) -> Result<Response<Self::WatchVmsStream>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
         let labels = convert::label_selector(request.labels).map_err(|e| to_status(&e))?;
-        let filter = super::watch::WatchFilter { vm: (!request.vm.is_empty()).then_some(request.vm), labels };
+        let mut filter =
+            super::watch::WatchFilter { vm: (!request.vm.is_empty()).then_some(request.vm), labels, nothing: false };
+        if let Some(tenant) = tenant {
+            match tenant.confine(std::mem::take(&mut filter.labels)) {
+                Some(confined) => filter.labels = confined,
+                // Another tenant's VMs: events that never come, as for a VM that does not exist.
+                None => filter.nothing = true,
+            }
+        }
         let stopped = self.ops.stopped_serving();
         let stream = super::watch::watch(self.ops.event_log(), request.from_revision, filter, stopped).await?;
         Ok(Response::new(stream))
@@ -197,6 +285,7 @@ impl VmService for VmApi {
         request: Request<Streaming<pb::CopyToVmRequest>>,
     ) -> Result<Response<pb::CopyToVmResponse>, Status> {
         use pb::copy_to_vm_request::Payload;
+        let tenant = tenant_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -206,6 +295,7 @@ impl VmService for VmApi {
             return Err(invalid_field("start", "the first message must be start"));
         };
         let key = convert::key("start.vm", &start.vm).map_err(|e| to_status(&e))?;
+        let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let path = convert::guest_path("start.path", start.path).map_err(|e| to_status(&e))?;
         // A client that fails or goes away mid-copy aborts it: the guest keeps no partial file.
         let input = inbound.map(|message| match message {
@@ -224,8 +314,10 @@ impl VmService for VmApi {
         request: Request<pb::CopyFromVmRequest>,
     ) -> Result<Response<Self::CopyFromVmStream>, Status> {
         use pb::copy_from_vm_response::Payload;
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let path = convert::guest_path("path", request.path).map_err(|e| to_status(&e))?;
         let (meta, data) = self.ops.copy_from_vm(&key, path).await.map_err(|e| to_status(&e))?;
         let info = pb::CopyFromVmResponse {
@@ -244,8 +336,10 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::StreamVmLogsRequest>,
     ) -> Result<Response<Self::StreamVmLogsStream>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let which = match pb::VmLog::try_from(request.log) {
             Ok(pb::VmLog::Unspecified | pb::VmLog::Console) => crate::ops::VmLog::Console,
             Ok(pb::VmLog::Vmm) => crate::ops::VmLog::Vmm,
@@ -264,6 +358,7 @@ impl VmService for VmApi {
 
     async fn exec_vm(&self, request: Request<Streaming<pb::ExecVmRequest>>) -> Result<Response<ExecStream>, Status> {
         use pb::exec_vm_request::Payload;
+        let tenant = tenant_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -273,6 +368,7 @@ impl VmService for VmApi {
             return Err(invalid_field("start", "the first message must be start"));
         };
         let (vm, command) = convert::exec_start(start).map_err(|e| to_status(&e))?;
+        let vm = visible(&self.ops, vm, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         // Standard input until the client says EOF or goes away; a stray start is ignored.
         let input = inbound
             .map_while(|message| match message {

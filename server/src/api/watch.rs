@@ -29,11 +29,14 @@ pub struct WatchFilter {
     pub vm: Option<String>,
     /// Only events of VMs carrying these labels.
     pub labels: Labels,
+    /// No event at all (a confined caller asked for another tenant's VMs).
+    pub nothing: bool,
 }
 
 impl WatchFilter {
     fn matches(&self, event: &Event) -> bool {
-        self.vm.as_ref().is_none_or(|vm| *vm == event.vm_id || *vm == event.vm_name)
+        !self.nothing
+            && self.vm.as_ref().is_none_or(|vm| *vm == event.vm_id || *vm == event.vm_name)
             && crate::domain::labels_match(&event.labels, &self.labels)
     }
 }

@@ -1,5 +1,6 @@
 //! Pure domain types: ids, names, VM specs and states, host handles. No I/O here.
 
+pub mod access;
 mod exec;
 mod handles;
 mod ids;

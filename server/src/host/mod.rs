@@ -14,6 +14,7 @@ pub mod exec;
 pub mod fake;
 pub mod files;
 pub mod fs;
+pub mod import;
 pub mod lock;
 pub mod logs;
 pub mod network;

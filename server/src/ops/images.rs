@@ -9,7 +9,10 @@ use super::{
 };
 use crate::{
     domain::{Image, ImageId, NewImage, OpId, Resource},
-    host::fs,
+    host::{
+        fs,
+        import::{SourceFile, copy_source, open_source},
+    },
 };
 
 /// File names of an image's artifacts, in the state dir and in an image directory.
@@ -25,15 +28,17 @@ enum Stage {
     InsertRecord,
 }
 
-struct ImportImageOp<'a> {
-    ops: &'a Ops,
-    new: NewImage,
-    image: Image,
+/// The opened source files of an import.
+struct Sources {
+    kernel: SourceFile,
+    initrd: Option<SourceFile>,
+    rootfs: SourceFile,
 }
 
-async fn copy_into(from: &Path, to: &Path) -> Result<(), Error> {
-    // Not std::fs::copy: copy_file_range fills the holes of a sparse root file system.
-    Ok(crate::host::storage::copy_file(from, to).await?)
+struct ImportImageOp<'a> {
+    ops: &'a Ops,
+    sources: Sources,
+    image: Image,
 }
 
 #[tonic::async_trait]
@@ -57,11 +62,12 @@ impl Operation for ImportImageOp<'_> {
             Stage::CopyFiles => {
                 let dir = self.image.rootfs_path.parent().unwrap_or(Path::new("/")).to_owned();
                 fs::create_dir(&dir).await?;
-                copy_into(&self.new.kernel_path, &self.image.kernel_path).await?;
-                if let (Some(from), Some(to)) = (&self.new.initrd_path, &self.image.initrd_path) {
-                    copy_into(from, to).await?;
+                // From the descriptors opened and checked before: what was checked is copied.
+                copy_source(&self.sources.kernel, &self.image.kernel_path).await?;
+                if let (Some(from), Some(to)) = (&self.sources.initrd, &self.image.initrd_path) {
+                    copy_source(from, to).await?;
                 }
-                copy_into(&self.new.rootfs_path, &self.image.rootfs_path).await?;
+                copy_source(&self.sources.rootfs, &self.image.rootfs_path).await?;
             }
             Stage::InsertRecord if self.ops.store.image_get(&self.image.id.to_string()).await.is_ok() => {}
             Stage::InsertRecord => self.ops.store.image_insert(&self.image).await?,
@@ -106,27 +112,21 @@ struct FileCheck {
 const KERNEL_CHECK: FileCheck = FileCheck { looks_right: looks_like_kernel, what: "a bzImage or ELF kernel" };
 const EXT4_CHECK: FileCheck = FileCheck { looks_right: looks_like_ext4, what: "an ext4 file system image" };
 
-/// Checks one source path of an import; returns a violation when it is unusable. Every
-/// source is read, checked or not: a file the daemon cannot read is the caller's to fix,
-/// not an internal failure of the copy that would follow.
-async fn source_violation(field: &str, path: &Path, check: Option<FileCheck>) -> Option<FieldViolation> {
-    if !path.is_absolute() {
-        return Some(FieldViolation::new(
-            field,
-            format!("must be an absolute path, got {:?}", path.display().to_string()),
-        ));
-    }
-    match fs::inspect_source(path, HEAD_BYTES).await {
-        Err(e) => Some(FieldViolation::new(field, format!("cannot read {}: {e}", path.display()))),
-        Ok(fs::Source::NotAFile) => {
-            Some(FieldViolation::new(field, format!("{} is not a regular file", path.display())))
+/// Opens and checks one source file of an import (see [`crate::host::import`]); a violation
+/// when it is unusable. Every source is opened, checked or not: a file the daemon cannot
+/// read is the caller's to fix, not an internal failure of the copy that would follow.
+async fn open_checked(
+    field: &str,
+    path: &Path,
+    roots: Option<&[PathBuf]>,
+    check: Option<FileCheck>,
+) -> Result<SourceFile, FieldViolation> {
+    let source = open_source(path, roots, HEAD_BYTES).await.map_err(|why| FieldViolation::new(field, why))?;
+    match check {
+        Some(check) if !(check.looks_right)(&source.head) => {
+            Err(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what)))
         }
-        Ok(fs::Source::File { head, .. }) => match check {
-            Some(check) if !(check.looks_right)(&head) => {
-                Some(FieldViolation::new(field, format!("{} is not {}", path.display(), check.what)))
-            }
-            _ => None,
-        },
+        _ => Ok(source),
     }
 }
 
@@ -154,26 +154,35 @@ pub async fn check_image_files(image: &Image) -> Result<(), Error> {
 }
 
 impl Ops {
-    /// Imports an image: validates the sources, copies them into the state dir, records it.
+    /// Imports an image from files on the host a caller names (beneath the configured import
+    /// roots): validates the sources, copies them into the state dir, records it.
     pub async fn import_image(&self, new: NewImage) -> Result<(Image, OpId), Error> {
+        let roots = self.config.import_roots.clone();
+        self.import_image_from(new, roots.as_deref()).await
+    }
+
+    async fn import_image_from(&self, new: NewImage, roots: Option<&[PathBuf]>) -> Result<(Image, OpId), Error> {
+        let kernel = open_checked("kernel_path", &new.kernel_path, roots, Some(KERNEL_CHECK)).await;
         let initrd = match new.initrd_path.as_deref() {
-            Some(path) => source_violation("initrd_path", path, None).await,
+            Some(path) => Some(open_checked("initrd_path", path, roots, None).await),
             None => None,
         };
-        let mut violations: Vec<FieldViolation> = [
-            source_violation("kernel_path", &new.kernel_path, Some(KERNEL_CHECK)).await,
-            initrd,
-            source_violation("rootfs_path", &new.rootfs_path, Some(EXT4_CHECK)).await,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let rootfs = open_checked("rootfs_path", &new.rootfs_path, roots, Some(EXT4_CHECK)).await;
+        let mut violations: Vec<FieldViolation> =
+            [kernel.as_ref().err(), initrd.as_ref().and_then(|i| i.as_ref().err()), rootfs.as_ref().err()]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
         if let Err(e) = crate::domain::image_name_error(&new.name) {
             violations.insert(0, FieldViolation::new("name", e.to_string()));
         }
         if let Err(e) = crate::domain::labels_error(&new.labels) {
             violations.push(FieldViolation::new("labels", e.to_string()));
         }
+        let (Ok(kernel), Ok(initrd), Ok(rootfs)) = (kernel, initrd.transpose(), rootfs) else {
+            return Err(Error::InvalidArgument(violations));
+        };
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations));
         }
@@ -182,7 +191,7 @@ impl Ops {
         }
         let id = ImageId::generate();
         let dir = self.images_dir().join(id.to_string());
-        let rootfs_size_bytes = fs::file_len(&new.rootfs_path).await.unwrap_or_default();
+        let rootfs_size_bytes = rootfs.len;
         let image = Image {
             id,
             name: new.name.clone(),
@@ -197,7 +206,7 @@ impl Ops {
         };
         let op_id = OpId::generate();
         super::lock(&self.importing).insert(id);
-        let mut op = ImportImageOp { ops: self, new, image };
+        let mut op = ImportImageOp { ops: self, sources: Sources { kernel, initrd, rootfs }, image };
         let imported = runner::run_with(op_id, &mut op, &self.run_options()).await;
         super::lock(&self.importing).remove(&id);
         imported?;
@@ -227,7 +236,8 @@ impl Ops {
             kernel_args: String::new(),
             labels: Default::default(),
         };
-        let (image, _) = self.import_image(new).await?;
+        // The host's own default image: not beneath the callers' import roots.
+        let (image, _) = self.import_image_from(new, None).await?;
         Ok(image)
     }
 

@@ -67,6 +67,8 @@ pub struct OpsConfig {
     pub capacity: Capacity,
     /// Each VM log (console, VMM, vsock backend) is kept under this size.
     pub max_log_bytes: u64,
+    /// Imports read host files only beneath these directories; `None`: anywhere.
+    pub import_roots: Option<Vec<PathBuf>>,
 }
 
 #[cfg(test)]
@@ -84,6 +86,7 @@ impl OpsConfig {
             registry: Default::default(),
             capacity: Capacity::default(),
             max_log_bytes: 16 << 20,
+            import_roots: None,
         }
     }
 }

@@ -160,21 +160,25 @@ impl Operation for PullImageOp<'_> {
 
 /// Checks a source on the host before any work: an absolute path to a layout directory
 /// (with its `oci-layout` file) or to a readable regular file.
-async fn source_violation(field: &'static str, path: PathBuf, layout: bool) -> Option<FieldViolation> {
+/// Checks a host path a pull reads (an archive, or a layout's `oci-layout` file) as an
+/// import's files are checked (see [`crate::host::import`]): absolute, no symbolic link on
+/// the way, a regular file on a real file system, beneath the import roots when configured.
+async fn source_violation(
+    field: &'static str,
+    path: PathBuf,
+    layout: bool,
+    roots: Option<&[PathBuf]>,
+) -> Option<FieldViolation> {
     if !path.is_absolute() {
         return Some(FieldViolation::new(field, format!("{} is not an absolute path", path.display())));
     }
     let file = if layout { path.join("oci-layout") } else { path.clone() };
-    match fs::inspect_source(&file, 0).await {
-        Ok(fs::Source::File { .. }) => None,
-        Ok(fs::Source::NotAFile) => {
-            Some(FieldViolation::new(field, format!("{} is not a regular file", file.display())))
+    match crate::host::import::open_source(&file, roots, 0).await {
+        Ok(_) => None,
+        Err(why) if layout => {
+            Some(FieldViolation::new(field, format!("{} is not an OCI image layout ({why})", path.display())))
         }
-        Err(e) if layout => Some(FieldViolation::new(
-            field,
-            format!("{} is not an OCI image layout (cannot read {}: {e})", path.display(), file.display()),
-        )),
-        Err(e) => Some(FieldViolation::new(field, format!("cannot read {}: {e}", path.display()))),
+        Err(why) => Some(FieldViolation::new(field, why)),
     }
 }
 
@@ -252,7 +256,7 @@ impl Ops {
             Source::Stream { .. } | Source::Registry { .. } => None,
         };
         if let Some((field, path, layout)) = host_path
-            && let Some(violation) = source_violation(field, path, layout).await
+            && let Some(violation) = source_violation(field, path, layout, self.config.import_roots.as_deref()).await
         {
             violations.push(violation);
         }

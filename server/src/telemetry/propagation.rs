@@ -36,6 +36,8 @@ pub fn request_span(request: &http::Request<()>) -> tracing::Span {
         otel.kind = "server",
         rpc.system = "grpc",
         rpc.method = %method,
+        caller = tracing::field::Empty,
+        role = tracing::field::Empty,
     );
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(request.headers()))
