@@ -100,6 +100,15 @@ enum TlsCommand {
         #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
         valid: std::time::Duration,
     },
+    /// Revoke client certificates made in DIR: writes DIR/crl.pem, which bangerd checks
+    /// when [tls] crl names it (restart bangerd to load a new one).
+    Revoke {
+        /// The directory `banger tls init` wrote.
+        dir: PathBuf,
+        /// The clients' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Make one more client certificate with the CA in DIR.
     Client {
         /// The directory `banger tls init` wrote.
@@ -587,7 +596,45 @@ fn tls_command(command: TlsCommand) -> ExitCode {
             println!("wrote {}", path.display());
             Ok(())
         };
+        let issue_client =
+            |ca: &Ca, dir: &std::path::Path, name: &str, until: std::time::SystemTime| -> Result<(), String> {
+                let client = ca.issue(Usage::Client, &[name.to_owned()], until).map_err(|e| e.to_string())?;
+                let (cert, key, serial) = pki::client_files(dir, name);
+                write(cert, &client.cert_pem, false)?;
+                write(key, &client.key_pem, true)?;
+                write(serial, &hex::encode(&client.serial), false)
+            };
         match command {
+            TlsCommand::Revoke { dir, names } => {
+                let read = |path: PathBuf| {
+                    std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+                };
+                let ca =
+                    Ca::load(&read(dir.join("ca.pem"))?, &read(dir.join("ca-key.pem"))?).map_err(|e| e.to_string())?;
+                let list = dir.join("revoked.txt");
+                let mut revoked: Vec<String> =
+                    std::fs::read_to_string(&list).unwrap_or_default().lines().map(str::to_owned).collect();
+                for name in &names {
+                    let serial = read(pki::client_files(&dir, name).2)?.trim().to_owned();
+                    if !revoked.contains(&serial) {
+                        revoked.push(serial);
+                    }
+                }
+                let serials = revoked
+                    .iter()
+                    .map(|s| hex::decode(s).map_err(|e| format!("{}: {e}", list.display())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let crl = ca.crl(&serials, serials.len() as u64, pki::DEFAULT_VALIDITY).map_err(|e| e.to_string())?;
+                pki::write_file(&list, &(revoked.join("\n") + "\n"), false).map_err(|e| e.to_string())?;
+                let crl_path = std::path::absolute(dir.join("crl.pem")).unwrap_or_else(|_| dir.join("crl.pem"));
+                pki::write_file(&crl_path, &crl, false).map_err(|e| e.to_string())?;
+                println!(
+                    "wrote {} ({} revoked); bangerd's config: [tls] crl = \"{}\"",
+                    crl_path.display(),
+                    serials.len(),
+                    crl_path.display()
+                );
+            }
             TlsCommand::Init { dir, mut server_names, clients, valid } => {
                 std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 if server_names.is_empty() {
@@ -603,11 +650,7 @@ fn tls_command(command: TlsCommand) -> ExitCode {
                 write(dir.join("server.pem"), &server.cert_pem, false)?;
                 write(dir.join("server-key.pem"), &server.key_pem, true)?;
                 for name in &clients {
-                    let client =
-                        ca.issue(Usage::Client, std::slice::from_ref(name), until).map_err(|e| e.to_string())?;
-                    let (cert, key) = pki::client_files(&dir, name);
-                    write(cert, &client.cert_pem, false)?;
-                    write(key, &client.key_pem, true)?;
+                    issue_client(&ca, &dir, name, until)?;
                 }
                 let dir = std::path::absolute(&dir).unwrap_or(dir);
                 println!("\n# bangerd's config (then start it with --listen HOST:PORT):");
@@ -627,10 +670,7 @@ fn tls_command(command: TlsCommand) -> ExitCode {
                 };
                 let ca = Ca::load(&read("ca.pem")?, &read("ca-key.pem")?).map_err(|e| e.to_string())?;
                 let until = std::time::SystemTime::now() + valid;
-                let client = ca.issue(Usage::Client, std::slice::from_ref(&name), until).map_err(|e| e.to_string())?;
-                let (cert, key) = pki::client_files(&dir, &name);
-                write(cert, &client.cert_pem, false)?;
-                write(key, &client.key_pem, true)?;
+                issue_client(&ca, &dir, &name, until)?;
                 println!("\n[[auth.grants]]\ncert = \"{name}\"\nrole = \"operator\"  # viewer, operator or admin");
             }
         }

@@ -8,7 +8,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
 
 /// A CA that signs a host's certificates.
@@ -26,6 +27,8 @@ pub struct Issued {
     pub cert_pem: String,
     /// Its private key.
     pub key_pem: String,
+    /// Its serial number (what a CRL names).
+    pub serial: Vec<u8>,
 }
 
 /// What a certificate is for.
@@ -101,8 +104,36 @@ impl Ca {
         }];
         params.not_before = not_before.into();
         params.not_after = not_after.into();
+        // 16 random bytes, positive: unique without keeping count.
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|_| rcgen::Error::RingUnspecified)?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), serial: serial.to_vec() })
+    }
+
+    /// A CRL (PEM) revoking the certificates with these serial numbers, valid for `valid`.
+    pub fn crl(&self, serials: &[Vec<u8>], number: u64, valid: Duration) -> Result<String, rcgen::Error> {
+        let now = SystemTime::now();
+        let revoked_certs = serials
+            .iter()
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: now.into(),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect();
+        let params = CertificateRevocationListParams {
+            this_update: (now - Duration::from_secs(60)).into(),
+            next_update: (now + valid).into(),
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
     }
 }
 
@@ -118,9 +149,13 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result
     file.write_all(contents.as_bytes())
 }
 
-/// The files of a client certificate named `name` in `dir`.
-pub fn client_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("client-{name}.pem")), dir.join(format!("client-{name}-key.pem")))
+/// The files of a client certificate named `name` in `dir`: certificate, key, serial (hex).
+pub fn client_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join(format!("client-{name}.pem")),
+        dir.join(format!("client-{name}-key.pem")),
+        dir.join(format!("client-{name}.serial")),
+    )
 }
 
 /// A new random bearer token (256 bits, hex) and the SHA-256 bangerd's config stores.
@@ -146,6 +181,8 @@ mod tests {
         assert!(server.key_pem.contains("PRIVATE KEY"));
         let again = Ca::load(&ca.cert_pem, &ca.key_pem()).expect("load");
         assert!(again.issue(Usage::Client, &["ci".into()], later).is_ok());
+        let crl = again.crl(std::slice::from_ref(&server.serial), 1, DEFAULT_VALIDITY).expect("crl");
+        assert!(crl.starts_with("-----BEGIN X509 CRL-----"), "{crl}");
         let (a, digest) = new_token().expect("token");
         let (b, _) = new_token().expect("token");
         assert_ne!(a, b);

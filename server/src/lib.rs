@@ -314,11 +314,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Private by default: what the daemon makes is its own unless it says otherwise.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = host::lock::StateDirLock::acquire(&config.state_dir)?;
+    // Bad TLS material stops the daemon before it touches anything.
+    let tls = config.tls.as_ref().map(|files| api::auth::server_config(files, &config.access)).transpose()?;
     let ops = open_ops(&config).await?;
     let unix = bind_unix(&config.socket, config.socket_group).await?;
-    let tcp = match (config.listen, &config.tls) {
+    let tcp = match (config.listen, tls) {
         (Some(addr), Some(tls)) => {
-            let tls = api::auth::server_config(tls, &config.access)?;
             Some((TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?, tls))
         }
         (Some(addr), None) => anyhow::bail!("{addr}: TCP is served only over TLS: set [tls] in the config file"),

@@ -1,6 +1,6 @@
 //! Certificates for tests of bangerd's TCP listener: a CA, the daemon's certificate (for
-//! `localhost` and `127.0.0.1`), client certificates (valid, expired, or from another CA),
-//! and the config file that serves TLS with them.
+//! `localhost` and `127.0.0.1`), client certificates (valid, expired, revoked by the CA's
+//! CRL, or from another CA), and the config file that serves TLS with them.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,6 +14,8 @@ pub struct Pki {
     /// Where the files are.
     pub dir: tempfile::TempDir,
     ca: Ca,
+    /// Serial numbers the CRL lists.
+    revoked: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 /// A client certificate's files.
@@ -38,7 +40,26 @@ impl Pki {
         write(&dir.path().join("ca.pem"), &ca.cert_pem);
         write(&dir.path().join("server.pem"), &server.cert_pem);
         write(&dir.path().join("server-key.pem"), &server.key_pem);
-        Self { dir, ca }
+        let pki = Self { dir, ca, revoked: std::sync::Mutex::new(Vec::new()) };
+        pki.write_crl();
+        pki
+    }
+
+    fn write_crl(&self) {
+        let revoked = self.revoked.lock().expect("revoked").clone();
+        let crl = self.ca.crl(&revoked, revoked.len() as u64 + 1, DAY).expect("crl");
+        write(&self.dir.path().join("crl.pem"), &crl);
+    }
+
+    /// A client certificate named `name` that the CRL revokes (make it before the daemon
+    /// starts: bangerd reads the CRL then).
+    pub fn revoked_client(&self, name: &str) -> ClientCert {
+        let now = SystemTime::now();
+        let (client, serial) =
+            self.client_between(&self.ca, name, now - Duration::from_secs(60), now + DAY, "revoked-");
+        self.revoked.lock().expect("revoked").push(serial);
+        self.write_crl();
+        client
     }
 
     /// The CA certificate clients verify the daemon with.
@@ -49,29 +70,36 @@ impl Pki {
     /// A valid client certificate named `name`.
     pub fn client(&self, name: &str) -> ClientCert {
         let now = SystemTime::now();
-        self.client_between(&self.ca, name, now - Duration::from_secs(60), now + DAY, "")
+        self.client_between(&self.ca, name, now - Duration::from_secs(60), now + DAY, "").0
     }
 
     /// A client certificate named `name` whose time is over.
     pub fn expired_client(&self, name: &str) -> ClientCert {
         let now = SystemTime::now();
-        self.client_between(&self.ca, name, now - 2 * DAY, now - DAY, "expired-")
+        self.client_between(&self.ca, name, now - 2 * DAY, now - DAY, "expired-").0
     }
 
     /// A client certificate named `name` from a CA the daemon does not trust.
     pub fn foreign_client(&self, name: &str) -> ClientCert {
         let other = Ca::new("another CA").expect("another ca");
         let now = SystemTime::now();
-        self.client_between(&other, name, now - Duration::from_secs(60), now + DAY, "foreign-")
+        self.client_between(&other, name, now - Duration::from_secs(60), now + DAY, "foreign-").0
     }
 
-    fn client_between(&self, ca: &Ca, name: &str, from: SystemTime, until: SystemTime, prefix: &str) -> ClientCert {
+    fn client_between(
+        &self,
+        ca: &Ca,
+        name: &str,
+        from: SystemTime,
+        until: SystemTime,
+        prefix: &str,
+    ) -> (ClientCert, Vec<u8>) {
         let issued = ca.issue_between(Usage::Client, &[name.to_owned()], from, until).expect("client certificate");
         let cert = self.dir.path().join(format!("{prefix}{name}.pem"));
         let key = self.dir.path().join(format!("{prefix}{name}-key.pem"));
         write(&cert, &issued.cert_pem);
         write(&key, &issued.key_pem);
-        ClientCert { cert, key }
+        (ClientCert { cert, key }, issued.serial)
     }
 
     /// A bangerd config file of `more` (keys, grants, tokens), then TLS with this PKI.
@@ -79,7 +107,7 @@ impl Pki {
         let path = self.dir.path().join("config.toml");
         let dir = self.dir.path().display();
         let text = format!(
-            "{more}\n[tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/server.pem\"\nkey = \"{dir}/server-key.pem\"\n"
+            "{more}\n[tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/server.pem\"\nkey = \"{dir}/server-key.pem\"\ncrl = \"{dir}/crl.pem\"\n"
         );
         write(&path, &text);
         path

@@ -1,6 +1,6 @@
 //! Who may call a real bangerd: a local user who is not root, on the socket and as a member
-//! of its group; TLS clients with a trusted, a foreign or an expired certificate, with no
-//! certificate, with tokens; roles granted to certificates. Boots no guest.
+//! of its group; TLS clients with a trusted, a foreign, an expired or a revoked certificate,
+//! with no certificate, with tokens; roles granted to certificates. Boots no guest.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -108,6 +108,7 @@ fn over_tcp_only_trusted_certificates_and_valid_tokens_get_in_each_with_its_role
         sha256_hex("script-token"),
         sha256_hex("old-token"),
     );
+    let revoked = pki.revoked_client("ops");
     let config = pki.config(&grants);
     let listen = format!("127.0.0.1:{}", free_port());
     let daemon = Daemon::start(&["--config", &config.display().to_string(), "--listen", &listen]);
@@ -144,8 +145,10 @@ fn over_tcp_only_trusted_certificates_and_valid_tokens_get_in_each_with_its_role
         let said = text(&out.stderr);
         assert!(!out.status.success() && said.contains("Unauthenticated") && said.contains(why), "{extra:?}: {said}");
     }
-    // A certificate from another CA, or an expired one: no TLS session at all.
-    for (client, what) in [(pki.foreign_client("ops"), "foreign"), (pki.expired_client("ops"), "expired")] {
+    // A certificate from another CA, an expired or a revoked one: no TLS session at all.
+    let refused =
+        [(pki.foreign_client("ops"), "foreign"), (pki.expired_client("ops"), "expired"), (revoked, "revoked")];
+    for (client, what) in refused {
         let out = grpcurl_as(Some(&client), &["-connect-timeout", "3"], list);
         let said = text(&out.stderr);
         assert!(!out.status.success() && !said.contains("Code:"), "{what} certificate: {said}");

@@ -167,11 +167,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The caller of the daemon's own work (and of tests that bypass the API): admin.
-    pub fn daemon() -> Self {
-        Self { identity: "bangerd".into(), role: Some(Role::Admin), tenant: None }
-    }
-
     /// A caller nothing was granted to (a request that came past no authentication).
     pub fn nobody() -> Self {
         Self { identity: "unknown".into(), role: None, tenant: None }

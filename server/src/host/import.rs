@@ -170,6 +170,7 @@ fn copy_blocking(source: &SourceFile, to: &Path) -> Result<(), HostError> {
     }
     let mut at: i64 = 0;
     let len = i64::try_from(source.len).unwrap_or(i64::MAX);
+    let (mut in_kernel, mut buffer) = (true, Vec::new());
     while at < len {
         // SAFETY: plain lseek on a valid descriptor.
         let data = unsafe { libc::lseek(from_fd, at, libc::SEEK_DATA) };
@@ -185,22 +186,53 @@ fn copy_blocking(source: &SourceFile, to: &Path) -> Result<(), HostError> {
         let (mut from_at, mut to_at) = (data, data);
         while from_at < hole {
             let chunk = usize::try_from(hole - from_at).unwrap_or(usize::MAX).min(1 << 30);
-            // SAFETY: valid descriptors and offsets owned by this function.
-            let copied = unsafe { libc::copy_file_range(from_fd, &raw mut from_at, to_fd, &raw mut to_at, chunk, 0) };
-            if copied < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            let copied = if in_kernel {
+                // SAFETY: valid descriptors and offsets owned by this function.
+                let copied =
+                    unsafe { libc::copy_file_range(from_fd, &raw mut from_at, to_fd, &raw mut to_at, chunk, 0) };
+                usize::try_from(copied).map_err(|_| std::io::Error::last_os_error())
+            } else {
+                copy_through_memory(&source.file, &out, (&mut from_at, &mut to_at), chunk, &mut buffer)
+            };
+            match copied {
+                Ok(0) => break, // the source shrank under us: what was there is copied
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Another file system (or one without it): copied through memory instead.
+                Err(e)
+                    if in_kernel
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+                        ) =>
+                {
+                    in_kernel = false;
+                    buffer = vec![0; 1 << 20];
                 }
-                return Err(error("copy into")(e));
-            }
-            if copied == 0 {
-                break; // the source shrank under us: what was there is copied
+                Err(e) => return Err(error("copy into")(e)),
             }
         }
         at = hole.max(from_at);
     }
     out.set_len(source.len).map_err(error("size"))
+}
+
+/// One read and write of up to `chunk` bytes at both offsets, which it advances; the bytes
+/// copied, 0 at the source's end.
+fn copy_through_memory(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    (from_at, to_at): (&mut i64, &mut i64),
+    chunk: usize,
+    buffer: &mut [u8],
+) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let want = chunk.min(buffer.len());
+    let read = from.read_at(&mut buffer[..want], u64::try_from(*from_at).unwrap_or(0))?;
+    to.write_all_at(&buffer[..read], u64::try_from(*to_at).unwrap_or(0))?;
+    *from_at += read as i64;
+    *to_at += read as i64;
+    Ok(read)
 }
 
 #[cfg(test)]
@@ -253,5 +285,11 @@ mod tests {
         assert_eq!(copied.len(), 64 << 20);
         assert_eq!((&copied[..4], &copied[copied.len() - 4..]), (&b"head"[..], &b"tail"[..]));
         assert!(std::fs::metadata(&to).expect("stat").blocks() < 1024, "the hole stays a hole");
+        // Into another file system (copy_file_range may refuse across them: EXDEV).
+        let other = tempfile::tempdir_in("/dev/shm").expect("tempdir on /dev/shm");
+        let to = other.path().join("copy");
+        copy_source(&source, &to).await.expect("copy across file systems");
+        assert_eq!(std::fs::read(&to).expect("read"), copied);
+        assert!(std::fs::metadata(&to).expect("stat").blocks() < 1024, "the hole stays a hole there too");
     }
 }
