@@ -14,11 +14,13 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, parser::Val
 
 /// Manage the microVMs and images of a bangerd host.
 ///
-/// Talks to bangerd over its unix socket (default /run/banger/bangerd.sock) or, with
-/// --endpoint, over TCP. When the socket comes from the default or BANGER_SOCKET and nothing
-/// answers, banger starts bangerd itself (next to the banger binary, else from PATH) and
-/// waits until it is healthy; --no-autostart or BANGER_NO_AUTOSTART=1 turn that off, and an
-/// explicit --socket or --endpoint never autostarts. Errors print the gRPC code, the message
+/// Talks to bangerd over its unix socket (default /run/banger/bangerd.sock), as this user, or,
+/// with --endpoint, over TCP with TLS (a client certificate or a token names the caller).
+/// When the socket comes from the default or BANGER_SOCKET and nothing answers, banger
+/// starts bangerd itself (next to the banger binary, else from PATH) and waits until it is
+/// healthy; --no-autostart or BANGER_NO_AUTOSTART=1 turn that off, an explicit --socket or
+/// --endpoint never autostarts, and a socket this user may not connect to is
+/// PERMISSION_DENIED. Errors print the gRPC code, the message
 /// and the operation id.
 #[derive(Debug, Parser)]
 #[command(name = "banger", version, propagate_version = true)]
@@ -101,7 +103,7 @@ enum TlsCommand {
         valid: std::time::Duration,
     },
     /// Revoke client certificates made in DIR: writes DIR/crl.pem, which bangerd checks
-    /// when [tls] crl names it (restart bangerd to load a new one).
+    /// when [tls] crl names it (SIGHUP makes it read a new one).
     Revoke {
         /// The directory `banger tls init` wrote.
         dir: PathBuf,

@@ -236,15 +236,7 @@ fn code_name(code: Code) -> String {
 /// A failed call: code, message, field violations and op id.
 pub fn print_status(status: &Status) {
     // A transport failure says why only in its causes (a TLS alert, a reset connection).
-    let mut message = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(&format!(": {text}"));
-        }
-        source = cause.source();
-    }
+    let message = with_causes(status.message().to_owned(), status);
     eprintln!("banger: {}: {message}", code_name(status.code()));
     for (field, description) in field_violations(status) {
         eprintln!("  {field}: {description}");
@@ -264,10 +256,9 @@ pub fn print_status(status: &Status) {
     }
 }
 
-/// The daemon could not be reached.
-pub fn print_connect_error(target: &Target, err: &ClientError) {
-    let mut message = err.to_string();
-    let mut source = std::error::Error::source(err);
+/// `message`, then each cause of `error` it does not already say.
+fn with_causes(mut message: String, error: &dyn std::error::Error) -> String {
+    let mut source = error.source();
     while let Some(cause) = source {
         let text = cause.to_string();
         if !message.contains(&text) {
@@ -275,6 +266,12 @@ pub fn print_connect_error(target: &Target, err: &ClientError) {
         }
         source = cause.source();
     }
+    message
+}
+
+/// The daemon could not be reached.
+pub fn print_connect_error(target: &Target, err: &ClientError) {
+    let message = with_causes(err.to_string(), err);
     if err.permission_denied() {
         eprintln!("banger: PERMISSION_DENIED: {message}");
         eprintln!(

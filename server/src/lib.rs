@@ -43,10 +43,10 @@ use crate::{
 pub struct Listeners {
     /// The unix socket.
     pub unix: UnixListener,
-    /// The optional TCP socket, always with its TLS.
-    pub tcp: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
-    /// Who may do what.
-    pub access: domain::access::AccessPolicy,
+    /// The optional TCP socket, served with `access`'s TLS.
+    pub tcp: Option<TcpListener>,
+    /// Who may do what, and the TLS of TCP.
+    pub access: api::auth::AccessControl,
 }
 
 /// What [`open_ops_with`] wires that a test may replace.
@@ -180,7 +180,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     let router = tonic::transport::Server::builder()
         .trace_fn(telemetry::propagation::request_span)
         .layer(telemetry::propagation::RpcMetricsLayer)
-        .layer(api::auth::AuthLayer::new(listeners.access, ops.clock().clone()))
+        .layer(api::auth::AuthLayer::new(listeners.access.clone(), ops.clock().clone()))
         .add_routes(routes);
     let vm_counts = telemetry::metrics::VmCounts::default();
     telemetry::metrics::observe_vms(vm_counts.clone());
@@ -190,8 +190,9 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let unix = router.clone().serve_with_incoming_shutdown(any_authority(listeners.unix), stopped(stop_rx.clone()));
-    let tcp = listeners.tcp.map(|(tcp, tls)| {
-        router.serve_with_incoming_shutdown(api::auth::tls_incoming(tcp, tls), stopped(stop_rx.clone()))
+    let tcp = listeners.tcp.map(|tcp| {
+        let incoming = api::auth::tls_incoming(tcp, listeners.access.clone());
+        router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
     });
     let servers = async {
         match tcp {
@@ -309,8 +310,52 @@ pub async fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixLi
     Ok(listener)
 }
 
-/// Runs the daemon with `config` until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Applies each configuration `reloads` yields (read again on SIGHUP): who may do what
+/// (grants, tokens, health) and the TCP listener's certificate, CA and CRL. The rest needs a
+/// restart, and a reload that changes it says so. A configuration whose TLS files do not
+/// load changes nothing.
+async fn reload_access(
+    mut current: Config,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+    access: api::auth::AccessControl,
+) {
+    while let Some(next) = reloads.recv().await {
+        let loaded = next.tls.as_ref().map(|files| {
+            Ok::<_, anyhow::Error>((api::auth::server_config(files, &next.access)?, api::auth::revocations(files)?))
+        });
+        let (tls, revoked) = match loaded.transpose() {
+            Ok(Some((tls, revoked))) => (Some(tls), revoked),
+            Ok(None) => (None, Vec::new()),
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "reload refused: the TLS files do not load; nothing changed"
+                );
+                continue;
+            }
+        };
+        if current.tls.is_some() && tls.is_none() {
+            tracing::warn!("reload: [tls] is gone; TCP keeps the TLS it had until a restart");
+        }
+        access.replace(next.access.clone(), tls, revoked);
+        let rest_changed = Config { access: next.access.clone(), tls: next.tls.clone(), ..current.clone() } != next;
+        tracing::info!(
+            grants = next.access.grants.len(),
+            tokens = next.access.tokens.len(),
+            restart_needed = rest_changed,
+            "reloaded who may do what and TLS; other settings apply at the next start"
+        );
+        current = Config { access: next.access, tls: next.tls, ..current };
+    }
+}
+
+/// Runs the daemon with `config` until `shutdown` completes, applying the access settings of
+/// each configuration `reloads` yields.
+pub async fn run(
+    config: Config,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     // Private by default: what the daemon makes is its own unless it says otherwise.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = host::lock::StateDirLock::acquire(&config.state_dir)?;
@@ -318,10 +363,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let tls = config.tls.as_ref().map(|files| api::auth::server_config(files, &config.access)).transpose()?;
     let ops = open_ops(&config).await?;
     let unix = bind_unix(&config.socket, config.socket_group).await?;
-    let tcp = match (config.listen, tls) {
-        (Some(addr), Some(tls)) => {
-            Some((TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?, tls))
-        }
+    let tcp = match (config.listen, &tls) {
+        (Some(addr), Some(_)) => Some(TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?),
         (Some(addr), None) => anyhow::bail!("{addr}: TCP is served only over TLS: set [tls] in the config file"),
         (None, _) => None,
     };
@@ -362,8 +405,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         }
     };
-    let access = config.access.clone();
+    let revoked = match &config.tls {
+        Some(files) => api::auth::revocations(files)?,
+        None => Vec::new(),
+    };
+    let access = api::auth::AccessControl::new(config.access.clone(), tls, revoked);
+    let reloading = tokio::spawn(reload_access(config.clone(), reloads, access.clone()));
     let result = serve(ops, Listeners { unix, tcp, access }, shutdown).await;
+    reloading.abort();
     if let Some(dns) = dns {
         dns.abort();
     }

@@ -56,7 +56,7 @@ fn main() -> std::process::ExitCode {
         default_image_dir: args.default_image_dir,
         otlp_endpoint: args.otlp_endpoint,
     };
-    let config = match Config::load(args.config.as_deref(), overrides) {
+    let config = match Config::load(args.config.as_deref(), overrides.clone()) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("bangerd: {err}");
@@ -79,7 +79,9 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
         };
-        let result = banger_server::run(config, shutdown_signal()).await;
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reload_on_hangup(args.config.clone(), overrides, reload_tx));
+        let result = banger_server::run(config, reloads, shutdown_signal()).await;
         telemetry.shutdown();
         match result {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -90,6 +92,25 @@ fn main() -> std::process::ExitCode {
             }
         }
     })
+}
+
+/// Reads the configuration again on each SIGHUP, as at the start, and hands it on; one that
+/// does not load changes nothing and is logged.
+async fn reload_on_hangup(file: Option<PathBuf>, overrides: Overrides, reloads: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+    while hangups.recv().await.is_some() {
+        match Config::load(file.as_deref(), overrides.clone()) {
+            Ok(config) => {
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "reload refused: the configuration does not load; nothing changed")
+            }
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

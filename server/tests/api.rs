@@ -48,7 +48,7 @@ impl TestDaemon {
         let ops = banger_server::open_ops_with(&config, wiring).await.expect("open ops");
         let unix = banger_server::bind_unix(&config.socket, None).await.expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
-        let access = config.access.clone();
+        let access = banger_server::api::auth::AccessControl::new(config.access.clone(), None, Vec::new());
         let served = tokio::spawn(banger_server::serve(ops, Listeners { unix, tcp: None, access }, async {
             let _ = stopped.await;
         }));

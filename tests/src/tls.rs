@@ -25,6 +25,8 @@ pub struct ClientCert {
     pub cert: PathBuf,
     /// Its key (PEM).
     pub key: PathBuf,
+    /// Its serial number.
+    pub serial: Vec<u8>,
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -52,14 +54,17 @@ impl Pki {
     }
 
     /// A client certificate named `name` that the CRL revokes (make it before the daemon
-    /// starts: bangerd reads the CRL then).
+    /// starts, or reload it: bangerd reads the CRL then).
     pub fn revoked_client(&self, name: &str) -> ClientCert {
-        let now = SystemTime::now();
-        let (client, serial) =
-            self.client_between(&self.ca, name, now - Duration::from_secs(60), now + DAY, "revoked-");
-        self.revoked.lock().expect("revoked").push(serial);
-        self.write_crl();
+        let client = self.client(name);
+        self.revoke(&client);
         client
+    }
+
+    /// Adds `client` to the CRL.
+    pub fn revoke(&self, client: &ClientCert) {
+        self.revoked.lock().expect("revoked").push(client.serial.clone());
+        self.write_crl();
     }
 
     /// The CA certificate clients verify the daemon with.
@@ -70,36 +75,29 @@ impl Pki {
     /// A valid client certificate named `name`.
     pub fn client(&self, name: &str) -> ClientCert {
         let now = SystemTime::now();
-        self.client_between(&self.ca, name, now - Duration::from_secs(60), now + DAY, "").0
+        self.client_between(&self.ca, name, now - Duration::from_secs(60), now + DAY, "")
     }
 
     /// A client certificate named `name` whose time is over.
     pub fn expired_client(&self, name: &str) -> ClientCert {
         let now = SystemTime::now();
-        self.client_between(&self.ca, name, now - 2 * DAY, now - DAY, "expired-").0
+        self.client_between(&self.ca, name, now - 2 * DAY, now - DAY, "expired-")
     }
 
     /// A client certificate named `name` from a CA the daemon does not trust.
     pub fn foreign_client(&self, name: &str) -> ClientCert {
         let other = Ca::new("another CA").expect("another ca");
         let now = SystemTime::now();
-        self.client_between(&other, name, now - Duration::from_secs(60), now + DAY, "foreign-").0
+        self.client_between(&other, name, now - Duration::from_secs(60), now + DAY, "foreign-")
     }
 
-    fn client_between(
-        &self,
-        ca: &Ca,
-        name: &str,
-        from: SystemTime,
-        until: SystemTime,
-        prefix: &str,
-    ) -> (ClientCert, Vec<u8>) {
+    fn client_between(&self, ca: &Ca, name: &str, from: SystemTime, until: SystemTime, prefix: &str) -> ClientCert {
         let issued = ca.issue_between(Usage::Client, &[name.to_owned()], from, until).expect("client certificate");
         let cert = self.dir.path().join(format!("{prefix}{name}.pem"));
         let key = self.dir.path().join(format!("{prefix}{name}-key.pem"));
         write(&cert, &issued.cert_pem);
         write(&key, &issued.key_pem);
-        (ClientCert { cert, key }, issued.serial)
+        ClientCert { cert, key, serial: issued.serial }
     }
 
     /// A bangerd config file of `more` (keys, grants, tokens), then TLS with this PKI.

@@ -199,3 +199,60 @@ fn over_tcp_only_trusted_certificates_and_valid_tokens_get_in_each_with_its_role
     let log = daemon.log();
     assert!(log.contains("\"caller\":\"cert:ops\"") && log.contains("\"caller\":\"token:script\""), "{log}");
 }
+
+#[test]
+fn a_hangup_reloads_grants_tokens_and_revocations_and_a_broken_config_changes_nothing() {
+    let pki = Pki::new();
+    let tokens = |name: &str, text: &str| {
+        format!("[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nrole = \"viewer\"\n", sha256_hex(text))
+    };
+    let grant = "[[auth.grants]]\ncert = \"ops\"\nrole = \"viewer\"\n";
+    let config = pki.config(&format!("{}{grant}", tokens("old", "old-token")));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start(&["--config", &config.display().to_string(), "--listen", &listen]);
+    let ops = pki.client("ops");
+    let lists = |client: Option<&ClientCert>, token: Option<&str>| -> bool {
+        let header = token.map(|t| format!("authorization: Bearer {t}"));
+        let mut command = Command::new(grpcurl());
+        command.args(pki.grpcurl_flags(client)).args(["-connect-timeout", "3"]);
+        if let Some(header) = &header {
+            command.args(["-H", header]);
+        }
+        command.args([&listen, "banger.v1.VmService/ListVms"]).output().expect("grpcurl").status.success()
+    };
+    assert!(lists(None, Some("old-token")) && !lists(None, Some("new-token")) && lists(Some(&ops), None));
+    // A connection made now, kept open across the reload.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let credentials = banger_client::Credentials {
+        tls_ca: Some(std::fs::read(pki.ca()).expect("ca")),
+        tls_identity: Some((std::fs::read(&ops.cert).expect("cert"), std::fs::read(&ops.key).expect("key"))),
+        ..Default::default()
+    };
+    let target = banger_client::Target::Endpoint(format!("https://{listen}"));
+    let mut open = runtime.block_on(banger_client::Client::connect_with(&target, &credentials)).expect("connect");
+    let list = banger_client::pb::ListVmsRequest::default();
+    assert!(runtime.block_on(open.vms.list_vms(list.clone())).is_ok());
+
+    // The old token is revoked, a new one issued, the certificate revoked: SIGHUP applies it.
+    pki.config(&format!("{}{grant}", tokens("new", "new-token")));
+    pki.revoke(&ops);
+    let hangup = |daemon: &Daemon| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), nix::sys::signal::Signal::SIGHUP)
+            .expect("SIGHUP");
+    };
+    hangup(&daemon);
+    daemon.wait_for_log("reloaded who may do what", std::time::Duration::from_secs(10));
+    assert!(!lists(None, Some("old-token")), "the removed token still works");
+    assert!(lists(None, Some("new-token")), "the added token does not work");
+    assert!(!lists(Some(&ops), None), "the revoked certificate still connects");
+    let refused = runtime.block_on(open.vms.list_vms(list)).expect_err("a connection made before the revocation");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert_eq!(banger_client::error_reason(&refused).map(|(r, _)| r).as_deref(), Some("CERTIFICATE_REVOKED"));
+
+    // A configuration that does not load changes nothing, and the daemon says why.
+    std::fs::write(&config, "this is not toml = = =").expect("write");
+    hangup(&daemon);
+    daemon.wait_for_log("reload refused", std::time::Duration::from_secs(10));
+    assert!(lists(None, Some("new-token")), "a broken reload took access away");
+    assert!(daemon.banger(&["vm", "list"]).status.success(), "the daemon still serves");
+}

@@ -21,7 +21,7 @@ use super::status;
 use crate::{
     clock::Clock,
     config::TlsFiles,
-    domain::access::{AccessPolicy, Caller, Needs, Peer, Role, needs},
+    domain::access::{AccessPolicy, Caller, Needs, Peer, Role, Unauthenticated, needs},
 };
 
 /// A connection and who is at its other end, found once when it was accepted.
@@ -96,17 +96,19 @@ pub fn local_peer(stream: &tokio::net::UnixStream) -> Peer {
     Peer::Local { uid, gid, groups, pid: credentials.pid() }
 }
 
-/// The names a verified client certificate carries: its subject's common name first, then
-/// its DNS and URI subject alternative names.
-pub fn certificate_names(certificate: &CertificateDer<'_>) -> Vec<String> {
-    let Ok(parsed) = webpki::EndEntityCert::try_from(certificate) else { return Vec::new() };
+/// The peer a verified client certificate makes: the names it carries (its subject's common
+/// name first, then its DNS and URI subject alternative names) and its serial number.
+pub fn certificate_peer(certificate: &CertificateDer<'_>) -> Peer {
+    let Ok(parsed) = webpki::EndEntityCert::try_from(certificate) else {
+        return Peer::Certificate { names: Arc::new([]), serial: Arc::new([]) };
+    };
     let mut names: Vec<String> = common_name(parsed.subject()).into_iter().collect();
     for name in parsed.valid_dns_names().chain(parsed.valid_uri_names()) {
         if !names.iter().any(|n| n == name) {
             names.push(name.to_owned());
         }
     }
-    names
+    Peer::Certificate { names: names.into(), serial: Arc::from(parsed.serial()) }
 }
 
 /// The common name (OID 2.5.4.3) in a DER `Name`'s contents (a sequence of RDN sets).
@@ -159,10 +161,7 @@ pub fn server_config(files: &TlsFiles, access: &AccessPolicy) -> anyhow::Result<
         roots.add(ca).with_context(|| format!("CA certificate in {}", files.ca.display()))?;
     }
     let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone());
-    if let Some(crl) = &files.crl {
-        let crls = CertificateRevocationListDer::pem_file_iter(crl)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .with_context(|| format!("read CRL {}", crl.display()))?;
+    if let Some(crls) = read_crls(files)? {
         verifier = verifier.with_crls(crls);
     }
     if !access.tokens.is_empty() || access.health_without_credentials {
@@ -181,6 +180,82 @@ pub fn server_config(files: &TlsFiles, access: &AccessPolicy) -> anyhow::Result<
     Ok(Arc::new(config))
 }
 
+/// Who may call and the TCP listener's TLS, shared by the auth layer and the listener;
+/// replaced whole when the configuration is reloaded (SIGHUP): a call or a handshake sees
+/// the old or the new one, never a mix.
+#[derive(Debug, Clone, Default)]
+pub struct AccessControl {
+    now: Arc<std::sync::RwLock<Arc<Access>>>,
+}
+
+/// What [`AccessControl`] holds at one time.
+#[derive(Debug, Default)]
+struct Access {
+    policy: AccessPolicy,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    revoked: Vec<webpki::OwnedCertRevocationList>,
+}
+
+impl AccessControl {
+    /// Access by `policy`, TCP served with `tls`, certificates checked against `revoked`.
+    pub fn new(
+        policy: AccessPolicy,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        revoked: Vec<webpki::OwnedCertRevocationList>,
+    ) -> Self {
+        Self { now: Arc::new(std::sync::RwLock::new(Arc::new(Access { policy, tls, revoked }))) }
+    }
+
+    fn now(&self) -> Arc<Access> {
+        self.now.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The TCP listener's TLS now.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.now().tls.clone()
+    }
+
+    /// From now on, `policy`, `tls` (the old one kept when `None`) and `revoked`.
+    pub fn replace(
+        &self,
+        policy: AccessPolicy,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        revoked: Vec<webpki::OwnedCertRevocationList>,
+    ) {
+        let mut now = self.now.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tls = tls.or_else(|| now.tls.clone());
+        *now = Arc::new(Access { policy, tls, revoked });
+    }
+}
+
+impl Access {
+    /// True when a CRL names the certificate with this serial number.
+    fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.revoked.iter().any(|crl| {
+            let crl: webpki::CertRevocationList<'_> = crl.clone().into();
+            matches!(crl.find_serial(serial), Ok(Some(_)))
+        })
+    }
+}
+
+/// The CRLs `[tls] crl` names, if any.
+fn read_crls(files: &TlsFiles) -> anyhow::Result<Option<Vec<CertificateRevocationListDer<'static>>>> {
+    let Some(crl) = &files.crl else { return Ok(None) };
+    let crls = CertificateRevocationListDer::pem_file_iter(crl)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("read CRL {}", crl.display()))?;
+    Ok(Some(crls))
+}
+
+/// The revocations of `[tls] crl`, for connections made before a reload revoked their
+/// certificate.
+pub fn revocations(files: &TlsFiles) -> anyhow::Result<Vec<webpki::OwnedCertRevocationList>> {
+    let crls = read_crls(files)?.unwrap_or_default();
+    crls.iter()
+        .map(|crl| webpki::OwnedCertRevocationList::from_der(crl).map_err(|e| anyhow::anyhow!("CRL: {e:?}")))
+        .collect()
+}
+
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes under way at once; more connections wait to be accepted.
@@ -191,11 +266,10 @@ const MAX_HANDSHAKES: usize = 128;
 /// at debug: a port scanner is no event).
 pub fn tls_incoming(
     listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    access: AccessControl,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Peered<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>>
 {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
@@ -213,7 +287,9 @@ pub fn tls_incoming(
             };
             // A small response must not wait for the client's delayed ACK.
             let _ = stream.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            // No TLS, no TCP: the daemon never listens without it.
+            let Some(config) = access.tls() else { continue };
+            let (acceptor, tx) = (tokio_rustls::TlsAcceptor::from(config), tx.clone());
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
                 drop(permit);
@@ -223,7 +299,7 @@ pub fn tls_incoming(
                     Err(_) => return tracing::debug!(%address, "TLS handshake timed out"),
                 };
                 let peer = match stream.get_ref().1.peer_certificates().and_then(<[_]>::first) {
-                    Some(certificate) => Peer::Certificate { names: certificate_names(certificate).into() },
+                    Some(certificate) => certificate_peer(certificate),
                     None => Peer::Anonymous,
                 };
                 let _ = tx.send(Ok(Peered::new(stream, peer))).await;
@@ -238,14 +314,14 @@ pub fn tls_incoming(
 /// its span.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
-    policy: Arc<AccessPolicy>,
+    access: AccessControl,
     clock: Clock,
 }
 
 impl AuthLayer {
-    /// Checks calls against `policy`, token expiry against `clock`.
-    pub fn new(policy: AccessPolicy, clock: Clock) -> Self {
-        Self { policy: Arc::new(policy), clock }
+    /// Checks calls against `access`'s policy, token expiry against `clock`.
+    pub fn new(access: AccessControl, clock: Clock) -> Self {
+        Self { access, clock }
     }
 }
 
@@ -276,9 +352,16 @@ impl AuthLayer {
         let needs = needs(path);
         let peer = request.extensions().get::<Peer>().unwrap_or(&Peer::Anonymous);
         let authorization = request.headers().get(http::header::AUTHORIZATION).map(http::HeaderValue::as_bytes);
-        let caller = match self.policy.authenticate(peer, authorization, self.clock.now_ms()) {
+        let access = self.access.now();
+        if let Peer::Certificate { serial, .. } = peer
+            && access.is_revoked(serial)
+        {
+            return Verdict::Refused(status::unauthenticated(&Unauthenticated::Revoked), None);
+        }
+        let policy = &access.policy;
+        let caller = match policy.authenticate(peer, authorization, self.clock.now_ms()) {
             Ok(caller) => caller,
-            Err(_) if needs == Needs::Health && self.policy.health_without_credentials => {
+            Err(_) if needs == Needs::Health && policy.health_without_credentials => {
                 return Verdict::Allowed(Caller { identity: "anonymous".into(), role: None, tenant: None });
             }
             Err(error) => return Verdict::Refused(status::unauthenticated(&error), None),

@@ -138,6 +138,7 @@ pub fn unauthenticated(error: &crate::domain::access::Unauthenticated) -> Status
     use crate::domain::access::Unauthenticated;
     let (reason, metadata) = match error {
         Unauthenticated::Expired { name } => ("TOKEN_EXPIRED", HashMap::from([("token".to_owned(), name.clone())])),
+        Unauthenticated::Revoked => ("CERTIFICATE_REVOKED", HashMap::new()),
         _ => ("UNAUTHENTICATED", HashMap::new()),
     };
     Status::with_error_details(

@@ -51,6 +51,8 @@ pub enum Peer {
     Certificate {
         /// The names, common name first.
         names: Arc<[String]>,
+        /// Its serial number (DER contents), which a CRL names.
+        serial: Arc<[u8]>,
     },
     /// A TLS client without a certificate (allowed only to present a token, or to ask for
     /// health when that is configured).
@@ -190,6 +192,9 @@ pub enum Unauthenticated {
     /// No configured token has this text.
     #[error("unknown or revoked token")]
     UnknownToken,
+    /// The client certificate was revoked after its connection was made.
+    #[error("the client certificate is revoked")]
+    Revoked,
     /// The token's time is over.
     #[error("token {name:?} expired")]
     Expired {
@@ -281,7 +286,7 @@ impl AccessPolicy {
         }
         match peer {
             Peer::Local { uid, gid, groups, .. } => Ok(self.local_caller(*uid, *gid, groups)),
-            Peer::Certificate { names } => Ok(self.certificate_caller(names)),
+            Peer::Certificate { names, .. } => Ok(self.certificate_caller(names)),
             Peer::Anonymous => Err(Unauthenticated::NoCredentials),
         }
     }
@@ -414,7 +419,10 @@ mod tests {
     #[test]
     fn certificates_are_known_by_any_of_their_names() {
         let policy = policy();
-        let names = |names: &[&str]| Peer::Certificate { names: names.iter().map(|n| (*n).to_owned()).collect() };
+        let names = |names: &[&str]| Peer::Certificate {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            serial: Arc::from(&[1u8][..]),
+        };
         let caller = policy.authenticate(&names(&["runner-7", "ci"]), None, 0).expect("certificate");
         assert_eq!((caller.identity.as_str(), caller.role), ("cert:runner-7", Some(Role::Operator)));
         assert_eq!(policy.authenticate(&names(&["other"]), None, 0).expect("certificate").role, None);
