@@ -1078,8 +1078,12 @@ async fn imports_refuse_pseudo_files_devices_fifos_and_links_and_copy_nothing() 
         rootfs_path: rootfs.into(),
         ..Default::default()
     };
+    // This process's own (the daemon runs in it here): readable, and still refused.
+    let own_environ = format!("/proc/{}/environ", std::process::id());
     let cases = [
-        (request(&kernel_path, "/proc/1/environ", &rootfs_path), "initrd_path", "proc"),
+        // Refused as pseudo-file where the daemon may open it, else as unreadable: never copied.
+        (request(&kernel_path, "/proc/1/environ", &rootfs_path), "initrd_path", "/proc/1/environ"),
+        (request(&kernel_path, &own_environ, &rootfs_path), "initrd_path", "is on proc, which holds no image"),
         (request(&kernel_path, "", "/dev/zero"), "rootfs_path", "not a regular file"),
         (request(&shadow.display().to_string(), "", &rootfs_path), "kernel_path", "symbolic link"),
         (request(&kernel_path, &fifo.display().to_string(), &rootfs_path), "initrd_path", "not a regular file"),

@@ -253,7 +253,10 @@ mod tests {
         let through = dir.path().join("through");
         std::os::unix::fs::symlink(dir.path(), &through).expect("symlink");
         assert!(refused(open_source(&through.join("rootfs.ext4"), None, 4).await).contains("symbolic link"));
-        assert!(refused(open_source(Path::new("/proc/self/environ"), None, 4).await).contains("proc"));
+        // /proc/self is a link: this process's own directory, by number.
+        let environ = PathBuf::from(format!("/proc/{}/environ", std::process::id()));
+        assert!(refused(open_source(&environ, None, 4).await).contains("is on proc, which holds no image"));
+        assert!(refused(open_source(Path::new("/proc/self/environ"), None, 4).await).contains("symbolic link"));
         assert!(refused(open_source(Path::new("/dev/zero"), None, 4).await).contains("not a regular file"));
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
