@@ -193,7 +193,7 @@ pub struct AccessControl {
 struct Access {
     policy: AccessPolicy,
     tls: Option<Arc<rustls::ServerConfig>>,
-    revoked: Vec<webpki::OwnedCertRevocationList>,
+    revoked: Vec<webpki::CertRevocationList<'static>>,
 }
 
 impl AccessControl {
@@ -201,7 +201,7 @@ impl AccessControl {
     pub fn new(
         policy: AccessPolicy,
         tls: Option<Arc<rustls::ServerConfig>>,
-        revoked: Vec<webpki::OwnedCertRevocationList>,
+        revoked: Vec<webpki::CertRevocationList<'static>>,
     ) -> Self {
         Self { now: Arc::new(std::sync::RwLock::new(Arc::new(Access { policy, tls, revoked }))) }
     }
@@ -220,7 +220,7 @@ impl AccessControl {
         &self,
         policy: AccessPolicy,
         tls: Option<Arc<rustls::ServerConfig>>,
-        revoked: Vec<webpki::OwnedCertRevocationList>,
+        revoked: Vec<webpki::CertRevocationList<'static>>,
     ) {
         let mut now = self.now.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let tls = tls.or_else(|| now.tls.clone());
@@ -231,10 +231,7 @@ impl AccessControl {
 impl Access {
     /// True when a CRL names the certificate with this serial number.
     fn is_revoked(&self, serial: &[u8]) -> bool {
-        self.revoked.iter().any(|crl| {
-            let crl: webpki::CertRevocationList<'_> = crl.clone().into();
-            matches!(crl.find_serial(serial), Ok(Some(_)))
-        })
+        self.revoked.iter().any(|crl| matches!(crl.find_serial(serial), Ok(Some(_))))
     }
 }
 
@@ -249,10 +246,13 @@ fn read_crls(files: &TlsFiles) -> anyhow::Result<Option<Vec<CertificateRevocatio
 
 /// The revocations of `[tls] crl`, for connections made before a reload revoked their
 /// certificate.
-pub fn revocations(files: &TlsFiles) -> anyhow::Result<Vec<webpki::OwnedCertRevocationList>> {
+pub fn revocations(files: &TlsFiles) -> anyhow::Result<Vec<webpki::CertRevocationList<'static>>> {
     let crls = read_crls(files)?.unwrap_or_default();
     crls.iter()
-        .map(|crl| webpki::OwnedCertRevocationList::from_der(crl).map_err(|e| anyhow::anyhow!("CRL: {e:?}")))
+        .map(|crl| match webpki::OwnedCertRevocationList::from_der(crl) {
+            Ok(owned) => Ok(webpki::CertRevocationList::Owned(owned)),
+            Err(e) => Err(anyhow::anyhow!("CRL: {e:?}")),
+        })
         .collect()
 }
 
