@@ -347,9 +347,9 @@ enum Verdict {
 }
 
 impl AuthLayer {
-    fn decide<B>(&self, request: &http::Request<B>) -> Verdict {
+    /// Who calls `request`, and whether it may make a call that `needs` this.
+    fn decide<B>(&self, request: &http::Request<B>, needs: Needs) -> Verdict {
         let path = request.uri().path();
-        let needs = needs(path);
         let peer = request.extensions().get::<Peer>().unwrap_or(&Peer::Anonymous);
         let authorization = request.headers().get(http::header::AUTHORIZATION).map(http::HeaderValue::as_bytes);
         let access = self.access.now();
@@ -389,8 +389,9 @@ where
 
     fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
         let method = request.uri().path().to_owned();
-        let read = matches!(needs(&method), Needs::Health | Needs::Authenticated | Needs::Role(Role::Viewer));
-        match self.layer.decide(&request) {
+        let needs = needs(&method);
+        let read = matches!(needs, Needs::Health | Needs::Authenticated | Needs::Role(Role::Viewer));
+        match self.layer.decide(&request, needs) {
             Verdict::Allowed(caller) => {
                 let (identity, role) = (caller.identity.clone(), caller.role_name());
                 request.extensions_mut().insert(caller);
