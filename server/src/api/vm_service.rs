@@ -31,11 +31,18 @@ fn tenant_of<T>(request: &Request<T>) -> Option<Tenant> {
 /// VM of that name made later by another tenant is not reached instead), else the VM is not
 /// found, exactly as if it did not exist.
 async fn visible(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<String, Error> {
-    let Some(tenant) = tenant else { return Ok(key) };
-    match ops.get_vm(&key).await {
-        Ok(vm) if tenant.admits(&vm.labels) => Ok(vm.id.to_string()),
-        Ok(_) => Err(Error::NotFound { kind: Resource::Vm, key }),
-        Err(error) => Err(error),
+    match tenant {
+        None => Ok(key),
+        Some(_) => Ok(visible_vm(ops, key, tenant).await?.id.to_string()),
+    }
+}
+
+/// The VM `key` names, when the caller may see it (see [`visible`]).
+async fn visible_vm(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<Vm, Error> {
+    let vm = ops.get_vm(&key).await?;
+    match tenant {
+        Some(tenant) if !tenant.admits(&vm.labels) => Err(Error::NotFound { kind: Resource::Vm, key }),
+        _ => Ok(vm),
     }
 }
 
@@ -112,16 +119,7 @@ impl VmService for VmApi {
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::GetVmResponse>, Status> {
         let tenant = tenant_of(&request);
         let key = convert::key("vm", &request.into_inner().vm).map_err(|e| to_status(&e))?;
-        let vm = match tenant {
-            Some(tenant) => {
-                let vm = self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?;
-                if !tenant.admits(&vm.labels) {
-                    return Err(to_status(&Error::NotFound { kind: Resource::Vm, key }));
-                }
-                vm
-            }
-            None => self.ops.get_vm(&key).await.map_err(|e| to_status(&e))?,
-        };
+        let vm = visible_vm(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::GetVmResponse { vm: Some(self.to_pb(&vm)) }))
     }
 
