@@ -131,6 +131,18 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }
+        VmCommand::Pause { vm, request_id } => {
+            let request = pb::PauseVmRequest { vm, request_id: request_id.unwrap_or_default() };
+            let response = client.vms.pause_vm(request).await?;
+            let op = response_op_id(&response);
+            output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
+        }
+        VmCommand::Resume { vm, request_id } => {
+            let request = pb::ResumeVmRequest { vm, request_id: request_id.unwrap_or_default() };
+            let response = client.vms.resume_vm(request).await?;
+            let op = response_op_id(&response);
+            output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
+        }
         VmCommand::Delete { vms, request_id, missing_ok } => {
             if request_id.is_some() && vms.len() > 1 {
                 return Err(Failure::Status(tonic::Status::invalid_argument(

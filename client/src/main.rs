@@ -206,7 +206,7 @@ fn parse_state(text: &str) -> Result<i32, String> {
     banger_client::pb::VmState::from_str_name(&name)
         .filter(|s| *s != banger_client::pb::VmState::Unspecified)
         .map(|s| s as i32)
-        .ok_or_else(|| format!("{text:?} is not one of created, starting, running, stopping, stopped, error"))
+        .ok_or_else(|| format!("{text:?} is not one of created, starting, running, stopping, stopped, error, paused"))
 }
 
 /// Parses an octal file mode.
@@ -334,6 +334,24 @@ enum VmCommand {
         #[arg(long, value_name = "ID")]
         request_id: Option<String>,
     },
+    /// Freeze a running VM: its vCPUs stop in place, memory and devices are kept, the guest's
+    /// clock stands still. Exec and copies are refused until it is resumed; stop and delete
+    /// work.
+    Pause {
+        /// VM id or name.
+        vm: String,
+        /// Makes retries safe (see `vm stop --help`).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+    },
+    /// Let a paused VM run again from where it stopped.
+    Resume {
+        /// VM id or name.
+        vm: String,
+        /// Makes retries safe (see `vm stop --help`).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+    },
     /// Delete VMs, stopping them first; their disks are discarded.
     Delete {
         /// VM ids or names.
@@ -354,7 +372,7 @@ enum VmCommand {
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         /// Only VMs in this state (repeatable: any may match): created, starting, running,
-        /// stopping, stopped, error.
+        /// stopping, stopped, error, paused.
         #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
         states: Vec<i32>,
     },
@@ -364,7 +382,8 @@ enum VmCommand {
     Wait {
         /// VM id or name.
         vm: String,
-        /// The state to wait for: created, starting, running, stopping, stopped, error.
+        /// The state to wait for: created, starting, running, stopping, stopped, error,
+        /// paused.
         #[arg(long, value_name = "STATE", value_parser = parse_state, default_value = "running")]
         state: i32,
         /// Give up after this long (e.g. 90s, 5m).

@@ -23,6 +23,7 @@ fn state_name(state: i32) -> &'static str {
         pb::VmState::Stopping => "stopping",
         pb::VmState::Stopped => "stopped",
         pb::VmState::Error => "error",
+        pb::VmState::Paused => "paused",
     }
 }
 

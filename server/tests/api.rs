@@ -854,6 +854,43 @@ async fn over_the_fake_host_a_vm_is_created_used_and_deleted_through_the_api() {
     };
     assert_eq!(status.code(), Code::NotFound, "the guest's answer reaches the caller: {status:?}");
 
+    // Paused: the state and its stages are watched, exec is refused, resume brings it back.
+    let revision = daemon.client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().revision;
+    let watch = pb::WatchVmsRequest { from_revision: revision, ..Default::default() };
+    let mut watched = daemon.client.vms.watch_vms(watch).await.expect("watch").into_inner();
+    let pause = pb::PauseVmRequest { vm: "web".into(), request_id: "pause-1".into() };
+    let paused = daemon.client.vms.pause_vm(pause.clone()).await.expect("pause");
+    assert!(banger_client::response_op_id(&paused).is_some(), "the op id comes back");
+    assert_eq!(paused.into_inner().vm.expect("vm").state(), pb::VmState::Paused);
+    let again = daemon.client.vms.pause_vm(pause).await.expect("a retry").into_inner();
+    assert_eq!(again.vm.expect("vm").state(), pb::VmState::Paused);
+    let status = daemon.client.exec(
+        pb::ExecVmStart { vm: "web".into(), argv: vec!["true".into()], ..Default::default() },
+        tokio_stream::empty(),
+    );
+    let status = status.await.expect_err("a paused vm runs nothing");
+    assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "WRONG_STATE".into()));
+    assert!(status.message().contains("paused"), "{status:?}");
+    let resumed = daemon.client.vms.resume_vm(pb::ResumeVmRequest { vm: "web".into(), ..Default::default() }).await;
+    assert_eq!(resumed.expect("resume").into_inner().vm.expect("vm").state(), pb::VmState::Running);
+    let seen: Vec<String> = next_events(&mut watched, 9).await.iter().map(describe).collect();
+    assert_eq!(
+        seen,
+        [
+            "web vm.pause.mark_pausing",
+            "web vm.pause.quiesce_agent",
+            "web vm.pause.pause_vcpus",
+            "web Paused",
+            "web vm.pause.mark_paused",
+            "web vm.resume.mark_resuming",
+            "web vm.resume.resume_vcpus",
+            "web Running",
+            "web vm.resume.mark_running",
+        ]
+    );
+    let (out, _, code) = exec(&mut daemon.client, "web", &["echo", "thawed"], b"").await;
+    assert_eq!((out.as_slice(), code), (&b"thawed\n"[..], Some(0)));
+
     let stopped = daemon.client.vms.stop_vm(pb::StopVmRequest { vm: "web".into(), ..Default::default() }).await;
     assert_eq!(stopped.expect("stop").into_inner().vm.expect("vm").state(), pb::VmState::Stopped);
     assert!(host.processes().is_empty(), "{:?}", host.processes());

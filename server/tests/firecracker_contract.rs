@@ -569,7 +569,8 @@ fn every_example_broken_one_field_at_a_time_is_reported() {
             retyped.insert(field.clone(), wrong);
             mutants.push((format!("{field} of the wrong type"), retyped));
         }
-        let operation = description.template_for(&path).and_then(|(_, operations)| operations.get("put"));
+        let operation =
+            description.template_for(&path).and_then(|(_, operations)| operations.get(&method.to_ascii_lowercase()));
         let schema = operation
             .and_then(|operation| operation.get("parameters"))
             .and_then(Value::as_array)

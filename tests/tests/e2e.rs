@@ -511,3 +511,69 @@ fn a_vms_console_log_is_printed_tailed_and_followed_until_the_vm_is_deleted() {
     let (status, _, stderr) = follower.finish();
     assert!(status.success(), "{stderr}");
 }
+
+/// The guest's counter (a loop bumping `/tmp/ticks` every 0.1 s).
+fn ticks(daemon: &Daemon, vm: &str) -> u64 {
+    let out = daemon.banger(&["vm", "exec", vm, "--", "cat", "/tmp/ticks"]);
+    let said = text(&out.stdout);
+    said.trim().parse().unwrap_or_else(|_| panic!("ticks: {said:?} {}", text(&out.stderr)))
+}
+
+#[test]
+fn a_paused_vm_stands_still_across_a_daemon_kill_and_resumes_where_it_stopped() {
+    let _slot = guest_slot();
+    let mut daemon = Daemon::start(&[]);
+    assert!(daemon.banger(&["vm", "create", "--name", "frozen"]).status.success(), "{}", daemon.log());
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks; sleep 0.1; done >/dev/null 2>&1 &";
+    let out = daemon.banger(&["vm", "exec", "frozen", "--", "sh", "-c", counter]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the counter to run", Duration::from_secs(20), || ticks(&daemon, "frozen") >= 5);
+    let pid = vm_field(&daemon, "frozen", "vmm pid");
+
+    // Not while a call is in flight: it would be cut off.
+    let mut sleeper = daemon.banger_spawn(&["vm", "exec", "frozen", "--", "sleep", "3"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let out = daemon.banger(&["vm", "pause", "frozen"]);
+    let said = text(&out.stderr);
+    assert!(!out.status.success() && said.contains("FAILED_PRECONDITION") && said.contains("AGENT_BUSY"), "{said}");
+    assert_eq!(vm_field(&daemon, "frozen", "state"), "running");
+    assert!(sleeper.wait().expect("exec").success(), "the exec ran on");
+
+    let before = ticks(&daemon, "frozen");
+    let out = daemon.banger(&["vm", "pause", "frozen"]);
+    assert!(out.status.success() && text(&out.stdout).contains("paused"), "{}", text(&out.stderr));
+    let paused_at = std::time::Instant::now();
+    assert_eq!(vm_field(&daemon, "frozen", "state"), "paused");
+    let out = daemon.banger(&["vm", "list", "--state", "paused"]);
+    assert!(text(&out.stdout).contains("frozen"), "{}", text(&out.stdout));
+    let out = daemon.banger(&["vm", "exec", "frozen", "--", "true"]);
+    let said = text(&out.stderr);
+    assert!(!out.status.success() && said.contains("FAILED_PRECONDITION") && said.contains("paused"), "{said}");
+
+    // A daemon killed while the VM is paused adopts it paused: same VMM, still frozen.
+    daemon.signal(Signal::SIGKILL);
+    daemon.restart();
+    assert_eq!(vm_field(&daemon, "frozen", "state"), "paused");
+    assert_eq!(vm_field(&daemon, "frozen", "vmm pid"), pid);
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(paused_at.elapsed()));
+
+    let out = daemon.banger(&["vm", "resume", "frozen"]);
+    assert!(out.status.success() && text(&out.stdout).contains("running"), "{}", text(&out.stderr));
+    let frozen_for = paused_at.elapsed();
+    let after = ticks(&daemon, "frozen");
+    // Running, the loop would have counted ~10 per second of the pause; frozen, it counted
+    // only during the exec calls around it.
+    assert!(
+        after >= before && after - before < 15,
+        "paused {frozen_for:?}: ticks {before} -> {after} (a running guest counts ~{})",
+        frozen_for.as_secs() * 10
+    );
+    wait_until("the counter to go on", Duration::from_secs(20), || ticks(&daemon, "frozen") >= after + 5);
+
+    // A paused VM stops and is deleted like a running one.
+    assert!(daemon.banger(&["vm", "pause", "frozen"]).status.success());
+    let out = daemon.banger(&["vm", "stop", "frozen"]);
+    assert!(out.status.success() && text(&out.stdout).contains("stopped"), "{}", text(&out.stderr));
+    assert!(daemon.banger(&["vm", "delete", "frozen"]).status.success());
+    wait_until("every guest process to go", Duration::from_secs(10), || daemon.guest_processes().is_empty());
+}

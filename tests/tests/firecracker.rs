@@ -17,6 +17,8 @@ enum Then {
     Reset,
     /// Halts its vCPU for good: the VMM keeps running.
     Halt,
+    /// Prints a dot line after each busy-wait, forever: the console grows while the vCPU runs.
+    Count,
 }
 
 /// Assembles a 64-bit ELF kernel that writes the marker to COM1, then resets or halts.
@@ -24,6 +26,13 @@ fn toy_kernel(dir: &Path, then: Then) -> std::path::PathBuf {
     let (name, ending) = match then {
         Then::Reset => ("reset", "  mov $0xfe, %al\n  outb %al, $0x64\n"),
         Then::Halt => ("halt", "  cli\n"),
+        // A line each time (Firecracker's console output is line-buffered); the busy-wait is
+        // short because this host runs such guests slowly (a few lines a second).
+        Then::Count => (
+            "count",
+            "3: mov $0x2e, %al\n  outb %al, %dx\n  mov $0x0a, %al\n  outb %al, %dx\n  mov $100000, %ecx\n\
+             4: loop 4b\n  jmp 3b\n",
+        ),
     };
     let source = dir.join(format!("{name}.S"));
     std::fs::write(
@@ -119,6 +128,43 @@ fn firecracker_boots_a_guest_whose_console_output_and_exit_are_seen_and_delete_l
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
     let id = Path::new(&vm_dir).file_name().expect("id").to_string_lossy().into_owned();
     assert!(!Path::new(&format!("/sys/fs/cgroup/memory/banger/{id}")).exists(), "cgroup left");
+}
+
+fn console_bytes(path: &str) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn a_paused_firecracker_guest_stands_still_and_resumes() {
+    if !has_kvm() {
+        return;
+    }
+    let _slot = guest_slot();
+    let work = tempfile::tempdir().expect("tempdir");
+    let kernel = toy_kernel(work.path(), Then::Count);
+    let config = work.path().join("config.toml");
+    std::fs::write(&config, "vmm = \"firecracker\"\njailer = false\n").expect("config");
+    let daemon = Daemon::start(&["--config", &config.display().to_string()]);
+    daemon.import_image("counter", &kernel, &default_image_dir().join("rootfs.ext4"), None);
+    let out = daemon.banger(&["vm", "create", "--name", "tick", "--image", "counter", "--no-wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let console = show(&daemon, "tick", "console log").expect("console log");
+    wait_until("the guest to count", || console_bytes(&console) > MARKER.len() as u64 + 10);
+
+    let out = daemon.banger(&["vm", "pause", "tick"]);
+    assert!(out.status.success() && text(&out.stdout).contains("paused"), "{}", text(&out.stderr));
+    assert_eq!(show(&daemon, "tick", "state").as_deref(), Some("paused"));
+    let frozen = console_bytes(&console);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(console_bytes(&console), frozen, "a paused guest printed");
+
+    let out = daemon.banger(&["vm", "resume", "tick"]);
+    assert!(out.status.success() && text(&out.stdout).contains("running"), "{}", text(&out.stderr));
+    wait_until("the guest to count again", || console_bytes(&console) > frozen + 5);
+    let vm_dir = show(&daemon, "tick", "vm dir").expect("vm dir");
+    assert!(daemon.banger(&["vm", "delete", "tick"]).status.success());
+    assert!(!Path::new(&vm_dir).exists(), "vm dir left");
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }
 
 /// The `Uid:` line of a process: real, effective, saved and file-system uids.

@@ -26,6 +26,7 @@ pub fn vm_state(state: VmState) -> pb::VmState {
         VmState::Stopping => pb::VmState::Stopping,
         VmState::Stopped => pb::VmState::Stopped,
         VmState::Error => pb::VmState::Error,
+        VmState::Paused => pb::VmState::Paused,
     }
 }
 
@@ -398,6 +399,7 @@ pub fn state_from_pb(state: i32) -> Option<VmState> {
         pb::VmState::Stopping => VmState::Stopping,
         pb::VmState::Stopped => VmState::Stopped,
         pb::VmState::Error => VmState::Error,
+        pb::VmState::Paused => VmState::Paused,
     })
 }
 

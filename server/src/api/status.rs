@@ -378,6 +378,9 @@ fn describe_host(error: &HostError) -> Described {
         HostError::Injected { call } => described(Code::Internal, "INJECTED", &[("call", (*call).into())]),
         HostError::FakeRule { .. } => described(Code::Internal, "FAKE_HOST_RULE", &[]),
         HostError::Agent(agent) => describe_agent(agent),
+        HostError::AgentBusy { open } => {
+            described(Code::FailedPrecondition, "AGENT_BUSY", &[("open_connections", open.to_string())])
+        }
     }
 }
 

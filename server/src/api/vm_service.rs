@@ -132,7 +132,7 @@ impl VmService for VmApi {
         let mut states = Vec::new();
         for state in &request.states {
             states.push(convert::state_from_pb(*state).ok_or_else(|| {
-                invalid_field("states", &format!("{state} is not a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))
+                invalid_field("states", &format!("{state} is not a VM state (VM_STATE_CREATED .. VM_STATE_PAUSED)"))
             })?);
         }
         // Read before the list: a watch from it misses no change made after the list was read.
@@ -166,7 +166,7 @@ impl VmService for VmApi {
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let state = convert::state_from_pb(request.state)
-            .ok_or_else(|| invalid_field("state", "must be a VM state (VM_STATE_CREATED .. VM_STATE_ERROR)"))?;
+            .ok_or_else(|| invalid_field("state", "must be a VM state (VM_STATE_CREATED .. VM_STATE_PAUSED)"))?;
         let (ops, stopped, waited_for) = (self.ops.clone(), self.ops.stopped_serving(), key.clone());
         let waited = async move {
             tokio::select! {
@@ -228,6 +228,32 @@ impl VmService for VmApi {
             ops.stop_vm(&key, force).await
         };
         self.vm_mutation("StopVm", idempotency, use_case, |vm| pb::StopVmResponse { vm: Some(vm) }).await
+    }
+
+    async fn pause_vm(&self, request: Request<pb::PauseVmRequest>) -> Result<Response<pb::PauseVmResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let request = request.into_inner();
+        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let use_case = async move {
+            let key = visible(&ops, key, tenant.as_ref()).await?;
+            ops.pause_vm(&key).await
+        };
+        self.vm_mutation("PauseVm", idempotency, use_case, |vm| pb::PauseVmResponse { vm: Some(vm) }).await
+    }
+
+    async fn resume_vm(&self, request: Request<pb::ResumeVmRequest>) -> Result<Response<pb::ResumeVmResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let request = request.into_inner();
+        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
+        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let use_case = async move {
+            let key = visible(&ops, key, tenant.as_ref()).await?;
+            ops.resume_vm(&key).await
+        };
+        self.vm_mutation("ResumeVm", idempotency, use_case, |vm| pb::ResumeVmResponse { vm: Some(vm) }).await
     }
 
     async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {

@@ -240,7 +240,8 @@ pub fn needs(path: &str) -> Needs {
         | ("banger.v1.HostService", "GetHost") => Needs::Role(Role::Viewer),
         (
             "banger.v1.VmService",
-            "CreateVm" | "StartVm" | "StopVm" | "DeleteVm" | "TouchVm" | "ExecVm" | "CopyToVm" | "CopyFromVm",
+            "CreateVm" | "StartVm" | "StopVm" | "PauseVm" | "ResumeVm" | "DeleteVm" | "TouchVm" | "ExecVm" | "CopyToVm"
+            | "CopyFromVm",
         )
         | ("banger.v1.ImageService", "PullImage" | "UploadImage") => Needs::Role(Role::Operator),
         _ => Needs::Role(Role::Admin),

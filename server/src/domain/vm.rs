@@ -6,6 +6,7 @@
 //!                 │                  v                    v
 //!              (start)            Error <──died──── Stopping ──stopped──> Stopped
 //!   Stopped and Error go back to Starting on start; Error goes to Stopping on stop.
+//!   Running <──resume── Paused <──pause── Running; Paused goes to Stopping on stop.
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ pub enum VmState {
     Stopped,
     /// An operation failed or the VMM died on its own.
     Error,
+    /// The VMM runs with its vCPUs stopped: memory and devices kept, the guest frozen.
+    Paused,
 }
 
 impl VmState {
@@ -50,6 +53,7 @@ impl VmState {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Error => "error",
+            Self::Paused => "paused",
         }
     }
 
@@ -62,13 +66,19 @@ impl VmState {
             "stopping" => Self::Stopping,
             "stopped" => Self::Stopped,
             "error" => Self::Error,
+            "paused" => Self::Paused,
             _ => return None,
         })
     }
 
     /// True when a VMM process may exist for a VM in this state.
     pub fn may_have_vmm(self) -> bool {
-        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+        matches!(self, Self::Starting | Self::Running | Self::Stopping | Self::Paused)
+    }
+
+    /// True when the VMM of a VM in this state is expected alive and adopted as it is.
+    pub fn is_up(self) -> bool {
+        matches!(self, Self::Running | Self::Paused)
     }
 }
 
@@ -87,6 +97,10 @@ pub enum Transition {
     Stopped,
     /// The VMM died without being asked to.
     Died,
+    /// The guest's vCPUs were stopped.
+    Pause,
+    /// A paused guest's vCPUs run again.
+    Resume,
 }
 
 /// Why a VM's last operation failed or why it stopped on its own, as a code.
@@ -139,6 +153,8 @@ fn verb(transition: Transition) -> &'static str {
         Transition::Stop => "be stopped",
         Transition::Stopped => "finish stopping",
         Transition::Died => "die",
+        Transition::Pause => "be paused",
+        Transition::Resume => "be resumed",
     }
 }
 
@@ -152,11 +168,13 @@ impl VmState {
             (S::Starting, T::Booted) => S::Running,
             (S::Starting, T::StartFailed) => S::Error,
             // Stopping an errored VM is how a user clears whatever the failure left running.
-            (S::Running | S::Error, T::Stop) => S::Stopping,
+            (S::Running | S::Paused | S::Error, T::Stop) => S::Stopping,
+            (S::Running, T::Pause) => S::Paused,
+            (S::Paused, T::Resume) => S::Running,
             (S::Stopping, T::Stopped) => S::Stopped,
             // A VMM that dies while being stopped did what was asked.
             (S::Stopping, T::Died) => S::Stopped,
-            (S::Starting | S::Running, T::Died) => S::Error,
+            (S::Starting | S::Running | S::Paused, T::Died) => S::Error,
             (from, transition) => return Err(TransitionError { from, transition }),
         };
         Ok(next)
@@ -343,8 +361,15 @@ impl VmPaths {
 mod tests {
     use super::*;
 
-    const ALL: [VmState; 6] =
-        [VmState::Created, VmState::Starting, VmState::Running, VmState::Stopping, VmState::Stopped, VmState::Error];
+    const ALL: [VmState; 7] = [
+        VmState::Created,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Error,
+        VmState::Paused,
+    ];
 
     #[test]
     fn states_round_trip_through_their_names() {
@@ -381,6 +406,20 @@ mod tests {
     #[test]
     fn only_vmm_states_may_have_a_vmm() {
         let with: Vec<_> = ALL.into_iter().filter(|s| s.may_have_vmm()).collect();
-        assert_eq!(with, [VmState::Starting, VmState::Running, VmState::Stopping]);
+        assert_eq!(with, [VmState::Starting, VmState::Running, VmState::Stopping, VmState::Paused]);
+    }
+
+    #[test]
+    fn only_a_running_vm_pauses_and_only_a_paused_one_resumes_or_stops_from_there() {
+        assert_eq!(VmState::Running.apply(Transition::Pause), Ok(VmState::Paused));
+        assert_eq!(VmState::Paused.apply(Transition::Resume), Ok(VmState::Running));
+        assert_eq!(VmState::Paused.apply(Transition::Stop), Ok(VmState::Stopping));
+        for state in ALL.into_iter().filter(|s| *s != VmState::Running) {
+            assert!(state.apply(Transition::Pause).is_err(), "{state:?} paused");
+        }
+        for state in ALL.into_iter().filter(|s| *s != VmState::Paused) {
+            assert!(state.apply(Transition::Resume).is_err(), "{state:?} resumed");
+        }
+        assert!(VmState::Paused.apply(Transition::Start).is_err());
     }
 }

@@ -16,6 +16,10 @@
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 use std::time::Duration;
 
 use banger_proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -238,7 +242,51 @@ fn check_connect_reply(line: &[u8]) -> Result<(), HandshakeError> {
 pub struct AgentClient {
     client: AgentServiceClient<Channel>,
     vsock_uds_path: PathBuf,
+    /// Connections of this client's channel still open.
+    open: Arc<AtomicUsize>,
 }
+
+/// The connections of a closed [`AgentClient`]'s channel that are still open.
+#[derive(Debug)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// How many are open now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A connection to the agent, counted in its client's `open` while it exists.
+struct Counted<S> {
+    inner: S,
+    open: Arc<AtomicUsize>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self { inner, open: open.clone() }
+    }
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+forward_async_write!(Counted);
 
 /// Opens a kernel AF_VSOCK stream to `port` of guest `cid` (hosts with `/dev/vhost-vsock`).
 async fn connect_kernel_vsock(cid: u32, port: u32) -> io::Result<tokio_vsock::VsockStream> {
@@ -258,31 +306,45 @@ impl AgentClient {
     /// runtime (the channel spawns its worker task).
     pub fn new(vsock_uds_path: PathBuf) -> Self {
         let connector_path = vsock_uds_path.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let counter = open.clone();
         let connector = tower::service_fn(move |_: Uri| {
-            let path = connector_path.clone();
+            let (path, counter) = (connector_path.clone(), counter.clone());
             async move {
                 let stream = connect_hybrid_vsock(&path, AGENT_VSOCK_PORT, HANDSHAKE_OK_TIMEOUT).await?;
-                Ok::<_, HandshakeError>(TokioIo::new(stream))
+                Ok::<_, HandshakeError>(TokioIo::new(Counted::new(stream, &counter)))
             }
         });
         // The authority is never resolved: the connector ignores the URI.
         let channel = Endpoint::from_static("http://agent.vsock")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(connector);
-        Self { client: AgentServiceClient::new(channel), vsock_uds_path }
+        Self { client: AgentServiceClient::new(channel), vsock_uds_path, open }
     }
 
     /// Creates the client for guest `cid` over the kernel's vsock (`/dev/vhost-vsock` hosts):
     /// no hybrid handshake, so none of the user-space backend's hazards apply.
     pub fn new_kernel_vsock(cid: u32) -> Self {
-        let connector = tower::service_fn(move |_: Uri| async move {
-            let stream = connect_kernel_vsock(cid, AGENT_VSOCK_PORT).await?;
-            Ok::<_, io::Error>(TokioIo::new(stream))
+        let open = Arc::new(AtomicUsize::new(0));
+        let counter = open.clone();
+        let connector = tower::service_fn(move |_: Uri| {
+            let counter = counter.clone();
+            async move {
+                let stream = connect_kernel_vsock(cid, AGENT_VSOCK_PORT).await?;
+                Ok::<_, io::Error>(TokioIo::new(Counted::new(stream, &counter)))
+            }
         });
         let channel = Endpoint::from_static("http://agent.vsock")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(connector);
-        Self { client: AgentServiceClient::new(channel), vsock_uds_path: PathBuf::new() }
+        Self { client: AgentServiceClient::new(channel), vsock_uds_path: PathBuf::new(), open }
+    }
+
+    /// Drops this handle of the client; what is returned counts the connections its channel
+    /// still holds open (0 once every clone and every call made through one are gone and the
+    /// channel has hung up).
+    pub fn close(self) -> OpenConnections {
+        OpenConnections(self.open)
     }
 
     /// The hybrid-vsock socket this client connects to (empty for a kernel-vsock client).

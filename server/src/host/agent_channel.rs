@@ -68,7 +68,20 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
 
     /// Drops what is kept for a VM (its connection), e.g. once it stopped.
     fn forget(&self, vm: VmId);
+
+    /// Before the VM's vCPUs stop: closes the daemon's connections to its agent and waits
+    /// until they are closed. A connection closed while the guest is stopped (a daemon killed
+    /// during a pause) would otherwise kill the user-space vsock backend for that VM: it
+    /// cannot hand the hang-up to a stopped guest. Fails with [`HostError::AgentBusy`] when
+    /// a call (an exec, a copy) keeps one open.
+    async fn quiesce(&self, vm: &Vm) -> Result<(), HostError>;
 }
+
+/// How long [`AgentChannels::quiesce`] waits for calls in flight to end.
+const QUIESCE_WAIT: Duration = Duration::from_secs(1);
+/// How long the user-space backend gets to pass a hang-up on to the guest: it does so at its
+/// next wakeup, within milliseconds.
+const HANGUP_SETTLE: Duration = Duration::from_millis(50);
 
 /// A guest file being opened.
 pub type FileReading =
@@ -172,5 +185,22 @@ impl AgentChannels for VsockAgentChannels {
 
     fn forget(&self, vm: VmId) {
         self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&vm);
+    }
+
+    async fn quiesce(&self, vm: &Vm) -> Result<(), HostError> {
+        let taken = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&vm.id);
+        let Some(client) = taken else { return Ok(()) };
+        let open = client.close();
+        let deadline = Instant::now() + QUIESCE_WAIT;
+        while open.count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(HostError::AgentBusy { open: open.count() });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if self.mode == VsockMode::UserSpace {
+            tokio::time::sleep(HANGUP_SETTLE).await;
+        }
+        Ok(())
     }
 }

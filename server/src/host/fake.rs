@@ -50,6 +50,8 @@ struct State {
     failures: HashMap<&'static str, usize>,
     /// (vm, path) -> (mode, content): the guests' files
     guest_files: BTreeMap<(VmId, String), (u32, Vec<u8>)>,
+    /// api sockets of VMMs whose vCPUs are stopped
+    paused: BTreeSet<PathBuf>,
 }
 
 /// The fake host; clones share state.
@@ -74,6 +76,24 @@ impl FakeHost {
             block: Arc::new(self.clone()),
             limits: Arc::new(self.clone()),
         }
+    }
+
+    /// Whether the VMM serving `paths` has its vCPUs stopped.
+    pub fn is_paused(&self, paths: &VmPaths) -> bool {
+        self.state().paused.contains(&paths.api_socket)
+    }
+
+    fn set_paused(&self, paths: &VmPaths, paused: bool) -> Result<(), HostError> {
+        // Rule: only a live VMM answers.
+        if self.live_mentioning(&paths.api_socket).is_empty() {
+            return Err(HostError::FakeRule { rule: format!("no vmm serves {}", paths.api_socket.display()) });
+        }
+        let mut state = self.state();
+        match paused {
+            true => state.paused.insert(paths.api_socket.clone()),
+            false => state.paused.remove(&paths.api_socket),
+        };
+        Ok(())
     }
 
     /// NAT rule tags that exist.
@@ -203,6 +223,7 @@ impl Vmm for FakeHost {
         if !self.live_mentioning(&paths.api_socket).is_empty() {
             return Err(HostError::FakeRule { rule: format!("a vmm already serves {}", paths.api_socket.display()) });
         }
+        self.state().paused.remove(&paths.api_socket);
         Ok(self.spawn(format!(
             "qemu-system-x86_64 -qmp unix:{},server=on -chardev socket,path={} -drive file={}",
             paths.api_socket.display(),
@@ -226,6 +247,16 @@ impl Vmm for FakeHost {
             self.kill(vmm.pid);
         }
         Ok(())
+    }
+
+    async fn pause(&self, paths: &VmPaths) -> Result<(), HostError> {
+        self.check("vmm.pause")?;
+        self.set_paused(paths, true)
+    }
+
+    async fn resume(&self, paths: &VmPaths) -> Result<(), HostError> {
+        self.check("vmm.resume")?;
+        self.set_paused(paths, false)
     }
 }
 
@@ -386,6 +417,10 @@ impl AgentChannels for FakeHost {
     }
 
     fn forget(&self, _vm: VmId) {}
+
+    async fn quiesce(&self, _vm: &Vm) -> Result<(), HostError> {
+        self.check("agents.quiesce")
+    }
 }
 
 #[tonic::async_trait]

@@ -119,6 +119,12 @@ pub enum HostError {
     /// The guest agent failed.
     #[error(transparent)]
     Agent(#[from] agent::AgentError),
+    /// Calls to the guest agent (an exec, a copy) still hold connections open.
+    #[error("{open} connection(s) to the guest agent stay in use (an exec or a copy runs); wait for them to end")]
+    AgentBusy {
+        /// How many connections were still open.
+        open: usize,
+    },
 }
 
 impl HostError {

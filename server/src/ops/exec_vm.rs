@@ -49,7 +49,11 @@ impl Ops {
     async fn running_vm(&self, key: &str) -> Result<crate::domain::Vm, Error> {
         let vm = self.refresh(self.store.vm_get(key).await?).await?;
         if vm.observed_state != VmState::Running || !self.vm_alive(&vm) {
-            return Err(Error::WrongState { vm: vm.name, state: vm.observed_state, action: "be used before it runs" });
+            let action = match vm.observed_state {
+                VmState::Paused => "be used while paused (resume it first)",
+                _ => "be used before it runs",
+            };
+            return Err(Error::WrongState { vm: vm.name, state: vm.observed_state, action });
         }
         Ok(vm)
     }

@@ -8,6 +8,7 @@ mod delete_vm;
 mod error;
 mod exec_vm;
 mod images;
+mod pause_vm;
 mod pull_image;
 mod queries;
 mod reaper;

@@ -20,6 +20,12 @@ use crate::{
     store::{LastError, StoreError, VmUpdate},
 };
 
+/// A running or paused VM whose record says no pause or resume is half done.
+fn settled(vm: &Vm) -> bool {
+    let (desired, observed) = (vm.desired_state, vm.observed_state);
+    observed.is_up() && !(desired.is_up() && desired != observed)
+}
+
 impl Ops {
     /// Full reconcile: every VM that may have a VMM, then orphans. Idempotent: a second run
     /// changes nothing.
@@ -69,7 +75,7 @@ impl Ops {
     /// Reconciles one VM if no operation holds it and its VMM is not known alive; returns
     /// the current record. Cheap when the cached VMM is alive.
     pub(super) async fn refresh(&self, vm: Vm) -> Result<Vm, Error> {
-        if !vm.observed_state.may_have_vmm() || (vm.observed_state == VmState::Running && self.vm_alive(&vm)) {
+        if !vm.observed_state.may_have_vmm() || (settled(&vm) && self.vm_alive(&vm)) {
             return Ok(vm);
         }
         let lock = self.vm_lock(vm.id);
@@ -80,7 +86,7 @@ impl Ops {
 
     /// Like [`Ops::refresh`], for a caller that already holds the VM's lock.
     pub(super) async fn refresh_locked(&self, vm: Vm) -> Result<Vm, Error> {
-        if !vm.observed_state.may_have_vmm() || (vm.observed_state == VmState::Running && self.vm_alive(&vm)) {
+        if !vm.observed_state.may_have_vmm() || (settled(&vm) && self.vm_alive(&vm)) {
             return Ok(vm);
         }
         self.reconcile(vm, &self.host.processes.table()).await
@@ -99,6 +105,28 @@ impl Ops {
         }
     }
 
+    /// A live VM whose pause or resume was cut short (intent recorded, record not changed):
+    /// the VMM is told again (both requests are idempotent) and the record follows.
+    async fn finish_pause_or_resume(&self, vm: Vm) -> Result<Vm, Error> {
+        if settled(&vm) {
+            return Ok(vm);
+        }
+        let paths = vm.paths();
+        match vm.desired_state {
+            VmState::Paused => self.host.vmm.pause(&paths).await?,
+            _ => self.host.vmm.resume(&paths).await?,
+        }
+        tracing::info!(
+            vm_id = %vm.id,
+            vm_name = %vm.name,
+            from = vm.observed_state.as_str(),
+            to = vm.desired_state.as_str(),
+            "interrupted pause or resume finished"
+        );
+        let update = VmUpdate { observed_state: Some(vm.desired_state), ..Default::default() };
+        Ok(self.store.vm_update(&vm, update).await?)
+    }
+
     pub(super) async fn reconcile(&self, vm: Vm, table: &ProcessTable) -> Result<Vm, Error> {
         let state = vm.observed_state;
         if !state.may_have_vmm() {
@@ -114,12 +142,12 @@ impl Ops {
         let paths = vm.paths();
         let alive = handles.vmm.is_some_and(|vmm| self.host.processes.alive(&vmm, &paths.api_socket));
         let (next, fault, reason) = match (state, alive) {
-            (VmState::Running, true) => {
+            (VmState::Running | VmState::Paused, true) => {
                 // Adopt: the scratch file and the cache now say what /proc says.
                 self.set_handles(&vm, handles)?;
-                return Ok(vm);
+                return self.finish_pause_or_resume(vm).await;
             }
-            (VmState::Running, false) => (
+            (VmState::Running | VmState::Paused, false) => (
                 VmState::Stopped,
                 Some(VmFault::VmmExited),
                 format!("vmm exited without a stop request; inspect {}", paths.console_log.display()),

@@ -235,6 +235,76 @@ async fn stop_stages_are_idempotent_and_a_failed_stop_still_leaves_a_clean_host(
 }
 
 #[tokio::test]
+async fn pause_and_resume_stages_are_idempotent_and_a_failure_leaves_the_vm_as_it_was() {
+    let f = fixture().await;
+    let vm = f.ops.create_vm(create("frozen")).await.expect("create");
+    let stages = for_each_failing_stage!(f, |i| f.ops.pause_vm("frozen").await, |stage| {
+        let record = f.record("frozen").await.expect("record");
+        assert_eq!((record.observed_state, record.desired_state), (VmState::Running, VmState::Running), "{stage}");
+        assert!(!f.host.is_paused(&vm.paths()), "{stage}: vcpus left stopped");
+    });
+    assert_eq!(stages, 4, "mark_pausing, quiesce_agent, pause_vcpus, mark_paused");
+    assert!(f.host.is_paused(&vm.paths()));
+    let paused = f.ops.pause_vm("frozen").await.expect("pausing a paused vm");
+    assert_eq!((paused.observed_state, paused.desired_state), (VmState::Paused, VmState::Paused));
+    let refused = f.ops.copy_from_vm("frozen", "/etc/hostname".into()).await.err().expect("copy while paused");
+    assert!(matches!(refused, Error::WrongState { state: VmState::Paused, .. }), "{refused:?}");
+    assert!(matches!(f.ops.start_vm("frozen", true).await, Err(Error::WrongState { .. })));
+
+    let stages = for_each_failing_stage!(f, |i| f.ops.resume_vm("frozen").await, |stage| {
+        let record = f.record("frozen").await.expect("record");
+        assert_eq!((record.observed_state, record.desired_state), (VmState::Paused, VmState::Paused), "{stage}");
+        assert!(f.host.is_paused(&vm.paths()), "{stage}: vcpus left running");
+    });
+    assert_eq!(stages, 3, "mark_resuming, resume_vcpus, mark_running");
+    assert!(!f.host.is_paused(&vm.paths()));
+
+    f.run(RunOptions { repeat_stages: true, ..Default::default() });
+    assert_eq!(f.ops.pause_vm("frozen").await.expect("pause twice").observed_state, VmState::Paused);
+    assert_eq!(f.ops.resume_vm("frozen").await.expect("resume twice").observed_state, VmState::Running);
+    f.run(RunOptions::default());
+
+    // A paused VM stops (its vCPUs run again first, so the guest can power off).
+    f.ops.pause_vm("frozen").await.expect("pause");
+    let stopped = f.ops.stop_vm("frozen", false).await.expect("stop a paused vm");
+    assert_eq!(stopped.observed_state, VmState::Stopped);
+    assert_eq!(f.processes_of(&vm), 0);
+    assert!(matches!(f.ops.pause_vm("frozen").await, Err(Error::WrongState { state: VmState::Stopped, .. })));
+    assert!(matches!(f.ops.resume_vm("frozen").await, Err(Error::WrongState { state: VmState::Stopped, .. })));
+}
+
+#[tokio::test]
+async fn reconcile_finishes_a_pause_or_resume_the_daemon_died_in() {
+    let f = fixture().await;
+    let vm = f.ops.create_vm(create("half")).await.expect("create");
+    // Died after recording the intent, before the VMM was asked.
+    let update = crate::store::VmUpdate { desired_state: Some(VmState::Paused), ..Default::default() };
+    f.ops.store.vm_update(&vm, update).await.expect("intent");
+    f.ops.recover().await.expect("recover");
+    let record = f.record("half").await.expect("record");
+    assert_eq!((record.observed_state, record.desired_state), (VmState::Paused, VmState::Paused));
+    assert!(f.host.is_paused(&vm.paths()));
+    // Died after the VMM resumed, before the record said so.
+    let update = crate::store::VmUpdate { desired_state: Some(VmState::Running), ..Default::default() };
+    f.ops.store.vm_update(&record, update).await.expect("intent");
+    f.ops.host.vmm.resume(&vm.paths()).await.expect("resume");
+    f.ops.recover().await.expect("recover");
+    let record = f.record("half").await.expect("record");
+    assert_eq!((record.observed_state, record.desired_state), (VmState::Running, VmState::Running));
+    assert!(!f.host.is_paused(&vm.paths()));
+    // A paused VM is adopted as it is; its VMM's death is seen like a running one's.
+    f.ops.pause_vm("half").await.expect("pause");
+    f.ops.recover().await.expect("recover");
+    assert_eq!(f.record("half").await.expect("record").observed_state, VmState::Paused);
+    let vmm = f.ops.handles(&vm).vmm.expect("vmm");
+    crate::host::process::Processes::terminate(&f.host, &vmm, &vm.paths().api_socket, std::time::Duration::ZERO).await;
+    f.ops.recover().await.expect("recover");
+    let record = f.record("half").await.expect("record");
+    assert_eq!(record.observed_state, VmState::Stopped);
+    f.assert_consistent(&record, "paused vmm died");
+}
+
+#[tokio::test]
 async fn delete_stages_are_idempotent_and_a_failed_delete_can_be_retried() {
     let f = fixture().await;
     let mut stages = 0;

@@ -127,6 +127,9 @@ impl Ops {
         if vm.observed_state == VmState::Running {
             return Ok(vm);
         }
+        if vm.observed_state == VmState::Paused {
+            return Err(Error::WrongState { vm: vm.name, state: vm.observed_state, action: "be started (resume it)" });
+        }
         let _admitted = self.admit(vm.id, vm.spec, false, true).await?;
         let op_id = OpId::generate();
         let mut op = StartVmOp { ops: self, wait_agent, op_id, vm, boot: None };

@@ -32,6 +32,8 @@ struct StopVmOp<'a> {
     op_id: OpId,
     vm: Vm,
     force: bool,
+    /// The guest's vCPUs were stopped: they run again before the guest is asked to power off.
+    was_paused: bool,
 }
 
 impl StopVmOp<'_> {
@@ -91,6 +93,12 @@ impl Operation for StopVmOp<'_> {
                 self.vm = ops.store.vm_update(&self.vm, update).await?;
             }
             Stage::ShutdownGuest => {
+                if self.was_paused && ops.vm_alive(&self.vm) {
+                    // A frozen guest cannot power off; if it cannot be thawed, kill follows.
+                    if let Err(error) = ops.host.vmm.resume(&self.vm.paths()).await {
+                        tracing::warn!(vm_id = %self.vm.id, error = %error, "resuming a paused vm to stop it failed");
+                    }
+                }
                 if ops.vm_alive(&self.vm) {
                     // A guest whose agent does not answer falls through to power-down.
                     let asked =
@@ -142,7 +150,8 @@ impl Ops {
             return Ok(vm);
         }
         let op_id = OpId::generate();
-        let mut op = StopVmOp { ops: self, op_id, vm, force };
+        let was_paused = vm.observed_state == VmState::Paused;
+        let mut op = StopVmOp { ops: self, op_id, vm, force, was_paused };
         match runner::run_with(op_id, &mut op, &self.run_options()).await {
             Ok(()) => Ok(op.vm),
             Err(error) => {

@@ -22,7 +22,7 @@ use super::{
     LaunchSpec, Vmm,
     firecracker_api::{
         ActionType, ApiRequest, BootSource, Drive, FirecrackerApi, FirecrackerApiError, InstanceActionInfo,
-        MachineConfig, NetworkInterface, Vsock,
+        MachineConfig, NetworkInterface, RunState, VmRunState, Vsock,
     },
 };
 use crate::{
@@ -305,6 +305,16 @@ impl Vmm for FirecrackerVmm {
 
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
         let request = ApiRequest::PutAction(InstanceActionInfo { action_type: ActionType::SendCtrlAltDel });
+        FirecrackerApi::new(&paths.api_socket).send(&request).await.map(drop).map_err(api_error)
+    }
+
+    async fn pause(&self, paths: &VmPaths) -> Result<(), HostError> {
+        let request = ApiRequest::PatchVm(VmRunState { state: RunState::Paused });
+        FirecrackerApi::new(&paths.api_socket).send(&request).await.map(drop).map_err(api_error)
+    }
+
+    async fn resume(&self, paths: &VmPaths) -> Result<(), HostError> {
+        let request = ApiRequest::PatchVm(VmRunState { state: RunState::Resumed });
         FirecrackerApi::new(&paths.api_socket).send(&request).await.map(drop).map_err(api_error)
     }
 

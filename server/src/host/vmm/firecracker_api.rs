@@ -149,6 +149,22 @@ pub struct InstanceActionInfo {
     pub action_type: ActionType,
 }
 
+/// Whether the guest's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RunState {
+    /// vCPUs stopped, memory and devices kept.
+    Paused,
+    /// vCPUs running again.
+    Resumed,
+}
+
+/// The body of `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VmRunState {
+    /// The state to move to.
+    pub state: RunState,
+}
+
 /// Every request the driver sends, one variant per API operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -168,6 +184,8 @@ pub enum ApiRequest {
     PutMetrics(Metrics),
     /// `PUT /actions`.
     PutAction(InstanceActionInfo),
+    /// `PATCH /vm`: pauses or resumes a booted guest.
+    PatchVm(VmRunState),
     /// `GET /vm/config`: the whole configuration as Firecracker holds it.
     GetVmConfig,
     /// `GET /`: the instance's id, state and version.
@@ -186,6 +204,7 @@ impl ApiRequest {
             | Self::PutLogger(_)
             | Self::PutMetrics(_)
             | Self::PutAction(_) => "PUT",
+            Self::PatchVm(_) => "PATCH",
             Self::GetVmConfig | Self::GetInstanceInfo => "GET",
         }
     }
@@ -201,6 +220,7 @@ impl ApiRequest {
             Self::PutLogger(_) => "/logger".into(),
             Self::PutMetrics(_) => "/metrics".into(),
             Self::PutAction(_) => "/actions".into(),
+            Self::PatchVm(_) => "/vm".into(),
             Self::GetVmConfig => "/vm/config".into(),
             Self::GetInstanceInfo => "/".into(),
         }
@@ -217,6 +237,7 @@ impl ApiRequest {
             Self::PutLogger(_) => "putLogger",
             Self::PutMetrics(_) => "putMetrics",
             Self::PutAction(_) => "createSyncAction",
+            Self::PatchVm(_) => "patchVm",
             Self::GetVmConfig => "getExportVmConfig",
             Self::GetInstanceInfo => "describeInstance",
         }
@@ -233,6 +254,7 @@ impl ApiRequest {
             Self::PutLogger(body) => Some(to_json(body)),
             Self::PutMetrics(body) => Some(to_json(body)),
             Self::PutAction(body) => Some(to_json(body)),
+            Self::PatchVm(body) => Some(to_json(body)),
             Self::GetVmConfig | Self::GetInstanceInfo => None,
         }
     }
@@ -283,6 +305,8 @@ impl ApiRequest {
             Self::PutAction(InstanceActionInfo { action_type: ActionType::InstanceStart }),
             Self::PutAction(InstanceActionInfo { action_type: ActionType::SendCtrlAltDel }),
             Self::PutAction(InstanceActionInfo { action_type: ActionType::FlushMetrics }),
+            Self::PatchVm(VmRunState { state: RunState::Paused }),
+            Self::PatchVm(VmRunState { state: RunState::Resumed }),
             Self::GetVmConfig,
             Self::GetInstanceInfo,
         ]
@@ -832,10 +856,11 @@ mod tests {
                     ApiRequest::PutAction(_) => 7,
                     ApiRequest::GetVmConfig => 8,
                     ApiRequest::GetInstanceInfo => 9,
+                    ApiRequest::PatchVm(_) => 10,
                 }
             })
             .collect();
-        assert_eq!(covered, (0..10).collect());
+        assert_eq!(covered, (0..11).collect());
         assert!(ApiRequest::all_examples().iter().all(|request| request.invalid_path_id().is_none()));
     }
 }

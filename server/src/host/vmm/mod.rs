@@ -95,6 +95,13 @@ pub trait Vmm: Send + Sync + Debug {
     /// Asks the guest to power off through the VMM (ACPI power button).
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError>;
 
+    /// Stops the guest's vCPUs in place; memory and devices stay. Pausing a paused guest is
+    /// fine.
+    async fn pause(&self, paths: &VmPaths) -> Result<(), HostError>;
+
+    /// Lets a paused guest's vCPUs run again. Resuming a running guest is fine.
+    async fn resume(&self, paths: &VmPaths) -> Result<(), HostError>;
+
     /// The unprivileged identity the VM's VMM (and its vsock backend) runs as; the VM's
     /// files and host devices it opens itself, its tap, must belong to it. `None`: it runs
     /// as the daemon's user (a test's fake).

@@ -63,6 +63,17 @@ impl QemuVmm {
         })
     }
 
+    /// Sends `command` (`stop` or `cont`), then checks that QEMU says the vCPUs run (or not).
+    async fn run_state(&self, paths: &VmPaths, command: &str, running: bool) -> Result<(), HostError> {
+        let mut qmp = Qmp::connect(&paths.api_socket).await?;
+        qmp.execute(command).await?;
+        let status = qmp.execute("query-status").await?;
+        if status.get("running").and_then(serde_json::Value::as_bool) != Some(running) {
+            return Err(HostError::VmmRefused { command: command.into(), message: status.to_string() });
+        }
+        Ok(())
+    }
+
     /// The command line for one VM; its api socket path identifies the process in `/proc`.
     pub fn args(&self, launch: &LaunchSpec<'_>) -> Vec<OsString> {
         let paths = launch.paths;
@@ -189,6 +200,14 @@ impl Vmm for QemuVmm {
 
     async fn power_down(&self, paths: &VmPaths) -> Result<(), HostError> {
         Qmp::connect(&paths.api_socket).await?.execute("system_powerdown").await.map(drop)
+    }
+
+    async fn pause(&self, paths: &VmPaths) -> Result<(), HostError> {
+        self.run_state(paths, "stop", false).await
+    }
+
+    async fn resume(&self, paths: &VmPaths) -> Result<(), HostError> {
+        self.run_state(paths, "cont", true).await
     }
 
     fn runs_as(&self, vsock_cid: u32) -> Option<VmIdentity> {
