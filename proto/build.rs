@@ -4,7 +4,13 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=banger");
-    let files = ["banger/v1/vm.proto", "banger/v1/image.proto", "banger/v1/host.proto", "banger/agent/v1/agent.proto"];
+    let files = [
+        "banger/v1/vm.proto",
+        "banger/v1/image.proto",
+        "banger/v1/host.proto",
+        "banger/v1/pool.proto",
+        "banger/agent/v1/agent.proto",
+    ];
     let descriptors = protox::compile(files, ["."])?;
     // Reflection describes what bangerd serves: the public API, not the guest agent's protocol.
     let mut public = descriptors.clone();

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use banger_proto::agent::v1::agent_service_server::AgentService;
 use banger_proto::agent::v1::{
-    ExecRequest, InfoRequest, InfoResponse, ReadFileRequest, ReadyRequest, ReadyResponse, ShutdownRequest,
-    ShutdownResponse, WriteFileRequest, WriteFileResponse,
+    ExecRequest, InfoRequest, InfoResponse, ReadFileRequest, ReadyRequest, ReadyResponse, SetIdentityRequest,
+    SetIdentityResponse, ShutdownRequest, ShutdownResponse, WriteFileRequest, WriteFileResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -80,6 +80,27 @@ impl AgentService for Agent {
         request: Request<Streaming<WriteFileRequest>>,
     ) -> Result<Response<WriteFileResponse>, Status> {
         files::write(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn set_identity(
+        &self,
+        request: Request<SetIdentityRequest>,
+    ) -> Result<Response<SetIdentityResponse>, Status> {
+        let hostname = request.into_inner().hostname;
+        let valid = (1..=63).contains(&hostname.len())
+            && hostname.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !hostname.starts_with('-')
+            && !hostname.ends_with('-');
+        if !valid {
+            return Err(Status::invalid_argument(format!("not a hostname: {hostname:?}")));
+        }
+        nix::unistd::sethostname(&hostname).map_err(|err| Status::internal(format!("sethostname: {err}")))?;
+        // Best effort: a read-only root keeps the kernel's name only.
+        if let Err(err) = std::fs::write("/etc/hostname", format!("{hostname}\n")) {
+            log!("cannot write /etc/hostname: {err}");
+        }
+        log!("hostname set to {hostname}");
+        Ok(Response::new(SetIdentityResponse {}))
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::{Command, ImageCommand, ProcessArgs, VmCommand, VmShape, output, pull};
+use crate::{Command, ImageCommand, PoolCommand, ProcessArgs, VmCommand, VmShape, output, pull};
 
 /// Exit code of `vm run`/`vm exec` when banger itself fails (not the guest command).
 const EXIT_BANGER_ERROR: u8 = 125;
@@ -63,6 +63,7 @@ pub async fn run(target: Target, credentials: Credentials, autostart: bool, comm
             Command::Vm(VmCommand::Run { shape, rm, process }) => vm_run(client, shape, rm, process).await,
             Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
             Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
+            Command::Pool(pool) => pool_command(client, pool).await.map(|()| ExitCode::SUCCESS),
             Command::Doctor => doctor(client).await,
             // Local: `main` runs them before any connection.
             Command::Tls(_) | Command::Token(_) => Ok(ExitCode::SUCCESS),
@@ -219,6 +220,37 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             output::print_vm_details(&vm);
         }
         VmCommand::Exec { .. } | VmCommand::Run { .. } => unreachable!("handled by run()"),
+    }
+    Ok(())
+}
+
+async fn pool_command(mut client: Client, command: PoolCommand) -> Result<(), Failure> {
+    match command {
+        PoolCommand::Create { name, size, image, vcpus, memory, disk_size, egress } => {
+            let request = pb::CreatePoolRequest {
+                name,
+                size,
+                image: image.unwrap_or_default(),
+                vcpus,
+                memory_mib: memory,
+                disk_size_bytes: disk_size.unwrap_or(0),
+                egress,
+            };
+            let pool = client.pools.create_pool(request).await?.into_inner().pool.unwrap_or_default();
+            output::print_pool_details(&pool);
+        }
+        PoolCommand::List => {
+            let pools = client.pools.list_pools(pb::ListPoolsRequest {}).await?.into_inner().pools;
+            output::print_pool_table(&pools);
+        }
+        PoolCommand::Show { pool } => {
+            let pool = client.pools.get_pool(pb::GetPoolRequest { pool }).await?.into_inner().pool.unwrap_or_default();
+            output::print_pool_details(&pool);
+        }
+        PoolCommand::Delete { pool } => {
+            let id = client.pools.delete_pool(pb::DeletePoolRequest { pool: pool.clone() }).await?.into_inner().id;
+            println!("deleted pool {pool} ({id})");
+        }
     }
     Ok(())
 }

@@ -152,6 +152,8 @@ pub struct Client {
     pub images: pb::image_service_client::ImageServiceClient<Channel>,
     /// `banger.v1.HostService`.
     pub host: pb::host_service_client::HostServiceClient<Channel>,
+    /// `banger.v1.PoolService`.
+    pub pools: pb::pool_service_client::PoolServiceClient<Channel>,
     /// `grpc.health.v1.Health`.
     pub health: tonic_health::pb::health_client::HealthClient<Channel>,
 }
@@ -220,6 +222,7 @@ impl Client {
         Self {
             health: tonic_health::pb::health_client::HealthClient::new(traced.clone()),
             host: pb::host_service_client::HostServiceClient::new(traced.clone()),
+            pools: pb::pool_service_client::PoolServiceClient::new(traced.clone()),
             vms: pb::vm_service_client::VmServiceClient::new(traced.clone()),
             images: pb::image_service_client::ImageServiceClient::new(traced),
         }

@@ -71,6 +71,11 @@ enum Command {
     /// Import and manage images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Keep VMs booted ahead of time: a `vm create` or `vm run` of a pool's shape (image,
+    /// vCPUs, memory, disk size, egress) claims a ready member in milliseconds instead of
+    /// booting, and the pool boots a replacement in the background.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Check what this host supports and show which drivers bangerd uses.
     ///
     /// Exits 1 when a check fails (VMs cannot run until it is fixed).
@@ -81,6 +86,46 @@ enum Command {
     /// Make bearer tokens for bangerd's config. Needs no daemon.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Make a pool; its members boot in the background (`pool show` follows them).
+    Create {
+        /// The pool's name (a-z, 0-9, -; at most 54 characters).
+        name: String,
+        /// How many members to keep booted (1 to 64).
+        #[arg(long)]
+        size: u32,
+        /// Image id or name of the members [default: the host's default image].
+        #[arg(long)]
+        image: Option<String>,
+        /// The members' vCPUs [default: 1].
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// The members' memory in MiB [default: 256].
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
+        /// The members' root disk size (e.g. 10G) [default: the image's size].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        disk_size: Option<u64>,
+        /// The members' egress policy, as `vm create --egress` [default: internet].
+        #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
+        egress: Option<banger_client::pb::EgressPolicy>,
+    },
+    /// List pools: their shape, size and ready members.
+    #[command(alias = "ls")]
+    List,
+    /// Show a pool and its unclaimed members with their state and memory use.
+    Show {
+        /// Pool id or name.
+        pool: String,
+    },
+    /// Delete a pool and its unclaimed members (VMs claimed from it stay).
+    Delete {
+        /// Pool id or name.
+        pool: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -190,6 +190,47 @@ pub fn print_image_details(image: &pb::Image) {
     }
 }
 
+/// Pools as a table.
+pub fn print_pool_table(pools: &[pb::Pool]) {
+    if json() {
+        return crate::json::print(&serde_json::Value::Array(pools.iter().map(crate::json::value).collect()));
+    }
+    println!("{:<24} {:<26} {:>5} {:>5} {:>5} {:>8}", "NAME", "IMAGE", "SIZE", "READY", "VCPUS", "MEMORY");
+    for pool in pools {
+        println!(
+            "{:<24} {:<26} {:>5} {:>5} {:>5} {:>7}M",
+            pool.name, pool.image_id, pool.size, pool.ready, pool.vcpus, pool.memory_mib
+        );
+    }
+}
+
+/// One pool and its members.
+pub fn print_pool_details(pool: &pb::Pool) {
+    if json() {
+        return crate::json::print_message(pool);
+    }
+    let rows = [
+        ("name", pool.name.clone()),
+        ("id", pool.id.clone()),
+        ("image", pool.image_id.clone()),
+        ("shape", format!("{} vcpu, {} MiB, disk {} bytes", pool.vcpus, pool.memory_mib, pool.disk_size_bytes)),
+        ("size", pool.size.to_string()),
+        ("ready", pool.ready.to_string()),
+        ("created", time(pool.create_time.as_ref())),
+    ];
+    for (key, value) in rows {
+        println!("{:<9} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });
+    }
+    println!("members:");
+    for member in &pool.members {
+        let memory = match member.memory_bytes {
+            0 => "-".to_owned(),
+            bytes => format!("{} MiB", bytes / (1024 * 1024)),
+        };
+        println!("  {:<32} {:<26} {:<9} {memory}", member.vm_name, member.vm_id, state_name(member.state));
+    }
+}
+
 /// `sha256:` and the first 12 hex digits.
 fn short_digest(digest: &str) -> String {
     digest.get(..19).unwrap_or(digest).to_owned()

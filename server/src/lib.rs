@@ -219,6 +219,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     let routes = api::routes(ops.clone()).await.context("build reflection service")?;
     let resync = tokio::spawn(resync_periodically(ops.clone()));
     let reaper = tokio::spawn(reap_periodically(ops.clone()));
+    let refiller = tokio::spawn(refill_periodically(ops.clone()));
     let router = tonic::transport::Server::builder()
         .trace_fn(telemetry::propagation::request_span)
         .layer(telemetry::propagation::RpcMetricsLayer)
@@ -254,6 +255,7 @@ pub async fn serve(ops: Arc<Ops>, listeners: Listeners, shutdown: impl Future<Ou
     }
     resync.abort();
     reaper.abort();
+    refiller.abort();
     counting.abort();
     ops.close().await;
     Ok(())
@@ -282,6 +284,20 @@ async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCou
         if let Ok(by_state) = ops.count_vms_by_state().await {
             *counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = by_state;
         }
+    }
+}
+
+/// How often the pool refiller looks when nothing wakes it.
+const REFILL_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps every warm pool at its size: after each pass, waits until a pool changes (a pool
+/// made, a member claimed or booted) or [`REFILL_PERIOD`] passes.
+async fn refill_periodically(ops: Arc<Ops>) {
+    loop {
+        if let Err(error) = ops.refill_pools().await {
+            tracing::warn!(error = %error, "pool refill failed");
+        }
+        ops.pools_changed(REFILL_PERIOD).await;
     }
 }
 

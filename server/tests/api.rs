@@ -1166,3 +1166,97 @@ async fn with_import_roots_only_files_beneath_them_are_imported() {
     daemon.client.images.import_image(inside).await.expect("beneath a root");
     daemon.shutdown().await;
 }
+
+#[tokio::test]
+async fn twenty_concurrent_creates_never_share_a_pool_member_and_the_pool_refills() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = FakeHost::default();
+    let mut daemon = TestDaemon::start_fake(config(dir.path(), FileConfig::default()), &host, &Clock::system()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let request = pb::CreatePoolRequest { name: "warm".into(), size: 2, image: "img".into(), ..Default::default() };
+    let created = daemon.client.pools.create_pool(request.clone()).await.expect("create pool").into_inner();
+    assert_eq!(created.pool.expect("pool").size, 2);
+    let status = daemon.client.pools.create_pool(request).await.expect_err("the same name again");
+    assert_eq!((status.code(), reason(&status)), (Code::AlreadyExists, "POOL_NAME_TAKEN".into()));
+    let bad = pb::CreatePoolRequest { name: "Bad Name".into(), size: 0, memory_mib: Some(1), ..Default::default() };
+    let status = daemon.client.pools.create_pool(bad).await.expect_err("invalid");
+    assert_eq!(violated_fields(&status), ["name", "size", "memory_mib"]);
+    let labelled = pb::CreateVmRequest {
+        name: "sneaky".into(),
+        labels: [("banger.pool".to_owned(), "warm".to_owned())].into(),
+        ..Default::default()
+    };
+    let status = daemon.client.vms.create_vm(labelled).await.expect_err("reserved label");
+    assert_eq!(violated_fields(&status), ["labels"]);
+
+    let ready = |pool: pb::Pool| pool.members.iter().filter(|m| m.state() == pb::VmState::Running).count();
+    let mut client = daemon.client.clone();
+    let mut members = Vec::new();
+    for _ in 0..100 {
+        let pool = client.pools.get_pool(pb::GetPoolRequest { pool: "warm".into() }).await.expect("get").into_inner();
+        let pool = pool.pool.expect("pool");
+        if ready(pool.clone()) == 2 {
+            members = pool.members.iter().map(|m| m.vm_id.clone()).collect();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(members.len(), 2, "the pool filled");
+
+    let creates = (0..20).map(|i| {
+        let mut client = daemon.client.clone();
+        tokio::spawn(async move {
+            let request = pb::CreateVmRequest {
+                name: format!("job-{i}"),
+                image: "img".into(),
+                request_id: format!("job-{i}"),
+                ..Default::default()
+            };
+            client.vms.create_vm(request).await.expect("create").into_inner().vm.expect("vm")
+        })
+    });
+    let vms = futures_join_all(creates).await;
+    let ids: std::collections::BTreeSet<_> = vms.iter().map(|vm| vm.id.clone()).collect();
+    assert_eq!(ids.len(), 20, "no two creates got the same vm");
+    let claimed: Vec<_> = vms.iter().filter(|vm| members.contains(&vm.id)).collect();
+    assert_eq!(claimed.len(), 2, "both ready members were claimed, each once");
+    for vm in &claimed {
+        assert_eq!(vm.labels.get("banger.pool"), None, "{vm:?}");
+        let (out, _, _) = exec(&mut client, &vm.name, &["hostname"], b"").await;
+        assert_eq!(String::from_utf8_lossy(&out).trim(), vm.name);
+    }
+    // A retry of a claimed create gets the same answer.
+    let retry = pb::CreateVmRequest {
+        name: claimed[0].name.clone(),
+        image: "img".into(),
+        request_id: claimed[0].name.clone(),
+        ..Default::default()
+    };
+    let again = client.vms.create_vm(retry).await.expect("retry").into_inner().vm.expect("vm");
+    assert_eq!(again.id, claimed[0].id);
+
+    let mut refilled = false;
+    for _ in 0..100 {
+        let pool = client.pools.get_pool(pb::GetPoolRequest { pool: "warm".into() }).await.expect("get").into_inner();
+        let pool = pool.pool.expect("pool");
+        if ready(pool.clone()) == 2 && pool.members.iter().all(|m| !members.contains(&m.vm_id)) {
+            refilled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refilled, "the pool refilled with new members");
+    let listed = client.pools.list_pools(pb::ListPoolsRequest {}).await.expect("list").into_inner().pools;
+    assert_eq!(listed.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["warm"]);
+    client.pools.delete_pool(pb::DeletePoolRequest { pool: "warm".into() }).await.expect("delete pool");
+    let status = client.pools.get_pool(pb::GetPoolRequest { pool: "warm".into() }).await.expect_err("gone");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "POOL_NOT_FOUND".into()));
+    let left = client.vms.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_inner().vms;
+    assert_eq!(
+        left.len(),
+        20,
+        "only the claimed and booted vms stay: {:?}",
+        left.iter().map(|v| &v.name).collect::<Vec<_>>()
+    );
+    daemon.shutdown().await;
+}

@@ -577,3 +577,74 @@ fn a_paused_vm_stands_still_across_a_daemon_kill_and_resumes_where_it_stopped() 
     assert!(daemon.banger(&["vm", "delete", "frozen"]).status.success());
     wait_until("every guest process to go", Duration::from_secs(10), || daemon.guest_processes().is_empty());
 }
+
+/// The names of a pool's members that are running, from `pool show`.
+fn ready_members(daemon: &Daemon, pool: &str) -> Vec<String> {
+    let out = daemon.banger(&["pool", "show", pool]);
+    let shown = text(&out.stdout);
+    let members = shown.split_once("members:\n").map(|(_, rest)| rest).unwrap_or_default();
+    members
+        .lines()
+        .filter(|line| line.split_whitespace().nth(2) == Some("running"))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+fn wait_ready_members(daemon: &Daemon, pool: &str, count: usize) -> Vec<String> {
+    let mut members = Vec::new();
+    wait_until("the pool to fill", Duration::from_secs(120), || {
+        members = ready_members(daemon, pool);
+        members.len() == count
+    });
+    members
+}
+
+#[test]
+fn a_warm_pool_serves_creates_by_claims_that_take_the_new_name_refills_and_survives_a_daemon_kill() {
+    let _slot = guest_slot();
+    let mut daemon = Daemon::start(&[]);
+    let out = daemon.banger(&["pool", "create", "warm", "--size", "2"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let members = wait_ready_members(&daemon, "warm", 2);
+    let out = daemon.banger(&["pool", "show", "warm"]);
+    assert!(text(&out.stdout).contains(" MiB"), "members' memory shown: {}", text(&out.stdout));
+    let member_pids: Vec<String> = members.iter().map(|m| vm_field(&daemon, m, "vmm pid")).collect();
+
+    for name in ["first", "second"] {
+        let out = daemon.banger(&["vm", "create", "--name", name]);
+        let stages = text(&out.stderr);
+        assert!(out.status.success(), "{stages}");
+        assert!(stages.contains("pool_claim") && !stages.contains("vmm_boot"), "claimed, not booted: {stages}");
+        assert!(member_pids.contains(&vm_field(&daemon, name, "vmm pid")), "a member's vmm serves {name}");
+        let out = daemon.banger(&["vm", "exec", name, "--", "sh", "-c", "hostname; cat /etc/hostname"]);
+        assert_eq!(text(&out.stdout), format!("{name}\n{name}\n"), "{}", text(&out.stderr));
+    }
+    // Another shape boots as always.
+    let out = daemon.banger(&["vm", "create", "--name", "cold", "--memory", "320"]);
+    assert!(out.status.success() && text(&out.stderr).contains("vmm_boot"), "{}", text(&out.stderr));
+
+    let refilled = wait_ready_members(&daemon, "warm", 2);
+    assert!(refilled.iter().all(|m| !members.contains(m)), "new members: {refilled:?} after {members:?}");
+    let refilled_pids: Vec<String> = refilled.iter().map(|m| vm_field(&daemon, m, "vmm pid")).collect();
+
+    // Members survive a daemon kill: adopted, same processes, still claimable.
+    daemon.signal(Signal::SIGKILL);
+    daemon.restart();
+    assert_eq!(ready_members(&daemon, "warm"), refilled);
+    let pids: Vec<String> = refilled.iter().map(|m| vm_field(&daemon, m, "vmm pid")).collect();
+    assert_eq!(pids, refilled_pids);
+    let out = daemon.banger(&["vm", "create", "--name", "third"]);
+    assert!(out.status.success() && text(&out.stderr).contains("pool_claim"), "{}", text(&out.stderr));
+
+    // Deleting the pool deletes its unclaimed members; claimed VMs stay.
+    let out = daemon.banger(&["pool", "delete", "warm"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = daemon.banger(&["vm", "list"]);
+    let listed = text(&out.stdout);
+    assert!(!listed.contains("warm-"), "unclaimed members left: {listed}");
+    for vm in ["first", "second", "third", "cold"] {
+        assert!(listed.contains(vm), "{vm} missing: {listed}");
+        assert!(daemon.banger(&["vm", "delete", vm]).status.success());
+    }
+    wait_until("every guest process to go", Duration::from_secs(20), || daemon.guest_processes().is_empty());
+}

@@ -210,6 +210,12 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
         if let Err(e) = crate::domain::labels_error(&request.labels) {
             violations.push(FieldViolation::new("labels", e.to_string()));
         }
+        if let Some(key) = request.labels.keys().find(|key| key.starts_with(crate::domain::RESERVED_LABEL_PREFIX)) {
+            violations.push(FieldViolation::new(
+                "labels",
+                format!("key {key:?}: keys under {:?} are the daemon's", crate::domain::RESERVED_LABEL_PREFIX),
+            ));
+        }
         let disk_bytes = request.disk_size_bytes.div_ceil(MIB) * MIB;
         if disk_bytes > MAX_DISK_BYTES {
             violations.push(FieldViolation::new(

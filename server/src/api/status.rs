@@ -202,6 +202,7 @@ fn resource_type(kind: Resource) -> &'static str {
     match kind {
         Resource::Vm => "Vm",
         Resource::Image => "Image",
+        Resource::Pool => "Pool",
     }
 }
 
@@ -228,6 +229,7 @@ fn describe(error: &Error) -> Described {
                 match kind {
                     Resource::Vm => "VM_NOT_FOUND",
                     Resource::Image => "IMAGE_NOT_FOUND",
+                    Resource::Pool => "POOL_NOT_FOUND",
                 },
                 &[(kind.as_str(), key.clone())],
             )
@@ -239,6 +241,7 @@ fn describe(error: &Error) -> Described {
                 match kind {
                     Resource::Vm => "VM_NAME_TAKEN",
                     Resource::Image => "IMAGE_NAME_TAKEN",
+                    Resource::Pool => "POOL_NAME_TAKEN",
                 },
                 &[(kind.as_str(), name.clone())],
             )

@@ -237,7 +237,8 @@ pub fn needs(path: &str) -> Needs {
         ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => Needs::Authenticated,
         ("banger.v1.VmService", "GetVm" | "ListVms" | "WaitVm" | "WatchVms" | "StreamVmLogs")
         | ("banger.v1.ImageService", "GetImage" | "ListImages")
-        | ("banger.v1.HostService", "GetHost") => Needs::Role(Role::Viewer),
+        | ("banger.v1.HostService", "GetHost")
+        | ("banger.v1.PoolService", "GetPool" | "ListPools") => Needs::Role(Role::Viewer),
         (
             "banger.v1.VmService",
             "CreateVm" | "StartVm" | "StopVm" | "PauseVm" | "ResumeVm" | "DeleteVm" | "TouchVm" | "ExecVm" | "CopyToVm"

@@ -11,6 +11,8 @@ pub enum Resource {
     Vm,
     /// An image.
     Image,
+    /// A warm pool.
+    Pool,
 }
 
 impl Resource {
@@ -19,6 +21,7 @@ impl Resource {
         match self {
             Self::Vm => "vm",
             Self::Image => "image",
+            Self::Pool => "pool",
         }
     }
 }
@@ -75,6 +78,10 @@ macro_rules! ulid_id {
 ulid_id!(
     /// Identifies a VM for its whole life; never reused.
     VmId
+);
+ulid_id!(
+    /// Identifies a warm pool; never reused.
+    PoolId
 );
 ulid_id!(
     /// Identifies an image for its whole life; never reused.

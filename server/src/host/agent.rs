@@ -25,7 +25,7 @@ use std::time::Duration;
 use banger_proto::agent::v1::agent_service_client::AgentServiceClient;
 use banger_proto::agent::v1::{
     ExecRequest, ExecResponse, InfoRequest, InfoResponse, ReadFileRequest, ReadFileResponse, ReadyRequest,
-    ReadyResponse, ShutdownRequest, WriteFileRequest,
+    ReadyResponse, SetIdentityRequest, ShutdownRequest, WriteFileRequest,
 };
 use banger_proto::error_chain;
 use hyper_util::rt::TokioIo;
@@ -445,6 +445,13 @@ impl AgentClient {
         }
     }
 
+    /// Gives the guest a new hostname.
+    pub async fn set_identity(&self, hostname: &str) -> Result<(), AgentError> {
+        let mut client = self.client.clone();
+        let request = SetIdentityRequest { hostname: hostname.to_owned() };
+        unary("SetIdentity", CALL_TIMEOUT, client.set_identity(with_timeout(request, CALL_TIMEOUT))).await.map(drop)
+    }
+
     /// Asks the guest to sync and power off. The agent answers before it powers off, so success
     /// means "power-off is under way"; the VMM exits shortly after.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
@@ -653,6 +660,13 @@ mod tests {
             _: tonic::Request<ShutdownRequest>,
         ) -> Result<tonic::Response<ShutdownResponse>, tonic::Status> {
             Ok(tonic::Response::new(ShutdownResponse {}))
+        }
+
+        async fn set_identity(
+            &self,
+            _: tonic::Request<banger_proto::agent::v1::SetIdentityRequest>,
+        ) -> Result<tonic::Response<banger_proto::agent::v1::SetIdentityResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
         }
 
         type ReadFileStream = Pin<Box<dyn Stream<Item = Result<ReadFileResponse, tonic::Status>> + Send>>;

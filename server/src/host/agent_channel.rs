@@ -57,6 +57,9 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     /// Asks the guest to flush and power off.
     async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError>;
 
+    /// Gives a running guest a new hostname.
+    async fn set_identity(&self, vm: &Vm, hostname: &str) -> Result<(), HostError>;
+
     /// Runs a process in the guest. The future owns what it needs, so it outlives `self`.
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting;
 
@@ -165,6 +168,10 @@ impl AgentChannels for VsockAgentChannels {
 
     async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError> {
         self.client(vm).shutdown().await.map_err(HostError::from)
+    }
+
+    async fn set_identity(&self, vm: &Vm, hostname: &str) -> Result<(), HostError> {
+        self.client(vm).set_identity(hostname).await.map_err(HostError::from)
     }
 
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting {

@@ -418,6 +418,10 @@ impl AgentChannels for FakeHost {
 
     fn forget(&self, _vm: VmId) {}
 
+    async fn set_identity(&self, _vm: &Vm, _hostname: &str) -> Result<(), HostError> {
+        self.check("agents.set_identity")
+    }
+
     async fn quiesce(&self, _vm: &Vm) -> Result<(), HostError> {
         self.check("agents.quiesce")
     }

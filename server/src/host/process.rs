@@ -60,6 +60,11 @@ pub trait Processes: Send + Sync + std::fmt::Debug {
 
     /// SIGTERM, up to `grace`, then SIGKILL; only while the handle still names the process.
     async fn terminate(&self, handle: &ProcessHandle, marker: &Path, grace: Duration);
+
+    /// The memory the process holds (its resident set), if it can be read.
+    fn resident_bytes(&self, _handle: &ProcessHandle) -> Option<u64> {
+        None
+    }
 }
 
 /// Reads processes from a `/proc` tree (injected so tests can point it elsewhere).
@@ -129,6 +134,19 @@ impl Processes for ProcFs {
 
     fn find_by_marker(&self, marker: &Path) -> Option<ProcessHandle> {
         ProcFs::find_by_marker(self, marker)
+    }
+
+    fn resident_bytes(&self, handle: &ProcessHandle) -> Option<u64> {
+        let status = std::fs::read_to_string(self.proc_root.join(handle.pid.to_string()).join("status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
     }
 
     /// Waits up to `timeout` for the process to be gone; true when it is.

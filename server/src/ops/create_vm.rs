@@ -236,14 +236,14 @@ async fn keep_logs(vm: &Vm, failed_dir: &std::path::Path) {
 }
 
 /// A generated name: `vm-` and the random tail of a fresh ULID, lower case.
-fn generated_name(id: VmId) -> String {
+pub(super) fn generated_name(id: VmId) -> String {
     let id = id.to_string().to_lowercase();
     format!("vm-{}", &id[id.len() - 8..])
 }
 
 /// A root disk asked bigger than its image must be at least the image, and made by a
 /// strategy that can grow (a dm-snapshot is its base's size).
-fn check_disk_size(
+pub(super) fn check_disk_size(
     disk_bytes: u64,
     image: &crate::domain::Image,
     strategy: crate::domain::RootDiskStrategy,
@@ -265,8 +265,17 @@ fn check_disk_size(
 }
 
 impl Ops {
-    /// Creates a VM (and boots it unless `request.start` is false).
+    /// Creates a VM (and boots it unless `request.start` is false); a ready member of a
+    /// pool of its shape serves it when there is one.
     pub async fn create_vm(&self, request: CreateVm) -> Result<Vm, Error> {
+        if let Some(claimed) = self.claim(&request).await {
+            return claimed;
+        }
+        self.create_vm_cold(request).await
+    }
+
+    /// Creates a VM by booting it (unless `request.start` is false).
+    pub(super) async fn create_vm_cold(&self, request: CreateVm) -> Result<Vm, Error> {
         let op_id = OpId::generate();
         let id = VmId::generate();
         let name = request.name.clone().unwrap_or_else(|| generated_name(id));

@@ -9,6 +9,7 @@ mod error;
 mod exec_vm;
 mod images;
 mod pause_vm;
+mod pools;
 mod pull_image;
 mod queries;
 mod reaper;
@@ -32,6 +33,7 @@ pub use admission::{Capacity, Exhausted};
 pub use create_vm::CreateVm;
 pub use error::{Error, FieldViolation};
 pub use exec_vm::{ExecOutput, LogOutput, VmLog};
+pub use pools::{NewPool, PoolMember};
 pub use pull_image::{AGENT_INIT_ARGS, NewOciImage};
 
 use crate::{
@@ -133,6 +135,8 @@ pub struct Ops {
     importing: Mutex<std::collections::HashSet<crate::domain::ImageId>>,
     /// Set when the daemon stops serving: long-lived calls (watches, waits) end.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Wakes the pool refiller: a pool was made, a member claimed or booted.
+    pools_changed: tokio::sync::Notify,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -165,7 +169,13 @@ impl Ops {
             pull_lock: tokio::sync::Mutex::new(()),
             importing: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
+            pools_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until a pool changed (or `timeout` passed): when the refiller looks again.
+    pub async fn pools_changed(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.pools_changed.notified()).await;
     }
 
     /// Tells long-lived calls (watches, waits) that the daemon stops serving.

@@ -304,6 +304,72 @@ async fn reconcile_finishes_a_pause_or_resume_the_daemon_died_in() {
     f.assert_consistent(&record, "paused vmm died");
 }
 
+async fn warm_pool(f: &Fixture, size: u32) -> crate::domain::Pool {
+    let new = super::NewPool {
+        name: "warm".into(),
+        image: Some("img".into()),
+        spec: VmSpec { vcpus: 1, memory_mib: 256, disk_bytes: 0 },
+        egress: Default::default(),
+        size,
+    };
+    let pool = f.ops.create_pool(new).await.expect("pool");
+    for _ in 0..size {
+        f.ops.refill_pools().await.expect("refill");
+    }
+    pool
+}
+
+async fn member_ids(f: &Fixture) -> Vec<crate::domain::VmId> {
+    let (_, members) = f.ops.get_pool("warm").await.expect("pool");
+    members.iter().filter(|m| m.vm.observed_state == VmState::Running).map(|m| m.vm.id).collect()
+}
+
+#[tokio::test]
+async fn a_create_of_a_pools_shape_claims_a_member_that_takes_its_name_and_the_pool_refills() {
+    let f = fixture().await;
+    let pool = warm_pool(&f, 2).await;
+    let members = member_ids(&f).await;
+    assert_eq!(members.len(), 2, "{:?}", f.host.processes());
+
+    let mut request = create("claimed");
+    request.labels = [("team".to_owned(), "a".to_owned())].into();
+    request.ttl_ms = Some(60_000);
+    let vm = f.ops.create_vm(request).await.expect("claim");
+    assert!(members.contains(&vm.id), "served by a member");
+    assert_eq!((vm.name.as_str(), vm.observed_state), ("claimed", VmState::Running));
+    assert_eq!(vm.labels.get("team").map(String::as_str), Some("a"));
+    assert!(!pool.has_member(&vm.labels) && vm.expire_at_ms.is_some());
+    assert_eq!(f.processes_of(&vm), 2, "the member's vmm and backend, not a new boot");
+    assert_eq!(member_ids(&f).await.len(), 1);
+
+    // Another shape boots; a claim that fails falls back to a boot and drops the member.
+    let mut other = create("bigger");
+    other.spec.memory_mib = 512;
+    let bigger = f.ops.create_vm(other).await.expect("boot");
+    assert!(!members.contains(&bigger.id));
+    f.host.fail_next("agents.set_identity");
+    let fallback = f.ops.create_vm(create("fallback")).await.expect("a failed claim boots instead");
+    assert!(!members.contains(&fallback.id), "booted, not claimed");
+    assert!(member_ids(&f).await.is_empty(), "the member whose claim failed is gone");
+    // A name in use is refused as a create would refuse it, and the member stays.
+    f.ops.refill_pools().await.expect("refill");
+    let refused = f.ops.create_vm(create("claimed")).await.expect_err("name taken");
+    assert!(matches!(refused.root(), Error::AlreadyExists { .. }), "{refused:?}");
+    assert_eq!(member_ids(&f).await.len(), 1, "the member is still the pool's");
+
+    f.ops.refill_pools().await.expect("refill");
+    assert_eq!(member_ids(&f).await.len(), 2, "refilled");
+    // Deleting the pool deletes its unclaimed members only.
+    f.ops.delete_pool("warm").await.expect("delete pool");
+    assert!(f.ops.get_pool("warm").await.is_err());
+    for name in ["claimed", "bigger", "fallback"] {
+        assert!(f.record(name).await.is_some(), "{name} stays");
+    }
+    let left: Vec<_> =
+        f.ops.store.vm_list().await.expect("list").into_iter().filter(|vm| pool.has_member(&vm.labels)).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[tokio::test]
 async fn delete_stages_are_idempotent_and_a_failed_delete_can_be_retried() {
     let f = fixture().await;

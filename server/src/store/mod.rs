@@ -6,6 +6,7 @@
 mod events;
 mod images;
 mod index;
+mod pools;
 mod requests;
 mod vms;
 
@@ -16,7 +17,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 pub use events::{Event, EventKind, StageRecord};
 pub use requests::RequestRecord;
-pub use vms::{LastError, NewVmRecord, VmFilter, VmUpdate};
+pub use vms::{LastError, NewVmRecord, VmClaim, VmFilter, VmUpdate};
 
 /// What can go wrong reading or writing records.
 #[derive(Debug, thiserror::Error)]

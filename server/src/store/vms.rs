@@ -115,6 +115,19 @@ pub(super) fn label_path(key: &str) -> String {
     format!("$.\"{}\"", key.replace('"', ""))
 }
 
+/// What a claim of a pool member changes.
+#[derive(Debug, Clone, Copy)]
+pub struct VmClaim<'a> {
+    /// The caller's name for it.
+    pub name: &'a str,
+    /// The caller's labels (the pool's label goes).
+    pub labels: &'a Labels,
+    /// When the reaper deletes it, if ever.
+    pub expire_at_ms: Option<i64>,
+    /// The claiming operation's id.
+    pub last_operation: &'a str,
+}
+
 /// What a new VM record needs; the store assigns the vsock CID and timestamps.
 #[derive(Debug, Clone)]
 pub struct NewVmRecord<'a> {
@@ -306,6 +319,44 @@ impl Store {
         if let Some(revision) = revision {
             self.announce(revision);
         }
+        Ok(updated)
+    }
+
+    /// Gives `vm` (a pool member, at generation `vm.generation`) to a caller: its new name,
+    /// labels and expiry. A member taken by someone else meanwhile is a conflict; a name in
+    /// use is `NameTaken`.
+    pub async fn vm_claim(&self, vm: &Vm, claim: VmClaim<'_>) -> Result<Vm, StoreError> {
+        let writing = self.vms.writing().await;
+        let mut tx = self.write_transaction().await?;
+        let done = sqlx::query(
+            "UPDATE vms SET name = ?3, labels = ?4, expire_at_ms = ?5, last_operation = ?6, updated_at_ms = ?7, \
+               generation = generation + 1 \
+             WHERE id = ?1 AND generation = ?2",
+        )
+        .bind(vm.id.to_string())
+        .bind(vm.generation)
+        .bind(claim.name)
+        .bind(serde_json::to_string(claim.labels).unwrap_or_else(|_| "{}".into()))
+        .bind(claim.expire_at_ms)
+        .bind(claim.last_operation)
+        .bind(self.clock.now_ms())
+        .execute(&mut *tx)
+        .await;
+        let done = match done {
+            Ok(done) => done,
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::NameTaken { kind: Resource::Vm, name: claim.name.to_owned() });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            self.vm_get(&vm.id.to_string()).await?;
+            return Err(StoreError::Conflict { kind: Resource::Vm, id: vm.id.to_string(), expected: vm.generation });
+        }
+        let updated = read_in(&mut tx, vm.id).await?;
+        tx.commit().await?;
+        writing.put(updated.clone());
         Ok(updated)
     }
 
