@@ -23,7 +23,7 @@ set -euo pipefail
 
 # Modules the guest needs, in load order (each needs the ones before it).
 readonly MODULES=(virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-	failover net_failover virtio_net)
+	failover net_failover virtio_net virtio_console)
 readonly KERNEL_META_PACKAGE=linux-image-cloud-amd64
 readonly BUSYBOX_PACKAGE=busybox-static
 readonly ROOTFS_SIZE=${ROOTFS_SIZE:-1G}

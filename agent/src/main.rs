@@ -10,6 +10,7 @@ macro_rules! log {
 mod exec;
 mod files;
 mod grow_root;
+mod serial;
 mod service;
 mod supervisor;
 mod switch_root;
@@ -172,14 +173,40 @@ fn run(listen: Listen) -> Result<(), ServeError> {
 async fn serve(listen: Listen) -> Result<(), ServeError> {
     match listen {
         Listen::Vsock { port } => {
-            let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))
-                .map_err(|source| ServeError::BindVsock { port, source })?;
-            log!("serving banger.agent.v1 on vsock port {port}");
-            Server::builder()
-                .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::PowerOff)))
-                .serve_with_incoming(pause_after_accept_errors(listener.incoming()))
-                .await
-                .map_err(ServeError::Serve)
+            // A VM has vsock, a virtio-serial port named for the agent (VMs that can be
+            // snapshotted), or both: each is served.
+            let vsock = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port));
+            let serial_port = serial::find_port();
+            let serve_vsock = async {
+                match vsock {
+                    Ok(listener) => {
+                        log!("serving banger.agent.v1 on vsock port {port}");
+                        Server::builder()
+                            .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::PowerOff)))
+                            .serve_with_incoming(pause_after_accept_errors(listener.incoming()))
+                            .await
+                            .map_err(ServeError::Serve)
+                    }
+                    Err(source) if serial_port.is_some() => {
+                        log!("no vsock ({source}): serving the virtio-serial port only");
+                        std::future::pending().await
+                    }
+                    Err(source) => Err(ServeError::BindVsock { port, source }),
+                }
+            };
+            let serve_serial = async {
+                let Some(path) = serial_port.clone() else { return std::future::pending().await };
+                log!("serving banger.agent.v1 on virtio-serial port {}", path.display());
+                Server::builder()
+                    .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::PowerOff)))
+                    .serve_with_incoming(serial::incoming(path))
+                    .await
+                    .map_err(ServeError::Serve)
+            };
+            tokio::select! {
+                served = serve_vsock => served,
+                served = serve_serial => served,
+            }
         }
         Listen::Unix { path } => {
             remove_stale_socket(&path);

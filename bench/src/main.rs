@@ -437,7 +437,24 @@ async fn clean_up(bin_dir: &Path, image_dir: &Path, work: &Path) {
 }
 
 async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Result<(), Error> {
-    let only_rpc = std::env::var("BANGER_BENCH_ONLY").is_ok_and(|only| only == "rpc");
+    let only = std::env::var("BANGER_BENCH_ONLY").unwrap_or_default();
+    let only_rpc = only == "rpc";
+    if only == "pool" {
+        // BANGER_BENCH_ONLY=pool: only the pool section; to `results-pool.json`.
+        let daemon = Daemon::start(bin_dir, image_dir, work)?;
+        let (client, _) = daemon.serving().await?;
+        // The first create imports the default image: not counted.
+        create_watched(&client, "warmup").await?;
+        delete(&client, "warmup").await?;
+        let results = json!({ "machine": machine(), "pool": pool_measures(bin_dir, &daemon, &client).await? });
+        drop(client);
+        daemon.kill();
+        let out = root.join("target/bench");
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(out.join("results-pool.json"), serde_json::to_string_pretty(&results)?)?;
+        println!("{}", pool_lines(&results));
+        return Ok(());
+    }
     let registry = (!only_rpc).then(banger_tests::Registry::start);
     if let Some(registry) = &registry {
         std::fs::write(work.join("bangerd.toml"), format!("insecure_registries = [\"{}\"]\n", registry.address))?;
@@ -581,6 +598,9 @@ async fn guest_measures(
     eprintln!("bench: `banger vm run -- true` against the raw VMM, {AB_PAIRS} pairs");
     results["ab"] = side_by_side(bin_dir, daemon, &client, work).await?;
 
+    // 1c. A warm pool: claims instead of boots.
+    results["pool"] = pool_measures(bin_dir, daemon, &client).await?;
+
     // 2. Create throughput at concurrency 1 and 2 (at most two TCG guests at once here).
     let mut throughput = serde_json::Map::new();
     for workers in [1usize, 2] {
@@ -618,6 +638,95 @@ async fn guest_measures(
     results["create_throughput"] = Value::Object(throughput);
 
     Ok(())
+}
+
+/// Pool claims and runs measured one after another.
+const POOL_RUNS: usize = 20;
+/// `vm run -- true` runs, cold and from a pool.
+const POOL_CLI_RUNS: usize = 8;
+
+/// Waits until the pool named `pool` has `count` ready members (nothing boots meanwhile).
+async fn pool_ready(client: &Client, pool: &str, count: u32) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let mut client = client.clone();
+        let got = client.pools.get_pool(pb::GetPoolRequest { pool: pool.into() }).await?.into_inner();
+        let got = got.pool.unwrap_or_default();
+        if got.ready >= count && got.members.len() as u32 == got.ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("pool {pool} not ready: {got:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A claimed create, then an exec: the time from the create's start to the exec's first
+/// output, and the create alone.
+async fn claim_to_output(client: &Client, name: &str) -> Result<(f64, f64), Error> {
+    use tokio_stream::StreamExt;
+    let mut client = client.clone();
+    let started = Instant::now();
+    let vm = client.vms.create_vm(pb::CreateVmRequest { name: name.into(), ..Default::default() }).await?;
+    let created = started.elapsed().as_secs_f64() * 1000.0;
+    let vm = vm.into_inner().vm.unwrap_or_default();
+    let start = pb::ExecVmStart { vm: vm.id, argv: vec!["echo".into(), "ready".into()], ..Default::default() };
+    let mut output = client.exec(start, tokio_stream::empty()).await?;
+    while let Some(message) = output.next().await {
+        if matches!(message?.payload, Some(pb::exec_vm_response::Payload::Stdout(_))) {
+            return Ok((started.elapsed().as_secs_f64() * 1000.0, created));
+        }
+    }
+    Err(format!("{name}: no output").into())
+}
+
+/// Section 1c: a warm pool. `vm run -- true` cold, then from a pool of 2 (each run waits
+/// until the pool is full again, so no boot runs beside it); claim → first exec output.
+async fn pool_measures(bin_dir: &Path, daemon: &Daemon, client: &Client) -> Result<Value, Error> {
+    eprintln!("bench: `banger vm run -- true` cold, {POOL_CLI_RUNS} runs");
+    let mut cold = Vec::new();
+    for i in 0..POOL_CLI_RUNS {
+        let name = format!("cold-{i}");
+        cold.push(banger_run_true(bin_dir, daemon, &name)?.as_secs_f64() * 1000.0);
+        delete(client, &name).await?;
+    }
+    let mut pools = client.clone();
+    let request = pb::CreatePoolRequest { name: "bench".into(), size: 2, ..Default::default() };
+    pools.pools.create_pool(request).await?;
+    eprintln!("bench: `banger vm run -- true` from a pool of 2, {POOL_CLI_RUNS} runs");
+    let mut warm = Vec::new();
+    for i in 0..POOL_CLI_RUNS {
+        pool_ready(client, "bench", 2).await?;
+        let name = format!("warm-{i}");
+        warm.push(banger_run_true(bin_dir, daemon, &name)?.as_secs_f64() * 1000.0);
+        delete(client, &name).await?;
+    }
+    eprintln!("bench: pool claim → first exec output, {POOL_RUNS} runs");
+    let (mut to_output, mut creates) = (Vec::new(), Vec::new());
+    for i in 0..POOL_RUNS {
+        pool_ready(client, "bench", 2).await?;
+        let name = format!("claim-{i}");
+        let (output, created) = claim_to_output(client, &name).await?;
+        to_output.push(output);
+        creates.push(created);
+        delete(client, &name).await?;
+    }
+    pool_ready(client, "bench", 2).await?;
+    let got = pools.pools.get_pool(pb::GetPoolRequest { pool: "bench".into() }).await?.into_inner();
+    let member_rss: Vec<f64> =
+        got.pool.unwrap_or_default().members.iter().map(|m| m.memory_bytes as f64 / 1048576.0).collect();
+    pools.pools.delete_pool(pb::DeletePoolRequest { pool: "bench".into() }).await?;
+    let (cold, warm) = (quantiles_ms(cold), quantiles_ms(warm));
+    let speedup = num(&cold["p50_ms"]) / num(&warm["p50_ms"]).max(f64::MIN_POSITIVE);
+    Ok(json!({
+        "vm_run_true_cold": cold,
+        "vm_run_true_pool": warm,
+        "vm_run_speedup_p50": speedup,
+        "claim_to_first_output": quantiles_ms(to_output),
+        "claimed_create": quantiles_ms(creates),
+        "member_rss_mib": member_rss,
+    }))
 }
 
 /// Runs a tool to completion; its wall time.
@@ -848,6 +957,7 @@ fn summary(r: &Value) -> String {
         num(&list64["p99_ms"]),
         verdict(num(&list64["per_second"]) >= 10_000.0 && num(&list64["p99_ms"]) <= 10.0)
     );
+    out += &pool_lines(r);
     out += &format!(
         "| startup reconcile, 1,000 records (2 running) | {} | ≤ 1 s | {} |\n",
         reconcile.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "not logged".into()),
@@ -937,6 +1047,31 @@ fn summary(r: &Value) -> String {
         }
     }
     out
+}
+
+/// The pool's rows of the summary table.
+fn pool_lines(r: &Value) -> String {
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let pool = &r["pool"];
+    let (claim, create) = (&pool["claim_to_first_output"], &pool["claimed_create"]);
+    let (cold, warm) = (&pool["vm_run_true_cold"], &pool["vm_run_true_pool"]);
+    let rss: Vec<String> =
+        pool["member_rss_mib"].as_array().into_iter().flatten().map(|m| format!("{:.0}", num(m))).collect();
+    format!(
+        "| pool claim → first exec output (`CreateVm` served by a member, then `ExecVm echo`), {POOL_RUNS} runs | p50 {:.1} ms, p99 {:.1} ms (the claimed create alone: p50 {:.1} ms, p99 {:.1} ms) | p99 ≤ 100 ms | {} |\n\
+         | `banger vm run -- true` from a pool of 2 vs cold, {POOL_CLI_RUNS} runs each | p50 {:.0} ms vs {:.0} ms: {:.0}× faster | ≥ 10× | {} |\n\
+         | resident memory of an idle pool member's VMM (256 MiB guest) | {} MiB | | |\n",
+        num(&claim["p50_ms"]),
+        num(&claim["p99_ms"]),
+        num(&create["p50_ms"]),
+        num(&create["p99_ms"]),
+        verdict(num(&claim["p99_ms"]) <= 100.0),
+        num(&warm["p50_ms"]),
+        num(&cold["p50_ms"]),
+        num(&pool["vm_run_speedup_p50"]),
+        verdict(num(&pool["vm_run_speedup_p50"]) >= 10.0),
+        rss.join(", ")
+    )
 }
 
 /// Replaces the text between the bench markers of `path` with `table`.

@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub vsock_backend_binary: Option<PathBuf>,
     /// See [`Config::accel`].
     pub accel: Option<Accel>,
+    /// See [`Config::agent_channel`].
+    pub agent_channel: Option<AgentChannel>,
     /// See [`Config::otlp_endpoint`].
     pub otlp_endpoint: Option<String>,
     /// See [`Config::vmm_memory_overhead_mib`].
@@ -245,6 +247,10 @@ pub struct Config {
     pub vsock_backend_binary: PathBuf,
     /// QEMU accelerator: TCG unless KVM is known to boot guests on this host.
     pub accel: Accel,
+    /// How QEMU guests' agents are reached: `vsock` (the kernel's vhost-vsock where the host
+    /// has it, else `vhost-device-vsock`) or `virtio-serial` (a port QEMU serves on a unix
+    /// socket: no backend process, and it survives the VMM's save and restore).
+    pub agent_channel: AgentChannel,
     /// OTLP/gRPC endpoint for spans and metrics (`http://HOST:4317`); none exports nothing.
     pub otlp_endpoint: Option<String>,
     /// Memory a VMM may use beyond its guest's, in its cgroup's limit.
@@ -535,6 +541,7 @@ impl Config {
             qemu_binary: file.qemu_binary.unwrap_or_else(|| "qemu-system-x86_64".into()),
             vsock_backend_binary: file.vsock_backend_binary.unwrap_or_else(|| "vhost-device-vsock".into()),
             accel,
+            agent_channel: file.agent_channel.unwrap_or_default(),
             otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
             vmm_memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(DEFAULT_VMM_MEMORY_OVERHEAD_MIB),
             image_min_rootfs_mib: file.image_min_rootfs_mib.unwrap_or(DEFAULT_IMAGE_MIN_ROOTFS_MIB),
@@ -547,6 +554,18 @@ impl Config {
             registry_auth_file: file.registry_auth_file.or_else(default_registry_auth_file),
         })
     }
+}
+
+/// How QEMU guests' agents are reached (`agent_channel` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentChannel {
+    /// vsock: the kernel's vhost-vsock where `/dev/vhost-vsock` opens, else a
+    /// `vhost-device-vsock` per VM.
+    #[default]
+    Vsock,
+    /// A virtio-serial port on a unix socket QEMU serves.
+    VirtioSerial,
 }
 
 /// Where docker keeps registry credentials for the daemon's user.
@@ -742,7 +761,11 @@ mod tests {
         assert_eq!(file.log_level, Some(LogLevel::Warn));
         let auto: FileConfig = toml::from_str("root_disk = 'auto'").expect("parses");
         assert_eq!(auto.root_disk, Some(RootDiskChoice::Auto(Auto::Auto)));
-        for bad in ["vmm = 'xen'", "accel = 'hvf'", "root_disk = 'zfs'", "log_level = 'verbose'"] {
+        let serial: FileConfig = toml::from_str("agent_channel = 'virtio-serial'").expect("parses");
+        assert_eq!(serial.agent_channel, Some(AgentChannel::VirtioSerial));
+        for bad in
+            ["vmm = 'xen'", "accel = 'hvf'", "root_disk = 'zfs'", "log_level = 'verbose'", "agent_channel = 'tcp'"]
+        {
             assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
         }
     }

@@ -138,7 +138,11 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
     };
     let processes = ProcFs::default();
     let cgroups = Cgroups::detect(Cgroups::DEFAULT_ROOT.into(), config.vmm_memory_overhead_mib);
-    let vsock_mode = if firecracker { VsockMode::VmmHybrid } else { VsockMode::detect() };
+    let vsock_mode = match (firecracker, config.agent_channel) {
+        (true, _) => VsockMode::VmmHybrid,
+        (false, config::AgentChannel::VirtioSerial) => VsockMode::VirtioSerial,
+        (false, config::AgentChannel::Vsock) => VsockMode::detect(),
+    };
     tracing::info!(
         vmm = ?config.vmm,
         vsock = ?vsock_mode,

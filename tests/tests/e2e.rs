@@ -648,3 +648,50 @@ fn a_warm_pool_serves_creates_by_claims_that_take_the_new_name_refills_and_survi
     }
     wait_until("every guest process to go", Duration::from_secs(20), || daemon.guest_processes().is_empty());
 }
+
+#[test]
+fn over_the_virtio_serial_channel_a_guest_execs_copies_pauses_restarts_and_survives_a_daemon_kill() {
+    let _slot = guest_slot();
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = work.path().join("config.toml");
+    std::fs::write(&config, "agent_channel = \"virtio-serial\"\n").expect("config");
+    let mut daemon = Daemon::start(&["--config", &config.display().to_string()]);
+    let out = daemon.banger(&["vm", "create", "--name", "serial"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    // One process: QEMU serves the port itself, no vsock backend runs.
+    let processes = daemon.guest_processes();
+    assert_eq!(processes.len(), 1, "{processes:?}");
+    assert!(processes[0].1.contains("virtserialport") && !processes[0].1.contains("vhost-user"), "{processes:?}");
+    let out = daemon.banger(&["vm", "exec", "serial", "--", "cat", "/etc/hostname"]);
+    assert_eq!(text(&out.stdout), "serial\n", "{}", text(&out.stderr));
+
+    // Streams both ways through the one port: 4 MiB in, its digest out, and concurrent calls.
+    let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let sent = work.path().join("payload");
+    std::fs::write(&sent, &payload).expect("payload");
+    let out = daemon.banger_with_stdin(&["vm", "exec", "-i", "serial", "--", "sha256sum"], Some(&payload));
+    assert_eq!(text(&out.stdout).split_whitespace().next(), Some(sha256(&sent).as_str()), "{}", text(&out.stderr));
+    let sleepers: Vec<_> = (0..3)
+        .map(|_| daemon.banger_piped(&["vm", "exec", "serial", "--", "sh", "-c", "sleep 1; echo done"]))
+        .collect();
+    for sleeper in sleepers {
+        let out = sleeper.wait_with_output().expect("exec");
+        assert_eq!(text(&out.stdout), "done\n", "{}", text(&out.stderr));
+    }
+
+    // Paused, its daemon killed: resumed by the next daemon, the channel answers.
+    assert!(daemon.banger(&["vm", "pause", "serial"]).status.success());
+    daemon.signal(Signal::SIGKILL);
+    daemon.restart();
+    assert!(daemon.banger(&["vm", "resume", "serial"]).status.success());
+    let out = daemon.banger(&["vm", "exec", "serial", "--", "echo", "thawed"]);
+    assert_eq!(text(&out.stdout), "thawed\n", "{}", text(&out.stderr));
+
+    // Stopped and started again: QEMU serves the socket anew.
+    assert!(daemon.banger(&["vm", "stop", "serial"]).status.success());
+    assert!(daemon.banger(&["vm", "start", "serial"]).status.success(), "{}", daemon.log());
+    let out = daemon.banger(&["vm", "exec", "serial", "--", "echo", "again"]);
+    assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
+    assert!(daemon.banger(&["vm", "delete", "serial"]).status.success());
+    wait_until("every guest process to go", Duration::from_secs(10), || daemon.guest_processes().is_empty());
+}

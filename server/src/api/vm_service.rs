@@ -95,6 +95,56 @@ impl VmApi {
     }
 }
 
+/// A request that changes one VM it names, retried safely with its request id.
+trait VmMutation: prost::Message + Clone + Send + 'static {
+    /// The VM's id or name.
+    fn vm(&self) -> &str;
+    /// The client's request id.
+    fn request_id(&mut self) -> &mut String;
+}
+
+macro_rules! vm_mutation {
+    ($($request:ty),*) => {$(
+        impl VmMutation for $request {
+            fn vm(&self) -> &str {
+                &self.vm
+            }
+
+            fn request_id(&mut self) -> &mut String {
+                &mut self.request_id
+            }
+        }
+    )*};
+}
+
+vm_mutation!(pb::StartVmRequest, pb::StopVmRequest, pb::PauseVmRequest, pb::ResumeVmRequest);
+
+impl VmApi {
+    /// Runs `run` on the VM a request names, once per request id, as the caller's tenant sees
+    /// it; answers with the VM as `answer` wraps it.
+    async fn mutate_vm<T: VmMutation, R: prost::Message + Default + 'static, F>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        run: impl FnOnce(Arc<Ops>, String) -> F + Send + 'static,
+        answer: fn(pb::Vm) -> R,
+    ) -> Result<Response<R>, Status>
+    where
+        F: std::future::Future<Output = Result<Vm, Error>> + Send,
+    {
+        let tenant = tenant_of(&request);
+        let request = request.into_inner();
+        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), T::request_id);
+        let key = convert::key("vm", request.vm()).map_err(|e| to_status(&e))?;
+        let ops = self.ops.clone();
+        let use_case = async move {
+            let key = visible(&ops, key, tenant.as_ref()).await?;
+            run(ops, key).await
+        };
+        self.vm_mutation(method, idempotency, use_case, answer).await
+    }
+}
+
 /// How often `WaitVm` looks at the VM.
 const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -205,55 +255,25 @@ impl VmService for VmApi {
     }
 
     async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::StartVmResponse>, Status> {
-        let tenant = tenant_of(&request);
-        let request = request.into_inner();
-        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
-        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let (ops, wait_agent) = (self.ops.clone(), !request.no_wait);
-        let use_case = async move {
-            let key = visible(&ops, key, tenant.as_ref()).await?;
-            ops.start_vm(&key, wait_agent).await
-        };
-        self.vm_mutation("StartVm", idempotency, use_case, |vm| pb::StartVmResponse { vm: Some(vm) }).await
+        let wait_agent = !request.get_ref().no_wait;
+        let run = move |ops: Arc<Ops>, key: String| async move { ops.start_vm(&key, wait_agent).await };
+        self.mutate_vm("StartVm", request, run, |vm| pb::StartVmResponse { vm: Some(vm) }).await
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
-        let tenant = tenant_of(&request);
-        let request = request.into_inner();
-        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
-        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let (ops, force) = (self.ops.clone(), request.force);
-        let use_case = async move {
-            let key = visible(&ops, key, tenant.as_ref()).await?;
-            ops.stop_vm(&key, force).await
-        };
-        self.vm_mutation("StopVm", idempotency, use_case, |vm| pb::StopVmResponse { vm: Some(vm) }).await
+        let force = request.get_ref().force;
+        let run = move |ops: Arc<Ops>, key: String| async move { ops.stop_vm(&key, force).await };
+        self.mutate_vm("StopVm", request, run, |vm| pb::StopVmResponse { vm: Some(vm) }).await
     }
 
     async fn pause_vm(&self, request: Request<pb::PauseVmRequest>) -> Result<Response<pb::PauseVmResponse>, Status> {
-        let tenant = tenant_of(&request);
-        let request = request.into_inner();
-        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
-        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let ops = self.ops.clone();
-        let use_case = async move {
-            let key = visible(&ops, key, tenant.as_ref()).await?;
-            ops.pause_vm(&key).await
-        };
-        self.vm_mutation("PauseVm", idempotency, use_case, |vm| pb::PauseVmResponse { vm: Some(vm) }).await
+        let run = |ops: Arc<Ops>, key: String| async move { ops.pause_vm(&key).await };
+        self.mutate_vm("PauseVm", request, run, |vm| pb::PauseVmResponse { vm: Some(vm) }).await
     }
 
     async fn resume_vm(&self, request: Request<pb::ResumeVmRequest>) -> Result<Response<pb::ResumeVmResponse>, Status> {
-        let tenant = tenant_of(&request);
-        let request = request.into_inner();
-        let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
-        let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
-        let ops = self.ops.clone();
-        let use_case = async move {
-            let key = visible(&ops, key, tenant.as_ref()).await?;
-            ops.resume_vm(&key).await
-        };
-        self.vm_mutation("ResumeVm", idempotency, use_case, |vm| pb::ResumeVmResponse { vm: Some(vm) }).await
+        let run = |ops: Arc<Ops>, key: String| async move { ops.resume_vm(&key).await };
+        self.mutate_vm("ResumeVm", request, run, |vm| pb::ResumeVmResponse { vm: Some(vm) }).await
     }
 
     async fn delete_vm(&self, request: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {

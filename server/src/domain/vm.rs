@@ -327,6 +327,9 @@ pub struct VmPaths {
     /// The hybrid vsock socket the host connects to (`CONNECT <port>`). Only the user-space
     /// vsock backend names it on its command line, which identifies that process in `/proc`.
     pub vsock: PathBuf,
+    /// The unix socket QEMU serves the agent's virtio-serial port on (`agent_channel =
+    /// "virtio-serial"`).
+    pub agent_serial: PathBuf,
     /// The vhost-user socket between QEMU and the user-space vsock backend (both name it, so
     /// it identifies neither).
     pub vhost_user_socket: PathBuf,
@@ -348,6 +351,7 @@ impl VmPaths {
             root_disk: dir.join("root.qcow2"),
             api_socket: dir.join("qmp.sock"),
             vsock: dir.join("vsock.sock"),
+            agent_serial: dir.join("agent.sock"),
             vhost_user_socket: dir.join("vhost-user.sock"),
             console_log: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),

@@ -46,10 +46,13 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     /// The backend is alive but can no longer carry connections.
     fn backend_failed(&self, paths: &VmPaths) -> bool;
 
-    /// Waits until the VM's agent answers, or `deadline`, or `still_booting` says no.
+    /// Waits until the VM's agent answers, or `deadline`, or `still_booting` says no. This
+    /// boot's console output starts at byte `console_from` of the console log (earlier boots
+    /// wrote what comes before).
     async fn wait_ready(
         &self,
         vm: &Vm,
+        console_from: u64,
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError>;
@@ -114,6 +117,7 @@ impl VsockAgentChannels {
             .or_insert_with(|| match self.mode {
                 VsockMode::Kernel => AgentClient::new_kernel_vsock(vm.vsock_cid),
                 VsockMode::UserSpace | VsockMode::VmmHybrid => AgentClient::new(vm.paths().vsock),
+                VsockMode::VirtioSerial => AgentClient::new(vm.paths().agent_serial),
             })
             .clone()
     }
@@ -129,7 +133,7 @@ impl AgentChannels for VsockAgentChannels {
     ) -> Result<Option<ProcessHandle>, HostError> {
         match self.mode {
             // QEMU opens /dev/vhost-vsock itself, Firecracker serves the socket: no host process.
-            VsockMode::Kernel | VsockMode::VmmHybrid => Ok(None),
+            VsockMode::Kernel | VsockMode::VmmHybrid | VsockMode::VirtioSerial => Ok(None),
             VsockMode::UserSpace => self.backends.start(cid, paths, identity).await.map(Some),
         }
     }
@@ -145,19 +149,26 @@ impl AgentChannels for VsockAgentChannels {
     async fn wait_ready(
         &self,
         vm: &Vm,
+        console_from: u64,
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
-        if self.mode == VsockMode::UserSpace {
+        if matches!(self.mode, VsockMode::UserSpace | VsockMode::VirtioSerial) {
             // vhost-device-vsock 0.3 has races around connections made while the guest's
-            // vsock driver comes up; each CONNECT during boot is a chance to hit one. The
-            // agent announces itself on the serial console, so wait for that line first and
-            // connect once it is there. Images whose agent does not announce itself are
-            // polled after the grace period.
+            // vsock driver comes up; each CONNECT during boot is a chance to hit one. A
+            // virtio-serial port takes one connection at a time, so a CONNECT made before the
+            // agent serves holds it (and tries made meanwhile find QEMU's backlog full). The
+            // agent announces itself on the serial console, so wait for that line of this
+            // boot first and connect once it is there. Images whose agent does not announce
+            // itself are polled after the grace period.
             let announced = Instant::now() + ANNOUNCE_GRACE;
             let console = vm.paths().console_log;
+            let this_boot = |log: Vec<u8>| {
+                let from = usize::try_from(console_from).unwrap_or(usize::MAX).min(log.len());
+                log[from..].windows(AGENT_ANNOUNCEMENT.len()).any(|w| w == AGENT_ANNOUNCEMENT.as_bytes())
+            };
             while Instant::now() < announced.min(deadline) && still_booting() {
-                if std::fs::read_to_string(&console).is_ok_and(|log| log.contains(AGENT_ANNOUNCEMENT)) {
+                if std::fs::read(&console).is_ok_and(this_boot) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;

@@ -143,6 +143,9 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
     checks.push(match inputs.vsock {
         VsockMode::Kernel => check("vsock", Pass, "/dev/vhost-vsock: the kernel carries the guest-agent channel"),
         VsockMode::VmmHybrid => check("vsock", Pass, "the VMM serves the guest-agent channel (hybrid vsock)"),
+        VsockMode::VirtioSerial => {
+            check("vsock", Pass, "agent_channel = \"virtio-serial\": QEMU serves the guest-agent channel")
+        }
         VsockMode::UserSpace => match version(&inputs.vsock_backend).await {
             Some(v) => check("vsock", Pass, format!("no /dev/vhost-vsock; user-space backend {v}")),
             None => check(
@@ -207,6 +210,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
             VsockMode::Kernel => "kernel vhost-vsock".into(),
             VsockMode::UserSpace => "vhost-device-vsock".into(),
             VsockMode::VmmHybrid => "firecracker hybrid vsock".into(),
+            VsockMode::VirtioSerial => "virtio-serial".into(),
         },
         root_disk: match inputs.root_disk {
             crate::domain::RootDiskStrategy::Qcow2 => "qcow2 overlay".into(),

@@ -320,6 +320,7 @@ impl AgentChannels for FakeHost {
     async fn wait_ready(
         &self,
         _vm: &Vm,
+        _console_from: u64,
         _deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {

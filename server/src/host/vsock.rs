@@ -22,6 +22,10 @@ pub enum VsockMode {
     UserSpace,
     /// The VMM serves the hybrid unix socket itself (Firecracker).
     VmmHybrid,
+    /// Not vsock: a virtio-serial port (QEMU's `virtserialport` named `banger.agent`) on a
+    /// unix socket QEMU serves, with the same `CONNECT`/`OK` handshake. No backend process,
+    /// nothing on the host maps guest memory, and it survives the VMM's save and restore.
+    VirtioSerial,
 }
 
 impl VsockMode {

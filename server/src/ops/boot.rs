@@ -101,12 +101,14 @@ pub struct Boot {
     handles: VmHandles,
     /// The VMM joining its cgroup, started by `limit_resources` and awaited by `vmm_boot`.
     confining: Option<tokio::task::JoinHandle<Result<Option<String>, HostError>>>,
+    /// Where this boot's output starts in the console log (earlier boots' comes before).
+    console_from: u64,
 }
 
 impl Boot {
     /// A boot of `vm` from `image`, with nothing done yet.
     pub fn new(vm: Vm, image: Image) -> Self {
-        Self { vm, image, created_disk: false, handles: VmHandles::default(), confining: None }
+        Self { vm, image, created_disk: false, handles: VmHandles::default(), confining: None, console_from: 0 }
     }
 
     /// Runs one stage.
@@ -180,6 +182,7 @@ impl Boot {
             BootStage::VmmLaunch
                 if self.handles.vmm.is_some_and(|vmm| ops.host.processes.alive(&vmm, &paths.api_socket)) => {}
             BootStage::VmmLaunch => {
+                self.console_from = crate::host::fs::file_len(&paths.console_log).await.unwrap_or(0);
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
                 let launch = self.launch_spec(&paths, &disk, nic.as_ref());
@@ -221,7 +224,7 @@ impl Boot {
                 let still_booting =
                     || host.processes.alive(&vmm, &paths.api_socket) && !host.agents.backend_failed(&paths);
                 let deadline = tokio::time::Instant::now() + AGENT_READY_TIMEOUT;
-                host.agents.wait_ready(&self.vm, deadline, &still_booting).await?;
+                host.agents.wait_ready(&self.vm, self.console_from, deadline, &still_booting).await?;
             }
         }
         Ok(())

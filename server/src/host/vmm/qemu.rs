@@ -121,6 +121,14 @@ impl QemuVmm {
                 "-device",
                 "vhost-user-vsock-device,chardev=vsock",
             ]),
+            VsockMode::VirtioSerial => push(&[
+                "-device",
+                "virtio-serial-device,max_ports=2",
+                "-chardev",
+                &format!("socket,id=agent,path={},server=on,wait=off", paths.agent_serial.display()),
+                "-device",
+                "virtserialport,chardev=agent,name=banger.agent",
+            ]),
         }
         if let Some(nic) = launch.nic {
             // The tap is opened by the daemon and is QEMU's fd 3: an unprivileged QEMU may
@@ -284,5 +292,14 @@ mod tests {
         let kernel = args(VsockMode::Kernel);
         assert!(after(&kernel, "-device").contains(&"vhost-vsock-device,guest-cid=7"));
         assert!(!after(&kernel, "-chardev").iter().any(|c| c.contains("vhost-user")));
+        // The virtio-serial channel: a port QEMU serves, and no vsock device at all.
+        let serial = args(VsockMode::VirtioSerial);
+        let devices = after(&serial, "-device");
+        assert!(devices.contains(&"virtio-serial-device,max_ports=2"), "{devices:?}");
+        assert!(devices.contains(&"virtserialport,chardev=agent,name=banger.agent"), "{devices:?}");
+        assert!(!devices.iter().any(|d| d.contains("vsock")), "{devices:?}");
+        assert!(
+            after(&serial, "-chardev").contains(&"socket,id=agent,path=/state/vms/x/agent.sock,server=on,wait=off")
+        );
     }
 }
