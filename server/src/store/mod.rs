@@ -209,6 +209,16 @@ impl Store {
     }
 }
 
+/// A VM's or a pool's shape, from the columns both tables name alike.
+fn spec_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<crate::domain::VmSpec, StoreError> {
+    use sqlx::Row;
+    Ok(crate::domain::VmSpec {
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
+        disk_bytes: row.try_get::<i64, _>("disk_size_bytes")? as u64,
+    })
+}
+
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }

@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::{Store, StoreError, is_unique_violation};
-use crate::domain::{Pool, Resource, VmSpec};
+use crate::domain::{Pool, Resource};
 
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, disk_size_bytes, egress, size, created_at_ms";
 
@@ -14,11 +14,7 @@ fn pool_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Pool, StoreError> {
         id: id.parse().map_err(|_| corrupt("id"))?,
         name: row.try_get("name")?,
         image_id: row.try_get::<String, _>("image_id")?.parse().map_err(|_| corrupt("image_id"))?,
-        spec: VmSpec {
-            vcpus: row.try_get::<i64, _>("vcpus")? as u32,
-            memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
-            disk_bytes: row.try_get::<i64, _>("disk_size_bytes")? as u64,
-        },
+        spec: super::spec_from_row(row)?,
         egress: serde_json::from_str(&row.try_get::<String, _>("egress")?).map_err(|_| corrupt("egress"))?,
         size: row.try_get::<i64, _>("size")? as u32,
         created_at_ms: row.try_get("created_at_ms")?,

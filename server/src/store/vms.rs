@@ -57,11 +57,7 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         id: id.parse().map_err(|_| corrupt("id"))?,
         name: row.try_get("name")?,
         image_id: row.try_get::<String, _>("image_id")?.parse().map_err(|_| corrupt("image_id"))?,
-        spec: VmSpec {
-            vcpus: row.try_get::<i64, _>("vcpus")? as u32,
-            memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
-            disk_bytes: row.try_get::<i64, _>("disk_size_bytes")? as u64,
-        },
+        spec: super::spec_from_row(row)?,
         desired_state: state("desired_state")?,
         observed_state: state("observed_state")?,
         vsock_cid: row.try_get::<i64, _>("vsock_cid")? as u32,
