@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "banger/v1/image.proto",
         "banger/v1/host.proto",
         "banger/v1/pool.proto",
+        "banger/v1/snapshot.proto",
         "banger/agent/v1/agent.proto",
     ];
     let descriptors = protox::compile(files, ["."])?;

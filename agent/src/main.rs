@@ -10,6 +10,7 @@ macro_rules! log {
 mod exec;
 mod files;
 mod grow_root;
+mod identity;
 mod serial;
 mod service;
 mod supervisor;

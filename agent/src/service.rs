@@ -6,7 +6,8 @@ use std::time::Duration;
 use banger_proto::agent::v1::agent_service_server::AgentService;
 use banger_proto::agent::v1::{
     ExecRequest, InfoRequest, InfoResponse, ReadFileRequest, ReadyRequest, ReadyResponse, SetIdentityRequest,
-    SetIdentityResponse, ShutdownRequest, ShutdownResponse, WriteFileRequest, WriteFileResponse,
+    SetIdentityResponse, ShutdownRequest, ShutdownResponse, SyncRequest, SyncResponse, WriteFileRequest,
+    WriteFileResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -86,21 +87,18 @@ impl AgentService for Agent {
         &self,
         request: Request<SetIdentityRequest>,
     ) -> Result<Response<SetIdentityResponse>, Status> {
-        let hostname = request.into_inner().hostname;
-        let valid = (1..=63).contains(&hostname.len())
-            && hostname.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !hostname.starts_with('-')
-            && !hostname.ends_with('-');
-        if !valid {
-            return Err(Status::invalid_argument(format!("not a hostname: {hostname:?}")));
-        }
-        nix::unistd::sethostname(&hostname).map_err(|err| Status::internal(format!("sethostname: {err}")))?;
-        // Best effort: a read-only root keeps the kernel's name only.
-        if let Err(err) = std::fs::write("/etc/hostname", format!("{hostname}\n")) {
-            log!("cannot write /etc/hostname: {err}");
-        }
-        log!("hostname set to {hostname}");
+        let request = request.into_inner();
+        // ioctls and file writes: quick, but blocking.
+        tokio::task::spawn_blocking(move || crate::identity::apply(&request))
+            .await
+            .map_err(|err| Status::internal(format!("set identity: {err}")))??;
         Ok(Response::new(SetIdentityResponse {}))
+    }
+
+    async fn sync(&self, _: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
+        tokio::task::spawn_blocking(nix::unistd::sync).await.map_err(|err| Status::internal(format!("sync: {err}")))?;
+        log!("file systems synced");
+        Ok(Response::new(SyncResponse {}))
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::{Command, ImageCommand, PoolCommand, ProcessArgs, VmCommand, VmShape, output, pull};
+use crate::{Command, ImageCommand, PoolCommand, ProcessArgs, SnapshotCommand, VmCommand, VmShape, output, pull};
 
 /// Exit code of `vm run`/`vm exec` when banger itself fails (not the guest command).
 const EXIT_BANGER_ERROR: u8 = 125;
@@ -64,6 +64,7 @@ pub async fn run(target: Target, credentials: Credentials, autostart: bool, comm
             Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
             Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
             Command::Pool(pool) => pool_command(client, pool).await.map(|()| ExitCode::SUCCESS),
+            Command::Snapshot(snapshot) => snapshot_command(client, snapshot).await.map(|()| ExitCode::SUCCESS),
             Command::Doctor => doctor(client).await,
             // Local: `main` runs them before any connection.
             Command::Tls(_) | Command::Token(_) => Ok(ExitCode::SUCCESS),
@@ -95,6 +96,7 @@ fn create_request(shape: VmShape, no_start: bool, no_wait: bool, request_id: Opt
         labels: shape.labels.into_iter().collect(),
         ttl: shape.ttl.map(duration),
         egress: shape.egress,
+        snapshot: shape.snapshot.unwrap_or_default(),
     }
 }
 
@@ -137,6 +139,24 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let response = client.vms.pause_vm(request).await?;
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
+        }
+        VmCommand::Snapshot { vm, name, stop, labels, request_id } => {
+            let after = if stop { pb::SnapshotAfter::Stop } else { pb::SnapshotAfter::Resume };
+            let key = vm.clone();
+            let request = pb::SnapshotVmRequest {
+                vm,
+                name,
+                labels: labels.into_iter().collect(),
+                request_id: request_id.unwrap_or_default(),
+                after: after.into(),
+            };
+            let mut taking = client.clone();
+            let response =
+                with_progress(&client, Some(&key), "vm.snapshot", false, taking.snapshots.snapshot_vm(request)).await?;
+            let op = response_op_id(&response);
+            let response = response.into_inner();
+            output::print_snapshot_details(&response.snapshot.unwrap_or_default());
+            output::print_vm_line(&response.vm.unwrap_or_default(), op.as_deref());
         }
         VmCommand::Resume { vm, request_id } => {
             let request = pb::ResumeVmRequest { vm, request_id: request_id.unwrap_or_default() };
@@ -250,6 +270,26 @@ async fn pool_command(mut client: Client, command: PoolCommand) -> Result<(), Fa
         PoolCommand::Delete { pool } => {
             let id = client.pools.delete_pool(pb::DeletePoolRequest { pool: pool.clone() }).await?.into_inner().id;
             println!("deleted pool {pool} ({id})");
+        }
+    }
+    Ok(())
+}
+
+async fn snapshot_command(mut client: Client, command: SnapshotCommand) -> Result<(), Failure> {
+    match command {
+        SnapshotCommand::List { labels } => {
+            let request = pb::ListSnapshotsRequest { labels: labels.into_iter().collect() };
+            let snapshots = client.snapshots.list_snapshots(request).await?.into_inner().snapshots;
+            output::print_snapshot_table(&snapshots);
+        }
+        SnapshotCommand::Show { snapshot } => {
+            let request = pb::GetSnapshotRequest { snapshot };
+            let snapshot = client.snapshots.get_snapshot(request).await?.into_inner().snapshot.unwrap_or_default();
+            output::print_snapshot_details(&snapshot);
+        }
+        SnapshotCommand::Delete { snapshot } => {
+            client.snapshots.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: snapshot.clone() }).await?;
+            println!("deleted snapshot {snapshot}");
         }
     }
     Ok(())

@@ -154,6 +154,8 @@ pub struct Client {
     pub host: pb::host_service_client::HostServiceClient<Channel>,
     /// `banger.v1.PoolService`.
     pub pools: pb::pool_service_client::PoolServiceClient<Channel>,
+    /// `banger.v1.SnapshotService`.
+    pub snapshots: pb::snapshot_service_client::SnapshotServiceClient<Channel>,
     /// `grpc.health.v1.Health`.
     pub health: tonic_health::pb::health_client::HealthClient<Channel>,
 }
@@ -223,6 +225,7 @@ impl Client {
             health: tonic_health::pb::health_client::HealthClient::new(traced.clone()),
             host: pb::host_service_client::HostServiceClient::new(traced.clone()),
             pools: pb::pool_service_client::PoolServiceClient::new(traced.clone()),
+            snapshots: pb::snapshot_service_client::SnapshotServiceClient::new(traced.clone()),
             vms: pb::vm_service_client::VmServiceClient::new(traced.clone()),
             images: pb::image_service_client::ImageServiceClient::new(traced),
         }

@@ -76,6 +76,10 @@ enum Command {
     /// booting, and the pool boots a replacement in the background.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// List, show and delete snapshots (`banger vm snapshot` takes one; `vm create|run
+    /// --snapshot NAME` starts VMs from it in milliseconds, each with its own identity).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Check what this host supports and show which drivers bangerd uses.
     ///
     /// Exits 1 when a check fails (VMs cannot run until it is fixed).
@@ -125,6 +129,28 @@ enum PoolCommand {
     Delete {
         /// Pool id or name.
         pool: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// List snapshots: their source VM, shape, dependents and size on the host.
+    #[command(alias = "ls")]
+    List {
+        /// Only snapshots with this label (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Show one snapshot.
+    Show {
+        /// Snapshot id or name.
+        snapshot: String,
+    },
+    /// Delete a snapshot and its files; refused while a VM depends on it (one started from
+    /// it, or the VM it was taken from, whose disk overlays it): delete those first.
+    Delete {
+        /// Snapshot id or name.
+        snapshot: String,
     },
 }
 
@@ -230,6 +256,11 @@ struct VmShape {
     /// DNS, and send only from their own address.
     #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
     egress: Option<banger_client::pb::EgressPolicy>,
+    /// Start from this snapshot (id or name) instead of booting: memory, devices and disk
+    /// as they were saved, the guest told its new name, address, machine-id, clock and fresh
+    /// entropy before the command returns. The image and shape are the snapshot's.
+    #[arg(long, value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
 }
 
 /// Parses `--egress`.
@@ -385,6 +416,25 @@ enum VmCommand {
     Pause {
         /// VM id or name.
         vm: String,
+        /// Makes retries safe (see `vm stop --help`).
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+    },
+    /// Take a snapshot of a running VM: its memory, devices and disk at this instant (the
+    /// guest's file systems synced first; refused while an exec or copy runs). The VM then
+    /// runs on from the snapshot (or stops, with --stop). Needs bangerd's `agent_channel =
+    /// "virtio-serial"`.
+    Snapshot {
+        /// VM id or name.
+        vm: String,
+        /// The snapshot's name (a-z, 0-9, -).
+        name: String,
+        /// Stop the VM instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+        /// Label the snapshot (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// Makes retries safe (see `vm stop --help`).
         #[arg(long, value_name = "ID")]
         request_id: Option<String>,

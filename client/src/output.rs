@@ -102,6 +102,7 @@ pub fn print_vm_details(vm: &pb::Vm) {
             if vm.disk_size_bytes == 0 { "the image's".into() } else { format!("{} MiB", vm.disk_size_bytes >> 20) },
         ),
         ("egress", egress_text(vm.egress.as_ref())),
+        ("snapshot", vm.snapshot_id.clone()),
         ("last error", vm.last_error.clone()),
         ("error reason", error_reason_name(vm.last_error_reason).into()),
         ("last operation", vm.last_operation.clone()),
@@ -228,6 +229,50 @@ pub fn print_pool_details(pool: &pb::Pool) {
             bytes => format!("{} MiB", bytes / (1024 * 1024)),
         };
         println!("  {:<32} {:<26} {:<9} {memory}", member.vm_name, member.vm_id, state_name(member.state));
+    }
+}
+
+/// Snapshots, one per line.
+pub fn print_snapshot_table(snapshots: &[pb::Snapshot]) {
+    if json() {
+        return crate::json::print(&serde_json::Value::Array(snapshots.iter().map(crate::json::value).collect()));
+    }
+    println!("{:<24} {:<24} {:>5} {:>8} {:>10} {:>9}", "NAME", "SOURCE VM", "VCPUS", "MEMORY", "DEPENDENTS", "STORED");
+    for snapshot in snapshots {
+        println!(
+            "{:<24} {:<24} {:>5} {:>7}M {:>10} {:>8}M",
+            snapshot.name,
+            snapshot.source_vm_name,
+            snapshot.vcpus,
+            snapshot.memory_mib,
+            snapshot.dependents,
+            snapshot.stored_bytes / (1024 * 1024)
+        );
+    }
+}
+
+/// One snapshot.
+pub fn print_snapshot_details(snapshot: &pb::Snapshot) {
+    if json() {
+        return crate::json::print_message(snapshot);
+    }
+    let labels: Vec<String> = snapshot.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let rows = [
+        ("name", snapshot.name.clone()),
+        ("id", snapshot.id.clone()),
+        ("source", format!("{} ({})", snapshot.source_vm_name, snapshot.source_vm_id)),
+        ("image", snapshot.image_id.clone()),
+        (
+            "shape",
+            format!("{} vcpu, {} MiB, disk {} bytes", snapshot.vcpus, snapshot.memory_mib, snapshot.disk_size_bytes),
+        ),
+        ("stored", format!("{} MiB", snapshot.stored_bytes / (1024 * 1024))),
+        ("dependents", snapshot.dependents.to_string()),
+        ("labels", labels.join(",")),
+        ("created", time(snapshot.create_time.as_ref())),
+    ];
+    for (key, value) in rows {
+        println!("{:<11} {}", format!("{key}:"), if value.is_empty() { "-".into() } else { value });
     }
 }
 

@@ -67,6 +67,8 @@ pub struct FileConfig {
     pub accel: Option<Accel>,
     /// See [`Config::agent_channel`].
     pub agent_channel: Option<AgentChannel>,
+    /// See [`Config::memory_dir`].
+    pub memory_dir: Option<PathBuf>,
     /// See [`Config::otlp_endpoint`].
     pub otlp_endpoint: Option<String>,
     /// See [`Config::vmm_memory_overhead_mib`].
@@ -251,6 +253,10 @@ pub struct Config {
     /// has it, else `vhost-device-vsock`) or `virtio-serial` (a port QEMU serves on a unix
     /// socket: no backend process, and it survives the VMM's save and restore).
     pub agent_channel: AgentChannel,
+    /// Where the guest memory of VMs that may be snapshotted lives while they run, one file
+    /// per VM (`agent_channel = "virtio-serial"`): a tmpfs, so that the memory is never
+    /// written back to a disk.
+    pub memory_dir: PathBuf,
     /// OTLP/gRPC endpoint for spans and metrics (`http://HOST:4317`); none exports nothing.
     pub otlp_endpoint: Option<String>,
     /// Memory a VMM may use beyond its guest's, in its cgroup's limit.
@@ -542,6 +548,7 @@ impl Config {
             vsock_backend_binary: file.vsock_backend_binary.unwrap_or_else(|| "vhost-device-vsock".into()),
             accel,
             agent_channel: file.agent_channel.unwrap_or_default(),
+            memory_dir: file.memory_dir.unwrap_or_else(|| crate::host::fs::DEFAULT_MEMORY_DIR.into()),
             otlp_endpoint: overrides.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
             vmm_memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(DEFAULT_VMM_MEMORY_OVERHEAD_MIB),
             image_min_rootfs_mib: file.image_min_rootfs_mib.unwrap_or(DEFAULT_IMAGE_MIN_ROOTFS_MIB),

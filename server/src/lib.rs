@@ -178,6 +178,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
         state_dir: config.state_dir.clone(),
         default_image: config.default_image.clone(),
         default_image_dir: config.default_image_dir.clone(),
+        memory_dir: config.memory_dir.clone(),
         root_disk,
         network: config.network.clone(),
         min_rootfs_bytes: config.image_min_rootfs_mib * 1024 * 1024,
@@ -210,6 +211,9 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
     // A VM that cannot be reconciled now is logged and retried by the periodic resync; it
     // must not keep the daemon (and every other VM) from being served.
     let started = std::time::Instant::now();
+    if let Err(err) = ops.recover_snapshots().await {
+        tracing::warn!(error = err.chain(), "cannot recover snapshots cut short");
+    }
     let recovered = ops.recover().await;
     tracing::info!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "startup reconcile");
     if let Err(err) = recovered {

@@ -23,7 +23,9 @@ struct TestDaemon {
     served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-fn config(dir: &Path, file: FileConfig) -> Config {
+fn config(dir: &Path, mut file: FileConfig) -> Config {
+    // Guest memory files of the fake's VMs stay in the test's directory.
+    file.memory_dir.get_or_insert_with(|| dir.join("memory"));
     let overrides = Overrides {
         state_dir: Some(dir.join("state")),
         socket: Some(dir.join("bangerd.sock")),
@@ -1259,4 +1261,92 @@ async fn twenty_concurrent_creates_never_share_a_pool_member_and_the_pool_refill
         left.iter().map(|v| &v.name).collect::<Vec<_>>()
     );
     daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshots_are_taken_listed_restored_and_deleted_with_the_right_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = FakeHost::default();
+    let mut daemon = TestDaemon::start_fake(config(dir.path(), FileConfig::default()), &host, &Clock::system()).await;
+    import(&mut daemon.client, dir.path(), "img").await;
+    let create = pb::CreateVmRequest { name: "src".into(), image: "img".into(), ..Default::default() };
+    daemon.client.vms.create_vm(create).await.expect("create");
+    let mut snapshots = daemon.client.snapshots.clone();
+
+    let bad = pb::SnapshotVmRequest { vm: " ".into(), name: "Bad Name".into(), after: 9, ..Default::default() };
+    let status = snapshots.snapshot_vm(bad).await.expect_err("invalid");
+    assert_eq!(violated_fields(&status), ["vm", "name", "after"]);
+    let missing = pb::SnapshotVmRequest { vm: "nobody".into(), name: "s".into(), ..Default::default() };
+    let status = snapshots.snapshot_vm(missing).await.expect_err("no such vm");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "VM_NOT_FOUND".into()));
+
+    let take = pb::SnapshotVmRequest {
+        vm: "src".into(),
+        name: "base".into(),
+        request_id: "take-1".into(),
+        labels: [("team".to_owned(), "a".to_owned())].into(),
+        ..Default::default()
+    };
+    let taken = snapshots.snapshot_vm(take.clone()).await.expect("snapshot").into_inner();
+    let snapshot = taken.snapshot.expect("snapshot");
+    assert_eq!((snapshot.name.as_str(), snapshot.source_vm_name.as_str(), snapshot.dependents), ("base", "src", 1));
+    let vm = taken.vm.expect("vm");
+    assert_eq!((vm.state(), vm.snapshot_id.as_str()), (pb::VmState::Running, snapshot.id.as_str()));
+    let again = snapshots.snapshot_vm(take).await.expect("retried").into_inner().snapshot.expect("snapshot");
+    assert_eq!(again.id, snapshot.id, "a retry with the request id is the first call's answer");
+    let taken_again = pb::SnapshotVmRequest { vm: "src".into(), name: "base".into(), ..Default::default() };
+    let status = snapshots.snapshot_vm(taken_again).await.expect_err("name taken");
+    assert_eq!((status.code(), reason(&status)), (Code::AlreadyExists, "SNAPSHOT_NAME_TAKEN".into()));
+
+    let listed = snapshots.list_snapshots(pb::ListSnapshotsRequest::default()).await.expect("list").into_inner();
+    assert_eq!(listed.snapshots.len(), 1);
+    let other_team = pb::ListSnapshotsRequest { labels: [("team".to_owned(), "b".to_owned())].into() };
+    assert!(snapshots.list_snapshots(other_team).await.expect("list").into_inner().snapshots.is_empty());
+    let status = snapshots.get_snapshot(pb::GetSnapshotRequest { snapshot: "nope".into() }).await.expect_err("none");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "SNAPSHOT_NOT_FOUND".into()));
+
+    // Restores: the snapshot's shape; another is refused, naming the field.
+    let clone = pb::CreateVmRequest { name: "clone".into(), snapshot: "base".into(), ..Default::default() };
+    let vm = daemon.client.vms.create_vm(clone).await.expect("restore").into_inner().vm.expect("vm");
+    assert_eq!((vm.vcpus, vm.memory_mib, vm.snapshot_id.as_str()), (1, 256, snapshot.id.as_str()));
+    let bigger =
+        pb::CreateVmRequest { name: "big".into(), snapshot: "base".into(), vcpus: Some(2), ..Default::default() };
+    let status = daemon.client.vms.create_vm(bigger).await.expect_err("vcpus differ");
+    assert_eq!(violated_fields(&status), ["vcpus"]);
+    let unstarted =
+        pb::CreateVmRequest { name: "cold".into(), snapshot: "base".into(), no_start: true, ..Default::default() };
+    let status = daemon.client.vms.create_vm(unstarted).await.expect_err("a restore starts");
+    assert_eq!(violated_fields(&status), ["snapshot"]);
+    let status = daemon.client.vms.create_vm(pb::CreateVmRequest {
+        name: "ghost".into(),
+        snapshot: "nope".into(),
+        ..Default::default()
+    });
+    let status = status.await.expect_err("no such snapshot");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "SNAPSHOT_NOT_FOUND".into()));
+
+    // A clone maps the snapshot's memory: not snapshotted until it boots on its own.
+    let status = snapshots
+        .snapshot_vm(pb::SnapshotVmRequest { vm: "clone".into(), name: "deeper".into(), ..Default::default() })
+        .await
+        .expect_err("restored");
+    assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "SNAPSHOT_UNSUPPORTED".into()));
+
+    let delete = pb::DeleteSnapshotRequest { snapshot: "base".into() };
+    let status = snapshots.delete_snapshot(delete.clone()).await.expect_err("in use");
+    assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "SNAPSHOT_IN_USE".into()));
+    for vm in ["clone", "src"] {
+        let request = pb::DeleteVmRequest { vm: vm.into(), ..Default::default() };
+        daemon.client.vms.delete_vm(request).await.expect("delete vm");
+    }
+    snapshots.delete_snapshot(delete).await.expect("deleted once nothing depends on it");
+    assert!(
+        snapshots
+            .list_snapshots(pb::ListSnapshotsRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .snapshots
+            .is_empty()
+    );
 }

@@ -428,6 +428,9 @@ fn driver_requests() -> Vec<ApiRequest> {
                 disk: &paths.root_disk,
                 disk_format: "raw",
                 nic,
+                memory: banger_server::host::vmm::GuestMemory::Anonymous,
+                restore_from: None,
+                extra_groups: &[],
             };
             FirecrackerVmm::configuration(&launch)
         })

@@ -447,6 +447,9 @@ fn log_files(dir: &Path, found: &mut Vec<PathBuf>) {
     }
 }
 
+/// Where bangerd keeps guest memory files by default.
+pub const MEMORY_DIR: &str = "/dev/shm/banger";
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         // A failing test shows the evidence before its directory goes: the tail of every
@@ -474,6 +477,8 @@ impl Drop for Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         for entry in std::fs::read_dir(self.state_dir().join("vms")).into_iter().flatten().flatten() {
+            // The guest memory files of VMs that may be snapshotted (bangerd's `memory_dir`).
+            let _ = std::fs::remove_file(Path::new(MEMORY_DIR).join(entry.file_name()));
             for controller in ["cpu", "memory", "pids", "blkio"] {
                 let group = Path::new("/sys/fs/cgroup").join(controller).join("banger").join(entry.file_name());
                 // A killed process leaves its group a moment after it is gone.

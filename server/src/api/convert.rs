@@ -79,6 +79,7 @@ pub fn vm(vm: &Vm, handles: &VmHandles, vmm: &str) -> pb::Vm {
         labels: vm.labels.clone(),
         expire_time: vm.expire_at_ms.map(timestamp),
         egress: Some(egress(&vm.egress)),
+        snapshot_id: vm.snapshot_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 
@@ -196,12 +197,17 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
         {
             violations.push(FieldViolation::new("name", e.to_string()));
         }
-        let vcpus = request.vcpus.unwrap_or(DEFAULT_VCPUS);
-        if !(1..=MAX_VCPUS).contains(&vcpus) {
+        // From a snapshot, an unset shape is the snapshot's (0 here; ops fills it in).
+        let restore = !request.snapshot.is_empty();
+        let default = |value: u32| if restore { 0 } else { value };
+        let vcpus = request.vcpus.unwrap_or(default(DEFAULT_VCPUS));
+        let snapshots_vcpus = restore && request.vcpus.is_none();
+        if !snapshots_vcpus && !(1..=MAX_VCPUS).contains(&vcpus) {
             violations.push(FieldViolation::new("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {vcpus}")));
         }
-        let memory_mib = request.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        let memory_mib = request.memory_mib.unwrap_or(default(DEFAULT_MEMORY_MIB));
+        let snapshots_memory = restore && request.memory_mib.is_none();
+        if !snapshots_memory && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
             violations.push(FieldViolation::new(
                 "memory_mib",
                 format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {memory_mib}"),
@@ -243,6 +249,7 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
             spec: VmSpec { vcpus, memory_mib, disk_bytes },
             start: !request.no_start,
             wait_agent: !request.no_wait,
+            snapshot: restore.then_some(request.snapshot),
         })
     }
 }

@@ -8,6 +8,7 @@ mod host_service;
 pub mod idempotency;
 mod image_service;
 mod pool_service;
+mod snapshot_service;
 pub mod status;
 mod vm_service;
 mod watch;
@@ -16,13 +17,15 @@ use std::sync::Arc;
 
 use banger_proto::v1::{
     host_service_server::HostServiceServer, image_service_server::ImageServiceServer,
-    pool_service_server::PoolServiceServer, vm_service_server::VmServiceServer,
+    pool_service_server::PoolServiceServer, snapshot_service_server::SnapshotServiceServer,
+    vm_service_server::VmServiceServer,
 };
 use tonic::{Response, metadata::MetadataValue, service::Routes};
 
 pub use host_service::HostApi;
 pub use image_service::ImageApi;
 pub use pool_service::PoolApi;
+pub use snapshot_service::SnapshotApi;
 pub use vm_service::VmApi;
 
 use crate::ops::Ops;
@@ -113,6 +116,7 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
     health_reporter.set_serving::<ImageServiceServer<ImageApi>>().await;
     health_reporter.set_serving::<HostServiceServer<HostApi>>().await;
     health_reporter.set_serving::<PoolServiceServer<PoolApi>>().await;
+    health_reporter.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(banger_proto::FILE_DESCRIPTOR_SET)
@@ -127,7 +131,8 @@ pub async fn routes(ops: Arc<Ops>) -> Result<Routes, tonic_reflection::server::E
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(VmServiceServer::new(VmApi::new(ops.clone(), idempotency.clone())))
-        .add_service(ImageServiceServer::new(ImageApi::new(ops.clone(), idempotency)))
+        .add_service(ImageServiceServer::new(ImageApi::new(ops.clone(), idempotency.clone())))
+        .add_service(SnapshotServiceServer::new(SnapshotApi::new(ops.clone(), idempotency)))
         .add_service(PoolServiceServer::new(PoolApi::new(ops.clone())))
         .add_service(HostServiceServer::new(HostApi::new(ops)));
     Ok(routes.routes())

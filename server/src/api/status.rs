@@ -203,6 +203,7 @@ fn resource_type(kind: Resource) -> &'static str {
         Resource::Vm => "Vm",
         Resource::Image => "Image",
         Resource::Pool => "Pool",
+        Resource::Snapshot => "Snapshot",
     }
 }
 
@@ -230,6 +231,7 @@ fn describe(error: &Error) -> Described {
                     Resource::Vm => "VM_NOT_FOUND",
                     Resource::Image => "IMAGE_NOT_FOUND",
                     Resource::Pool => "POOL_NOT_FOUND",
+                    Resource::Snapshot => "SNAPSHOT_NOT_FOUND",
                 },
                 &[(kind.as_str(), key.clone())],
             )
@@ -242,6 +244,7 @@ fn describe(error: &Error) -> Described {
                     Resource::Vm => "VM_NAME_TAKEN",
                     Resource::Image => "IMAGE_NAME_TAKEN",
                     Resource::Pool => "POOL_NAME_TAKEN",
+                    Resource::Snapshot => "SNAPSHOT_NAME_TAKEN",
                 },
                 &[(kind.as_str(), name.clone())],
             )
@@ -253,6 +256,14 @@ fn describe(error: &Error) -> Described {
         ),
         Error::ImageInUse { image, vms } => {
             described(Code::FailedPrecondition, "IMAGE_IN_USE", &[("image", image.clone()), ("vms", vms.to_string())])
+        }
+        Error::SnapshotInUse { snapshot, vms } => described(
+            Code::FailedPrecondition,
+            "SNAPSHOT_IN_USE",
+            &[("snapshot", snapshot.clone()), ("vms", vms.to_string())],
+        ),
+        Error::SnapshotUnsupported { vm, why } => {
+            described(Code::FailedPrecondition, "SNAPSHOT_UNSUPPORTED", &[("vm", vm.clone()), ("why", why.clone())])
         }
         Error::ImageBroken { image, missing } => described(
             Code::FailedPrecondition,

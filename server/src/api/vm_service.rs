@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// The tenant the caller is confined to, if any (the auth layer put the caller there).
-fn tenant_of<T>(request: &Request<T>) -> Option<Tenant> {
+pub(super) fn tenant_of<T>(request: &Request<T>) -> Option<Tenant> {
     request.extensions().get::<Caller>().and_then(|caller| caller.tenant.clone())
 }
 
@@ -38,7 +38,7 @@ async fn visible(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<Stri
 }
 
 /// The VM `key` names, when the caller may see it (see [`visible`]).
-async fn visible_vm(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<Vm, Error> {
+pub(super) async fn visible_vm(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<Vm, Error> {
     let vm = ops.get_vm(&key).await?;
     match tenant {
         Some(tenant) if !tenant.admits(&vm.labels) => Err(Error::NotFound { kind: Resource::Vm, key }),
@@ -48,7 +48,7 @@ async fn visible_vm(ops: &Ops, key: String, tenant: Option<&Tenant>) -> Result<V
 
 /// A request's idempotency key, the caller's tenant part of its body: a request id reused
 /// by another tenant is another request, never the first one's answer.
-fn tenant_idempotency_key<T: prost::Message + Clone>(
+pub(super) fn tenant_idempotency_key<T: prost::Message + Clone>(
     request: &T,
     tenant: Option<&Tenant>,
     id: impl Fn(&mut T) -> &mut String,

@@ -238,13 +238,15 @@ pub fn needs(path: &str) -> Needs {
         ("banger.v1.VmService", "GetVm" | "ListVms" | "WaitVm" | "WatchVms" | "StreamVmLogs")
         | ("banger.v1.ImageService", "GetImage" | "ListImages")
         | ("banger.v1.HostService", "GetHost")
-        | ("banger.v1.PoolService", "GetPool" | "ListPools") => Needs::Role(Role::Viewer),
+        | ("banger.v1.PoolService", "GetPool" | "ListPools")
+        | ("banger.v1.SnapshotService", "GetSnapshot" | "ListSnapshots") => Needs::Role(Role::Viewer),
         (
             "banger.v1.VmService",
             "CreateVm" | "StartVm" | "StopVm" | "PauseVm" | "ResumeVm" | "DeleteVm" | "TouchVm" | "ExecVm" | "CopyToVm"
             | "CopyFromVm",
         )
-        | ("banger.v1.ImageService", "PullImage" | "UploadImage") => Needs::Role(Role::Operator),
+        | ("banger.v1.ImageService", "PullImage" | "UploadImage")
+        | ("banger.v1.SnapshotService", "SnapshotVm" | "DeleteSnapshot") => Needs::Role(Role::Operator),
         _ => Needs::Role(Role::Admin),
     }
 }

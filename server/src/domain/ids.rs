@@ -13,6 +13,8 @@ pub enum Resource {
     Image,
     /// A warm pool.
     Pool,
+    /// A snapshot.
+    Snapshot,
 }
 
 impl Resource {
@@ -22,6 +24,7 @@ impl Resource {
             Self::Vm => "vm",
             Self::Image => "image",
             Self::Pool => "pool",
+            Self::Snapshot => "snapshot",
         }
     }
 }
@@ -82,6 +85,10 @@ ulid_id!(
 ulid_id!(
     /// Identifies a warm pool; never reused.
     PoolId
+);
+ulid_id!(
+    /// Identifies a snapshot; never reused.
+    SnapshotId
 );
 ulid_id!(
     /// Identifies an image for its whole life; never reused.

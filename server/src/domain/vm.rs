@@ -304,6 +304,8 @@ pub struct Vm {
     pub expire_at_ms: Option<i64>,
     /// Where its traffic may go beyond its bridge.
     pub egress: super::Egress,
+    /// The snapshot its disk overlays: the one it was restored from, or one taken of it.
+    pub snapshot_id: Option<super::SnapshotId>,
 }
 
 impl Vm {

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use banger_proto::agent::v1::agent_service_client::AgentServiceClient;
 use banger_proto::agent::v1::{
-    ExecRequest, ExecResponse, InfoRequest, InfoResponse, ReadFileRequest, ReadFileResponse, ReadyRequest,
-    ReadyResponse, SetIdentityRequest, ShutdownRequest, WriteFileRequest,
+    ExecRequest, ExecResponse, GuestNetwork, InfoRequest, InfoResponse, ReadFileRequest, ReadFileResponse,
+    ReadyRequest, ReadyResponse, SetIdentityRequest, ShutdownRequest, SyncRequest, WriteFileRequest,
 };
 use banger_proto::error_chain;
 use hyper_util::rt::TokioIo;
@@ -173,11 +173,34 @@ impl HandshakeError {
 /// background task (see the module docs) and [`HandshakeError::NoReply`] is returned. The
 /// returned stream starts right after the `OK` line.
 pub async fn connect_hybrid_vsock(uds: &Path, port: u32, ok_timeout: Duration) -> Result<UnixStream, HandshakeError> {
+    connect_with_handshake(uds, port, ok_timeout, false).await
+}
+
+/// Connects to a virtio-serial port's socket `uds` as [`connect_hybrid_vsock`] connects to
+/// hybrid vsock, with one difference: bytes the guest wrote before the `OK <port>` line are
+/// skipped. A port keeps what the guest wrote after the previous host left (the end of its
+/// last HTTP/2 session) until the next host reads; they precede the reply.
+pub async fn connect_serial_port(uds: &Path, port: u32, ok_timeout: Duration) -> Result<UnixStream, HandshakeError> {
+    connect_with_handshake(uds, port, ok_timeout, true).await
+}
+
+async fn connect_with_handshake(
+    uds: &Path,
+    port: u32,
+    ok_timeout: Duration,
+    skip_stale: bool,
+) -> Result<UnixStream, HandshakeError> {
     // Before CONNECT is written, dropping the socket is harmless.
     let stream = UnixStream::connect(uds).await.map_err(HandshakeError::Connect)?;
     let mut exchange = tokio::spawn(async move {
         let mut stream = stream;
-        let outcome = tokio::time::timeout(PARKED_HANDSHAKE_LIMIT, handshake(&mut stream, port)).await;
+        let handshake = async {
+            match skip_stale {
+                true => serial_handshake(&mut stream, port).await,
+                false => handshake(&mut stream, port).await,
+            }
+        };
+        let outcome = tokio::time::timeout(PARKED_HANDSHAKE_LIMIT, handshake).await;
         if outcome.is_err() {
             tracing::warn!(
                 port,
@@ -205,6 +228,34 @@ async fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), HandshakeEr
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(HandshakeError::Send)?;
     let line = read_reply_line(stream).await?;
     check_connect_reply(&line)
+}
+
+/// The most stale bytes skipped before a serial port's `OK` line.
+const MAX_STALE_BYTES: usize = 64 << 10;
+
+/// Writes `CONNECT port`, then reads until `OK port` ends a line, skipping what precedes it.
+async fn serial_handshake(stream: &mut UnixStream, port: u32) -> Result<(), HandshakeError> {
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(HandshakeError::Send)?;
+    let ok = format!("OK {port}\n");
+    let mut seen = Vec::with_capacity(64);
+    loop {
+        let byte = match stream.read_u8().await {
+            Ok(byte) => byte,
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Err(HandshakeError::Closed),
+            Err(err) => return Err(HandshakeError::Read(err)),
+        };
+        seen.push(byte);
+        if byte == b'\n' && seen.ends_with(ok.as_bytes()) {
+            if seen.len() > ok.len() {
+                tracing::debug!(stale = seen.len() - ok.len(), "skipped what the guest wrote before its OK");
+            }
+            return Ok(());
+        }
+        if seen.len() >= MAX_STALE_BYTES {
+            let tail = &seen[seen.len() - MAX_REPLY_LINE.min(seen.len())..];
+            return Err(HandshakeError::Refused { reply: String::from_utf8_lossy(tail).into_owned() });
+        }
+    }
 }
 
 /// Reads up to and excluding `\n`, one byte per read so that nothing after the line is consumed.
@@ -305,13 +356,22 @@ impl AgentClient {
     /// Never blocks and never connects: the first call does. Must be called inside a Tokio
     /// runtime (the channel spawns its worker task).
     pub fn new(vsock_uds_path: PathBuf) -> Self {
+        Self::over_socket(vsock_uds_path, false)
+    }
+
+    /// Creates the client for the VM whose agent's virtio-serial port QEMU serves on `port_path`.
+    pub fn new_serial(port_path: PathBuf) -> Self {
+        Self::over_socket(port_path, true)
+    }
+
+    fn over_socket(vsock_uds_path: PathBuf, serial: bool) -> Self {
         let connector_path = vsock_uds_path.clone();
         let open = Arc::new(AtomicUsize::new(0));
         let counter = open.clone();
         let connector = tower::service_fn(move |_: Uri| {
             let (path, counter) = (connector_path.clone(), counter.clone());
             async move {
-                let stream = connect_hybrid_vsock(&path, AGENT_VSOCK_PORT, HANDSHAKE_OK_TIMEOUT).await?;
+                let stream = connect_with_handshake(&path, AGENT_VSOCK_PORT, HANDSHAKE_OK_TIMEOUT, serial).await?;
                 Ok::<_, HandshakeError>(TokioIo::new(Counted::new(stream, &counter)))
             }
         });
@@ -445,11 +505,27 @@ impl AgentClient {
         }
     }
 
-    /// Gives the guest a new hostname.
-    pub async fn set_identity(&self, hostname: &str) -> Result<(), AgentError> {
+    /// Gives the guest a new identity.
+    pub async fn set_identity(&self, identity: &crate::domain::GuestIdentity) -> Result<(), AgentError> {
         let mut client = self.client.clone();
-        let request = SetIdentityRequest { hostname: hostname.to_owned() };
+        let request = SetIdentityRequest {
+            hostname: identity.hostname.clone(),
+            network: identity.network.as_ref().map(|network| GuestNetwork {
+                mac: network.mac.clone(),
+                address: network.address.clone(),
+                gateway: network.gateway.clone(),
+            }),
+            machine_id: identity.machine_id.clone().unwrap_or_default(),
+            realtime_ns: identity.realtime_ns.unwrap_or_default(),
+            entropy: identity.entropy.clone(),
+        };
         unary("SetIdentity", CALL_TIMEOUT, client.set_identity(with_timeout(request, CALL_TIMEOUT))).await.map(drop)
+    }
+
+    /// Flushes the guest's file systems.
+    pub async fn sync(&self) -> Result<(), AgentError> {
+        let mut client = self.client.clone();
+        unary("Sync", CALL_TIMEOUT, client.sync(with_timeout(SyncRequest {}, CALL_TIMEOUT))).await.map(drop)
     }
 
     /// Asks the guest to sync and power off. The agent answers before it powers off, so success
@@ -584,6 +660,30 @@ mod tests {
         assert!(matches!(&refused, Err(HandshakeError::Refused { reply }) if reply == "NOPE"));
     }
 
+    #[tokio::test]
+    async fn a_serial_port_skips_what_the_guest_wrote_before_its_ok_and_hybrid_vsock_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        let listener = UnixListener::bind(&path).expect("bind");
+        // The tail of the previous host's HTTP/2 session (a GOAWAY frame, with a newline in
+        // it), then the reply, then the new session's first bytes.
+        let stale: &[u8] = b"\0\0\x08\x07\0\0\0\0\0\0\0\0\x0a\0\0\0\0";
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                read_connect_line(&mut stream).await;
+                stream.write_all(&[stale, b"OK 1024\nPRI"].concat()).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let mut stream = connect_serial_port(&path, 1024, Duration::from_secs(1)).await.expect("past the stale bytes");
+        let mut first = [0u8; 3];
+        stream.read_exact(&mut first).await.expect("read");
+        assert_eq!(&first, b"PRI", "nothing after the OK line is consumed");
+        let strict = connect_hybrid_vsock(&path, 1024, Duration::from_secs(1)).await;
+        assert!(matches!(strict, Err(HandshakeError::Refused { .. })), "{strict:?}");
+    }
+
     /// The backend must never see a close while its CONNECT is pending, neither when the
     /// connector times out nor when its future is dropped.
     #[tokio::test]
@@ -667,6 +767,13 @@ mod tests {
             _: tonic::Request<banger_proto::agent::v1::SetIdentityRequest>,
         ) -> Result<tonic::Response<banger_proto::agent::v1::SetIdentityResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("fake"))
+        }
+
+        async fn sync(
+            &self,
+            _: tonic::Request<banger_proto::agent::v1::SyncRequest>,
+        ) -> Result<tonic::Response<banger_proto::agent::v1::SyncResponse>, tonic::Status> {
+            Ok(tonic::Response::new(banger_proto::agent::v1::SyncResponse {}))
         }
 
         type ReadFileStream = Pin<Box<dyn Stream<Item = Result<ReadFileResponse, tonic::Status>> + Send>>;

@@ -14,7 +14,7 @@ use super::{
     files::{self, FileData, FileInput},
     vsock::{VsockBackends, VsockMode},
 };
-use crate::domain::{ExecCommand, ExecEvent, ExecInput, ProcessHandle, Vm, VmId, VmPaths};
+use crate::domain::{ExecCommand, ExecEvent, ExecInput, GuestIdentity, ProcessHandle, Vm, VmId, VmPaths};
 
 /// What the guest agent prints on the serial console once it serves.
 pub const AGENT_ANNOUNCEMENT: &str = "serving banger.agent.v1";
@@ -48,11 +48,12 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
 
     /// Waits until the VM's agent answers, or `deadline`, or `still_booting` says no. This
     /// boot's console output starts at byte `console_from` of the console log (earlier boots
-    /// wrote what comes before).
+    /// wrote what comes before); `None`: the guest was restored, not booted, and announces
+    /// nothing.
     async fn wait_ready(
         &self,
         vm: &Vm,
-        console_from: u64,
+        console_from: Option<u64>,
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError>;
@@ -60,8 +61,11 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     /// Asks the guest to flush and power off.
     async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError>;
 
-    /// Gives a running guest a new hostname.
-    async fn set_identity(&self, vm: &Vm, hostname: &str) -> Result<(), HostError>;
+    /// Gives a running guest a new identity.
+    async fn set_identity(&self, vm: &Vm, identity: &GuestIdentity) -> Result<(), HostError>;
+
+    /// Flushes the guest's file systems.
+    async fn sync_guest(&self, vm: &Vm) -> Result<(), HostError>;
 
     /// Runs a process in the guest. The future owns what it needs, so it outlives `self`.
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting;
@@ -117,7 +121,7 @@ impl VsockAgentChannels {
             .or_insert_with(|| match self.mode {
                 VsockMode::Kernel => AgentClient::new_kernel_vsock(vm.vsock_cid),
                 VsockMode::UserSpace | VsockMode::VmmHybrid => AgentClient::new(vm.paths().vsock),
-                VsockMode::VirtioSerial => AgentClient::new(vm.paths().agent_serial),
+                VsockMode::VirtioSerial => AgentClient::new_serial(vm.paths().agent_serial),
             })
             .clone()
     }
@@ -149,11 +153,13 @@ impl AgentChannels for VsockAgentChannels {
     async fn wait_ready(
         &self,
         vm: &Vm,
-        console_from: u64,
+        console_from: Option<u64>,
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
-        if matches!(self.mode, VsockMode::UserSpace | VsockMode::VirtioSerial) {
+        if let Some(console_from) = console_from
+            && matches!(self.mode, VsockMode::UserSpace | VsockMode::VirtioSerial)
+        {
             // vhost-device-vsock 0.3 has races around connections made while the guest's
             // vsock driver comes up; each CONNECT during boot is a chance to hit one. A
             // virtio-serial port takes one connection at a time, so a CONNECT made before the
@@ -181,8 +187,12 @@ impl AgentChannels for VsockAgentChannels {
         self.client(vm).shutdown().await.map_err(HostError::from)
     }
 
-    async fn set_identity(&self, vm: &Vm, hostname: &str) -> Result<(), HostError> {
-        self.client(vm).set_identity(hostname).await.map_err(HostError::from)
+    async fn set_identity(&self, vm: &Vm, identity: &GuestIdentity) -> Result<(), HostError> {
+        self.client(vm).set_identity(identity).await.map_err(HostError::from)
+    }
+
+    async fn sync_guest(&self, vm: &Vm) -> Result<(), HostError> {
+        self.client(vm).sync().await.map_err(HostError::from)
     }
 
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting {

@@ -161,9 +161,10 @@ pub fn spawn_confined(
     args: &[OsString],
     log: &Path,
     identity: VmIdentity,
+    extra_groups: &[u32],
     fd_3: Option<std::os::fd::OwnedFd>,
 ) -> Result<ProcessHandle, HostError> {
-    spawn(program, args, log, log, Some(identity), fd_3)
+    spawn(program, args, log, log, Some((identity, extra_groups.to_vec())), fd_3)
 }
 
 fn spawn(
@@ -171,7 +172,7 @@ fn spawn(
     args: &[OsString],
     stdout_log: &Path,
     stderr_log: &Path,
-    identity: Option<VmIdentity>,
+    identity: Option<(VmIdentity, Vec<u32>)>,
     fd_3: Option<std::os::fd::OwnedFd>,
 ) -> Result<ProcessHandle, HostError> {
     use std::os::fd::AsRawFd;
@@ -202,8 +203,8 @@ fn spawn(
                 Some(fd) if libc::dup2(fd, 3) < 0 => return Err(std::io::Error::last_os_error()),
                 _ => {}
             }
-            if let (Some(identity), Some(filter)) = (identity, filter) {
-                super::confine::enter(identity, filter)?;
+            if let (Some((identity, extra_groups)), Some(filter)) = (&identity, &filter) {
+                super::confine::enter(*identity, extra_groups, filter)?;
             }
             Ok(())
         });

@@ -98,10 +98,13 @@ pub fn filter() -> Result<&'static BpfProgram, String> {
 
 /// Switches the calling process to `identity` and installs [`filter`]: what a confined
 /// process runs between fork and exec. Only async-signal-safe system calls.
-pub fn enter(identity: VmIdentity, filter: &BpfProgram) -> std::io::Result<()> {
-    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+pub fn enter(identity: VmIdentity, extra_groups: &[u32], filter: &BpfProgram) -> std::io::Result<()> {
+    use nix::unistd::{Gid, Uid, setresgid, setresuid};
     let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
-    setgroups(&[]).map_err(std::io::Error::from)?;
+    // SAFETY: a valid array of gid_t of that length; no allocation between fork and exec.
+    if unsafe { libc::setgroups(extra_groups.len(), extra_groups.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     setresgid(gid, gid, gid).map_err(std::io::Error::from)?;
     // All three uids leave 0: the kernel clears the permitted and effective capabilities.
     setresuid(uid, uid, uid).map_err(std::io::Error::from)?;

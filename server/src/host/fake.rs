@@ -52,6 +52,10 @@ struct State {
     guest_files: BTreeMap<(VmId, String), (u32, Vec<u8>)>,
     /// api sockets of VMMs whose vCPUs are stopped
     paused: BTreeSet<PathBuf>,
+    /// api sockets of VMMs whose state was saved (they run no guest any more)
+    spent: BTreeSet<PathBuf>,
+    /// the identity each guest was last told
+    identities: BTreeMap<VmId, crate::domain::GuestIdentity>,
 }
 
 /// The fake host; clones share state.
@@ -76,6 +80,17 @@ impl FakeHost {
             block: Arc::new(self.clone()),
             limits: Arc::new(self.clone()),
         }
+    }
+
+    /// The identity the guest of `vm` was last told, if any.
+    pub fn identity_of(&self, vm: VmId) -> Option<crate::domain::GuestIdentity> {
+        self.state().identities.get(&vm).cloned()
+    }
+
+    /// Stops the vCPUs of the VMM serving `paths`, as a crash in the middle of an operation
+    /// would leave them.
+    pub fn pause_for_tests(&self, paths: &VmPaths) {
+        self.state().paused.insert(paths.api_socket.clone());
     }
 
     /// Whether the VMM serving `paths` has its vCPUs stopped.
@@ -224,6 +239,20 @@ impl Vmm for FakeHost {
             return Err(HostError::FakeRule { rule: format!("a vmm already serves {}", paths.api_socket.display()) });
         }
         self.state().paused.remove(&paths.api_socket);
+        self.state().spent.remove(&paths.api_socket);
+        // Rule: a restore maps the snapshot's memory and reads its state; a VM that may be
+        // snapshotted has its own memory file.
+        match launch.memory {
+            super::vmm::GuestMemory::Private(file) | super::vmm::GuestMemory::Shared(file) if !file.is_file() => {
+                return Err(HostError::FakeRule { rule: format!("no memory file {}", file.display()) });
+            }
+            _ => {}
+        }
+        if let Some(state) = launch.restore_from
+            && !state.is_file()
+        {
+            return Err(HostError::FakeRule { rule: format!("no state file {}", state.display()) });
+        }
         Ok(self.spawn(format!(
             "qemu-system-x86_64 -qmp unix:{},server=on -chardev socket,path={} -drive file={}",
             paths.api_socket.display(),
@@ -256,7 +285,27 @@ impl Vmm for FakeHost {
 
     async fn resume(&self, paths: &VmPaths) -> Result<(), HostError> {
         self.check("vmm.resume")?;
+        self.state().spent.remove(&paths.api_socket);
         self.set_paused(paths, false)
+    }
+
+    fn snapshots_unsupported(&self) -> Option<String> {
+        None
+    }
+
+    async fn save(&self, paths: &VmPaths, state_file: &Path) -> Result<(), HostError> {
+        self.check("vmm.save")?;
+        // Rule: only a paused guest is saved.
+        if !self.is_paused(paths) {
+            return Err(HostError::FakeRule { rule: format!("{} is not paused", paths.api_socket.display()) });
+        }
+        std::fs::write(state_file, b"device state").map_err(|source| HostError::File {
+            action: "write",
+            path: state_file.to_owned(),
+            source,
+        })?;
+        self.state().spent.insert(paths.api_socket.clone());
+        Ok(())
     }
 }
 
@@ -320,7 +369,7 @@ impl AgentChannels for FakeHost {
     async fn wait_ready(
         &self,
         _vm: &Vm,
-        _console_from: u64,
+        _console_from: Option<u64>,
         _deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
@@ -419,8 +468,14 @@ impl AgentChannels for FakeHost {
 
     fn forget(&self, _vm: VmId) {}
 
-    async fn set_identity(&self, _vm: &Vm, _hostname: &str) -> Result<(), HostError> {
-        self.check("agents.set_identity")
+    async fn set_identity(&self, vm: &Vm, identity: &crate::domain::GuestIdentity) -> Result<(), HostError> {
+        self.check("agents.set_identity")?;
+        self.state().identities.insert(vm.id, identity.clone());
+        Ok(())
+    }
+
+    async fn sync_guest(&self, _vm: &Vm) -> Result<(), HostError> {
+        self.check("agents.sync_guest")
     }
 
     async fn quiesce(&self, _vm: &Vm) -> Result<(), HostError> {

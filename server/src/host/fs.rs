@@ -7,6 +7,25 @@ use std::path::{Path, PathBuf};
 use super::{HostError, confine::VmIdentity, file_error};
 use crate::domain::VmPaths;
 
+/// Where guest memory files live by default: the host's shared-memory tmpfs.
+pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/banger";
+
+/// Renames `from` to `to` (one file system).
+pub async fn rename(from: &Path, to: &Path) -> Result<(), HostError> {
+    tokio::fs::rename(from, to).await.map_err(file_error("rename", from))
+}
+
+/// Copies `from` to `to`, keeping holes and sharing extents where the file system can.
+pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), HostError> {
+    super::storage::copy_file(from, to).await
+}
+
+/// The bytes a file takes on its file system (its allocated blocks); 0 when it is absent.
+pub async fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    tokio::fs::symlink_metadata(path).await.map(|meta| meta.blocks() * 512).unwrap_or(0)
+}
+
 /// Creates `dir` and its parents.
 pub async fn create_dir(dir: &Path) -> Result<(), HostError> {
     tokio::fs::create_dir_all(dir).await.map_err(file_error("create", dir))
@@ -31,6 +50,69 @@ pub async fn hand_over(paths: &VmPaths, identity: VmIdentity) -> Result<(), Host
     })
     .await
     .map_err(|e| HostError::Io { what: "hand over a VM's files".into(), source: std::io::Error::other(e) })?
+}
+
+/// Makes the file a VM's guest memory lives in while it runs: `bytes` long (a hole: pages
+/// take room as the guest touches them), owned by the VM's identity, mode 0600. A file left
+/// from an earlier run is replaced. Its directory (made 0711 when missing) is a tmpfs.
+pub async fn create_memory_file(path: &Path, bytes: u64, owner: Option<VmIdentity>) -> Result<(), HostError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o711).create(dir).map_err(file_error("create", dir))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(file_error("create", &path))?;
+        file.set_len(bytes).map_err(file_error("size", &path))?;
+        if let Some(owner) = owner {
+            std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid)).map_err(file_error("chown", &path))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "create a memory file".into(), source: std::io::Error::other(e) })?
+}
+
+/// Makes a VM's memory file a copy of `from` (a snapshot's memory): holes kept, owned by the
+/// VM's identity, mode 0600. A file left from an earlier run is replaced.
+pub async fn copy_memory_file(from: &Path, to: &Path, owner: Option<VmIdentity>) -> Result<(), HostError> {
+    if let Some(dir) = to.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true).mode(0o711);
+        builder.create(dir).map_err(file_error("create", dir))?;
+    }
+    let _ = tokio::fs::remove_file(to).await;
+    copy_sparse(from, to).await?;
+    let to = to.to_owned();
+    tokio::task::spawn_blocking(move || match owner {
+        Some(owner) => set_owner(&to, (owner.uid, owner.gid), 0o600, true),
+        None => set_owner(&to, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()), 0o600, true),
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "hand over a memory file".into(), source: std::io::Error::other(e) })?
+}
+
+/// Gives a snapshot's files (and its directory) to root and the snapshot's group: read-only
+/// to the VMs restored from it, which run with that group; nobody else may read them.
+pub async fn seal_snapshot(dir: &Path, files: &[&Path], group: Option<u32>) -> Result<(), HostError> {
+    let (dir, files): (PathBuf, Vec<PathBuf>) = (dir.to_owned(), files.iter().map(|f| f.to_path_buf()).collect());
+    tokio::task::spawn_blocking(move || {
+        let gid = group.unwrap_or(0);
+        for file in &files {
+            set_owner(file, (0, gid), 0o440, true)?;
+        }
+        set_owner(&dir, (0, gid), 0o750, true)
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "seal a snapshot".into(), source: std::io::Error::other(e) })?
 }
 
 /// Sets the owner and mode of `path` without following a link; an absent path is an error
@@ -65,12 +147,12 @@ pub async fn open_to_vms(files: &[&Path]) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Makes the state dir and its `vms` and `images` dirs traversable but not listable by
+/// Makes the state dir and its `vms`, `images` and `snapshots` dirs traversable but not listable by
 /// others (0711): the VMs' identities pass through them to their own files and their
 /// images'. Fails, naming it, when a directory above the state dir cannot be passed.
 pub fn open_state_dir_to_vms(state_dir: &Path) -> Result<(), HostError> {
     use std::os::unix::fs::PermissionsExt;
-    for dir in [state_dir.to_owned(), state_dir.join("vms"), state_dir.join("images")] {
+    for dir in [state_dir.to_owned(), state_dir.join("vms"), state_dir.join("images"), state_dir.join("snapshots")] {
         std::fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(file_error("chmod", &dir))?;
     }

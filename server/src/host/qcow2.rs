@@ -26,9 +26,8 @@ const L1_TABLE_AT: u64 = 3 * CLUSTER;
 
 /// The image's bytes that are not zero, by offset: its header cluster, the refcount table's
 /// one entry and the refcount block's entries. Everything else (the L1 table) is zero.
-fn layout(base: &Path, virtual_size: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
+fn layout(base: &Path, format: &[u8], virtual_size: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
     let name = base.as_os_str().as_encoded_bytes();
-    let format = b"raw";
     let mut extensions = Vec::new();
     extensions.extend(EXT_BACKING_FORMAT.to_be_bytes());
     extensions.extend((format.len() as u32).to_be_bytes());
@@ -77,9 +76,13 @@ fn layout(base: &Path, virtual_size: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
 /// Creates `disk`, a qcow2 overlay over the raw file `base` (its size is the guest's disk
 /// size). Fails if `disk` exists; removes what it wrote when it fails.
 pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> io::Result<()> {
-    // Beyond the end of its backing file, an overlay reads zeros.
-    let virtual_size = std::fs::metadata(base)?.len().max(size);
-    let pieces = layout(base, virtual_size)?;
+    let (format, base_size): (&[u8], u64) = match qcow2_virtual_size(base)? {
+        // A snapshot's frozen disk: itself an overlay.
+        Some(virtual_size) => (b"qcow2", virtual_size),
+        None => (b"raw", std::fs::metadata(base)?.len()),
+    };
+    let virtual_size = base_size.max(size);
+    let pieces = layout(base, format, virtual_size)?;
     let file = std::fs::File::create_new(disk)?;
     let written = pieces
         .iter()
@@ -91,13 +94,27 @@ pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> io::Result<()> {
     written
 }
 
+/// The virtual size of `path` when it is a qcow2 image; `None` when it is not one.
+fn qcow2_virtual_size(path: &Path) -> io::Result<Option<u64>> {
+    let mut header = [0u8; 32];
+    let file = std::fs::File::open(path)?;
+    match file.read_exact_at(&mut header, 0) {
+        Ok(()) if &header[..4] == b"QFI\xfb" => {
+            Ok(Some(u64::from_be_bytes(header[24..32].try_into().map_err(io::Error::other)?)))
+        }
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_header_names_the_base_and_its_size() {
-        let pieces = layout(Path::new("/images/default/rootfs.ext4"), 1 << 30).expect("layout");
+        let pieces = layout(Path::new("/images/default/rootfs.ext4"), b"raw", 1 << 30).expect("layout");
         let header = &pieces[0].1;
         let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().expect("8 bytes"));
         let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("4 bytes"));
@@ -113,8 +130,8 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_fit() {
-        assert!(layout(Path::new(&"a".repeat(2000)), 1 << 20).is_err());
-        assert!(layout(Path::new(""), 1 << 20).is_err());
+        assert!(layout(Path::new(&"a".repeat(2000)), b"raw", 1 << 20).is_err());
+        assert!(layout(Path::new(""), b"raw", 1 << 20).is_err());
     }
 
     /// Checked by QEMU's own tool where it is installed (it is, after `make setup`).
@@ -165,5 +182,26 @@ mod tests {
         let mut written_region = vec![1u8; 64 << 10];
         std::fs::File::open(&base).expect("base").read_exact_at(&mut written_region, 1 << 20).expect("read");
         assert!(written_region.iter().all(|b| *b == 0), "the base is never written");
+    }
+
+    #[test]
+    fn an_overlay_over_an_overlay_names_it_as_qcow2_with_its_virtual_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, frozen, clone) =
+            (dir.path().join("base.raw"), dir.path().join("frozen.qcow2"), dir.path().join("clone.qcow2"));
+        std::fs::File::create(&base).expect("base").set_len(1 << 30).expect("1 GiB");
+        create_overlay(&base, &frozen, 2 << 30).expect("frozen");
+        create_overlay(&frozen, &clone, 0).expect("clone");
+        let header = std::fs::read(&clone).expect("clone");
+        assert_eq!(u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")), 2 << 30, "the base's virtual size");
+        assert_eq!(&header[120..125], b"qcow2", "the backing format extension");
+        let Ok(info) = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&clone).output()
+        else {
+            banger_tests::skip("qemu-img is not installed (make setup installs it)");
+            return;
+        };
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+        assert_eq!(info["backing-filename-format"], "qcow2");
+        assert_eq!(info["virtual-size"], 2u64 << 30);
     }
 }

@@ -69,7 +69,9 @@ impl VsockBackends {
             format!("guest-cid={cid},socket={},uds-path={}", paths.vhost_user_socket.display(), paths.vsock.display());
         let args: Vec<OsString> = vec!["--vm".into(), vm.into()];
         let handle = match identity {
-            Some(identity) => command::spawn_confined(&self.binary, &args, &paths.vsock_backend_log, identity, None)?,
+            Some(identity) => {
+                command::spawn_confined(&self.binary, &args, &paths.vsock_backend_log, identity, &[], None)?
+            }
             None => command::spawn_detached(&self.binary, &args, &paths.vsock_backend_log)?,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -12,11 +12,14 @@ use super::{
 };
 use crate::{
     config::NetworkConfig,
-    domain::{Image, ProcessHandle, RootDiskStrategy, Vm, VmHandles, VmPaths, mac_address, tap_name},
+    domain::{
+        GuestIdentity, GuestNetwork, Image, ProcessHandle, RootDiskStrategy, Snapshot, Vm, VmHandles, VmPaths,
+        mac_address, tap_name,
+    },
     host::{
         HostError,
         network::GuestRules,
-        vmm::{GuestNic, LaunchSpec},
+        vmm::{GuestMemory, GuestNic, LaunchSpec},
     },
 };
 
@@ -42,13 +45,18 @@ pub enum BootStage {
     LimitResources,
     /// Configure the VMM if it needs it, start the guest, and check that it runs.
     VmmBoot,
+    /// Load a snapshot's device state into the VMM and let the guest run on from it.
+    VmmRestore,
     /// Wait until the guest agent answers.
     WaitAgent,
+    /// Tell a restored guest who it is now: hostname, MAC and address, machine-id, clock,
+    /// fresh entropy.
+    GuestIdentity,
 }
 
 /// The boot stages in order, given how VMs are networked and whether the boot waits for
-/// the guest agent.
-pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool) -> Vec<BootStage> {
+/// the guest agent; a restore from a snapshot always waits, and then sets the identity.
+pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool, restore: bool) -> Vec<BootStage> {
     let mut stages = vec![BootStage::RootDisk, BootStage::AgentChannel];
     if let Some(network) = network {
         stages.extend([BootStage::Tap, BootStage::Firewall]);
@@ -56,7 +64,12 @@ pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool) -> Vec<Boo
             stages.push(BootStage::Nat);
         }
     }
-    stages.extend([BootStage::VmmLaunch, BootStage::LimitResources, BootStage::VmmBoot]);
+    stages.extend([BootStage::VmmLaunch, BootStage::LimitResources]);
+    if restore {
+        stages.extend([BootStage::VmmRestore, BootStage::WaitAgent, BootStage::GuestIdentity]);
+        return stages;
+    }
+    stages.push(BootStage::VmmBoot);
     if wait_agent {
         stages.push(BootStage::WaitAgent);
     }
@@ -75,7 +88,9 @@ impl BootStage {
             Self::VmmLaunch => "vmm_launch",
             Self::LimitResources => "limit_resources",
             Self::VmmBoot => "vmm_boot",
+            Self::VmmRestore => "vmm_restore",
             Self::WaitAgent => "wait_agent",
+            Self::GuestIdentity => "guest_identity",
         }
     }
 
@@ -84,8 +99,8 @@ impl BootStage {
         match self {
             Self::RootDisk | Self::Tap | Self::Firewall | Self::Nat => None,
             Self::AgentChannel => Some("vsock-backend.log"),
-            Self::VmmLaunch | Self::LimitResources | Self::VmmBoot => Some("vmm.log"),
-            Self::WaitAgent => Some("console.log"),
+            Self::VmmLaunch | Self::LimitResources | Self::VmmBoot | Self::VmmRestore => Some("vmm.log"),
+            Self::WaitAgent | Self::GuestIdentity => Some("console.log"),
         }
     }
 }
@@ -103,12 +118,37 @@ pub struct Boot {
     confining: Option<tokio::task::JoinHandle<Result<Option<String>, HostError>>>,
     /// Where this boot's output starts in the console log (earlier boots' comes before).
     console_from: u64,
+    /// The snapshot the VM is restored from instead of booted.
+    restore: Option<Snapshot>,
+    /// A restore onto a copy of the snapshot's memory, mapped shared (the VM can be
+    /// snapshotted again), instead of the snapshot's own file mapped private.
+    own_memory: bool,
 }
 
 impl Boot {
     /// A boot of `vm` from `image`, with nothing done yet.
     pub fn new(vm: Vm, image: Image) -> Self {
-        Self { vm, image, created_disk: false, handles: VmHandles::default(), confining: None, console_from: 0 }
+        Self {
+            vm,
+            image,
+            created_disk: false,
+            handles: VmHandles::default(),
+            confining: None,
+            console_from: 0,
+            restore: None,
+            own_memory: false,
+        }
+    }
+
+    /// A restore of `vm` from `snapshot` (taken of a VM booted from `image`).
+    pub fn restoring(vm: Vm, image: Image, snapshot: Snapshot) -> Self {
+        Self { restore: Some(snapshot), ..Self::new(vm, image) }
+    }
+
+    /// A restore of `vm` from the snapshot just taken of it: it runs on with a copy of the
+    /// snapshot's memory of its own, as it ran before (and can be snapshotted again).
+    pub fn resuming(vm: Vm, image: Image, snapshot: Snapshot) -> Self {
+        Self { own_memory: true, ..Self::restoring(vm, image, snapshot) }
     }
 
     /// Runs one stage.
@@ -118,10 +158,12 @@ impl Boot {
             BootStage::RootDisk => {
                 // A stopped VM keeps its disk: never recreate (that would wipe it).
                 if !crate::host::fs::exists(&paths.root_disk).await {
-                    ops.host
-                        .disks
-                        .create(self.vm.root_disk, &self.image.rootfs_path, &paths.root_disk, self.vm.spec.disk_bytes)
-                        .await?;
+                    // A restored VM's disk overlays the snapshot's frozen disk.
+                    let base = match &self.restore {
+                        Some(snapshot) => snapshot.paths().disk,
+                        None => self.image.rootfs_path.clone(),
+                    };
+                    ops.host.disks.create(self.vm.root_disk, &base, &paths.root_disk, self.vm.spec.disk_bytes).await?;
                     self.created_disk = true;
                 }
                 if self.vm.root_disk == RootDiskStrategy::DmSnapshot {
@@ -185,7 +227,34 @@ impl Boot {
                 self.console_from = crate::host::fs::file_len(&paths.console_log).await.unwrap_or(0);
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
-                let launch = self.launch_spec(&paths, &disk, nic.as_ref());
+                let memory_file = ops.memory_file(&self.vm);
+                let snapshot_files = self.restore.as_ref().map(Snapshot::paths);
+                let memory = match &snapshot_files {
+                    Some(files) if self.own_memory => {
+                        let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
+                        crate::host::fs::copy_memory_file(&files.memory, &memory_file, owner).await?;
+                        GuestMemory::Shared(&memory_file)
+                    }
+                    Some(files) => GuestMemory::Private(&files.memory),
+                    // A VM that may be snapshotted keeps its memory in a file of its own.
+                    None if ops.host.vmm.snapshots_unsupported().is_none() => {
+                        let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
+                        let bytes = u64::from(self.vm.spec.memory_mib) << 20;
+                        crate::host::fs::create_memory_file(&memory_file, bytes, owner).await?;
+                        GuestMemory::Shared(&memory_file)
+                    }
+                    None => GuestMemory::Anonymous,
+                };
+                let mut launch = self.launch_spec(&paths, &disk, nic.as_ref());
+                launch.memory = memory;
+                launch.restore_from = snapshot_files.as_ref().map(|files| files.state.as_path());
+                // A disk over a snapshot's (restored, or snapshotted itself) reads the
+                // files of that snapshot and of those under it: the VMM gets their groups.
+                let groups = match self.restore.as_ref().map(|s| s.id).or(self.vm.snapshot_id) {
+                    Some(id) => ops.snapshot_groups(id).await?,
+                    None => Vec::new(),
+                };
+                launch.extra_groups = &groups;
                 tracing::debug!(vm_id = %self.vm.id, vmm = ops.host.vmm.name(), "launching the vmm");
                 let vmm = ops.host.vmm.launch(&launch).await?;
                 tracing::debug!(vm_id = %self.vm.id, pid = vmm.pid, "vmm launched");
@@ -204,7 +273,7 @@ impl Boot {
                 let processes: Vec<_> = std::iter::once(vmm).chain(self.handles.vsock_backend).collect();
                 self.confining = Some(tokio::spawn(async move { limits.confine(&group, spec, &processes).await }));
             }
-            BootStage::VmmBoot => {
+            BootStage::VmmBoot | BootStage::VmmRestore => {
                 if let Some(confining) = self.confining.take() {
                     let joined = confining.await.map_err(|e| HostError::Io {
                         what: "confine the vmm".into(),
@@ -216,7 +285,10 @@ impl Boot {
                 let vmm = self.vmm_handle()?;
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
-                ops.host.vmm.boot(&self.launch_spec(&paths, &disk, nic.as_ref()), &vmm).await?;
+                let files = self.restore.as_ref().map(Snapshot::paths);
+                let mut launch = self.launch_spec(&paths, &disk, nic.as_ref());
+                launch.restore_from = files.as_ref().map(|files| files.state.as_path());
+                ops.host.vmm.boot(&launch, &vmm).await?;
             }
             BootStage::WaitAgent => {
                 let vmm = self.vmm_handle()?;
@@ -224,7 +296,13 @@ impl Boot {
                 let still_booting =
                     || host.processes.alive(&vmm, &paths.api_socket) && !host.agents.backend_failed(&paths);
                 let deadline = tokio::time::Instant::now() + AGENT_READY_TIMEOUT;
-                host.agents.wait_ready(&self.vm, self.console_from, deadline, &still_booting).await?;
+                // A restored guest announces nothing: its agent serves already.
+                let console_from = self.restore.is_none().then_some(self.console_from);
+                host.agents.wait_ready(&self.vm, console_from, deadline, &still_booting).await?;
+            }
+            BootStage::GuestIdentity => {
+                let identity = new_identity(ops, &self.vm);
+                ops.host.agents.set_identity(&self.vm, &identity).await?;
             }
         }
         Ok(())
@@ -245,7 +323,7 @@ impl Boot {
             BootStage::Nat => &[Runtime::Nat],
             // A jailed VMM is in its group before `limit_resources` runs; the group goes
             // with the vsock backend, in `agent_channel`'s undo.
-            BootStage::VmmLaunch => &[Runtime::Vmm, Runtime::Jail],
+            BootStage::VmmLaunch => &[Runtime::Vmm, Runtime::Jail, Runtime::Sockets],
             BootStage::LimitResources => {
                 if let Some(confining) = self.confining.take()
                     && let Ok(Ok(group)) = confining.await
@@ -255,7 +333,7 @@ impl Boot {
                 // The group goes in `agent_channel`'s undo: it holds the vsock backend too.
                 &[Runtime::Vmm]
             }
-            BootStage::VmmBoot | BootStage::WaitAgent => &[],
+            BootStage::VmmBoot | BootStage::VmmRestore | BootStage::WaitAgent | BootStage::GuestIdentity => &[],
         };
         let released = ops.tear_down(&self.vm, &mut self.handles, parts).await;
         ops.set_handles(&self.vm, self.handles.clone())?;
@@ -310,6 +388,9 @@ impl Boot {
             disk,
             disk_format: self.vm.root_disk.format(),
             nic,
+            memory: GuestMemory::Anonymous,
+            restore_from: None,
+            extra_groups: &[],
         }
     }
 
@@ -333,6 +414,27 @@ fn guest_nic(ops: &Ops, vm: &Vm) -> Option<GuestNic> {
         gateway: network.pool.gateway().to_string(),
         nameserver: network.dns.then(|| network.pool.gateway().to_string()),
     })
+}
+
+/// Who a restored guest is now: its record's name and address, a new machine-id, the
+/// host's clock, and fresh entropy (its kernel's random state is every clone's).
+fn new_identity(ops: &Ops, vm: &Vm) -> GuestIdentity {
+    let mut machine_id = [0u8; 16];
+    let mut entropy = vec![0u8; 64];
+    // getrandom fails only on a broken kernel; zeros then still get mixed with the clock.
+    let _ = getrandom::fill(&mut machine_id);
+    let _ = getrandom::fill(&mut entropy);
+    GuestIdentity {
+        hostname: vm.name.clone(),
+        network: guest_nic(ops, vm).map(|nic| GuestNetwork {
+            mac: nic.mac,
+            address: nic.address,
+            gateway: nic.gateway,
+        }),
+        machine_id: Some(hex::encode(machine_id)),
+        realtime_ns: Some(ops.clock().now_ms().saturating_mul(1_000_000)),
+        entropy,
+    }
 }
 
 /// The network config and the VM's address, or why the VM has no network.

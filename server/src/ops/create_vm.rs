@@ -9,7 +9,7 @@ use super::{
     runner::{self, Operation, Subject},
 };
 use crate::{
-    domain::{Image, OpId, Vm, VmFault, VmId, VmSpec, VmState},
+    domain::{Image, OpId, Snapshot, Vm, VmFault, VmId, VmSpec, VmState},
     store::{LastError, NewVmRecord, VmUpdate},
 };
 
@@ -32,6 +32,9 @@ pub struct CreateVm {
     pub ttl_ms: Option<i64>,
     /// Where its traffic may go beyond its bridge.
     pub egress: crate::domain::Egress,
+    /// The snapshot (id or name) to restore instead of booting; its shape and image are
+    /// the VM's (a `spec` field left 0 takes the snapshot's, another value must match it).
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +53,8 @@ struct CreateVmOp<'a> {
     name: String,
     request: CreateVm,
     image: Option<Image>,
+    /// The snapshot restored, when the create restores one.
+    snapshot: Option<Snapshot>,
     boot: Option<Boot>,
     /// The VM's runtime could not be released while unwinding: its directory (with the
     /// scratch file naming what is left) and its record are kept, the record in `error`.
@@ -75,9 +80,8 @@ impl Operation for CreateVmOp<'_> {
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::InsertRecord, Stage::PrepareVmDir];
         if self.request.start {
-            stages.extend(
-                boot_stages(self.ops.config.network.as_ref(), self.request.wait_agent).into_iter().map(Stage::Boot),
-            );
+            let (network, restore) = (self.ops.config.network.as_ref(), self.snapshot.is_some());
+            stages.extend(boot_stages(network, self.request.wait_agent, restore).into_iter().map(Stage::Boot));
             stages.push(Stage::MarkRunning);
         }
         stages
@@ -97,9 +101,10 @@ impl Operation for CreateVmOp<'_> {
         let ops = self.ops;
         match stage {
             Stage::ResolveImage => {
-                let image = match &self.request.image {
-                    Some(key) => ops.find_image(key).await?,
-                    None => ops.ensure_default_image().await?,
+                let image = match (&self.snapshot, &self.request.image) {
+                    (Some(snapshot), _) => ops.store.image_get(&snapshot.image_id.to_string()).await?,
+                    (None, Some(key)) => ops.find_image(key).await?,
+                    (None, None) => ops.ensure_default_image().await?,
                 };
                 super::images::check_image_files(&image).await?;
                 super::images::check_kernel_for(ops.host.vmm.name(), &image).await?;
@@ -131,9 +136,13 @@ impl Operation for CreateVmOp<'_> {
                         labels: &self.request.labels,
                         expire_at_ms: self.request.ttl_ms.map(|ttl| ops.clock().now_ms() + ttl),
                         egress: &self.request.egress,
+                        snapshot_id: self.snapshot.as_ref().map(|s| s.id),
                     })
                     .await?;
-                self.boot = Some(Boot::new(vm, image));
+                self.boot = Some(match self.snapshot.clone() {
+                    Some(snapshot) => Boot::restoring(vm, image, snapshot),
+                    None => Boot::new(vm, image),
+                });
             }
             Stage::PrepareVmDir => {
                 crate::host::fs::create_dir(&self.vm()?.vm_dir).await?;
@@ -267,7 +276,11 @@ pub(super) fn check_disk_size(
 impl Ops {
     /// Creates a VM (and boots it unless `request.start` is false); a ready member of a
     /// pool of its shape serves it when there is one.
-    pub async fn create_vm(&self, request: CreateVm) -> Result<Vm, Error> {
+    pub async fn create_vm(&self, mut request: CreateVm) -> Result<Vm, Error> {
+        if request.snapshot.is_some() {
+            let snapshot = self.snapshot_for_create(&mut request).await?;
+            return self.create_vm_from(request, Some(snapshot)).await;
+        }
         if let Some(claimed) = self.claim(&request).await {
             return claimed;
         }
@@ -276,13 +289,19 @@ impl Ops {
 
     /// Creates a VM by booting it (unless `request.start` is false).
     pub(super) async fn create_vm_cold(&self, request: CreateVm) -> Result<Vm, Error> {
+        self.create_vm_from(request, None).await
+    }
+
+    /// Creates a VM by booting it, or by restoring `snapshot`.
+    async fn create_vm_from(&self, request: CreateVm, snapshot: Option<Snapshot>) -> Result<Vm, Error> {
         let op_id = OpId::generate();
         let id = VmId::generate();
         let name = request.name.clone().unwrap_or_else(|| generated_name(id));
         let _admitted = self.admit(id, request.spec, true, request.start).await?;
         let lock = self.vm_lock(id);
         let _guard = lock.lock().await;
-        let mut op = CreateVmOp { ops: self, op_id, id, name, request, image: None, boot: None, leftovers: false };
+        let mut op =
+            CreateVmOp { ops: self, op_id, id, name, request, image: None, snapshot, boot: None, leftovers: false };
         runner::run_with(op_id, &mut op, &self.run_options()).await?;
         let vm = op.vm()?.clone();
         Ok(vm)

@@ -60,7 +60,7 @@ pub enum Error {
         action: &'static str,
     },
     /// An image still has VMs.
-    #[error("image {image} is used by {vms} vm(s): delete them first")]
+    #[error("image {image} is used by {vms} vm(s), snapshot(s) or pool(s): delete them first")]
     ImageInUse {
         /// The image's name.
         image: String,
@@ -68,6 +68,22 @@ pub enum Error {
         vms: i64,
     },
     /// An image's files are no longer where its record says.
+    /// A snapshot is still used by VMs.
+    #[error("snapshot {snapshot} is used by {vms} vm(s) or snapshot(s) of them: delete those first")]
+    SnapshotInUse {
+        /// The snapshot's id.
+        snapshot: String,
+        /// How many VMs depend on it.
+        vms: i64,
+    },
+    /// This daemon cannot take snapshots (or restore them), or not of this VM.
+    #[error("cannot snapshot vm {vm}: {why}")]
+    SnapshotUnsupported {
+        /// The VM's name.
+        vm: String,
+        /// Why not.
+        why: String,
+    },
     #[error("image {image} is broken: {} is missing; delete and import it again", missing.display())]
     ImageBroken {
         /// The image's name.
@@ -187,6 +203,7 @@ impl From<StoreError> for Error {
             StoreError::NotFound { kind, key } => Self::NotFound { kind, key },
             StoreError::NameTaken { kind, name } => Self::AlreadyExists { kind, name },
             StoreError::InUse { image, count } => Self::ImageInUse { image, vms: count },
+            StoreError::SnapshotInUse { snapshot, count } => Self::SnapshotInUse { snapshot, vms: count },
             StoreError::Conflict { kind, id, .. } => Self::Conflict { kind, id },
             StoreError::PoolExhausted { pool } => Self::AddressesExhausted { pool },
             other => Self::Store(other),

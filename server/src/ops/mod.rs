@@ -15,6 +15,7 @@ mod queries;
 mod reaper;
 mod recover;
 pub mod runner;
+mod snapshots;
 #[cfg(test)]
 mod stage_tests;
 mod start_vm;
@@ -35,6 +36,7 @@ pub use error::{Error, FieldViolation};
 pub use exec_vm::{ExecOutput, LogOutput, VmLog};
 pub use pools::{NewPool, PoolMember};
 pub use pull_image::{AGENT_INIT_ARGS, NewOciImage};
+pub use snapshots::{SnapshotInfo, TakeSnapshot};
 
 use crate::{
     domain::{Vm, VmHandles, VmId},
@@ -72,6 +74,8 @@ pub struct OpsConfig {
     pub max_log_bytes: u64,
     /// Imports read host files only beneath these directories; `None`: anywhere.
     pub import_roots: Option<Vec<PathBuf>>,
+    /// Where the memory of VMs that may be snapshotted lives while they run (a tmpfs).
+    pub memory_dir: PathBuf,
 }
 
 #[cfg(test)]
@@ -82,6 +86,7 @@ impl OpsConfig {
             state_dir: dir.join("state"),
             default_image: "default".into(),
             default_image_dir: dir.join("none"),
+            memory_dir: dir.join("memory"),
             root_disk: crate::domain::RootDiskStrategy::Qcow2,
             network: None,
             doctor: None,
@@ -240,6 +245,16 @@ impl Ops {
 
     fn images_dir(&self) -> PathBuf {
         self.config.state_dir.join("images")
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.config.state_dir.join("snapshots")
+    }
+
+    /// The file a VM's guest memory lives in while it runs, when it may be snapshotted:
+    /// derived from its id alone, so that teardown finds it without a handle.
+    fn memory_file(&self, vm: &Vm) -> PathBuf {
+        self.config.memory_dir.join(vm.id.to_string())
     }
 
     /// The lock that serializes operations on one VM.

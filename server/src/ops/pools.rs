@@ -87,7 +87,9 @@ impl Operation for ClaimOp<'_> {
                 };
                 self.vm = ops.store.vm_claim(&self.vm, claim).await?;
             }
-            Stage::GuestIdentity => ops.host.agents.set_identity(&self.vm, &self.name).await?,
+            Stage::GuestIdentity => {
+                ops.host.agents.set_identity(&self.vm, &crate::domain::GuestIdentity::hostname(&self.name)).await?
+            }
         }
         Ok(())
     }
@@ -106,7 +108,10 @@ impl Operation for ClaimOp<'_> {
                     VmClaim { name: &self.member.name, labels: &labels, expire_at_ms: None, last_operation: &op_id };
                 self.vm = ops.store.vm_claim(&current, back).await?;
             }
-            Stage::GuestIdentity => ops.host.agents.set_identity(&self.vm, &self.member.name).await?,
+            Stage::GuestIdentity => {
+                let identity = crate::domain::GuestIdentity::hostname(&self.member.name);
+                ops.host.agents.set_identity(&self.vm, &identity).await?
+            }
         }
         Ok(())
     }
@@ -231,6 +236,7 @@ impl Ops {
                 labels: pool.member_labels(),
                 ttl_ms: None,
                 egress: pool.egress.clone(),
+                snapshot: None,
             };
             match self.create_vm_cold(member).await {
                 Ok(vm) => {
@@ -248,7 +254,7 @@ impl Ops {
     /// Serves `request` from a pool when one of its shape has a ready member; `None` when
     /// none does (or the request does not start and wait for its agent).
     pub(super) async fn claim(&self, request: &CreateVm) -> Option<Result<Vm, Error>> {
-        if !request.start || !request.wait_agent {
+        if !request.start || !request.wait_agent || request.snapshot.is_some() {
             return None;
         }
         let pools = self.store.pool_list().await.ok()?;

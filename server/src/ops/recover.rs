@@ -327,6 +327,7 @@ mod tests {
                 labels: &Default::default(),
                 expire_at_ms: None,
                 egress: &Default::default(),
+                snapshot_id: None,
             })
             .await
             .expect("vm")

@@ -79,6 +79,7 @@ fn create(name: &str) -> CreateVm {
         labels: Default::default(),
         ttl_ms: None,
         egress: Default::default(),
+        snapshot: None,
     }
 }
 
@@ -786,4 +787,162 @@ async fn hostile_sources_are_refused_with_their_own_error_and_leave_nothing() {
     assert!(matches!(err.root(), Error::Image(crate::host::oci::OciError::NotFound { .. })), "{err:?}");
     assert_eq!(blobs(&f), 0, "blobs left");
     assert_eq!(f.ops.store.image_list().await.expect("list").len(), 1, "only the fixture's own image");
+}
+
+fn take(vm: &str, name: &str, after: crate::domain::SnapshotAfter) -> super::TakeSnapshot {
+    super::TakeSnapshot { vm: vm.into(), name: name.into(), labels: Default::default(), after }
+}
+
+#[tokio::test]
+async fn a_snapshot_failing_before_it_is_complete_leaves_the_vm_running_on_its_own_disk() {
+    use crate::domain::SnapshotAfter;
+    let f = fixture().await;
+    let src = f.ops.create_vm(create("src")).await.expect("create");
+    std::fs::write(src.paths().root_disk, b"the source's data").expect("disk content");
+    let stages = for_each_failing_stage!(
+        f,
+        |i| f.ops.snapshot_vm(take("src", &format!("s-{i}"), SnapshotAfter::Resume)).await,
+        |stage| {
+            let vm = f.record("src").await.expect("the source stays");
+            match f.ops.store.snapshot_get(&format!("s-{i}")).await {
+                // Complete: the VM's disk overlays it; the VM did not resume (the failure came after).
+                Ok(snapshot) => {
+                    assert!(snapshot.ready, "{stage}: a snapshot record left incomplete");
+                    assert_eq!(vm.snapshot_id, Some(snapshot.id), "{stage}");
+                    assert_eq!(vm.observed_state, VmState::Error, "{stage}: a failed resume is an error");
+                    assert_eq!(std::fs::read(snapshot.paths().disk).expect("frozen disk"), b"the source's data");
+                    f.ops.start_vm("src", true).await.expect("a start boots it again from its disk");
+                    let _ = std::fs::remove_file(vm.paths().root_disk);
+                    std::fs::copy(snapshot.paths().disk, vm.paths().root_disk).expect("restore the test's disk");
+                }
+                Err(StoreError::NotFound { .. }) => {
+                    assert_eq!(vm.observed_state, VmState::Running, "{stage}");
+                    assert!(!f.host.is_paused(&vm.paths()), "{stage}: the source was left paused");
+                    assert_eq!(std::fs::read(vm.paths().root_disk).expect("disk"), b"the source's data", "{stage}");
+                    let left = std::fs::read_dir(f.ops.snapshots_dir()).map(|d| d.count()).unwrap_or(0);
+                    assert_eq!(left, 0, "{stage}: snapshot files left");
+                }
+                Err(e) => panic!("store: {e}"),
+            }
+        }
+    );
+    assert!(stages >= 8, "{stages} stages");
+    let snapshot = f.ops.get_snapshot(&format!("s-{stages}")).await.expect("taken").snapshot;
+    let src = f.record("src").await.expect("source");
+    assert_eq!((src.observed_state, src.snapshot_id), (VmState::Running, Some(snapshot.id)));
+    assert_eq!(f.processes_of(&src), 2, "resumed from the snapshot: {:?}", f.host.processes());
+    // The source resumed under its own name, with fresh entropy.
+    let identity = f.host.identity_of(src.id).expect("told its identity");
+    assert_eq!(identity.hostname, "src");
+    assert!(identity.entropy.iter().any(|b| *b != 0) && identity.realtime_ns.is_some());
+}
+
+#[tokio::test]
+async fn clones_of_a_snapshot_get_their_own_identity_and_the_snapshot_stays_while_they_live() {
+    use crate::domain::SnapshotAfter;
+    let f = networked_fixture().await;
+    f.ops.create_vm(create("src")).await.expect("create");
+    let (snapshot, src) = f.ops.snapshot_vm(take("src", "base", SnapshotAfter::Stop)).await.expect("snapshot");
+    assert_eq!((src.observed_state, src.snapshot_id), (VmState::Stopped, Some(snapshot.id)));
+    assert_eq!(f.processes_of(&src), 0);
+    let again = f.ops.snapshot_vm(take("src", "other", SnapshotAfter::Stop)).await.expect_err("stopped");
+    assert!(matches!(again, Error::WrongState { .. }), "{again:?}");
+
+    let mut clones = Vec::new();
+    for name in ["c1", "c2"] {
+        let mut request = create(name);
+        request.image = None;
+        request.spec = VmSpec { vcpus: 0, memory_mib: 0, disk_bytes: 0 };
+        request.snapshot = Some("base".into());
+        let vm = f.ops.create_vm(request).await.expect("restore");
+        assert_eq!((vm.observed_state, vm.snapshot_id, vm.spec), (VmState::Running, Some(snapshot.id), snapshot.spec));
+        clones.push((vm.clone(), f.host.identity_of(vm.id).expect("identity set")));
+    }
+    let [(a, ia), (b, ib)] = [clones[0].clone(), clones[1].clone()];
+    assert_eq!((ia.hostname.as_str(), ib.hostname.as_str()), ("c1", "c2"));
+    let (na, nb) = (ia.network.clone().expect("network"), ib.network.clone().expect("network"));
+    assert_ne!(na.mac, nb.mac);
+    assert_ne!(na.address, nb.address);
+    assert_eq!(na.address, format!("{}/24", a.ip.expect("ip")));
+    assert_ne!(ia.machine_id, ib.machine_id);
+    assert_ne!(ia.entropy, ib.entropy);
+    assert_ne!(a.vsock_cid, b.vsock_cid);
+
+    // A shape other than the snapshot's is refused; so is a create that does not start.
+    let mut bigger = create("c3");
+    bigger.image = None;
+    bigger.spec = VmSpec { vcpus: 0, memory_mib: 512, disk_bytes: 0 };
+    bigger.snapshot = Some("base".into());
+    let refused = f.ops.create_vm(bigger).await.expect_err("memory differs");
+    assert!(matches!(refused, Error::InvalidArgument(_)), "{refused:?}");
+
+    // A clone maps the snapshot's memory: it is snapshotted once it booted on its own.
+    let refused = f.ops.snapshot_vm(take("c1", "second", SnapshotAfter::Resume)).await.expect_err("restored");
+    assert!(matches!(refused, Error::SnapshotUnsupported { .. }), "{refused:?}");
+    // The source booted again from its disk (over the snapshot's): a second snapshot of it
+    // overlays the first, whose files its VMMs read too, and holds it.
+    f.ops.start_vm("src", true).await.expect("start");
+    let (second, _) = f.ops.snapshot_vm(take("src", "second", SnapshotAfter::Resume)).await.expect("second");
+    assert_eq!(second.base, Some(snapshot.id));
+    assert_eq!(f.ops.snapshot_groups(second.id).await.expect("chain").len(), 0, "the fake runs as the daemon");
+
+    // Refused while VMs (or snapshots of them) depend on it; gone with its files once none does.
+    let in_use = f.ops.delete_snapshot("base").await.expect_err("in use");
+    assert!(matches!(in_use, Error::SnapshotInUse { vms: 3, .. }), "{in_use:?}");
+    for name in ["c1", "c2", "src"] {
+        f.ops.delete_vm(name).await.expect("delete");
+    }
+    let in_use = f.ops.delete_snapshot("base").await.expect_err("the second overlays it");
+    assert!(matches!(in_use, Error::SnapshotInUse { vms: 1, .. }), "{in_use:?}");
+    f.ops.delete_snapshot("second").await.expect("delete the second");
+    f.ops.delete_snapshot("base").await.expect("delete the snapshot");
+    assert!(!snapshot.dir.exists());
+    assert!(f.host.processes().is_empty() && f.host.kernel_state().0.is_empty(), "{:?}", f.host.processes());
+}
+
+#[tokio::test]
+async fn a_snapshot_cut_short_by_a_crash_is_rolled_back_or_finished_at_startup() {
+    use crate::domain::{Snapshot, SnapshotId};
+    let f = fixture().await;
+    let src = f.ops.create_vm(create("src")).await.expect("create");
+    std::fs::write(src.paths().root_disk, b"data").expect("disk");
+    let unfinished = |name: &str| {
+        let id = SnapshotId::generate();
+        Snapshot {
+            id,
+            name: name.into(),
+            source_vm_id: src.id,
+            source_vm_name: "src".into(),
+            image_id: src.image_id,
+            spec: src.spec,
+            egress: Default::default(),
+            root_disk: src.root_disk,
+            networked: false,
+            labels: Default::default(),
+            dir: f.ops.snapshots_dir().join(id.to_string()),
+            group: 0,
+            ready: false,
+            created_at_ms: 0,
+            last_operation: "op".into(),
+            base: None,
+        }
+    };
+    // Killed after the disk was frozen and a new overlay made, before the VM named it.
+    let cut = f.ops.store.snapshot_insert(&unfinished("cut")).await.expect("record");
+    std::fs::create_dir_all(&cut.dir).expect("dir");
+    std::fs::rename(src.paths().root_disk, cut.paths().disk).expect("freeze");
+    std::fs::write(src.paths().root_disk, b"new overlay").expect("overlay");
+    f.host.pause_for_tests(&src.paths());
+    f.ops.recover_snapshots().await.expect("recover");
+    assert!(f.ops.store.snapshot_get("cut").await.is_err(), "rolled back");
+    assert!(!cut.dir.exists());
+    assert_eq!(std::fs::read(src.paths().root_disk).expect("disk"), b"data", "the disk is back");
+    assert!(!f.host.is_paused(&src.paths()), "the source runs on");
+
+    // Killed after the VM named it: finished.
+    let named = f.ops.store.snapshot_insert(&unfinished("named")).await.expect("record");
+    let update = crate::store::VmUpdate { snapshot_id: Some(named.id), ..Default::default() };
+    f.ops.store.vm_update(&src, update).await.expect("depends");
+    f.ops.recover_snapshots().await.expect("recover");
+    assert!(f.ops.store.snapshot_get("named").await.expect("kept").ready);
 }

@@ -36,7 +36,8 @@ impl Operation for StartVmOp<'_> {
 
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
-        stages.extend(boot_stages(self.ops.config.network.as_ref(), self.wait_agent).into_iter().map(Stage::Boot));
+        stages
+            .extend(boot_stages(self.ops.config.network.as_ref(), self.wait_agent, false).into_iter().map(Stage::Boot));
         stages.push(Stage::MarkRunning);
         stages
     }
@@ -71,6 +72,7 @@ impl Operation for StartVmOp<'_> {
                     observed_state: Some(next),
                     last_error: Some(LastError::none()),
                     last_operation: Some(self.op_id.to_string()),
+                    ..Default::default()
                 };
                 self.vm = ops.store.vm_update(&self.vm, update).await?;
                 if let Some(boot) = self.boot.as_mut() {

@@ -32,7 +32,7 @@ pub(super) enum Runtime {
     Snapshot,
     /// The loop devices under the snapshot (only once it is gone).
     Loops,
-    /// The sockets the VMM and the backend served.
+    /// The sockets the VMM and the backend served, and the guest's memory file.
     Sockets,
 }
 
@@ -174,6 +174,8 @@ impl Ops {
                     for socket in [&paths.api_socket, &paths.vsock, &paths.vhost_user_socket] {
                         crate::host::fs::remove_file_quietly(socket).await;
                     }
+                    // The guest's memory, once no VMM maps it.
+                    crate::host::fs::remove_file_quietly(&self.memory_file(vm)).await;
                 }
             }
         }

@@ -98,7 +98,10 @@ impl Store {
     /// Removes an image that no VM uses.
     pub async fn image_delete(&self, id: ImageId) -> Result<(), StoreError> {
         let mut tx = self.write_transaction().await?;
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE image_id = ?")
+        let count: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM vms WHERE image_id = ?1) + (SELECT COUNT(*) FROM snapshots WHERE image_id = ?1) \
+             + (SELECT COUNT(*) FROM pools WHERE image_id = ?1)",
+        )
             .bind(id.to_string())
             .fetch_one(&mut *tx)
             .await?;

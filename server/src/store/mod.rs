@@ -8,6 +8,7 @@ mod images;
 mod index;
 mod pools;
 mod requests;
+mod snapshots;
 mod vms;
 
 use std::{path::Path, str::FromStr, time::Duration};
@@ -54,6 +55,14 @@ pub enum StoreError {
         /// The image's id.
         image: String,
         /// How many VMs use it.
+        count: i64,
+    },
+    /// A snapshot is still used by VMs.
+    #[error("snapshot {snapshot} is used by {count} vm(s) or snapshot(s)")]
+    SnapshotInUse {
+        /// The snapshot's id.
+        snapshot: String,
+        /// How many VMs depend on it.
         count: i64,
     },
     /// Every address of the VM network is taken.

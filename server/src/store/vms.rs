@@ -10,7 +10,7 @@ use crate::domain::{IpPool, Labels, Resource, RootDiskStrategy, Vm, VmFault, VmI
 const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, disk_size_bytes, desired_state, observed_state, \
     vsock_cid, root_disk, ip, vm_dir, last_error, last_error_reason, last_operation, created_at_ms, updated_at_ms, \
     generation, \
-    labels, expire_at_ms, egress";
+    labels, expire_at_ms, egress, snapshot_id";
 
 /// Why a VM's last operation failed: a code and words.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +44,8 @@ pub struct VmUpdate {
     pub last_error: Option<LastError>,
     /// New last operation id.
     pub last_operation: Option<String>,
+    /// The snapshot the VM's disk now overlays (never cleared: the disk keeps overlaying it).
+    pub snapshot_id: Option<crate::domain::SnapshotId>,
 }
 
 fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
@@ -80,6 +82,10 @@ fn vm_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vm, StoreError> {
         labels: serde_json::from_str(&row.try_get::<String, _>("labels")?).map_err(|_| corrupt("labels"))?,
         expire_at_ms: row.try_get("expire_at_ms")?,
         egress: serde_json::from_str(&row.try_get::<String, _>("egress")?).map_err(|_| corrupt("egress"))?,
+        snapshot_id: match row.try_get::<Option<String>, _>("snapshot_id")? {
+            Some(id) => Some(id.parse().map_err(|_| corrupt("snapshot_id"))?),
+            None => None,
+        },
     })
 }
 
@@ -153,6 +159,8 @@ pub struct NewVmRecord<'a> {
     pub expire_at_ms: Option<i64>,
     /// Where its traffic may go beyond its bridge.
     pub egress: &'a crate::domain::Egress,
+    /// The snapshot it is restored from.
+    pub snapshot_id: Option<crate::domain::SnapshotId>,
 }
 
 impl Store {
@@ -177,9 +185,9 @@ impl Store {
             let result = sqlx::query(
                 "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, desired_state, observed_state, \
                  vsock_cid, vm_dir, last_operation, created_at_ms, updated_at_ms, root_disk, ip, labels, expire_at_ms, \
-                 disk_size_bytes, egress) \
+                 disk_size_bytes, egress, snapshot_id) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?10, \
-                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 (SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM vms), ?7, ?8, ?9, ?9, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )
             .bind(new.id.to_string())
             .bind(new.name)
@@ -197,6 +205,7 @@ impl Store {
             .bind(new.expire_at_ms)
             .bind(new.spec.disk_bytes as i64)
             .bind(serde_json::to_string(new.egress).unwrap_or_else(|_| r#"{"mode":"internet"}"#.into()))
+            .bind(new.snapshot_id.map(|id| id.to_string()))
             .execute(&mut *tx)
             .await;
             match result {
@@ -284,6 +293,7 @@ impl Store {
                last_error = COALESCE(?5, last_error), \
                last_error_reason = COALESCE(?8, last_error_reason), \
                last_operation = COALESCE(?6, last_operation), \
+               snapshot_id = COALESCE(?9, snapshot_id), \
                updated_at_ms = ?7, generation = generation + 1 \
              WHERE id = ?1 AND generation = ?2",
         )
@@ -295,6 +305,7 @@ impl Store {
         .bind(update.last_operation)
         .bind(self.clock.now_ms())
         .bind(update.last_error.as_ref().map(|e| e.reason.map(VmFault::as_str).unwrap_or_default()))
+        .bind(update.snapshot_id.map(|id| id.to_string()))
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
@@ -417,6 +428,7 @@ mod tests {
             labels: &EMPTY,
             expire_at_ms: None,
             egress: &crate::domain::Egress::Internet,
+            snapshot_id: None,
         }
     }
 

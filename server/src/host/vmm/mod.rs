@@ -34,6 +34,26 @@ pub struct LaunchSpec<'a> {
     pub disk_format: &'static str,
     /// The VM's network interface, when VMs get a network.
     pub nic: Option<&'a GuestNic>,
+    /// Where guest memory lives.
+    pub memory: GuestMemory<'a>,
+    /// The device state to restore instead of booting (a snapshot's); the guest's memory
+    /// is then the snapshot's, mapped [`GuestMemory::Private`].
+    pub restore_from: Option<&'a std::path::Path>,
+    /// Groups the VMM runs with besides its own: those of the snapshots its disk overlays
+    /// (and its memory maps), whose files only their groups may read.
+    pub extra_groups: &'a [u32],
+}
+
+/// Where a guest's memory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestMemory<'a> {
+    /// Anonymous shared memory the VMM makes (a memfd): nothing on the host names it.
+    Anonymous,
+    /// This file, mapped shared: the guest's memory can be saved in place, as a snapshot.
+    Shared(&'a std::path::Path),
+    /// This file (a snapshot's memory), mapped private: the guest's writes are copies of
+    /// its pages, and the file is never written.
+    Private(&'a std::path::Path),
 }
 
 impl LaunchSpec<'_> {
@@ -101,6 +121,25 @@ pub trait Vmm: Send + Sync + Debug {
 
     /// Lets a paused guest's vCPUs run again. Resuming a running guest is fine.
     async fn resume(&self, paths: &VmPaths) -> Result<(), HostError>;
+
+    /// Why this VMM cannot take snapshots as configured; `None` when it can. A VM that may
+    /// be snapshotted has its memory in a file ([`GuestMemory::Shared`]).
+    fn snapshots_unsupported(&self) -> Option<String> {
+        Some(format!("the {} driver does not take snapshots", self.name()))
+    }
+
+    /// The gid of a snapshot's group number `group` (see `domain::SNAPSHOT_GROUP_OFFSET`):
+    /// its files' group, and the extra group of the VMMs restored from it. `None`: the
+    /// VMM runs as the daemon's user (a test's fake).
+    fn snapshot_group(&self, _group: u32) -> Option<u32> {
+        None
+    }
+
+    /// Saves a paused guest's device state to `state_file` (its memory stays in its
+    /// file). The VMM is then spent: it cannot run the guest on.
+    async fn save(&self, _paths: &VmPaths, _state_file: &std::path::Path) -> Result<(), HostError> {
+        Err(HostError::VmmRefused { command: "save".into(), message: "snapshots are not supported".into() })
+    }
 
     /// The unprivileged identity the VM's VMM (and its vsock backend) runs as; the VM's
     /// files and host devices it opens itself, its tap, must belong to it. `None`: it runs

@@ -1,8 +1,14 @@
 //! QEMU `-M microvm`: virtio-mmio devices, QMP on the api socket, serial console to a file.
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use super::{LaunchSpec, Vmm, qmp::Qmp};
+use serde_json::json;
+
+use super::{GuestMemory, LaunchSpec, Vmm, qmp::Qmp};
 use crate::{
     domain::{ProcessHandle, VmPaths},
     host::{
@@ -91,10 +97,21 @@ impl QemuVmm {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
         push(&["-name", &format!("banger-{}", launch.name)]);
-        // vhost-user needs guest memory it can map: a shared memfd backend.
         push(&["-M", "microvm,memory-backend=mem", "-accel", accel]);
         push(&["-m", &format!("{memory}M"), "-smp", &launch.spec.vcpus.to_string()]);
-        push(&["-object", &format!("memory-backend-memfd,id=mem,size={memory}M,share=on")]);
+        let backend = match launch.memory {
+            // vhost-user needs guest memory it can map: a shared memfd backend.
+            GuestMemory::Anonymous => format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+            GuestMemory::Shared(file) => {
+                format!("memory-backend-file,id=mem,size={memory}M,mem-path={},share=on", file.display())
+            }
+            // Opened read-only, mapped private and writable: the file is never written.
+            GuestMemory::Private(file) => format!(
+                "memory-backend-file,id=mem,size={memory}M,mem-path={},share=off,readonly=on,rom=off",
+                file.display()
+            ),
+        };
+        push(&["-object", &backend]);
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         // Paused until `boot` says `cont`: the guest runs no instruction before the VMM is
         // in its cgroup, and QEMU sets itself up meanwhile.
@@ -142,11 +159,70 @@ impl QemuVmm {
         }
         push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.api_socket.display())]);
         push(&["-sandbox", SANDBOX]);
+        if launch.restore_from.is_some() {
+            // The state is loaded over QMP once QEMU is up (`boot`).
+            push(&["-incoming", "defer"]);
+        }
         args
+    }
+
+    /// Loads a snapshot's device state into a QEMU started with `-incoming defer`; its
+    /// memory is the snapshot's file already (`x-ignore-shared`: the stream carries none).
+    async fn load_state(
+        &self,
+        qmp: &mut Qmp,
+        state: &Path,
+        vmm: &ProcessHandle,
+        paths: &VmPaths,
+    ) -> Result<(), HostError> {
+        qmp.execute_with("migrate-set-capabilities", ignore_shared()).await?;
+        qmp.execute_with("migrate-incoming", json!({ "uri": file_uri(state) })).await?;
+        let alive = || self.processes.alive(vmm, &paths.api_socket);
+        match wait_migration(qmp, MIGRATION_TIMEOUT, &alive).await {
+            // A failed load makes QEMU exit: its log says why.
+            Err(_) if !alive() => Err(self.exited(paths)),
+            done => done,
+        }
     }
 
     fn exited(&self, paths: &VmPaths) -> HostError {
         HostError::ProcessExited { process: "qemu", detail: last_log_line(&paths.vmm_log), log: paths.vmm_log.clone() }
+    }
+}
+
+/// How long saving or loading a guest's device state may take (memory is not copied: a
+/// few hundred kilobytes).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The migration capability that leaves guest memory in its shared file, out of the stream.
+fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+fn file_uri(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
+/// Polls `query-migrate` until the migration completed, failed, or `timeout` passed.
+async fn wait_migration(qmp: &mut Qmp, timeout: Duration, alive: &(dyn Fn() -> bool + Sync)) -> Result<(), HostError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if !alive() {
+            return Err(HostError::VmmRefused { command: "migrate".into(), message: "qemu exited".into() });
+        }
+        let status = qmp.execute("query-migrate").await?;
+        match status.get("status").and_then(serde_json::Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some("failed" | "cancelled") => {
+                let why = status.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("no reason given");
+                return Err(HostError::VmmRefused { command: "migrate".into(), message: why.to_owned() });
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HostError::Timeout { what: "qemu migration".into(), seconds: timeout.as_secs() });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -170,7 +246,7 @@ impl Vmm for QemuVmm {
         let tap = launch.nic.map(|nic| crate::host::network::open_tap(&nic.tap)).transpose()?;
         let args = self.args(launch);
         tracing::debug!(binary = %self.binary.display(), args = ?args, uid = identity.uid, "qemu command line");
-        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, tap)
+        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, launch.extra_groups, tap)
     }
 
     async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError> {
@@ -190,6 +266,9 @@ impl Vmm for QemuVmm {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        if let Some(state) = launch.restore_from {
+            self.load_state(&mut qmp, state, vmm, paths).await?;
+        }
         qmp.execute("cont").await?;
         let status = qmp.execute("query-status").await?;
         if status.get("running").and_then(serde_json::Value::as_bool) != Some(true) {
@@ -220,6 +299,32 @@ impl Vmm for QemuVmm {
 
     fn runs_as(&self, vsock_cid: u32) -> Option<VmIdentity> {
         self.identity(vsock_cid).ok()
+    }
+
+    fn snapshot_group(&self, group: u32) -> Option<u32> {
+        self.uid_base.checked_add(crate::domain::SNAPSHOT_GROUP_OFFSET)?.checked_add(group)
+    }
+
+    fn snapshots_unsupported(&self) -> Option<String> {
+        match self.vsock {
+            VsockMode::VirtioSerial => None,
+            _ => Some(
+                "the guest agent's vsock device cannot be saved (vhost-user-vsock is unmigratable): \
+                 snapshots need agent_channel = \"virtio-serial\" in bangerd's config"
+                    .into(),
+            ),
+        }
+    }
+
+    async fn save(&self, paths: &VmPaths, state_file: &Path) -> Result<(), HostError> {
+        let mut qmp = Qmp::connect(&paths.api_socket).await?;
+        let status = qmp.execute("query-status").await?;
+        if status.get("running").and_then(serde_json::Value::as_bool) != Some(false) {
+            return Err(HostError::VmmRefused { command: "save".into(), message: "the guest is not paused".into() });
+        }
+        qmp.execute_with("migrate-set-capabilities", ignore_shared()).await?;
+        qmp.execute_with("migrate", json!({ "uri": file_uri(state_file) })).await?;
+        wait_migration(&mut qmp, MIGRATION_TIMEOUT, &|| paths.api_socket.exists()).await
     }
 }
 
@@ -259,6 +364,9 @@ mod tests {
             disk: &paths.root_disk,
             disk_format: "qcow2",
             nic: None,
+            memory: GuestMemory::Anonymous,
+            restore_from: None,
+            extra_groups: &[],
         };
         vmm.args(&launch).into_iter().map(|a| a.into_string().expect("utf-8")).collect()
     }

@@ -65,8 +65,17 @@ impl Qmp {
         bounded(command, self.execute_now(command)).await
     }
 
+    /// Runs a command with arguments, as [`Qmp::execute`].
+    pub async fn execute_with(&mut self, command: &str, arguments: Value) -> Result<Value, HostError> {
+        bounded(command, self.send(json!({ "execute": command, "arguments": arguments }), command)).await
+    }
+
     async fn execute_now(&mut self, command: &str) -> Result<Value, HostError> {
-        let mut request = json!({ "execute": command }).to_string();
+        self.send(json!({ "execute": command }), command).await
+    }
+
+    async fn send(&mut self, request: Value, command: &str) -> Result<Value, HostError> {
+        let mut request = request.to_string();
         request.push('\n');
         self.writer.write_all(request.as_bytes()).await.map_err(io("write"))?;
         loop {
