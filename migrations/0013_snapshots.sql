@@ -25,5 +25,8 @@ CREATE TABLE snapshots (
     base_id         TEXT REFERENCES snapshots (id) ON DELETE RESTRICT
 );
 
+-- The snapshot a pool's members are restored from, if any.
+ALTER TABLE pools ADD COLUMN snapshot_id TEXT REFERENCES snapshots (id) ON DELETE RESTRICT;
+
 -- The snapshot a VM's disk overlays (restored from it, or the VM it was taken from).
 ALTER TABLE vms ADD COLUMN snapshot_id TEXT REFERENCES snapshots (id) ON DELETE RESTRICT;

@@ -439,20 +439,27 @@ async fn clean_up(bin_dir: &Path, image_dir: &Path, work: &Path) {
 async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Result<(), Error> {
     let only = std::env::var("BANGER_BENCH_ONLY").unwrap_or_default();
     let only_rpc = only == "rpc";
-    if only == "pool" {
-        // BANGER_BENCH_ONLY=pool: only the pool section; to `results-pool.json`.
+    if only == "pool" || only == "start" {
+        // BANGER_BENCH_ONLY=pool: only the pool section; =start: the pool and snapshot
+        // sections side by side; to `results-<only>.json`.
         let daemon = Daemon::start(bin_dir, image_dir, work)?;
         let (client, _) = daemon.serving().await?;
         // The first create imports the default image: not counted.
         create_watched(&client, "warmup").await?;
         delete(&client, "warmup").await?;
-        let results = json!({ "machine": machine(), "pool": pool_measures(bin_dir, &daemon, &client).await? });
+        let mut results = json!({ "machine": machine(), "pool": pool_measures(bin_dir, &daemon, &client).await? });
         drop(client);
         daemon.kill();
+        if only == "start" {
+            results["snapshot"] = snapshot_section(bin_dir, image_dir, work).await?;
+        }
         let out = root.join("target/bench");
         std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("results-pool.json"), serde_json::to_string_pretty(&results)?)?;
+        std::fs::write(out.join(format!("results-{only}.json")), serde_json::to_string_pretty(&results)?)?;
         println!("{}", pool_lines(&results));
+        if only == "start" {
+            println!("{}", snapshot_lines(&results));
+        }
         return Ok(());
     }
     let registry = (!only_rpc).then(banger_tests::Registry::start);
@@ -466,7 +473,7 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
     // BANGER_BENCH_ONLY=rpc: only the RPC load and the restart, without guests; for working
     // on the RPC path. Its results go to `results-rpc.json`, and the document is left alone.
     if registry.is_some() {
-        guest_measures(bin_dir, &daemon, &client, work, &mut results).await?;
+        guest_measures(bin_dir, image_dir, &daemon, &client, work, &mut results).await?;
     }
 
     // 3. 1,000 records: 2 running, the rest created but not started.
@@ -566,6 +573,7 @@ async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Resu
 /// Sections 1 and 2: guests booted, one at a time and two at once, and the A/B.
 async fn guest_measures(
     bin_dir: &Path,
+    image_dir: &Path,
     daemon: &Daemon,
     client: &Client,
     work: &Path,
@@ -600,6 +608,9 @@ async fn guest_measures(
 
     // 1c. A warm pool: claims instead of boots.
     results["pool"] = pool_measures(bin_dir, daemon, &client).await?;
+
+    // 1d. Snapshots: restores instead of boots (a daemon of their own, on virtio-serial).
+    results["snapshot"] = snapshot_section(bin_dir, image_dir, work).await?;
 
     // 2. Create throughput at concurrency 1 and 2 (at most two TCG guests at once here).
     let mut throughput = serde_json::Map::new();
@@ -727,6 +738,221 @@ async fn pool_measures(bin_dir: &Path, daemon: &Daemon, client: &Client) -> Resu
         "claimed_create": quantiles_ms(creates),
         "member_rss_mib": member_rss,
     }))
+}
+
+/// Restores from one snapshot measured one after another.
+const SNAPSHOT_RUNS: usize = 20;
+/// Rounds of four clones restored at once.
+const CLONE_ROUNDS: usize = 3;
+
+/// Section 1d, on a daemon of its own with `agent_channel = "virtio-serial"` (snapshots
+/// need it): one snapshot of a booted VM, then restores from it.
+async fn snapshot_section(bin_dir: &Path, image_dir: &Path, work: &Path) -> Result<Value, Error> {
+    let dir = work.join("snapshots");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    std::fs::write(dir.join("bangerd.toml"), "agent_channel = \"virtio-serial\"\n")?;
+    let daemon = Daemon::start(bin_dir, image_dir, &dir)?;
+    let measured = async {
+        let (client, _) = daemon.serving().await?;
+        snapshot_measures(&client).await
+    }
+    .await;
+    if measured.is_err() {
+        // Its VMs go with it (the caller cleans up only the main daemon's).
+        if let Ok((client, _)) = daemon.serving().await {
+            let listed = client.clone().vms.list_vms(pb::ListVmsRequest::default()).await;
+            for vm in listed.map(|l| l.into_inner().vms).unwrap_or_default() {
+                let _ = delete(&client, &vm.id).await;
+            }
+        }
+    }
+    daemon.kill();
+    measured
+}
+
+/// A create from `snapshot`: its wall time (ms; the call returns once the guest's agent
+/// answered and the guest was told its identity) and the VM.
+async fn restore(client: &Client, snapshot: &str, name: &str) -> Result<(f64, pb::Vm), Error> {
+    let mut client = client.clone();
+    let started = Instant::now();
+    let request = pb::CreateVmRequest { name: name.into(), snapshot: snapshot.into(), ..Default::default() };
+    let vm = client.vms.create_vm(request).await?.into_inner().vm.unwrap_or_default();
+    Ok((started.elapsed().as_secs_f64() * 1000.0, vm))
+}
+
+/// Private memory (`Private_Clean + Private_Dirty` of `/proc/PID/smaps_rollup`) in MiB.
+fn private_mib(pid: u32) -> f64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kib: f64 = rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum();
+    kib / 1024.0
+}
+
+async fn snapshot_measures(client: &Client) -> Result<Value, Error> {
+    eprintln!("bench: a snapshot of a booted VM (virtio-serial channel)");
+    create_watched(client, "source").await?;
+    let mut snapshots = client.clone();
+    let started = Instant::now();
+    let request = pb::SnapshotVmRequest {
+        vm: "source".into(),
+        name: "bench".into(),
+        after: pb::SnapshotAfter::Stop.into(),
+        ..Default::default()
+    };
+    snapshots.snapshots.snapshot_vm(request).await?;
+    let take_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+    eprintln!("bench: create → ready from the snapshot, {SNAPSHOT_RUNS} runs");
+    let mut restores = Vec::new();
+    let (mut command_line, mut frozen) = (Vec::new(), String::new());
+    for i in 0..SNAPSHOT_RUNS {
+        let name = format!("restored-{i}");
+        let (ms, vm) = restore(client, "bench", &name).await?;
+        restores.push(ms);
+        if command_line.is_empty() {
+            let runtime = vm.runtime.unwrap_or_default();
+            let header = std::fs::read(&runtime.root_disk_path)?;
+            frozen = backing_of(&header).ok_or("the clone's disk names no base")?;
+            let pid = runtime.vmm_pid;
+            command_line = std::fs::read(format!("/proc/{pid}/cmdline"))?
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+        }
+        delete(client, &name).await?;
+    }
+
+    eprintln!("bench: the same restore by hand (QEMU -incoming, then the agent's Ready), {SNAPSHOT_RUNS} runs");
+    let snapshot = snapshots.snapshots.get_snapshot(pb::GetSnapshotRequest { snapshot: "bench".into() }).await?;
+    let snapshot = snapshot.into_inner().snapshot.unwrap_or_default();
+    let mut by_hand = Vec::new();
+    for _ in 0..SNAPSHOT_RUNS {
+        by_hand.push(restore_by_hand(&command_line, &frozen).await?);
+    }
+
+    eprintln!("bench: four clones at once, {CLONE_ROUNDS} rounds; their private memory");
+    let mut rounds = Vec::new();
+    let mut private = Vec::new();
+    for round in 0..CLONE_ROUNDS {
+        let started = Instant::now();
+        let clones = (0..4).map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { restore(&client, "bench", &format!("clone-{round}-{i}")).await })
+        });
+        let mut vms = Vec::new();
+        for clone in clones {
+            vms.push(clone.await.map_err(|e| e.to_string())??.1);
+        }
+        rounds.push(started.elapsed().as_secs_f64() * 1000.0);
+        if round == CLONE_ROUNDS - 1 {
+            // Idle a moment, as a clone waiting for its job would.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            private = vms.iter().map(|vm| private_mib(vm.runtime.as_ref().map(|r| r.vmm_pid).unwrap_or(0))).collect();
+        }
+        for vm in vms {
+            delete(client, &vm.id).await?;
+        }
+    }
+    delete(client, "source").await?;
+    snapshots.snapshots.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: "bench".into() }).await?;
+    let (restores, by_hand) = (quantiles_ms(restores), quantiles_ms(by_hand));
+    let ratio = num(&restores["p50_ms"]) / num(&by_hand["p50_ms"]).max(f64::MIN_POSITIVE);
+    Ok(json!({
+        "snapshot_take_ms": take_ms,
+        "snapshot_stored_mib": snapshot.stored_bytes as f64 / 1048576.0,
+        "create_to_ready": restores,
+        "by_hand_to_ready": by_hand,
+        "banger_vs_by_hand_p50": ratio,
+        "four_clones_ms": quantiles_ms(rounds),
+        "clone_private_mib": private,
+    }))
+}
+
+/// What banger's restore does without banger: QEMU started with the command line banger gave
+/// a clone (its own files, a user-mode network backend instead of the tap), the state loaded
+/// over QMP, `cont`, then the agent's `Ready` over the serial port; QEMU start → `Ready`, ms.
+async fn restore_by_hand(command_line: &[String], frozen: &str) -> Result<f64, Error> {
+    use banger_server::host::{agent::AgentClient, vmm::qmp::Qmp};
+    let scratch = tempfile::tempdir()?;
+    let dir = scratch.path();
+    let (qmp, agent) = (dir.join("qmp.sock"), dir.join("agent.sock"));
+    let disk = dir.join("root.qcow2");
+    timed("qemu-img", &["create", "-q", "-f", "qcow2", "-b", frozen, "-F", "qcow2", &disk.display().to_string()])?;
+    let mut args: Vec<String> = Vec::new();
+    let mut rest = command_line.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        let value = match arg.as_str() {
+            "-qmp" | "-drive" | "-chardev" | "-netdev" => rest.next().cloned().unwrap_or_default(),
+            _ => {
+                args.push(arg.clone());
+                continue;
+            }
+        };
+        let value = if value.starts_with("unix:") {
+            format!("unix:{},server=on,wait=off", qmp.display())
+        } else if value.starts_with("id=root,") {
+            format!("id=root,file={},format=qcow2,if=none", disk.display())
+        } else if value.starts_with("file,id=console") {
+            format!("file,id=console,path={}", dir.join("console.log").display())
+        } else if value.starts_with("socket,id=agent") {
+            format!("socket,id=agent,path={},server=on,wait=off", agent.display())
+        } else if value.starts_with("tap,") {
+            "user,id=net0".to_owned()
+        } else {
+            value
+        };
+        args.extend([arg.clone(), value]);
+    }
+    let started = Instant::now();
+    let mut qemu = Command::new(&command_line[0])
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let measured = async {
+        let mut session = loop {
+            if let Ok(session) = Qmp::connect(&qmp).await {
+                break session;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err::<f64, Error>("no QMP socket".into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let ignore = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+        session.execute_with("migrate-set-capabilities", ignore).await?;
+        let state = Path::new(frozen).with_file_name("state");
+        session.execute_with("migrate-incoming", json!({ "uri": format!("file:{}", state.display()) })).await?;
+        loop {
+            let status = session.execute("query-migrate").await?;
+            match status["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") => return Err(format!("restore by hand: {status}").into()),
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        session.execute("cont").await?;
+        AgentClient::new_serial(agent.clone()).ready(Duration::from_secs(10)).await?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    }
+    .await;
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    measured
+}
+
+/// The backing file a qcow2 header names.
+fn backing_of(header: &[u8]) -> Option<String> {
+    let be64 = |at: usize| Some(u64::from_be_bytes(header.get(at..at + 8)?.try_into().ok()?));
+    let offset = be64(8)? as usize;
+    let size = u32::from_be_bytes(header.get(16..20)?.try_into().ok()?) as usize;
+    Some(String::from_utf8_lossy(header.get(offset..offset + size)?).into_owned())
 }
 
 /// Runs a tool to completion; its wall time.
@@ -958,6 +1184,7 @@ fn summary(r: &Value) -> String {
         verdict(num(&list64["per_second"]) >= 10_000.0 && num(&list64["p99_ms"]) <= 10.0)
     );
     out += &pool_lines(r);
+    out += &snapshot_lines(r);
     out += &format!(
         "| startup reconcile, 1,000 records (2 running) | {} | ≤ 1 s | {} |\n",
         reconcile.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "not logged".into()),
@@ -1071,6 +1298,36 @@ fn pool_lines(r: &Value) -> String {
         num(&pool["vm_run_speedup_p50"]),
         verdict(num(&pool["vm_run_speedup_p50"]) >= 10.0),
         rss.join(", ")
+    )
+}
+
+fn snapshot_lines(r: &Value) -> String {
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let snap = &r["snapshot"];
+    let (ready, hand, four) = (&snap["create_to_ready"], &snap["by_hand_to_ready"], &snap["four_clones_ms"]);
+    let private: Vec<f64> = snap["clone_private_mib"].as_array().into_iter().flatten().map(num).collect();
+    let worst = private.iter().copied().fold(0.0, f64::max);
+    let shown: Vec<String> = private.iter().map(|m| format!("{m:.0}")).collect();
+    format!(
+        "| create → ready from a snapshot (`CreateVm` with `snapshot`: restored, agent answering, identity set), {SNAPSHOT_RUNS} runs | p50 {:.0} ms, p99 {:.0} ms | p50 ≤ 300 ms | {} |\n\
+         | banger's restore vs the same `qemu -incoming` restore by hand (QEMU start → agent `Ready`), p50 | {:.0} ms vs {:.0} ms: {:.2} | ≤ 1.10 | {} |\n\
+         | four clones restored at once, all ready, {CLONE_ROUNDS} rounds | p50 {:.0} ms, worst {:.0} ms | ≤ 1 s | {} |\n\
+         | private memory of an idle clone's VMM, 256 MiB guest (`smaps_rollup` Private_*) | {} MiB | ≤ 64 MiB | {} |\n\
+         | taking the snapshot (`SnapshotVm`, source stopped after), stored size | {:.0} ms, {:.0} MiB | | |\n",
+        num(&ready["p50_ms"]),
+        num(&ready["p99_ms"]),
+        verdict(num(&ready["p50_ms"]) <= 300.0),
+        num(&ready["p50_ms"]),
+        num(&hand["p50_ms"]),
+        num(&snap["banger_vs_by_hand_p50"]),
+        verdict(num(&snap["banger_vs_by_hand_p50"]) <= 1.10),
+        num(&four["p50_ms"]),
+        num(&four["p99_ms"]),
+        verdict(num(&four["p99_ms"]) <= 1000.0),
+        shown.join(", "),
+        verdict(worst <= 64.0 && !private.is_empty()),
+        num(&snap["snapshot_take_ms"]),
+        num(&snap["snapshot_stored_mib"]),
     )
 }
 

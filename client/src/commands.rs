@@ -246,7 +246,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
 
 async fn pool_command(mut client: Client, command: PoolCommand) -> Result<(), Failure> {
     match command {
-        PoolCommand::Create { name, size, image, vcpus, memory, disk_size, egress } => {
+        PoolCommand::Create { name, size, image, vcpus, memory, disk_size, egress, snapshot } => {
             let request = pb::CreatePoolRequest {
                 name,
                 size,
@@ -255,6 +255,7 @@ async fn pool_command(mut client: Client, command: PoolCommand) -> Result<(), Fa
                 memory_mib: memory,
                 disk_size_bytes: disk_size.unwrap_or(0),
                 egress,
+                snapshot: snapshot.unwrap_or_default(),
             };
             let pool = client.pools.create_pool(request).await?.into_inner().pool.unwrap_or_default();
             output::print_pool_details(&pool);

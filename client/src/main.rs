@@ -116,6 +116,11 @@ enum PoolCommand {
         /// The members' egress policy, as `vm create --egress` [default: internet].
         #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
         egress: Option<banger_client::pb::EgressPolicy>,
+        /// Restore the members from this snapshot instead of booting them (each with its own
+        /// identity); `vm create|run --snapshot` of the same snapshot claims one. The image
+        /// and shape are the snapshot's.
+        #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "vcpus", "memory", "disk_size"])]
+        snapshot: Option<String>,
     },
     /// List pools: their shape, size and ready members.
     #[command(alias = "ls")]

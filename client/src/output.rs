@@ -214,6 +214,7 @@ pub fn print_pool_details(pool: &pb::Pool) {
         ("name", pool.name.clone()),
         ("id", pool.id.clone()),
         ("image", pool.image_id.clone()),
+        ("snapshot", pool.snapshot_id.clone()),
         ("shape", format!("{} vcpu, {} MiB, disk {} bytes", pool.vcpus, pool.memory_mib, pool.disk_size_bytes)),
         ("size", pool.size.to_string()),
         ("ready", pool.ready.to_string()),

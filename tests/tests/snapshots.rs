@@ -2,7 +2,8 @@
 //! clones restored at once from one snapshot, inside a network namespace the test creates,
 //! each with its own hostname, MAC, address (they ping each other by name), machine-id,
 //! random numbers and disk, all running on a counter the source started before the
-//! snapshot; the snapshot's files never change; deletion waits for its dependents; and a
+//! snapshot; the snapshot's files never change; a pool filled from it serves creates from it;
+//! deletion waits for its dependents; and a
 //! daemon killed at any stage of a snapshot or a restore leaves nothing behind. Needs
 //! `make setup`.
 
@@ -169,10 +170,27 @@ fn four_clones_of_a_snapshot_each_have_their_own_identity_and_run_on_from_its_me
     for name in names.iter().chain(&["src"]) {
         assert!(daemon.banger(&["vm", "delete", name]).status.success());
     }
-    for snapshot in ["second", "base"] {
-        let out = daemon.banger(&["snapshot", "delete", snapshot]);
-        assert!(out.status.success(), "{snapshot}: {}", text(&out.stderr));
-    }
+    let out = daemon.banger(&["snapshot", "delete", "second"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A pool filled from the snapshot: its member is restored, and a create from the
+    // snapshot claims it.
+    let out = daemon.banger(&["pool", "create", "restored", "--size", "1", "--snapshot", "base"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the pool's member", Duration::from_secs(60), || {
+        text(&daemon.banger(&["pool", "show", "restored"]).stdout).contains(" running ")
+    });
+    let out = daemon.banger(&["vm", "create", "--name", "pooled", "--snapshot", "base"]);
+    let stages = text(&out.stderr);
+    assert!(out.status.success() && stages.contains("pool_claim") && !stages.contains("vmm_restore"), "{stages}");
+    let out = daemon.banger(&["vm", "exec", "pooled", "--", "hostname"]);
+    assert_eq!(text(&out.stdout), "pooled\n", "{}", text(&out.stderr));
+    let out = daemon.banger(&["snapshot", "delete", "base"]);
+    assert!(!out.status.success(), "deleted under a pool: {}", text(&out.stdout));
+    assert!(daemon.banger(&["pool", "delete", "restored"]).status.success());
+    assert!(daemon.banger(&["vm", "delete", "pooled"]).status.success());
+    let out = daemon.banger(&["snapshot", "delete", "base"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(files.iter().all(|file| !file.exists()), "snapshot files left");
     assert_gone(&daemon);
 }

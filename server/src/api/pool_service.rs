@@ -47,6 +47,7 @@ fn to_pb(pool: &Pool, members: &[PoolMember]) -> pb::Pool {
             })
             .collect(),
         ready: ready as u32,
+        snapshot_id: pool.snapshot.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 
@@ -71,6 +72,7 @@ fn new_pool(request: pb::CreatePoolRequest) -> Result<NewPool, Error> {
         memory_mib: request.memory_mib,
         disk_size_bytes: request.disk_size_bytes,
         egress: request.egress,
+        snapshot: request.snapshot,
         ..Default::default()
     };
     let shape = match CreateVm::try_from(shape) {
@@ -88,6 +90,7 @@ fn new_pool(request: pb::CreatePoolRequest) -> Result<NewPool, Error> {
             spec: shape.spec,
             egress: shape.egress,
             size: request.size,
+            snapshot: shape.snapshot,
         }),
         _ => Err(Error::InvalidArgument(violations)),
     }

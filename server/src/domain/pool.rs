@@ -29,6 +29,8 @@ pub struct Pool {
     pub size: u32,
     /// Milliseconds since the Unix epoch at creation.
     pub created_at_ms: i64,
+    /// The snapshot its members are restored from; `None`: they boot.
+    pub snapshot: Option<super::SnapshotId>,
 }
 
 impl Pool {
@@ -43,9 +45,16 @@ impl Pool {
         format!("{}-{}", self.name, &id[id.len() - 8..])
     }
 
-    /// Whether a create of this image, shape and policy may be served by this pool.
-    pub fn serves(&self, image_id: ImageId, spec: VmSpec, egress: &Egress) -> bool {
-        self.image_id == image_id && self.spec == spec && &self.egress == egress
+    /// Whether a create of this image, shape and policy, from this snapshot or booted, may
+    /// be served by this pool.
+    pub fn serves(
+        &self,
+        image_id: ImageId,
+        spec: VmSpec,
+        egress: &Egress,
+        snapshot: Option<super::SnapshotId>,
+    ) -> bool {
+        self.image_id == image_id && self.spec == spec && &self.egress == egress && self.snapshot == snapshot
     }
 
     /// Whether `labels` are those of an unclaimed member of this pool.
@@ -68,6 +77,7 @@ mod tests {
             egress: Egress::default(),
             size: 2,
             created_at_ms: 0,
+            snapshot: None,
         };
         let name = pool.member_name(VmId::generate());
         assert_eq!(crate::domain::vm_name_error(&name), Ok(()));

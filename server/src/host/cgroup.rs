@@ -50,6 +50,12 @@ pub trait ResourceLimits: Send + Sync + std::fmt::Debug {
 
     /// Removes a group; one already gone is fine. Waits briefly for its last process to go.
     async fn remove(&self, group: &str) -> Result<(), HostError>;
+
+    /// Makes a group's processes background work (an unclaimed pool member: they run on the
+    /// CPU time others leave) or ordinary work again. Nothing where the host has no cgroups.
+    async fn set_background(&self, _group: &str, _background: bool) -> Result<(), HostError> {
+        Ok(())
+    }
 }
 
 /// Which cgroup hierarchy the host has.
@@ -231,8 +237,26 @@ impl Cgroups {
     }
 }
 
+/// CPU weights (v1 `cpu.shares`, v2 `cpu.weight`) of background and ordinary groups.
+const CPU_WEIGHTS: [(&str, &str, &str); 2] = [("cpu/", "cpu.shares", "2"), ("", "cpu.weight", "1")];
+const CPU_WEIGHTS_DEFAULT: [&str; 2] = ["1024", "100"];
+
 #[tonic::async_trait]
 impl ResourceLimits for Cgroups {
+    async fn set_background(&self, group: &str, background: bool) -> Result<(), HostError> {
+        let index = match self.version {
+            CgroupVersion::None => return Ok(()),
+            CgroupVersion::V1 => 0,
+            CgroupVersion::V2 => 1,
+        };
+        let (controller, file, low) = CPU_WEIGHTS[index];
+        let value = if background { low } else { CPU_WEIGHTS_DEFAULT[index] };
+        let path = self.root.join(format!("{controller}{group}")).join(file);
+        tokio::task::spawn_blocking(move || Self::write(&path, value))
+            .await
+            .map_err(|e| HostError::Io { what: "set a cgroup's cpu weight".into(), source: std::io::Error::other(e) })?
+    }
+
     async fn confine(
         &self,
         group: &str,
@@ -325,6 +349,16 @@ mod tests {
         let group = format!("banger-test/{}", std::process::id());
         let spec = VmSpec { vcpus: 2, memory_mib: 256, disk_bytes: 0 };
         let named = cgroups.confine(&group, spec, &[process]).await;
+        // A pool member's group: background CPU weight, then ordinary once claimed.
+        let weight = || {
+            let path = match cgroups.version() {
+                CgroupVersion::V1 => format!("/sys/fs/cgroup/cpu/{group}/cpu.shares"),
+                _ => format!("/sys/fs/cgroup/{group}/cpu.weight"),
+            };
+            std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+        };
+        let lowered = cgroups.set_background(&group, true).await.map(|()| weight());
+        let raised = cgroups.set_background(&group, false).await.map(|()| weight());
         // Checked before cleanup, asserted after, so a failure still removes the process and group.
         let check = || -> Result<(), String> {
             let read = |path: String| {
@@ -332,6 +366,11 @@ mod tests {
             };
             if named.as_ref().map_err(|e| e.to_string())?.as_deref() != Some(group.as_str()) {
                 return Err(format!("confine returned {named:?}"));
+            }
+            let weights =
+                (lowered.as_deref().map_err(|e| e.to_string())?, raised.as_deref().map_err(|e| e.to_string())?);
+            if weights != ("2", "1024") && weights != ("1", "100") {
+                return Err(format!("cpu weights background/ordinary: {weights:?}"));
             }
             let membership = read(format!("/proc/{}/cgroup", process.pid))?;
             if !membership.contains(&group) {

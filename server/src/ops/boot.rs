@@ -271,7 +271,16 @@ impl Boot {
                 let (limits, group, spec) = (ops.host.limits.clone(), cgroup_name(&self.vm), self.vm.spec);
                 // The vsock backend too: it serves the guest, so it is bounded with it.
                 let processes: Vec<_> = std::iter::once(vmm).chain(self.handles.vsock_backend).collect();
-                self.confining = Some(tokio::spawn(async move { limits.confine(&group, spec, &processes).await }));
+                // An unclaimed pool member boots (and idles) as background work: a claimed
+                // VM's first commands never wait for its replacement's boot.
+                let background = self.vm.labels.contains_key(crate::domain::POOL_LABEL);
+                self.confining = Some(tokio::spawn(async move {
+                    let confined = limits.confine(&group, spec, &processes).await?;
+                    if background && confined.is_some() {
+                        limits.set_background(&group, true).await?;
+                    }
+                    Ok(confined)
+                }));
             }
             BootStage::VmmBoot | BootStage::VmmRestore => {
                 if let Some(confining) = self.confining.take() {

@@ -277,14 +277,14 @@ impl Ops {
     /// Creates a VM (and boots it unless `request.start` is false); a ready member of a
     /// pool of its shape serves it when there is one.
     pub async fn create_vm(&self, mut request: CreateVm) -> Result<Vm, Error> {
-        if request.snapshot.is_some() {
-            let snapshot = self.snapshot_for_create(&mut request).await?;
-            return self.create_vm_from(request, Some(snapshot)).await;
-        }
-        if let Some(claimed) = self.claim(&request).await {
+        let snapshot = match request.snapshot.is_some() {
+            true => Some(self.snapshot_for_create(&mut request).await?),
+            false => None,
+        };
+        if let Some(claimed) = self.claim(&request, snapshot.as_ref()).await {
             return claimed;
         }
-        self.create_vm_cold(request).await
+        self.create_vm_from(request, snapshot).await
     }
 
     /// Creates a VM by booting it (unless `request.start` is false).
@@ -293,7 +293,7 @@ impl Ops {
     }
 
     /// Creates a VM by booting it, or by restoring `snapshot`.
-    async fn create_vm_from(&self, request: CreateVm, snapshot: Option<Snapshot>) -> Result<Vm, Error> {
+    pub(super) async fn create_vm_from(&self, request: CreateVm, snapshot: Option<Snapshot>) -> Result<Vm, Error> {
         let op_id = OpId::generate();
         let id = VmId::generate();
         let name = request.name.clone().unwrap_or_else(|| generated_name(id));

@@ -69,7 +69,7 @@ pub enum Error {
     },
     /// An image's files are no longer where its record says.
     /// A snapshot is still used by VMs.
-    #[error("snapshot {snapshot} is used by {vms} vm(s) or snapshot(s) of them: delete those first")]
+    #[error("snapshot {snapshot} is used by {vms} vm(s), snapshot(s) of them or pool(s): delete those first")]
     SnapshotInUse {
         /// The snapshot's id.
         snapshot: String,

@@ -27,6 +27,8 @@ pub struct NewPool {
     pub egress: Egress,
     /// How many members to keep booted.
     pub size: u32,
+    /// The snapshot (id or name) its members are restored from instead of booted.
+    pub snapshot: Option<String>,
 }
 
 /// A pool member as `GetPool` shows it.
@@ -86,6 +88,11 @@ impl Operation for ClaimOp<'_> {
                     last_operation: &op_id,
                 };
                 self.vm = ops.store.vm_claim(&self.vm, claim).await?;
+                // The caller's work now: ordinary CPU weight (best effort, it only ranks).
+                let group = super::teardown::cgroup_name(&self.vm);
+                if let Err(error) = ops.host.limits.set_background(&group, false).await {
+                    tracing::warn!(vm_id = %self.vm.id, error = %error, "cannot raise a claimed member's cpu weight");
+                }
             }
             Stage::GuestIdentity => {
                 ops.host.agents.set_identity(&self.vm, &crate::domain::GuestIdentity::hostname(&self.name)).await?
@@ -124,19 +131,42 @@ impl Operation for ClaimOp<'_> {
 impl Ops {
     /// Records a pool; the refiller boots its members.
     pub async fn create_pool(&self, new: NewPool) -> Result<Pool, Error> {
-        let image = match &new.image {
-            Some(key) => self.find_image(key).await?,
-            None => self.ensure_default_image().await?,
+        let (image, spec, snapshot) = match &new.snapshot {
+            // Checked as a create from it is: its image and shape are the members'.
+            Some(key) => {
+                let mut as_create = CreateVm {
+                    name: None,
+                    image: new.image.clone(),
+                    spec: new.spec,
+                    start: true,
+                    wait_agent: true,
+                    labels: Labels::new(),
+                    ttl_ms: None,
+                    egress: new.egress.clone(),
+                    snapshot: Some(key.clone()),
+                };
+                let snapshot = self.snapshot_for_create(&mut as_create).await?;
+                let image = self.store.image_get(&snapshot.image_id.to_string()).await?;
+                (image, as_create.spec, Some(snapshot.id))
+            }
+            None => {
+                let image = match &new.image {
+                    Some(key) => self.find_image(key).await?,
+                    None => self.ensure_default_image().await?,
+                };
+                super::create_vm::check_disk_size(new.spec.disk_bytes, &image, self.config.root_disk)?;
+                (image, new.spec, None)
+            }
         };
-        super::create_vm::check_disk_size(new.spec.disk_bytes, &image, self.config.root_disk)?;
         let pool = Pool {
             id: PoolId::generate(),
             name: new.name,
             image_id: image.id,
-            spec: new.spec,
+            spec,
             egress: new.egress,
             size: new.size,
             created_at_ms: self.clock().now_ms(),
+            snapshot,
         };
         self.store.pool_insert(&pool).await?;
         tracing::info!(pool = %pool.name, size = pool.size, image = %image.name, "pool created");
@@ -236,9 +266,17 @@ impl Ops {
                 labels: pool.member_labels(),
                 ttl_ms: None,
                 egress: pool.egress.clone(),
-                snapshot: None,
+                snapshot: pool.snapshot.map(|id| id.to_string()),
             };
-            match self.create_vm_cold(member).await {
+            let made = match pool.snapshot {
+                // Restored, each with its own identity: a claim then only renames it.
+                Some(id) => match self.store.snapshot_get(&id.to_string()).await {
+                    Ok(snapshot) => self.create_vm_from(member, Some(snapshot)).await,
+                    Err(error) => Err(error.into()),
+                },
+                None => self.create_vm_cold(member).await,
+            };
+            match made {
                 Ok(vm) => {
                     tracing::info!(pool = %pool.name, vm_name = %vm.name, "pool member ready");
                     // Check the next pool, then come back at once for this one's next member.
@@ -253,19 +291,25 @@ impl Ops {
 
     /// Serves `request` from a pool when one of its shape has a ready member; `None` when
     /// none does (or the request does not start and wait for its agent).
-    pub(super) async fn claim(&self, request: &CreateVm) -> Option<Result<Vm, Error>> {
-        if !request.start || !request.wait_agent || request.snapshot.is_some() {
+    pub(super) async fn claim(
+        &self,
+        request: &CreateVm,
+        snapshot: Option<&crate::domain::Snapshot>,
+    ) -> Option<Result<Vm, Error>> {
+        if !request.start || !request.wait_agent {
             return None;
         }
         let pools = self.store.pool_list().await.ok()?;
         if pools.is_empty() {
             return None;
         }
-        let image: Image = match &request.image {
-            Some(key) => self.find_image(key).await.ok()?,
-            None => self.store.image_get(&self.config.default_image).await.ok()?,
+        let image: Image = match (snapshot, &request.image) {
+            (Some(snapshot), _) => self.store.image_get(&snapshot.image_id.to_string()).await.ok()?,
+            (None, Some(key)) => self.find_image(key).await.ok()?,
+            (None, None) => self.store.image_get(&self.config.default_image).await.ok()?,
         };
-        let pool = pools.into_iter().find(|pool| pool.serves(image.id, request.spec, &request.egress))?;
+        let snapshot = snapshot.map(|s| s.id);
+        let pool = pools.into_iter().find(|pool| pool.serves(image.id, request.spec, &request.egress, snapshot))?;
         for candidate in self.members_of(&pool.name).await.ok()? {
             if candidate.observed_state != VmState::Running || !self.vm_alive(&candidate) {
                 continue;

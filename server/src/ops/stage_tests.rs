@@ -312,6 +312,7 @@ async fn warm_pool(f: &Fixture, size: u32) -> crate::domain::Pool {
         spec: VmSpec { vcpus: 1, memory_mib: 256, disk_bytes: 0 },
         egress: Default::default(),
         size,
+        snapshot: None,
     };
     let pool = f.ops.create_pool(new).await.expect("pool");
     for _ in 0..size {
@@ -945,4 +946,50 @@ async fn a_snapshot_cut_short_by_a_crash_is_rolled_back_or_finished_at_startup()
     f.ops.store.vm_update(&src, update).await.expect("depends");
     f.ops.recover_snapshots().await.expect("recover");
     assert!(f.ops.store.snapshot_get("named").await.expect("kept").ready);
+}
+
+#[tokio::test]
+async fn a_pool_filled_from_a_snapshot_restores_its_members_and_serves_creates_from_it() {
+    use crate::domain::SnapshotAfter;
+    let f = networked_fixture().await;
+    f.ops.create_vm(create("src")).await.expect("create");
+    let (snapshot, _) = f.ops.snapshot_vm(take("src", "base", SnapshotAfter::Stop)).await.expect("snapshot");
+    let new = super::NewPool {
+        name: "restored".into(),
+        image: None,
+        spec: VmSpec { vcpus: 0, memory_mib: 0, disk_bytes: 0 },
+        egress: Default::default(),
+        size: 2,
+        snapshot: Some("base".into()),
+    };
+    let pool = f.ops.create_pool(new).await.expect("pool");
+    assert_eq!((pool.snapshot, pool.spec), (Some(snapshot.id), snapshot.spec));
+    f.ops.refill_pools().await.expect("refill");
+    f.ops.refill_pools().await.expect("refill");
+    let (_, members) = f.ops.get_pool("restored").await.expect("pool");
+    assert_eq!(members.len(), 2);
+    let mut addresses = std::collections::BTreeSet::new();
+    for member in &members {
+        assert_eq!(member.vm.snapshot_id, Some(snapshot.id), "restored, not booted");
+        let identity = f.host.identity_of(member.vm.id).expect("told its identity at its restore");
+        assert!(addresses.insert(identity.network.expect("network").address), "members share an address");
+    }
+    // A create from the snapshot claims a member (renamed); one without boots.
+    let mut request = create("job");
+    request.image = None;
+    request.spec = VmSpec { vcpus: 0, memory_mib: 0, disk_bytes: 0 };
+    request.snapshot = Some("base".into());
+    let job = f.ops.create_vm(request).await.expect("claim");
+    assert!(members.iter().any(|m| m.vm.id == job.id), "served by a member");
+    assert_eq!(f.host.identity_of(job.id).expect("renamed").hostname, "job");
+    let booted = f.ops.create_vm(create("booted")).await.expect("boot");
+    assert!(!members.iter().any(|m| m.vm.id == booted.id));
+    // The pool holds the snapshot too.
+    let in_use = f.ops.delete_snapshot("base").await.expect_err("pool");
+    assert!(matches!(in_use, Error::SnapshotInUse { .. }), "{in_use:?}");
+    f.ops.delete_pool("restored").await.expect("delete pool");
+    for vm in ["job", "booted", "src"] {
+        f.ops.delete_vm(vm).await.expect("delete");
+    }
+    f.ops.delete_snapshot("base").await.expect("nothing depends on it");
 }

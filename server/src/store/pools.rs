@@ -5,7 +5,8 @@ use sqlx::Row;
 use super::{Store, StoreError, is_unique_violation};
 use crate::domain::{Pool, Resource};
 
-const COLUMNS: &str = "id, name, image_id, vcpus, memory_mib, disk_size_bytes, egress, size, created_at_ms";
+const COLUMNS: &str =
+    "id, name, image_id, vcpus, memory_mib, disk_size_bytes, egress, size, created_at_ms, snapshot_id";
 
 fn pool_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Pool, StoreError> {
     let id: String = row.try_get("id")?;
@@ -18,6 +19,10 @@ fn pool_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Pool, StoreError> {
         egress: serde_json::from_str(&row.try_get::<String, _>("egress")?).map_err(|_| corrupt("egress"))?,
         size: row.try_get::<i64, _>("size")? as u32,
         created_at_ms: row.try_get("created_at_ms")?,
+        snapshot: match row.try_get::<Option<String>, _>("snapshot_id")? {
+            Some(id) => Some(id.parse().map_err(|_| corrupt("snapshot_id"))?),
+            None => None,
+        },
     })
 }
 
@@ -25,8 +30,8 @@ impl Store {
     /// Records a new pool; its name must be free.
     pub async fn pool_insert(&self, pool: &Pool) -> Result<(), StoreError> {
         let result = sqlx::query(
-            "INSERT INTO pools (id, name, image_id, vcpus, memory_mib, disk_size_bytes, egress, size, created_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO pools (id, name, image_id, vcpus, memory_mib, disk_size_bytes, egress, size, created_at_ms, \
+             snapshot_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(pool.id.to_string())
         .bind(&pool.name)
@@ -37,6 +42,7 @@ impl Store {
         .bind(serde_json::to_string(&pool.egress).unwrap_or_default())
         .bind(i64::from(pool.size))
         .bind(pool.created_at_ms)
+        .bind(pool.snapshot.map(|id| id.to_string()))
         .execute(&self.pool)
         .await;
         match result {

@@ -36,9 +36,10 @@ fn snapshot_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, StoreErr
     })
 }
 
-/// Counts what depends on snapshot `?1`: VMs whose disk overlays it, snapshots whose disk does.
-const DEPENDENTS: &str =
-    "SELECT (SELECT COUNT(*) FROM vms WHERE snapshot_id = ?1) + (SELECT COUNT(*) FROM snapshots WHERE base_id = ?1)";
+/// Counts what depends on snapshot `?1`: VMs whose disk overlays it, snapshots whose disk
+/// does, pools whose members are restored from it.
+const DEPENDENTS: &str = "SELECT (SELECT COUNT(*) FROM vms WHERE snapshot_id = ?1) \
+    + (SELECT COUNT(*) FROM snapshots WHERE base_id = ?1) + (SELECT COUNT(*) FROM pools WHERE snapshot_id = ?1)";
 
 /// A snapshot to record: everything but its group number, which the store assigns.
 pub type NewSnapshot = Snapshot;
