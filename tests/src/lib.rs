@@ -3,6 +3,7 @@
 
 pub mod oci;
 pub mod tls;
+pub mod toy;
 
 use std::{
     path::{Path, PathBuf},

@@ -22,7 +22,8 @@ use super::{
     LaunchSpec, Vmm,
     firecracker_api::{
         ActionType, ApiRequest, BootSource, Drive, FirecrackerApi, FirecrackerApiError, InstanceActionInfo,
-        MachineConfig, NetworkInterface, RunState, VmRunState, Vsock,
+        MachineConfig, MemoryBackend, MemoryBackendType, NetworkInterface, NetworkOverride, RunState,
+        SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmRunState, Vsock,
     },
 };
 use crate::{
@@ -232,6 +233,46 @@ impl FirecrackerVmm {
         }
         requests.push(ApiRequest::PutAction(InstanceActionInfo { action_type: ActionType::InstanceStart }));
         requests
+    }
+}
+
+impl FirecrackerVmm {
+    /// Saves a paused guest through the Firecracker serving `api_socket`: its device and vCPU
+    /// state to `state`, all of its memory to `memory` (`PUT /snapshot/create`, full).
+    pub async fn create_snapshot(api_socket: &Path, state: &Path, memory: &Path) -> Result<(), HostError> {
+        let request = ApiRequest::CreateSnapshot(SnapshotCreateParams {
+            snapshot_path: state.to_string_lossy().into_owned(),
+            mem_file_path: memory.to_string_lossy().into_owned(),
+            snapshot_type: Some(SnapshotType::Full),
+        });
+        FirecrackerApi::new(api_socket).send(&request).await.map(drop).map_err(api_error)
+    }
+
+    /// Restores a snapshot into the Firecracker serving `api_socket`, which must have been
+    /// given nothing else, and lets the guest run: `memory` is mapped private (copy-on-write,
+    /// never written), `taps` (interface id, tap) replace the snapshot's taps.
+    pub async fn load_snapshot(
+        api_socket: &Path,
+        state: &Path,
+        memory: &Path,
+        taps: &[(String, String)],
+    ) -> Result<(), HostError> {
+        let request = ApiRequest::LoadSnapshot(SnapshotLoadParams {
+            snapshot_path: state.to_string_lossy().into_owned(),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: memory.to_string_lossy().into_owned(),
+            },
+            resume_vm: true,
+            network_overrides: taps
+                .iter()
+                .map(|(iface_id, host_dev_name)| NetworkOverride {
+                    iface_id: iface_id.clone(),
+                    host_dev_name: host_dev_name.clone(),
+                })
+                .collect(),
+        });
+        FirecrackerApi::new(api_socket).send(&request).await.map(drop).map_err(api_error)
     }
 }
 

@@ -165,6 +165,64 @@ pub struct VmRunState {
     pub state: RunState,
 }
 
+/// What `PUT /snapshot/create` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    Full,
+}
+
+/// The body of `PUT /snapshot/create`: a paused guest's state and memory, to two files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotCreateParams {
+    /// Where the VM's device and vCPU state goes.
+    pub snapshot_path: String,
+    /// Where the guest's memory goes.
+    pub mem_file_path: String,
+    /// What is written; Firecracker writes a full snapshot when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// Where a restored guest's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MemoryBackendType {
+    /// A memory file, mapped private: copy-on-write, the file never written.
+    File,
+}
+
+/// The memory of a snapshot load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryBackend {
+    /// How it is provided.
+    pub backend_type: MemoryBackendType,
+    /// The memory file.
+    pub backend_path: String,
+}
+
+/// A tap that replaces the one an interface had when the snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its new host tap.
+    pub host_dev_name: String,
+}
+
+/// The body of `PUT /snapshot/load`, sent to a Firecracker that was given nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotLoadParams {
+    /// The state file `PUT /snapshot/create` wrote.
+    pub snapshot_path: String,
+    /// The guest's memory.
+    pub mem_backend: MemoryBackend,
+    /// Whether the guest runs at once.
+    pub resume_vm: bool,
+    /// Taps that replace the snapshot's (each clone has its own); left out when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
 /// Every request the driver sends, one variant per API operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -186,6 +244,10 @@ pub enum ApiRequest {
     PutAction(InstanceActionInfo),
     /// `PATCH /vm`: pauses or resumes a booted guest.
     PatchVm(VmRunState),
+    /// `PUT /snapshot/create`: saves a paused guest.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`: restores one into a fresh Firecracker.
+    LoadSnapshot(SnapshotLoadParams),
     /// `GET /vm/config`: the whole configuration as Firecracker holds it.
     GetVmConfig,
     /// `GET /`: the instance's id, state and version.
@@ -203,7 +265,9 @@ impl ApiRequest {
             | Self::PutVsock(_)
             | Self::PutLogger(_)
             | Self::PutMetrics(_)
-            | Self::PutAction(_) => "PUT",
+            | Self::PutAction(_)
+            | Self::CreateSnapshot(_)
+            | Self::LoadSnapshot(_) => "PUT",
             Self::PatchVm(_) => "PATCH",
             Self::GetVmConfig | Self::GetInstanceInfo => "GET",
         }
@@ -221,6 +285,8 @@ impl ApiRequest {
             Self::PutMetrics(_) => "/metrics".into(),
             Self::PutAction(_) => "/actions".into(),
             Self::PatchVm(_) => "/vm".into(),
+            Self::CreateSnapshot(_) => "/snapshot/create".into(),
+            Self::LoadSnapshot(_) => "/snapshot/load".into(),
             Self::GetVmConfig => "/vm/config".into(),
             Self::GetInstanceInfo => "/".into(),
         }
@@ -238,6 +304,8 @@ impl ApiRequest {
             Self::PutMetrics(_) => "putMetrics",
             Self::PutAction(_) => "createSyncAction",
             Self::PatchVm(_) => "patchVm",
+            Self::CreateSnapshot(_) => "createSnapshot",
+            Self::LoadSnapshot(_) => "loadSnapshot",
             Self::GetVmConfig => "getExportVmConfig",
             Self::GetInstanceInfo => "describeInstance",
         }
@@ -255,6 +323,8 @@ impl ApiRequest {
             Self::PutMetrics(body) => Some(to_json(body)),
             Self::PutAction(body) => Some(to_json(body)),
             Self::PatchVm(body) => Some(to_json(body)),
+            Self::CreateSnapshot(body) => Some(to_json(body)),
+            Self::LoadSnapshot(body) => Some(to_json(body)),
             Self::GetVmConfig | Self::GetInstanceInfo => None,
         }
     }
@@ -307,6 +377,34 @@ impl ApiRequest {
             Self::PutAction(InstanceActionInfo { action_type: ActionType::FlushMetrics }),
             Self::PatchVm(VmRunState { state: RunState::Paused }),
             Self::PatchVm(VmRunState { state: RunState::Resumed }),
+            Self::CreateSnapshot(SnapshotCreateParams {
+                snapshot_path: "/var/lib/banger/snapshots/example/state".into(),
+                mem_file_path: "/var/lib/banger/snapshots/example/memory".into(),
+                snapshot_type: Some(SnapshotType::Full),
+            }),
+            Self::CreateSnapshot(SnapshotCreateParams {
+                snapshot_path: "/var/lib/banger/snapshots/example/state".into(),
+                mem_file_path: "/var/lib/banger/snapshots/example/memory".into(),
+                snapshot_type: None,
+            }),
+            Self::LoadSnapshot(SnapshotLoadParams {
+                snapshot_path: "/var/lib/banger/snapshots/example/state".into(),
+                mem_backend: MemoryBackend {
+                    backend_type: MemoryBackendType::File,
+                    backend_path: "/var/lib/banger/snapshots/example/memory".into(),
+                },
+                resume_vm: true,
+                network_overrides: vec![NetworkOverride { iface_id: "eth0".into(), host_dev_name: "bg-clone0".into() }],
+            }),
+            Self::LoadSnapshot(SnapshotLoadParams {
+                snapshot_path: "/var/lib/banger/snapshots/example/state".into(),
+                mem_backend: MemoryBackend {
+                    backend_type: MemoryBackendType::File,
+                    backend_path: "/var/lib/banger/snapshots/example/memory".into(),
+                },
+                resume_vm: false,
+                network_overrides: Vec::new(),
+            }),
             Self::GetVmConfig,
             Self::GetInstanceInfo,
         ]
@@ -857,10 +955,12 @@ mod tests {
                     ApiRequest::GetVmConfig => 8,
                     ApiRequest::GetInstanceInfo => 9,
                     ApiRequest::PatchVm(_) => 10,
+                    ApiRequest::CreateSnapshot(_) => 11,
+                    ApiRequest::LoadSnapshot(_) => 12,
                 }
             })
             .collect();
-        assert_eq!(covered, (0..11).collect());
+        assert_eq!(covered, (0..13).collect());
         assert!(ApiRequest::all_examples().iter().all(|request| request.invalid_path_id().is_none()));
     }
 }
