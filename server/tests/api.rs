@@ -1088,6 +1088,25 @@ async fn tenants_see_and_touch_only_their_own_vms() {
         let stop = pb::StopVmRequest { vm: other.into(), ..Default::default() };
         assert_eq!(a.vms.stop_vm(stop).await.expect_err("another's").code(), Code::NotFound);
     }
+    // Snapshots too: another tenant's is not found, not restored, not deleted.
+    let take = pb::SnapshotVmRequest { vm: "b1".into(), name: "b-snap".into(), ..Default::default() };
+    let status = a.snapshots.snapshot_vm(take.clone()).await.expect_err("another's vm");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "VM_NOT_FOUND".into()));
+    let taken = b.snapshots.snapshot_vm(take).await.expect("its own").into_inner().snapshot.expect("snapshot");
+    assert_eq!(taken.labels["team"], "b", "a tenant's snapshots carry its labels");
+    let get = pb::GetSnapshotRequest { snapshot: "b-snap".into() };
+    let status = a.snapshots.get_snapshot(get).await.expect_err("another's");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "SNAPSHOT_NOT_FOUND".into()));
+    let listed = a.snapshots.list_snapshots(pb::ListSnapshotsRequest::default()).await.expect("list");
+    assert!(listed.into_inner().snapshots.is_empty());
+    let mut restore = create("a-clone", &[]);
+    restore.image = String::new();
+    restore.snapshot = "b-snap".into();
+    let status = a.vms.create_vm(restore).await.expect_err("another's snapshot");
+    assert_eq!((status.code(), reason(&status)), (Code::NotFound, "SNAPSHOT_NOT_FOUND".into()));
+    let delete = pb::DeleteSnapshotRequest { snapshot: "b-snap".into() };
+    assert_eq!(a.snapshots.delete_snapshot(delete).await.expect_err("another's").code(), Code::NotFound);
+
     let by_id = a.vms.get_vm(pb::GetVmRequest { vm: "a1".into() }).await.expect("its own").into_inner();
     assert_eq!(by_id.vm.expect("vm").name, "a1");
 

@@ -160,7 +160,16 @@ impl VmService for VmApi {
             request.labels.extend(tenant.labels().clone());
         }
         let idempotency = tenant_idempotency_key(&request, tenant.as_ref(), |r| &mut r.request_id);
-        let create = CreateVm::try_from(request).map_err(|e| to_status(&e))?;
+        let mut create = CreateVm::try_from(request).map_err(|e| to_status(&e))?;
+        // A confined caller restores only its tenant's snapshots (their memory is its VMs'),
+        // by id: one of that name made later by another tenant is not restored instead.
+        if let (Some(tenant), Some(key)) = (&tenant, create.snapshot.clone()) {
+            let info = self.ops.get_snapshot(&key).await.map_err(|e| to_status(&e))?;
+            if !tenant.admits(&info.snapshot.labels) {
+                return Err(to_status(&Error::NotFound { kind: Resource::Snapshot, key }));
+            }
+            create.snapshot = Some(info.snapshot.id.to_string());
+        }
         let ops = self.ops.clone();
         let use_case = async move { ops.create_vm(create).await };
         self.vm_mutation("CreateVm", idempotency, use_case, |vm| pb::CreateVmResponse { vm: Some(vm) }).await
