@@ -13,8 +13,8 @@ use super::{
 use crate::{
     config::NetworkConfig,
     domain::{
-        GuestIdentity, GuestNetwork, Image, ProcessHandle, RootDiskStrategy, Snapshot, Vm, VmHandles, VmPaths,
-        mac_address, tap_name,
+        GuestIdentity, GuestNetwork, Image, ProcessHandle, RootDiskStrategy, Snapshot, SnapshotPaths, Vm, VmHandles,
+        VmPaths, mac_address, tap_name,
     },
     host::{
         HostError,
@@ -120,6 +120,8 @@ pub struct Boot {
     console_from: u64,
     /// The snapshot the VM is restored from instead of booted.
     restore: Option<Snapshot>,
+    /// That snapshot's files.
+    restore_files: Option<SnapshotPaths>,
     /// A restore onto a copy of the snapshot's memory, mapped shared (the VM can be
     /// snapshotted again), instead of the snapshot's own file mapped private.
     own_memory: bool,
@@ -136,13 +138,14 @@ impl Boot {
             confining: None,
             console_from: 0,
             restore: None,
+            restore_files: None,
             own_memory: false,
         }
     }
 
     /// A restore of `vm` from `snapshot` (taken of a VM booted from `image`).
     pub fn restoring(vm: Vm, image: Image, snapshot: Snapshot) -> Self {
-        Self { restore: Some(snapshot), ..Self::new(vm, image) }
+        Self { restore_files: Some(snapshot.paths()), restore: Some(snapshot), ..Self::new(vm, image) }
     }
 
     /// A restore of `vm` from the snapshot just taken of it: it runs on with a copy of the
@@ -228,8 +231,7 @@ impl Boot {
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
                 let memory_file = ops.memory_file(&self.vm);
-                let snapshot_files = self.restore.as_ref().map(Snapshot::paths);
-                let memory = match &snapshot_files {
+                let memory = match &self.restore_files {
                     Some(files) if self.own_memory => {
                         let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
                         crate::host::fs::copy_memory_file(&files.memory, &memory_file, owner).await?;
@@ -247,7 +249,6 @@ impl Boot {
                 };
                 let mut launch = self.launch_spec(&paths, &disk, nic.as_ref());
                 launch.memory = memory;
-                launch.restore_from = snapshot_files.as_ref().map(|files| files.state.as_path());
                 // A disk over a snapshot's (restored, or snapshotted itself) reads the
                 // files of that snapshot and of those under it: the VMM gets their groups.
                 let groups = match self.restore.as_ref().map(|s| s.id).or(self.vm.snapshot_id) {
@@ -294,10 +295,7 @@ impl Boot {
                 let vmm = self.vmm_handle()?;
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
-                let files = self.restore.as_ref().map(Snapshot::paths);
-                let mut launch = self.launch_spec(&paths, &disk, nic.as_ref());
-                launch.restore_from = files.as_ref().map(|files| files.state.as_path());
-                ops.host.vmm.boot(&launch, &vmm).await?;
+                ops.host.vmm.boot(&self.launch_spec(&paths, &disk, nic.as_ref()), &vmm).await?;
             }
             BootStage::WaitAgent => {
                 let vmm = self.vmm_handle()?;
@@ -398,7 +396,7 @@ impl Boot {
             disk_format: self.vm.root_disk.format(),
             nic,
             memory: GuestMemory::Anonymous,
-            restore_from: None,
+            restore_from: self.restore_files.as_ref().map(|files| files.state.as_path()),
             extra_groups: &[],
         }
     }
