@@ -18,7 +18,8 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// `_IO('R', 0x07)`: reseed the kernel's generator from the input pool now.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
-/// Applies every part of `request` that is set; the hostname always is.
+/// Applies every part of `request` that is set; the hostname always is. Silent on the
+/// console (the daemon records the identity it gave): this is on a restore's way to ready.
 pub fn apply(request: &SetIdentityRequest) -> Result<(), Status> {
     check_hostname(&request.hostname)?;
     if request.entropy.len() > MAX_ENTROPY {
@@ -48,7 +49,6 @@ pub fn apply(request: &SetIdentityRequest) -> Result<(), Status> {
     if let Some(network) = network {
         configure(&network).map_err(|err| Status::internal(format!("configure {INTERFACE}: {err}")))?;
     }
-    log!("identity set: hostname {}", request.hostname);
     Ok(())
 }
 

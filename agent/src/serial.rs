@@ -3,10 +3,14 @@
 //!
 //! The port carries one host connection at a time. The host opens its side (QEMU's
 //! unix-socket chardev), writes `CONNECT <port>\n` and waits for `OK <port>\n`, as over
-//! hybrid vsock; HTTP/2 follows. While no host is connected a read returns end of file, so
-//! the agent looks for a `CONNECT` line every [`IDLE_POLL`]; whatever else arrives before one
-//! (the rest of a connection the host dropped) is discarded. When the host goes, the port's
+//! hybrid vsock; HTTP/2 follows. While no host is connected a read returns end of file at
+//! once, so the port's thread sleeps until the kernel signals it (`SIGIO`: the host opened
+//! its side, or data came), at most [`IDLE_WAIT`]; whatever arrives before a `CONNECT` line
+//! (the rest of a connection the host dropped) is discarded; a `PING` line is answered
+//! `PONG` (the port is idle) without starting a connection. When the host goes, the port's
 //! end of file ends the connection's HTTP/2 session, and the port waits for the next host.
+//! Sleeping on the signal rather than polling keeps an idle guest idle (a guest under
+//! emulation pays for every wake-up) and answers a host at once.
 //!
 //! The port is read and written with blocking calls on two threads, bridged to the async
 //! server by an in-memory pipe: the port's readiness (it reports hang-up while no host is
@@ -14,16 +18,33 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::libc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 
 /// The name the host gives the agent's port.
 pub const PORT_NAME: &str = "banger.agent";
-/// How often an idle port is read again for a host's `CONNECT`.
-const IDLE_POLL: Duration = Duration::from_millis(20);
+/// The longest an idle port waits for the kernel's signal before it is read again (the
+/// signal makes this a backstop only).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// How often an idle port is read again where the kernel cannot signal it.
+const POLL_WITHOUT_SIGNAL: Duration = Duration::from_millis(20);
+/// The pause after a failed read of the port.
+const ERROR_PAUSE: Duration = Duration::from_millis(20);
+/// `fcntl` commands and owner kind from Linux's `<fcntl.h>` (the same on x86-64 and arm64).
+const F_SETOWN_EX: libc::c_int = 15;
+const F_OWNER_TID: libc::c_int = 0;
+
+/// `struct f_owner_ex`.
+#[repr(C)]
+struct OwnerEx {
+    kind: libc::c_int,
+    pid: libc::pid_t,
+}
 /// The longest line read while waiting for `CONNECT`.
 const MAX_LINE: usize = 64;
 /// Bytes moved per read or write, and buffered in the pipe each way.
@@ -95,12 +116,16 @@ pub fn incoming(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<io::Res
                 return;
             }
         };
+        let wake_ups = signal_on_events(&port);
+        if let Err(error) = &wake_ups {
+            log!("virtio-serial: no SIGIO for the port ({error}): reading it every {POLL_WITHOUT_SIGNAL:?}");
+        }
         loop {
-            let port_number = match wait_connect(&port) {
+            let port_number = match wait_connect(&port, wake_ups.is_ok()) {
                 Ok(port_number) => port_number,
                 Err(error) => {
                     log!("virtio-serial: {error}");
-                    std::thread::sleep(IDLE_POLL);
+                    std::thread::sleep(ERROR_PAUSE);
                     continue;
                 }
             };
@@ -112,23 +137,69 @@ pub fn incoming(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<io::Res
             if connections.blocking_send(Ok(SerialConnection(theirs))).is_err() {
                 return;
             }
-            log!("virtio-serial: host connected");
+            // Connections are not logged: a console line is a serial device's work for every
+            // byte, paid again (as new code) by each clone of a snapshot on its way to ready.
             bridge(&port, ours, &runtime);
-            log!("virtio-serial: host connection ended");
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(stream)
 }
 
-/// Reads until a host's `CONNECT <port>` line; returns the port it names.
-fn wait_connect(mut port: &File) -> io::Result<u32> {
+/// Has the kernel signal the calling thread (`SIGIO`) when the port's host connects or
+/// sends data. The signal is blocked in this thread, which takes it with [`wait_signal`], and
+/// goes to no other thread.
+fn signal_on_events(port: &File) -> io::Result<()> {
+    let fd = port.as_raw_fd();
+    // SAFETY: plain system calls on a descriptor this thread owns and on its own signal mask.
+    unsafe {
+        let set = sigio_set();
+        let failed = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if failed != 0 {
+            return Err(io::Error::from_raw_os_error(failed));
+        }
+        let owner = OwnerEx { kind: F_OWNER_TID, pid: libc::gettid() };
+        if libc::fcntl(fd, F_SETOWN_EX, &owner as *const OwnerEx) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn sigio_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set it is given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGIO);
+        set
+    }
+}
+
+/// Sleeps until `SIGIO` (one that came while the thread was busy counts) or `limit`.
+fn wait_signal(limit: Duration) {
+    let set = sigio_set();
+    let timeout = libc::timespec { tv_sec: limit.as_secs() as libc::time_t, tv_nsec: limit.subsec_nanos().into() };
+    // SAFETY: both pointers are to live locals; the info pointer may be null.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+}
+
+/// Reads until a host's `CONNECT <port>` line; returns the port it names. With `signalled`,
+/// the port's `SIGIO` ends each wait for a host early.
+fn wait_connect(mut port: &File, signalled: bool) -> io::Result<u32> {
     let mut line = Vec::with_capacity(MAX_LINE);
     loop {
         let mut byte = [0u8; 1];
         if port.read(&mut byte)? == 0 {
             // No host (or it left mid-line): start over once one writes.
             line.clear();
-            std::thread::sleep(IDLE_POLL);
+            match signalled {
+                true => wait_signal(IDLE_WAIT),
+                false => std::thread::sleep(POLL_WITHOUT_SIGNAL),
+            }
             continue;
         }
         if byte[0] != b'\n' {
@@ -141,6 +212,12 @@ fn wait_connect(mut port: &File) -> io::Result<u32> {
         line.clear();
         if let Some(number) = text.strip_prefix("CONNECT ").and_then(|n| n.trim().parse().ok()) {
             return Ok(number);
+        }
+        if text.trim() == "PING" {
+            // The host checks that the port is idle (the last connection is over, here
+            // too) before it stops the vCPUs for a snapshot, so that no clone starts by
+            // ending a connection of its source's.
+            port.write_all(b"PONG\n")?;
         }
     }
 }
@@ -186,4 +263,42 @@ fn bridge(port: &File, pipe: DuplexStream, runtime: &tokio::runtime::Handle) {
             let _ = writer.join();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// The port as the agent sees it, and the host's end.
+    fn port() -> (File, UnixStream) {
+        let (guest, host) = UnixStream::pair().expect("socket pair");
+        (File::from(std::os::fd::OwnedFd::from(guest)), host)
+    }
+
+    #[test]
+    fn a_ping_is_answered_and_stale_bytes_are_skipped_before_a_connect() {
+        let (guest, mut host) = port();
+        host.write_all(b"\x00\x01stale h2 bytes\nPING\nCONNECT 1024\n").expect("write");
+        assert_eq!(wait_connect(&guest, false).expect("a connect"), 1024);
+        let mut answer = [0u8; 5];
+        host.read_exact(&mut answer).expect("the answer");
+        assert_eq!(&answer, b"PONG\n");
+    }
+
+    #[test]
+    fn the_port_signal_wakes_the_waiting_thread() {
+        let (guest, mut host) = port();
+        let waiting = std::thread::spawn(move || {
+            signal_on_events(&guest).expect("SIGIO for the port");
+            let started = std::time::Instant::now();
+            // Nothing to read yet: the data's SIGIO must end this wait long before its limit.
+            wait_signal(Duration::from_secs(30));
+            started.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        host.write_all(b"CONNECT 1024\n").expect("write");
+        let waited = waiting.join().expect("the waiting thread");
+        assert!(waited < Duration::from_secs(20), "woke after {waited:?}");
+    }
 }

@@ -827,7 +827,7 @@ async fn snapshot_measures(client: &Client) -> Result<Value, Error> {
         delete(client, &name).await?;
     }
 
-    eprintln!("bench: the same restore by hand (QEMU -incoming, then the agent's Ready), {SNAPSHOT_RUNS} runs");
+    eprintln!("bench: the same restore by hand (QEMU -incoming, then the agent's SetIdentity), {SNAPSHOT_RUNS} runs");
     let snapshot = snapshots.snapshots.get_snapshot(pb::GetSnapshotRequest { snapshot: "bench".into() }).await?;
     let snapshot = snapshot.into_inner().snapshot.unwrap_or_default();
     let mut by_hand = Vec::new();
@@ -875,7 +875,9 @@ async fn snapshot_measures(client: &Client) -> Result<Value, Error> {
 
 /// What banger's restore does without banger: QEMU started with the command line banger gave
 /// a clone (its own files, a user-mode network backend instead of the tap), the state loaded
-/// over QMP, `cont`, then the agent's `Ready` over the serial port; QEMU start → `Ready`, ms.
+/// over QMP, `cont`, then the same agent call banger makes (`SetIdentity` with a hostname,
+/// the clone's MAC and address, a machine-id, the clock and 64 bytes of entropy, asked until
+/// the agent answers) over the serial port; QEMU start → its answer, ms.
 async fn restore_by_hand(command_line: &[String], frozen: &str) -> Result<f64, Error> {
     use banger_server::host::{agent::AgentClient, vmm::qmp::Qmp};
     let scratch = tempfile::tempdir()?;
@@ -938,13 +940,42 @@ async fn restore_by_hand(command_line: &[String], frozen: &str) -> Result<f64, E
             }
         }
         session.execute("cont").await?;
-        AgentClient::new_serial(agent.clone()).ready(Duration::from_secs(10)).await?;
+        let identity = identity_like_bangers(command_line);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        AgentClient::new_serial(agent.clone()).wait_set_identity(&identity, deadline, || true).await?;
         Ok(started.elapsed().as_secs_f64() * 1000.0)
     }
     .await;
     let _ = qemu.kill();
     let _ = qemu.wait();
     measured
+}
+
+/// A new identity of the shape banger gives a restored clone, for the guest of
+/// `command_line` (its MAC, and the address and gateway its kernel arguments name).
+fn identity_like_bangers(command_line: &[String]) -> banger_server::domain::GuestIdentity {
+    let word = |prefix: &str| {
+        command_line
+            .iter()
+            .flat_map(|arg| arg.split([' ', ',']))
+            .find_map(|w| w.strip_prefix(prefix))
+            .map(str::to_owned)
+    };
+    let mut entropy = vec![0u8; 64];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    banger_server::domain::GuestIdentity {
+        hostname: "by-hand".into(),
+        network: match (word("mac="), word("banger.ip="), word("banger.gw=")) {
+            (Some(mac), Some(address), Some(gateway)) => {
+                Some(banger_server::domain::GuestNetwork { mac, address, gateway })
+            }
+            _ => None,
+        },
+        machine_id: Some(format!("{:032x}", now.as_nanos())),
+        realtime_ns: Some(now.as_nanos() as i64),
+        entropy,
+    }
 }
 
 /// The backing file a qcow2 header names.

@@ -298,14 +298,21 @@ async fn count_vms_periodically(ops: Arc<Ops>, counts: telemetry::metrics::VmCou
 /// How often the pool refiller looks when nothing wakes it.
 const REFILL_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the refiller lets pass after a pool changed before it boots: a claimed VM's
+/// caller runs its first command at once, and a replacement starting beside it (QEMU's
+/// start and the daemon's work run at normal CPU weight until the VMM is in its group)
+/// would slow that command down; a boot takes seconds, so the pool is barely later full.
+const REFILL_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Keeps every warm pool at its size: after each pass, waits until a pool changes (a pool
-/// made, a member claimed or booted) or [`REFILL_PERIOD`] passes.
+/// made, a member claimed or booted) or [`REFILL_PERIOD`] passes, then [`REFILL_SETTLE`].
 async fn refill_periodically(ops: Arc<Ops>) {
     loop {
         if let Err(error) = ops.refill_pools().await {
             tracing::warn!(error = %error, "pool refill failed");
         }
         ops.pools_changed(REFILL_PERIOD).await;
+        tokio::time::sleep(REFILL_SETTLE).await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! Running a process in a guest: what to run, its input, its output events.
 
 /// The process to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecCommand {
     /// Program and arguments; never empty.
     pub argv: Vec<String>,

@@ -235,8 +235,25 @@ const MAX_STALE_BYTES: usize = 64 << 10;
 
 /// Writes `CONNECT port`, then reads until `OK port` ends a line, skipping what precedes it.
 async fn serial_handshake(stream: &mut UnixStream, port: u32) -> Result<(), HandshakeError> {
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(HandshakeError::Send)?;
-    let ok = format!("OK {port}\n");
+    serial_exchange(stream, &format!("CONNECT {port}\n"), &format!("OK {port}\n")).await
+}
+
+/// Checks that the agent's serial port at `uds` is idle: no connection open, the last one
+/// ended on the guest's side too (`PING`, answered `PONG` by an agent waiting for a host;
+/// what the guest wrote after the last host left is read and dropped). The guest reacts to
+/// the hang-up of this check within milliseconds.
+pub async fn settle_serial_port(uds: &Path, timeout: Duration) -> Result<(), HandshakeError> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(uds).await.map_err(HandshakeError::Connect)?;
+        serial_exchange(&mut stream, "PING\n", "PONG\n").await
+    };
+    tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(HandshakeError::NoReply { waited: timeout }))
+}
+
+/// Writes `request`, then reads until `reply` ends a line, skipping what precedes it.
+async fn serial_exchange(stream: &mut UnixStream, request: &str, reply: &str) -> Result<(), HandshakeError> {
+    stream.write_all(request.as_bytes()).await.map_err(HandshakeError::Send)?;
+    let ok = reply;
     let mut seen = Vec::with_capacity(64);
     loop {
         let byte = match stream.read_u8().await {
@@ -427,6 +444,32 @@ impl AgentClient {
         deadline: Instant,
         still_booting: impl Fn() -> bool,
     ) -> Result<ReadyResponse, AgentError> {
+        self.until_answered(deadline, still_booting, |timeout| self.ready(timeout)).await
+    }
+
+    /// Gives the guest a new identity, asking again (as [`Self::wait_ready`] polls) while its
+    /// agent does not answer yet: for a guest just restored from a snapshot, whose agent
+    /// serves already, this one call is both the wait for it and the identity.
+    pub async fn wait_set_identity(
+        &self,
+        identity: &crate::domain::GuestIdentity,
+        deadline: Instant,
+        still_booting: impl Fn() -> bool,
+    ) -> Result<(), AgentError> {
+        self.until_answered(deadline, still_booting, |timeout| self.set_identity_within(identity, timeout)).await
+    }
+
+    /// Makes `call` (given its deadline) until it answers, it fails in a way a guest still
+    /// coming up does not, `deadline` passes or `still_booting()` says the VMM is gone.
+    async fn until_answered<T, F>(
+        &self,
+        deadline: Instant,
+        still_booting: impl Fn() -> bool,
+        call: impl Fn(Duration) -> F,
+    ) -> Result<T, AgentError>
+    where
+        F: std::future::Future<Output = Result<T, AgentError>>,
+    {
         let started = Instant::now();
         let mut last_error: Option<AgentError> = None;
         loop {
@@ -439,8 +482,8 @@ impl AgentClient {
             if left.is_zero() {
                 return Err(AgentError::NotReady { waited: now - started, last_error: last_error.map(Box::new) });
             }
-            match self.ready(left.min(READY_ATTEMPT_TIMEOUT)).await {
-                Ok(ready) => return Ok(ready),
+            match call(left.min(READY_ATTEMPT_TIMEOUT)).await {
+                Ok(answer) => return Ok(answer),
                 Err(err) if is_retryable(&err) => {
                     if err.handshake_error().is_some_and(|h| !h.is_not_up_yet()) {
                         // Not a booting guest's usual answer: the guest may be stalled or the
@@ -507,6 +550,14 @@ impl AgentClient {
 
     /// Gives the guest a new identity.
     pub async fn set_identity(&self, identity: &crate::domain::GuestIdentity) -> Result<(), AgentError> {
+        self.set_identity_within(identity, CALL_TIMEOUT).await
+    }
+
+    async fn set_identity_within(
+        &self,
+        identity: &crate::domain::GuestIdentity,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
         let mut client = self.client.clone();
         let request = SetIdentityRequest {
             hostname: identity.hostname.clone(),
@@ -519,7 +570,7 @@ impl AgentClient {
             realtime_ns: identity.realtime_ns.unwrap_or_default(),
             entropy: identity.entropy.clone(),
         };
-        unary("SetIdentity", CALL_TIMEOUT, client.set_identity(with_timeout(request, CALL_TIMEOUT))).await.map(drop)
+        unary("SetIdentity", timeout, client.set_identity(with_timeout(request, timeout))).await.map(drop)
     }
 
     /// Flushes the guest's file systems.

@@ -48,12 +48,11 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
 
     /// Waits until the VM's agent answers, or `deadline`, or `still_booting` says no. This
     /// boot's console output starts at byte `console_from` of the console log (earlier boots
-    /// wrote what comes before); `None`: the guest was restored, not booted, and announces
-    /// nothing.
+    /// wrote what comes before).
     async fn wait_ready(
         &self,
         vm: &Vm,
-        console_from: Option<u64>,
+        console_from: u64,
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError>;
@@ -63,6 +62,17 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
 
     /// Gives a running guest a new identity.
     async fn set_identity(&self, vm: &Vm, identity: &GuestIdentity) -> Result<(), HostError>;
+
+    /// Gives a guest just restored from a snapshot its new identity: asks until its agent
+    /// answers (it serves already, so there is nothing else to wait for), `deadline`, or
+    /// `still_booting()` false, as [`Self::wait_ready`] does.
+    async fn wait_set_identity(
+        &self,
+        vm: &Vm,
+        identity: &GuestIdentity,
+        deadline: Instant,
+        still_booting: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<(), HostError>;
 
     /// Flushes the guest's file systems.
     async fn sync_guest(&self, vm: &Vm) -> Result<(), HostError>;
@@ -92,6 +102,12 @@ const QUIESCE_WAIT: Duration = Duration::from_secs(1);
 /// How long the user-space backend gets to pass a hang-up on to the guest: it does so at its
 /// next wakeup, within milliseconds.
 const HANGUP_SETTLE: Duration = Duration::from_millis(50);
+
+/// How long [`AgentChannels::quiesce`] waits for the guest to end its side of the last
+/// connection over a virtio-serial port (an agent too old to answer is not waited for longer).
+const SERIAL_SETTLE_WAIT: Duration = Duration::from_secs(1);
+/// How long the guest gets to take the hang-up of that check.
+const SERIAL_HANGUP_SETTLE: Duration = Duration::from_millis(20);
 
 /// A guest file being opened.
 pub type FileReading =
@@ -153,13 +169,11 @@ impl AgentChannels for VsockAgentChannels {
     async fn wait_ready(
         &self,
         vm: &Vm,
-        console_from: Option<u64>,
+        console_from: u64,
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
-        if let Some(console_from) = console_from
-            && matches!(self.mode, VsockMode::UserSpace | VsockMode::VirtioSerial)
-        {
+        if matches!(self.mode, VsockMode::UserSpace | VsockMode::VirtioSerial) {
             // vhost-device-vsock 0.3 has races around connections made while the guest's
             // vsock driver comes up; each CONNECT during boot is a chance to hit one. A
             // virtio-serial port takes one connection at a time, so a CONNECT made before the
@@ -189,6 +203,16 @@ impl AgentChannels for VsockAgentChannels {
 
     async fn set_identity(&self, vm: &Vm, identity: &GuestIdentity) -> Result<(), HostError> {
         self.client(vm).set_identity(identity).await.map_err(HostError::from)
+    }
+
+    async fn wait_set_identity(
+        &self,
+        vm: &Vm,
+        identity: &GuestIdentity,
+        deadline: Instant,
+        still_booting: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<(), HostError> {
+        self.client(vm).wait_set_identity(identity, deadline, still_booting).await.map_err(HostError::from)
     }
 
     async fn sync_guest(&self, vm: &Vm) -> Result<(), HostError> {
@@ -226,8 +250,18 @@ impl AgentChannels for VsockAgentChannels {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if self.mode == VsockMode::UserSpace {
-            tokio::time::sleep(HANGUP_SETTLE).await;
+        match self.mode {
+            VsockMode::UserSpace => tokio::time::sleep(HANGUP_SETTLE).await,
+            VsockMode::VirtioSerial => {
+                // The guest ends its side of the connection only when it next runs: after a
+                // restore, in every clone, unless it did so now.
+                let port = vm.paths().agent_serial;
+                match super::agent::settle_serial_port(&port, SERIAL_SETTLE_WAIT).await {
+                    Ok(()) => tokio::time::sleep(SERIAL_HANGUP_SETTLE).await,
+                    Err(error) => tracing::debug!(vm_id = %vm.id, error = %error, "the agent's port did not settle"),
+                }
+            }
+            VsockMode::Kernel | VsockMode::VmmHybrid => {}
         }
         Ok(())
     }

@@ -369,7 +369,7 @@ impl AgentChannels for FakeHost {
     async fn wait_ready(
         &self,
         _vm: &Vm,
-        _console_from: Option<u64>,
+        _console_from: u64,
         _deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
@@ -470,8 +470,36 @@ impl AgentChannels for FakeHost {
 
     async fn set_identity(&self, vm: &Vm, identity: &crate::domain::GuestIdentity) -> Result<(), HostError> {
         self.check("agents.set_identity")?;
-        self.state().identities.insert(vm.id, identity.clone());
+        // As the agent does: the hostname always, the rest only where given.
+        let mut state = self.state();
+        let now = state.identities.entry(vm.id).or_insert_with(|| identity.clone());
+        now.hostname.clone_from(&identity.hostname);
+        if identity.network.is_some() {
+            now.network.clone_from(&identity.network);
+        }
+        if identity.machine_id.is_some() {
+            now.machine_id.clone_from(&identity.machine_id);
+        }
+        if identity.realtime_ns.is_some() {
+            now.realtime_ns = identity.realtime_ns;
+        }
+        if !identity.entropy.is_empty() {
+            now.entropy.clone_from(&identity.entropy);
+        }
         Ok(())
+    }
+
+    async fn wait_set_identity(
+        &self,
+        vm: &Vm,
+        identity: &crate::domain::GuestIdentity,
+        _deadline: Instant,
+        still_booting: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<(), HostError> {
+        if !still_booting() {
+            return Err(HostError::Agent(super::agent::AgentError::VmmExited));
+        }
+        self.set_identity(vm, identity).await
     }
 
     async fn sync_guest(&self, _vm: &Vm) -> Result<(), HostError> {

@@ -50,13 +50,20 @@ pub enum BootStage {
     /// Wait until the guest agent answers.
     WaitAgent,
     /// Tell a restored guest who it is now: hostname, MAC and address, machine-id, clock,
-    /// fresh entropy.
+    /// fresh entropy. Its agent serves already (it did when the snapshot was taken), so
+    /// this call, asked until the agent answers, is also the wait for it.
     GuestIdentity,
+    /// A pool member only: run once what a claim's caller runs first (the agent's identity
+    /// call, and one process writing output), so that the guest code on those paths is
+    /// translated before a claim needs it (under emulation a path run for the first time
+    /// costs tens of milliseconds). Best effort.
+    WarmUp,
 }
 
 /// The boot stages in order, given how VMs are networked and whether the boot waits for
-/// the guest agent; a restore from a snapshot always waits, and then sets the identity.
-pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool, restore: bool) -> Vec<BootStage> {
+/// the guest agent; a restore from a snapshot always waits for the agent, by setting the
+/// guest's identity.
+pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool, restore: bool, warm_up: bool) -> Vec<BootStage> {
     let mut stages = vec![BootStage::RootDisk, BootStage::AgentChannel];
     if let Some(network) = network {
         stages.extend([BootStage::Tap, BootStage::Firewall]);
@@ -66,12 +73,15 @@ pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool, restore: b
     }
     stages.extend([BootStage::VmmLaunch, BootStage::LimitResources]);
     if restore {
-        stages.extend([BootStage::VmmRestore, BootStage::WaitAgent, BootStage::GuestIdentity]);
-        return stages;
+        stages.extend([BootStage::VmmRestore, BootStage::GuestIdentity]);
+    } else {
+        stages.push(BootStage::VmmBoot);
+        if wait_agent {
+            stages.push(BootStage::WaitAgent);
+        }
     }
-    stages.push(BootStage::VmmBoot);
-    if wait_agent {
-        stages.push(BootStage::WaitAgent);
+    if warm_up && (wait_agent || restore) {
+        stages.push(BootStage::WarmUp);
     }
     stages
 }
@@ -91,6 +101,7 @@ impl BootStage {
             Self::VmmRestore => "vmm_restore",
             Self::WaitAgent => "wait_agent",
             Self::GuestIdentity => "guest_identity",
+            Self::WarmUp => "warm_up",
         }
     }
 
@@ -100,7 +111,7 @@ impl BootStage {
             Self::RootDisk | Self::Tap | Self::Firewall | Self::Nat => None,
             Self::AgentChannel => Some("vsock-backend.log"),
             Self::VmmLaunch | Self::LimitResources | Self::VmmBoot | Self::VmmRestore => Some("vmm.log"),
-            Self::WaitAgent | Self::GuestIdentity => Some("console.log"),
+            Self::WaitAgent | Self::GuestIdentity | Self::WarmUp => Some("console.log"),
         }
     }
 }
@@ -297,19 +308,24 @@ impl Boot {
                 let disk = self.disk(&paths);
                 ops.host.vmm.boot(&self.launch_spec(&paths, &disk, nic.as_ref()), &vmm).await?;
             }
-            BootStage::WaitAgent => {
+            BootStage::WaitAgent | BootStage::GuestIdentity => {
                 let vmm = self.vmm_handle()?;
                 let host = &ops.host;
                 let still_booting =
                     || host.processes.alive(&vmm, &paths.api_socket) && !host.agents.backend_failed(&paths);
                 let deadline = tokio::time::Instant::now() + AGENT_READY_TIMEOUT;
-                // A restored guest announces nothing: its agent serves already.
-                let console_from = self.restore.is_none().then_some(self.console_from);
-                host.agents.wait_ready(&self.vm, console_from, deadline, &still_booting).await?;
+                match stage {
+                    BootStage::GuestIdentity => {
+                        let identity = new_identity(ops, &self.vm);
+                        host.agents.wait_set_identity(&self.vm, &identity, deadline, &still_booting).await?;
+                    }
+                    _ => host.agents.wait_ready(&self.vm, self.console_from, deadline, &still_booting).await?,
+                }
             }
-            BootStage::GuestIdentity => {
-                let identity = new_identity(ops, &self.vm);
-                ops.host.agents.set_identity(&self.vm, &identity).await?;
+            BootStage::WarmUp => {
+                if let Err(error) = tokio::time::timeout(WARM_UP_LIMIT, warm_up(ops, &self.vm, &self.image)).await {
+                    tracing::warn!(vm_id = %self.vm.id, error = %error, "pool member warm-up took too long");
+                }
             }
         }
         Ok(())
@@ -340,7 +356,11 @@ impl Boot {
                 // The group goes in `agent_channel`'s undo: it holds the vsock backend too.
                 &[Runtime::Vmm]
             }
-            BootStage::VmmBoot | BootStage::VmmRestore | BootStage::WaitAgent | BootStage::GuestIdentity => &[],
+            BootStage::VmmBoot
+            | BootStage::VmmRestore
+            | BootStage::WaitAgent
+            | BootStage::GuestIdentity
+            | BootStage::WarmUp => &[],
         };
         let released = ops.tear_down(&self.vm, &mut self.handles, parts).await;
         ops.set_handles(&self.vm, self.handles.clone())?;
@@ -421,6 +441,37 @@ fn guest_nic(ops: &Ops, vm: &Vm) -> Option<GuestNic> {
         gateway: network.pool.gateway().to_string(),
         nameserver: network.dns.then(|| network.pool.gateway().to_string()),
     })
+}
+
+/// The longest a pool member's warm-up may take.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(10);
+
+/// A pool member's warm-up: its own hostname set again, then `echo` run as an exec of the
+/// member's image runs; a failure is logged, not fatal (an image may have no `echo`).
+async fn warm_up(ops: &Ops, vm: &Vm, image: &Image) {
+    use tokio_stream::StreamExt;
+    if let Err(error) = ops.host.agents.set_identity(vm, &GuestIdentity::hostname(&vm.name)).await {
+        tracing::warn!(vm_id = %vm.id, error = %error, "pool member warm-up: set identity");
+    }
+    let command = crate::domain::ExecCommand {
+        argv: vec!["echo".into(), "banger pool member ready".into()],
+        ..Default::default()
+    };
+    let command = super::exec_vm::with_image_defaults(command, image.config());
+    let ran = async {
+        let mut events = ops.host.agents.exec(vm, command, Box::pin(tokio_stream::empty())).await?;
+        while let Some(event) = events.next().await {
+            if let crate::domain::ExecEvent::Exit { status, .. } = event? {
+                return Ok::<_, HostError>(Some(status));
+            }
+        }
+        Ok(None)
+    };
+    match ran.await {
+        Ok(Some(crate::domain::ExitStatus::Code(0))) => {}
+        Ok(status) => tracing::warn!(vm_id = %vm.id, ?status, "pool member warm-up: echo did not succeed"),
+        Err(error) => tracing::warn!(vm_id = %vm.id, error = %error, "pool member warm-up: exec"),
+    }
 }
 
 /// Who a restored guest is now: its record's name and address, a new machine-id, the

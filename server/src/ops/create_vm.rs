@@ -81,7 +81,8 @@ impl Operation for CreateVmOp<'_> {
         let mut stages = vec![Stage::ResolveImage, Stage::InsertRecord, Stage::PrepareVmDir];
         if self.request.start {
             let (network, restore) = (self.ops.config.network.as_ref(), self.snapshot.is_some());
-            stages.extend(boot_stages(network, self.request.wait_agent, restore).into_iter().map(Stage::Boot));
+            let member = self.request.labels.contains_key(crate::domain::POOL_LABEL);
+            stages.extend(boot_stages(network, self.request.wait_agent, restore, member).into_iter().map(Stage::Boot));
             stages.push(Stage::MarkRunning);
         }
         stages

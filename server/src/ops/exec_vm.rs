@@ -30,7 +30,10 @@ pub enum VmLog {
 pub type FileOutput = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Error>> + Send>>;
 
 /// A container image's `Env`, `WorkingDir` and `User` under what the request says.
-fn with_image_defaults(mut command: ExecCommand, config: Option<&crate::domain::ImageConfig>) -> ExecCommand {
+pub(super) fn with_image_defaults(
+    mut command: ExecCommand,
+    config: Option<&crate::domain::ImageConfig>,
+) -> ExecCommand {
     let Some(config) = config else {
         return command;
     };

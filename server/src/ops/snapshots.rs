@@ -126,7 +126,7 @@ impl Operation for SnapshotVmOp<'_> {
         if self.request.after == SnapshotAfter::Resume {
             let network = self.ops.config.network.as_ref();
             // The disk exists already (it overlays the snapshot's): `root_disk` only hands it over.
-            stages.extend(boot_stages(network, true, true).into_iter().map(Stage::Boot));
+            stages.extend(boot_stages(network, true, true, false).into_iter().map(Stage::Boot));
         }
         stages.push(Stage::MarkDone);
         stages

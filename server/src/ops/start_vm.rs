@@ -36,8 +36,9 @@ impl Operation for StartVmOp<'_> {
 
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
-        stages
-            .extend(boot_stages(self.ops.config.network.as_ref(), self.wait_agent, false).into_iter().map(Stage::Boot));
+        stages.extend(
+            boot_stages(self.ops.config.network.as_ref(), self.wait_agent, false, false).into_iter().map(Stage::Boot),
+        );
         stages.push(Stage::MarkRunning);
         stages
     }
