@@ -512,7 +512,8 @@ fn a_vms_console_log_is_printed_tailed_and_followed_until_the_vm_is_deleted() {
     assert!(status.success(), "{stderr}");
 }
 
-/// The guest's counter (a loop bumping `/tmp/ticks` every 0.1 s).
+/// The guest's counter (a loop bumping `/tmp/ticks` every 0.1 s, by rename: a reader never
+/// finds it empty).
 fn ticks(daemon: &Daemon, vm: &str) -> u64 {
     let out = daemon.banger(&["vm", "exec", vm, "--", "cat", "/tmp/ticks"]);
     let said = text(&out.stdout);
@@ -524,7 +525,7 @@ fn a_paused_vm_stands_still_across_a_daemon_kill_and_resumes_where_it_stopped() 
     let _slot = guest_slot();
     let mut daemon = Daemon::start(&[]);
     assert!(daemon.banger(&["vm", "create", "--name", "frozen"]).status.success(), "{}", daemon.log());
-    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks; sleep 0.1; done >/dev/null 2>&1 &";
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks.new; mv /tmp/ticks.new /tmp/ticks; sleep 0.1; done >/dev/null 2>&1 &";
     let out = daemon.banger(&["vm", "exec", "frozen", "--", "sh", "-c", counter]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     wait_until("the counter to run", Duration::from_secs(20), || ticks(&daemon, "frozen") >= 5);

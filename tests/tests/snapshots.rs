@@ -26,7 +26,8 @@ fn vm_field(daemon: &Daemon, vm: &str, name: &str) -> String {
     field(daemon, &["vm", "show", vm], name)
 }
 
-/// The guest's counter (a loop bumping `/tmp/ticks`, a tmpfs, every 0.1 s).
+/// The guest's counter (a loop bumping `/tmp/ticks`, a tmpfs, every 0.1 s, by rename: a
+/// reader never finds it empty).
 fn ticks(daemon: &Daemon, vm: &str) -> u64 {
     let out = daemon.banger(&["vm", "exec", vm, "--", "cat", "/tmp/ticks"]);
     let said = text(&out.stdout);
@@ -34,7 +35,7 @@ fn ticks(daemon: &Daemon, vm: &str) -> u64 {
 }
 
 fn start_counter(daemon: &Daemon, vm: &str) {
-    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks; sleep 0.1; done >/dev/null 2>&1 &";
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks.new; mv /tmp/ticks.new /tmp/ticks; sleep 0.1; done >/dev/null 2>&1 &";
     let out = daemon.banger(&["vm", "exec", vm, "--", "sh", "-c", counter]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     wait_until("the counter to run", Duration::from_secs(20), || ticks(daemon, vm) >= 5);
