@@ -1341,7 +1341,7 @@ fn snapshot_lines(r: &Value) -> String {
     let shown: Vec<String> = private.iter().map(|m| format!("{m:.0}")).collect();
     format!(
         "| create → ready from a snapshot (`CreateVm` with `snapshot`: restored, agent answering, identity set), {SNAPSHOT_RUNS} runs | p50 {:.0} ms, p99 {:.0} ms | p50 ≤ 300 ms | {} |\n\
-         | banger's restore vs the same `qemu -incoming` restore by hand (QEMU start → agent `Ready`), p50 | {:.0} ms vs {:.0} ms: {:.2} | ≤ 1.10 | {} |\n\
+         | banger's restore vs the same `qemu -incoming` restore by hand (QEMU start → the same `SetIdentity` answered), p50 | {:.0} ms vs {:.0} ms: {:.2} | ≤ 1.10 | {} |\n\
          | four clones restored at once, all ready, {CLONE_ROUNDS} rounds | p50 {:.0} ms, worst {:.0} ms | ≤ 1 s | {} |\n\
          | private memory of an idle clone's VMM, 256 MiB guest (`smaps_rollup` Private_*) | {} MiB | ≤ 64 MiB | {} |\n\
          | taking the snapshot (`SnapshotVm`, source stopped after), stored size | {:.0} ms, {:.0} MiB | | |\n",
