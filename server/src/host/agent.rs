@@ -310,6 +310,8 @@ fn check_connect_reply(line: &[u8]) -> Result<(), HandshakeError> {
 pub struct AgentClient {
     client: AgentServiceClient<Channel>,
     vsock_uds_path: PathBuf,
+    /// The socket is a virtio-serial port's, whose line protocol also carries identities.
+    serial: bool,
     /// Connections of this client's channel still open.
     open: Arc<AtomicUsize>,
 }
@@ -396,7 +398,7 @@ impl AgentClient {
         let channel = Endpoint::from_static("http://agent.vsock")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(connector);
-        Self { client: AgentServiceClient::new(channel), vsock_uds_path, open }
+        Self { client: AgentServiceClient::new(channel), vsock_uds_path, serial, open }
     }
 
     /// Creates the client for guest `cid` over the kernel's vsock (`/dev/vhost-vsock` hosts):
@@ -414,7 +416,7 @@ impl AgentClient {
         let channel = Endpoint::from_static("http://agent.vsock")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(connector);
-        Self { client: AgentServiceClient::new(channel), vsock_uds_path: PathBuf::new(), open }
+        Self { client: AgentServiceClient::new(channel), vsock_uds_path: PathBuf::new(), serial: false, open }
     }
 
     /// Drops this handle of the client; what is returned counts the connections its channel
@@ -456,6 +458,18 @@ impl AgentClient {
         deadline: Instant,
         still_booting: impl Fn() -> bool,
     ) -> Result<(), AgentError> {
+        if self.serial {
+            let request = identity_request(identity);
+            let told = self
+                .until_answered(deadline, &still_booting, |timeout| {
+                    serial_identity(&self.vsock_uds_path, &request, timeout)
+                })
+                .await?;
+            if told {
+                return Ok(());
+            }
+            tracing::debug!("the guest's agent does not take identities on its port: telling it over gRPC");
+        }
         self.until_answered(deadline, still_booting, |timeout| self.set_identity_within(identity, timeout)).await
     }
 
@@ -559,17 +573,7 @@ impl AgentClient {
         timeout: Duration,
     ) -> Result<(), AgentError> {
         let mut client = self.client.clone();
-        let request = SetIdentityRequest {
-            hostname: identity.hostname.clone(),
-            network: identity.network.as_ref().map(|network| GuestNetwork {
-                mac: network.mac.clone(),
-                address: network.address.clone(),
-                gateway: network.gateway.clone(),
-            }),
-            machine_id: identity.machine_id.clone().unwrap_or_default(),
-            realtime_ns: identity.realtime_ns.unwrap_or_default(),
-            entropy: identity.entropy.clone(),
-        };
+        let request = identity_request(identity);
         unary("SetIdentity", timeout, client.set_identity(with_timeout(request, timeout))).await.map(drop)
     }
 
@@ -585,6 +589,89 @@ impl AgentClient {
         let mut client = self.client.clone();
         unary("Shutdown", CALL_TIMEOUT, client.shutdown(with_timeout(ShutdownRequest {}, CALL_TIMEOUT))).await.map(drop)
     }
+}
+
+fn identity_request(identity: &crate::domain::GuestIdentity) -> SetIdentityRequest {
+    SetIdentityRequest {
+        hostname: identity.hostname.clone(),
+        network: identity.network.as_ref().map(|network| GuestNetwork {
+            mac: network.mac.clone(),
+            address: network.address.clone(),
+            gateway: network.gateway.clone(),
+        }),
+        machine_id: identity.machine_id.clone().unwrap_or_default(),
+        realtime_ns: identity.realtime_ns.unwrap_or_default(),
+        entropy: identity.entropy.clone(),
+    }
+}
+
+/// The most a guest may write in answer to an identity line before its `PONG`.
+const MAX_IDENTITY_ANSWER: usize = 64 << 10;
+/// The longest error message kept from a guest's `IDENTITY ERROR` line.
+const MAX_IDENTITY_ERROR: usize = 512;
+
+/// Tells the guest `request` on its virtio-serial port's line protocol, without HTTP/2:
+/// writes `IDENTITY <hex>` and `PING`, and reads up to the `PONG`. True when the agent
+/// answered `IDENTITY OK`; false when it answered the `PING` only (an agent that predates
+/// identity lines ignores them). A restored guest reaches ready this way with a small part of
+/// the new code a first HTTP/2 call runs in it (see the agent's `serial` module).
+async fn serial_identity(uds: &Path, request: &SetIdentityRequest, timeout: Duration) -> Result<bool, AgentError> {
+    use prost::Message;
+    const CALL: &str = "SetIdentity";
+    let unreachable = |err: HandshakeError| {
+        let mut status = tonic::Status::unavailable("cannot reach the agent's port");
+        status.set_source(Arc::new(err));
+        AgentError::Rpc { call: CALL, status }
+    };
+    let exchange = async {
+        let mut stream = UnixStream::connect(uds).await.map_err(|err| unreachable(HandshakeError::Connect(err)))?;
+        let mut lines = String::from("IDENTITY ");
+        lines.extend(request.encode_to_vec().iter().map(|byte| format!("{byte:02x}")));
+        lines.push_str("\nPING\n");
+        stream.write_all(lines.as_bytes()).await.map_err(|err| unreachable(HandshakeError::Send(err)))?;
+        let mut answer: Option<Result<(), tonic::Status>> = None;
+        let mut line = Vec::with_capacity(64);
+        let mut read = 0usize;
+        loop {
+            let byte = match stream.read_u8().await {
+                Ok(byte) => byte,
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(unreachable(HandshakeError::Closed));
+                }
+                Err(err) => return Err(unreachable(HandshakeError::Read(err))),
+            };
+            read += 1;
+            if read > MAX_IDENTITY_ANSWER {
+                return Err(AgentError::Protocol { call: CALL, what: "no PONG after an identity line" });
+            }
+            if byte != b'\n' {
+                // What precedes the answers (the end of an earlier connection) is skipped
+                // line by line; only the answers' lines matter, and they are short.
+                if line.len() < MAX_IDENTITY_ERROR + 32 {
+                    line.push(byte);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            line.clear();
+            if text == "PONG" {
+                return match answer {
+                    None => Ok(false),
+                    Some(Ok(())) => Ok(true),
+                    Some(Err(status)) => Err(AgentError::Rpc { call: CALL, status }),
+                };
+            }
+            if text == "IDENTITY OK" {
+                answer = Some(Ok(()));
+            } else if let Some(error) = text.strip_prefix("IDENTITY ERROR ") {
+                let (code, message) = error.split_once(' ').unwrap_or((error, ""));
+                let code = code.parse::<i32>().map(tonic::Code::from).unwrap_or(tonic::Code::Unknown);
+                let message: String = message.chars().take(MAX_IDENTITY_ERROR).collect();
+                answer = Some(Err(tonic::Status::new(code, message)));
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AgentError::Timeout { call: CALL, after: timeout }))
 }
 
 /// A request carrying `grpc-timeout`, so the agent also abandons it after `timeout`.
@@ -733,6 +820,81 @@ mod tests {
         assert_eq!(&first, b"PRI", "nothing after the OK line is consumed");
         let strict = connect_hybrid_vsock(&path, 1024, Duration::from_secs(1)).await;
         assert!(matches!(strict, Err(HandshakeError::Refused { .. })), "{strict:?}");
+    }
+
+    /// A port that reads the identity and PING lines and answers `answers` (as bytes), each
+    /// on its own connection, which it closes at once or (with `true`) keeps open.
+    fn port_answering(
+        listener: UnixListener,
+        answers: Vec<(&'static [u8], bool)>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            let mut identities = Vec::new();
+            let mut kept = Vec::new();
+            for (answer, keep) in answers {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let mut lines = BufReader::new(stream);
+                let mut identity = String::new();
+                lines.read_line(&mut identity).await.expect("identity line");
+                let mut ping = String::new();
+                lines.read_line(&mut ping).await.expect("ping line");
+                assert_eq!(ping, "PING\n");
+                identities.push(identity);
+                lines.get_mut().write_all(answer).await.expect("write");
+                if keep {
+                    kept.push(lines);
+                }
+            }
+            if !kept.is_empty() {
+                // Past the client's patience.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            identities
+        })
+    }
+
+    #[tokio::test]
+    async fn an_identity_goes_over_a_serial_port_in_one_line_and_an_older_agent_is_told_apart() {
+        use prost::Message;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let port = port_answering(
+            listener,
+            vec![
+                // A new agent, after the tail of an earlier connection.
+                (b"\0\0\x08\x07\0\0\nIDENTITY OK\nPONG\n", false),
+                // An agent that does not know identity lines.
+                (b"PONG\n", false),
+                (b"IDENTITY ERROR 3 not a hostname: \"X\"\nPONG\n", false),
+                (b"IDENTITY OK\n", false),
+                (b"IDENTITY OK\n", true),
+            ],
+        );
+        let identity = crate::domain::GuestIdentity {
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            entropy: vec![9; 64],
+            ..crate::domain::GuestIdentity::hostname("clone-1")
+        };
+        let request = identity_request(&identity);
+        let wait = Duration::from_secs(2);
+        assert!(serial_identity(&path, &request, wait).await.expect("told"));
+        assert!(!serial_identity(&path, &request, wait).await.expect("answered"), "an older agent");
+        let refused = serial_identity(&path, &request, wait).await.expect_err("refused");
+        let status = refused.status().expect("a status");
+        assert_eq!((status.code(), status.message()), (tonic::Code::InvalidArgument, "not a hostname: \"X\""));
+        assert!(!is_retryable(&refused));
+        // No PONG: the port closes, then it stalls.
+        let closed = serial_identity(&path, &request, wait).await.expect_err("closed");
+        assert!(closed.handshake_error().is_some_and(HandshakeError::is_not_up_yet) && is_retryable(&closed));
+        let stalled = serial_identity(&path, &request, Duration::from_millis(300)).await;
+        assert!(matches!(stalled, Err(AgentError::Timeout { .. })), "{stalled:?}");
+        let sent = port.await.expect("port");
+        let hex = sent[0].strip_prefix("IDENTITY ").and_then(|line| line.strip_suffix('\n')).expect("identity line");
+        let bytes = hex::decode(hex).expect("hex");
+        assert_eq!(SetIdentityRequest::decode(bytes.as_slice()).expect("decode"), request);
+        let gone = serial_identity(&path, &request, wait).await.expect_err("no port");
+        assert!(gone.handshake_error().is_some_and(HandshakeError::is_not_up_yet));
     }
 
     /// The backend must never see a close while its CONNECT is pending, neither when the
