@@ -309,8 +309,9 @@ printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
 
 cat >"$rootfs/sbin/init" <<'EOF'
 #!/bin/sh
-# banger guest init: finish the mounts, record the host name the initramfs set, point
-# resolv.conf at banger.dns= when given, then hand PID 1 to the agent, which reaps orphans.
+# banger guest init: finish the mounts, record the host name the initramfs set, make a
+# machine-id on a first boot, point resolv.conf at banger.dns= when given, then hand PID 1 to
+# the agent, which reaps orphans.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Debian's busybox-static has no mountpoint applet; /proc/mounts answers the same question.
 [ -e /proc/mounts ] || mount -t proc proc /proc
@@ -322,6 +323,9 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 
 # The initramfs named the host and configured eth0 (banger.hostname=, banger.ip=, banger.gw=).
 hostname >/etc/hostname
+# Each VM's disk starts as a copy of the image: its first boot gives it its own machine-id
+# (a clone of a snapshot is told a new one, written over this one).
+[ -s /etc/machine-id ] || tr -d '-' </proc/sys/kernel/random/uuid >/etc/machine-id
 nameserver=
 set -f # the command line is split on spaces, never globbed
 for arg in $(cat /proc/cmdline); do

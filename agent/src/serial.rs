@@ -17,7 +17,7 @@
 //! Sleeping on the signal rather than polling keeps an idle guest idle (a guest under
 //! emulation pays for every wake-up) and answers a host at once.
 //!
-//! The port is read and written with blocking calls on two threads, bridged to the async
+//! The port is read and written with blocking calls on two threads that live as long as it, bridged to the async
 //! server by an in-memory pipe: the port's readiness (it reports hang-up while no host is
 //! connected) does not fit an edge-triggered reactor.
 
@@ -30,7 +30,7 @@ use std::time::Duration;
 use banger_proto::agent::v1::SetIdentityRequest;
 use nix::libc;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf};
 use tokio::sync::mpsc;
 
 /// The name the host gives the agent's port.
@@ -124,6 +124,14 @@ pub fn incoming(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<io::Res
                 return;
             }
         };
+        let writer = match PortWriter::start(&port, &runtime) {
+            Ok(writer) => writer,
+            Err(error) => {
+                log!("virtio-serial: cannot start the port's writer: {error}");
+                let _ = connections.blocking_send(Err(error));
+                return;
+            }
+        };
         let wake_ups = signal_on_events(&port);
         if let Err(error) = &wake_ups {
             log!("virtio-serial: no SIGIO for the port ({error}): reading it every {POLL_WITHOUT_SIGNAL:?}");
@@ -147,7 +155,7 @@ pub fn incoming(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<io::Res
             }
             // Connections are not logged: a console line is a serial device's work for every
             // byte, paid again (as new code) by each clone of a snapshot on its way to ready.
-            bridge(&port, ours, &runtime);
+            bridge(&port, ours, &runtime, &writer);
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(stream)
@@ -268,47 +276,70 @@ fn decode_identity(encoded: &str) -> Result<SetIdentityRequest, tonic::Status> {
     SetIdentityRequest::decode(bytes.as_slice()).map_err(|_| invalid("not a SetIdentityRequest"))
 }
 
-/// Moves bytes between the port and the server's end of the pipe until the host goes (the
-/// port's end of file) or the server ends the connection.
-fn bridge(port: &File, pipe: DuplexStream, runtime: &tokio::runtime::Handle) {
-    let (mut from_server, mut to_server) = tokio::io::split(pipe);
-    std::thread::scope(|scope| {
-        let writer = port.try_clone().map(|mut out| {
-            let runtime = runtime.clone();
-            scope.spawn(move || {
-                let mut buf = vec![0u8; CHUNK];
+/// The thread that writes what the server sends to the port, one connection after another.
+/// It lives as long as the port's reader: starting a thread per connection would run the
+/// kernel's thread creation and exit (new code for a guest restored from a snapshot) on the
+/// way to its first call's answer.
+struct PortWriter {
+    connections: std::sync::mpsc::Sender<ReadHalf<DuplexStream>>,
+    finished: std::sync::mpsc::Receiver<()>,
+}
+
+impl PortWriter {
+    fn start(port: &File, runtime: &tokio::runtime::Handle) -> io::Result<Self> {
+        let mut out = port.try_clone()?;
+        let runtime = runtime.clone();
+        let (connections, pipes) = std::sync::mpsc::channel::<ReadHalf<DuplexStream>>();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; CHUNK];
+            for mut from_server in pipes {
                 loop {
                     match runtime.block_on(from_server.read(&mut buf)) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => break,
                         Ok(n) => {
                             if out.write_all(&buf[..n]).is_err() {
-                                return;
+                                break;
                             }
                         }
                     }
                 }
-            })
+                // Dropping the read half before saying so: the connection is over here.
+                drop(from_server);
+                if done.send(()).is_err() {
+                    return;
+                }
+            }
         });
-        let mut buf = vec![0u8; CHUNK];
-        let mut port = port;
-        loop {
-            match port.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if runtime.block_on(to_server.write_all(&buf[..n])).is_err() {
-                        break;
-                    }
+        Ok(Self { connections, finished })
+    }
+}
+
+/// Moves bytes between the port and the server's end of the pipe until the host goes (the
+/// port's end of file) or the server ends the connection; `writer` carries the server's
+/// bytes out.
+fn bridge(port: &File, pipe: DuplexStream, runtime: &tokio::runtime::Handle, writer: &PortWriter) {
+    let (from_server, mut to_server) = tokio::io::split(pipe);
+    let writing = writer.connections.send(from_server).is_ok();
+    let mut buf = vec![0u8; CHUNK];
+    let mut port = port;
+    loop {
+        match port.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if runtime.block_on(to_server.write_all(&buf[..n])).is_err() {
+                    break;
                 }
             }
         }
-        // The host went: the server sees end of file, ends the session and closes its end,
-        // which ends the writer.
-        let _ = runtime.block_on(to_server.shutdown());
-        drop(to_server);
-        if let Ok(writer) = writer {
-            let _ = writer.join();
-        }
-    });
+    }
+    // The host went: the server sees end of file, ends the session and closes its end,
+    // which ends the writer's part.
+    let _ = runtime.block_on(to_server.shutdown());
+    drop(to_server);
+    if writing {
+        let _ = writer.finished.recv();
+    }
 }
 
 #[cfg(test)]

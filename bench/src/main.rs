@@ -439,25 +439,30 @@ async fn clean_up(bin_dir: &Path, image_dir: &Path, work: &Path) {
 async fn run(bin_dir: &Path, image_dir: &Path, root: &Path, work: &Path) -> Result<(), Error> {
     let only = std::env::var("BANGER_BENCH_ONLY").unwrap_or_default();
     let only_rpc = only == "rpc";
-    if only == "pool" || only == "start" {
-        // BANGER_BENCH_ONLY=pool: only the pool section; =start: the pool and snapshot
-        // sections side by side; to `results-<only>.json`.
-        let daemon = Daemon::start(bin_dir, image_dir, work)?;
-        let (client, _) = daemon.serving().await?;
-        // The first create imports the default image: not counted.
-        create_watched(&client, "warmup").await?;
-        delete(&client, "warmup").await?;
-        let mut results = json!({ "machine": machine(), "pool": pool_measures(bin_dir, &daemon, &client).await? });
-        drop(client);
-        daemon.kill();
-        if only == "start" {
+    if only == "pool" || only == "start" || only == "snapshot" {
+        // BANGER_BENCH_ONLY=pool: only the pool section; =snapshot: only the snapshot
+        // section; =start: both side by side; to `results-<only>.json`.
+        let mut results = json!({ "machine": machine() });
+        if only != "snapshot" {
+            let daemon = Daemon::start(bin_dir, image_dir, work)?;
+            let (client, _) = daemon.serving().await?;
+            // The first create imports the default image: not counted.
+            create_watched(&client, "warmup").await?;
+            delete(&client, "warmup").await?;
+            results["pool"] = pool_measures(bin_dir, &daemon, &client).await?;
+            drop(client);
+            daemon.kill();
+        }
+        if only != "pool" {
             results["snapshot"] = snapshot_section(bin_dir, image_dir, work).await?;
         }
         let out = root.join("target/bench");
         std::fs::create_dir_all(&out)?;
         std::fs::write(out.join(format!("results-{only}.json")), serde_json::to_string_pretty(&results)?)?;
-        println!("{}", pool_lines(&results));
-        if only == "start" {
+        if only != "snapshot" {
+            println!("{}", pool_lines(&results));
+        }
+        if only != "pool" {
             println!("{}", snapshot_lines(&results));
         }
         return Ok(());
@@ -812,8 +817,12 @@ async fn snapshot_measures(client: &Client) -> Result<Value, Error> {
     snapshots.snapshots.snapshot_vm(request).await?;
     let take_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-    eprintln!("bench: create → ready from the snapshot, {SNAPSHOT_RUNS} runs");
-    let mut restores = Vec::new();
+    eprintln!(
+        "bench: create → ready from the snapshot, each followed by the same restore by hand (QEMU -incoming, \
+         then the agent's SetIdentity), {SNAPSHOT_RUNS} pairs"
+    );
+    // In pairs, so that both see the same phase of a shared machine.
+    let (mut restores, mut by_hand) = (Vec::new(), Vec::new());
     let (mut command_line, mut frozen) = (Vec::new(), String::new());
     for i in 0..SNAPSHOT_RUNS {
         let name = format!("restored-{i}");
@@ -831,6 +840,7 @@ async fn snapshot_measures(client: &Client) -> Result<Value, Error> {
                 .collect();
         }
         delete(client, &name).await?;
+        by_hand.push(restore_by_hand(&command_line, &frozen).await?);
     }
 
     eprintln!("bench: create from the snapshot → first exec output, {SNAPSHOT_RUNS} runs");
@@ -842,28 +852,30 @@ async fn snapshot_measures(client: &Client) -> Result<Value, Error> {
         delete(client, &name).await?;
     }
 
-    eprintln!("bench: the same restore by hand (QEMU -incoming, then the agent's SetIdentity), {SNAPSHOT_RUNS} runs");
     let snapshot = snapshots.snapshots.get_snapshot(pb::GetSnapshotRequest { snapshot: "bench".into() }).await?;
     let snapshot = snapshot.into_inner().snapshot.unwrap_or_default();
-    let mut by_hand = Vec::new();
-    for _ in 0..SNAPSHOT_RUNS {
-        by_hand.push(restore_by_hand(&command_line, &frozen).await?);
-    }
 
     eprintln!("bench: four clones at once, {CLONE_ROUNDS} rounds; their private memory");
     let mut rounds = Vec::new();
     let mut private = Vec::new();
     for round in 0..CLONE_ROUNDS {
         let started = Instant::now();
-        let clones = (0..4).map(|i| {
-            let client = client.clone();
-            tokio::spawn(async move { restore(&client, "bench", &format!("clone-{round}-{i}")).await })
-        });
+        // Collected, so that all four are spawned before the first is awaited.
+        let clones: Vec<_> = (0..4)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move { restore(&client, "bench", &format!("clone-{round}-{i}")).await })
+            })
+            .collect();
         let mut vms = Vec::new();
+        let mut each = Vec::new();
         for clone in clones {
-            vms.push(clone.await.map_err(|e| e.to_string())??.1);
+            let (ms, vm) = clone.await.map_err(|e| e.to_string())??;
+            each.push(format!("{ms:.0}"));
+            vms.push(vm);
         }
         rounds.push(started.elapsed().as_secs_f64() * 1000.0);
+        eprintln!("bench: round {round}: each create {} ms", each.join(", "));
         if round == CLONE_ROUNDS - 1 {
             // Idle a moment, as a clone waiting for its job would.
             tokio::time::sleep(Duration::from_secs(3)).await;
