@@ -610,6 +610,15 @@ fn a_warm_pool_serves_creates_by_claims_that_take_the_new_name_refills_and_survi
     let out = daemon.banger(&["pool", "show", "warm"]);
     assert!(text(&out.stdout).contains(" MiB"), "members' memory shown: {}", text(&out.stdout));
     let member_pids: Vec<String> = members.iter().map(|m| vm_field(&daemon, m, "vmm pid")).collect();
+    // Each member was warmed up (told its own name, one exec) before it counted as ready.
+    let log = daemon.log();
+    for member in &members {
+        let warmed = log
+            .lines()
+            .any(|line| line.contains("\"stage\":\"warm_up\"") && line.contains(&format!("\"vm_name\":\"{member}\"")));
+        assert!(warmed, "no warm_up stage for {member}:\n{log}");
+    }
+    assert!(!log.contains("pool member warm-up"), "a warm-up failed:\n{log}");
 
     for name in ["first", "second"] {
         let out = daemon.banger(&["vm", "create", "--name", name]);
