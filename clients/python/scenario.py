@@ -9,8 +9,10 @@ signed. With a unix socket as the last argument, a listing over it follows (gRPC
 the socket's path as :authority, which bangerd accepts).
 
 Steps: create a VM twice with one request_id (one VM, the same answer), wait until it is
-running, run a command streaming its output and exit code, list by label in pages of one,
-delete everything it made; then upload a container image as a streamed `docker save`
+running, run a command streaming its output and exit code; snapshot it as a job template,
+start a clone from the snapshot and run a command in it (its own hostname), see the
+snapshot listed by label and its deletion refused while VMs use it; list VMs by label in
+pages of one, delete everything it made (the snapshot last); then upload a container image as a streamed `docker save`
 archive (the client shares no file system with the daemon), read its progress and origin,
 see a stream that is not an archive refused, and delete the image.
 """
@@ -26,7 +28,7 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated"))
 
 import grpc  # noqa: E402
-from banger.v1 import image_pb2, image_pb2_grpc, vm_pb2, vm_pb2_grpc  # noqa: E402
+from banger.v1 import image_pb2, image_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc, vm_pb2, vm_pb2_grpc  # noqa: E402
 
 
 def check(condition, message):
@@ -81,6 +83,23 @@ def upload(images, name, archive, chunk=64 * 1024):
     return stages, image
 
 
+def run(vms, vm_id, argv):
+    """Runs `argv` in the VM; returns (stdout, stderr, exit code) as streamed."""
+    def requests():
+        yield vm_pb2.ExecVmRequest(start=vm_pb2.ExecVmStart(vm=vm_id, argv=argv))
+
+    stdout, stderr, exit_code = b"", b"", None
+    for response in vms.ExecVm(requests(), timeout=60):
+        kind = response.WhichOneof("payload")
+        if kind == "stdout":
+            stdout += response.stdout
+        elif kind == "stderr":
+            stderr += response.stderr
+        elif kind == "exit":
+            exit_code = response.exit.code
+    return stdout, stderr, exit_code
+
+
 def channel_to(target, tls):
     """A channel to bangerd: plain on its unix socket, mutual TLS (CA, cert, key files) on TCP."""
     if tls is None:
@@ -117,22 +136,30 @@ def main(target, tls=None, unix=None):
         check(ready.vm.state == vm_pb2.VM_STATE_RUNNING, "WaitVm returned a VM that is not running")
 
         # Exec with streamed output and the exit code.
-        def requests():
-            argv = ["sh", "-c", "echo from-stdout; echo from-stderr >&2; exit 3"]
-            yield vm_pb2.ExecVmRequest(start=vm_pb2.ExecVmStart(vm=first.vm.id, argv=argv))
-
-        stdout, stderr, exit_code = b"", b"", None
-        for response in vms.ExecVm(requests(), timeout=60):
-            kind = response.WhichOneof("payload")
-            if kind == "stdout":
-                stdout += response.stdout
-            elif kind == "stderr":
-                stderr += response.stderr
-            elif kind == "exit":
-                exit_code = response.exit.code
+        argv = ["sh", "-c", "echo from-stdout; echo from-stderr >&2; exit 3"]
+        stdout, stderr, exit_code = run(vms, first.vm.id, argv)
         check(stdout == b"from-stdout\n", f"stdout was {stdout!r}")
         check(stderr == b"from-stderr\n", f"stderr was {stderr!r}")
         check(exit_code == 3, f"exit code was {exit_code}")
+
+        # The VM as a job template: snapshotted (it runs on), a clone started from it.
+        snapshots = snapshot_pb2_grpc.SnapshotServiceStub(channel)
+        take = snapshot_pb2.SnapshotVmRequest(vm=first.vm.id, name=f"{job}-tpl", labels=labels)
+        taken = snapshots.SnapshotVm(take, timeout=120)
+        check(taken.vm.state == vm_pb2.VM_STATE_RUNNING, f"the source did not run on: {taken.vm.state}")
+        clone_request = vm_pb2.CreateVmRequest(name=f"{job}-c", labels=labels, snapshot=taken.snapshot.name)
+        clone = vms.CreateVm(clone_request, timeout=120)
+        check(clone.vm.state == vm_pb2.VM_STATE_RUNNING, f"the clone is not running: {clone.vm.state}")
+        stdout, _, exit_code = run(vms, clone.vm.id, ["hostname"])
+        check((stdout, exit_code) == (f"{job}-c\n".encode(), 0), f"the clone's hostname: {stdout!r}, {exit_code}")
+        listed = snapshots.ListSnapshots(snapshot_pb2.ListSnapshotsRequest(labels=labels), timeout=30)
+        check([s.name for s in listed.snapshots] == [f"{job}-tpl"], f"snapshots {listed.snapshots}")
+        try:
+            snapshots.DeleteSnapshot(snapshot_pb2.DeleteSnapshotRequest(snapshot=taken.snapshot.id), timeout=30)
+            check(False, "a snapshot VMs depend on was deleted")
+        except grpc.RpcError as err:
+            check(err.code() == grpc.StatusCode.FAILED_PRECONDITION, f"expected FAILED_PRECONDITION, got {err.code()}")
+        vms.DeleteVm(vm_pb2.DeleteVmRequest(vm=clone.vm.id), timeout=120)
 
         # A second VM with the same label, then list by label one per page.
         second = vms.CreateVm(vm_pb2.CreateVmRequest(name=f"{job}-b", labels=labels, no_start=True), timeout=60)
@@ -151,6 +178,10 @@ def main(target, tls=None, unix=None):
             vms.DeleteVm(vm_pb2.DeleteVmRequest(vm=vm.id, request_id=str(uuid.uuid4())), timeout=120)
         left = vms.ListVms(vm_pb2.ListVmsRequest(labels=labels), timeout=30)
         check(len(left.vms) == 0, f"left behind: {[vm.name for vm in left.vms]}")
+        # No VM depends on the snapshot now.
+        snapshots.DeleteSnapshot(snapshot_pb2.DeleteSnapshotRequest(snapshot=taken.snapshot.id), timeout=60)
+        left = snapshots.ListSnapshots(snapshot_pb2.ListSnapshotsRequest(labels=labels), timeout=30)
+        check(len(left.snapshots) == 0, f"snapshots left: {[s.name for s in left.snapshots]}")
 
         # A container image uploaded as a streamed archive.
         images = image_pb2_grpc.ImageServiceStub(channel)

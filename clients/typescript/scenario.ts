@@ -6,8 +6,9 @@
 //     npx tsx scenario.ts https://HOST:PORT CA.pem CERT.pem KEY.pem   # mutual TLS
 //
 // Steps: create a VM twice with one request_id (one VM, the same answer), wait until it is
-// running, run a command streaming its output and exit code, list by label in pages of one,
-// delete everything it made.
+// running, run a command streaming its output and exit code, pause it (an exec is refused
+// while paused) and resume it (the guest runs on), list by label in pages of one, delete
+// everything it made.
 
 import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -87,6 +88,26 @@ async function main(args: string[]): Promise<void> {
   check(stdout === "from-stdout\n", `stdout was ${JSON.stringify(stdout)}`);
   check(stderr === "from-stderr\n", `stderr was ${JSON.stringify(stderr)}`);
   check(exitCode === 3, `exit code was ${exitCode}`);
+
+  // Paused in place: an exec is refused; resumed, the guest runs on.
+  const paused = await vms.pauseVm({ vm: id }, { timeoutMs: 60_000 });
+  check(paused.vm?.state === VmState.PAUSED, `paused: ${paused.vm?.state}`);
+  try {
+    for await (const _ of vms.execVm(requests(), { timeoutMs: 30_000 })) {
+      // A refusal ends the stream before any output.
+    }
+    check(false, "an exec in a paused VM was accepted");
+  } catch (err) {
+    const code = ConnectError.from(err).code;
+    check(code === Code.FailedPrecondition, `expected FAILED_PRECONDITION, got ${Code[code]}`);
+  }
+  const resumed = await vms.resumeVm({ vm: id }, { timeoutMs: 60_000 });
+  check(resumed.vm?.state === VmState.RUNNING, `resumed: ${resumed.vm?.state}`);
+  let after = "";
+  for await (const response of vms.execVm(requests(), { timeoutMs: 60_000 })) {
+    if (response.payload.case === "stdout") after += Buffer.from(response.payload.value).toString();
+  }
+  check(after === "from-stdout\n", `after resuming, stdout was ${JSON.stringify(after)}`);
 
   // A second VM with the same label, then list by label one per page.
   const second = await vms.createVm({ name: `${job}-b`, labels, noStart: true }, { timeoutMs: 60_000 });

@@ -21,7 +21,9 @@ fn the_generated_python_client_runs_an_orchestrator_scenario() {
         generated.display()
     );
     let (pki, listen) = (Pki::new(), format!("127.0.0.1:{}", free_port()));
-    let config = pki.config("[[auth.grants]]\ncert = \"python\"\nrole = \"admin\"\n");
+    // Snapshots need an agent channel that survives a save.
+    let grants = "agent_channel = \"virtio-serial\"\n[[auth.grants]]\ncert = \"python\"\nrole = \"admin\"\n";
+    let config = pki.config(grants);
     let daemon = Daemon::start(&["--config", &config.display().to_string(), "--listen", &listen]);
     let client = pki.client("python");
     // Over TCP with mutual TLS, then a listing over the unix socket.
