@@ -106,6 +106,8 @@ fn four_clones_of_a_snapshot_each_have_their_own_identity_and_run_on_from_its_me
     let files = snapshot_files(&daemon, "base");
     let digests: Vec<String> = files.iter().map(|file| sha256(file)).collect();
 
+    // Time passes: a clone's clock must be the host's, not the snapshot's.
+    std::thread::sleep(Duration::from_secs(3));
     // Four clones at once.
     let names = ["c1", "c2", "c3", "c4"];
     let creates: Vec<_> =
@@ -119,13 +121,22 @@ fn four_clones_of_a_snapshot_each_have_their_own_identity_and_run_on_from_its_me
     }
     let script = "hostname; cat /etc/hostname; cat /sys/class/net/eth0/address; \
                   ip -4 -o addr show dev eth0 | awk '{print $4}'; cat /etc/machine-id; \
-                  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /tmp/ticks; cat /root/before";
+                  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /tmp/ticks; cat /root/before; \
+                  date +%s";
     let mut seen: Vec<BTreeSet<String>> = vec![BTreeSet::new(); 5];
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
     for name in names {
+        let asked = unix_now();
         let out = daemon.banger(&["vm", "exec", name, "--", "sh", "-c", script]);
+        let answered = unix_now();
         let said = text(&out.stdout);
         let lines: Vec<&str> = said.lines().collect();
-        assert_eq!(lines.len(), 8, "{name}: {said}{}", text(&out.stderr));
+        assert_eq!(lines.len(), 9, "{name}: {said}{}", text(&out.stderr));
+        let guest_now: u64 = lines[8].parse().expect("date +%s");
+        assert!(
+            asked.saturating_sub(1) <= guest_now && guest_now <= answered + 1,
+            "{name}: the guest's clock says {guest_now}, the host's {asked}..{answered}"
+        );
         assert_eq!((lines[0], lines[1]), (name, name), "{name}: hostname");
         let ip = vm_field(&daemon, name, "ip");
         assert_eq!(lines[3], format!("{ip}/24"), "{name}: address");
