@@ -10,16 +10,17 @@
 //! `PONG` (the port is idle) without starting a connection. An `IDENTITY <hex>` line carries
 //! a `SetIdentityRequest` (protobuf, hex-encoded): it is applied in place and answered
 //! `IDENTITY OK` or `IDENTITY ERROR <grpc code> <message>`, also without a connection. This is
-//! how a VM restored from a snapshot learns who it is: the fewest instructions the guest has
-//! never run in this VMM before (each one costs translation under emulation) between restore
-//! and ready, where a first HTTP/2 call costs about fifteen times as many. When the host goes, the port's
-//! end of file ends the connection's HTTP/2 session, and the port waits for the next host.
+//! how a VM restored from a snapshot learns who it is with the least code the guest has not
+//! run in this VMM before (each block of it is translated first under emulation): a first
+//! HTTP/2 call would run more such code than the whole identity. When the host goes, the
+//! port's end of file ends the connection's HTTP/2 session, and the port waits for the next
+//! host.
 //! Sleeping on the signal rather than polling keeps an idle guest idle (a guest under
 //! emulation pays for every wake-up) and answers a host at once.
 //!
-//! The port is read and written with blocking calls on two threads that live as long as it, bridged to the async
-//! server by an in-memory pipe: the port's readiness (it reports hang-up while no host is
-//! connected) does not fit an edge-triggered reactor.
+//! The port is read and written with blocking calls on two threads that live as long as it,
+//! bridged to the async server by an in-memory pipe: the port's readiness (it reports hang-up
+//! while no host is connected) does not fit an edge-triggered reactor.
 
 use std::fs::File;
 use std::io::{self, Read, Write};

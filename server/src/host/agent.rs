@@ -591,6 +591,7 @@ impl AgentClient {
     }
 }
 
+/// `identity` as the agent's `SetIdentity` takes it (over gRPC or on a port's line).
 fn identity_request(identity: &crate::domain::GuestIdentity) -> SetIdentityRequest {
     SetIdentityRequest {
         hostname: identity.hostname.clone(),
@@ -625,9 +626,7 @@ async fn serial_identity(uds: &Path, request: &SetIdentityRequest, timeout: Dura
     };
     let exchange = async {
         let mut stream = UnixStream::connect(uds).await.map_err(|err| unreachable(HandshakeError::Connect(err)))?;
-        let mut lines = String::from("IDENTITY ");
-        lines.extend(request.encode_to_vec().iter().map(|byte| format!("{byte:02x}")));
-        lines.push_str("\nPING\n");
+        let lines = format!("IDENTITY {}\nPING\n", hex::encode(request.encode_to_vec()));
         stream.write_all(lines.as_bytes()).await.map_err(|err| unreachable(HandshakeError::Send(err)))?;
         let mut answer: Option<Result<(), tonic::Status>> = None;
         let mut line = Vec::with_capacity(64);
