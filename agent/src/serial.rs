@@ -266,14 +266,10 @@ fn wait_connect(
 /// A hex-encoded `SetIdentityRequest`.
 fn decode_identity(encoded: &str) -> Result<SetIdentityRequest, tonic::Status> {
     let invalid = |what: &str| tonic::Status::invalid_argument(format!("identity line: {what}"));
-    if !encoded.len().is_multiple_of(2) {
-        return Err(invalid("odd number of hex digits"));
-    }
-    let bytes = (0..encoded.len())
-        .step_by(2)
-        .map(|at| encoded.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| invalid("not hex"))?;
+    let bytes = hex::decode(encoded).map_err(|err| match err {
+        hex::FromHexError::OddLength => invalid("odd number of hex digits"),
+        _ => invalid("not hex"),
+    })?;
     SetIdentityRequest::decode(bytes.as_slice()).map_err(|_| invalid("not a SetIdentityRequest"))
 }
 
