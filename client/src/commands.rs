@@ -140,7 +140,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let op = response_op_id(&response);
             output::print_vm_line(&response.into_inner().vm.unwrap_or_default(), op.as_deref());
         }
-        VmCommand::Snapshot { vm, name, stop, labels, request_id } => {
+        VmCommand::Snapshot { vm, name, stop, without_agent, labels, request_id } => {
             let after = if stop { pb::SnapshotAfter::Stop } else { pb::SnapshotAfter::Resume };
             let key = vm.clone();
             let request = pb::SnapshotVmRequest {
@@ -149,6 +149,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
                 labels: labels.into_iter().collect(),
                 request_id: request_id.unwrap_or_default(),
                 after: after.into(),
+                without_agent,
             };
             let mut taking = client.clone();
             let response =

@@ -263,7 +263,9 @@ struct VmShape {
     egress: Option<banger_client::pb::EgressPolicy>,
     /// Start from this snapshot (id or name) instead of booting: memory, devices and disk
     /// as they were saved, the guest told its new name, address, machine-id, clock and fresh
-    /// entropy before the command returns. The image and shape are the snapshot's.
+    /// entropy before the command returns. The image and shape are the snapshot's. A
+    /// snapshot taken --without-agent is started with --no-wait, and its guest is told
+    /// nothing.
     #[arg(long, value_name = "SNAPSHOT")]
     snapshot: Option<String>,
 }
@@ -427,8 +429,8 @@ enum VmCommand {
     },
     /// Take a snapshot of a running VM: its memory, devices and disk at this instant (the
     /// guest's file systems synced first; refused while an exec or copy runs). The VM then
-    /// runs on from the snapshot (or stops, with --stop). Needs bangerd's `agent_channel =
-    /// "virtio-serial"`.
+    /// runs on from the snapshot (or stops, with --stop). Under QEMU it needs bangerd's
+    /// `agent_channel = "virtio-serial"`; under Firecracker, its jailer.
     Snapshot {
         /// VM id or name.
         vm: String,
@@ -437,6 +439,11 @@ enum VmCommand {
         /// Stop the VM instead of resuming it.
         #[arg(long)]
         stop: bool,
+        /// The guest has no agent (created with --no-wait from an image without one):
+        /// nothing is synced in it, and VMs started from the snapshot (with --no-wait) keep
+        /// its hostname, machine-id, random state and guest addresses.
+        #[arg(long)]
+        without_agent: bool,
         /// Label the snapshot (repeatable).
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,

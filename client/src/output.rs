@@ -269,6 +269,7 @@ pub fn print_snapshot_details(snapshot: &pb::Snapshot) {
         ),
         ("stored", format!("{} MiB", snapshot.stored_bytes / (1024 * 1024))),
         ("dependents", snapshot.dependents.to_string()),
+        ("agent", if snapshot.without_agent { "none: its VMs keep the source's identity" } else { "yes" }.into()),
         ("labels", labels.join(",")),
         ("created", time(snapshot.create_time.as_ref())),
     ];

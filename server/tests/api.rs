@@ -1335,7 +1335,12 @@ async fn snapshots_are_taken_listed_restored_and_deleted_with_the_right_codes() 
     let unstarted =
         pb::CreateVmRequest { name: "cold".into(), snapshot: "base".into(), no_start: true, ..Default::default() };
     let status = daemon.client.vms.create_vm(unstarted).await.expect_err("a restore starts");
-    assert_eq!(violated_fields(&status), ["snapshot"]);
+    assert_eq!(violated_fields(&status), ["no_start"]);
+    // Taken with the agent: a restore waits for it, to tell the guest its identity.
+    let untold =
+        pb::CreateVmRequest { name: "untold".into(), snapshot: "base".into(), no_wait: true, ..Default::default() };
+    let status = daemon.client.vms.create_vm(untold).await.expect_err("a restore tells its guest");
+    assert_eq!(violated_fields(&status), ["no_wait"]);
     let status = daemon.client.vms.create_vm(pb::CreateVmRequest {
         name: "ghost".into(),
         snapshot: "nope".into(),

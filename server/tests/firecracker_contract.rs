@@ -432,7 +432,7 @@ fn driver_requests() -> Vec<ApiRequest> {
                 restore_from: None,
                 extra_groups: &[],
             };
-            FirecrackerVmm::configuration(&launch)
+            FirecrackerVmm::configuration(&launch, false)
         })
         .collect()
 }

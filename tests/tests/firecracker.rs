@@ -113,6 +113,10 @@ fn a_paused_firecracker_guest_stands_still_and_resumes() {
     let out = daemon.banger(&["vm", "resume", "tick"]);
     assert!(out.status.success() && text(&out.stdout).contains("running"), "{}", text(&out.stderr));
     wait_until("the guest to count again", || console_bytes(&console) > frozen + 5);
+    // Unjailed, a VMM cannot be snapshotted: clones could not have their own disk.
+    let out = daemon.banger(&["vm", "snapshot", "tick", "never", "--without-agent"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("SNAPSHOT_UNSUPPORTED") && stderr.contains("jailer"), "{stderr}");
     let vm_dir = show(&daemon, "tick", "vm dir").expect("vm dir");
     assert!(daemon.banger(&["vm", "delete", "tick"]).status.success());
     assert!(!Path::new(&vm_dir).exists(), "vm dir left");
@@ -186,10 +190,7 @@ fn jailed_firecracker_runs_chrooted_as_its_own_uid_in_its_cgroup_and_leaves_no_j
     // Chrooted: its root holds the jail (the binary, its VM dir mirrored), not the host's files.
     let root = format!("/proc/{pid}/root");
     assert!(Path::new(&root).join("firecracker").is_file(), "no firecracker at the root of the jail");
-    assert!(
-        Path::new(&root).join(vm_dir.trim_start_matches('/')).join("root.raw").exists(),
-        "root disk not in the jail"
-    );
+    assert!(Path::new(&root).join("banger/rootfs").exists(), "root disk not in the jail");
     assert!(!Path::new(&root).join("usr/bin").exists(), "the host's /usr is visible: not chrooted");
     assert!(Path::new(&vm_dir).join("jail/firecracker").join(&id).join("root").is_dir());
     // In the VM's cgroup, with its limits, from the jailer.
@@ -249,5 +250,134 @@ fn jailed_firecracker_runs_chrooted_as_its_own_uid_in_its_cgroup_and_leaves_no_j
     let out = daemon.banger(&["vm", "delete", "exits"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!Path::new(&vm_dir).exists(), "vm dir left");
+    assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
+}
+
+/// The four ids of a `/proc/<pid>/status` line (`Uid:` or `Gid:`).
+fn ids(pid: &str, key: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status.lines().find(|l| l.starts_with(key)).expect("ids line");
+    line.split_whitespace().skip(1).map(|u| u.parse().expect("id")).collect()
+}
+
+fn dots(console: &str) -> usize {
+    std::fs::read_to_string(console).unwrap_or_default().lines().filter(|line| *line == ".").count()
+}
+
+#[test]
+fn jailed_firecracker_snapshots_a_guest_and_starts_clones_from_its_memory_in_jails_of_their_own() {
+    use std::os::unix::fs::MetadataExt;
+    if !has_kvm() {
+        return;
+    }
+    let _slot = guest_slot();
+    let netns = TestNetns::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let kernel = toy_kernel(work.path(), Then::Count);
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "vmm = \"firecracker\"\njailer = true\njailer_uid_base = 930000\n\
+         bridge = \"bgfc1\"\nbridge_cidr = \"172.31.97.0/24\"\n",
+    )
+    .expect("config");
+    let mut daemon = Daemon::start_in_netns(&netns.0, &["--config", &config.display().to_string()]);
+    daemon.import_image("counter", &kernel, &default_image_dir().join("rootfs.ext4"), None);
+    let out = daemon.banger(&["vm", "create", "--name", "src", "--image", "counter", "--memory", "128", "--no-wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let src_console = show(&daemon, "src", "console log").expect("console log");
+    wait_until("the guest to count", || dots(&src_console) >= 5);
+
+    // The toy guest carries no agent: the snapshot is taken without one, and the guest
+    // runs on from it in a new VMM.
+    let src_pid = show(&daemon, "src", "vmm pid").expect("vmm pid");
+    let out = daemon.banger(&["vm", "snapshot", "src", "base", "--without-agent"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("agent:") && stdout.contains("none"), "{stdout}");
+    assert_eq!(show(&daemon, "src", "state").as_deref(), Some("running"));
+    assert_ne!(show(&daemon, "src", "vmm pid").expect("pid"), src_pid, "the source runs on in a new vmm");
+    let counted = dots(&src_console);
+    wait_until("the source to count on", || dots(&src_console) > counted + 3);
+    let output = std::fs::read_to_string(&src_console).expect("console");
+    assert_eq!(output.matches(MARKER).count(), 1, "the source booted again instead of running on: {output}");
+
+    // Sealed: root's and the snapshot's group's, read-only, unchanged by the clones.
+    let dirs: Vec<_> = std::fs::read_dir(daemon.state_dir().join("snapshots")).expect("snapshots").collect();
+    assert_eq!(dirs.len(), 1);
+    let snapshot_dir = dirs.into_iter().next().expect("one").expect("entry").path();
+    let files: Vec<_> = ["memory", "state", "root.raw"].iter().map(|f| snapshot_dir.join(f)).collect();
+    let group = std::fs::metadata(&files[0]).expect("memory").gid();
+    assert!(group > 930_000 + (1 << 24), "the snapshot's own group: {group}");
+    for file in &files {
+        let meta = std::fs::metadata(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, group, 0o440), "{}", file.display());
+    }
+    assert_eq!(std::fs::metadata(&files[0]).expect("memory").len(), 128 << 20, "all of guest memory");
+    let sums: Vec<String> = files.iter().map(|f| banger_tests::sha256(f)).collect();
+
+    // A restore that waits for an agent is refused: the snapshot was taken without one.
+    let out = daemon.banger(&["vm", "create", "--name", "waits", "--snapshot", "base"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("INVALID_ARGUMENT") && stderr.contains("no_wait"), "{stderr}");
+
+    let clones = ["c1", "c2"];
+    let creates: Vec<_> = clones
+        .iter()
+        .map(|name| daemon.banger_piped(&["vm", "create", "--name", name, "--snapshot", "base", "--no-wait"]))
+        .collect();
+    for create in creates {
+        let out = create.wait_with_output().expect("create");
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    }
+    let mut taps = Vec::new();
+    for name in clones {
+        assert_eq!(show(&daemon, name, "state").as_deref(), Some("running"), "{name}");
+        let console = show(&daemon, name, "console log").expect("console log");
+        wait_until("a clone to count", || dots(&console) >= 5);
+        let output = std::fs::read_to_string(&console).expect("console");
+        assert!(!output.contains(MARKER), "{name} booted instead of running on: {output}");
+        // Jailed as its own uid, with the snapshot's group as its gid (the only one that
+        // reads the snapshot's files), its own disk at the place the snapshot names.
+        let pid = show(&daemon, name, "vmm pid").expect("vmm pid");
+        let cid: u32 = show(&daemon, name, "vsock")
+            .and_then(|v| v.rsplit_once("(cid ").map(|(_, c)| c.trim_end_matches(')').parse().expect("cid")))
+            .expect("cid");
+        assert_eq!(ids(&pid, "Uid:"), [930_000 + cid; 4], "{name}");
+        assert_eq!(ids(&pid, "Gid:"), [group; 4], "{name}");
+        let root = format!("/proc/{pid}/root");
+        assert!(Path::new(&root).join("banger/rootfs").is_file(), "{name}: no disk in the jail");
+        assert!(!Path::new(&root).join("usr/bin").exists(), "{name}: not chrooted");
+        // Its own tap, opened by its VMM (the snapshot named the source's).
+        let tap = show(&daemon, name, "tap").expect("tap");
+        let link = Command::new("ip").args(["-n", &netns.0, "link", "show", "dev", &tap]).output().expect("ip");
+        assert!(text(&link.stdout).contains("LOWER_UP"), "{name}'s tap is not attached: {}", text(&link.stdout));
+        taps.push(tap);
+    }
+    let out = daemon.banger(&["snapshot", "delete", "base"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("SNAPSHOT_IN_USE"), "{stderr}");
+
+    // A daemon killed and restarted finds every clone again.
+    let pids: Vec<_> = clones.iter().map(|name| show(&daemon, name, "vmm pid")).collect();
+    daemon.signal(Signal::SIGKILL);
+    daemon.restart();
+    for (name, pid) in clones.iter().zip(&pids) {
+        assert_eq!(show(&daemon, name, "state").as_deref(), Some("running"), "{name}: {}", daemon.log());
+        assert_eq!(&show(&daemon, name, "vmm pid"), pid, "{name}");
+    }
+    let after: Vec<String> = files.iter().map(|f| banger_tests::sha256(f)).collect();
+    assert_eq!(after, sums, "a clone wrote into the snapshot's files");
+
+    let vm_dirs: Vec<_> = ["src", "c1", "c2"].iter().map(|vm| show(&daemon, vm, "vm dir").expect("vm dir")).collect();
+    for vm in ["c1", "c2", "src"] {
+        let out = daemon.banger(&["vm", "delete", vm]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = daemon.banger(&["snapshot", "delete", "base"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!snapshot_dir.exists(), "snapshot files left");
+    assert!(vm_dirs.iter().all(|dir| !Path::new(dir).exists()), "vm dirs (and jails) left");
+    assert!(taps.iter().all(|tap| !netns.has_link(tap)), "taps left");
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }

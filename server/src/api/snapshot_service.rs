@@ -64,6 +64,7 @@ fn to_pb(info: &SnapshotInfo) -> pb::Snapshot {
         stored_bytes: info.stored_bytes,
         dependents: info.dependents,
         last_operation: snapshot.last_operation.clone(),
+        without_agent: snapshot.without_agent,
     }
 }
 
@@ -90,7 +91,13 @@ fn take_snapshot(request: pb::SnapshotVmRequest) -> Result<TakeSnapshot, Error> 
     if !violations.is_empty() {
         return Err(Error::InvalidArgument(violations));
     }
-    Ok(TakeSnapshot { vm: request.vm, name: request.name, labels: request.labels, after })
+    Ok(TakeSnapshot {
+        vm: request.vm,
+        name: request.name,
+        labels: request.labels,
+        after,
+        without_agent: request.without_agent,
+    })
 }
 
 #[tonic::async_trait]

@@ -44,6 +44,9 @@ pub struct Snapshot {
     pub last_operation: String,
     /// The snapshot its disk overlays (the source's disk overlaid it), if any.
     pub base: Option<SnapshotId>,
+    /// Taken of a guest without an agent: nothing in it was synced, and VMs started from
+    /// it are not told their identity (they keep their source's).
+    pub without_agent: bool,
 }
 
 impl Snapshot {

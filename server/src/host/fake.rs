@@ -56,6 +56,8 @@ struct State {
     spent: BTreeSet<PathBuf>,
     /// the identity each guest was last told
     identities: BTreeMap<VmId, crate::domain::GuestIdentity>,
+    /// saves write guest memory, as Firecracker's do, instead of leaving it in its file
+    memory_written: bool,
 }
 
 /// The fake host; clones share state.
@@ -91,6 +93,12 @@ impl FakeHost {
     /// would leave them.
     pub fn pause_for_tests(&self, paths: &VmPaths) {
         self.state().paused.insert(paths.api_socket.clone());
+    }
+
+    /// Makes the fake's VMM save as Firecracker does: guests run on memory of their own
+    /// (or a snapshot's, mapped private), and a save writes it to a file.
+    pub fn write_memory_on_save(&self) {
+        self.state().memory_written = true;
     }
 
     /// Whether the VMM serving `paths` has its vCPUs stopped.
@@ -248,6 +256,10 @@ impl Vmm for FakeHost {
             }
             _ => {}
         }
+        // Rule: a VMM that writes memory at a save is never given a memory file to share.
+        if self.state().memory_written && matches!(launch.memory, super::vmm::GuestMemory::Shared(_)) {
+            return Err(HostError::FakeRule { rule: "this vmm keeps guest memory of its own".into() });
+        }
         if let Some(state) = launch.restore_from
             && !state.is_file()
         {
@@ -293,18 +305,34 @@ impl Vmm for FakeHost {
         None
     }
 
-    async fn save(&self, paths: &VmPaths, state_file: &Path) -> Result<(), HostError> {
+    fn memory_save(&self) -> super::vmm::MemorySave {
+        let memory_written = self.state().memory_written;
+        match memory_written {
+            true => super::vmm::MemorySave::Written,
+            false => super::vmm::MemorySave::InPlace,
+        }
+    }
+
+    async fn save(&self, paths: &VmPaths, state_file: &Path, memory_file: &Path) -> Result<(), HostError> {
         self.check("vmm.save")?;
         // Rule: only a paused guest is saved.
         if !self.is_paused(paths) {
             return Err(HostError::FakeRule { rule: format!("{} is not paused", paths.api_socket.display()) });
         }
-        std::fs::write(state_file, b"device state").map_err(|source| HostError::File {
-            action: "write",
-            path: state_file.to_owned(),
-            source,
-        })?;
-        self.state().spent.insert(paths.api_socket.clone());
+        let write = |file: &Path, content: &[u8]| {
+            std::fs::write(file, content).map_err(|source| HostError::File {
+                action: "write",
+                path: file.to_owned(),
+                source,
+            })
+        };
+        write(state_file, b"device state")?;
+        // A VMM that writes memory runs on after its save (Firecracker's does).
+        let memory_written = self.state().memory_written;
+        match memory_written {
+            true => write(memory_file, b"guest memory")?,
+            false => drop(self.state().spent.insert(paths.api_socket.clone())),
+        }
         Ok(())
     }
 }

@@ -245,8 +245,10 @@ impl Network for LinuxNetwork {
         self.delete_tap(name).await?;
         let owner = owner.map(|uid| uid.to_string());
         let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+        // The owner alone: the kernel checks a tap's group too when it has one, and a VMM
+        // restored from a snapshot runs with the snapshot's group, not its own.
         if let Some(uid) = &owner {
-            add.extend(["user", uid, "group", uid]);
+            add.extend(["user", uid]);
         }
         self.ip(&add).await?;
         let attached = async {

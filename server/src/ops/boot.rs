@@ -19,7 +19,7 @@ use crate::{
     host::{
         HostError,
         network::GuestRules,
-        vmm::{GuestMemory, GuestNic, LaunchSpec},
+        vmm::{GuestMemory, GuestNic, LaunchSpec, MemorySave},
     },
 };
 
@@ -61,8 +61,8 @@ pub enum BootStage {
 }
 
 /// The boot stages in order, given how VMs are networked and whether the boot waits for
-/// the guest agent; a restore from a snapshot always waits for the agent, by setting the
-/// guest's identity.
+/// the guest agent; a restore waits for it by setting the guest's identity (a restore that
+/// does not wait, of a snapshot taken without an agent, leaves the guest as it was).
 pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool, restore: bool, warm_up: bool) -> Vec<BootStage> {
     let mut stages = vec![BootStage::RootDisk, BootStage::AgentChannel];
     if let Some(network) = network {
@@ -73,14 +73,17 @@ pub fn boot_stages(network: Option<&NetworkConfig>, wait_agent: bool, restore: b
     }
     stages.extend([BootStage::VmmLaunch, BootStage::LimitResources]);
     if restore {
-        stages.extend([BootStage::VmmRestore, BootStage::GuestIdentity]);
+        stages.push(BootStage::VmmRestore);
+        if wait_agent {
+            stages.push(BootStage::GuestIdentity);
+        }
     } else {
         stages.push(BootStage::VmmBoot);
         if wait_agent {
             stages.push(BootStage::WaitAgent);
         }
     }
-    if warm_up && (wait_agent || restore) {
+    if warm_up && wait_agent {
         stages.push(BootStage::WarmUp);
     }
     stages
@@ -242,15 +245,18 @@ impl Boot {
                 let nic = guest_nic(ops, &self.vm);
                 let disk = self.disk(&paths);
                 let memory_file = ops.memory_file(&self.vm);
+                let in_place = ops.host.vmm.memory_save() == MemorySave::InPlace;
                 let memory = match &self.restore_files {
-                    Some(files) if self.own_memory => {
+                    // A VMM that writes memory at a save can save a guest running on a
+                    // snapshot's memory mapped private: that is how its VMs run on.
+                    Some(files) if self.own_memory && in_place => {
                         let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
                         crate::host::fs::copy_memory_file(&files.memory, &memory_file, owner).await?;
                         GuestMemory::Shared(&memory_file)
                     }
                     Some(files) => GuestMemory::Private(&files.memory),
                     // A VM that may be snapshotted keeps its memory in a file of its own.
-                    None if ops.host.vmm.snapshots_unsupported().is_none() => {
+                    None if in_place && ops.host.vmm.snapshots_unsupported().is_none() => {
                         let owner = ops.host.vmm.runs_as(self.vm.vsock_cid);
                         let bytes = u64::from(self.vm.spec.memory_mib) << 20;
                         crate::host::fs::create_memory_file(&memory_file, bytes, owner).await?;

@@ -134,6 +134,12 @@ impl Ops {
         let (image, spec, snapshot) = match &new.snapshot {
             // Checked as a create from it is: its image and shape are the members'.
             Some(key) => {
+                if self.store.snapshot_get(key).await.is_ok_and(|s| s.without_agent) {
+                    return Err(Error::InvalidArgument(vec![super::FieldViolation::new(
+                        "snapshot",
+                        "it was taken without an agent: a claim tells its member a new identity through the agent",
+                    )]));
+                }
                 let mut as_create = CreateVm {
                     name: None,
                     image: new.image.clone(),

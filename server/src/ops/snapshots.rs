@@ -15,6 +15,7 @@ use super::{
 };
 use crate::{
     domain::{Labels, OpId, Snapshot, SnapshotAfter, SnapshotId, Vm, VmState},
+    host::vmm::MemorySave,
     store::VmUpdate,
 };
 
@@ -29,6 +30,9 @@ pub struct TakeSnapshot {
     pub labels: Labels,
     /// What the VM does afterwards.
     pub after: SnapshotAfter,
+    /// The guest has no agent: nothing in it is synced or closed first, and VMs started
+    /// from the snapshot are not told their identity.
+    pub without_agent: bool,
 }
 
 /// A snapshot as the API shows it.
@@ -55,9 +59,11 @@ enum Stage {
     MarkDone,
 }
 
-/// The state file QEMU writes into the VM's own directory (the VM's identity may write
+/// The state file the VMM writes into the VM's own directory (the VM's identity may write
 /// there), before it moves into the snapshot's.
 const SAVING: &str = "snapshot.state";
+/// The memory file a VMM that writes memory at a save ([`MemorySave::Written`]) writes there.
+const SAVING_MEMORY: &str = "snapshot.memory";
 
 struct SnapshotVmOp<'a> {
     ops: &'a Ops,
@@ -80,7 +86,10 @@ impl SnapshotVmOp<'_> {
     async fn freeze(&mut self, snapshot: &Snapshot) -> Result<(), Error> {
         let (ops, paths, files) = (self.ops, self.vm.paths(), snapshot.paths());
         crate::host::fs::rename(&paths.dir.join(SAVING), &files.state).await?;
-        crate::host::fs::copy_sparse(&ops.memory_file(&self.vm), &files.memory).await?;
+        match ops.host.vmm.memory_save() {
+            MemorySave::InPlace => crate::host::fs::copy_sparse(&ops.memory_file(&self.vm), &files.memory).await?,
+            MemorySave::Written => crate::host::fs::rename(&paths.dir.join(SAVING_MEMORY), &files.memory).await?,
+        }
         // The VMM is spent (its block devices inactive): the disk is frozen as it is.
         crate::host::fs::rename(&paths.root_disk, &files.disk).await?;
         let group = ops.host.vmm.snapshot_group(snapshot.group);
@@ -114,19 +123,16 @@ impl Operation for SnapshotVmOp<'_> {
     const NAME: &'static str = "vm.snapshot";
 
     fn stages(&self) -> Vec<Stage> {
-        let mut stages = vec![
-            Stage::InsertSnapshot,
-            Stage::SyncGuest,
-            Stage::QuiesceAgent,
-            Stage::PauseVcpus,
-            Stage::SaveState,
-            Stage::FreezeFiles,
-            Stage::StopSource,
-        ];
+        let mut stages = vec![Stage::InsertSnapshot];
+        let with_agent = !self.request.without_agent;
+        if with_agent {
+            stages.extend([Stage::SyncGuest, Stage::QuiesceAgent]);
+        }
+        stages.extend([Stage::PauseVcpus, Stage::SaveState, Stage::FreezeFiles, Stage::StopSource]);
         if self.request.after == SnapshotAfter::Resume {
             let network = self.ops.config.network.as_ref();
             // The disk exists already (it overlays the snapshot's): `root_disk` only hands it over.
-            stages.extend(boot_stages(network, true, true, false).into_iter().map(Stage::Boot));
+            stages.extend(boot_stages(network, with_agent, true, false).into_iter().map(Stage::Boot));
         }
         stages.push(Stage::MarkDone);
         stages
@@ -170,6 +176,7 @@ impl Operation for SnapshotVmOp<'_> {
                     created_at_ms: ops.clock().now_ms(),
                     last_operation: self.op_id.to_string(),
                     base: self.vm.snapshot_id,
+                    without_agent: self.request.without_agent,
                 };
                 let snapshot = ops.store.snapshot_insert(&new).await?;
                 self.snapshot = Some(snapshot);
@@ -178,7 +185,9 @@ impl Operation for SnapshotVmOp<'_> {
             Stage::SyncGuest => ops.host.agents.sync_guest(&self.vm).await?,
             Stage::QuiesceAgent => ops.host.agents.quiesce(&self.vm).await?,
             Stage::PauseVcpus => ops.host.vmm.pause(&paths).await?,
-            Stage::SaveState => ops.host.vmm.save(&paths, &paths.dir.join(SAVING)).await?,
+            Stage::SaveState => {
+                ops.host.vmm.save(&paths, &paths.dir.join(SAVING), &paths.dir.join(SAVING_MEMORY)).await?;
+            }
             Stage::FreezeFiles => {
                 let snapshot = self.snapshot()?.clone();
                 // Undone here, not in `undo`: a failure part way leaves the disk to move back.
@@ -233,7 +242,11 @@ impl Operation for SnapshotVmOp<'_> {
                     ops.store.snapshot_delete(snapshot.id).await?;
                 }
             }
-            Stage::SaveState => crate::host::fs::remove_file_quietly(&paths.dir.join(SAVING)).await,
+            Stage::SaveState => {
+                for file in [SAVING, SAVING_MEMORY] {
+                    crate::host::fs::remove_file_quietly(&paths.dir.join(file)).await;
+                }
+            }
             // A QEMU whose state was saved runs on after `cont`: its disks come back.
             Stage::PauseVcpus => ops.host.vmm.resume(&paths).await?,
             Stage::SyncGuest | Stage::QuiesceAgent | Stage::StopSource | Stage::MarkDone => {}
@@ -272,7 +285,8 @@ impl Ops {
         if vm.root_disk == crate::domain::RootDiskStrategy::DmSnapshot {
             return unsupported("its root disk is a device-mapper snapshot (root_disk = \"dm-snapshot\")".into());
         }
-        if !crate::host::fs::exists(&self.memory_file(&vm)).await {
+        if self.host.vmm.memory_save() == MemorySave::InPlace && !crate::host::fs::exists(&self.memory_file(&vm)).await
+        {
             return unsupported(
                 "its memory is not in a file of its own (it was restored from a snapshot, or booted before \
                  snapshots were configured): stop and start it first"
@@ -343,8 +357,17 @@ impl Ops {
                 violations.push(FieldViolation::new("image", "the snapshot's image is another: leave it unset"));
             }
         }
-        if !request.start || !request.wait_agent {
-            violations.push(FieldViolation::new("snapshot", "a restore starts the VM and waits for its agent"));
+        if !request.start {
+            violations.push(FieldViolation::new("no_start", "a restore starts the VM"));
+        }
+        match snapshot.without_agent {
+            true if request.wait_agent => violations.push(FieldViolation::new(
+                "no_wait",
+                "the snapshot was taken without an agent: a VM started from it has none to wait for (set no_wait)",
+            )),
+            false if !request.wait_agent => violations
+                .push(FieldViolation::new("no_wait", "a restore waits for its agent, to tell it its identity")),
+            _ => {}
         }
         if snapshot.networked != self.config.network.is_some() {
             violations.push(FieldViolation::new(
@@ -422,7 +445,9 @@ impl Ops {
             if let Ok(vm) = self.store.vm_get(&snapshot.source_vm_id.to_string()).await {
                 let paths = vm.paths();
                 roll_back_disk(&vm, &snapshot).await?;
-                crate::host::fs::remove_file_quietly(&paths.dir.join(SAVING)).await;
+                for file in [SAVING, SAVING_MEMORY] {
+                    crate::host::fs::remove_file_quietly(&paths.dir.join(file)).await;
+                }
                 // A source left paused (or spent by a save) runs on.
                 if self.vm_alive(&vm)
                     && vm.observed_state == VmState::Running

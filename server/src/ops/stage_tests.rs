@@ -800,7 +800,7 @@ async fn hostile_sources_are_refused_with_their_own_error_and_leave_nothing() {
 }
 
 fn take(vm: &str, name: &str, after: crate::domain::SnapshotAfter) -> super::TakeSnapshot {
-    super::TakeSnapshot { vm: vm.into(), name: name.into(), labels: Default::default(), after }
+    super::TakeSnapshot { vm: vm.into(), name: name.into(), labels: Default::default(), after, without_agent: false }
 }
 
 #[tokio::test]
@@ -910,6 +910,73 @@ async fn clones_of_a_snapshot_get_their_own_identity_and_the_snapshot_stays_whil
     assert!(f.host.processes().is_empty() && f.host.kernel_state().0.is_empty(), "{:?}", f.host.processes());
 }
 
+fn restore(name: &str, snapshot: &str, wait_agent: bool) -> CreateVm {
+    CreateVm {
+        image: None,
+        spec: VmSpec { vcpus: 0, memory_mib: 0, disk_bytes: 0 },
+        snapshot: Some(snapshot.into()),
+        wait_agent,
+        ..create(name)
+    }
+}
+
+#[tokio::test]
+async fn a_vmm_that_writes_memory_at_a_save_snapshots_clones_and_a_guest_without_an_agent_is_restored_untold() {
+    use crate::domain::SnapshotAfter;
+    let f = networked_fixture().await;
+    // As Firecracker: guests run on memory of the VMM's own (the fake refuses a memory
+    // file to share), and a save writes it.
+    f.host.write_memory_on_save();
+    f.ops.create_vm(create("src")).await.expect("create");
+    let (snapshot, src) = f.ops.snapshot_vm(take("src", "base", SnapshotAfter::Resume)).await.expect("snapshot");
+    assert_eq!(std::fs::read(snapshot.paths().memory).expect("memory"), b"guest memory");
+    assert!(!src.paths().dir.join("snapshot.memory").exists(), "the saved memory moved into the snapshot");
+    assert_eq!((src.observed_state, src.snapshot_id), (VmState::Running, Some(snapshot.id)));
+    assert_eq!(f.host.identity_of(src.id).expect("told").hostname, "src");
+
+    // A clone runs on the snapshot's memory mapped private; this VMM saves it again.
+    let clone = f.ops.create_vm(restore("c1", "base", true)).await.expect("restore");
+    assert_eq!(f.host.identity_of(clone.id).expect("told").hostname, "c1");
+    let (second, _) = f.ops.snapshot_vm(take("c1", "second", SnapshotAfter::Stop)).await.expect("a clone's snapshot");
+    assert!(!second.without_agent);
+
+    // Without an agent: nothing in the guest is synced or closed (both would fail here).
+    f.host.fail_next("agents.sync_guest");
+    f.host.fail_next("agents.quiesce");
+    let bare = super::TakeSnapshot { without_agent: true, ..take("src", "bare", SnapshotAfter::Resume) };
+    let (bare, src) = f.ops.snapshot_vm(bare).await.expect("snapshot without an agent");
+    assert!(bare.without_agent && f.ops.get_snapshot("bare").await.expect("get").snapshot.without_agent);
+    assert_eq!(src.observed_state, VmState::Running);
+    // Its VMs are created without waiting for an agent, and are told nothing.
+    let refused = f.ops.create_vm(restore("c2", "bare", true)).await.expect_err("waits for an agent");
+    assert!(matches!(&refused, Error::InvalidArgument(v) if v[0].field == "no_wait"), "{refused:?}");
+    let untold = f.ops.create_vm(restore("c3", "bare", false)).await.expect("restore without an agent");
+    assert_eq!((untold.observed_state, untold.snapshot_id), (VmState::Running, Some(bare.id)));
+    assert!(f.host.identity_of(untold.id).is_none(), "a guest without an agent was told an identity");
+    // A snapshot taken with the agent is never restored without telling the clone.
+    let refused = f.ops.create_vm(restore("c4", "base", false)).await.expect_err("untold");
+    assert!(matches!(&refused, Error::InvalidArgument(v) if v[0].field == "no_wait"), "{refused:?}");
+    // A pool's claims tell members their identity: not from this snapshot.
+    let pool = super::NewPool {
+        name: "bare".into(),
+        image: None,
+        spec: VmSpec { vcpus: 0, memory_mib: 0, disk_bytes: 0 },
+        egress: Default::default(),
+        size: 1,
+        snapshot: Some("bare".into()),
+    };
+    let refused = f.ops.create_pool(pool).await.expect_err("pool without an agent");
+    assert!(matches!(&refused, Error::InvalidArgument(v) if v[0].field == "snapshot"), "{refused:?}");
+
+    for vm in ["c3", "c1", "src"] {
+        f.ops.delete_vm(vm).await.expect("delete");
+    }
+    for snapshot in ["bare", "second", "base"] {
+        f.ops.delete_snapshot(snapshot).await.expect("delete the snapshot");
+    }
+    assert!(f.host.processes().is_empty() && f.host.kernel_state().0.is_empty(), "{:?}", f.host.processes());
+}
+
 #[tokio::test]
 async fn a_snapshot_cut_short_by_a_crash_is_rolled_back_or_finished_at_startup() {
     use crate::domain::{Snapshot, SnapshotId};
@@ -935,6 +1002,7 @@ async fn a_snapshot_cut_short_by_a_crash_is_rolled_back_or_finished_at_startup()
             created_at_ms: 0,
             last_operation: "op".into(),
             base: None,
+            without_agent: false,
         }
     };
     // Killed after the disk was frozen and a new overlay made, before the VM named it.

@@ -7,7 +7,7 @@ use super::{Store, StoreError, is_unique_violation};
 use crate::domain::{Labels, Resource, RootDiskStrategy, Snapshot, SnapshotId};
 
 const COLUMNS: &str = "id, name, source_vm_id, source_vm_name, image_id, vcpus, memory_mib, disk_size_bytes, egress, \
-    root_disk, networked, labels, dir, grp, ready, created_at_ms, last_operation, base_id";
+    root_disk, networked, labels, dir, grp, ready, created_at_ms, last_operation, base_id, without_agent";
 
 fn snapshot_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, StoreError> {
     let id: String = row.try_get("id")?;
@@ -33,6 +33,7 @@ fn snapshot_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, StoreErr
             Some(id) => Some(id.parse().map_err(|_| corrupt("base_id"))?),
             None => None,
         },
+        without_agent: row.try_get::<i64, _>("without_agent")? != 0,
     })
 }
 
@@ -51,9 +52,9 @@ impl Store {
         let result = sqlx::query(
             "INSERT INTO snapshots (id, name, source_vm_id, source_vm_name, image_id, vcpus, memory_mib, \
              disk_size_bytes, egress, root_disk, networked, labels, dir, grp, ready, created_at_ms, last_operation, \
-             base_id) \
+             base_id, without_agent) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
-             (SELECT COALESCE(MAX(grp), 0) + 1 FROM snapshots), 0, ?14, ?15, ?16)",
+             (SELECT COALESCE(MAX(grp), 0) + 1 FROM snapshots), 0, ?14, ?15, ?16, ?17)",
         )
         .bind(new.id.to_string())
         .bind(&new.name)
@@ -71,6 +72,7 @@ impl Store {
         .bind(new.created_at_ms)
         .bind(&new.last_operation)
         .bind(new.base.map(|id| id.to_string()))
+        .bind(i64::from(new.without_agent))
         .execute(&self.pool)
         .await;
         match result {

@@ -4,12 +4,20 @@
 //!
 //! Optionally under its jailer: each VMM then runs chrooted in `<vm dir>/jail/...`, as its
 //! own uid and gid (`uid_base + vsock cid`), in the VM's cgroup from its first instruction.
-//! The jail mirrors the few host paths the VM uses (its dir, kernel, initrd) at the same
-//! absolute paths inside the chroot, so the API requests are the same either way: the root
-//! disk is hard-linked in, the kernel linked or copied, and the VM's api and vsock socket
-//! paths on the host are symlinks to the sockets Firecracker makes inside. The jailer execs
-//! Firecracker in place (same PID) with `--api-sock <the VM's api socket path>` on its
-//! command line, so liveness and rediscovery work through `/proc` exactly as without it.
+//! The jail mirrors the VM's dir, kernel and initrd at their host paths inside the chroot;
+//! the files a snapshot records (the root disk, the vsock socket) are at fixed paths under
+//! `/banger` in every jail, so that a clone's jail has its own where its source's snapshot
+//! names them. The root disk is hard-linked in, the kernel linked or copied, and the VM's
+//! api and vsock socket paths on the host are symlinks to the sockets Firecracker makes
+//! inside. The jailer execs Firecracker in place (same PID) with `--api-sock <the VM's api
+//! socket path>` on its command line, so liveness and rediscovery work through `/proc`
+//! exactly as without it.
+//!
+//! Snapshots need the jail. A save (`PUT /snapshot/create`) writes the device state and all
+//! of guest memory into the jail's `/banger`, and the driver moves both out to the VM's dir.
+//! A restore links the snapshot's two files into the new jail and loads them (`PUT
+//! /snapshot/load`, memory mapped private, the clone's own tap); that jail runs with the
+//! snapshot's group as its gid, the only group that may read them.
 
 use std::{
     ffi::OsString,
@@ -19,7 +27,7 @@ use std::{
 };
 
 use super::{
-    LaunchSpec, Vmm,
+    GuestMemory, LaunchSpec, MemorySave, Vmm,
     firecracker_api::{
         ActionType, ApiRequest, BootSource, Drive, FirecrackerApi, FirecrackerApiError, InstanceActionInfo,
         MachineConfig, MemoryBackend, MemoryBackendType, NetworkInterface, NetworkOverride, RunState,
@@ -56,6 +64,17 @@ pub struct FirecrackerVmm {
     processes: ProcFs,
     jailer: Option<Jailer>,
 }
+
+/// Inside every jail: the directory of the files a snapshot records or a restore loads.
+const JAIL_FILES: &str = "/banger";
+/// The root disk, inside the jail.
+const JAIL_DISK: &str = "/banger/rootfs";
+/// The hybrid vsock socket, inside the jail.
+const JAIL_VSOCK: &str = "/banger/vsock.sock";
+/// The device state and memory a save writes, inside the jail.
+const JAIL_SAVED: [&str; 2] = ["/banger/saved.state", "/banger/saved.memory"];
+/// The snapshot's device state and memory a restore loads, inside the jail.
+const JAIL_RESTORED: [&str; 2] = ["/banger/restore.state", "/banger/restore.memory"];
 
 /// Where a host path appears inside a chroot.
 fn inside(chroot: &Path, host_path: &Path) -> PathBuf {
@@ -107,25 +126,48 @@ impl FirecrackerVmm {
         })
     }
 
+    /// The firecracker binary the jailer execs.
+    fn exec_file(&self) -> Result<PathBuf, HostError> {
+        resolve_program(&self.binary)
+            .ok_or_else(|| HostError::ToolMissing { program: self.binary.display().to_string() })
+    }
+
+    /// The chroot of the VM whose dir is `paths.dir` (named by its id, as the jailer names it).
+    fn chroot(&self, paths: &VmPaths) -> Result<PathBuf, HostError> {
+        let firecracker = self.exec_file()?;
+        let exec_name = firecracker.file_name().map(|n| n.to_owned()).unwrap_or_else(|| "firecracker".into());
+        let id = paths.dir.file_name().unwrap_or_default();
+        Ok(jail_base(paths).join(exec_name).join(id).join("root"))
+    }
+
     /// Makes the VM's jail: the chroot with the VM's dir, kernel and initrd at their host
-    /// paths, owned where the VMM writes by `uid`; and the host-side socket symlinks.
-    /// Returns the jailer's command line.
+    /// paths and its disk (and a restore's snapshot files) under `/banger`, owned where the
+    /// VMM writes by `uid`; and the host-side socket symlinks. Returns the jailer's command
+    /// line.
     fn prepare_jail(&self, jailer: &Jailer, launch: &LaunchSpec<'_>) -> Result<Vec<OsString>, HostError> {
         let paths = launch.paths;
-        let firecracker = resolve_program(&self.binary)
-            .ok_or_else(|| HostError::ToolMissing { program: self.binary.display().to_string() })?;
-        let exec_name = firecracker.file_name().map(|n| n.to_owned()).unwrap_or_else(|| "firecracker".into());
+        let firecracker = self.exec_file()?;
         let uid = Self::jail_uid(jailer, launch.vsock_cid)?;
+        // A restore reads the snapshot's files, which only the snapshot's group may: that
+        // is the jail's gid then (the jailer gives one group, and no supplementary ones).
+        let gid = match (launch.restore_from, launch.extra_groups.first()) {
+            (Some(_), Some(group)) => *group,
+            _ => uid,
+        };
         let base = jail_base(paths);
         // A jail left by an earlier boot of this VM is rebuilt from scratch.
         remove_tree(&base)?;
-        let chroot = base.join(&exec_name).join(launch.id.to_string()).join("root");
+        let chroot = self.chroot(paths)?;
         let vm_dir = inside(&chroot, &paths.dir);
-        std::fs::create_dir_all(&vm_dir).map_err(file_error("create", &vm_dir))?;
+        let files = inside(&chroot, Path::new(JAIL_FILES));
         let chown =
             |path: &Path| std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(file_error("chown", path));
-        // The VMM makes its sockets here and writes the root disk: both belong to its uid.
-        chown(&vm_dir)?;
+        // The VMM makes its sockets in both and writes the root disk and saves in the
+        // second: they belong to its uid.
+        for dir in [&vm_dir, &files] {
+            std::fs::create_dir_all(dir).map_err(file_error("create", dir))?;
+            chown(dir)?;
+        }
         // Its own log goes to the VM's vmm.log (not stdout, which is the guest's console).
         std::fs::OpenOptions::new()
             .create(true)
@@ -141,9 +183,16 @@ impl FirecrackerVmm {
                 message: format!("{} is a device; jailed VMs boot from disk files", launch.disk.display()),
             });
         }
-        let disk = inside(&chroot, &paths.root_disk);
+        let disk = inside(&chroot, Path::new(JAIL_DISK));
         std::fs::hard_link(&paths.root_disk, &disk).map_err(file_error("link into the jail", &paths.root_disk))?;
         chown(&paths.root_disk)?;
+        if let (Some(state), GuestMemory::Private(memory)) = (launch.restore_from, launch.memory) {
+            // The snapshot's own files, sealed to its group: linked, never copied or written.
+            for (file, at) in [state, memory].into_iter().zip(JAIL_RESTORED) {
+                std::fs::hard_link(file, inside(&chroot, Path::new(at)))
+                    .map_err(file_error("link into the jail", file))?;
+            }
+        }
         for file in std::iter::once(&launch.image.kernel_path).chain(launch.image.initrd_path.as_ref()) {
             let target = inside(&chroot, file);
             if let Some(parent) = target.parent() {
@@ -160,7 +209,7 @@ impl FirecrackerVmm {
         }
         // The daemon's umask is 077: the VMM, chrooted as its own uid, passes through the
         // directories made for it (never lists them).
-        let mut made: Vec<PathBuf> = vec![vm_dir.clone()];
+        let mut made: Vec<PathBuf> = vec![vm_dir.clone(), files.clone()];
         made.extend(
             std::iter::once(&launch.image.kernel_path)
                 .chain(launch.image.initrd_path.as_ref())
@@ -171,9 +220,12 @@ impl FirecrackerVmm {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o111))
                 .map_err(file_error("chmod", dir))?;
         }
-        for socket in [&paths.api_socket, &paths.vsock] {
+        for (socket, target) in [
+            (&paths.api_socket, inside(&chroot, &paths.api_socket)),
+            (&paths.vsock, inside(&chroot, Path::new(JAIL_VSOCK))),
+        ] {
             let _ = std::fs::remove_file(socket);
-            std::os::unix::fs::symlink(inside(&chroot, socket), socket).map_err(file_error("link", socket))?;
+            std::os::unix::fs::symlink(target, socket).map_err(file_error("link", socket))?;
         }
         let mut args: Vec<OsString> = vec![
             "--id".into(),
@@ -183,7 +235,7 @@ impl FirecrackerVmm {
             "--uid".into(),
             uid.to_string().into(),
             "--gid".into(),
-            uid.to_string().into(),
+            gid.to_string().into(),
             "--chroot-base-dir".into(),
             base.into(),
         ];
@@ -201,8 +253,9 @@ impl FirecrackerVmm {
         }
     }
 
-    /// Every request that configures and starts one VM, in order (sent by `boot`).
-    pub fn configuration(launch: &LaunchSpec<'_>) -> Vec<ApiRequest> {
+    /// Every request that configures and starts one VM, in order (sent by `boot`); a jailed
+    /// VM's disk and vsock socket are at the jail's fixed paths.
+    pub fn configuration(launch: &LaunchSpec<'_>, jailed: bool) -> Vec<ApiRequest> {
         let paths = launch.paths;
         let boot_args = format!("console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw {}", launch.guest_args());
         let mut requests = vec![
@@ -218,11 +271,20 @@ impl FirecrackerVmm {
             }),
             ApiRequest::PutDrive(Drive {
                 drive_id: "rootfs".into(),
-                path_on_host: launch.disk.display().to_string(),
+                path_on_host: match jailed {
+                    true => JAIL_DISK.into(),
+                    false => launch.disk.display().to_string(),
+                },
                 is_root_device: true,
                 is_read_only: false,
             }),
-            ApiRequest::PutVsock(Vsock { guest_cid: launch.vsock_cid, uds_path: paths.vsock.display().to_string() }),
+            ApiRequest::PutVsock(Vsock {
+                guest_cid: launch.vsock_cid,
+                uds_path: match jailed {
+                    true => JAIL_VSOCK.into(),
+                    false => paths.vsock.display().to_string(),
+                },
+            }),
         ];
         if let Some(nic) = launch.nic {
             requests.push(ApiRequest::PutNetworkInterface(NetworkInterface {
@@ -335,10 +397,17 @@ impl Vmm for FirecrackerVmm {
         if !self.processes.alive(vmm, &paths.api_socket) {
             return Err(self.exited(paths));
         }
+        if launch.restore_from.is_some() {
+            // Loaded from the files `launch` linked into the jail; the guest runs on with
+            // the VM's own tap in place of its source's.
+            let [state, memory] = JAIL_RESTORED.map(Path::new);
+            let taps: Vec<_> = launch.nic.iter().map(|nic| ("eth0".to_owned(), nic.tap.clone())).collect();
+            return Self::load_snapshot(&paths.api_socket, state, memory, &taps).await;
+        }
         // Configured, then started: once InstanceStart answers the guest runs (and may
         // already have finished, which reconcile then records).
         let api = FirecrackerApi::new(&paths.api_socket);
-        for request in Self::configuration(launch) {
+        for request in Self::configuration(launch, self.jailer.is_some()) {
             api.send(&request).await.map_err(api_error)?;
         }
         Ok(())
@@ -357,6 +426,45 @@ impl Vmm for FirecrackerVmm {
     async fn resume(&self, paths: &VmPaths) -> Result<(), HostError> {
         let request = ApiRequest::PatchVm(VmRunState { state: RunState::Resumed });
         FirecrackerApi::new(&paths.api_socket).send(&request).await.map(drop).map_err(api_error)
+    }
+
+    fn snapshots_unsupported(&self) -> Option<String> {
+        match self.jailer {
+            Some(_) => None,
+            None => Some(
+                "Firecracker runs without its jailer (jailer = false): a snapshot records the paths of the \
+                 VM's disk and vsock socket, which only jails give every VM started from it at the same place"
+                    .into(),
+            ),
+        }
+    }
+
+    fn memory_save(&self) -> MemorySave {
+        MemorySave::Written
+    }
+
+    fn snapshot_group(&self, group: u32) -> Option<u32> {
+        self.jailer.as_ref()?.uid_base.checked_add(crate::domain::SNAPSHOT_GROUP_OFFSET)?.checked_add(group)
+    }
+
+    async fn save(&self, paths: &VmPaths, state_file: &Path, memory_file: &Path) -> Result<(), HostError> {
+        let chroot = match self.jailer {
+            Some(_) => self.chroot(paths)?,
+            None => {
+                return Err(HostError::VmmRefused { command: "save".into(), message: "the vmm is not jailed".into() });
+            }
+        };
+        let [state, memory] = JAIL_SAVED.map(Path::new);
+        for stale in [state, memory] {
+            let _ = std::fs::remove_file(inside(&chroot, stale));
+        }
+        Self::create_snapshot(&paths.api_socket, state, memory).await?;
+        // The guest stays paused and can run on; its files leave the jail for the VM's dir.
+        for (saved, to) in [(state, state_file), (memory, memory_file)] {
+            let saved = inside(&chroot, saved);
+            std::fs::rename(&saved, to).map_err(file_error("move out of the jail", &saved))?;
+        }
+        Ok(())
     }
 
     fn runs_as(&self, vsock_cid: u32) -> Option<VmIdentity> {

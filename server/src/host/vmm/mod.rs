@@ -99,6 +99,18 @@ impl GuestNic {
     }
 }
 
+/// How a VMM keeps a guest's memory for snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemorySave {
+    /// The guest's memory is a file the VMM maps shared ([`GuestMemory::Shared`]): a save
+    /// writes the device state only, and the snapshot takes a copy of the file (QEMU).
+    InPlace,
+    /// The VMM writes all of the guest's memory to a file when it saves (Firecracker): a
+    /// guest runs on memory of the VMM's own, or on a snapshot's file mapped private, and a
+    /// guest restored that way can be snapshotted again.
+    Written,
+}
+
 /// A virtual machine monitor.
 #[tonic::async_trait]
 pub trait Vmm: Send + Sync + Debug {
@@ -135,9 +147,21 @@ pub trait Vmm: Send + Sync + Debug {
         None
     }
 
-    /// Saves a paused guest's device state to `state_file` (its memory stays in its
-    /// file). The VMM is then spent: it cannot run the guest on.
-    async fn save(&self, _paths: &VmPaths, _state_file: &std::path::Path) -> Result<(), HostError> {
+    /// How the VMM keeps guest memory for snapshots.
+    fn memory_save(&self) -> MemorySave {
+        MemorySave::InPlace
+    }
+
+    /// Saves a paused guest: its device state to `state_file`, and, where the VMM writes
+    /// memory ([`MemorySave::Written`]), its memory to `memory_file` (else it stays in its
+    /// file). Both land in the VM's directory, owned by the VM's identity. The VMM may be
+    /// spent then (QEMU's is): the guest runs on only from the snapshot.
+    async fn save(
+        &self,
+        _paths: &VmPaths,
+        _state_file: &std::path::Path,
+        _memory_file: &std::path::Path,
+    ) -> Result<(), HostError> {
         Err(HostError::VmmRefused { command: "save".into(), message: "snapshots are not supported".into() })
     }
 

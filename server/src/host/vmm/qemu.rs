@@ -324,7 +324,7 @@ impl Vmm for QemuVmm {
         }
     }
 
-    async fn save(&self, paths: &VmPaths, state_file: &Path) -> Result<(), HostError> {
+    async fn save(&self, paths: &VmPaths, state_file: &Path, _memory_file: &Path) -> Result<(), HostError> {
         let mut qmp = Qmp::connect(&paths.api_socket).await?;
         let status = qmp.execute("query-status").await?;
         if status.get("running").and_then(serde_json::Value::as_bool) != Some(false) {
