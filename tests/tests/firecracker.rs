@@ -293,6 +293,7 @@ fn jailed_firecracker_snapshots_a_guest_and_starts_clones_from_its_memory_in_jai
     let src_pid = show(&daemon, "src", "vmm pid").expect("vmm pid");
     let out = daemon.banger(&["vm", "snapshot", "src", "base", "--without-agent"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    println!("vm snapshot src base --without-agent:\n{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("agent:") && stdout.contains("none"), "{stdout}");
     assert_eq!(show(&daemon, "src", "state").as_deref(), Some("running"));
@@ -329,6 +330,7 @@ fn jailed_firecracker_snapshots_a_guest_and_starts_clones_from_its_memory_in_jai
     for create in creates {
         let out = create.wait_with_output().expect("create");
         assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+        println!("vm create --snapshot base --no-wait:\n{}", text(&out.stderr));
     }
     let mut taps = Vec::new();
     for name in clones {
