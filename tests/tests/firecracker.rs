@@ -123,11 +123,19 @@ fn a_paused_firecracker_guest_stands_still_and_resumes() {
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
 }
 
-/// The `Uid:` line of a process: real, effective, saved and file-system uids.
-fn uids(pid: &str) -> Vec<u32> {
+/// The four ids of a `/proc/<pid>/status` line (`Uid:` or `Gid:`): real, effective,
+/// saved and file-system.
+fn ids(pid: &str, key: &str) -> Vec<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
-    line.split_whitespace().skip(1).map(|u| u.parse().expect("uid")).collect()
+    let line = status.lines().find(|l| l.starts_with(key)).expect("ids line");
+    line.split_whitespace().skip(1).map(|u| u.parse().expect("id")).collect()
+}
+
+/// A VM's vsock context id, from `vm show`.
+fn cid(daemon: &Daemon, vm: &str) -> u32 {
+    show(daemon, vm, "vsock")
+        .and_then(|v| v.rsplit_once("(cid ").map(|(_, c)| c.trim_end_matches(')').parse().expect("cid")))
+        .expect("cid")
 }
 
 /// The guest's console holds the guest's output only; Firecracker's own log is in vmm.log.
@@ -175,15 +183,13 @@ fn jailed_firecracker_runs_chrooted_as_its_own_uid_in_its_cgroup_and_leaves_no_j
     let vm_dir = show(&daemon, "jailed", "vm dir").expect("vm dir");
     let id = show(&daemon, "jailed", "id").expect("id");
     let pid = show(&daemon, "jailed", "vmm pid").expect("vmm pid");
-    let cid: u32 = show(&daemon, "jailed", "vsock")
-        .and_then(|v| v.rsplit_once("(cid ").map(|(_, c)| c.trim_end_matches(')').parse().expect("cid")))
-        .expect("cid");
+    let cid = cid(&daemon, "jailed");
     let tap = show(&daemon, "jailed", "tap").expect("tap");
     assert_eq!(show(&daemon, "jailed", "state").as_deref(), Some("running"));
 
     // Its own unprivileged identity, the same one that owns its tap.
     let uid = 910_000 + cid;
-    assert_eq!(uids(&pid), [uid; 4], "the VMM runs as uid_base + cid");
+    assert_eq!(ids(&pid, "Uid:"), [uid; 4], "the VMM runs as uid_base + cid");
     let link = Command::new("ip").args(["-n", &netns.0, "-d", "link", "show", "dev", &tap]).output().expect("ip");
     let link = text(&link.stdout);
     assert!(link.contains(&format!("user {uid}")), "tap not owned by the jailed uid: {link}");
@@ -251,13 +257,6 @@ fn jailed_firecracker_runs_chrooted_as_its_own_uid_in_its_cgroup_and_leaves_no_j
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!Path::new(&vm_dir).exists(), "vm dir left");
     assert!(daemon.guest_processes().is_empty(), "{:?}", daemon.guest_processes());
-}
-
-/// The four ids of a `/proc/<pid>/status` line (`Uid:` or `Gid:`).
-fn ids(pid: &str, key: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let line = status.lines().find(|l| l.starts_with(key)).expect("ids line");
-    line.split_whitespace().skip(1).map(|u| u.parse().expect("id")).collect()
 }
 
 fn dots(console: &str) -> usize {
@@ -342,9 +341,7 @@ fn jailed_firecracker_snapshots_a_guest_and_starts_clones_from_its_memory_in_jai
         // Jailed as its own uid, with the snapshot's group as its gid (the only one that
         // reads the snapshot's files), its own disk at the place the snapshot names.
         let pid = show(&daemon, name, "vmm pid").expect("vmm pid");
-        let cid: u32 = show(&daemon, name, "vsock")
-            .and_then(|v| v.rsplit_once("(cid ").map(|(_, c)| c.trim_end_matches(')').parse().expect("cid")))
-            .expect("cid");
+        let cid = cid(&daemon, name);
         assert_eq!(ids(&pid, "Uid:"), [930_000 + cid; 4], "{name}");
         assert_eq!(ids(&pid, "Gid:"), [group; 4], "{name}");
         let root = format!("/proc/{pid}/root");
