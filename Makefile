@@ -14,7 +14,7 @@ BUF := .tools/node_modules/.bin/buf
 PYTHON := .tools/venv/bin/python
 PROTOS := $(wildcard proto/banger/v1/*.proto)
 
-.PHONY: help setup tools agent image install-image build clients test-images demo test lint fmt bench clean
+.PHONY: help setup tools agent image install-image build clients test-images demo test lint fmt bench clean clean-host
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -84,3 +84,6 @@ fmt: ## Format the code
 clean: ## Remove build outputs (not the installed image)
 	$(CARGO) clean
 	rm -rf build
+
+clean-host: ## Stop banger's VMs and daemon, remove its state, runtime and memory dirs, default image, cgroups, taps, nft tables, test netns
+	@DEFAULT_IMAGE_DIR=$(DEFAULT_IMAGE_DIR) bash scripts/clean-host.sh

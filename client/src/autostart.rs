@@ -28,7 +28,13 @@ fn bangerd_binary() -> PathBuf {
 /// its health service says SERVING. Returns a connected client.
 pub async fn start_daemon(socket: &Path) -> Result<Client, String> {
     let dir = socket.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if !dir.exists() {
+        // 0755 set explicitly (the create mode would be masked by the umask): the socket's
+        // group reaches the socket through it.
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+    }
     let log_path = dir.join("bangerd.log");
     let log = std::fs::OpenOptions::new()
         .create(true)

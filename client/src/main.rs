@@ -764,7 +764,12 @@ fn tls_command(command: TlsCommand) -> ExitCode {
                 );
             }
             TlsCommand::Init { dir, mut server_names, clients, valid } => {
-                std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                if !dir.exists() {
+                    // Private keys go in it: 0700, set explicitly.
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                        .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+                }
                 if server_names.is_empty() {
                     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                     server_names.extend([host.trim().to_owned(), "localhost".into(), "127.0.0.1".into()]);

@@ -107,7 +107,7 @@ pub async fn open_ops(config: &Config) -> anyhow::Result<Arc<Ops>> {
 
 /// [`open_ops`] with a host and a clock of the caller's (tests: `FakeHost`, a manual clock).
 pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Arc<Ops>> {
-    std::fs::create_dir_all(&config.state_dir)
+    host::fs::make_dir(&config.state_dir, 0o711)
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     if wiring.host.is_none() {
         host::fs::open_state_dir_to_vms(&config.state_dir)?;
@@ -356,13 +356,16 @@ async fn resync_periodically(ops: Arc<Ops>) {
     }
 }
 
-/// Binds the unix socket (mode 0660, group `group` when given), refusing to take over one
+/// Binds the unix socket (mode 0660, group `group` when given; its directory, made when
+/// missing, 0755 so that the group reaches it), refusing to take over one
 /// another daemon serves, and removing what is at the path only when it is a socket nobody
 /// answers on.
 pub async fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create socket dir {}", dir.display()))?;
+    if let Some(dir) = path.parent()
+        && std::fs::symlink_metadata(dir).is_err()
+    {
+        host::fs::make_dir(dir, 0o755).with_context(|| format!("create socket dir {}", dir.display()))?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {

@@ -183,3 +183,12 @@ fn the_architecture_names_only_tests_that_exist() {
     let missing: Vec<&String> = named.iter().filter(|name| !code.contains(&format!("fn {name}("))).collect();
     assert!(missing.is_empty(), "ARCHITECTURE.md names tests that do not exist: {missing:?}");
 }
+
+#[test]
+fn only_host_fs_creates_directories_and_always_sets_their_mode() {
+    // A create mode is masked by the daemon's umask (077): a directory made with one is
+    // 0700 on a fresh host, whatever an older build left elsewhere. `host::fs::make_dir`
+    // (and `make_trusted_dir` for shared places) chmods after each mkdir.
+    let creating = ["create_dir_all", "DirBuilder", "std::fs::create_dir", "tokio::fs::create_dir"];
+    assert_eq!(offenders("", &creating, &["host/fs.rs"]), Vec::<String>::new());
+}

@@ -376,6 +376,9 @@ fn describe_host(error: &HostError) -> Described {
             "HOST_FILE",
             &[("action", (*action).into()), ("path", path.display().to_string())],
         ),
+        HostError::Untrusted { path, .. } => {
+            described(Code::FailedPrecondition, "UNTRUSTED_PATH", &[("path", path.display().to_string())])
+        }
         HostError::Spawn { program, .. } => {
             described(Code::Internal, "HOST_SPAWN", &[("program", program.display().to_string())])
         }

@@ -84,9 +84,11 @@ pub struct Cgroups {
 fn create_group_dir(dir: &Path) -> Result<(), HostError> {
     let mut attempt = 0;
     loop {
-        match std::fs::create_dir_all(dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
-            other => return other.map_err(file_error("create", dir)),
+        match super::fs::make_dir(dir, 0o755) {
+            Err(HostError::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempt < 3 => {
+                attempt += 1
+            }
+            other => return other,
         }
     }
 }

@@ -26,9 +26,87 @@ pub async fn allocated_bytes(path: &Path) -> u64 {
     tokio::fs::symlink_metadata(path).await.map(|meta| meta.blocks() * 512).unwrap_or(0)
 }
 
-/// Creates `dir` and its parents.
-pub async fn create_dir(dir: &Path) -> Result<(), HostError> {
-    tokio::fs::create_dir_all(dir).await.map_err(file_error("create", dir))
+/// Creates `dir` and whichever of its parents are missing, each given `mode` by a chmod
+/// after its mkdir (a create mode is masked by the daemon's umask 077, and a directory made
+/// by an older build must not decide what a new one gets); an existing `dir` is given `mode`
+/// too. `dir` itself is never a link: one in its place is refused.
+pub async fn create_dir(dir: &Path, mode: u32) -> Result<(), HostError> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || make_dir(&dir, mode))
+        .await
+        .map_err(|e| HostError::Io { what: "create a directory".into(), source: std::io::Error::other(e) })?
+}
+
+/// [`create_dir`] for callers that may block (startup, `host/` code off the runtime).
+pub fn make_dir(dir: &Path, mode: u32) -> Result<(), HostError> {
+    let missing: Vec<&Path> =
+        dir.ancestors().take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err()).collect();
+    for made in missing.iter().rev() {
+        match std::fs::create_dir(made) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(file_error("create", made)(e)),
+            _ => {}
+        }
+        if *made != dir {
+            chmod_dir(made, mode)?;
+        }
+    }
+    chmod_dir(dir, mode).map(drop)
+}
+
+/// Sets `dir`'s mode through a descriptor opened without following a link; returns what it
+/// was before.
+fn chmod_dir(dir: &Path, mode: u32) -> Result<std::fs::Metadata, HostError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(file_error("open", dir))?;
+    let before = opened.metadata().map_err(file_error("stat", dir))?;
+    opened.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(file_error("chmod", dir))?;
+    Ok(before)
+}
+
+/// Creates (or takes again) a directory of the daemon's in a place others share, such as
+/// `/dev/shm`, and sets `mode` on it: refused, naming it, when it (or a directory above it)
+/// is a link or a directory someone other than root or the daemon owns, or when it is
+/// writable by others than its owner (an ancestor only when sticky, as `/dev/shm` and
+/// `/tmp` are). Another user could otherwise have made it first and swap the files in it.
+pub fn make_trusted_dir(dir: &Path, mode: u32) -> Result<(), HostError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let untrusted = |path: &Path, why: String| HostError::Untrusted { path: path.to_owned(), why };
+    for above in dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+        let meta = match std::fs::symlink_metadata(above) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => other.map_err(file_error("stat", above))?,
+        };
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(untrusted(above, format!("it is owned by uid {}", meta.uid())));
+        }
+        if meta.is_dir() && meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(untrusted(above, format!("others may write to it (mode {:04o})", meta.mode() & 0o7777)));
+        }
+    }
+    let existed = std::fs::symlink_metadata(dir).is_ok();
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err()) {
+        make_dir(parent, 0o711)?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(file_error("create", dir)(e)),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(file_error("stat", dir))?;
+    if !meta.is_dir() {
+        return Err(untrusted(dir, "it is not a directory (a link or a file is in its place)".into()));
+    }
+    if meta.uid() != me {
+        return Err(untrusted(dir, format!("it is owned by uid {}, not the daemon's {me}", meta.uid())));
+    }
+    if existed && meta.mode() & 0o022 != 0 {
+        return Err(untrusted(dir, format!("others may write to it (mode {:04o})", meta.mode() & 0o7777)));
+    }
+    chmod_dir(dir, mode).map(drop)
 }
 
 /// Hands a VM's directory to the identity its processes run as: the directory becomes
@@ -58,9 +136,9 @@ pub async fn hand_over(paths: &VmPaths, identity: VmIdentity) -> Result<(), Host
 pub async fn create_memory_file(path: &Path, bytes: u64, owner: Option<VmIdentity>) -> Result<(), HostError> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o711).create(dir).map_err(file_error("create", dir))?;
+            make_trusted_dir(dir, 0o711)?;
         }
         let _ = std::fs::remove_file(&path);
         let file = std::fs::OpenOptions::new()
@@ -84,10 +162,10 @@ pub async fn create_memory_file(path: &Path, bytes: u64, owner: Option<VmIdentit
 /// VM's identity, mode 0600. A file left from an earlier run is replaced.
 pub async fn copy_memory_file(from: &Path, to: &Path, owner: Option<VmIdentity>) -> Result<(), HostError> {
     if let Some(dir) = to.parent() {
-        use std::os::unix::fs::DirBuilderExt;
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true).mode(0o711);
-        builder.create(dir).map_err(file_error("create", dir))?;
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || make_trusted_dir(&dir, 0o711))
+            .await
+            .map_err(|e| HostError::Io { what: "create the memory dir".into(), source: std::io::Error::other(e) })??;
     }
     let _ = tokio::fs::remove_file(to).await;
     copy_sparse(from, to).await?;
@@ -153,8 +231,7 @@ pub async fn open_to_vms(files: &[&Path]) -> Result<(), HostError> {
 pub fn open_state_dir_to_vms(state_dir: &Path) -> Result<(), HostError> {
     use std::os::unix::fs::PermissionsExt;
     for dir in [state_dir.to_owned(), state_dir.join("vms"), state_dir.join("images"), state_dir.join("snapshots")] {
-        std::fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(file_error("chmod", &dir))?;
+        make_dir(&dir, 0o711)?;
     }
     for dir in state_dir.ancestors().skip(1) {
         let meta = std::fs::metadata(dir).map_err(file_error("stat", dir))?;
@@ -301,5 +378,86 @@ pub async fn keep_logs(logs: &[&Path], into: &Path, keep: usize) {
     let excess = kept.len().saturating_sub(keep);
     for (_, old) in kept.into_iter().take(excess) {
         let _ = tokio::fs::remove_dir_all(old).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).expect("stat").mode() & 0o7777
+    }
+
+    fn running_as_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_made_directory_and_the_parents_it_made_get_the_mode_asked_whatever_the_umask() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // 0770 survives no umask that strips group write (022, 077): only a chmod sets it.
+        let leaf = tmp.path().join("a/b/c");
+        let parent_mode = mode(tmp.path());
+        make_dir(&leaf, 0o770).expect("make");
+        for dir in [tmp.path().join("a"), tmp.path().join("a/b"), leaf.clone()] {
+            assert_eq!(mode(&dir), 0o770, "{}", dir.display());
+        }
+        assert_eq!(mode(tmp.path()), parent_mode, "an existing parent is left as it was");
+        // An existing directory (an older build's) is given the mode asked now.
+        std::fs::set_permissions(&leaf, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        make_dir(&leaf, 0o711).expect("again");
+        assert_eq!(mode(&leaf), 0o711);
+        // A link in its place is refused, its target untouched.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path().join("a"), &link).expect("symlink");
+        assert!(make_dir(&link, 0o755).is_err(), "a link is not made a directory");
+        assert_eq!(mode(&tmp.path().join("a")), 0o770);
+    }
+
+    #[test]
+    fn a_directory_in_a_shared_place_is_trusted_only_when_the_daemon_owns_it_and_others_cannot_write() {
+        let shared = tempfile::tempdir().expect("tempdir");
+        // A sticky world-writable place, as /dev/shm and /tmp are.
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let ours = shared.path().join("banger");
+        make_trusted_dir(&ours, 0o711).expect("made fresh");
+        assert_eq!(mode(&ours), 0o711);
+        make_trusted_dir(&ours, 0o711).expect("taken again");
+
+        let refused = |dir: &Path| match make_trusted_dir(dir, 0o711) {
+            Err(HostError::Untrusted { path, why }) => (path, why),
+            other => panic!("{} was not refused: {other:?}", dir.display()),
+        };
+        let link = shared.path().join("link");
+        std::os::unix::fs::symlink(&ours, &link).expect("symlink");
+        assert_eq!(refused(&link).0, link, "a link in its place");
+
+        let writable = shared.path().join("writable");
+        std::fs::create_dir(&writable).expect("mkdir");
+        std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        assert!(refused(&writable).1.contains("others may write"), "group/world-writable");
+        assert_eq!(mode(&writable), 0o777, "left as found");
+
+        let open_parent = shared.path().join("open");
+        std::fs::create_dir(&open_parent).expect("mkdir");
+        std::fs::set_permissions(&open_parent, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let below = open_parent.join("banger");
+        assert_eq!(refused(&below).0, open_parent, "an ancestor others may write to and that is not sticky");
+        assert!(!below.exists(), "nothing made under it");
+
+        if !running_as_root() {
+            banger_tests::skip("the checks of directories another uid owns need root (chown); the rest ran");
+            return;
+        }
+        let theirs = shared.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        assert!(refused(&theirs).1.contains("owned by uid 65534"));
+        let under_theirs = theirs.join("banger");
+        assert_eq!(refused(&under_theirs).0, theirs, "an ancestor another uid owns");
+        assert_eq!(std::fs::metadata(&theirs).expect("stat").uid(), 65534);
     }
 }

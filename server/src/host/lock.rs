@@ -45,7 +45,7 @@ impl StateDirLock {
     pub fn acquire(state_dir: &Path) -> Result<Self, LockError> {
         let path = state_dir.join("bangerd.lock");
         let io = |source| LockError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(state_dir).map_err(io)?;
+        super::fs::make_dir(state_dir, 0o711).map_err(|e| io(std::io::Error::other(e)))?;
         let file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

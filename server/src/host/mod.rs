@@ -53,6 +53,14 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    /// A directory in a place others share is not one the daemon can trust.
+    #[error("refusing {}: {why}", path.display())]
+    Untrusted {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A program could not be started (for a reason other than being absent).
     #[error("cannot start {}", program.display())]
     Spawn {

@@ -102,7 +102,9 @@ pub async fn choose_strategy(state_dir: &Path) -> RootDiskStrategy {
 
 /// True when `dir`'s file system makes reflink copies.
 pub async fn reflink_supported(dir: &Path) -> Result<bool, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if std::fs::symlink_metadata(dir).is_err() {
+        super::fs::make_dir(dir, 0o711).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     let probe = tempfile::Builder::new().prefix(".reflink-probe").tempdir_in(dir).map_err(|e| e.to_string())?;
     let (from, to) = (probe.path().join("a"), probe.path().join("b"));
     std::fs::write(&from, b"banger").map_err(|e| e.to_string())?;

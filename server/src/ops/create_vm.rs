@@ -146,7 +146,7 @@ impl Operation for CreateVmOp<'_> {
                 });
             }
             Stage::PrepareVmDir => {
-                crate::host::fs::create_dir(&self.vm()?.vm_dir).await?;
+                crate::host::fs::create_dir(&self.vm()?.vm_dir, 0o700).await?;
             }
             Stage::Boot(boot_stage) => {
                 let boot = self.boot.as_mut().ok_or(Error::StageOrder { needs: "the vm record" })?;

@@ -61,7 +61,7 @@ impl Operation for ImportImageOp<'_> {
         match stage {
             Stage::CopyFiles => {
                 let dir = self.image.rootfs_path.parent().unwrap_or(Path::new("/")).to_owned();
-                fs::create_dir(&dir).await?;
+                fs::create_dir(&dir, 0o711).await?;
                 // From the descriptors opened and checked before: what was checked is copied.
                 copy_source(&self.sources.kernel, &self.image.kernel_path).await?;
                 if let (Some(from), Some(to)) = (&self.sources.initrd, &self.image.initrd_path) {

@@ -118,7 +118,7 @@ impl Operation for PullImageOp<'_> {
                 }
             }
             Stage::BuildRootfs => {
-                fs::create_dir(self.dir()).await?;
+                fs::create_dir(self.dir(), 0o711).await?;
                 let out = self.image.rootfs_path.clone();
                 if let Some((from, size)) = &self.converted {
                     crate::host::storage::share_file(from, &out).await?;

@@ -180,7 +180,7 @@ impl Operation for SnapshotVmOp<'_> {
                 };
                 let snapshot = ops.store.snapshot_insert(&new).await?;
                 self.snapshot = Some(snapshot);
-                crate::host::fs::create_dir(&dir).await?;
+                crate::host::fs::create_dir(&dir, 0o700).await?;
             }
             Stage::SyncGuest => ops.host.agents.sync_guest(&self.vm).await?,
             Stage::QuiesceAgent => ops.host.agents.quiesce(&self.vm).await?,

@@ -79,7 +79,7 @@ impl Operation for StartVmOp<'_> {
                 if let Some(boot) = self.boot.as_mut() {
                     boot.vm = self.vm.clone();
                 }
-                crate::host::fs::create_dir(&self.vm.vm_dir).await?;
+                crate::host::fs::create_dir(&self.vm.vm_dir, 0o700).await?;
             }
             Stage::Boot(boot_stage) => {
                 let boot = self.boot.as_mut().ok_or(Error::StageOrder { needs: "the image" })?;

@@ -56,8 +56,8 @@ impl BlobStore {
     /// Starts writing a blob whose content arrives in pieces (from a registry).
     pub fn writer(&self) -> Result<BlobWriter, OciError> {
         let tmp_dir = self.tmp_dir();
-        std::fs::create_dir_all(&tmp_dir).map_err(file_error("create", &tmp_dir))?;
-        std::fs::create_dir_all(self.root.join("sha256")).map_err(file_error("create", &self.root))?;
+        crate::host::fs::make_dir(&tmp_dir, 0o700)?;
+        crate::host::fs::make_dir(&self.root.join("sha256"), 0o700)?;
         let tmp = tmp_dir.join(ulid::Ulid::generate().to_string());
         let file = std::fs::File::create(&tmp).map_err(file_error("create", &tmp))?;
         Ok(BlobWriter { store: self.clone(), tmp, file: Some(file), hasher: Sha256::new(), size: 0 })

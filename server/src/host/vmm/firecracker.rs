@@ -165,7 +165,7 @@ impl FirecrackerVmm {
         // The VMM makes its sockets in both and writes the root disk and saves in the
         // second: they belong to its uid.
         for dir in [&vm_dir, &files] {
-            std::fs::create_dir_all(dir).map_err(file_error("create", dir))?;
+            crate::host::fs::make_dir(dir, 0o711)?;
             chown(dir)?;
         }
         // Its own log goes to the VM's vmm.log (not stdout, which is the guest's console).
@@ -196,7 +196,7 @@ impl FirecrackerVmm {
         for file in std::iter::once(&launch.image.kernel_path).chain(launch.image.initrd_path.as_ref()) {
             let target = inside(&chroot, file);
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(file_error("create", parent))?;
+                crate::host::fs::make_dir(parent, 0o711)?;
             }
             // Shared read-only files are linked when the VMM may read them, else copied for it.
             let readable = std::fs::metadata(file).is_ok_and(|m| m.mode() & 0o004 != 0);
