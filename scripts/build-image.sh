@@ -218,6 +218,8 @@ cat >"$initramfs/init" <<'EOF'
 #     disk onto / itself); nothing is written into the image but /etc/resolv.conf when
 #     banger.dns= is given;
 #   - otherwise: switch_root to the disk's /sbin/init.
+# The agent's key: /banger-agent.key (64 hex digits), put there by the host, in the agent's
+# environment as BANGER_AGENT_KEY.
 # Kernel command line: banger.hostname= (default "banger"), banger.ip=ADDR/PREFIX,
 # banger.gw=ADDR, banger.dns=ADDR (bangerd serving <vm>.vm).
 # Exiting is fatal on purpose: PID 1 dying panics the kernel, and with panic=-1 and QEMU's
@@ -227,6 +229,14 @@ fail() {
 	echo "banger-initramfs: $*" >&2
 	exit 1
 }
+# The agent's key for this boot, from an archive the host put before this one (never the
+# kernel command line, which the host shows to all its users): handed to the agent in its
+# environment, and off the file system before anything else runs.
+if [ -f /banger-agent.key ]; then
+	read -r BANGER_AGENT_KEY </banger-agent.key
+	export BANGER_AGENT_KEY
+	rm -f /banger-agent.key
+fi
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

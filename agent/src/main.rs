@@ -7,6 +7,7 @@ macro_rules! log {
     };
 }
 
+mod auth;
 mod exec;
 mod files;
 mod grow_root;
@@ -126,6 +127,8 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    // First, while the process has one thread: the environment is not thread-safe.
+    auth::init_from_env();
     let args = match Args::parse(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(err) => {
@@ -183,7 +186,10 @@ async fn serve(listen: Listen) -> Result<(), ServeError> {
                     Ok(listener) => {
                         log!("serving banger.agent.v1 on vsock port {port}");
                         Server::builder()
-                            .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::PowerOff)))
+                            .add_service(AgentServiceServer::with_interceptor(
+                                Agent::new(ShutdownAction::PowerOff),
+                                auth::intercept,
+                            ))
                             .serve_with_incoming(pause_after_accept_errors(listener.incoming()))
                             .await
                             .map_err(ServeError::Serve)
@@ -199,7 +205,10 @@ async fn serve(listen: Listen) -> Result<(), ServeError> {
                 let Some(path) = serial_port.clone() else { return std::future::pending().await };
                 log!("serving banger.agent.v1 on virtio-serial port {}", path.display());
                 Server::builder()
-                    .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::PowerOff)))
+                    .add_service(AgentServiceServer::with_interceptor(
+                        Agent::new(ShutdownAction::PowerOff),
+                        auth::intercept,
+                    ))
                     .serve_with_incoming(serial::incoming(path))
                     .await
                     .map_err(ServeError::Serve)
@@ -216,7 +225,10 @@ async fn serve(listen: Listen) -> Result<(), ServeError> {
             log!("serving banger.agent.v1 on unix socket {}", path.display());
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             Server::builder()
-                .add_service(AgentServiceServer::new(Agent::new(ShutdownAction::ExitProcess)))
+                .add_service(AgentServiceServer::with_interceptor(
+                    Agent::new(ShutdownAction::ExitProcess),
+                    auth::intercept,
+                ))
                 .serve_with_incoming(pause_after_accept_errors(incoming))
                 .await
                 .map_err(ServeError::Serve)

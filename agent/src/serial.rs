@@ -7,8 +7,10 @@
 //! once, so the port's thread sleeps until the kernel signals it (`SIGIO`: the host opened
 //! its side, or data came), at most [`IDLE_WAIT`]; whatever arrives before a `CONNECT` line
 //! (the rest of a connection the host dropped) is discarded; a `PING` line is answered
-//! `PONG` (the port is idle) without starting a connection. An `IDENTITY <hex>` line carries
-//! a `SetIdentityRequest` (protobuf, hex-encoded): it is applied in place and answered
+//! `PONG` (the port is idle) without starting a connection (`PING <key>`: the host uses a key
+//! it rotated to, which retires the old one; see `auth`). An `IDENTITY <key> <hex>` line
+//! carries the host's key (refused, `IDENTITY ERROR 16`, unless it is the agent's) and a
+//! `SetIdentityRequest` (protobuf, hex-encoded): it is applied in place and answered
 //! `IDENTITY OK` or `IDENTITY ERROR <grpc code> <message>`, also without a connection. This is
 //! how a VM restored from a snapshot learns who it is with the least code the guest has not
 //! run in this VMM before (each block of it is translated first under emulation): a first
@@ -138,7 +140,7 @@ pub fn incoming(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<io::Res
             log!("virtio-serial: no SIGIO for the port ({error}): reading it every {POLL_WITHOUT_SIGNAL:?}");
         }
         loop {
-            let port_number = match wait_connect(&port, wake_ups.is_ok(), crate::identity::apply) {
+            let port_number = match wait_connect(&port, wake_ups.is_ok(), crate::service::apply_identity) {
                 Ok(port_number) => port_number,
                 Err(error) => {
                     log!("virtio-serial: {error}");
@@ -210,7 +212,7 @@ fn wait_signal(limit: Duration) {
 fn wait_connect(
     mut port: &File,
     signalled: bool,
-    apply: impl Fn(&SetIdentityRequest) -> Result<(), tonic::Status>,
+    apply: impl Fn(&SetIdentityRequest, crate::auth::Key) -> Result<(), tonic::Status>,
 ) -> io::Result<u32> {
     let mut line = Vec::with_capacity(MAX_LINE);
     let mut overlong = false;
@@ -239,10 +241,15 @@ fn wait_connect(
         if let Some(number) = text.strip_prefix("CONNECT ").and_then(|n| n.trim().parse().ok()) {
             return Ok(number);
         }
-        if let Some(encoded) = text.strip_prefix("IDENTITY ") {
+        if let Some(words) = text.strip_prefix("IDENTITY ") {
+            // The key first: nothing of an unauthenticated line is decoded.
+            let (key, encoded) = words.trim().split_once(' ').unwrap_or(("", words));
             let outcome = match cut {
                 true => Err(tonic::Status::invalid_argument(format!("identity line over {MAX_LINE} bytes"))),
-                false => decode_identity(encoded.trim()).and_then(|request| apply(&request)),
+                false => crate::auth::parse_hex(key)
+                    .ok_or_else(|| tonic::Status::unauthenticated("the host's key is missing or wrong"))
+                    .and_then(|key| crate::auth::check(&key))
+                    .and_then(|key| decode_identity(encoded.trim()).and_then(|request| apply(&request, key))),
             };
             let answer = match outcome {
                 Ok(()) => "IDENTITY OK\n".to_owned(),
@@ -254,10 +261,15 @@ fn wait_connect(
             port.write_all(answer.as_bytes())?;
             continue;
         }
-        if text.trim() == "PING" {
+        if let Some(key) = text.trim().strip_prefix("PING").map(str::trim) {
             // The host checks that the port is idle (the last connection is over, here
             // too) before it stops the vCPUs for a snapshot, so that no clone starts by
-            // ending a connection of its source's.
+            // ending a connection of its source's. With a key, it has written that key down
+            // (after an identity that rotated it): its use retires the old one. The answer
+            // is the same either way, and says nothing of the key.
+            if let Some(key) = crate::auth::parse_hex(key) {
+                let _ = crate::auth::check(&key);
+            }
             port.write_all(b"PONG\n")?;
         }
     }
@@ -354,7 +366,7 @@ mod tests {
     fn a_ping_is_answered_and_stale_bytes_are_skipped_before_a_connect() {
         let (guest, mut host) = port();
         host.write_all(b"\x00\x01stale h2 bytes\nPING\nCONNECT 1024\n").expect("write");
-        assert_eq!(wait_connect(&guest, false, |_| panic!("no identity was sent")).expect("a connect"), 1024);
+        assert_eq!(wait_connect(&guest, false, |_, _| panic!("no identity was sent")).expect("a connect"), 1024);
         let mut answer = [0u8; 5];
         host.read_exact(&mut answer).expect("the answer");
         assert_eq!(&answer, b"PONG\n");
@@ -386,14 +398,21 @@ mod tests {
             ..SetIdentityRequest::default()
         };
         let refused = SetIdentityRequest { hostname: "Not A Name".into(), ..SetIdentityRequest::default() };
-        let mut lines = format!("IDENTITY {}\n", hex(&request.encode_to_vec()));
-        lines += &format!("IDENTITY {}\n", hex(&refused.encode_to_vec()));
-        lines += "IDENTITY 0g\nIDENTITY abc\n";
-        lines += &format!("IDENTITY {}\n", "ab".repeat(MAX_LINE));
+        let _store = crate::auth::TEST_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = [9u8; crate::auth::KEY_BYTES];
+        crate::auth::init(Some(key));
+        let key = hex(&key);
+        let mut lines = format!("IDENTITY {key} {}\n", hex(&request.encode_to_vec()));
+        lines += &format!("IDENTITY {key} {}\n", hex(&refused.encode_to_vec()));
+        lines += &format!("IDENTITY {key} 0g\nIDENTITY {key} abc\n");
+        lines += &format!("IDENTITY {key} {}\n", "ab".repeat(MAX_LINE));
+        // Without the key, or with another: refused before anything is decoded.
+        lines += &format!("IDENTITY {}\n", hex(&request.encode_to_vec()));
+        lines += &format!("IDENTITY {} {}\n", "07".repeat(32), hex(&request.encode_to_vec()));
         lines += "PING\nCONNECT 1024\n";
         host.write_all(lines.as_bytes()).expect("write");
         let applied = std::sync::Mutex::new(Vec::new());
-        let apply = |request: &SetIdentityRequest| {
+        let apply = |request: &SetIdentityRequest, _: crate::auth::Key| {
             applied.lock().expect("lock").push(request.clone());
             match request.hostname.as_str() {
                 "clone-1" => Ok(()),
@@ -409,7 +428,9 @@ mod tests {
         assert_eq!(replies[2], "IDENTITY ERROR 3 identity line: not hex");
         assert_eq!(replies[3], "IDENTITY ERROR 3 identity line: odd number of hex digits");
         assert!(replies[4].starts_with("IDENTITY ERROR 3 identity line over"), "{replies:?}");
-        assert_eq!(replies[5..], ["PONG"]);
+        assert_eq!(replies[5], "IDENTITY ERROR 16 the host's key is missing or wrong");
+        assert_eq!(replies[6], "IDENTITY ERROR 16 the host's key is missing or wrong");
+        assert_eq!(replies[7..], ["PONG"]);
     }
 
     #[test]

@@ -90,7 +90,9 @@ impl AgentService for Agent {
         // A few ioctls and two small file writes: done in place. On a guest just restored
         // from a snapshot, handing them to a blocking thread would first start one (the
         // pool's idle threads are gone), a cost paid on the path to the VM being ready.
-        crate::identity::apply(&request.into_inner())?;
+        let presented = request.extensions().get::<crate::auth::Presented>().copied();
+        let presented = presented.ok_or_else(|| Status::unauthenticated("the host's key is missing or wrong"))?;
+        apply_identity(&request.into_inner(), presented.0)?;
         Ok(Response::new(SetIdentityResponse {}))
     }
 
@@ -110,6 +112,17 @@ impl AgentService for Agent {
         });
         Ok(Response::new(ShutdownResponse {}))
     }
+}
+
+/// Applies an identity told with the key `presented`, then takes the new key it carries (an
+/// identity that cannot be applied changes no key).
+pub fn apply_identity(request: &SetIdentityRequest, presented: crate::auth::Key) -> Result<(), Status> {
+    let new_key = crate::auth::new_key(&request.agent_key)?;
+    crate::identity::apply(request)?;
+    if let Some(new_key) = new_key {
+        crate::auth::rotate(new_key, presented);
+    }
+    Ok(())
 }
 
 /// Flushes file systems, then powers off or exits; returns only if power-off failed.

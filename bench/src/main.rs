@@ -223,8 +223,10 @@ async fn side_by_side(bin_dir: &Path, daemon: &Daemon, client: &Client, work: &P
     let vm = probe.vms.get_vm(pb::GetVmRequest { vm: "ab-template".into() }).await?.into_inner().vm.unwrap_or_default();
     let runtime = vm.runtime.unwrap_or_default();
     let image = probe.images.get_image(pb::GetImageRequest { image: vm.image_id.clone() }).await?.into_inner();
-    let base = image.image.map(|i| PathBuf::from(i.rootfs_path)).unwrap_or_default();
-    let template = raw::Template::capture(Path::new(&runtime.vm_dir), runtime.vmm_pid, base)?;
+    let image = image.image.unwrap_or_default();
+    let base = PathBuf::from(&image.rootfs_path);
+    let initrd = Some(PathBuf::from(&image.initrd_path)).filter(|path| !path.as_os_str().is_empty());
+    let template = raw::Template::capture(Path::new(&runtime.vm_dir), runtime.vmm_pid, base, initrd)?;
     delete(client, "ab-template").await?;
     raw::run_true(&template, &work.join("raw-warmup")).await?;
 
@@ -970,7 +972,14 @@ async fn restore_by_hand(command_line: &[String], frozen: &str) -> Result<f64, E
         session.execute("cont").await?;
         let identity = identity_like_bangers(command_line);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        AgentClient::new_serial(agent.clone()).wait_set_identity(&identity, deadline, || true).await?;
+        // As bangerd does: the snapshot's key to tell the clone its identity and a key of its
+        // own, which is then used once (retiring the source's).
+        let key = banger_server::host::agent_key::read(&Path::new(frozen).with_file_name("agent.key"))?;
+        let client = AgentClient::new_serial(agent.clone(), key);
+        let new_key = banger_server::host::agent_key::AgentKey::generate()?;
+        client.wait_set_identity(&identity, Some(&new_key), deadline, || true).await?;
+        client.set_key(new_key);
+        client.confirm_key().await?;
         Ok(started.elapsed().as_secs_f64() * 1000.0)
     }
     .await;

@@ -3,7 +3,8 @@
 //! runs), over the same image, with the same agent: a root disk made by `qemu-img` (or `cp`
 //! for a raw disk), `vhost-device-vsock`, QEMU (not paused: no cgroup to join first), then
 //! `true` through the guest agent's own gRPC API once the agent announces itself on the
-//! console. Nothing of the daemon runs on this path.
+//! console, authenticated as bangerd authenticates it (a key of its own in an archive before
+//! the image's initramfs). Nothing of the daemon runs on this path.
 
 use std::{
     ffi::OsString,
@@ -14,7 +15,12 @@ use std::{
 
 use banger_server::{
     domain::{ExecCommand, ExecEvent, ExitStatus},
-    host::{agent::AgentClient, agent_channel::AGENT_ANNOUNCEMENT, exec},
+    host::{
+        agent::AgentClient,
+        agent_channel::AGENT_ANNOUNCEMENT,
+        agent_key::{self, AgentKey},
+        exec,
+    },
 };
 use tokio_stream::StreamExt;
 
@@ -28,6 +34,7 @@ pub struct Template {
     backend: Vec<OsString>,
     disk_format: String,
     base: PathBuf,
+    initrd: Option<PathBuf>,
 }
 
 fn cmdline(pid: u32) -> Result<Vec<OsString>, Error> {
@@ -38,8 +45,8 @@ fn cmdline(pid: u32) -> Result<Vec<OsString>, Error> {
 
 impl Template {
     /// Reads the command lines of the running VM whose directory is `vm_dir` and whose VMM is
-    /// `vmm_pid`; `base` is its image's root file system.
-    pub fn capture(vm_dir: &Path, vmm_pid: u32, base: PathBuf) -> Result<Self, Error> {
+    /// `vmm_pid`; `base` is its image's root file system, `initrd` its initramfs.
+    pub fn capture(vm_dir: &Path, vmm_pid: u32, base: PathBuf, initrd: Option<PathBuf>) -> Result<Self, Error> {
         let handles: serde_json::Value = serde_json::from_slice(&std::fs::read(vm_dir.join("handles.json"))?)?;
         let backend_pid = handles["vsock_backend"]["pid"].as_u64().ok_or("the vm has no vsock backend")? as u32;
         let qemu = cmdline(vmm_pid)?;
@@ -50,7 +57,7 @@ impl Template {
             .find(|a| a.starts_with("id=root,"))
             .ok_or("no root drive on the qemu command line")?;
         let disk_format = drive.split(',').find_map(|kv| kv.strip_prefix("format=")).unwrap_or("raw").to_owned();
-        Ok(Self { vm_dir: vm_dir.display().to_string(), qemu, backend, disk_format, base })
+        Ok(Self { vm_dir: vm_dir.display().to_string(), qemu, backend, disk_format, base, initrd })
     }
 
     fn rewrite(&self, args: &[OsString], dir: &Path) -> Vec<OsString> {
@@ -109,6 +116,16 @@ pub async fn run_true(template: &Template, dir: &Path) -> Result<Duration, Error
         let args = ["--reflink=auto", "--sparse=always"].map(std::ffi::OsStr::new);
         run_tool("cp", &[&args[..], &[template.base.as_os_str(), disk.as_os_str()]].concat())?;
     }
+    // The agent's key, as bangerd gives it: in an archive before the image's initramfs.
+    let boot_initrd = qemu_args.iter().skip_while(|a| *a != "-initrd").nth(1).map(PathBuf::from);
+    let key = match (&template.initrd, boot_initrd) {
+        (Some(image_initrd), Some(boot_initrd)) => {
+            let key = AgentKey::generate()?;
+            agent_key::write_boot_initrd(&key, image_initrd, &boot_initrd, None)?;
+            Some(key)
+        }
+        _ => None,
+    };
     let backend_args = template.rewrite(&template.backend, dir);
     let mut running = Running(vec![spawn(&backend_args, &dir.join("vsock-backend.log"))?]);
     let vhost_user_socket = backend_args
@@ -140,6 +157,7 @@ pub async fn run_true(template: &Template, dir: &Path) -> Result<Duration, Error
             .find_map(|a| a.split(',').find_map(|kv| kv.strip_prefix("uds-path=")))
             .map(PathBuf::from)
             .ok_or("no uds-path= on the backend's command line")?,
+        key,
     );
     agent.wait_ready(tokio::time::Instant::now() + Duration::from_secs(30), || true).await?;
     let command = ExecCommand {

@@ -76,6 +76,8 @@ pub struct SnapshotPaths {
     pub state: PathBuf,
     /// The root disk at that instant (clones' disks overlay it).
     pub disk: PathBuf,
+    /// The key the guest's agent held (root's alone: a clone's VMM may read the rest).
+    pub agent_key: PathBuf,
 }
 
 impl SnapshotPaths {
@@ -86,6 +88,7 @@ impl SnapshotPaths {
             memory: dir.join("memory"),
             state: dir.join("state"),
             disk: dir.join(strategy.file_name()),
+            agent_key: dir.join("agent.key"),
         }
     }
 }

@@ -343,6 +343,10 @@ pub struct VmPaths {
     pub vsock_backend_log: PathBuf,
     /// The scratch file of transient handles.
     pub handles: PathBuf,
+    /// The key the VM's agent checks on every call (root's, 0600).
+    pub agent_key: PathBuf,
+    /// The initramfs this boot starts with: the image's, after an archive with the agent's key.
+    pub boot_initrd: PathBuf,
 }
 
 impl VmPaths {
@@ -359,6 +363,8 @@ impl VmPaths {
             vmm_log: dir.join("vmm.log"),
             vsock_backend_log: dir.join("vsock-backend.log"),
             handles: dir.join("handles.json"),
+            agent_key: dir.join("agent.key"),
+            boot_initrd: dir.join("initrd.img"),
         }
     }
 }

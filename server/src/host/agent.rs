@@ -12,6 +12,9 @@
 //! closes, at most [`PARKED_HANDSHAKE_LIMIT`]. The same task also makes the connector safe to drop
 //! (tonic drops it when `connect_timeout` fires). The reply is read one byte at a time because the
 //! guest's first HTTP/2 frames may arrive in the same segment as `OK`.
+//!
+//! Every call carries the VM's agent key (`authorization: Bearer <hex>`, `host/agent_key.rs`),
+//! which the agent checks before anything else, on every transport.
 
 use std::future::Future;
 use std::io;
@@ -32,7 +35,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::agent_key::AgentKey;
 
 /// The guest port `banger-agent` listens on (AF_VSOCK, any CID).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -305,10 +311,40 @@ fn check_connect_reply(line: &[u8]) -> Result<(), HandshakeError> {
     }
 }
 
+/// Puts the VM's agent key on every call; shared by a client's clones, so a key the agent
+/// was told to take applies to the next call on the same connection.
+#[derive(Clone, Default)]
+struct KeyHeader(Arc<std::sync::RwLock<Option<tonic::metadata::AsciiMetadataValue>>>);
+
+impl KeyHeader {
+    fn new(key: Option<&AgentKey>) -> Self {
+        let header = Self::default();
+        header.set(key);
+        header
+    }
+
+    fn set(&self, key: Option<&AgentKey>) {
+        let value = key.and_then(|key| format!("Bearer {}", key.hex()).parse().ok());
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+    }
+}
+
+impl tonic::service::Interceptor for KeyHeader {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
 /// The gRPC client of one VM's agent: one lazy channel, reconnecting on demand; cheap to clone.
 #[derive(Clone)]
 pub struct AgentClient {
-    client: AgentServiceClient<Channel>,
+    client: AgentServiceClient<InterceptedService<Channel, KeyHeader>>,
+    key: KeyHeader,
+    /// The key the calls carry (the header holds it encoded).
+    current: Arc<std::sync::Mutex<Option<AgentKey>>>,
     vsock_uds_path: PathBuf,
     /// The socket is a virtio-serial port's, whose line protocol also carries identities.
     serial: bool,
@@ -370,20 +406,44 @@ impl std::fmt::Debug for AgentClient {
 }
 
 impl AgentClient {
-    /// Creates the client for the VM whose hybrid-vsock socket is `vsock_uds_path`.
+    /// Creates the client for the VM whose hybrid-vsock socket is `vsock_uds_path`, whose
+    /// agent takes `key`.
     ///
     /// Never blocks and never connects: the first call does. Must be called inside a Tokio
     /// runtime (the channel spawns its worker task).
-    pub fn new(vsock_uds_path: PathBuf) -> Self {
-        Self::over_socket(vsock_uds_path, false)
+    pub fn new(vsock_uds_path: PathBuf, key: Option<AgentKey>) -> Self {
+        Self::over_socket(vsock_uds_path, false, key)
     }
 
     /// Creates the client for the VM whose agent's virtio-serial port QEMU serves on `port_path`.
-    pub fn new_serial(port_path: PathBuf) -> Self {
-        Self::over_socket(port_path, true)
+    pub fn new_serial(port_path: PathBuf, key: Option<AgentKey>) -> Self {
+        Self::over_socket(port_path, true, key)
     }
 
-    fn over_socket(vsock_uds_path: PathBuf, serial: bool) -> Self {
+    fn with_channel(channel: Channel, vsock_uds_path: PathBuf, serial: bool, key: Option<AgentKey>) -> Self {
+        let header = KeyHeader::new(key.as_ref());
+        Self {
+            client: AgentServiceClient::with_interceptor(channel, header.clone()),
+            key: header,
+            current: Arc::new(std::sync::Mutex::new(key)),
+            vsock_uds_path,
+            serial,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The key this client's calls carry.
+    pub fn key(&self) -> Option<AgentKey> {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Makes `key` the one this client's calls (and its clones') carry from now on.
+    pub fn set_key(&self, key: AgentKey) {
+        self.key.set(Some(&key));
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(key);
+    }
+
+    fn over_socket(vsock_uds_path: PathBuf, serial: bool, key: Option<AgentKey>) -> Self {
         let connector_path = vsock_uds_path.clone();
         let open = Arc::new(AtomicUsize::new(0));
         let counter = open.clone();
@@ -398,12 +458,12 @@ impl AgentClient {
         let channel = Endpoint::from_static("http://agent.vsock")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(connector);
-        Self { client: AgentServiceClient::new(channel), vsock_uds_path, serial, open }
+        Self { open, ..Self::with_channel(channel, vsock_uds_path, serial, key) }
     }
 
     /// Creates the client for guest `cid` over the kernel's vsock (`/dev/vhost-vsock` hosts):
     /// no hybrid handshake, so none of the user-space backend's hazards apply.
-    pub fn new_kernel_vsock(cid: u32) -> Self {
+    pub fn new_kernel_vsock(cid: u32, key: Option<AgentKey>) -> Self {
         let open = Arc::new(AtomicUsize::new(0));
         let counter = open.clone();
         let connector = tower::service_fn(move |_: Uri| {
@@ -416,7 +476,7 @@ impl AgentClient {
         let channel = Endpoint::from_static("http://agent.vsock")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector_lazy(connector);
-        Self { client: AgentServiceClient::new(channel), vsock_uds_path: PathBuf::new(), serial: false, open }
+        Self { open, ..Self::with_channel(channel, PathBuf::new(), false, key) }
     }
 
     /// Drops this handle of the client; what is returned counts the connections its channel
@@ -452,17 +512,23 @@ impl AgentClient {
     /// Gives the guest a new identity, asking again (as [`Self::wait_ready`] polls) while its
     /// agent does not answer yet: for a guest just restored from a snapshot, whose agent
     /// serves already, this one call is both the wait for it and the identity.
+    ///
+    /// `new_key` (when given) is the key the agent takes from then on; the caller writes it
+    /// down, then makes it this client's ([`Self::set_key`]) and uses it
+    /// ([`Self::confirm_key`]), which retires the old one.
     pub async fn wait_set_identity(
         &self,
         identity: &crate::domain::GuestIdentity,
+        new_key: Option<&AgentKey>,
         deadline: Instant,
         still_booting: impl Fn() -> bool,
     ) -> Result<(), AgentError> {
         if self.serial {
-            let request = identity_request(identity);
+            let request = identity_request(identity, new_key);
+            let key = self.key();
             let told = self
                 .until_answered(deadline, &still_booting, |timeout| {
-                    serial_identity(&self.vsock_uds_path, &request, timeout)
+                    serial_identity(&self.vsock_uds_path, key.as_ref(), &request, timeout)
                 })
                 .await?;
             if told {
@@ -470,7 +536,34 @@ impl AgentClient {
             }
             tracing::debug!("the guest's agent does not take identities on its port: telling it over gRPC");
         }
-        self.until_answered(deadline, still_booting, |timeout| self.set_identity_within(identity, timeout)).await
+        self.until_answered(deadline, still_booting, |timeout| self.set_identity_within(identity, new_key, timeout))
+            .await
+    }
+
+    /// Uses the client's key once, so that the agent retires the one it replaced: a `PING`
+    /// carrying it on a virtio-serial port this client holds no connection to (no HTTP/2
+    /// connection: a restore's way to ready stays short; the port takes one connection at a
+    /// time), a Ready call otherwise.
+    pub async fn confirm_key(&self) -> Result<(), AgentError> {
+        if self.serial
+            && self.open.load(Ordering::SeqCst) == 0
+            && let Some(key) = self.key()
+        {
+            let exchange = async {
+                let mut stream = UnixStream::connect(&self.vsock_uds_path).await.map_err(HandshakeError::Connect)?;
+                serial_exchange(&mut stream, &format!("PING {}\n", key.hex()), "PONG\n").await
+            };
+            return match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => {
+                    let mut status = tonic::Status::unavailable("cannot reach the agent's port");
+                    status.set_source(Arc::new(err));
+                    Err(AgentError::Rpc { call: "Ping", status })
+                }
+                Err(_) => Err(AgentError::Timeout { call: "Ping", after: CALL_TIMEOUT }),
+            };
+        }
+        self.ready(CALL_TIMEOUT).await.map(drop)
     }
 
     /// Makes `call` (given its deadline) until it answers, it fails in a way a guest still
@@ -562,18 +655,23 @@ impl AgentClient {
         }
     }
 
-    /// Gives the guest a new identity.
-    pub async fn set_identity(&self, identity: &crate::domain::GuestIdentity) -> Result<(), AgentError> {
-        self.set_identity_within(identity, CALL_TIMEOUT).await
+    /// Gives the guest a new identity, and `new_key` as its key (see [`Self::wait_set_identity`]).
+    pub async fn set_identity(
+        &self,
+        identity: &crate::domain::GuestIdentity,
+        new_key: Option<&AgentKey>,
+    ) -> Result<(), AgentError> {
+        self.set_identity_within(identity, new_key, CALL_TIMEOUT).await
     }
 
     async fn set_identity_within(
         &self,
         identity: &crate::domain::GuestIdentity,
+        new_key: Option<&AgentKey>,
         timeout: Duration,
     ) -> Result<(), AgentError> {
         let mut client = self.client.clone();
-        let request = identity_request(identity);
+        let request = identity_request(identity, new_key);
         unary("SetIdentity", timeout, client.set_identity(with_timeout(request, timeout))).await.map(drop)
     }
 
@@ -592,7 +690,7 @@ impl AgentClient {
 }
 
 /// `identity` as the agent's `SetIdentity` takes it (over gRPC or on a port's line).
-fn identity_request(identity: &crate::domain::GuestIdentity) -> SetIdentityRequest {
+fn identity_request(identity: &crate::domain::GuestIdentity, new_key: Option<&AgentKey>) -> SetIdentityRequest {
     SetIdentityRequest {
         hostname: identity.hostname.clone(),
         network: identity.network.as_ref().map(|network| GuestNetwork {
@@ -603,6 +701,7 @@ fn identity_request(identity: &crate::domain::GuestIdentity) -> SetIdentityReque
         machine_id: identity.machine_id.clone().unwrap_or_default(),
         realtime_ns: identity.realtime_ns.unwrap_or_default(),
         entropy: identity.entropy.clone(),
+        agent_key: new_key.map(|key| key.bytes().to_vec()).unwrap_or_default(),
     }
 }
 
@@ -612,11 +711,16 @@ const MAX_IDENTITY_ANSWER: usize = 64 << 10;
 const MAX_IDENTITY_ERROR: usize = 512;
 
 /// Tells the guest `request` on its virtio-serial port's line protocol, without HTTP/2:
-/// writes `IDENTITY <hex>` and `PING`, and reads up to the `PONG`. True when the agent
+/// writes `IDENTITY <key> <hex>` (`-` for no key) and `PING`, and reads up to the `PONG`. True when the agent
 /// answered `IDENTITY OK`; false when it answered the `PING` only (an agent that predates
 /// identity lines ignores them). A restored guest reaches ready this way with a small part of
 /// the new code a first HTTP/2 call runs in it (see the agent's `serial` module).
-async fn serial_identity(uds: &Path, request: &SetIdentityRequest, timeout: Duration) -> Result<bool, AgentError> {
+async fn serial_identity(
+    uds: &Path,
+    key: Option<&AgentKey>,
+    request: &SetIdentityRequest,
+    timeout: Duration,
+) -> Result<bool, AgentError> {
     use prost::Message;
     const CALL: &str = "SetIdentity";
     let unreachable = |err: HandshakeError| {
@@ -626,7 +730,8 @@ async fn serial_identity(uds: &Path, request: &SetIdentityRequest, timeout: Dura
     };
     let exchange = async {
         let mut stream = UnixStream::connect(uds).await.map_err(|err| unreachable(HandshakeError::Connect(err)))?;
-        let lines = format!("IDENTITY {}\nPING\n", hex::encode(request.encode_to_vec()));
+        let key = key.map(AgentKey::hex).unwrap_or_else(|| "-".into());
+        let lines = format!("IDENTITY {key} {}\nPING\n", hex::encode(request.encode_to_vec()));
         stream.write_all(lines.as_bytes()).await.map_err(|err| unreachable(HandshakeError::Send(err)))?;
         let mut answer: Option<Result<(), tonic::Status>> = None;
         let mut line = Vec::with_capacity(64);
@@ -875,24 +980,29 @@ mod tests {
             entropy: vec![9; 64],
             ..crate::domain::GuestIdentity::hostname("clone-1")
         };
-        let request = identity_request(&identity);
+        let (key, new_key) = (AgentKey::generate().expect("key"), AgentKey::generate().expect("new key"));
+        let request = identity_request(&identity, Some(&new_key));
+        assert_eq!(request.agent_key, new_key.bytes().to_vec(), "the new key goes with the identity");
+        let key = Some(&key);
         let wait = Duration::from_secs(2);
-        assert!(serial_identity(&path, &request, wait).await.expect("told"));
-        assert!(!serial_identity(&path, &request, wait).await.expect("answered"), "an older agent");
-        let refused = serial_identity(&path, &request, wait).await.expect_err("refused");
+        assert!(serial_identity(&path, key, &request, wait).await.expect("told"));
+        assert!(!serial_identity(&path, key, &request, wait).await.expect("answered"), "an older agent");
+        let refused = serial_identity(&path, key, &request, wait).await.expect_err("refused");
         let status = refused.status().expect("a status");
         assert_eq!((status.code(), status.message()), (tonic::Code::InvalidArgument, "not a hostname: \"X\""));
         assert!(!is_retryable(&refused));
         // No PONG: the port closes, then it stalls.
-        let closed = serial_identity(&path, &request, wait).await.expect_err("closed");
+        let closed = serial_identity(&path, key, &request, wait).await.expect_err("closed");
         assert!(closed.handshake_error().is_some_and(HandshakeError::is_not_up_yet) && is_retryable(&closed));
-        let stalled = serial_identity(&path, &request, Duration::from_millis(300)).await;
+        let stalled = serial_identity(&path, key, &request, Duration::from_millis(300)).await;
         assert!(matches!(stalled, Err(AgentError::Timeout { .. })), "{stalled:?}");
         let sent = port.await.expect("port");
-        let hex = sent[0].strip_prefix("IDENTITY ").and_then(|line| line.strip_suffix('\n')).expect("identity line");
+        let words = sent[0].strip_prefix("IDENTITY ").and_then(|line| line.strip_suffix('\n')).expect("identity line");
+        let (presented, hex) = words.split_once(' ').expect("the key, then the request");
+        assert_eq!(Some(presented), key.map(AgentKey::hex).as_deref(), "the current key first");
         let bytes = hex::decode(hex).expect("hex");
         assert_eq!(SetIdentityRequest::decode(bytes.as_slice()).expect("decode"), request);
-        let gone = serial_identity(&path, &request, wait).await.expect_err("no port");
+        let gone = serial_identity(&path, key, &request, wait).await.expect_err("no port");
         assert!(gone.handshake_error().is_some_and(HandshakeError::is_not_up_yet));
     }
 
@@ -948,8 +1058,13 @@ mod tests {
             Ok(tonic::Response::new(ReadyResponse { uptime_seconds: 1.5 }))
         }
 
-        async fn info(&self, _: tonic::Request<InfoRequest>) -> Result<tonic::Response<InfoResponse>, tonic::Status> {
-            Err(tonic::Status::unimplemented("fake"))
+        /// Says in `hostname` what the call's `authorization` was.
+        async fn info(
+            &self,
+            request: tonic::Request<InfoRequest>,
+        ) -> Result<tonic::Response<InfoResponse>, tonic::Status> {
+            let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("none");
+            Ok(tonic::Response::new(InfoResponse { hostname: presented.to_owned(), ..InfoResponse::default() }))
         }
 
         type ExecStream = FakeExecStream;
@@ -1060,7 +1175,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = socket_in(&dir);
         spawn_fake_backend(&path);
-        let client = AgentClient::new(path);
+        let client = AgentClient::new(path, None);
         client.wait_ready(Instant::now() + Duration::from_secs(5), || true).await.expect("ready");
         let chunks: Vec<Result<Vec<u8>, String>> = vec![Ok(b"hello ".to_vec()), Ok(b"world".to_vec())];
         let size = crate::host::files::write(client.clone(), "/ok".into(), 0o640, Box::pin(tokio_stream::iter(chunks)))
@@ -1124,10 +1239,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_call_carries_the_key_and_a_new_key_applies_to_the_next_call_of_every_clone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_in(&dir);
+        spawn_fake_backend(&path);
+        let presented = |client: AgentClient| async move { client.info().await.expect("info").hostname };
+        assert_eq!(presented(AgentClient::new(path.clone(), None)).await, "none");
+        let (key, next) = (AgentKey::generate().expect("key"), AgentKey::generate().expect("next"));
+        let client = AgentClient::new(path.clone(), Some(key.clone()));
+        let clone = client.clone();
+        assert_eq!(presented(client.clone()).await, format!("Bearer {}", key.hex()));
+        client.set_key(next.clone());
+        assert_eq!(client.key(), Some(next.clone()));
+        assert_eq!(presented(clone).await, format!("Bearer {}", next.hex()), "a clone, on the same connection");
+    }
+
+    #[tokio::test]
     async fn wait_ready_retries_until_the_backend_appears() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = socket_in(&dir);
-        let client = AgentClient::new(path.clone());
+        let client = AgentClient::new(path.clone(), None);
         let late_path = path.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1152,7 +1283,7 @@ mod tests {
     #[tokio::test]
     async fn wait_ready_stops_when_the_vmm_is_gone_or_time_is_up() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let client = AgentClient::new(socket_in(&dir));
+        let client = AgentClient::new(socket_in(&dir), None);
         let gone = client.wait_ready(Instant::now() + Duration::from_secs(5), || false).await;
         assert!(matches!(gone, Err(AgentError::VmmExited)));
 

@@ -1,7 +1,13 @@
 //! The guest-agent channel as one capability: its host-side backend (if the host needs one)
 //! and the calls the daemon makes to the agent.
 
-use std::{collections::HashMap, pin::Pin, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Mutex,
+    time::Duration,
+};
 
 use tokio::time::Instant;
 use tokio_stream::Stream;
@@ -9,6 +15,7 @@ use tokio_stream::Stream;
 use super::{
     HostError,
     agent::AgentClient,
+    agent_key::{self, AgentKey},
     confine::VmIdentity,
     exec,
     files::{self, FileData, FileInput},
@@ -57,14 +64,32 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError>;
 
+    /// Gives the agent of the boot about to start a key of its own: written down for the
+    /// daemon, and put in an archive before `initrd` (the image's initramfs) in a file the VMM
+    /// boots, whose path is returned (readable by `owner`, the VM's identity). An image without
+    /// an initramfs gets no key (its agent, if it has one, refuses every call).
+    async fn new_boot_key(
+        &self,
+        vm: &Vm,
+        initrd: Option<&Path>,
+        owner: Option<VmIdentity>,
+    ) -> Result<Option<PathBuf>, HostError>;
+
+    /// A VM restored from a snapshot: its agent holds the key kept in `key_file` (the
+    /// snapshot's) until its identity gives it one of its own.
+    async fn restore_key(&self, vm: &Vm, key_file: &Path) -> Result<(), HostError>;
+
+    /// Keeps the key the VM's agent holds in `key_file` (a snapshot's, root's alone).
+    async fn save_key(&self, vm: &Vm, key_file: &Path) -> Result<(), HostError>;
+
     /// Asks the guest to flush and power off.
     async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError>;
 
-    /// Gives a running guest a new identity.
+    /// Gives a running guest a new identity, and its agent a new key.
     async fn set_identity(&self, vm: &Vm, identity: &GuestIdentity) -> Result<(), HostError>;
 
-    /// Gives a guest just restored from a snapshot its new identity: asks until its agent
-    /// answers (it serves already, so there is nothing else to wait for), `deadline`, or
+    /// Gives a guest just restored from a snapshot its new identity and its agent a key of
+    /// its own (its source's is retired): asks until its agent answers (it serves already, so there is nothing else to wait for), `deadline`, or
     /// `still_booting()` false, as [`Self::wait_ready`] does.
     async fn wait_set_identity(
         &self,
@@ -95,6 +120,16 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     /// cannot hand the hang-up to a stopped guest. Fails with [`HostError::AgentBusy`] when
     /// a call (an exec, a copy) keeps one open.
     async fn quiesce(&self, vm: &Vm) -> Result<(), HostError>;
+}
+
+/// Runs `work` (small file writes) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T, HostError> + Send + 'static,
+) -> Result<T, HostError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| HostError::Io { what: what.into(), source: std::io::Error::other(e) })?
 }
 
 /// How long [`AgentChannels::quiesce`] waits for calls in flight to end.
@@ -130,16 +165,32 @@ impl VsockAgentChannels {
         Self { mode, backends, clients: Mutex::default() }
     }
 
-    fn client(&self, vm: &Vm) -> AgentClient {
+    /// The VM's client, made with the key in its dir when there is none yet (after a
+    /// restart of the daemon, or a new boot).
+    fn client(&self, vm: &Vm) -> Result<AgentClient, HostError> {
         let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .entry(vm.id)
-            .or_insert_with(|| match self.mode {
-                VsockMode::Kernel => AgentClient::new_kernel_vsock(vm.vsock_cid),
-                VsockMode::UserSpace | VsockMode::VmmHybrid => AgentClient::new(vm.paths().vsock),
-                VsockMode::VirtioSerial => AgentClient::new_serial(vm.paths().agent_serial),
-            })
-            .clone()
+        if let Some(client) = clients.get(&vm.id) {
+            return Ok(client.clone());
+        }
+        let paths = vm.paths();
+        let key = agent_key::read(&paths.agent_key)?;
+        let client = match self.mode {
+            VsockMode::Kernel => AgentClient::new_kernel_vsock(vm.vsock_cid, key),
+            VsockMode::UserSpace | VsockMode::VmmHybrid => AgentClient::new(paths.vsock, key),
+            VsockMode::VirtioSerial => AgentClient::new_serial(paths.agent_serial, key),
+        };
+        clients.insert(vm.id, client.clone());
+        Ok(client)
+    }
+
+    /// After the agent took `key` in an identity call: written down first (the agent takes
+    /// the old key too until the new one is used), then used once, which retires the old one.
+    async fn took_key(&self, vm: &Vm, client: &AgentClient, key: AgentKey) -> Result<(), HostError> {
+        let path = vm.paths().agent_key;
+        let written = key.clone();
+        blocking("write an agent key", move || agent_key::write(&path, &written)).await?;
+        client.set_key(key);
+        client.confirm_key().await.map_err(HostError::from)
     }
 }
 
@@ -194,15 +245,61 @@ impl AgentChannels for VsockAgentChannels {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         }
-        self.client(vm).wait_ready(deadline, still_booting).await.map(drop).map_err(HostError::from)
+        self.client(vm)?.wait_ready(deadline, still_booting).await.map(drop).map_err(HostError::from)
+    }
+
+    async fn new_boot_key(
+        &self,
+        vm: &Vm,
+        initrd: Option<&Path>,
+        owner: Option<VmIdentity>,
+    ) -> Result<Option<PathBuf>, HostError> {
+        let paths = vm.paths();
+        // A client of an earlier boot carries that boot's key.
+        self.forget(vm.id);
+        let initrd = initrd.map(Path::to_owned);
+        blocking("make the agent's key", move || match initrd {
+            Some(initrd) => {
+                let key = AgentKey::generate()?;
+                agent_key::write_boot_initrd(&key, &initrd, &paths.boot_initrd, owner)?;
+                agent_key::write(&paths.agent_key, &key)?;
+                Ok(Some(paths.boot_initrd))
+            }
+            None => {
+                for stale in [&paths.agent_key, &paths.boot_initrd] {
+                    match std::fs::remove_file(stale) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(super::file_error("remove", stale)(e));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(None)
+            }
+        })
+        .await
+    }
+
+    async fn restore_key(&self, vm: &Vm, key_file: &Path) -> Result<(), HostError> {
+        self.forget(vm.id);
+        let (from, to) = (key_file.to_owned(), vm.paths().agent_key);
+        blocking("copy an agent key", move || agent_key::copy(&from, &to).map(drop)).await
+    }
+
+    async fn save_key(&self, vm: &Vm, key_file: &Path) -> Result<(), HostError> {
+        let (from, to) = (vm.paths().agent_key, key_file.to_owned());
+        blocking("copy an agent key", move || agent_key::copy(&from, &to).map(drop)).await
     }
 
     async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError> {
-        self.client(vm).shutdown().await.map_err(HostError::from)
+        self.client(vm)?.shutdown().await.map_err(HostError::from)
     }
 
     async fn set_identity(&self, vm: &Vm, identity: &GuestIdentity) -> Result<(), HostError> {
-        self.client(vm).set_identity(identity).await.map_err(HostError::from)
+        let client = self.client(vm)?;
+        let key = AgentKey::generate()?;
+        client.set_identity(identity, Some(&key)).await?;
+        self.took_key(vm, &client, key).await
     }
 
     async fn wait_set_identity(
@@ -212,27 +309,32 @@ impl AgentChannels for VsockAgentChannels {
         deadline: Instant,
         still_booting: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<(), HostError> {
-        self.client(vm).wait_set_identity(identity, deadline, still_booting).await.map_err(HostError::from)
+        let client = self.client(vm)?;
+        let key = AgentKey::generate()?;
+        client.wait_set_identity(identity, Some(&key), deadline, still_booting).await?;
+        self.took_key(vm, &client, key).await
     }
 
     async fn sync_guest(&self, vm: &Vm) -> Result<(), HostError> {
-        self.client(vm).sync().await.map_err(HostError::from)
+        self.client(vm)?.sync().await.map_err(HostError::from)
     }
 
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting {
         let client = self.client(vm);
         Box::pin(async move {
-            let events = exec::exec(client, command, input).await?;
+            let events = exec::exec(client?, command, input).await?;
             Ok::<ExecEventStream, HostError>(Box::pin(events))
         })
     }
 
     fn read_file(&self, vm: &Vm, path: String) -> FileReading {
-        Box::pin(files::read(self.client(vm), path))
+        let client = self.client(vm);
+        Box::pin(async move { files::read(client?, path).await })
     }
 
     fn write_file(&self, vm: &Vm, path: String, mode: u32, input: FileInput) -> FileWriting {
-        Box::pin(files::write(self.client(vm), path, mode, input))
+        let client = self.client(vm);
+        Box::pin(async move { files::write(client?, path, mode, input).await })
     }
 
     fn forget(&self, vm: VmId) {

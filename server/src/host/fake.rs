@@ -408,6 +408,25 @@ impl AgentChannels for FakeHost {
         Ok(())
     }
 
+    async fn new_boot_key(
+        &self,
+        _vm: &Vm,
+        _initrd: Option<&std::path::Path>,
+        _owner: Option<crate::host::confine::VmIdentity>,
+    ) -> Result<Option<std::path::PathBuf>, HostError> {
+        // The fake guest checks no key; the VMM boots the image's initramfs.
+        self.check("agents.new_boot_key")?;
+        Ok(None)
+    }
+
+    async fn restore_key(&self, _vm: &Vm, _key_file: &std::path::Path) -> Result<(), HostError> {
+        self.check("agents.restore_key")
+    }
+
+    async fn save_key(&self, _vm: &Vm, _key_file: &std::path::Path) -> Result<(), HostError> {
+        self.check("agents.save_key")
+    }
+
     async fn shutdown_guest(&self, vm: &Vm) -> Result<(), HostError> {
         self.check("agents.shutdown_guest")?;
         // The guest powers off: its VMM exits.

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod agent_channel;
+pub mod agent_key;
 pub mod block;
 pub mod cgroup;
 pub mod command;

@@ -139,6 +139,8 @@ pub struct Boot {
     /// A restore onto a copy of the snapshot's memory, mapped shared (the VM can be
     /// snapshotted again), instead of the snapshot's own file mapped private.
     own_memory: bool,
+    /// The image as the VMM boots it: its initramfs this boot's, with the agent's key.
+    launch_image: Option<Image>,
 }
 
 impl Boot {
@@ -154,6 +156,7 @@ impl Boot {
             restore: None,
             restore_files: None,
             own_memory: false,
+            launch_image: None,
         }
     }
 
@@ -200,6 +203,17 @@ impl Boot {
                 let running =
                     self.handles.vsock_backend.is_some_and(|backend| ops.host.processes.alive(&backend, &paths.vsock));
                 let identity = ops.host.vmm.runs_as(self.vm.vsock_cid);
+                // The agent's key: a new one for a boot, in its initramfs; a restored guest's
+                // is its snapshot's until its identity gives it its own.
+                match &self.restore_files {
+                    Some(files) => ops.host.agents.restore_key(&self.vm, &files.agent_key).await?,
+                    None => {
+                        let initrd = self.image.initrd_path.as_deref();
+                        let boot_initrd = ops.host.agents.new_boot_key(&self.vm, initrd, identity).await?;
+                        self.launch_image =
+                            boot_initrd.map(|initrd| Image { initrd_path: Some(initrd), ..self.image.clone() });
+                    }
+                }
                 if !running
                     && let Some(backend) = ops.host.agents.start_backend(self.vm.vsock_cid, &paths, identity).await?
                 {
@@ -416,7 +430,7 @@ impl Boot {
             name: &self.vm.name,
             paths,
             spec: self.vm.spec,
-            image: &self.image,
+            image: self.launch_image.as_ref().unwrap_or(&self.image),
             vsock_cid: self.vm.vsock_cid,
             disk,
             disk_format: self.vm.root_disk.format(),

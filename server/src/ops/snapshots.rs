@@ -187,6 +187,10 @@ impl Operation for SnapshotVmOp<'_> {
             Stage::PauseVcpus => ops.host.vmm.pause(&paths).await?,
             Stage::SaveState => {
                 ops.host.vmm.save(&paths, &paths.dir.join(SAVING), &paths.dir.join(SAVING_MEMORY)).await?;
+                // The key the saved agent holds: its clones' first identity call carries it.
+                if !self.request.without_agent {
+                    ops.host.agents.save_key(&self.vm, &self.snapshot()?.paths().agent_key).await?;
+                }
             }
             Stage::FreezeFiles => {
                 let snapshot = self.snapshot()?.clone();
