@@ -149,22 +149,22 @@ pub fn spawn_detached_split(
     stdout_log: &Path,
     stderr_log: &Path,
 ) -> Result<ProcessHandle, HostError> {
-    spawn(program, args, stdout_log, stderr_log, None, None)
+    spawn(program, args, stdout_log, stderr_log, None, Vec::new())
 }
 
 /// Like [`spawn_detached`], as the VM's unprivileged `identity` under the seccomp filter
 /// of [`confine`](super::confine): the process never runs a program's instruction as root.
-/// Its logs are opened here, by the daemon: it can write them, not reopen them. `fd_3`, if
-/// given, is its file descriptor 3 (a device only root may open, opened for it).
+/// Its logs are opened here, by the daemon: it can write them, not reopen them. `fds` are
+/// its file descriptors 3, 4, … in order (devices only root may open, opened for it).
 pub fn spawn_confined(
     program: &Path,
     args: &[OsString],
     log: &Path,
     identity: VmIdentity,
     extra_groups: &[u32],
-    fd_3: Option<std::os::fd::OwnedFd>,
+    fds: Vec<std::os::fd::OwnedFd>,
 ) -> Result<ProcessHandle, HostError> {
-    spawn(program, args, log, log, Some((identity, extra_groups.to_vec())), fd_3)
+    spawn(program, args, log, log, Some((identity, extra_groups.to_vec())), fds)
 }
 
 fn spawn(
@@ -173,10 +173,23 @@ fn spawn(
     stdout_log: &Path,
     stderr_log: &Path,
     identity: Option<(VmIdentity, Vec<u32>)>,
-    fd_3: Option<std::os::fd::OwnedFd>,
+    fds: Vec<std::os::fd::OwnedFd>,
 ) -> Result<ProcessHandle, HostError> {
-    use std::os::fd::AsRawFd;
-    let inherited = fd_3.as_ref().map(|fd| fd.as_raw_fd());
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // Each moved above the numbers it goes to first, so that no dup2 in the child closes one
+    // still to be moved (a descriptor the daemon holds may well be 3 or 4).
+    let mut high = Vec::with_capacity(fds.len());
+    for fd in &fds {
+        // SAFETY: fcntl on a descriptor this call owns; the result is checked.
+        let moved = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+        if moved < 0 {
+            return Err(spawn_error(program, std::io::Error::last_os_error()));
+        }
+        // SAFETY: `moved` is a new descriptor nothing else owns.
+        high.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(moved) });
+    }
+    drop(fds);
+    let inherited: Vec<i32> = high.iter().map(AsRawFd::as_raw_fd).collect();
     let open_log =
         |log: &Path| OpenOptions::new().create(true).append(true).open(log).map_err(super::file_error("open", log));
     let mut command = tokio::process::Command::new(program);
@@ -195,13 +208,12 @@ fn spawn(
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
-            match inherited {
-                // Already 3: only its close-on-exec flag goes.
-                Some(3) if libc::fcntl(3, libc::F_SETFD, 0) < 0 => return Err(std::io::Error::last_os_error()),
-                Some(3) => {}
-                // dup2 leaves the new descriptor open across exec.
-                Some(fd) if libc::dup2(fd, 3) < 0 => return Err(std::io::Error::last_os_error()),
-                _ => {}
+            // dup2 leaves the new descriptor open across exec; the ones above stay
+            // close-on-exec.
+            for (target, fd) in (3..).zip(&inherited) {
+                if libc::dup2(*fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if let (Some((identity, extra_groups)), Some(filter)) = (&identity, &filter) {
                 super::confine::enter(*identity, extra_groups, filter)?;
@@ -210,7 +222,7 @@ fn spawn(
         });
     }
     let child = command.spawn().map_err(|e| spawn_error(program, e))?;
-    drop(fd_3); // the child has its own
+    drop(high); // the child has its own
     let pid = child.id().ok_or_else(|| HostError::Spawn {
         program: program.to_owned(),
         source: std::io::Error::other("exited before its pid was read"),
@@ -228,4 +240,33 @@ pub fn resolve_program(name: &Path) -> Option<PathBuf> {
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn descriptors_handed_to_a_process_are_its_3_and_4_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (three, four, log) = (dir.path().join("three"), dir.path().join("four"), dir.path().join("log"));
+        let open = |path: &Path| std::os::fd::OwnedFd::from(std::fs::File::create(path).expect("create"));
+        let script = "echo three >&3 && echo four >&4";
+        let args: Vec<OsString> = vec!["-c".into(), script.into()];
+        let handle =
+            spawn(Path::new("/bin/sh"), &args, &log, &log, None, vec![open(&three), open(&four)]).expect("spawn");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(&four).unwrap_or_default().is_empty()
+            || Path::new(&format!("/proc/{}", handle.pid)).exists()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell did not finish: {:?}",
+                std::fs::read_to_string(&log)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(std::fs::read_to_string(&three).expect("three"), "three\n");
+        assert_eq!(std::fs::read_to_string(&four).expect("four"), "four\n");
+    }
 }

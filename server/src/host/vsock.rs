@@ -28,10 +28,13 @@ pub enum VsockMode {
     VirtioSerial,
 }
 
+/// The kernel's vhost-vsock device.
+pub const VHOST_VSOCK_DEVICE: &str = "/dev/vhost-vsock";
+
 impl VsockMode {
     /// The kernel's vhost-vsock where `/dev/vhost-vsock` opens, else the user-space backend.
     pub fn detect() -> Self {
-        let kernel = std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-vsock").is_ok();
+        let kernel = std::fs::OpenOptions::new().read(true).write(true).open(VHOST_VSOCK_DEVICE).is_ok();
         if kernel { Self::Kernel } else { Self::UserSpace }
     }
 }
@@ -70,7 +73,7 @@ impl VsockBackends {
         let args: Vec<OsString> = vec!["--vm".into(), vm.into()];
         let handle = match identity {
             Some(identity) => {
-                command::spawn_confined(&self.binary, &args, &paths.vsock_backend_log, identity, &[], None)?
+                command::spawn_confined(&self.binary, &args, &paths.vsock_backend_log, identity, &[], Vec::new())?
             }
             None => command::spawn_detached(&self.binary, &args, &paths.vsock_backend_log)?,
         };

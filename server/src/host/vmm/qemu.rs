@@ -138,8 +138,18 @@ impl QemuVmm {
             "-device",
             "virtio-blk-device,drive=root",
         ]);
+        // Devices the daemon opens for the unprivileged QEMU: its fds 3, 4, … in this order.
+        let mut next_fd = 3..;
         match self.vsock {
-            VsockMode::Kernel => push(&["-device", &format!("vhost-vsock-device,guest-cid={}", launch.vsock_cid)]),
+            // /dev/vhost-vsock need not be open to the VMs' uids (nor to anyone else).
+            VsockMode::Kernel => push(&[
+                "-device",
+                &format!(
+                    "vhost-vsock-device,guest-cid={},vhostfd={}",
+                    launch.vsock_cid,
+                    next_fd.next().unwrap_or_default()
+                ),
+            ]),
             VsockMode::UserSpace | VsockMode::VmmHybrid => push(&[
                 "-chardev",
                 &format!("socket,id=vsock,path={}", paths.vhost_user_socket.display()),
@@ -156,11 +166,10 @@ impl QemuVmm {
             ]),
         }
         if let Some(nic) = launch.nic {
-            // The tap is opened by the daemon and is QEMU's fd 3: an unprivileged QEMU may
-            // not open /dev/net/tun.
+            // The tap is opened by the daemon: an unprivileged QEMU may not open /dev/net/tun.
             push(&[
                 "-netdev",
-                "tap,id=net0,fd=3",
+                &format!("tap,id=net0,fd={}", next_fd.next().unwrap_or_default()),
                 "-device",
                 &format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
             ]);
@@ -234,6 +243,20 @@ async fn wait_migration(qmp: &mut Qmp, timeout: Duration, alive: &(dyn Fn() -> b
     }
 }
 
+/// Opens the kernel's vhost-vsock device for a VMM (`vhostfd=`): the daemon opens it, so the
+/// device node need not be open to the VMs' uids.
+fn open_vhost_vsock() -> Result<std::os::fd::OwnedFd, HostError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = Path::new(crate::host::vsock::VHOST_VSOCK_DEVICE);
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(crate::host::file_error("open", path))?;
+    Ok(device.into())
+}
+
 /// Lines QEMU prints when it keeps running but the guest will never get its vsock device.
 const FATAL_VMM_LOG_LINES: [&str; 2] = ["vhost_set_mem_table failed", "Error starting vhost"];
 
@@ -251,10 +274,17 @@ impl Vmm for QemuVmm {
             std::os::unix::fs::chown(launch.disk, Some(identity.uid), Some(identity.gid))
                 .map_err(crate::host::file_error("chown", launch.disk))?;
         }
-        let tap = launch.nic.map(|nic| crate::host::network::open_tap(&nic.tap)).transpose()?;
+        // In the order `args` numbers them.
+        let mut fds = Vec::new();
+        if self.vsock == VsockMode::Kernel {
+            fds.push(open_vhost_vsock()?);
+        }
+        if let Some(nic) = launch.nic {
+            fds.push(crate::host::network::open_tap(&nic.tap)?);
+        }
         let args = self.args(launch);
         tracing::debug!(binary = %self.binary.display(), args = ?args, uid = identity.uid, "qemu command line");
-        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, launch.extra_groups, tap)
+        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, launch.extra_groups, fds)
     }
 
     async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError> {
@@ -362,6 +392,13 @@ mod tests {
             origin: None,
         };
         let paths = VmPaths::new(Path::new("/state/vms/x"));
+        let nic = crate::host::vmm::GuestNic {
+            tap: "bgtap7".into(),
+            mac: "02:00:00:00:00:07".into(),
+            address: "172.30.0.7/24".into(),
+            gateway: "172.30.0.1".into(),
+            nameserver: None,
+        };
         let launch = LaunchSpec {
             id: crate::domain::VmId::generate(),
             name: "web",
@@ -371,7 +408,7 @@ mod tests {
             vsock_cid: 7,
             disk: &paths.root_disk,
             disk_format: "qcow2",
-            nic: None,
+            nic: Some(&nic),
             memory: GuestMemory::Anonymous,
             restore_from: None,
             extra_groups: &[],
@@ -406,7 +443,10 @@ mod tests {
         assert!(after(&user, "-device").contains(&"vhost-user-vsock-device,chardev=vsock"));
         assert!(after(&user, "-chardev").contains(&"socket,id=vsock,path=/state/vms/x/vhost-user.sock"));
         let kernel = args(VsockMode::Kernel);
-        assert!(after(&kernel, "-device").contains(&"vhost-vsock-device,guest-cid=7"));
+        // The daemon opens the device: QEMU's first inherited fd, the tap its second.
+        assert!(after(&kernel, "-device").contains(&"vhost-vsock-device,guest-cid=7,vhostfd=3"));
+        assert!(after(&kernel, "-netdev").contains(&"tap,id=net0,fd=4"), "{:?}", after(&kernel, "-netdev"));
+        assert!(after(&user, "-netdev").contains(&"tap,id=net0,fd=3"));
         assert!(!after(&kernel, "-chardev").iter().any(|c| c.contains("vhost-user")));
         // The virtio-serial channel: a port QEMU serves, and no vsock device at all.
         let serial = args(VsockMode::VirtioSerial);
