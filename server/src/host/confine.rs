@@ -3,13 +3,17 @@
 //! Each VM has its own unprivileged identity: uid and gid `uid_base + vsock cid`, durable
 //! because the cid is. A confined process is switched to it before it execs: no
 //! supplementary groups, real, effective and saved ids all the VM's (so every capability is
-//! gone), `no_new_privs`, and a seccomp filter that refuses what a device model never needs
-//! (mounts, namespaces, ptrace, module and kexec loading, bpf, keyrings, changing ids). A
-//! VMM adds its own filter on top (QEMU's `-sandbox`).
+//! gone), `no_new_privs`, and seccomp filters that refuse what a device model never needs
+//! (mounts, namespaces however they are asked for, ptrace, module and kexec loading, bpf,
+//! keyrings, changing ids, io_uring, the x32 system call numbers). A VMM adds its own filter
+//! on top (QEMU's `-sandbox`).
 
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch, sock_filter,
+};
 
 /// The unprivileged identity a VM's processes run as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,28 +81,85 @@ const DENIED: &[i64] = &[
     libc::SYS_personality,
 ];
 
-/// The seccomp program every confined process gets, compiled once.
-pub fn filter() -> Result<&'static BpfProgram, String> {
-    static FILTER: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
-    FILTER
-        .get_or_init(|| {
-            let rules = DENIED.iter().map(|&syscall| (syscall, Vec::new())).collect();
-            let filter = SeccompFilter::new(
-                rules,
-                SeccompAction::Allow,
-                SeccompAction::Errno(libc::EPERM as u32),
-                TargetArch::x86_64,
-            )
-            .map_err(|e| e.to_string())?;
-            BpfProgram::try_from(filter).map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(Clone::clone)
+/// The flags of `clone` that make a new namespace. Debian lets any user make a user
+/// namespace, and with it capabilities inside; `unshare` and `setns` are refused whole, so a
+/// `clone` asking for one is refused too (`EPERM`). Threads and plain forks pass.
+const NAMESPACE_FLAGS: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    // CLONE_NEWTIME, which the libc crate names for clone3 only.
+    0x80,
+];
+
+/// System calls a confined process is told do not exist (`ENOSYS`), so that it falls back:
+/// `clone3` passes its flags in memory, out of a filter's reach (glibc then uses `clone`, whose
+/// flags are checked); io_uring runs operations no system call filter sees (QEMU then uses
+/// its thread pool).
+const UNIMPLEMENTED: &[i64] =
+    &[libc::SYS_clone3, libc::SYS_io_uring_setup, libc::SYS_io_uring_enter, libc::SYS_io_uring_register];
+
+/// The x32 ABI's system calls: numbers with this bit, on the x86-64 architecture, which a
+/// filter keyed by x86-64 numbers would otherwise let through.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// The seccomp programs every confined process gets, in the order they are installed,
+/// compiled once: the refusals (`EPERM`), the unimplemented (`ENOSYS`), and x32.
+pub fn filter() -> Result<&'static [BpfProgram], String> {
+    static FILTERS: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+    FILTERS.get_or_init(compile).as_ref().map(Vec::as_slice).map_err(Clone::clone)
 }
 
-/// Switches the calling process to `identity` and installs [`filter`]: what a confined
-/// process runs between fork and exec. Only async-signal-safe system calls.
-pub fn enter(identity: VmIdentity, extra_groups: &[u32], filter: &BpfProgram) -> std::io::Result<()> {
+fn compile() -> Result<Vec<BpfProgram>, String> {
+    let error = |e: seccompiler::BackendError| e.to_string();
+    let mut denied: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&syscall| (syscall, Vec::new())).collect();
+    let namespace_rules = NAMESPACE_FLAGS
+        .iter()
+        .map(|&flag| {
+            let condition = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)?;
+            SeccompRule::new(vec![condition])
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(error)?;
+    denied.insert(libc::SYS_clone, namespace_rules);
+    let refused =
+        SeccompFilter::new(denied, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), TargetArch::x86_64)
+            .map_err(error)?;
+    let unimplemented = SeccompFilter::new(
+        UNIMPLEMENTED.iter().map(|&syscall| (syscall, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(error)?;
+    Ok(vec![
+        BpfProgram::try_from(refused).map_err(error)?,
+        BpfProgram::try_from(unimplemented).map_err(error)?,
+        x32_filter(),
+    ])
+}
+
+/// `ENOSYS` for every system call number with [`X32_SYSCALL_BIT`] (the other filters check
+/// the architecture, which x32 shares with x86-64).
+fn x32_filter() -> BpfProgram {
+    let statement = |code: u32, k: u32| sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let nr_offset = 0; // `struct seccomp_data` starts with the number.
+    vec![
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, nr_offset),
+        sock_filter { code: (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16, jt: 0, jf: 1, k: X32_SYSCALL_BIT },
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Switches the calling process to `identity` and installs [`filter`]'s programs: what a
+/// confined process runs between fork and exec. Only async-signal-safe system calls.
+pub fn enter(identity: VmIdentity, extra_groups: &[u32], filters: &[BpfProgram]) -> std::io::Result<()> {
     use nix::unistd::{Gid, Uid, setresgid, setresuid};
     let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
     // SAFETY: a valid array of gid_t of that length; no allocation between fork and exec.
@@ -108,8 +169,15 @@ pub fn enter(identity: VmIdentity, extra_groups: &[u32], filter: &BpfProgram) ->
     setresgid(gid, gid, gid).map_err(std::io::Error::from)?;
     // All three uids leave 0: the kernel clears the permitted and effective capabilities.
     setresuid(uid, uid, uid).map_err(std::io::Error::from)?;
-    // Sets no_new_privs first: no exec can gain privileges again.
-    seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())
+    install(filters)
+}
+
+/// Installs the filters (each sets no_new_privs first: no exec can gain privileges again).
+fn install(filters: &[BpfProgram]) -> std::io::Result<()> {
+    for filter in filters {
+        seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -125,6 +193,72 @@ mod tests {
 
     #[test]
     fn the_filter_compiles() {
-        assert!(!filter().expect("a valid filter").is_empty());
+        assert_eq!(filter().expect("valid filters").len(), 3);
+    }
+
+    /// What the system calls a confined process might escape with return under the filters,
+    /// in a forked child (the filters are for good: the test process must not get them).
+    #[test]
+    fn a_confined_process_cannot_make_namespaces_use_clone3_io_uring_or_x32_and_still_forks() {
+        let filters = filter().expect("filters");
+        // Each result is one byte of the child's exit code's bits: 1 when as expected.
+        // SAFETY: the child makes only system calls and `_exit`s (the test process has
+        // threads: nothing that allocates or locks runs between fork and exit).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            let mut failed = 0;
+            if install(filters).is_err() {
+                unsafe { libc::_exit(100) };
+            }
+            // clone(CLONE_NEWUSER), and the same with a harmless flag beside it.
+            let user = unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0) };
+            if user != -1 || errno() != libc::EPERM {
+                failed |= 1;
+            }
+            let net = unsafe {
+                libc::syscall(libc::SYS_clone, libc::CLONE_NEWNET | libc::CLONE_FILES | libc::SIGCHLD, 0, 0, 0, 0)
+            };
+            if net != -1 || errno() != libc::EPERM {
+                failed |= 2;
+            }
+            let args = [0u64; 11];
+            let clone3 = unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), std::mem::size_of_val(&args)) };
+            if clone3 != -1 || errno() != libc::ENOSYS {
+                failed |= 4;
+            }
+            let params = [0u8; 120];
+            let ring = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1, params.as_ptr()) };
+            if ring != -1 || errno() != libc::ENOSYS {
+                failed |= 8;
+            }
+            let x32 = unsafe { libc::syscall(libc::SYS_getpid | X32_SYSCALL_BIT as i64) };
+            if x32 != -1 || errno() != libc::ENOSYS {
+                failed |= 16;
+            }
+            // A plain fork still works (QEMU and the backend start threads and helpers).
+            let child = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            if child == 0 {
+                unsafe { libc::_exit(0) };
+            }
+            if child < 0 {
+                failed |= 32;
+            } else {
+                let mut status = 0;
+                unsafe { libc::waitpid(child as i32, &mut status, 0) };
+            }
+            unsafe { libc::_exit(failed) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "the child was killed: {status:#x}");
+        let failed = libc::WEXITSTATUS(status);
+        let names = ["clone(NEWUSER)", "clone(NEWNET)", "clone3", "io_uring_setup", "x32 getpid", "plain fork"];
+        let wrong: Vec<&str> =
+            names.iter().enumerate().filter(|(bit, _)| failed & (1 << bit) != 0).map(|(_, n)| *n).collect();
+        assert!(failed != 100, "the filters could not be installed");
+        assert!(wrong.is_empty(), "not refused as expected under the filters: {wrong:?}");
     }
 }
