@@ -234,12 +234,14 @@ impl AgentChannels for VsockAgentChannels {
             // itself are polled after the grace period.
             let announced = Instant::now() + ANNOUNCE_GRACE;
             let console = vm.paths().console_log;
-            let this_boot = |log: Vec<u8>| {
-                let from = usize::try_from(console_from).unwrap_or(usize::MAX).min(log.len());
-                log[from..].windows(AGENT_ANNOUNCEMENT.len()).any(|w| w == AGENT_ANNOUNCEMENT.as_bytes())
+            // This boot's part of the console (at most 4 MiB of it: a boot prints far less).
+            let this_boot = || {
+                super::fs::read_vm_file(&console, console_from, 4 << 20).is_some_and(|log| {
+                    log.windows(AGENT_ANNOUNCEMENT.len()).any(|w| w == AGENT_ANNOUNCEMENT.as_bytes())
+                })
             };
             while Instant::now() < announced.min(deadline) && still_booting() {
-                if std::fs::read(&console).is_ok_and(this_boot) {
+                if this_boot() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;

@@ -109,6 +109,91 @@ pub fn make_trusted_dir(dir: &Path, mode: u32) -> Result<(), HostError> {
     chmod_dir(dir, mode).map(drop)
 }
 
+/// Who may own a file in a VM's directory that the daemon opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmFileOwner {
+    /// The daemon only (`handles.json`: it names what the daemon kills and removes).
+    Daemon,
+    /// The daemon or the VM's own uid (the console log, which the VMM writes).
+    DaemonOrVm,
+}
+
+/// Opens a file in a VM's directory, where the VM's processes may add files: through the
+/// directory's descriptor, never following a link, never blocking on a FIFO (`O_NONBLOCK`),
+/// and only when `fstat` shows a regular file of an owner `owner` allows (the VM's uid is
+/// the directory's group) with one link. A second link is allowed on a file of the daemon's
+/// (a jailed Firecracker's `vmm.log`, linked into its jail): with `fs.protected_hardlinks` a
+/// VM's uid cannot link a file it does not own. `None` when the file is absent; refused
+/// otherwise (`Untrusted`), and the caller logs and skips it.
+pub fn open_vm_file(path: &Path, write: bool, owner: VmFileOwner) -> Result<Option<std::fs::File>, HostError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(HostError::Untrusted { path: path.to_owned(), why: "not a file in a directory".into() });
+    };
+    let dir_file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        opened => opened.map_err(file_error("open", dir))?,
+    };
+    let dir_meta = dir_file.metadata().map_err(file_error("stat", dir))?;
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| HostError::Untrusted { path: path.to_owned(), why: "a NUL in its name".into() })?;
+    let access = if write { libc::O_WRONLY } else { libc::O_RDONLY };
+    let flags = access | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: a valid directory descriptor and NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::openat(dir_file.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        let error = std::io::Error::last_os_error();
+        return match error.kind() {
+            std::io::ErrorKind::NotFound => Ok(None),
+            _ => {
+                Err(HostError::Untrusted { path: path.to_owned(), why: format!("cannot be opened as a file: {error}") })
+            }
+        };
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let meta = file.metadata().map_err(file_error("stat", path))?;
+    let daemon = nix::unistd::geteuid().as_raw();
+    let owned = meta.uid() == daemon || (owner == VmFileOwner::DaemonOrVm && meta.uid() == dir_meta.gid());
+    let why = if !meta.is_file() {
+        Some("not a regular file".to_owned())
+    } else if !owned {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if meta.nlink() != 1 && meta.uid() != daemon {
+        Some(format!("{} links", meta.nlink()))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(HostError::Untrusted { path: path.to_owned(), why }),
+        None => Ok(Some(file)),
+    }
+}
+
+/// Reads at most `limit` bytes from `path` (a file in a VM's directory, opened by
+/// [`open_vm_file`]) starting at `from`; `None` when absent, refused, or unreadable (the
+/// refusal logged).
+pub fn read_vm_file(path: &Path, from: u64, limit: u64) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let mut file = match open_vm_file(path, false, VmFileOwner::DaemonOrVm) {
+        Ok(file) => file?,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), error = %error, "a file in a VM's directory was not read");
+            return None;
+        }
+    };
+    file.seek(std::io::SeekFrom::Start(from)).ok()?;
+    let mut content = Vec::new();
+    file.take(limit).read_to_end(&mut content).ok()?;
+    Some(content)
+}
+
 /// Hands a VM's directory to the identity its processes run as: the directory becomes
 /// root's with the VM's group, writable by that group and sticky (its processes add their
 /// sockets and console log; only root removes or replaces root's files), its disk and
@@ -359,12 +444,22 @@ pub async fn keep_logs(logs: &[&Path], into: &Path, keep: usize) {
     for log in logs {
         any |= exists(log).await;
     }
-    if any && tokio::fs::create_dir_all(into).await.is_ok() {
-        for log in logs {
-            if let Some(file) = log.file_name() {
-                let _ = tokio::fs::copy(log, into.join(file)).await;
+    if any && create_dir(into, 0o700).await.is_ok() {
+        let (logs, into) = (logs.iter().map(|log| log.to_path_buf()).collect::<Vec<_>>(), into.to_owned());
+        // The VM's processes write its logs: each is opened as such a file may be.
+        let _ = tokio::task::spawn_blocking(move || {
+            for log in logs {
+                let (Some(name), Ok(Some(mut from))) =
+                    (log.file_name(), open_vm_file(&log, false, VmFileOwner::DaemonOrVm))
+                else {
+                    continue;
+                };
+                if let Ok(mut to) = std::fs::File::create(into.join(name)) {
+                    let _ = std::io::copy(&mut from, &mut to);
+                }
             }
-        }
+        })
+        .await;
     }
     let Some(all) = into.parent() else { return };
     let Ok(mut entries) = tokio::fs::read_dir(all).await else { return };
@@ -415,6 +510,54 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("a"), &link).expect("symlink");
         assert!(make_dir(&link, 0o755).is_err(), "a link is not made a directory");
         assert_eq!(mode(&tmp.path().join("a")), 0o770);
+    }
+
+    #[test]
+    fn a_file_in_a_vms_directory_is_opened_only_as_a_regular_file_of_its_owners_and_never_waited_on() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |name: &str, write: bool, owner: VmFileOwner| open_vm_file(&dir.path().join(name), write, owner);
+        let refused = |name: &str, write: bool, owner: VmFileOwner| match open(name, write, owner) {
+            Err(HostError::Untrusted { why, .. }) => why,
+            other => panic!("{name} was not refused: {other:?}"),
+        };
+        assert!(open("absent.log", false, VmFileOwner::DaemonOrVm).expect("absent").is_none());
+        std::fs::write(dir.path().join("console.log"), "booted\n").expect("write");
+        assert!(open("console.log", false, VmFileOwner::Daemon).expect("ours").is_some());
+        assert_eq!(read_vm_file(&dir.path().join("console.log"), 2, 3).as_deref(), Some(&b"ote"[..]));
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link.log")).expect("symlink");
+        refused("link.log", false, VmFileOwner::DaemonOrVm);
+        refused("link.log", true, VmFileOwner::DaemonOrVm);
+        // A FIFO: refused at once for reading and for writing, whoever would open its other end.
+        nix::unistd::mkfifo(&dir.path().join("fifo.log"), nix::sys::stat::Mode::from_bits_truncate(0o666))
+            .expect("mkfifo");
+        let started = std::time::Instant::now();
+        assert!(refused("fifo.log", false, VmFileOwner::DaemonOrVm).contains("not a regular file"));
+        refused("fifo.log", true, VmFileOwner::DaemonOrVm);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "a FIFO was waited on");
+        assert!(read_vm_file(&dir.path().join("fifo.log"), 0, 10).is_none());
+        // A second link of the daemon's own file is allowed (a jail's).
+        std::fs::hard_link(dir.path().join("console.log"), dir.path().join("jail.log")).expect("link");
+        assert!(open("jail.log", false, VmFileOwner::Daemon).expect("the daemon's").is_some());
+
+        if !running_as_root() {
+            banger_tests::skip("the checks of files a VM's uid owns need root (chown); the rest ran");
+            return;
+        }
+        // The VM's uid is the directory's group.
+        let vm = 900_123;
+        std::os::unix::fs::chown(dir.path(), None, Some(vm)).expect("chgrp the dir");
+        std::fs::write(dir.path().join("vm.log"), "guest\n").expect("write");
+        std::os::unix::fs::chown(dir.path().join("vm.log"), Some(vm), Some(vm)).expect("chown");
+        assert!(open("vm.log", true, VmFileOwner::DaemonOrVm).expect("the VM's").is_some());
+        assert!(refused("vm.log", false, VmFileOwner::Daemon).contains("owned by uid 900123"));
+        std::fs::write(dir.path().join("other.log"), "x").expect("write");
+        std::os::unix::fs::chown(dir.path().join("other.log"), Some(vm + 1), None).expect("chown");
+        assert!(refused("other.log", false, VmFileOwner::DaemonOrVm).contains("owned by uid 900124"));
+        // A file of the VM's with a second link (to something it owns elsewhere): refused.
+        std::fs::hard_link(dir.path().join("vm.log"), dir.path().join("vm-link.log")).expect("link");
+        assert!(refused("vm-link.log", true, VmFileOwner::DaemonOrVm).contains("2 links"));
+        assert_eq!(std::fs::metadata(dir.path().join("vm.log")).expect("stat").nlink(), 2);
     }
 
     #[test]

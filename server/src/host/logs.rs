@@ -19,10 +19,16 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// can collapse a range of a file (ext4, XFS); elsewhere the log is emptied. Returns the
 /// bytes dropped. Never follows a link; a missing log is fine.
 pub fn cap(path: &std::path::Path, max_bytes: u64) -> Result<u64, HostError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        opened => opened.map_err(super::file_error("open", path))?,
+    use std::os::unix::fs::MetadataExt;
+    // A VM's processes write its console log: opened as such a file may be; one that is not
+    // a file of the daemon's or the VM's (a FIFO, a link) is skipped, never waited on.
+    let file = match super::fs::open_vm_file(path, true, super::fs::VmFileOwner::DaemonOrVm) {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok(0),
+        Err(error) => {
+            tracing::warn!(log = %path.display(), error = %error, "log not capped");
+            return Ok(0);
+        }
     };
     let meta = file.metadata().map_err(super::file_error("stat", path))?;
     if !meta.is_file() || meta.len() <= max_bytes {
@@ -64,14 +70,9 @@ pub async fn stream(
     follow: bool,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ReceiverStream<Result<Vec<u8>, HostError>>, HostError> {
-    // Never through a link: the VM's processes own its directory's console log.
-    let opened = tokio::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).await;
-    let mut file = match opened {
-        Ok(file) => Some(file),
-        // A VM that never booted has no log yet: empty, and followed until it appears.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(HostError::File { action: "open", path, source: e }),
-    };
+    // The VM's processes own its directory's console log: opened as such a file may be.
+    // A VM that never booted has no log yet: empty, and followed until it appears.
+    let mut file = open_log(&path)?;
     let mut position = 0;
     if let Some(file) = file.as_mut() {
         let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
@@ -113,7 +114,7 @@ pub async fn stream(
                 Err(_) => {}
                 Ok(meta) => {
                     if file.is_none() {
-                        file = tokio::fs::File::open(&path).await.ok();
+                        file = open_log(&path).ok().flatten();
                         position = 0;
                     } else if meta.len() < position {
                         // Truncated: start over from its new beginning.
@@ -129,11 +130,31 @@ pub async fn stream(
     Ok(ReceiverStream::new(rx))
 }
 
+/// Opens a log of a VM's for reading ([`super::fs::open_vm_file`]).
+fn open_log(path: &std::path::Path) -> Result<Option<tokio::fs::File>, HostError> {
+    let opened = super::fs::open_vm_file(path, false, super::fs::VmFileOwner::DaemonOrVm)?;
+    Ok(opened.map(tokio::fs::File::from_std))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn a_fifo_or_a_link_in_place_of_a_log_is_skipped_never_waited_on_or_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("console.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).expect("mkfifo");
+        assert_eq!(cap(&fifo, 1).expect("skipped"), 0);
+        let target = dir.path().join("precious");
+        std::fs::write(&target, vec![b'x'; 4096]).expect("write");
+        let link = dir.path().join("vmm.log");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        assert_eq!(cap(&link, 1).expect("skipped"), 0);
+        assert_eq!(std::fs::metadata(&target).expect("stat").len(), 4096, "the link's target is untouched");
+    }
 
     #[test]
     fn a_log_over_its_cap_keeps_its_newest_part_and_its_writer_appends_after_it() {
@@ -153,9 +174,10 @@ mod tests {
         writer.write_all(b"appended\n").expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.ends_with(&format!("{}appended\n", line(299_999))), "the newest part is kept");
-        // A link is never followed.
+        // A link is never followed: skipped, its target left as it is.
         let link = dir.path().join("link.log");
         std::os::unix::fs::symlink(&path, &link).expect("link");
-        assert!(cap(&link, 1).is_err());
+        assert_eq!(cap(&link, 1).expect("skipped"), 0);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), after + 9);
     }
 }

@@ -152,8 +152,12 @@ pub fn file_error(action: &'static str, path: &std::path::Path) -> impl FnOnce(s
     move |source| HostError::File { action, path, source }
 }
 
-/// Last non-empty line of a log file, for error messages.
+/// Last non-empty line of a log file in a VM's directory (of its last 64 KiB), for error
+/// messages.
 pub fn last_log_line(path: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    const TAIL: u64 = 64 << 10;
+    let len = std::fs::symlink_metadata(path).ok()?.len();
+    let tail = fs::read_vm_file(path, len.saturating_sub(TAIL), TAIL)?;
+    let text = String::from_utf8_lossy(&tail);
     text.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_owned())
 }

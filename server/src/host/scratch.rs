@@ -34,17 +34,19 @@ pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> 
 /// none, and so is one the daemon's user does not own or a link (put there by a VM's
 /// process: the handles name what the daemon kills and removes).
 pub fn read_handles(path: &Path) -> VmHandles {
-    use std::{io::Read, os::unix::fs::MetadataExt};
-    let Ok(mut file) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else {
-        return VmHandles::default();
+    use std::io::Read;
+    /// Far more than any VM's handles take.
+    const MAX_HANDLES_FILE: u64 = 1 << 20;
+    let file = match super::fs::open_vm_file(path, false, super::fs::VmFileOwner::Daemon) {
+        Ok(Some(file)) => file,
+        Ok(None) => return VmHandles::default(),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), error = %error, "handles file not the daemon's: ignored");
+            return VmHandles::default();
+        }
     };
-    let owner = file.metadata().map(|meta| meta.uid()).ok();
-    if owner != Some(nix::unistd::geteuid().as_raw()) {
-        tracing::warn!(path = %path.display(), owner = ?owner, "handles file not the daemon's: ignored");
-        return VmHandles::default();
-    }
     let mut body = Vec::new();
-    if file.read_to_end(&mut body).is_err() {
+    if file.take(MAX_HANDLES_FILE).read_to_end(&mut body).is_err() {
         return VmHandles::default();
     }
     serde_json::from_slice(&body).unwrap_or_else(|err| {
@@ -62,6 +64,14 @@ pub fn remove_handles(path: &Path) {
 mod tests {
     use super::*;
     use crate::domain::ProcessHandle;
+
+    #[test]
+    fn a_fifo_in_place_of_the_handles_reads_as_none_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("handles.json");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).expect("mkfifo");
+        assert_eq!(read_handles(&path), VmHandles::default());
+    }
 
     #[test]
     fn handles_round_trip_and_corrupt_files_read_as_empty() {

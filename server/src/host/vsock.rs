@@ -99,7 +99,12 @@ impl VsockBackends {
     /// True when the backend's worker thread died (a known failure of vhost-device-vsock 0.3):
     /// the process lives on but the VM's vsock is dead.
     pub fn panicked(paths: &VmPaths) -> bool {
-        std::fs::read_to_string(&paths.vsock_backend_log).is_ok_and(|log| log.contains("panicked"))
+        // The log is capped (`max_log_mib`); at most its last MiB is read.
+        const TAIL: u64 = 1 << 20;
+        let log = &paths.vsock_backend_log;
+        let len = std::fs::symlink_metadata(log).map(|meta| meta.len()).unwrap_or(0);
+        super::fs::read_vm_file(log, len.saturating_sub(TAIL), TAIL)
+            .is_some_and(|tail| tail.windows(b"panicked".len()).any(|w| w == b"panicked"))
     }
 
     /// Stops the backend (SIGTERM, then SIGKILL) and removes its sockets.

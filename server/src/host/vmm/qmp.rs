@@ -20,6 +20,8 @@ pub struct Qmp {
 /// How long one QMP exchange (connecting with the greeting, or one command) may take: a
 /// wedged or stopped VMM never holds its caller, or its VM's lock, longer.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest QMP message read (a whole `query-*` answer is a few KiB).
+const MAX_LINE: u64 = 1 << 20;
 
 /// `call` within [`QMP_TIMEOUT`].
 async fn bounded<T>(what: &str, call: impl Future<Output = Result<T, HostError>>) -> Result<T, HostError> {
@@ -51,9 +53,17 @@ impl Qmp {
     }
 
     async fn read_message(&mut self) -> Result<Value, HostError> {
+        use tokio::io::AsyncReadExt;
         let mut line = String::new();
-        if self.reader.read_line(&mut line).await.map_err(io("read"))? == 0 {
+        // The VMM runs as the guest's uid: a line is read up to MAX_LINE, never without end.
+        if (&mut self.reader).take(MAX_LINE).read_line(&mut line).await.map_err(io("read"))? == 0 {
             return Err(HostError::Io { what: "qmp read".into(), source: std::io::ErrorKind::UnexpectedEof.into() });
+        }
+        if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
+            return Err(HostError::Io {
+                what: "qmp read".into(),
+                source: std::io::Error::other(format!("a QMP message over {MAX_LINE} bytes")),
+            });
         }
         serde_json::from_str(&line)
             .map_err(|e| HostError::Io { what: "qmp decode".into(), source: std::io::Error::other(e) })
@@ -88,5 +98,34 @@ impl Qmp {
                 return Err(HostError::VmmRefused { command: command.into(), message });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_vmm_that_sends_an_endless_line_is_refused_not_read_into_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let vmm = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            // A greeting without its end: 8 MiB and more, as a hostile VMM would send.
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..8 {
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        match Qmp::connect(&socket).await {
+            Err(HostError::Io { source, .. }) => assert!(source.to_string().contains("over 1048576 bytes"), "{source}"),
+            other => panic!("an endless greeting was not refused: {other:?}"),
+        }
+        vmm.abort();
     }
 }
