@@ -111,6 +111,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     if wiring.host.is_none() {
         host::fs::open_state_dir_to_vms(&config.state_dir)?;
+        host::confine::check_id_range(config.vm_uid_base, std::path::Path::new("/etc")).map_err(anyhow::Error::msg)?;
     }
     let store = Store::open_with_clock(&config.state_dir.join("banger.db"), wiring.clock)
         .await

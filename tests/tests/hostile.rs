@@ -41,15 +41,19 @@ fn field<'a>(lines: &'a [String], key: &str) -> Vec<&'a str> {
     lines.iter().find_map(|line| line.strip_prefix(key)).unwrap_or_default().split_whitespace().collect()
 }
 
-/// Checks that `pid` runs as `uid` with no privilege left, and returns that uid.
-fn assert_confined(pid: u32) -> u32 {
+/// The images' group (`vm_uid_base`): every VM's QEMU has it, to read its image.
+const IMAGE_GROUP: &str = "900000";
+
+/// Checks that `pid` runs as its own uid with no privilege left and exactly `groups` as
+/// supplementary groups, and returns that uid.
+fn assert_confined(pid: u32, groups: &[&str]) -> u32 {
     let lines = confinement(pid);
     println!("/proc/{pid}/status:\n  {}", lines.join("\n  "));
     let uids = field(&lines, "Uid:");
     assert_eq!(uids.len(), 4, "{lines:?}");
     assert!(uids.iter().all(|uid| *uid == uids[0] && *uid != "0"), "every uid the VM's, none root: {lines:?}");
     assert!(field(&lines, "Gid:").iter().all(|gid| *gid == uids[0]), "{lines:?}");
-    assert!(field(&lines, "Groups:").is_empty(), "no supplementary groups: {lines:?}");
+    assert_eq!(field(&lines, "Groups:"), groups, "supplementary groups: {lines:?}");
     assert_eq!(field(&lines, "CapEff:"), ["0000000000000000"], "{lines:?}");
     assert_eq!(field(&lines, "NoNewPrivs:"), ["1"], "{lines:?}");
     assert_eq!(field(&lines, "Seccomp:"), ["2"], "{lines:?}");
@@ -66,8 +70,8 @@ fn each_vms_vmm_and_vsock_backend_run_as_its_own_uid_confined_and_its_files_are_
         assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
         let vm_dir = PathBuf::from(show(&daemon, vm, "vm dir"));
         let (vmm, backend) = runtime_pids(&vm_dir);
-        let uid = assert_confined(vmm);
-        assert_eq!(assert_confined(backend), uid, "the vsock backend runs as the VM's uid too");
+        let uid = assert_confined(vmm, &[IMAGE_GROUP]);
+        assert_eq!(assert_confined(backend, &[]), uid, "the vsock backend runs as the VM's uid too");
         // Both in the VM's cgroup, which bounds its tasks.
         let id = vm_dir.file_name().expect("id").to_string_lossy().into_owned();
         for pid in [vmm, backend] {
@@ -102,6 +106,17 @@ fn each_vms_vmm_and_vsock_backend_run_as_its_own_uid_confined_and_its_files_are_
         assert_eq!(std::fs::metadata(&dir).expect("dir").mode() & 0o7777, 0o711, "{}", dir.display());
     }
     assert_eq!(std::fs::metadata(daemon.state_dir().join("banger.db")).expect("db").mode() & 0o077, 0);
+    // The image the VMs booted from: readable by the images' group (`vm_uid_base`, which
+    // each VM's QEMU has besides its own), by no one else. Its id is on their command lines.
+    let images = std::fs::read_dir(daemon.state_dir().join("images")).expect("images").flatten();
+    let image_dir = images.map(|entry| entry.path()).find(|p| p.join("vmlinuz").exists()).expect("the default image");
+    let image_group: u32 = IMAGE_GROUP.parse().expect("gid");
+    let dir = std::fs::metadata(&image_dir).expect("image dir");
+    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o7777), (0, image_group, 0o710), "{}", image_dir.display());
+    for file in ["vmlinuz", "initrd.img", "rootfs.ext4"] {
+        let meta = std::fs::metadata(image_dir.join(file)).expect(file);
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (0, image_group, 0o640), "{file}");
+    }
     for vm in ["conf-a", "conf-b"] {
         assert!(daemon.banger(&["vm", "delete", vm]).status.success());
     }

@@ -32,6 +32,54 @@ impl VmIdentity {
     }
 }
 
+/// How many ids from `vm_uid_base` banger takes: VMs' uids and gids (`vm_uid_base` + vsock
+/// cid, cids below 2^24; `vm_uid_base` itself is the images' group), then snapshots' groups
+/// (`vm_uid_base` + 2^24 + their number).
+pub const ID_RANGE: u64 = 2 << 24;
+
+/// Checks that no user or group in `etc`'s `passwd` and `group`, and no subordinate id range
+/// in its `subuid` and `subgid` (user namespaces' ids), falls among the ids banger takes
+/// from `uid_base`: a VM's process would otherwise be that user, or share its files. Says
+/// which entry, and a base past all of them.
+pub fn check_id_range(uid_base: u32, etc: &std::path::Path) -> Result<(), String> {
+    let ours = u64::from(uid_base)..u64::from(uid_base) + ID_RANGE;
+    let mut taken: Vec<(String, std::ops::Range<u64>)> = Vec::new();
+    for (file, id_field) in [("passwd", 2), ("group", 2)] {
+        for line in std::fs::read_to_string(etc.join(file)).unwrap_or_default().lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if let Some(id) = fields.get(id_field).and_then(|id| id.parse::<u64>().ok()) {
+                taken.push((
+                    format!("{} {:?} ({file})", if file == "passwd" { "user" } else { "group" }, fields[0]),
+                    id..id + 1,
+                ));
+            }
+        }
+    }
+    for file in ["subuid", "subgid"] {
+        for line in std::fs::read_to_string(etc.join(file)).unwrap_or_default().lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if let (Some(start), Some(count)) =
+                (fields.get(1).and_then(|s| s.parse::<u64>().ok()), fields.get(2).and_then(|c| c.parse::<u64>().ok()))
+            {
+                taken.push((format!("{}'s subordinate ids in {file}", fields[0]), start..start + count));
+            }
+        }
+    }
+    let past_all = taken.iter().map(|(_, range)| range.end).filter(|end| *end < u64::from(u32::MAX / 2)).max();
+    match taken.iter().find(|(_, range)| range.start < ours.end && ours.start < range.end) {
+        None => Ok(()),
+        Some((what, range)) => Err(format!(
+            "vm_uid_base = {uid_base} takes ids {}..{} for VMs and snapshots, and {what} holds {}..{}: choose a \
+             vm_uid_base past every user, group and subordinate range (e.g. {})",
+            ours.start,
+            ours.end,
+            range.start,
+            range.end,
+            past_all.map(|end| end.div_ceil(100_000) * 100_000).unwrap_or(900_000)
+        )),
+    }
+}
+
 /// System calls a confined process is refused (`EPERM`): none of them has a use in a VMM
 /// or a vsock backend, each is a step of an escape or of an attack on the host.
 const DENIED: &[i64] = &[
@@ -189,6 +237,27 @@ mod tests {
         assert_eq!(VmIdentity::of(900_000, 3), Some(VmIdentity { uid: 900_003, gid: 900_003 }));
         assert_ne!(VmIdentity::of(900_000, 3), VmIdentity::of(900_000, 4));
         assert_eq!(VmIdentity::of(u32::MAX, 1), None);
+    }
+
+    #[test]
+    fn the_vms_ids_may_not_be_a_users_a_groups_or_a_subordinate_range() {
+        let etc = tempfile::tempdir().expect("tempdir");
+        let write = |file: &str, text: &str| std::fs::write(etc.path().join(file), text).expect("write");
+        write("passwd", "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n");
+        write("group", "root:x:0:\nalice:x:1000:\n");
+        assert_eq!(check_id_range(900_000, etc.path()), Ok(()), "no files for subordinate ids: none taken");
+        write("subuid", "alice:100000:65536\n");
+        write("subgid", "alice:100000:65536\n");
+        assert_eq!(check_id_range(900_000, etc.path()), Ok(()));
+        let overlap = check_id_range(150_000, etc.path()).expect_err("alice's subordinate ids");
+        assert!(overlap.contains("alice's subordinate ids in subuid holds 100000..165536"), "{overlap}");
+        assert!(overlap.contains("e.g. 200000"), "{overlap}");
+        write("passwd", "svc:x:34000000:34000000::/:/bin/false\n");
+        let user = check_id_range(900_000, etc.path()).expect_err("a user among the snapshots' groups");
+        assert!(user.contains("user \"svc\" (passwd)"), "{user}");
+        write("passwd", "");
+        write("group", "vms:x:920000:\n");
+        assert!(check_id_range(900_000, etc.path()).expect_err("a group").contains("group \"vms\""));
     }
 
     #[test]

@@ -15,11 +15,6 @@ pub async fn rename(from: &Path, to: &Path) -> Result<(), HostError> {
     tokio::fs::rename(from, to).await.map_err(file_error("rename", from))
 }
 
-/// Copies `from` to `to`, keeping holes and sharing extents where the file system can.
-pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), HostError> {
-    super::storage::copy_file(from, to).await
-}
-
 /// The bytes a file takes on its file system (its allocated blocks); 0 when it is absent.
 pub async fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -217,50 +212,171 @@ pub async fn hand_over(paths: &VmPaths, identity: VmIdentity) -> Result<(), Host
 
 /// Makes the file a VM's guest memory lives in while it runs: `bytes` long (a hole: pages
 /// take room as the guest touches them), owned by the VM's identity, mode 0600. A file left
-/// from an earlier run is replaced. Its directory (made 0711 when missing) is a tmpfs.
+/// from an earlier run is replaced. Its directory, a tmpfs others share, is the daemon's own
+/// ([`make_trusted_dir`], 0711: VMs' uids reach their own files in it, list nothing), and the
+/// file is made through its descriptor.
 pub async fn create_memory_file(path: &Path, bytes: u64, owner: Option<VmIdentity>) -> Result<(), HostError> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            make_trusted_dir(dir, 0o711)?;
-        }
-        let _ = std::fs::remove_file(&path);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(file_error("create", &path))?;
+        let file = create_memory_file_in_trusted_dir(&path)?;
         file.set_len(bytes).map_err(file_error("size", &path))?;
-        if let Some(owner) = owner {
-            std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid)).map_err(file_error("chown", &path))?;
-        }
-        Ok(())
+        hand_memory_file_over(&file, &path, owner)
     })
     .await
     .map_err(|e| HostError::Io { what: "create a memory file".into(), source: std::io::Error::other(e) })?
 }
 
-/// Makes a VM's memory file a copy of `from` (a snapshot's memory): holes kept, owned by the
-/// VM's identity, mode 0600. A file left from an earlier run is replaced.
+/// Makes a VM's memory file a copy of `from` (a snapshot's memory), as
+/// [`create_memory_file`] makes one: its data copied between its holes (`SEEK_DATA`,
+/// `copy_file_range`), so pages the guest never touched take no room; owned by the VM's
+/// identity, mode 0600.
 pub async fn copy_memory_file(from: &Path, to: &Path, owner: Option<VmIdentity>) -> Result<(), HostError> {
-    if let Some(dir) = to.parent() {
-        let dir = dir.to_owned();
-        tokio::task::spawn_blocking(move || make_trusted_dir(&dir, 0o711))
-            .await
-            .map_err(|e| HostError::Io { what: "create the memory dir".into(), source: std::io::Error::other(e) })??;
-    }
-    let _ = tokio::fs::remove_file(to).await;
-    copy_sparse(from, to).await?;
-    let to = to.to_owned();
-    tokio::task::spawn_blocking(move || match owner {
-        Some(owner) => set_owner(&to, (owner.uid, owner.gid), 0o600, true),
-        None => set_owner(&to, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()), 0o600, true),
+    let (from, to) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let source = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&from)
+            .map_err(file_error("open", &from))?;
+        let file = create_memory_file_in_trusted_dir(&to)?;
+        copy_data_between_holes(&source, &file).map_err(file_error("copy into", &to))?;
+        hand_memory_file_over(&file, &to, owner)
     })
     .await
-    .map_err(|e| HostError::Io { what: "hand over a memory file".into(), source: std::io::Error::other(e) })?
+    .map_err(|e| HostError::Io { what: "copy a memory file".into(), source: std::io::Error::other(e) })?
+}
+
+/// Copies a VM's memory file (the VM's uid's, in the trusted memory dir) into a snapshot as a
+/// new file of the daemon's, mode 0600 (sealed afterwards), holes kept: the source is opened
+/// without following a link or blocking, and used only when it is a regular file with one link.
+pub async fn copy_memory_to_snapshot(from: &Path, to: &Path) -> Result<(), HostError> {
+    let (from, to) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let source = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&from)
+            .map_err(file_error("open", &from))?;
+        let meta = source.metadata().map_err(file_error("stat", &from))?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(HostError::Untrusted { path: from, why: "not a regular file with one link".into() });
+        }
+        let copy = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&to)
+            .map_err(file_error("create", &to))?;
+        copy_data_between_holes(&source, &copy).map_err(file_error("copy into", &to))
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "copy a memory file".into(), source: std::io::Error::other(e) })?
+}
+
+/// The trusted memory dir's new file `path` (one left there is removed first), created
+/// through the directory's descriptor: exclusive, never through a link.
+fn create_memory_file_in_trusted_dir(path: &Path) -> Result<std::fs::File, HostError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(HostError::Untrusted { path: path.to_owned(), why: "not a file in a directory".into() });
+    };
+    make_trusted_dir(dir, 0o711)?;
+    let dir_file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(file_error("open", dir))?;
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| HostError::Untrusted { path: path.to_owned(), why: "a NUL in its name".into() })?;
+    // SAFETY: a valid directory descriptor and NUL-terminated name; the results are checked.
+    unsafe {
+        if libc::unlinkat(dir_file.as_raw_fd(), name.as_ptr(), 0) < 0
+            && std::io::Error::last_os_error().kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(file_error("remove", path)(std::io::Error::last_os_error()));
+        }
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let fd = libc::openat(dir_file.as_raw_fd(), name.as_ptr(), flags, 0o600 as libc::c_uint);
+        if fd < 0 {
+            return Err(file_error("create", path)(std::io::Error::last_os_error()));
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
+/// Gives a memory file just made to the VM's identity (or keeps it the daemon's), mode 0600.
+fn hand_memory_file_over(file: &std::fs::File, path: &Path, owner: Option<VmIdentity>) -> Result<(), HostError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(owner) = owner {
+        std::os::unix::fs::fchown(file, Some(owner.uid), Some(owner.gid)).map_err(file_error("chown", path))?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(file_error("chmod", path))
+}
+
+/// Copies `from` into the empty `to`: each run of data (`SEEK_DATA` to `SEEK_HOLE`) with
+/// `copy_file_range` at the same offset (or, between file systems, which Linux refuses since
+/// 5.19, with reads and writes), then `to` set to `from`'s length, so holes stay holes.
+fn copy_data_between_holes(from: &std::fs::File, to: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = from.metadata()?.len();
+    let mut in_kernel = true;
+    let mut buffer = Vec::new();
+    let mut at: i64 = 0;
+    while (at as u64) < len {
+        // SAFETY: lseek on a descriptor this function borrows.
+        let data = unsafe { libc::lseek(from.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(error);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (mut in_at, mut out_at) = (data, data);
+        while in_at < hole {
+            let want = (hole - in_at) as usize;
+            let copied = if in_kernel {
+                // SAFETY: both descriptors are borrowed; the offsets are locals.
+                let copied = unsafe {
+                    libc::copy_file_range(from.as_raw_fd(), &mut in_at, to.as_raw_fd(), &mut out_at, want, 0)
+                };
+                if copied < 0 {
+                    let error = std::io::Error::last_os_error();
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+                    ) {
+                        in_kernel = false;
+                        continue;
+                    }
+                    return Err(error);
+                }
+                copied as usize
+            } else {
+                use std::os::unix::fs::FileExt;
+                buffer.resize(want.min(1 << 20), 0);
+                let read = from.read_at(&mut buffer, in_at as u64)?;
+                to.write_all_at(&buffer[..read], out_at as u64)?;
+                (in_at, out_at) = (in_at + read as i64, out_at + read as i64);
+                read
+            };
+            if copied == 0 {
+                return Err(std::io::Error::other("the source ended early"));
+            }
+        }
+        at = hole;
+    }
+    to.set_len(len)
 }
 
 /// Gives a snapshot's files (and its directory) to root and the snapshot's group: read-only
@@ -291,23 +407,28 @@ fn set_owner(path: &Path, (uid, gid): (u32, u32), mode: u32, required: bool) -> 
     file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(file_error("chmod", path))
 }
 
-/// Lets the VMs' identities open an image's files: a VM's VMM opens its kernel, initrd and
-/// root file system as the VM's own uid. Adds read permission for others to the files and
-/// search permission to their directories, where missing; takes nothing away.
-pub async fn open_to_vms(files: &[&Path]) -> Result<(), HostError> {
-    use std::os::unix::fs::PermissionsExt;
-    for &file in files {
-        let dir = file.parent().unwrap_or(Path::new("/"));
-        for (path, bits) in [(dir, 0o111), (file, 0o444)] {
-            let meta = tokio::fs::metadata(path).await.map_err(file_error("stat", path))?;
-            let mode = meta.permissions().mode() & 0o7777;
-            if mode & bits != bits {
-                let mode = std::fs::Permissions::from_mode(mode | bits);
-                tokio::fs::set_permissions(path, mode).await.map_err(file_error("chmod", path))?;
+/// Lets the VMs' identities open an image's files (a VM's VMM opens its kernel, initrd and
+/// root file system as the VM's own uid) and nobody else: each file root's with `group`
+/// (the images' group, which every VMM has), mode 0640, its directory 0710; with no group,
+/// root's alone (0600, 0700). Never world-readable: image ids are in the VMMs' command
+/// lines, which every local user can read.
+pub async fn open_to_vms(files: &[&Path], group: Option<u32>) -> Result<(), HostError> {
+    let files: Vec<PathBuf> = files.iter().map(|file| file.to_path_buf()).collect();
+    tokio::task::spawn_blocking(move || {
+        let (gid, file_mode, dir_mode) = match group {
+            Some(gid) => (gid, 0o640, 0o710),
+            None => (0, 0o600, 0o700),
+        };
+        for file in &files {
+            set_owner(file, (0, gid), file_mode, true)?;
+            if let Some(dir) = file.parent() {
+                set_owner(dir, (0, gid), dir_mode, true)?;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
+    .map_err(|e| HostError::Io { what: "hand images to the VMs".into(), source: std::io::Error::other(e) })?
 }
 
 /// Makes the state dir and its `vms`, `images` and `snapshots` dirs traversable but not listable by
@@ -353,6 +474,60 @@ pub fn host_memory_mib() -> Option<u64> {
     let kib: u64 =
         info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib / 1024)
+}
+
+/// The places every local user may write to, where a VM's processes could leave files.
+pub const SHARED_WRITABLE: &[&str] = &["/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue"];
+
+/// The most entries [`remove_files_of`] looks at under one place.
+const MAX_SWEPT: usize = 200_000;
+
+/// Removes what `uid` (a deleted VM's) owns under `roots`, so that the next VM given that
+/// uid finds nothing of its: every file, link and directory of its, never following a link
+/// or leaving a root's file system. It can only have made entries in directories of its own
+/// (removed whole) and in those every user may write to, so only those are looked into (to
+/// a bounded depth and number of entries). Best effort: what cannot be removed is logged.
+/// Returns how many were removed.
+pub async fn remove_files_of(uid: u32, roots: &[&str]) -> usize {
+    let roots: Vec<PathBuf> = roots.iter().map(PathBuf::from).collect();
+    tokio::task::spawn_blocking(move || roots.iter().map(|root| sweep(uid, root)).sum()).await.unwrap_or(0)
+}
+
+fn sweep(uid: u32, root: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(root) else { return 0 };
+    let (device, mut removed, mut seen) = (top.dev(), 0, 0);
+    let mut pending = vec![(root.to_owned(), 0)];
+    while let Some((dir, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > MAX_SWEPT {
+                tracing::warn!(root = %root.display(), uid, "stopped looking for a deleted VM's files: too many entries");
+                return removed;
+            }
+            let (path, Ok(meta)) = (entry.path(), entry.metadata()) else { continue };
+            if meta.dev() != device {
+                continue;
+            }
+            let gone = if meta.uid() == uid {
+                if meta.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
+            } else {
+                if meta.is_dir() && meta.mode() & 0o002 != 0 && depth < 8 {
+                    pending.push((path, depth + 1));
+                }
+                continue;
+            };
+            match gone {
+                Ok(()) => removed += 1,
+                Err(error) => tracing::warn!(path = %path.display(), uid, error = %error, "a deleted VM's file stays"),
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(root = %root.display(), uid, removed, "removed what a deleted VM's uid left");
+    }
+    removed
 }
 
 /// Removes `dir` and everything in it; one already gone is fine.
@@ -558,6 +733,89 @@ mod tests {
         std::fs::hard_link(dir.path().join("vm.log"), dir.path().join("vm-link.log")).expect("link");
         assert!(refused("vm-link.log", true, VmFileOwner::DaemonOrVm).contains("2 links"));
         assert_eq!(std::fs::metadata(dir.path().join("vm.log")).expect("stat").nlink(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_memory_copy_keeps_the_holes_and_is_made_through_the_trusted_dir() {
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let snapshot = tmp.path().join("memory");
+        let mut file = std::fs::File::create(&snapshot).expect("create");
+        file.set_len(64 << 20).expect("size");
+        for at in [0u64, 32 << 20, (64 << 20) - 4096] {
+            file.seek(std::io::SeekFrom::Start(at)).expect("seek");
+            file.write_all(&[at as u8 | 1; 4096]).expect("write");
+        }
+        drop(file);
+        let memory_dir = tmp.path().join("shm");
+        let copy = memory_dir.join("vm");
+        std::fs::create_dir(&memory_dir).expect("mkdir");
+        std::fs::write(&copy, b"left from an earlier run").expect("an old file");
+        copy_memory_file(&snapshot, &copy, None).await.expect("copy");
+        assert_eq!(std::fs::read(&copy).expect("copy"), std::fs::read(&snapshot).expect("source"), "the same bytes");
+        let meta = std::fs::metadata(&copy).expect("stat");
+        assert_eq!((meta.len(), meta.mode() & 0o7777), (64 << 20, 0o600));
+        assert!(meta.blocks() * 512 < 1 << 20, "holes kept: {} bytes allocated", meta.blocks() * 512);
+        assert_eq!(mode(&memory_dir), 0o711);
+
+        let saved = tmp.path().join("saved");
+        copy_memory_to_snapshot(&copy, &saved).await.expect("into a snapshot");
+        assert_eq!(std::fs::read(&saved).expect("saved"), std::fs::read(&snapshot).expect("source"));
+        assert!(std::fs::metadata(&saved).expect("stat").blocks() * 512 < 1 << 20);
+        assert!(copy_memory_to_snapshot(&copy, &saved).await.is_err(), "never over an existing file");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&copy, &link).expect("symlink");
+        assert!(copy_memory_to_snapshot(&link, &tmp.path().join("saved2")).await.is_err(), "never through a link");
+        // Between file systems (a tmpfs memory dir, the state dir's disk), as snapshots copy.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs dir");
+        let on_tmpfs = shm.path().join("vm");
+        copy_memory_file(&snapshot, &on_tmpfs, None).await.expect("copy onto tmpfs");
+        let across = tmp.path().join("across");
+        copy_memory_to_snapshot(&on_tmpfs, &across).await.expect("copy from tmpfs onto disk");
+        assert_eq!(std::fs::read(&across).expect("across"), std::fs::read(&snapshot).expect("source"));
+        assert!(std::fs::metadata(&across).expect("stat").blocks() * 512 < 1 << 20, "holes kept across");
+    }
+
+    #[tokio::test]
+    async fn what_a_deleted_vms_uid_left_in_shared_places_is_removed_and_nothing_else() {
+        if !running_as_root() {
+            banger_tests::skip("files of another uid are made with chown, which needs root");
+            return;
+        }
+        let shared = tempfile::tempdir().expect("tempdir");
+        let root = shared.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let (vm, other) = (900_321, 900_322);
+        let owned = |path: &Path, uid: u32| std::os::unix::fs::lchown(path, Some(uid), Some(uid)).expect("chown");
+        let write = |path: &Path, uid: u32| {
+            std::fs::write(path, "x").expect("write");
+            owned(path, uid);
+        };
+        write(&root.join("vm-file"), vm);
+        std::fs::create_dir(root.join("vm-dir")).expect("mkdir");
+        write(&root.join("vm-dir/inside"), vm);
+        owned(&root.join("vm-dir"), vm);
+        // In another's world-writable directory, and a link of the VM's to something else.
+        std::fs::create_dir(root.join("open")).expect("mkdir");
+        std::fs::set_permissions(root.join("open"), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        write(&root.join("open/vm-deep"), vm);
+        write(&root.join("kept"), other);
+        std::os::unix::fs::symlink(root.join("kept"), root.join("vm-link")).expect("symlink");
+        owned(&root.join("vm-link"), vm);
+        // Another's private directory is not looked into (the VM could not write there).
+        std::fs::create_dir(root.join("private")).expect("mkdir");
+        write(&root.join("private/vm-old"), vm);
+
+        let root_text = root.display().to_string();
+        assert_eq!(remove_files_of(vm, &[&root_text]).await, 4, "file, dir (whole), deep file, link");
+        for gone in ["vm-file", "vm-dir", "open/vm-deep", "vm-link"] {
+            assert!(std::fs::symlink_metadata(root.join(gone)).is_err(), "{gone} left");
+        }
+        for kept in ["kept", "open", "private/vm-old"] {
+            assert!(root.join(kept).exists(), "{kept} removed");
+        }
+        assert_eq!(remove_files_of(vm, &[&root_text]).await, 0, "twice changes nothing");
     }
 
     #[test]

@@ -196,7 +196,7 @@ impl Boot {
                     let image = &self.image;
                     let mut files = vec![image.kernel_path.as_path(), image.rootfs_path.as_path()];
                     files.extend(image.initrd_path.as_deref());
-                    crate::host::fs::open_to_vms(&files).await?;
+                    crate::host::fs::open_to_vms(&files, ops.host.vmm.image_group()).await?;
                 }
             }
             BootStage::AgentChannel => {

@@ -50,7 +50,14 @@ impl Operation for DeleteVmOp<'_> {
                 }
             }
             Stage::ReleaseRuntime => ops.release_runtime(&self.vm).await?,
-            Stage::RemoveVmDir => crate::host::fs::remove_dir(&self.vm.vm_dir).await?,
+            Stage::RemoveVmDir => {
+                crate::host::fs::remove_dir(&self.vm.vm_dir).await?;
+                // Its uid goes to a later VM: nothing it left in places all users share
+                // (its processes are gone by now) may be that VM's to read.
+                if let Some(identity) = ops.host.vmm.runs_as(self.vm.vsock_cid) {
+                    crate::host::fs::remove_files_of(identity.uid, crate::host::fs::SHARED_WRITABLE).await;
+                }
+            }
             Stage::DeleteRecord => match ops.store.vm_delete(self.vm.id).await {
                 Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),

@@ -87,7 +87,9 @@ impl SnapshotVmOp<'_> {
         let (ops, paths, files) = (self.ops, self.vm.paths(), snapshot.paths());
         crate::host::fs::rename(&paths.dir.join(SAVING), &files.state).await?;
         match ops.host.vmm.memory_save() {
-            MemorySave::InPlace => crate::host::fs::copy_sparse(&ops.memory_file(&self.vm), &files.memory).await?,
+            MemorySave::InPlace => {
+                crate::host::fs::copy_memory_to_snapshot(&ops.memory_file(&self.vm), &files.memory).await?
+            }
             MemorySave::Written => crate::host::fs::rename(&paths.dir.join(SAVING_MEMORY), &files.memory).await?,
         }
         // The VMM is spent (its block devices inactive): the disk is frozen as it is.

@@ -172,6 +172,13 @@ pub trait Vmm: Send + Sync + Debug {
         None
     }
 
+    /// The group images' files belong to (mode 0640, their directory 0710), which every VM's
+    /// VMM has besides its own; `None`: the VMM reads images as root, or from copies made for
+    /// it (a jail), and images are root's alone.
+    fn image_group(&self) -> Option<u32> {
+        None
+    }
+
     /// Removes what `launch` made beside the VM's own files (a jail), once the VMM is gone.
     /// Nothing left is fine; safe to run twice.
     fn release(&self, _paths: &VmPaths) -> Result<(), HostError> {

@@ -284,7 +284,10 @@ impl Vmm for QemuVmm {
         }
         let args = self.args(launch);
         tracing::debug!(binary = %self.binary.display(), args = ?args, uid = identity.uid, "qemu command line");
-        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, launch.extra_groups, fds)
+        // The images' group: it reads the image's kernel, initramfs and root file system.
+        let mut groups = launch.extra_groups.to_vec();
+        groups.extend(self.image_group());
+        command::spawn_confined(&self.binary, &args, &launch.paths.vmm_log, identity, &groups, fds)
     }
 
     async fn boot(&self, launch: &LaunchSpec<'_>, vmm: &ProcessHandle) -> Result<(), HostError> {
@@ -337,6 +340,11 @@ impl Vmm for QemuVmm {
 
     fn runs_as(&self, vsock_cid: u32) -> Option<VmIdentity> {
         self.identity(vsock_cid).ok()
+    }
+
+    /// `uid_base` itself: VMs' uids are `uid_base` + a vsock cid, and cids start at 3.
+    fn image_group(&self) -> Option<u32> {
+        Some(self.uid_base)
     }
 
     fn snapshot_group(&self, group: u32) -> Option<u32> {
