@@ -203,22 +203,32 @@ impl Boot {
                 let running =
                     self.handles.vsock_backend.is_some_and(|backend| ops.host.processes.alive(&backend, &paths.vsock));
                 let identity = ops.host.vmm.runs_as(self.vm.vsock_cid);
-                // The agent's key: a new one for a boot, in its initramfs; a restored guest's
-                // is its snapshot's until its identity gives it its own.
-                match &self.restore_files {
-                    Some(files) => ops.host.agents.restore_key(&self.vm, &files.agent_key).await?,
-                    None => {
-                        let initrd = self.image.initrd_path.as_deref();
-                        let boot_initrd = ops.host.agents.new_boot_key(&self.vm, initrd, identity).await?;
-                        self.launch_image =
-                            boot_initrd.map(|initrd| Image { initrd_path: Some(initrd), ..self.image.clone() });
+                // The agent's key: a new one for a boot, in its initramfs (written while the
+                // backend starts: both are on the way to every boot); a restored guest's is its
+                // snapshot's until its identity gives it its own.
+                let key = async {
+                    match &self.restore_files {
+                        Some(files) => ops.host.agents.restore_key(&self.vm, &files.agent_key).await.map(|()| None),
+                        None => {
+                            let initrd = self.image.initrd_path.as_deref();
+                            ops.host.agents.new_boot_key(&self.vm, initrd, identity).await
+                        }
                     }
-                }
-                if !running
-                    && let Some(backend) = ops.host.agents.start_backend(self.vm.vsock_cid, &paths, identity).await?
-                {
+                };
+                let backend = async {
+                    match running {
+                        true => Ok(None),
+                        false => ops.host.agents.start_backend(self.vm.vsock_cid, &paths, identity).await,
+                    }
+                };
+                let (boot_initrd, backend) = tokio::join!(key, backend);
+                // A backend that started is a handle before any error is returned.
+                if let Some(backend) = backend? {
                     self.handles.vsock_backend = Some(backend);
                     ops.set_handles(&self.vm, self.handles.clone())?;
+                }
+                if let Some(initrd) = boot_initrd? {
+                    self.launch_image = Some(Image { initrd_path: Some(initrd), ..self.image.clone() });
                 }
             }
             BootStage::Tap => {
