@@ -7,7 +7,7 @@
 //! every local user: the initramfs is a file only root and the VM's own uid can read.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{HostError, confine::VmIdentity, file_error};
 
@@ -54,26 +54,17 @@ impl AgentKey {
     }
 }
 
-/// Reads a key file the daemon wrote: a regular file of the daemon's uid with one link,
-/// opened without following a link or blocking on a FIFO (a VM's uid may add files to its
-/// dir). `None` when it is absent; an error when it is not such a file.
+/// Reads a key file the daemon wrote, opened as a file in a VM's directory is
+/// ([`super::fs::open_vm_file`]: the daemon's, no link, no FIFO), with one link. `None` when
+/// it is absent; an error when it is not such a file.
 pub fn read(path: &Path) -> Result<Option<AgentKey>, HostError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        opened => opened.map_err(file_error("open", path))?,
+    use std::os::unix::fs::MetadataExt;
+    let Some(file) = super::fs::open_vm_file(path, false, super::fs::VmFileOwner::Daemon)? else {
+        return Ok(None);
     };
-    let meta = file.metadata().map_err(file_error("stat", path))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if !meta.is_file() || meta.uid() != me || meta.nlink() != 1 {
-        return Err(HostError::Untrusted {
-            path: path.to_owned(),
-            why: format!("not a regular file of uid {me} with one link"),
-        });
+    // Stricter than a log: a key is never linked anywhere else.
+    if file.metadata().map_err(file_error("stat", path))?.nlink() != 1 {
+        return Err(HostError::Untrusted { path: path.to_owned(), why: "more than one link".into() });
     }
     let mut text = String::new();
     file.take(128).read_to_string(&mut text).map_err(file_error("read", path))?;
@@ -85,16 +76,9 @@ pub fn read(path: &Path) -> Result<Option<AgentKey>, HostError> {
 /// Writes `key` to `path` (the daemon's, 0600) by a rename over it, so that a reader finds
 /// the old key or the new one, never half of one.
 pub fn write(path: &Path, key: &AgentKey) -> Result<(), HostError> {
-    let temp = temp_beside(path);
-    let written = (|| {
-        let mut file = create_new(&temp, 0o600)?;
-        file.write_all(format!("{}\n", key.hex()).as_bytes()).map_err(file_error("write", &temp))?;
-        std::fs::rename(&temp, path).map_err(file_error("rename", &temp))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written
+    super::fs::replace_file(path, 0o600, |file, temp| {
+        file.write_all(format!("{}\n", key.hex()).as_bytes()).map_err(file_error("write", temp))
+    })
 }
 
 /// Copies the key at `from` to `to` (a snapshot's, or a restored VM's from its snapshot's);
@@ -118,42 +102,16 @@ pub fn write_boot_initrd(
     out: &Path,
     owner: Option<VmIdentity>,
 ) -> Result<(), HostError> {
-    let temp = temp_beside(out);
-    let written = (|| {
-        let mut file = create_new(&temp, 0o400)?;
-        file.write_all(&key_archive(key)).map_err(file_error("write", &temp))?;
+    super::fs::replace_file(out, 0o400, |file, temp| {
+        file.write_all(&key_archive(key)).map_err(file_error("write", temp))?;
         let mut image = std::fs::File::open(initrd).map_err(file_error("open", initrd))?;
         // std's copy between files uses copy_file_range.
-        std::io::copy(&mut image, &mut file).map_err(file_error("copy", initrd))?;
+        std::io::copy(&mut image, file).map_err(file_error("copy", initrd))?;
         if let Some(owner) = owner {
-            std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid)).map_err(file_error("chown", &temp))?;
+            std::os::unix::fs::fchown(&*file, Some(owner.uid), Some(owner.gid)).map_err(file_error("chown", temp))?;
         }
-        std::fs::rename(&temp, out).map_err(file_error("rename", &temp))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written
-}
-
-fn temp_beside(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".{}.tmp", ulid::Ulid::generate()));
-    path.with_file_name(name)
-}
-
-fn create_new(path: &Path, mode: u32) -> Result<std::fs::File, HostError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(file_error("create", path))?;
-    // The create mode is masked by the umask: set it.
-    file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(file_error("chmod", path))?;
-    Ok(file)
+        Ok(())
+    })
 }
 
 /// A `newc` cpio archive of one root-owned file, [`KEY_IN_INITRAMFS`] (mode 0400, the key in

@@ -104,6 +104,36 @@ pub fn make_trusted_dir(dir: &Path, mode: u32) -> Result<(), HostError> {
     chmod_dir(dir, mode).map(drop)
 }
 
+/// Replaces `path` by a rename over it, so that a reader finds the old file or the new one,
+/// never half of one: a new file beside it (exclusive, never through a link), given `mode`
+/// (set, not masked by the umask), filled by `fill`, then renamed; removed if anything failed.
+pub fn replace_file(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut std::fs::File, &Path) -> Result<(), HostError>,
+) -> Result<(), HostError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".{}.tmp", ulid::Ulid::generate()));
+    let temp = path.with_file_name(name);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp)
+            .map_err(file_error("create", &temp))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(file_error("chmod", &temp))?;
+        fill(&mut file, &temp)?;
+        std::fs::rename(&temp, path).map_err(file_error("rename", &temp))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
+}
+
 /// Who may own a file in a VM's directory that the daemon opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmFileOwner {

@@ -1,6 +1,6 @@
 //! The per-VM scratch file `handles.json`: transient handles that survive a daemon crash.
 
-use std::{io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+use std::{io::Write, path::Path};
 
 use super::{HostError, file_error};
 use crate::domain::VmHandles;
@@ -15,19 +15,8 @@ use crate::domain::VmHandles;
 /// The VM's processes may add files to its directory: the temp file is made anew, never
 /// through a link or over a file someone else put there.
 pub fn write_handles(path: &Path, handles: &VmHandles) -> Result<(), HostError> {
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(handles).map_err(|e| file_error("encode", path)(std::io::Error::other(e)))?;
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(file_error("create", &tmp))?;
-    file.write_all(&body).map_err(file_error("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(file_error("rename", &tmp))?;
-    Ok(())
+    super::fs::replace_file(path, 0o600, |file, temp| file.write_all(&body).map_err(file_error("write", temp)))
 }
 
 /// Reads the handles; a missing file is no handles, a corrupt one is logged and treated as
@@ -92,7 +81,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("handles.json");
         let handles = VmHandles { vmm: Some(ProcessHandle { pid: 7, start_time: 9 }), ..Default::default() };
-        // A link where the temp file goes: replaced, its target untouched.
+        // A link where a temp file could go (its name is never guessable): untouched.
         let target = dir.path().join("target");
         std::fs::write(&target, b"precious").expect("target");
         std::os::unix::fs::symlink(&target, path.with_extension("json.tmp")).expect("link");
