@@ -277,14 +277,18 @@ mount -t ext4 -o rw "$root" /mnt || fail "cannot mount $root"
 
 if [ "$init" = agent ]; then
 	# What a container runtime gives a container: /proc, /sys, /dev with pts and shm, and
-	# the name server.
+	# the name server. Mount points an image lacks (one built FROM scratch) are made, as runc
+	# and crun make them; what still fails is the agent's to report (it checks its root).
+	for dir in proc sys dev; do
+		[ -d "/mnt/$dir" ] || mkdir -m 0755 "/mnt/$dir" || echo "banger-initramfs: cannot make /$dir in the image" >&2
+	done
 	[ -d /mnt/proc ] && mount -t proc -o nosuid,nodev,noexec proc /mnt/proc
 	[ -d /mnt/sys ] && mount -t sysfs -o nosuid,nodev,noexec sysfs /mnt/sys
 	umount /proc /sys
 	if [ -d /mnt/dev ]; then
 		mount --move /dev /mnt/dev
 		mkdir -p /mnt/dev/pts /mnt/dev/shm
-		mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /mnt/dev/pts
+		mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /mnt/dev/pts
 		mount -t tmpfs -o nosuid,nodev,mode=1777 shm /mnt/dev/shm
 	fi
 	if [ -n "$nameserver" ] && [ -d /mnt/etc ] && [ ! -L /mnt/etc/resolv.conf ]; then

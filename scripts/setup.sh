@@ -81,7 +81,7 @@ fi
 
 # Tools for the guest image, the tests and `make bench` (perf samples the daemon).
 missing=()
-for tool in mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci docker-registry:docker-registry busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux perf:linux-perf; do
+for tool in mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci docker-registry:docker-registry busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs depmod:kmod ip:iproute2 mkfs.xfs:xfsprogs sha256sum:coreutils nft:nftables dmsetup:dmsetup losetup:mount nsenter:util-linux perf:linux-perf tmux:tmux; do
 	command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [[ -e /bin/busybox ]] || missing+=(busybox-static)

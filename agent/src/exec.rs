@@ -6,6 +6,11 @@
 //! `banger vm run -- nosuchcmd` looks like ssh; such a stream has no `started_pid`. Only malformed
 //! requests (and failures to fork at all) become gRPC errors.
 //!
+//! With a terminal, the process runs on a new pseudo-terminal as the leader of its own session
+//! (the terminal is its controlling terminal and its stdin, stdout and stderr): its output comes
+//! as stdout, input is typed into it (so Ctrl-C interrupts its foreground job), resizes reach it
+//! as SIGWINCH, and an empty argv runs the user's login shell.
+//!
 //! Once the process exits, output that its background children still write is streamed for
 //! [`EXIT_DRAIN_GRACE`], then the exit is reported even if they hold the pipes open (ssh would
 //! hang instead). Those children keep running; only a timeout or a vanished client kills the group.
@@ -20,14 +25,16 @@ use std::time::Duration;
 use banger_proto::agent::v1::exec_request::Payload as RequestPayload;
 use banger_proto::agent::v1::exec_response::Payload as ResponsePayload;
 use banger_proto::agent::v1::exit_status::Status as ExitKind;
-use banger_proto::agent::v1::{ExecRequest, ExecResponse, ExecStart, ExitStatus};
+use banger_proto::agent::v1::{ExecRequest, ExecResponse, ExecStart, ExitStatus, Terminal};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid, setgid, setgroups, setuid};
 
-use crate::user;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, Command};
+use crate::{pty, user};
+use std::os::fd::OwnedFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::Stream;
@@ -68,10 +75,30 @@ pub async fn start(mut requests: Streaming<ExecRequest>) -> Result<ExecStream, S
     plan.check_working_dir().await?;
     plan.check_user()?;
 
+    plan.choose_login_shell();
+
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
-    match plan.command().spawn() {
-        Ok(child) => {
-            tokio::spawn(supervise(child, requests, tx, plan.timeout));
+    let terminal = match &plan.terminal {
+        Some(terminal) => Some(
+            pty::open(terminal.rows, terminal.columns)
+                .map_err(|err| Status::internal(format!("cannot open a terminal: {err}")))?,
+        ),
+        None => None,
+    };
+    let spawned = match terminal {
+        Some(pty) => plan.spawn_on_terminal(pty),
+        None => plan.command().spawn().map(|mut child| {
+            let io = ProcessIo {
+                stdout: child.stdout.take().map(boxed_reader),
+                stderr: child.stderr.take().map(boxed_reader),
+                input: Input::Pipe(child.stdin.take().map(|stdin| Box::new(stdin) as BoxedWriter)),
+            };
+            (child, io)
+        }),
+    };
+    match spawned {
+        Ok((child, io)) => {
+            tokio::spawn(supervise(child, io, requests, tx, plan.timeout));
         }
         Err(err) => {
             let code = spawn_failure_exit_code(&err).ok_or_else(|| match err.kind() {
@@ -104,17 +131,68 @@ struct ExecPlan {
     identity: Option<user::Identity>,
     stdin: bool,
     timeout: Option<Duration>,
+    /// The terminal to run on, if any.
+    terminal: Option<TerminalPlan>,
+    /// argv[0] as the program sees it, when not `program` (a login shell's `-sh`).
+    arg0: Option<String>,
+}
+
+/// A validated `ExecStart.terminal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TerminalPlan {
+    term: String,
+    rows: u16,
+    columns: u16,
+}
+
+impl From<Terminal> for TerminalPlan {
+    fn from(terminal: Terminal) -> Self {
+        let size = terminal.size.unwrap_or_default();
+        Self {
+            term: Some(terminal.term).filter(|term| !term.is_empty()).unwrap_or_else(|| pty::DEFAULT_TERM.to_owned()),
+            rows: pty::dimension(size.rows, pty::DEFAULT_ROWS),
+            columns: pty::dimension(size.columns, pty::DEFAULT_COLUMNS),
+        }
+    }
+}
+
+/// The shell a login without a passwd entry gets.
+const FALLBACK_SHELL: &str = "/bin/sh";
+
+/// The process's output and input ends, pipes or a terminal's master.
+struct ProcessIo {
+    stdout: Option<BoxedReader>,
+    stderr: Option<BoxedReader>,
+    input: Input,
+}
+
+type BoxedReader = Box<dyn AsyncRead + Unpin + Send>;
+type BoxedWriter = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn boxed_reader(reader: impl AsyncRead + Unpin + Send + 'static) -> BoxedReader {
+    Box::new(reader)
+}
+
+/// Where standard input goes.
+enum Input {
+    /// A pipe (None: the process reads /dev/null, or the pipe was closed).
+    Pipe(Option<BoxedWriter>),
+    /// A terminal: input is typed into its master, which also takes resizes.
+    Terminal { writer: BoxedWriter, master: OwnedFd },
 }
 
 impl TryFrom<ExecStart> for ExecPlan {
     type Error = Status;
 
     fn try_from(start: ExecStart) -> Result<Self, Status> {
+        let terminal = start.terminal.map(TerminalPlan::from);
         let mut argv = start.argv.into_iter();
-        let program = argv
-            .next()
-            .filter(|program| !program.is_empty())
-            .ok_or_else(|| Status::invalid_argument("argv must name a program"))?;
+        // An empty argv on a terminal is a login shell, chosen once the user is known.
+        let program = match argv.next() {
+            Some(program) if !program.is_empty() => program,
+            None if terminal.is_some() => String::new(),
+            _ => return Err(Status::invalid_argument("argv must name a program")),
+        };
         let env = start
             .env
             .into_iter()
@@ -132,6 +210,8 @@ impl TryFrom<ExecStart> for ExecPlan {
             identity: None,
             stdin: start.stdin,
             timeout: (start.timeout_seconds > 0).then(|| Duration::from_secs(start.timeout_seconds.into())),
+            terminal,
+            arg0: None,
         })
     }
 }
@@ -159,25 +239,98 @@ impl ExecPlan {
         Ok(())
     }
 
-    fn command(&self) -> Command {
-        let mut command = Command::new(&self.program);
-        let home = self.identity.as_ref().and_then(|identity| identity.home.as_deref()).unwrap_or(DEFAULT_HOME);
+    /// For a terminal without argv: the user's login shell from /etc/passwd (root's when no
+    /// user is named), started as a login shell (`-sh`) in the user's home.
+    fn choose_login_shell(&mut self) {
+        if !self.program.is_empty() {
+            return;
+        }
+        let identity = match &self.identity {
+            Some(identity) => Some(identity.clone()),
+            None => user::resolve("0").ok(),
+        };
+        let shell = identity
+            .as_ref()
+            .and_then(|identity| identity.shell.clone())
+            .filter(|shell| Path::new(shell).is_file())
+            .unwrap_or_else(|| FALLBACK_SHELL.to_owned());
+        let name = Path::new(&shell).file_name().map(|name| name.to_string_lossy().into_owned());
+        self.arg0 = Some(format!("-{}", name.unwrap_or_else(|| "sh".to_owned())));
+        self.program = shell;
+        if self.working_dir.is_none() {
+            let home = identity.as_ref().and_then(|identity| identity.home.clone()).unwrap_or(DEFAULT_HOME.to_owned());
+            self.working_dir = Some(home).filter(|home| Path::new(home).is_dir());
+        }
+        let name = identity.and_then(|identity| identity.name).unwrap_or_else(|| "root".to_owned());
+        for (variable, value) in [("SHELL", self.program.clone()), ("USER", name.clone()), ("LOGNAME", name)] {
+            if !self.env.iter().any(|(set, _)| set == variable) {
+                self.env.insert(0, (variable.to_owned(), value));
+            }
+        }
+    }
+
+    /// Starts the process on `pty`: its peer becomes stdin, stdout, stderr and the controlling
+    /// terminal of a new session; the master is read for output and written for input.
+    fn spawn_on_terminal(&self, pty: pty::Pty) -> io::Result<(Child, ProcessIo)> {
+        let pty::Pty { master, peer } = pty;
+        if let Some(identity) = &self.identity {
+            // Like login(1): the user owns the terminal they are given.
+            nix::unistd::fchown(&peer, Some(Uid::from_raw(identity.uid)), None).map_err(io::Error::from)?;
+        }
+        let mut command = self.base_command();
         command
-            .args(&self.args)
-            .env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("HOME", home)
+            .env("TERM", self.terminal.as_ref().map_or(pty::DEFAULT_TERM, |t| t.term.as_str()))
+            // The request's env still wins, TERM included.
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::from(peer.try_clone()?))
+            .stdout(Stdio::from(peer.try_clone()?))
+            .stderr(Stdio::from(peer));
+        // SAFETY: setsid and ioctl are async-signal-safe and allocate nothing.
+        unsafe { command.pre_exec(pty::become_session_leader) };
+        self.drop_privileges(&mut command);
+        let child = command.spawn()?;
+        drop(command); // closes the agent's copies of the peer: the master sees EIO once the process's are gone
+        let reader = pipe::Receiver::from_owned_fd_unchecked(master.try_clone()?)?;
+        let writer = pipe::Sender::from_owned_fd_unchecked(master.try_clone()?)?;
+        let io = ProcessIo {
+            stdout: Some(boxed_reader(reader)),
+            stderr: None,
+            input: Input::Terminal { writer: Box::new(writer), master },
+        };
+        Ok((child, io))
+    }
+
+    /// What every process gets: program, args, a clean environment with PATH and HOME, the
+    /// working directory, and being killed with the agent's handle.
+    fn base_command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        if let Some(arg0) = &self.arg0 {
+            command.arg0(arg0);
+        }
+        let home = self.identity.as_ref().and_then(|identity| identity.home.as_deref()).unwrap_or(DEFAULT_HOME);
+        command.args(&self.args).env_clear().env("PATH", DEFAULT_PATH).env("HOME", home).kill_on_drop(true);
+        if let Some(dir) = &self.working_dir {
+            command.current_dir(Path::new(dir));
+        }
+        command
+    }
+
+    fn command(&self) -> Command {
+        let mut command = self.base_command();
+        command
             // Set after the defaults so the request can override them; a PATH given here is also
             // the one the program is looked up in.
             .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(if self.stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(dir) = &self.working_dir {
-            command.current_dir(Path::new(dir));
-        }
+            .process_group(0);
+        self.drop_privileges(&mut command);
+        command
+    }
+
+    /// Runs the process as the resolved user, if one was named.
+    fn drop_privileges(&self, command: &mut Command) {
         if let Some(identity) = self.identity.clone() {
             let groups: Vec<Gid> = identity.groups.iter().copied().map(Gid::from_raw).collect();
             // Not Command::uid/gid: std drops the supplementary groups there, and pre_exec runs
@@ -191,7 +344,6 @@ impl ExecPlan {
                 });
             }
         }
-        command
     }
 }
 
@@ -263,6 +415,7 @@ impl Run {
 /// Streams the process's output until it ends, then reports its exit status.
 async fn supervise(
     mut child: Child,
+    io: ProcessIo,
     requests: Streaming<ExecRequest>,
     tx: mpsc::Sender<Result<ExecResponse, Status>>,
     timeout: Option<Duration>,
@@ -283,8 +436,9 @@ async fn supervise(
         return;
     }
     // Always drain the request stream, even without stdin, so the client's half is consumed.
-    let stdin_pump = tokio::spawn(pump_stdin(requests, child.stdin.take()));
-    let ended = stream_until_exit(&mut child, &mut run).await;
+    let ProcessIo { stdout, stderr, input } = io;
+    let stdin_pump = tokio::spawn(pump_stdin(requests, input));
+    let ended = stream_until_exit(&mut child, stdout, stderr, &mut run).await;
     stdin_pump.abort();
     match ended {
         Ok(status) => {
@@ -307,9 +461,12 @@ async fn supervise(
 
 /// Forwards stdout and stderr chunks (each stream in order) until the process has exited and its
 /// pipes are closed, or the drain grace after its exit is over.
-async fn stream_until_exit(child: &mut Child, run: &mut Run) -> Result<std::process::ExitStatus, ClientGone> {
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+async fn stream_until_exit(
+    child: &mut Child,
+    mut stdout: Option<BoxedReader>,
+    mut stderr: Option<BoxedReader>,
+    run: &mut Run,
+) -> Result<std::process::ExitStatus, ClientGone> {
     let mut stdout_buf = vec![0u8; OUTPUT_CHUNK];
     let mut stderr_buf = vec![0u8; OUTPUT_CHUNK];
     let mut exited: Option<std::process::ExitStatus> = None;
@@ -369,8 +526,13 @@ async fn read_chunk<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) 
 }
 
 /// Writes stdin messages to the process until `stdin_eof` or the client's half ends; later
-/// messages are read and dropped so the client never blocks on flow control.
-async fn pump_stdin(mut requests: Streaming<ExecRequest>, mut stdin: Option<ChildStdin>) {
+/// messages are read and dropped so the client never blocks on flow control. On a terminal,
+/// resizes are applied and `stdin_eof` types the end-of-file character.
+async fn pump_stdin(mut requests: Streaming<ExecRequest>, input: Input) {
+    let (mut stdin, master) = match input {
+        Input::Pipe(stdin) => (stdin, None),
+        Input::Terminal { writer, master } => (Some(writer), Some(master)),
+    };
     while let Ok(Some(request)) = requests.message().await {
         match request.payload {
             Some(RequestPayload::Stdin(bytes)) => {
@@ -381,8 +543,25 @@ async fn pump_stdin(mut requests: Streaming<ExecRequest>, mut stdin: Option<Chil
                     stdin = None;
                 }
             }
-            // Dropping the pipe closes it: the process reads end of file.
-            Some(RequestPayload::StdinEof(true)) => stdin = None,
+            Some(RequestPayload::StdinEof(true)) => match &master {
+                Some(master) => {
+                    let eof = [pty::eof_char(master)];
+                    if let Some(writer) = stdin.as_mut() {
+                        let _ = writer.write_all(&eof).await;
+                    }
+                }
+                // Dropping the pipe closes it: the process reads end of file.
+                None => stdin = None,
+            },
+            Some(RequestPayload::Resize(size)) => {
+                if let Some(master) = &master {
+                    let rows = pty::dimension(size.rows, pty::DEFAULT_ROWS);
+                    let columns = pty::dimension(size.columns, pty::DEFAULT_COLUMNS);
+                    if let Err(err) = pty::set_size(master, rows, columns) {
+                        log!("cannot resize a terminal to {rows}x{columns}: {err}");
+                    }
+                }
+            }
             Some(RequestPayload::StdinEof(false)) | None => {}
             Some(RequestPayload::Start(_)) => log!("ignoring a second ExecStart on one stream"),
         }

@@ -11,7 +11,9 @@ mod auth;
 mod exec;
 mod files;
 mod grow_root;
+mod guest_root;
 mod identity;
+mod pty;
 mod serial;
 mod service;
 mod supervisor;
@@ -149,6 +151,9 @@ fn main() -> ExitCode {
     }
     // Only as the guest's PID 1: never a host's root file system (tests start `--init` too).
     if args.init && std::process::id() == 1 {
+        if let Err(problem) = guest_root::prepare() {
+            log!("the guest's root file system is not usable: {problem}");
+        }
         match grow_root::grow_root() {
             Ok(Some(bytes)) => log!("grew the root file system to its disk: {} MiB", bytes >> 20),
             Ok(None) => {}

@@ -43,6 +43,7 @@ impl Agent {
 #[tonic::async_trait]
 impl AgentService for Agent {
     async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
+        root_usable()?;
         Ok(Response::new(ReadyResponse { uptime_seconds: uptime_seconds()? }))
     }
 
@@ -117,12 +118,24 @@ impl AgentService for Agent {
 /// Applies an identity told with the key `presented`, then takes the new key it carries (an
 /// identity that cannot be applied changes no key).
 pub fn apply_identity(request: &SetIdentityRequest, presented: crate::auth::Key) -> Result<(), Status> {
+    // The host's way to ready is Ready or an identity: either says why the guest is unusable.
+    root_usable()?;
     let new_key = crate::auth::new_key(&request.agent_key)?;
     crate::identity::apply(request)?;
     if let Some(new_key) = new_key {
         crate::auth::rotate(new_key, presented);
     }
     Ok(())
+}
+
+/// FAILED_PRECONDITION, saying why, when the guest's root could not be set up as init.
+fn root_usable() -> Result<(), Status> {
+    match crate::guest_root::problem() {
+        Some(problem) => {
+            Err(Status::failed_precondition(format!("the guest's root file system is not usable: {problem}")))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Flushes file systems, then powers off or exits; returns only if power-off failed.

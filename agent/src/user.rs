@@ -14,6 +14,10 @@ pub struct Identity {
     pub groups: Vec<u32>,
     /// The home directory, when /etc/passwd knows the user.
     pub home: Option<String>,
+    /// The user's name and login shell, when /etc/passwd knows the user.
+    pub name: Option<String>,
+    /// See `name`; empty when the entry names none.
+    pub shell: Option<String>,
 }
 
 /// A `user` the guest cannot resolve.
@@ -31,15 +35,20 @@ struct PasswdEntry<'a> {
     uid: u32,
     gid: u32,
     home: &'a str,
+    shell: &'a str,
 }
 
 fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
     passwd.lines().filter_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         match fields.as_slice() {
-            [name, _, uid, gid, _, home, ..] => {
-                Some(PasswdEntry { name, uid: uid.parse().ok()?, gid: gid.parse().ok()?, home })
-            }
+            [name, _, uid, gid, _, home, rest @ ..] => Some(PasswdEntry {
+                name,
+                uid: uid.parse().ok()?,
+                gid: gid.parse().ok()?,
+                home,
+                shell: rest.first().copied().unwrap_or_default(),
+            }),
             _ => None,
         }
     })
@@ -86,7 +95,8 @@ pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<Identity, Use
             }
         }
     }
-    Ok(Identity { uid, gid, groups, home })
+    let shell = entry.as_ref().map(|e| e.shell.to_owned()).filter(|shell| !shell.is_empty());
+    Ok(Identity { uid, gid, groups, home, name: name.map(str::to_owned), shell })
 }
 
 /// Resolves `spec` in the guest's own files.
@@ -107,12 +117,14 @@ mod tests {
         let ci = resolve_in("ci", PASSWD, GROUP).expect("ci");
         assert_eq!((ci.uid, ci.gid, ci.home.as_deref()), (1000, 1000, Some("/home/ci")));
         assert_eq!(ci.groups, vec![1000, 50, 999]);
+        assert_eq!((ci.name.as_deref(), ci.shell.as_deref()), (Some("ci"), Some("/bin/bash")));
         let by_uid = resolve_in("1000", PASSWD, GROUP).expect("1000");
         assert_eq!((by_uid.uid, by_uid.home.as_deref()), (1000, Some("/home/ci")));
         let with_group = resolve_in("ci:staff", PASSWD, GROUP).expect("ci:staff");
         assert_eq!((with_group.uid, with_group.gid), (1000, 50));
         let unknown_uid = resolve_in("4242:77", PASSWD, GROUP).expect("numeric ids need no entry");
         assert_eq!((unknown_uid.uid, unknown_uid.gid, unknown_uid.home), (4242, 77, None));
+        assert_eq!(unknown_uid.shell, None);
         assert_eq!(resolve_in("4242", "", "").expect("no files").gid, 0);
     }
 

@@ -167,6 +167,7 @@ pub async fn run_true(template: &Template, dir: &Path) -> Result<Duration, Error
         stdin: false,
         timeout_seconds: 0,
         user: String::new(),
+        terminal: None,
     };
     let mut events = Box::pin(exec::exec(agent, command, tokio_stream::empty()).await?);
     let mut status = None;

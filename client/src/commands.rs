@@ -7,7 +7,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::{Command, ImageCommand, PoolCommand, ProcessArgs, SnapshotCommand, VmCommand, VmShape, output, pull};
+use crate::{
+    Command, ImageCommand, PoolCommand, ProcessArgs, SnapshotCommand, VmCommand, VmShape, output, pull, terminal,
+};
 
 /// Exit code of `vm run`/`vm exec` when banger itself fails (not the guest command).
 const EXIT_BANGER_ERROR: u8 = 125;
@@ -53,13 +55,14 @@ async fn connect(target: &Target, credentials: &Credentials, autostart: bool) ->
 pub async fn run(target: Target, credentials: Credentials, autostart: bool, command: Command) -> ExitCode {
     let client = connect(&target, &credentials, autostart).await;
     let error_exit = match command {
-        Command::Vm(VmCommand::Exec { .. } | VmCommand::Run { .. }) => EXIT_BANGER_ERROR,
+        Command::Vm(VmCommand::Exec { .. } | VmCommand::Run { .. } | VmCommand::Shell { .. }) => EXIT_BANGER_ERROR,
         _ => 1,
     };
     let result = match client {
         Err(failure) => Err(failure),
         Ok(client) => match command {
             Command::Vm(VmCommand::Exec { vm, process }) => exec(client, vm, process).await,
+            Command::Vm(VmCommand::Shell { vm, shell }) => exec_in(&mut { client }, vm, shell.into()).await,
             Command::Vm(VmCommand::Run { shape, rm, process }) => vm_run(client, shape, rm, process).await,
             Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
             Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
@@ -240,7 +243,9 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             let vm = client.vms.get_vm(pb::GetVmRequest { vm }).await?.into_inner().vm.unwrap_or_default();
             output::print_vm_details(&vm);
         }
-        VmCommand::Exec { .. } | VmCommand::Run { .. } => unreachable!("handled by run()"),
+        VmCommand::Exec { .. } | VmCommand::Run { .. } | VmCommand::Shell { .. } => {
+            unreachable!("handled by run()")
+        }
     }
     Ok(())
 }
@@ -408,6 +413,10 @@ fn local_stdin() -> impl Stream<Item = Vec<u8>> + Send + 'static {
 
 /// Streams a guest process's output to this terminal; returns the exit code to use.
 async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
+    let terminal = process.tty.then(|| pb::ExecTerminal {
+        term: terminal::term(),
+        size: terminal::size().map(|(rows, columns)| pb::TerminalSize { rows, columns }),
+    });
     let start = pb::ExecVmStart {
         vm,
         argv: process.argv,
@@ -416,7 +425,11 @@ async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Resul
         stdin: process.interactive,
         timeout_seconds: process.timeout.unwrap_or(0),
         user: process.user.unwrap_or_default(),
+        terminal,
     };
+    if start.terminal.is_some() {
+        return exec_on_terminal(client, start).await;
+    }
     let mut output = if process.interactive {
         client.exec(start, local_stdin()).await?
     } else {
@@ -425,34 +438,99 @@ async fn exec_in(client: &mut Client, vm: String, process: ProcessArgs) -> Resul
     use pb::exec_vm_response::Payload;
     while let Some(message) = output.next().await {
         match message?.payload {
-            Some(Payload::Stdout(data)) => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&data).and_then(|()| out.flush());
-            }
+            Some(Payload::Stdout(data)) => write_out(&data),
             Some(Payload::Stderr(data)) => {
                 let mut err = std::io::stderr().lock();
                 let _ = err.write_all(&data).and_then(|()| err.flush());
             }
-            Some(Payload::Exit(exit)) => {
-                if exit.timed_out {
-                    eprintln!("banger: command timed out and was killed");
-                    return Ok(ExitCode::from(EXIT_TIMED_OUT));
-                }
-                return Ok(match exit.status {
-                    Some(pb::exec_exit::Status::Code(code)) => ExitCode::from(code.clamp(0, 255) as u8),
-                    Some(pb::exec_exit::Status::Signal(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
-                    None => ExitCode::from(EXIT_BANGER_ERROR),
-                });
-            }
+            Some(Payload::Exit(exit)) => return Ok(exit_code(&exit)),
             None => {}
         }
     }
     Err(Failure::Status(Status::unavailable("the exec stream ended without an exit status")))
 }
 
+fn write_out(data: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(data).and_then(|()| out.flush());
+}
+
+/// The exit code for how a guest process ended (after the local terminal is restored).
+fn exit_code(exit: &pb::ExecExit) -> ExitCode {
+    if exit.timed_out {
+        eprintln!("banger: command timed out and was killed");
+        return ExitCode::from(EXIT_TIMED_OUT);
+    }
+    match exit.status {
+        Some(pb::exec_exit::Status::Code(code)) => ExitCode::from(code.clamp(0, 255) as u8),
+        Some(pb::exec_exit::Status::Signal(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        None => ExitCode::from(EXIT_BANGER_ERROR),
+    }
+}
+
+/// Runs `start` on a terminal in the guest. With `start.stdin`, this terminal is in raw mode
+/// meanwhile (restored however the session ends: exit, error, SIGTERM, SIGHUP, a panic) and its
+/// input is typed into the guest's; SIGWINCH sends the new size.
+async fn exec_on_terminal(client: &mut Client, start: pb::ExecVmStart) -> Result<ExitCode, Failure> {
+    use pb::exec_vm_request::Payload as Input;
+    use pb::exec_vm_response::Payload;
+    use tokio::signal::unix::{SignalKind, signal};
+    let forward_stdin = start.stdin;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Input>(16);
+    let raw = if forward_stdin { terminal::RawMode::enter() } else { None };
+    if forward_stdin {
+        let tx = tx.clone();
+        let mut input = terminal::input();
+        tokio::spawn(async move {
+            while let Some(data) = input.recv().await {
+                if tx.send(Input::Stdin(data)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Input::StdinEof(true)).await;
+        });
+    }
+    let mut output = client.exec_with(start, tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    let (mut resized, mut terminated, mut hung_up) =
+        match (signal(SignalKind::window_change()), signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+            (Ok(resized), Ok(terminated), Ok(hung_up)) => (resized, terminated, hung_up),
+            _ => return Err(Failure::Status(Status::internal("cannot handle signals"))),
+        };
+    loop {
+        tokio::select! {
+            message = output.next() => match message {
+                Some(message) => match message?.payload {
+                    Some(Payload::Stdout(data) | Payload::Stderr(data)) => write_out(&data),
+                    Some(Payload::Exit(exit)) => {
+                        drop(raw);
+                        return Ok(exit_code(&exit));
+                    }
+                    None => {}
+                },
+                None => break,
+            },
+            Some(()) = resized.recv() => {
+                if let Some((rows, columns)) = terminal::size() {
+                    let _ = tx.send(Input::Resize(pb::TerminalSize { rows, columns })).await;
+                }
+            }
+            Some(()) = terminated.recv() => {
+                drop(raw);
+                return Ok(ExitCode::from(128 + 15));
+            }
+            Some(()) = hung_up.recv() => {
+                drop(raw);
+                return Ok(ExitCode::from(128 + 1));
+            }
+        }
+    }
+    drop(raw);
+    Err(Failure::Status(Status::unavailable("the exec stream ended without an exit status")))
+}
+
 async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<ExitCode, Failure> {
-    if process.argv.is_empty() {
-        return Err(usage("name the command to run after --"));
+    if process.argv.is_empty() && !process.tty {
+        return Err(usage("name the command to run after -- (or use -it, or `banger vm shell`, for a shell)"));
     }
     exec_in(&mut client, vm, process).await
 }
@@ -473,8 +551,13 @@ async fn vm_run(mut client: Client, shape: VmShape, rm: bool, mut process: Proce
         let config = image.ok().and_then(|i| i.into_inner().image?.origin?.config).unwrap_or_default();
         process.argv = config.entrypoint.into_iter().chain(config.cmd).collect();
     }
-    let result = if process.argv.is_empty() {
-        Err(usage("the image names no Entrypoint or Cmd: give the command after --"))
+    if process.argv.is_empty() && terminal::interactive() {
+        // A shell (or the image's command) on a terminal, like `docker run -it`.
+        process.tty = true;
+        process.interactive = true;
+    }
+    let result = if process.argv.is_empty() && !process.tty {
+        Err(usage("the image names no Entrypoint or Cmd: give the command after --, or run on a terminal for a shell"))
     } else {
         exec_in(&mut client, vm.id.clone(), process).await
     };

@@ -259,6 +259,20 @@ impl Client {
         let requests = tokio_stream::once(first).chain(data).chain(eof);
         Ok(self.vms.exec_vm(requests).await?.into_inner())
     }
+
+    /// Runs a process in a VM, sending `input` after the start as it comes: standard input,
+    /// its end, and (with `start.terminal`) resizes.
+    pub async fn exec_with(
+        &mut self,
+        start: pb::ExecVmStart,
+        input: impl Stream<Item = pb::exec_vm_request::Payload> + Send + 'static,
+    ) -> Result<Streaming<pb::ExecVmResponse>, Status> {
+        use pb::exec_vm_request::Payload;
+        use tokio_stream::StreamExt;
+        let first = pb::ExecVmRequest { payload: Some(Payload::Start(start)) };
+        let rest = input.map(|payload| pb::ExecVmRequest { payload: Some(payload) });
+        Ok(self.vms.exec_vm(tokio_stream::once(first).chain(rest)).await?.into_inner())
+    }
 }
 
 impl ClientError {

@@ -6,6 +6,7 @@ mod json;
 mod output;
 mod pull;
 mod telemetry;
+mod terminal;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -357,6 +358,12 @@ struct ProcessArgs {
     /// Forward this terminal's standard input to the process.
     #[arg(short, long)]
     interactive: bool,
+    /// Run the process on a new terminal in the guest (for a shell, vi, top): with -i, this
+    /// terminal is put in raw mode and its keys are typed into it (Ctrl-C interrupts the
+    /// guest's foreground job, not banger), its size follows this one, and all output comes
+    /// on standard output.
+    #[arg(short, long)]
+    tty: bool,
     /// Extra environment variable for the process (repeatable).
     #[arg(short, long, value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -371,9 +378,40 @@ struct ProcessArgs {
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u32>,
     /// The program and its arguments (`vm run` without them runs the image's Entrypoint and
-    /// Cmd).
+    /// Cmd, or, on a terminal, a login shell; with -t and no command, the login shell runs).
     #[arg(last = true, value_name = "CMD")]
     argv: Vec<String>,
+}
+
+/// How to run a shell.
+#[derive(Debug, Args)]
+struct ShellArgs {
+    /// Extra environment variable for the shell (repeatable).
+    #[arg(short, long, value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest (default: the user's home).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Log in as this guest user: USER, USER:GROUP, UID or UID:GID (default: root).
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+    /// Run this instead of the user's login shell.
+    #[arg(last = true, value_name = "CMD")]
+    argv: Vec<String>,
+}
+
+impl From<ShellArgs> for ProcessArgs {
+    fn from(shell: ShellArgs) -> Self {
+        Self {
+            interactive: true,
+            tty: true,
+            env: shell.env,
+            workdir: shell.workdir,
+            user: shell.user,
+            timeout: None,
+            argv: shell.argv,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -572,9 +610,25 @@ enum VmCommand {
         #[command(flatten)]
         process: ProcessArgs,
     },
+    /// Open a shell in a running VM, on a terminal (alias: ssh).
+    ///
+    /// The user's login shell from the guest's /etc/passwd (root's unless -u; /bin/sh when it
+    /// names none), or the command after --, runs on a new terminal in the guest. This terminal
+    /// is in raw mode until it ends: Ctrl-C and Ctrl-Z reach the guest's foreground job, its
+    /// size follows this window's. Exits with the shell's exit code; banger's own errors exit
+    /// 125.
+    #[command(visible_alias = "ssh")]
+    Shell {
+        /// VM id or name.
+        vm: String,
+        #[command(flatten)]
+        shell: ShellArgs,
+    },
     /// Create a VM, run a command in it, print its output, exit with its exit code.
     ///
-    /// The VM is kept unless --rm is given. banger's own errors exit 125.
+    /// Without a command: the image's Entrypoint and Cmd, or, on a terminal, a login shell
+    /// (`banger vm run --rm` is a throw-away shell). The VM is kept unless --rm is given.
+    /// banger's own errors exit 125.
     Run {
         #[command(flatten)]
         shape: VmShape,

@@ -9,7 +9,8 @@ signed. With a unix socket as the last argument, a listing over it follows (gRPC
 the socket's path as :authority, which bangerd accepts).
 
 Steps: create a VM twice with one request_id (one VM, the same answer), wait until it is
-running, run a command streaming its output and exit code; snapshot it as a job template,
+running, run a command streaming its output and exit code, and one on a terminal (its size,
+a resize, typed input); snapshot it as a job template,
 start a clone from the snapshot and run a command in it (its own hostname), see the
 snapshot listed by label and its deletion refused while VMs use it; list VMs by label in
 pages of one, delete everything it made (the snapshot last); then upload a container image as a streamed `docker save`
@@ -23,6 +24,8 @@ import json
 import os
 import sys
 import tarfile
+import threading
+import threading
 import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated"))
@@ -100,6 +103,37 @@ def run(vms, vm_id, argv):
     return stdout, stderr, exit_code
 
 
+def run_on_terminal(vms, vm_id):
+    """Runs a shell on a terminal of 33x101, resizes it to 20x70 once its first size is printed,
+    types a line; returns (output, exit code)."""
+    sized = threading.Event()
+    script = "stty size; read line; stty size; echo got:$line; tty; exit 5"
+    start = vm_pb2.ExecVmStart(
+        vm=vm_id,
+        argv=["sh", "-c", script],
+        stdin=True,
+        terminal=vm_pb2.ExecTerminal(term="xterm-256color", size=vm_pb2.TerminalSize(rows=33, columns=101)),
+    )
+
+    def requests():
+        yield vm_pb2.ExecVmRequest(start=start)
+        sized.wait(60)
+        yield vm_pb2.ExecVmRequest(resize=vm_pb2.TerminalSize(rows=20, columns=70))
+        yield vm_pb2.ExecVmRequest(stdin=b"typed\r")
+
+    output, exit_code = b"", None
+    for response in vms.ExecVm(requests(), timeout=60):
+        kind = response.WhichOneof("payload")
+        check(kind != "stderr", "a terminal's output came as stderr")
+        if kind == "stdout":
+            output += response.stdout
+            if b"33 101" in output:
+                sized.set()
+        elif kind == "exit":
+            exit_code = response.exit.code
+    return output, exit_code
+
+
 def channel_to(target, tls):
     """A channel to bangerd: plain on its unix socket, mutual TLS (CA, cert, key files) on TCP."""
     if tls is None:
@@ -141,6 +175,12 @@ def main(target, tls=None, unix=None):
         check(stdout == b"from-stdout\n", f"stdout was {stdout!r}")
         check(stderr == b"from-stderr\n", f"stderr was {stderr!r}")
         check(exit_code == 3, f"exit code was {exit_code}")
+
+        # A command on a terminal: its size, a resize, typed input echoed, a tty of its own.
+        output, exit_code = run_on_terminal(vms, first.vm.id)
+        for expected in (b"33 101\r\n", b"typed\r\n", b"20 70\r\n", b"got:typed\r\n", b"/dev/pts/"):
+            check(expected in output, f"{expected!r} not in the terminal's output {output!r}")
+        check(exit_code == 5, f"the terminal's exit code was {exit_code}")
 
         # The VM as a job template: snapshotted (it runs on), a clone started from it.
         snapshots = snapshot_pb2_grpc.SnapshotServiceStub(channel)

@@ -350,17 +350,18 @@ pub fn docker_archive(repo_tag: &str, config: &Config, layers: &[Vec<u8>]) -> Ve
 /// `/bin`, and the directories a guest mounts over (`/proc`, `/sys`, `/dev`, `/tmp`), so
 /// that a test image can run commands.
 pub fn busybox_layer() -> Vec<u8> {
+    busybox_layer_with(&[Entry::Dir("proc", 0o555), Entry::Dir("sys", 0o555), Entry::Dir("dev", 0o755)])
+}
+
+/// A layer with `/bin/busybox`, its applets, `/tmp` and `extra`, without the directories a
+/// guest mounts over unless `extra` has them (an image built `FROM scratch`).
+pub fn busybox_layer_with(extra: &[Entry]) -> Vec<u8> {
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static; make setup installs it)");
     let applets = std::process::Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
     let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
-    let mut entries = vec![
-        Entry::Dir("bin", 0o755),
-        Entry::Dir("proc", 0o555),
-        Entry::Dir("sys", 0o555),
-        Entry::Dir("dev", 0o755),
-        Entry::Dir("tmp", 0o1777),
-        Entry::Data("bin/busybox".into(), busybox, 0o755),
-    ];
+    let mut entries = vec![Entry::Dir("bin", 0o755)];
+    entries.extend_from_slice(extra);
+    entries.extend([Entry::Dir("tmp", 0o1777), Entry::Data("bin/busybox".into(), busybox, 0o755)]);
     let links: Vec<String> = applets.lines().filter(|a| *a != "busybox").map(|a| format!("bin/{a}")).collect();
     let links: &'static [String] = Box::leak(links.into_boxed_slice());
     entries.extend(links.iter().map(|link| Entry::Sym(link.as_str(), "busybox")));

@@ -392,3 +392,32 @@ fn a_vm_given_a_bigger_disk_than_its_image_sees_the_room_and_the_host_stores_onl
     assert!(stderr.contains("INVALID_ARGUMENT") && stderr.contains("disk_size_bytes"), "{stderr}");
     ok(&daemon, &["vm", "delete", "big"]);
 }
+
+#[test]
+fn an_image_without_mount_points_runs_and_one_whose_root_cannot_be_set_up_fails_its_create_saying_why() {
+    let _slot = guest_slot();
+    let daemon = Daemon::start(&[]);
+    let config = oci::Config { cmd: vec!["/bin/sh".into()], ..Default::default() };
+    // As built FROM scratch: busybox in /bin, no /proc, /sys or /dev.
+    let bare = daemon.dir.path().join("bare");
+    oci::write_layout(&bare, "bare", &config, &[oci::busybox_layer_with(&[])]);
+    ok(&daemon, &["image", "import", "bare", "--oci", &format!("{}:bare", bare.display())]);
+    let script =
+        "grep -c ' /dev/pts ' /proc/self/mountinfo; ls /sys/class >/dev/null && echo sys-ok; tty </dev/null; echo ran";
+    let out = daemon.banger(&["vm", "run", "--rm", "--image", "bare", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}\nlog: {}", text(&out.stderr), daemon.log());
+    assert_eq!(text(&out.stdout), "1\nsys-ok\nnot a tty\nran\n", "stderr: {}", text(&out.stderr));
+
+    // /proc is a file in this one: the agent cannot set up its root, and says so.
+    let broken = daemon.dir.path().join("broken");
+    let layer = oci::busybox_layer_with(&[oci::Entry::File("proc", b"not a directory", 0o644)]);
+    oci::write_layout(&broken, "broken", &config, &[layer]);
+    ok(&daemon, &["image", "import", "broken", "--oci", &format!("{}:broken", broken.display())]);
+    let out = daemon.banger(&["vm", "create", "--name", "broken", "--image", "broken"]);
+    assert!(!out.status.success(), "a guest without /proc was created: {}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("FAILED_PRECONDITION") && stderr.contains("/proc"), "{stderr}");
+    assert!(stderr.contains("not a directory"), "{stderr}");
+    let list = text(&daemon.banger(&["vm", "list"]).stdout);
+    assert!(!list.contains("broken"), "a failed create left a record: {list}");
+}

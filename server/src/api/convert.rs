@@ -8,7 +8,8 @@ use banger_proto::v1 as pb;
 use crate::{
     domain::{
         DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ExecCommand, ExecEvent, ExitStatus, Image, ImageProgress, MAX_MEMORY_MIB,
-        MAX_VCPUS, MIN_MEMORY_MIB, NewImage, Vm, VmFault, VmHandles, VmSpec, VmState, vm_name_error,
+        MAX_VCPUS, MIN_MEMORY_MIB, NewImage, Terminal, TerminalSize, Vm, VmFault, VmHandles, VmSpec, VmState,
+        vm_name_error,
     },
     ops::{CreateVm, Error, FieldViolation, ImageSource as Source, NewOciImage},
 };
@@ -260,9 +261,32 @@ pub fn exec_start(start: pb::ExecVmStart) -> Result<(String, ExecCommand), Error
     if start.vm.trim().is_empty() {
         violations.push(FieldViolation::new("start.vm", "must name a vm by id or name"));
     }
-    if start.argv.is_empty() || start.argv[0].is_empty() {
-        violations.push(FieldViolation::new("start.argv", "must hold at least the program to run"));
+    match start.argv.first() {
+        None if start.terminal.is_some() => {} // a login shell
+        None => violations.push(FieldViolation::new(
+            "start.argv",
+            "must hold at least the program to run (only a terminal may run the login shell without one)",
+        )),
+        Some(program) if program.is_empty() => {
+            violations.push(FieldViolation::new("start.argv", "argv[0] must name the program to run"));
+        }
+        Some(_) => {}
     }
+    let terminal = match start.terminal {
+        None => None,
+        Some(terminal) => {
+            let size = terminal.size.map(|size| terminal_size("start.terminal.size", size, &mut violations));
+            if terminal.term.len() > 64
+                || !terminal.term.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+            {
+                violations.push(FieldViolation::new(
+                    "start.terminal.term",
+                    "must be a terminal type such as xterm-256color (letters, digits, - _ . +; at most 64)",
+                ));
+            }
+            Some(Terminal { term: terminal.term, size: size.unwrap_or_default() })
+        }
+    };
     if let Some(bad) = start.env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
         violations.push(FieldViolation::new("start.env", format!("{bad:?} is not NAME=value")));
     }
@@ -276,8 +300,20 @@ pub fn exec_start(start: pb::ExecVmStart) -> Result<(String, ExecCommand), Error
         stdin: start.stdin,
         timeout_seconds: start.timeout_seconds,
         user: start.user,
+        terminal,
     };
     Ok((start.vm, command))
+}
+
+/// A terminal size of the API; 0 in either takes the default, more than 65535 is refused.
+pub fn terminal_size(field: &str, size: pb::TerminalSize, violations: &mut Vec<FieldViolation>) -> TerminalSize {
+    let mut dimension = |name: &str, value: u32| {
+        u16::try_from(value).unwrap_or_else(|_| {
+            violations.push(FieldViolation::new(format!("{field}.{name}"), "must be at most 65535"));
+            0
+        })
+    };
+    TerminalSize { rows: dimension("rows", size.rows), columns: dimension("columns", size.columns) }
 }
 
 /// An exec event as the API streams it.
@@ -454,6 +490,28 @@ mod tests {
     fn exec_needs_a_program() {
         let start = pb::ExecVmStart { vm: "x".into(), ..Default::default() };
         assert!(matches!(exec_start(start), Err(Error::InvalidArgument(v)) if v[0].field == "start.argv"));
+    }
+
+    #[test]
+    fn a_terminal_may_run_the_login_shell_and_its_fields_are_checked() {
+        let terminal = |term: &str, rows: u32, columns: u32| pb::ExecTerminal {
+            term: term.into(),
+            size: Some(pb::TerminalSize { rows, columns }),
+        };
+        let shell = pb::ExecVmStart {
+            vm: "x".into(),
+            terminal: Some(terminal("xterm-256color", 40, 120)),
+            ..Default::default()
+        };
+        let (_, command) = exec_start(shell).expect("a login shell");
+        assert!(command.argv.is_empty());
+        let expected = Terminal { term: "xterm-256color".into(), size: TerminalSize { rows: 40, columns: 120 } };
+        assert_eq!(command.terminal, Some(expected));
+        let bad =
+            pb::ExecVmStart { vm: "x".into(), terminal: Some(terminal("xterm;rm", 70_000, 1)), ..Default::default() };
+        let Err(Error::InvalidArgument(violations)) = exec_start(bad) else { panic!("accepted") };
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["start.terminal.size.rows", "start.terminal.term"]);
     }
 
     #[test]

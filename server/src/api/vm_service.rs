@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     domain::{
-        ExecInput, Resource, Vm,
+        ExecInput, Resource, TerminalSize, Vm,
         access::{Caller, Tenant},
     },
     ops::{CreateVm, Error, Ops},
@@ -427,6 +427,11 @@ impl VmService for VmApi {
             .map_while(|message| match message {
                 Ok(pb::ExecVmRequest { payload: Some(Payload::Stdin(data)) }) => Some(Some(ExecInput::Data(data))),
                 Ok(pb::ExecVmRequest { payload: Some(Payload::StdinEof(_)) }) => Some(Some(ExecInput::Eof)),
+                // Out of range is clamped: a resize is not worth ending a session over.
+                Ok(pb::ExecVmRequest { payload: Some(Payload::Resize(size)) }) => {
+                    let clamp = |value: u32| u16::try_from(value).unwrap_or(u16::MAX);
+                    Some(Some(ExecInput::Resize(TerminalSize { rows: clamp(size.rows), columns: clamp(size.columns) })))
+                }
                 Ok(_) => Some(None),
                 Err(_) => None,
             })

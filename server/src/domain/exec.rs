@@ -15,6 +15,26 @@ pub struct ExecCommand {
     pub timeout_seconds: u32,
     /// Who runs it (`USER[:GROUP]`, `UID[:GID]`); root when empty.
     pub user: String,
+    /// The pseudo-terminal to run it on, if any (then `argv` may be empty: a login shell).
+    pub terminal: Option<Terminal>,
+}
+
+/// A pseudo-terminal for a guest process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Terminal {
+    /// TERM; the agent's default when empty.
+    pub term: String,
+    /// Its size; 0 takes the agent's default (24x80).
+    pub size: TerminalSize,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TerminalSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub columns: u16,
 }
 
 /// One piece of standard input.
@@ -24,6 +44,8 @@ pub enum ExecInput {
     Data(Vec<u8>),
     /// End of input.
     Eof,
+    /// The terminal's new size.
+    Resize(TerminalSize),
 }
 
 /// How a guest process ended.

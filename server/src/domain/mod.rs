@@ -12,7 +12,7 @@ mod pool;
 mod snapshot;
 mod vm;
 
-pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus, FileMeta};
+pub use exec::{ExecCommand, ExecEvent, ExecInput, ExitStatus, FileMeta, Terminal, TerminalSize};
 pub use handles::{ProcessHandle, VmHandles};
 pub use ids::{ImageId, OpId, ParseIdError, PoolId, Resource, SnapshotId, VmId};
 pub use image::{Image, ImageConfig, ImageProgress, NewImage, OciLayer, OciOrigin};

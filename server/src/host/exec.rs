@@ -8,7 +8,7 @@ use super::{
     HostError,
     agent::{AgentClient, AgentError},
 };
-use crate::domain::{ExecCommand, ExecEvent, ExecInput, ExitStatus};
+use crate::domain::{ExecCommand, ExecEvent, ExecInput, ExitStatus, TerminalSize};
 
 // Plain functions rather than closures in the stream combinators below: closures there
 // make the returned future's `Send` impossible to prove for trait objects (a known
@@ -19,8 +19,13 @@ fn input_request(item: ExecInput) -> pb::ExecRequest {
         payload: Some(match item {
             ExecInput::Data(data) => pb::exec_request::Payload::Stdin(data),
             ExecInput::Eof => pb::exec_request::Payload::StdinEof(true),
+            ExecInput::Resize(size) => pb::exec_request::Payload::Resize(window_size(size)),
         }),
     }
+}
+
+fn window_size(size: TerminalSize) -> pb::WindowSize {
+    pb::WindowSize { rows: size.rows.into(), columns: size.columns.into() }
 }
 
 fn output_event(item: Result<pb::ExecResponse, tonic::Status>) -> Option<Result<ExecEvent, HostError>> {
@@ -69,6 +74,9 @@ pub async fn exec(
             stdin: command.stdin,
             timeout_seconds: command.timeout_seconds,
             user: command.user,
+            terminal: command
+                .terminal
+                .map(|terminal| pb::Terminal { term: terminal.term, size: Some(window_size(terminal.size)) }),
         })),
     };
     // Standard input is forwarded by its own task through a channel, which keeps the request

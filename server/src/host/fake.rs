@@ -453,6 +453,7 @@ impl AgentChannels for FakeHost {
                         match piece {
                             ExecInput::Data(data) => read.extend(data),
                             ExecInput::Eof => break,
+                            ExecInput::Resize(_) => {}
                         }
                     }
                     (read, vec![], 0)

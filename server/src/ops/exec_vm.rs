@@ -129,6 +129,7 @@ mod tests {
             stdin: false,
             timeout_seconds: 0,
             user: String::new(),
+            terminal: None,
         };
         let merged = with_image_defaults(command.clone(), Some(&config));
         assert_eq!(merged.env, vec!["PATH=/usr/bin", "LANG=fr_FR.UTF-8", "EXTRA=1"]);
