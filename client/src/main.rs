@@ -238,15 +238,15 @@ struct VmShape {
     /// was pulled from it) [default: the host's default image].
     #[arg(long)]
     image: Option<String>,
-    /// Number of virtual CPUs [default: 1].
+    /// Number of virtual CPUs [default: bangerd's vm_defaults; built in: 1].
     #[arg(long)]
     vcpus: Option<u32>,
-    /// Guest memory in MiB [default: 256].
+    /// Guest memory in MiB [default: bangerd's vm_defaults; built in: 256].
     #[arg(long, value_name = "MIB")]
     memory: Option<u32>,
     /// Root disk size (e.g. 10G, 512M; at least the image's): the guest's root file system
     /// grows to fill it at boot, and the host stores only what the guest writes [default:
-    /// the image's size].
+    /// bangerd's vm_defaults; built in: the image's size].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     disk_size: Option<u64>,
     /// Label the VM (repeatable), e.g. --label ci.job=4711.
@@ -723,7 +723,7 @@ enum ImageCommand {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = with_daemon_defaults(Cli::command()).get_matches();
     let socket_given = matches.value_source("socket") == Some(ValueSource::CommandLine);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -906,6 +906,62 @@ fn credentials(cli: &Cli) -> Result<banger_client::Credentials, String> {
         tls_server_name: cli.tls_server_name.clone(),
         token: cli.token.clone(),
     })
+}
+
+/// For `vm create --help` and `vm run --help`: the shape defaults of the daemon this command
+/// would reach over its unix socket, in the help of the flags they fill in (when it answers
+/// within a second; never autostarted for help).
+fn with_daemon_defaults(command: clap::Command) -> clap::Command {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let asks = |word: &str| args.iter().any(|arg| arg == word);
+    if !(asks("vm") && (asks("create") || asks("run")) && (asks("--help") || asks("-h"))) {
+        return command;
+    }
+    let socket = args
+        .iter()
+        .position(|arg| arg == "--socket")
+        .and_then(|at| args.get(at + 1).map(PathBuf::from))
+        .or_else(|| args.iter().find_map(|arg| arg.strip_prefix("--socket=").map(PathBuf::from)))
+        .or_else(|| std::env::var_os("BANGER_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return command;
+    };
+    let defaults = runtime.block_on(async {
+        let ask = async {
+            let mut client =
+                banger_client::Client::connect_with(&Target::Unix(socket), &banger_client::Credentials::default())
+                    .await
+                    .ok()?;
+            let report = client.host.get_host(banger_client::pb::GetHostRequest {}).await.ok()?;
+            report.into_inner().vm_defaults
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(1), ask).await.ok().flatten()
+    });
+    let Some(defaults) = defaults else { return command };
+    let disk = match defaults.disk_size_bytes {
+        0 => "the image's size".to_owned(),
+        bytes => format!("{}M, or the image's size when bigger", bytes >> 20),
+    };
+    let help = [
+        ("vcpus", "Number of virtual CPUs".to_owned(), defaults.vcpus.to_string()),
+        ("memory", "Guest memory in MiB".to_owned(), defaults.memory_mib.to_string()),
+        (
+            "disk_size",
+            "Root disk size (e.g. 10G, 512M; at least the image's): the guest's root file system grows to fill it \
+             at boot, and the host stores only what the guest writes"
+                .to_owned(),
+            disk,
+        ),
+    ];
+    let shape = |mut sub: clap::Command| {
+        for (arg, text, default) in &help {
+            let line = format!("{text} [default: {default}, bangerd's vm_defaults]");
+            sub = sub.mut_arg(*arg, |a| a.help(line.clone()).long_help(line));
+        }
+        sub
+    };
+    command.mut_subcommand("vm", |vm| vm.mut_subcommand("create", shape).mut_subcommand("run", shape))
 }
 
 /// `banger vm create`, from the parsed subcommands.

@@ -305,8 +305,24 @@ pub fn print_host_report(report: &pb::GetHostResponse) -> bool {
             "bangerd uses: vmm {} (accel {}), agent channel {}, root disks {}, cgroups {}",
             choices.vmm, choices.accel, choices.agent_channel, choices.root_disk, choices.cgroup
         );
+        if !choices.accel_reason.is_empty() {
+            println!("accel {}: {}", choices.accel, choices.accel_reason);
+        }
+    }
+    if let Some(defaults) = &report.vm_defaults {
+        println!("new VMs get (vm_defaults): {}", describe_defaults(defaults));
     }
     failed
+}
+
+/// `2 vCPUs, 512 MiB, a 20 GiB disk (at least)`.
+pub fn describe_defaults(defaults: &pb::VmDefaults) -> String {
+    let disk = match defaults.disk_size_bytes {
+        0 => "the image's disk size".to_owned(),
+        bytes => format!("a disk of at least {} MiB", bytes >> 20),
+    };
+    let plural = if defaults.vcpus == 1 { "" } else { "s" };
+    format!("{} vCPU{plural}, {} MiB of memory, {disk}", defaults.vcpus, defaults.memory_mib)
 }
 
 fn code_name(code: Code) -> String {

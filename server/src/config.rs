@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::{
     domain::{
-        IpPool, Labels, RootDiskStrategy,
+        IpPool, Labels, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, RootDiskStrategy, VmDefaults,
         access::{AccessPolicy, Grant, Principal, Role, Tenant, Token},
     },
     host::vmm::Accel,
@@ -63,8 +63,8 @@ pub struct FileConfig {
     pub qemu_img_binary: Option<PathBuf>,
     /// See [`Config::vsock_backend_binary`].
     pub vsock_backend_binary: Option<PathBuf>,
-    /// See [`Config::accel`].
-    pub accel: Option<Accel>,
+    /// See [`Config::accel`]: `auto`, `tcg` or `kvm`.
+    pub accel: Option<AccelChoice>,
     /// See [`Config::agent_channel`].
     pub agent_channel: Option<AgentChannel>,
     /// See [`Config::memory_dir`].
@@ -119,6 +119,20 @@ pub struct FileConfig {
     pub tls: Option<FileTls>,
     /// See [`Config::access`] and [`Config::import_roots`].
     pub auth: Option<FileAuth>,
+    /// See [`Config::vm_defaults`].
+    pub vm_defaults: Option<FileVmDefaults>,
+}
+
+/// `[vm_defaults]`: the shape of a create that does not give one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVmDefaults {
+    /// vCPUs.
+    pub vcpus: Option<u32>,
+    /// Guest memory in MiB.
+    pub memory_mib: Option<u32>,
+    /// The least root disk: `20G`, `512M` (K, M, G, T: powers of 1024).
+    pub disk_size: Option<String>,
 }
 
 /// `[tls]`: what TCP is served with.
@@ -247,8 +261,9 @@ pub struct Config {
     pub qemu_binary: PathBuf,
     /// `vhost-device-vsock`.
     pub vsock_backend_binary: PathBuf,
-    /// QEMU accelerator: TCG unless KVM is known to boot guests on this host.
-    pub accel: Accel,
+    /// QEMU accelerator; `None` (`auto`): KVM where a guest kernel boots under it on this
+    /// host (probed once, see `host::accel`), else TCG.
+    pub accel: Option<Accel>,
     /// How QEMU guests' agents are reached: `vsock` (the kernel's vhost-vsock where the host
     /// has it, else `vhost-device-vsock`) or `virtio-serial` (a port QEMU serves on a unix
     /// socket: no backend process, and it survives the VMM's save and restore).
@@ -298,6 +313,8 @@ pub struct Config {
     /// uid and gid `vm_uid_base + N`: one unprivileged identity per VM, in a range nothing
     /// else on the host uses.
     pub vm_uid_base: u32,
+    /// The shape of a create that leaves it unset (`[vm_defaults]`).
+    pub vm_defaults: VmDefaults,
 }
 
 /// The PEM files TCP is served with.
@@ -331,6 +348,16 @@ pub enum RootDiskChoice {
     Auto(Auto),
     /// `qcow2`, `reflink`, `copy` or `dm-snapshot`.
     Strategy(RootDiskStrategy),
+}
+
+/// The accelerator as configured: chosen at startup, or one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum AccelChoice {
+    /// `auto`.
+    Auto(Auto),
+    /// `tcg` or `kvm`.
+    Fixed(Accel),
 }
 
 /// The word `auto`.
@@ -435,7 +462,10 @@ impl Config {
             });
         }
         let socket_group = file.socket_group.as_deref().map(group_id).transpose()?;
-        let accel = file.accel.unwrap_or(Accel::Tcg);
+        let accel = match file.accel {
+            None | Some(AccelChoice::Auto(_)) => None,
+            Some(AccelChoice::Fixed(accel)) => Some(accel),
+        };
         let root_disk = match file.root_disk {
             None | Some(RootDiskChoice::Auto(_)) => None,
             Some(RootDiskChoice::Strategy(strategy)) => Some(strategy),
@@ -474,6 +504,7 @@ impl Config {
                 })
             }
         };
+        let vm_defaults = vm_defaults(file.vm_defaults.unwrap_or_default())?;
         let vmm = file.vmm.unwrap_or(VmmKind::Qemu);
         if vmm == VmmKind::Firecracker && root_disk == Some(RootDiskStrategy::Qcow2) {
             return Err(ConfigError::Invalid {
@@ -525,6 +556,7 @@ impl Config {
             }),
         };
         Ok(Self {
+            vm_defaults,
             vmm,
             jailer,
             vm_uid_base,
@@ -670,9 +702,79 @@ fn group_id(group: &str) -> Result<u32, ConfigError> {
     }
 }
 
+/// `[vm_defaults]`, validated as a create's shape is.
+fn vm_defaults(file: FileVmDefaults) -> Result<VmDefaults, ConfigError> {
+    let builtin = VmDefaults::default();
+    let vcpus = file.vcpus.unwrap_or(builtin.vcpus);
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(ConfigError::Invalid {
+            key: "vm_defaults.vcpus",
+            message: format!("must be between 1 and {MAX_VCPUS}, got {vcpus}"),
+        });
+    }
+    let memory_mib = file.memory_mib.unwrap_or(builtin.memory_mib);
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(ConfigError::Invalid {
+            key: "vm_defaults.memory_mib",
+            message: format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {memory_mib}"),
+        });
+    }
+    let disk_bytes = match file.disk_size.as_deref().map(str::trim) {
+        None | Some("") => builtin.disk_bytes,
+        Some(text) => {
+            parse_size(text)
+                .filter(|bytes| *bytes <= 1 << 40)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "vm_defaults.disk_size",
+                    message: format!("{text:?} is not a size of at most 1T, such as 20G or 512M"),
+                })?
+                .div_ceil(1 << 20)
+                * (1 << 20)
+        }
+    };
+    Ok(VmDefaults { vcpus, memory_mib, disk_bytes })
+}
+
+/// A size with an optional K, M, G or T suffix (powers of 1024, `B`/`iB` allowed).
+fn parse_size(text: &str) -> Option<u64> {
+    let at = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(at);
+    let shift = match unit.trim_end_matches(['B', 'b', 'i']).to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_defaults_are_validated_like_a_create() {
+        let parse = |text: &str| {
+            let file: FileConfig = toml::from_str(text).expect("toml");
+            Config::from_parts(file, Overrides::default())
+        };
+        let config = parse("[vm_defaults]\nvcpus = 4\nmemory_mib = 1024\ndisk_size = \"10G\"").expect("valid");
+        assert_eq!(config.vm_defaults, VmDefaults { vcpus: 4, memory_mib: 1024, disk_bytes: 10 << 30 });
+        assert_eq!(parse("").expect("valid").vm_defaults, VmDefaults::default());
+        for (bad, key) in [
+            ("[vm_defaults]\nvcpus = 0", "vm_defaults.vcpus"),
+            ("[vm_defaults]\nmemory_mib = 8", "vm_defaults.memory_mib"),
+            ("[vm_defaults]\ndisk_size = \"lots\"", "vm_defaults.disk_size"),
+            ("[vm_defaults]\ndisk_size = \"2T\"", "vm_defaults.disk_size"),
+        ] {
+            match parse(bad) {
+                Err(ConfigError::Invalid { key: found, .. }) => assert_eq!(found, key, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn overrides_win_over_the_file_which_wins_over_defaults() {
@@ -683,7 +785,7 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/flag"));
         assert_eq!(config.socket, PathBuf::from("/file.sock"));
         assert_eq!(config.default_image, "default");
-        assert_eq!(config.accel, Accel::Tcg);
+        assert_eq!(config.accel, None, "auto by default");
     }
 
     fn with_tls() -> FileConfig {
@@ -763,7 +865,9 @@ mod tests {
             toml::from_str("vmm = 'firecracker'\naccel = 'kvm'\nroot_disk = 'dm-snapshot'\nlog_level = 'WARNING'")
                 .expect("parses");
         assert_eq!(file.vmm, Some(VmmKind::Firecracker));
-        assert_eq!(file.accel, Some(Accel::Kvm));
+        assert_eq!(file.accel, Some(AccelChoice::Fixed(Accel::Kvm)));
+        let auto: FileConfig = toml::from_str("accel = 'auto'").expect("auto");
+        assert_eq!(Config::from_parts(auto, Overrides::default()).expect("valid").accel, None);
         assert_eq!(file.root_disk, Some(RootDiskChoice::Strategy(RootDiskStrategy::DmSnapshot)));
         assert_eq!(file.log_level, Some(LogLevel::Warn));
         let auto: FileConfig = toml::from_str("root_disk = 'auto'").expect("parses");

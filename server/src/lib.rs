@@ -147,10 +147,26 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
     tracing::info!(
         vmm = ?config.vmm,
         vsock = ?vsock_mode,
-        accel = ?config.accel,
         root_disk = root_disk.as_str(),
         "host capabilities"
     );
+    // Only QEMU has a choice: Firecracker is KVM's alone.
+    let accel = match firecracker {
+        true => host::accel::AccelDecision { accel: host::vmm::Accel::Kvm, reason: "firecracker runs on KVM".into() },
+        false => {
+            let inputs = host::accel::ProbeInputs {
+                qemu: config.qemu_binary.clone(),
+                kernel: config.default_image_dir.join("vmlinuz"),
+                // The host's vsock cid (2) is no VM's: its uid is free for the probe.
+                identity: host::confine::VmIdentity::of(config.vm_uid_base, 2)
+                    .unwrap_or(host::confine::VmIdentity { uid: config.vm_uid_base, gid: config.vm_uid_base }),
+                log: config.state_dir.join("kvm-probe.log"),
+                cache: host::accel::DEFAULT_CACHE_FILE.into(),
+            };
+            host::accel::decide(config.accel, &inputs).await
+        }
+    };
+    tracing::info!(accel = ?accel.accel, reason = %accel.reason, "accelerator");
     let backends = VsockBackends::new(config.vsock_backend_binary.clone(), processes.clone());
     let uid_base = config.vm_uid_base;
     let vmm: Arc<dyn host::vmm::Vmm> = if firecracker {
@@ -164,7 +180,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
             None => vmm,
         })
     } else {
-        Arc::new(QemuVmm::new(config.qemu_binary.clone(), config.accel, vsock_mode, processes.clone(), uid_base))
+        Arc::new(QemuVmm::new(config.qemu_binary.clone(), accel.accel, vsock_mode, processes.clone(), uid_base))
     };
     let host = wiring.host.unwrap_or_else(|| HostServices {
         vmm,
@@ -176,6 +192,7 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
         limits: Arc::new(cgroups.clone()),
     });
     let ops_config = OpsConfig {
+        vm_defaults: config.vm_defaults,
         state_dir: config.state_dir.clone(),
         default_image: config.default_image.clone(),
         default_image_dir: config.default_image_dir.clone(),
@@ -202,7 +219,8 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
             jailer: config.jailer.as_ref().map(|j| j.binary.clone()),
             qemu: config.qemu_binary.clone(),
             vsock_backend: config.vsock_backend_binary.clone(),
-            accel: config.accel,
+            accel: accel.accel,
+            accel_reason: accel.reason.clone(),
             vsock: vsock_mode,
             cgroup: cgroups.version(),
             root_disk,

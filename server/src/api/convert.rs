@@ -7,9 +7,8 @@ use banger_proto::v1 as pb;
 
 use crate::{
     domain::{
-        DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ExecCommand, ExecEvent, ExitStatus, Image, ImageProgress, MAX_MEMORY_MIB,
-        MAX_VCPUS, MIN_MEMORY_MIB, NewImage, Terminal, TerminalSize, Vm, VmFault, VmHandles, VmSpec, VmState,
-        vm_name_error,
+        ExecCommand, ExecEvent, ExitStatus, Image, ImageProgress, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, NewImage,
+        Terminal, TerminalSize, Vm, VmFault, VmHandles, VmSpec, VmState, vm_name_error,
     },
     ops::{CreateVm, Error, FieldViolation, ImageSource as Source, NewOciImage},
 };
@@ -198,17 +197,14 @@ impl TryFrom<pb::CreateVmRequest> for CreateVm {
         {
             violations.push(FieldViolation::new("name", e.to_string()));
         }
-        // From a snapshot, an unset shape is the snapshot's (0 here; ops fills it in).
+        // An unset shape is 0 here: ops fills it in (the snapshot's, or the daemon's defaults).
         let restore = !request.snapshot.is_empty();
-        let default = |value: u32| if restore { 0 } else { value };
-        let vcpus = request.vcpus.unwrap_or(default(DEFAULT_VCPUS));
-        let snapshots_vcpus = restore && request.vcpus.is_none();
-        if !snapshots_vcpus && !(1..=MAX_VCPUS).contains(&vcpus) {
+        let vcpus = request.vcpus.unwrap_or(0);
+        if request.vcpus.is_some() && !(1..=MAX_VCPUS).contains(&vcpus) {
             violations.push(FieldViolation::new("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {vcpus}")));
         }
-        let memory_mib = request.memory_mib.unwrap_or(default(DEFAULT_MEMORY_MIB));
-        let snapshots_memory = restore && request.memory_mib.is_none();
-        if !snapshots_memory && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        let memory_mib = request.memory_mib.unwrap_or(0);
+        if request.memory_mib.is_some() && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
             violations.push(FieldViolation::new(
                 "memory_mib",
                 format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {memory_mib}"),
@@ -466,7 +462,8 @@ mod tests {
     #[test]
     fn create_requests_are_validated_field_by_field() {
         let ok = CreateVm::try_from(pb::CreateVmRequest::default()).expect("defaults are valid");
-        assert_eq!((ok.spec.vcpus, ok.spec.memory_mib, ok.start), (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB, true));
+        // Unset: the daemon's defaults, filled in by ops.
+        assert_eq!((ok.spec.vcpus, ok.spec.memory_mib, ok.start), (0, 0, true));
         assert!(ok.name.is_none() && ok.image.is_none());
         let bad = pb::CreateVmRequest { name: "a b".into(), vcpus: Some(0), memory_mib: Some(1), ..Default::default() };
         assert_eq!(fields(CreateVm::try_from(bad)), ["name", "vcpus", "memory_mib"]);

@@ -41,10 +41,17 @@ impl HostService for HostApi {
         let choices = pb::HostChoices {
             vmm: choices.vmm,
             accel: choices.accel,
+            accel_reason: choices.accel_reason,
             agent_channel: choices.agent_channel,
             root_disk: choices.root_disk,
             cgroup: choices.cgroup,
         };
-        Ok(Response::new(pb::GetHostResponse { checks, choices: Some(choices) }))
+        let defaults = self.ops.vm_defaults();
+        let vm_defaults = pb::VmDefaults {
+            vcpus: defaults.vcpus,
+            memory_mib: defaults.memory_mib,
+            disk_size_bytes: defaults.disk_bytes,
+        };
+        Ok(Response::new(pb::GetHostResponse { checks, choices: Some(choices), vm_defaults: Some(vm_defaults) }))
     }
 }

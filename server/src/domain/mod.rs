@@ -23,5 +23,5 @@ pub use pool::{MAX_POOL_NAME_LEN, MAX_POOL_SIZE, POOL_LABEL, Pool, RESERVED_LABE
 pub use snapshot::{GuestIdentity, GuestNetwork, SNAPSHOT_GROUP_OFFSET, Snapshot, SnapshotAfter, SnapshotPaths};
 pub use vm::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, RootDiskStrategy, Transition,
-    TransitionError, Vm, VmFault, VmPaths, VmSpec, VmState,
+    TransitionError, Vm, VmDefaults, VmFault, VmPaths, VmSpec, VmState,
 };

@@ -263,6 +263,47 @@ pub struct VmSpec {
     pub disk_bytes: u64,
 }
 
+/// The shape a create gets for what it does not say (`[vm_defaults]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmDefaults {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// The least root disk size in bytes: an image's own root file system is used when it is
+    /// bigger (0: always the image's).
+    pub disk_bytes: u64,
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        Self { vcpus: DEFAULT_VCPUS, memory_mib: DEFAULT_MEMORY_MIB, disk_bytes: 0 }
+    }
+}
+
+impl VmDefaults {
+    /// `spec` with its unset (0) vCPUs and memory filled in.
+    pub fn fill(&self, mut spec: VmSpec) -> VmSpec {
+        if spec.vcpus == 0 {
+            spec.vcpus = self.vcpus;
+        }
+        if spec.memory_mib == 0 {
+            spec.memory_mib = self.memory_mib;
+        }
+        spec
+    }
+
+    /// The root disk for a request of `requested` bytes (0: unset) from an image whose root
+    /// file system is `image_bytes`: the default grows a disk, never shrinks an image's, and
+    /// only where disks can grow.
+    pub fn disk_bytes(&self, requested: u64, image_bytes: u64, can_grow: bool) -> u64 {
+        match requested {
+            0 if can_grow && self.disk_bytes > image_bytes => self.disk_bytes,
+            requested => requested,
+        }
+    }
+}
+
 /// A VM's durable record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
@@ -372,6 +413,18 @@ impl VmPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_fill_only_what_is_unset_and_never_shrink_an_images_disk() {
+        let defaults = VmDefaults { vcpus: 2, memory_mib: 512, disk_bytes: 10 << 30 };
+        let filled = defaults.fill(VmSpec { vcpus: 0, memory_mib: 128, disk_bytes: 0 });
+        assert_eq!((filled.vcpus, filled.memory_mib), (2, 128));
+        assert_eq!(defaults.disk_bytes(0, 1 << 30, true), 10 << 30);
+        assert_eq!(defaults.disk_bytes(0, 20 << 30, true), 0, "the image's own, bigger disk");
+        assert_eq!(defaults.disk_bytes(0, 1 << 30, false), 0, "disks that cannot grow");
+        assert_eq!(defaults.disk_bytes(5 << 30, 1 << 30, true), 5 << 30, "a requested size wins");
+        assert_eq!(VmDefaults::default().disk_bytes(0, 1 << 30, true), 0);
+    }
 
     const ALL: [VmState; 7] = [
         VmState::Created,

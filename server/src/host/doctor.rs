@@ -42,6 +42,8 @@ pub struct Choices {
     pub vmm: String,
     /// Accelerator.
     pub accel: String,
+    /// Why that accelerator.
+    pub accel_reason: String,
     /// Guest-agent channel.
     pub agent_channel: String,
     /// Root disk strategy.
@@ -67,6 +69,8 @@ pub struct DoctorInputs {
     pub jailer: Option<PathBuf>,
     /// The accelerator in use.
     pub accel: Accel,
+    /// Why that one (`accel = "auto"`'s probe, or the config).
+    pub accel_reason: String,
     /// The vsock mode in use.
     pub vsock: VsockMode,
     /// The cgroup hierarchy in use.
@@ -103,15 +107,22 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
     let mut checks = Vec::new();
 
     let kvm = Path::new("/dev/kvm").exists();
+    let reason = &inputs.accel_reason;
     checks.push(match (kvm, cpu_has_virtualization(), inputs.accel) {
-        (true, true, Accel::Kvm) => check("kvm", Pass, "/dev/kvm with hardware virtualization; guests use KVM"),
-        (true, true, Accel::Tcg) => check("kvm", Warn, "/dev/kvm with hardware virtualization, but accel = \"tcg\" in the config"),
-        (true, false, _) => check(
+        (true, _, Accel::Kvm) => check("kvm", Pass, format!("guests use KVM: {reason}")),
+        (true, true, Accel::Tcg) => {
+            check("kvm", Warn, format!("/dev/kvm with hardware virtualization, but guests use TCG: {reason}"))
+        }
+        (true, false, Accel::Tcg) => check(
             "kvm",
             Warn,
-            "/dev/kvm exists but the CPU shows no vmx/svm (PVM or nested virtualization): stock guest kernels may not boot under it; guests use TCG",
+            format!(
+                "/dev/kvm exists but the CPU shows no vmx/svm (PVM or nested virtualization); guests use TCG: {reason}"
+            ),
         ),
-        (false, _, _) => check("kvm", Warn, "no /dev/kvm: guests use TCG (software emulation, slower)"),
+        (false, _, _) => {
+            check("kvm", Warn, format!("no /dev/kvm: guests use TCG (software emulation, slower): {reason}"))
+        }
     });
     let firecracker = inputs.vmm == "firecracker";
     checks.push(match version(&inputs.qemu).await {
@@ -206,6 +217,7 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
             Accel::Tcg => "tcg".into(),
             Accel::Kvm => "kvm".into(),
         },
+        accel_reason: inputs.accel_reason.clone(),
         agent_channel: match inputs.vsock {
             VsockMode::Kernel => "kernel vhost-vsock".into(),
             VsockMode::UserSpace => "vhost-device-vsock".into(),

@@ -2,6 +2,7 @@
 //!
 //! Nothing outside this module spawns a process or reads `/proc` or `/dev`.
 
+pub mod accel;
 pub mod agent;
 pub mod agent_channel;
 pub mod agent_key;

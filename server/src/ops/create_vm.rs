@@ -109,6 +109,9 @@ impl Operation for CreateVmOp<'_> {
                 };
                 super::images::check_image_files(&image).await?;
                 super::images::check_kernel_for(ops.host.vmm.name(), &image).await?;
+                if self.snapshot.is_none() {
+                    self.request.spec = ops.with_defaults(self.request.spec, &image);
+                }
                 check_disk_size(self.request.spec.disk_bytes, &image, ops.config.root_disk)?;
                 self.image = Some(image);
             }
@@ -275,12 +278,32 @@ pub(super) fn check_disk_size(
 }
 
 impl Ops {
+    /// `spec` with what it leaves unset (0) from `[vm_defaults]`: vCPUs, memory, and a disk
+    /// grown to the default size where disks grow and the image's is smaller.
+    pub(super) fn with_defaults(
+        &self,
+        spec: crate::domain::VmSpec,
+        image: &crate::domain::Image,
+    ) -> crate::domain::VmSpec {
+        let defaults = self.config.vm_defaults;
+        let can_grow = self.config.root_disk != crate::domain::RootDiskStrategy::DmSnapshot;
+        let spec = defaults.fill(spec);
+        crate::domain::VmSpec {
+            disk_bytes: defaults.disk_bytes(spec.disk_bytes, image.rootfs_size_bytes, can_grow),
+            ..spec
+        }
+    }
+
     /// Creates a VM (and boots it unless `request.start` is false); a ready member of a
     /// pool of its shape serves it when there is one.
     pub async fn create_vm(&self, mut request: CreateVm) -> Result<Vm, Error> {
         let snapshot = match request.snapshot.is_some() {
             true => Some(self.snapshot_for_create(&mut request).await?),
-            false => None,
+            false => {
+                // The disk's default depends on the image: filled in once it is resolved.
+                request.spec = self.config.vm_defaults.fill(request.spec);
+                None
+            }
         };
         if let Some(claimed) = self.claim(&request, snapshot.as_ref()).await {
             return claimed;

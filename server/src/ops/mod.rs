@@ -76,6 +76,8 @@ pub struct OpsConfig {
     pub import_roots: Option<Vec<PathBuf>>,
     /// Where the memory of VMs that may be snapshotted lives while they run (a tmpfs).
     pub memory_dir: PathBuf,
+    /// The shape of a create that leaves it unset.
+    pub vm_defaults: crate::domain::VmDefaults,
 }
 
 #[cfg(test)]
@@ -95,6 +97,7 @@ impl OpsConfig {
             capacity: Capacity::default(),
             max_log_bytes: 16 << 20,
             import_roots: None,
+            vm_defaults: crate::domain::VmDefaults::default(),
         }
     }
 }
@@ -217,6 +220,11 @@ impl Ops {
     pub async fn host_report(&self) -> Result<(Vec<crate::host::doctor::Check>, crate::host::doctor::Choices), Error> {
         let inputs = self.config.doctor.as_ref().ok_or(Error::NotConfigured { what: "host checks" })?;
         Ok(crate::host::doctor::diagnose(inputs).await)
+    }
+
+    /// The shape a create gets for what it leaves unset.
+    pub fn vm_defaults(&self) -> crate::domain::VmDefaults {
+        self.config.vm_defaults
     }
 
     /// The log of idempotent requests (for `api`'s idempotency).

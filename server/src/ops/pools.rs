@@ -160,8 +160,9 @@ impl Ops {
                     Some(key) => self.find_image(key).await?,
                     None => self.ensure_default_image().await?,
                 };
-                super::create_vm::check_disk_size(new.spec.disk_bytes, &image, self.config.root_disk)?;
-                (image, new.spec, None)
+                let spec = self.with_defaults(new.spec, &image);
+                super::create_vm::check_disk_size(spec.disk_bytes, &image, self.config.root_disk)?;
+                (image, spec, None)
             }
         };
         let pool = Pool {
@@ -314,8 +315,12 @@ impl Ops {
             (None, Some(key)) => self.find_image(key).await.ok()?,
             (None, None) => self.store.image_get(&self.config.default_image).await.ok()?,
         };
+        let spec = match snapshot {
+            Some(_) => request.spec,
+            None => self.with_defaults(request.spec, &image),
+        };
         let snapshot = snapshot.map(|s| s.id);
-        let pool = pools.into_iter().find(|pool| pool.serves(image.id, request.spec, &request.egress, snapshot))?;
+        let pool = pools.into_iter().find(|pool| pool.serves(image.id, spec, &request.egress, snapshot))?;
         for candidate in self.members_of(&pool.name).await.ok()? {
             if candidate.observed_state != VmState::Running || !self.vm_alive(&candidate) {
                 continue;

@@ -8,7 +8,7 @@ pub mod qmp;
 
 use std::fmt::Debug;
 
-pub use qemu::{Accel, QemuVmm};
+pub use qemu::{Accel, KVM_DEVICE, QemuVmm, probe_kvm};
 
 use super::{HostError, confine::VmIdentity};
 use crate::domain::{Image, ProcessHandle, VmId, VmPaths, VmSpec};

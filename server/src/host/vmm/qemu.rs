@@ -20,7 +20,8 @@ use crate::{
     },
 };
 
-/// Which accelerator QEMU uses (`accel = "tcg"` or `"kvm"` in the config).
+/// Which accelerator QEMU uses (`accel = "tcg"` or `"kvm"` in the config, or what `"auto"`
+/// found: see `host::accel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -94,14 +95,23 @@ impl QemuVmm {
         }
         append.push(' ');
         append.push_str(&launch.guest_args());
-        let accel = match self.accel {
-            Accel::Tcg => "tcg",
-            Accel::Kvm => "kvm",
-        };
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        // Devices the daemon opens for the unprivileged QEMU: its fds 3, 4, … in this order.
+        let mut next_fd = 3..;
         push(&["-name", &format!("banger-{}", launch.name)]);
-        push(&["-M", "microvm,memory-backend=mem", "-accel", accel]);
+        match self.accel {
+            Accel::Tcg => push(&["-M", "microvm,memory-backend=mem", "-accel", "tcg"]),
+            // /dev/kvm need not be open to the VMs' uids: the daemon's fd, as an fd set.
+            Accel::Kvm => push(&[
+                "-M",
+                "microvm,memory-backend=mem",
+                "-add-fd",
+                &format!("fd={},set=1", next_fd.next().unwrap_or_default()),
+                "-accel",
+                "kvm,device=/dev/fdset/1",
+            ]),
+        }
         // `arat`: the local APIC timer runs in every idle state (it does, emulated). Without
         // it the guest's only timer may stop when idle, microvm has no broadcast timer to
         // stand in, so the guest never leaves its periodic tick (250 wake-ups a second).
@@ -138,8 +148,6 @@ impl QemuVmm {
             "-device",
             "virtio-blk-device,drive=root",
         ]);
-        // Devices the daemon opens for the unprivileged QEMU: its fds 3, 4, … in this order.
-        let mut next_fd = 3..;
         match self.vsock {
             // /dev/vhost-vsock need not be open to the VMs' uids (nor to anyone else).
             VsockMode::Kernel => push(&[
@@ -246,8 +254,95 @@ async fn wait_migration(qmp: &mut Qmp, timeout: Duration, alive: &(dyn Fn() -> b
 /// Opens the kernel's vhost-vsock device for a VMM (`vhostfd=`): the daemon opens it, so the
 /// device node need not be open to the VMs' uids.
 fn open_vhost_vsock() -> Result<std::os::fd::OwnedFd, HostError> {
+    open_device(Path::new(crate::host::vsock::VHOST_VSOCK_DEVICE))
+}
+
+/// KVM's device.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// How long a kernel gets to boot under KVM in [`probe_kvm`]; under KVM it needs well under
+/// a second to get to its root file system.
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// What the probed kernel prints once it ran its whole boot: it panics, finding no root.
+const PROBE_BOOTED: &str = "Kernel panic";
+
+/// Boots `kernel` under KVM the way guests are booted (microvm, the same CPU model, as the
+/// unprivileged `identity` with the daemon's /dev/kvm fd), without a disk or an initramfs:
+/// Ok with the time it took to boot to the point of mounting its root (where it panics), Err
+/// saying why it did not. `log` gets QEMU's output and the guest's console.
+pub async fn probe_kvm(binary: &Path, kernel: &Path, identity: VmIdentity, log: &Path) -> Result<Duration, String> {
+    let kvm = open_device(Path::new(KVM_DEVICE)).map_err(|e| banger_proto::error_chain(&e))?;
+    let args: Vec<OsString> = [
+        "-M",
+        "microvm",
+        "-add-fd",
+        "fd=3,set=1",
+        "-accel",
+        "kvm,device=/dev/fdset/1",
+        "-cpu",
+        "qemu64,+arat",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &kernel.to_string_lossy(),
+        "-append",
+        "console=ttyS0 panic=-1 root=/dev/null",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let started = tokio::time::Instant::now();
+    let qemu = command::spawn_confined(binary, &args, log, identity, &[], vec![kvm])
+        .map_err(|e| banger_proto::error_chain(&e))?;
+    let proc_root = Path::new("/proc");
+    let running = || {
+        crate::host::process::read_stat(proc_root, qemu.pid)
+            .is_some_and(|stat| stat.start_time == qemu.start_time && stat.state != 'Z')
+    };
+    while running() && started.elapsed() < KVM_PROBE_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let timed_out = running();
+    if timed_out {
+        // Still the probe's process (same start time): killed by its PID.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu.pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    let output = std::fs::read(log).unwrap_or_default();
+    let output = String::from_utf8_lossy(&output);
+    if output.contains(PROBE_BOOTED) {
+        return Ok(took);
+    }
+    let lines: Vec<String> = output
+        .lines()
+        .map(|line| line.replace(|c: char| c.is_control(), "").trim().to_owned())
+        .filter(|line| !line.is_empty())
+        .collect();
+    let qemu_said = |line: &&String| line.starts_with("qemu-system");
+    let console = lines.iter().rfind(|line| !qemu_said(line));
+    let console =
+        console.map_or_else(|| "the guest printed nothing".to_owned(), |line| format!("its last line: {line:?}"));
+    Err(match (timed_out, lines.iter().rfind(qemu_said)) {
+        (true, _) => {
+            format!("a guest kernel did not boot under KVM within {} s ({console})", KVM_PROBE_TIMEOUT.as_secs())
+        }
+        (false, Some(qemu)) => format!("QEMU under KVM failed before the guest kernel booted: {qemu:?}"),
+        (false, None) => format!("QEMU under KVM exited before the guest kernel booted ({console})"),
+    })
+}
+
+/// Opens a device node read-write for a VMM: the daemon opens it, so the node need not be
+/// open to the VMs' uids.
+fn open_device(path: &Path) -> Result<std::os::fd::OwnedFd, HostError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = Path::new(crate::host::vsock::VHOST_VSOCK_DEVICE);
     let device = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -276,6 +371,9 @@ impl Vmm for QemuVmm {
         }
         // In the order `args` numbers them.
         let mut fds = Vec::new();
+        if self.accel == Accel::Kvm {
+            fds.push(open_device(Path::new(KVM_DEVICE))?);
+        }
         if self.vsock == VsockMode::Kernel {
             fds.push(open_vhost_vsock()?);
         }
