@@ -9,7 +9,8 @@
 #     /dev/shm/banger,
 #   - the installed default image /usr/local/share/banger/images/default, and the cache
 #     /var/cache/banger (what `accel = "auto"` found when it booted a kernel under KVM),
-#   - banger's cgroups (`banger` under each hierarchy), its taps (bgtapN), its nftables
+#   - banger's cgroups (`banger` under each hierarchy), its taps (bgtapN), the bridge of
+#     network = "auto" (banger0), its nftables
 #     tables (`banger`, in the ip and bridge families) and the network namespaces its tests
 #     make (banger-test-*, banger-e2e-*).
 # Packages and tools `make setup` installed stay. A daemon with another state dir is not
@@ -92,6 +93,10 @@ ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | gr
 		log "deleting tap $tap"
 		ip link delete "$tap" || log "could not delete $tap"
 	done
+if ip link show dev banger0 >/dev/null 2>&1; then
+	log "deleting bridge banger0"
+	ip link delete banger0 type bridge || log "could not delete banger0"
+fi
 if command -v nft >/dev/null; then
 	for family in ip bridge; do
 		if nft list table "$family" banger >/dev/null 2>&1; then

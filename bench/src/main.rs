@@ -89,6 +89,8 @@ impl Daemon {
         let pki = banger_tests::tls::Pki::new();
         let config = pki.config(&format!("{settings}\n[[auth.grants]]\ncert = \"bench\"\nrole = \"admin\"\n"));
         let child = Command::new(bin_dir.join("bangerd"))
+            // The by-hand sides boot without a network: so does bangerd, for a like comparison.
+            .env("BANGER_NETWORK", "none")
             .arg("--config")
             .arg(&config)
             .arg("--state-dir")

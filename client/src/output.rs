@@ -58,11 +58,12 @@ pub fn print_vm_table(vms: &[pb::Vm]) {
     if json() {
         return crate::json::print(&serde_json::Value::Array(vms.iter().map(crate::json::value).collect()));
     }
-    println!("{:<24} {:<26} {:<9} {:>5} {:>7} {:>8}", "NAME", "ID", "STATE", "VCPUS", "MEMORY", "PID");
+    println!("{:<24} {:<26} {:<9} {:>5} {:>7} {:>8}  IP", "NAME", "ID", "STATE", "VCPUS", "MEMORY", "PID");
     for vm in vms {
         let pid = vm.runtime.as_ref().map(|r| r.vmm_pid).filter(|p| *p != 0);
+        let ip = vm.runtime.as_ref().map(|r| r.guest_ip.as_str()).filter(|ip| !ip.is_empty()).unwrap_or("-");
         println!(
-            "{:<24} {:<26} {:<9} {:>5} {:>6}M {:>8}",
+            "{:<24} {:<26} {:<9} {:>5} {:>6}M {:>8}  {ip}",
             vm.name,
             vm.id,
             state_name(vm.state),

@@ -35,6 +35,8 @@ pub const DEFAULT_MAX_MEMORY_PERCENT: u32 = 90;
 pub const DEFAULT_MIN_FREE_DISK_MIB: u64 = 1024;
 /// The VM network when a bridge is configured without one.
 pub const DEFAULT_BRIDGE_CIDR: &str = "172.30.0.0/24";
+/// The bridge of `network = "auto"` (the default).
+pub const DEFAULT_BRIDGE: &str = "banger0";
 /// Config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/banger/config.toml";
 /// First uid (and gid) of VMs' processes: the VM with vsock context id N runs as this + N.
@@ -91,7 +93,10 @@ pub struct FileConfig {
     pub registry_auth_file: Option<PathBuf>,
     /// See [`Config::root_disk`]: `auto`, `qcow2`, `reflink`, `copy` or `dm-snapshot`.
     pub root_disk: Option<RootDiskChoice>,
-    /// See [`Config::network`]: the bridge VMs attach to; none gives VMs no network.
+    /// See [`Config::network`]: `auto` (the default: a bridge, an address range free on this
+    /// host, NAT and DNS) or `none` (no network); a `bridge` is configured by hand instead.
+    pub network: Option<NetworkMode>,
+    /// See [`Config::network`]: the bridge VMs attach to.
     pub bridge: Option<String>,
     /// See [`Config::network`]: the bridge's network, e.g. `172.30.0.0/24`.
     pub bridge_cidr: Option<String>,
@@ -368,6 +373,16 @@ pub enum Auto {
     Auto,
 }
 
+/// `network = ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A bridge of banger's own, an address range chosen at startup, NAT and DNS.
+    Auto,
+    /// VMs have no network.
+    None,
+}
+
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -393,6 +408,11 @@ pub struct NetworkConfig {
     /// Where other names are relayed (`IP` or `IP:PORT`); by default the first nameserver of
     /// the host's `/etc/resolv.conf`.
     pub dns_upstream: Option<std::net::SocketAddr>,
+    /// `network = "auto"`: `pool` is chosen at startup (`host::network::choose_pool`), among
+    /// private ranges the host's routes and addresses do not use.
+    pub auto: bool,
+    /// How `pool` was chosen, for `doctor` (empty: configured).
+    pub note: String,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -410,6 +430,8 @@ pub struct Overrides {
     pub default_image_dir: Option<PathBuf>,
     /// `--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    /// `--network` / `BANGER_NETWORK`: `auto` or `none`.
+    pub network: Option<String>,
 }
 
 impl Config {
@@ -470,39 +492,78 @@ impl Config {
             None | Some(RootDiskChoice::Auto(_)) => None,
             Some(RootDiskChoice::Strategy(strategy)) => Some(strategy),
         };
-        let network = match file.bridge.filter(|b| !b.is_empty()) {
+        // `--network`/BANGER_NETWORK wins: `none` even over a configured bridge.
+        let forced = match overrides.network.as_deref() {
             None => None,
-            Some(bridge) => {
+            Some("auto") => Some(NetworkMode::Auto),
+            Some("none") => Some(NetworkMode::None),
+            Some(other) => {
+                return Err(ConfigError::Invalid { key: "network", message: format!("{other:?} is not auto or none") });
+            }
+        };
+        if file.network == Some(NetworkMode::None) && file.bridge.as_deref().is_some_and(|b| !b.is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "network",
+                message: "network = \"none\" with a bridge: remove one of them".into(),
+            });
+        }
+        let mode = forced.or(file.network);
+        let dns_upstream = match &file.dns_upstream {
+            None => None,
+            Some(text) => Some(
+                text.parse::<std::net::SocketAddr>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                    .map_err(|_| ConfigError::Invalid {
+                        key: "dns_upstream",
+                        message: format!("{text:?} is not an IP address or IP:PORT"),
+                    })?,
+            ),
+        };
+        let network = match (file.bridge.filter(|b| !b.is_empty()), mode) {
+            (_, Some(NetworkMode::None)) => None,
+            (None, None | Some(NetworkMode::Auto)) => Some(NetworkConfig {
+                bridge: DEFAULT_BRIDGE.into(),
+                pool: DEFAULT_BRIDGE_CIDR.parse().map_err(|e: crate::domain::PoolError| ConfigError::Invalid {
+                    key: "bridge_cidr",
+                    message: e.to_string(),
+                })?,
+                nat: file.nat.unwrap_or(true),
+                dns: file.dns.unwrap_or(true),
+                dns_upstream,
+                auto: file.bridge_cidr.is_none(),
+                note: String::new(),
+            }),
+            (Some(bridge), _) => {
                 if bridge.len() > 15 || bridge.contains(['/', ' ']) {
                     return Err(ConfigError::Invalid {
                         key: "bridge",
                         message: format!("{bridge:?} is not an interface name"),
                     });
                 }
-                let cidr = file.bridge_cidr.unwrap_or_else(|| DEFAULT_BRIDGE_CIDR.into());
-                let pool = cidr.parse().map_err(|e: crate::domain::PoolError| ConfigError::Invalid {
-                    key: "bridge_cidr",
-                    message: e.to_string(),
-                })?;
-                let dns_upstream = match &file.dns_upstream {
-                    None => None,
-                    Some(text) => Some(
-                        text.parse::<std::net::SocketAddr>()
-                            .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
-                            .map_err(|_| ConfigError::Invalid {
-                                key: "dns_upstream",
-                                message: format!("{text:?} is not an IP address or IP:PORT"),
-                            })?,
-                    ),
-                };
                 Some(NetworkConfig {
                     bridge,
-                    pool,
+                    pool: DEFAULT_BRIDGE_CIDR.parse().map_err(|e: crate::domain::PoolError| ConfigError::Invalid {
+                        key: "bridge_cidr",
+                        message: e.to_string(),
+                    })?,
                     nat: file.nat.unwrap_or(false),
                     dns: file.dns.unwrap_or(true),
                     dns_upstream,
+                    auto: false,
+                    note: String::new(),
                 })
             }
+        };
+        // A bridge_cidr given is the pool, auto or not.
+        let network = match (network, file.bridge_cidr) {
+            (Some(mut network), Some(cidr)) => {
+                network.pool = cidr.parse().map_err(|e: crate::domain::PoolError| ConfigError::Invalid {
+                    key: "bridge_cidr",
+                    message: e.to_string(),
+                })?;
+                Some(network)
+            }
+            (network, _) => network,
         };
         let vm_defaults = vm_defaults(file.vm_defaults.unwrap_or_default())?;
         let vmm = file.vmm.unwrap_or(VmmKind::Qemu);
@@ -753,6 +814,29 @@ fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vms_get_a_network_unless_told_not_to() {
+        let load = |text: &str, forced: Option<&str>| {
+            let file: FileConfig = toml::from_str(text).expect("toml");
+            Config::from_parts(file, Overrides { network: forced.map(str::to_owned), ..Overrides::default() })
+        };
+        let auto = load("", None).expect("valid").network.expect("a network by default");
+        assert_eq!((auto.bridge.as_str(), auto.nat, auto.dns, auto.auto), (DEFAULT_BRIDGE, true, true, true));
+        assert!(load("network = 'none'", None).expect("valid").network.is_none());
+        let fixed = load("bridge_cidr = '10.9.0.0/24'", None).expect("valid").network.expect("network");
+        assert_eq!((fixed.pool.to_string(), fixed.auto), ("10.9.0.0/24".into(), false));
+        let by_hand = load("bridge = 'br9'", None).expect("valid").network.expect("network");
+        assert_eq!((by_hand.bridge.as_str(), by_hand.nat, by_hand.auto), ("br9", false, false));
+        // The flag or environment wins, `none` even over a configured bridge.
+        assert!(load("bridge = 'br9'", Some("none")).expect("valid").network.is_none());
+        assert!(load("network = 'none'", Some("auto")).expect("valid").network.is_some());
+        assert!(matches!(load("", Some("bridged")), Err(ConfigError::Invalid { key: "network", .. })));
+        assert!(matches!(
+            load("network = 'none'\nbridge = 'br9'", None),
+            Err(ConfigError::Invalid { key: "network", .. })
+        ));
+    }
 
     #[test]
     fn vm_defaults_are_validated_like_a_create() {

@@ -221,6 +221,19 @@ pub async fn open_ops_with(config: &Config, wiring: Wiring) -> anyhow::Result<Ar
             vsock_backend: config.vsock_backend_binary.clone(),
             accel: accel.accel,
             accel_reason: accel.reason.clone(),
+            network: config.network.as_ref().map(|network| {
+                let mut parts = vec![format!("bridge {}, VMs in {}", network.bridge, network.pool)];
+                if !network.note.is_empty() {
+                    parts.push(format!("({})", network.note));
+                }
+                if network.nat {
+                    parts.push("with NAT".into());
+                }
+                if network.dns {
+                    parts.push(format!("and <vm>.vm names at {}", network.pool.gateway()));
+                }
+                parts.join(" ")
+            }),
             vsock: vsock_mode,
             cgroup: cgroups.version(),
             root_disk,
@@ -447,13 +460,22 @@ async fn reload_access(
 /// Runs the daemon with `config` until `shutdown` completes, applying the access settings of
 /// each configuration `reloads` yields.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     reloads: tokio::sync::mpsc::Receiver<Config>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     // Private by default: what the daemon makes is its own unless it says otherwise.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = host::lock::StateDirLock::acquire(&config.state_dir)?;
+    let remembered = config.state_dir.join("network");
+    if let Some(network) = config.network.as_mut().filter(|network| network.auto) {
+        let (pool, why) = host::network::choose_auto_pool(Path::new("ip"), &network.bridge, &remembered)
+            .await
+            .context("network = \"auto\" (set bridge_cidr, or network = \"none\")")?;
+        tracing::info!(bridge = %network.bridge, %pool, why = %why, "vm network");
+        network.pool = pool;
+        network.note = format!("auto: {why}");
+    }
     // Bad TLS material stops the daemon before it touches anything.
     let tls = config.tls.as_ref().map(|files| api::auth::server_config(files, &config.access)).transpose()?;
     let ops = open_ops(&config).await?;

@@ -38,6 +38,11 @@ struct Args {
     /// Export spans and metrics over OTLP/gRPC to this endpoint, e.g. http://127.0.0.1:4317.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// VM networking: `auto` (a bridge, an address range free on this host, NAT, `<vm>.vm`
+    /// DNS) or `none` [default: the config's `network`, else auto; a config `bridge` is used
+    /// as configured].
+    #[arg(long, env = "BANGER_NETWORK", value_name = "MODE")]
+    network: Option<String>,
 }
 
 /// mimalloc, not glibc's allocator: a page of `ListVms` is a few thousand small allocations,
@@ -55,6 +60,7 @@ fn main() -> std::process::ExitCode {
         log_level: args.log_level,
         default_image_dir: args.default_image_dir,
         otlp_endpoint: args.otlp_endpoint,
+        network: args.network,
     };
     let config = match Config::load(args.config.as_deref(), overrides.clone()) {
         Ok(config) => config,

@@ -291,6 +291,9 @@ impl Daemon {
             .arg("--default-image-dir")
             .arg(default_image_dir())
             .args(&self.args)
+            // On the host, no bridge of banger's (network = "auto" is the default): a test
+            // that wants a network makes a netns for it, where the default is left alone.
+            .envs(self.netns.is_none().then_some(("BANGER_NETWORK", "none")))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -335,6 +338,7 @@ impl Daemon {
             .env("BANGER_SOCKET", &self.socket)
             .env("BANGER_STATE_DIR", self.state_dir())
             .env("BANGER_DEFAULT_IMAGE_DIR", default_image_dir())
+            .env("BANGER_NETWORK", "none")
             .env_remove("BANGER_NO_AUTOSTART")
             .env_remove("BANGER_ENDPOINT")
             .stdin(Stdio::null())

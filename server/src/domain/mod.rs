@@ -18,7 +18,9 @@ pub use ids::{ImageId, OpId, ParseIdError, PoolId, Resource, SnapshotId, VmId};
 pub use image::{Image, ImageConfig, ImageProgress, NewImage, OciLayer, OciOrigin};
 pub use labels::{LabelError, Labels, MAX_LABELS, labels_error, matches as labels_match};
 pub use names::{NameError, image_name_error, vm_name_error};
-pub use network::{Cidr, CidrError, Egress, IpPool, NOT_INTERNET, PoolError, mac_address, tap_name};
+pub use network::{
+    Cidr, CidrError, Egress, IpPool, NOT_INTERNET, PoolError, auto_pool_candidates, choose_pool, mac_address, tap_name,
+};
 pub use pool::{MAX_POOL_NAME_LEN, MAX_POOL_SIZE, POOL_LABEL, Pool, RESERVED_LABEL_PREFIX};
 pub use snapshot::{GuestIdentity, GuestNetwork, SNAPSHOT_GROUP_OFFSET, Snapshot, SnapshotAfter, SnapshotPaths};
 pub use vm::{

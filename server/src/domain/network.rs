@@ -58,6 +58,28 @@ impl IpPool {
         let mask = u32::MAX << (32 - self.prefix);
         u32::from(ip) & mask == u32::from(self.network) && ip != self.gateway()
     }
+
+    /// True when this pool and `other` share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let shortest = self.prefix.min(other.prefix);
+        let mask = u32::MAX.checked_shl(32 - u32::from(shortest)).unwrap_or(0);
+        u32::from(self.network) & mask == u32::from(other.network) & mask
+    }
+}
+
+/// The ranges `network = "auto"` chooses from, in order: 172.30.0.0/24 to 172.30.255.0/24,
+/// then 10.250.0.0/24 to 10.250.255.0/24 (private, and rarely a LAN's or a VPN's).
+pub fn auto_pool_candidates() -> impl Iterator<Item = IpPool> {
+    let block = |a: u8, b: u8| (0..=255u8).map(move |c| IpPool { network: Ipv4Addr::new(a, b, c, 0), prefix: 24 });
+    block(172, 30).chain(block(10, 250))
+}
+
+/// For `network = "auto"`: the range chosen before (`remembered`) while nothing of the host's
+/// (`taken`: its routes and addresses, none of banger's bridge) overlaps it, else the first
+/// candidate nothing overlaps.
+pub fn choose_pool(remembered: Option<IpPool>, taken: &[Cidr]) -> Option<IpPool> {
+    let free = |pool: &IpPool| !taken.iter().any(|cidr| pool.overlaps(cidr));
+    remembered.filter(free).or_else(|| auto_pool_candidates().find(free))
 }
 
 /// The tap of the VM with vsock CID `cid`: unique on the host (CIDs are), and within the
@@ -168,6 +190,22 @@ impl fmt::Display for Egress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_auto_range_avoids_every_network_of_the_host_and_keeps_its_earlier_choice() {
+        let cidrs = |list: &[&str]| list.iter().map(|c| c.parse::<Cidr>().expect("cidr")).collect::<Vec<_>>();
+        let pool = |text: &str| text.parse::<IpPool>().expect("pool");
+        assert_eq!(choose_pool(None, &[]), Some(pool("172.30.0.0/24")));
+        // A LAN on 172.30.0.0/23 and a VPN's 172.30.2.7: the next free /24.
+        let taken = cidrs(&["172.30.0.0/23", "172.30.2.7", "192.168.1.0/24"]);
+        assert_eq!(choose_pool(None, &taken), Some(pool("172.30.3.0/24")));
+        // What was chosen before stays while it is free, and is given up when it is not.
+        assert_eq!(choose_pool(Some(pool("172.30.9.0/24")), &taken), Some(pool("172.30.9.0/24")));
+        assert_eq!(choose_pool(Some(pool("172.30.1.0/24")), &taken), Some(pool("172.30.3.0/24")));
+        // All of 172.16.0.0/12 routed elsewhere: 10.250.x.
+        assert_eq!(choose_pool(None, &cidrs(&["172.16.0.0/12"])), Some(pool("10.250.0.0/24")));
+        assert_eq!(choose_pool(None, &cidrs(&["172.16.0.0/12", "10.0.0.0/8"])), None);
+    }
 
     #[test]
     fn pools_hand_out_the_lowest_free_host_address_and_never_the_gateway() {

@@ -71,6 +71,8 @@ pub struct DoctorInputs {
     pub accel: Accel,
     /// Why that one (`accel = "auto"`'s probe, or the config).
     pub accel_reason: String,
+    /// VMs' network, described; `None`: they have none.
+    pub network: Option<String>,
     /// The vsock mode in use.
     pub vsock: VsockMode,
     /// The cgroup hierarchy in use.
@@ -201,6 +203,10 @@ pub async fn diagnose(inputs: &DoctorInputs) -> (Vec<Check>, Choices) {
         check("tap", Pass, "/dev/net/tun")
     } else {
         check("tap", Warn, "no /dev/net/tun: VMs cannot get tap interfaces")
+    });
+    checks.push(match &inputs.network {
+        Some(network) => check("network", Pass, network.clone()),
+        None => check("network", Warn, "network = \"none\": VMs have no network"),
     });
     checks.push(match inputs.cgroup {
         CgroupVersion::V1 => check("cgroup", Pass, "v1 cpu and memory controllers: each VMM is limited"),

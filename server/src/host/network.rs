@@ -2,9 +2,14 @@
 //! judged by exit status and by asking again (`ip link show`), and nftables is read as JSON
 //! (`nft -j`): no tool's wording is parsed.
 
-use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf};
+use std::{
+    ffi::OsString,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use super::{HostError, command};
+use crate::domain::{Cidr, IpPool};
 
 /// What the host offers for VM networking.
 #[tonic::async_trait]
@@ -392,9 +397,87 @@ fn nft_items(json: &str) -> Vec<serde_json::Value> {
     }
 }
 
+/// The IPv4 networks in use on this host (in the namespace `ip` runs in): every route's
+/// destination in every table (but the default route) and every interface address's
+/// network, except those of `bridge` (banger's own).
+pub async fn host_networks(ip: &Path, bridge: &str) -> Result<Vec<Cidr>, HostError> {
+    let routes = command::run(ip, &["-j", "-4", "route", "show", "table", "all"].map(OsString::from)).await?;
+    let addresses = command::run(ip, &["-j", "-4", "addr", "show"].map(OsString::from)).await?;
+    Ok(parse_host_networks(&routes, &addresses, bridge))
+}
+
+fn parse_host_networks(routes: &[u8], addresses: &[u8], bridge: &str) -> Vec<Cidr> {
+    let list = |json: &[u8]| match serde_json::from_slice::<serde_json::Value>(json) {
+        Ok(serde_json::Value::Array(items)) => items,
+        _ => Vec::new(),
+    };
+    let mut taken = Vec::new();
+    for route in list(routes) {
+        if route["dev"] == bridge {
+            continue;
+        }
+        if let Some(cidr) = route["dst"].as_str().filter(|dst| *dst != "default").and_then(|dst| dst.parse().ok()) {
+            taken.push(cidr);
+        }
+    }
+    for interface in list(addresses) {
+        if interface["ifname"] == bridge {
+            continue;
+        }
+        for address in interface["addr_info"].as_array().into_iter().flatten() {
+            let (Some(local), Some(prefix)) = (address["local"].as_str(), address["prefixlen"].as_u64()) else {
+                continue;
+            };
+            if let Ok(cidr) = format!("{local}/{prefix}").parse() {
+                taken.push(cidr);
+            }
+        }
+    }
+    taken
+}
+
+/// For `network = "auto"`: the VM network, chosen among private ranges free on this host
+/// (the one chosen before, kept in `remembered_in`, while it still is), and why.
+pub async fn choose_auto_pool(ip: &Path, bridge: &str, remembered_in: &Path) -> Result<(IpPool, String), HostError> {
+    let remembered: Option<IpPool> =
+        std::fs::read_to_string(remembered_in).ok().and_then(|text| text.trim().parse().ok());
+    let taken = host_networks(ip, bridge).await?;
+    let chosen = crate::domain::choose_pool(remembered, &taken).ok_or_else(|| HostError::Io {
+        what: "a free range for VMs (network = \"auto\")".into(),
+        source: std::io::Error::other(
+            "every candidate (172.30.0-255.0/24, 10.250.0-255.0/24) overlaps a network of this host: set bridge_cidr",
+        ),
+    })?;
+    let why = match remembered {
+        Some(before) if before == chosen => format!("{chosen}, chosen before and still free on this host"),
+        Some(before) => format!("{chosen}: {before}, chosen before, now overlaps a network of this host"),
+        None => format!("{chosen}, the first of banger's candidate ranges free on this host"),
+    };
+    if remembered != Some(chosen) {
+        super::fs::replace_file(remembered_in, 0o644, |file, temp| {
+            std::io::Write::write_all(file, format!("{chosen}\n").as_bytes()).map_err(super::file_error("write", temp))
+        })?;
+    }
+    Ok((chosen, why))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hosts_networks_are_its_routes_and_addresses_but_the_bridges() {
+        let routes = br#"[{"dst":"default","gateway":"192.0.2.1","dev":"eth0"},{"dst":"192.0.2.0/24","dev":"eth0"},
+            {"type":"local","dst":"127.0.0.1","dev":"lo","table":"local"},{"dst":"172.30.0.0/24","dev":"banger0"},
+            {"dst":"10.8.0.0/16","dev":"tun0"}]"#;
+        let addresses = br#"[{"ifname":"lo","addr_info":[{"local":"127.0.0.1","prefixlen":8}]},
+            {"ifname":"banger0","addr_info":[{"local":"172.30.0.1","prefixlen":24}]},
+            {"ifname":"wg0","addr_info":[{"local":"172.30.1.5","prefixlen":32}]}]"#;
+        let found: Vec<String> =
+            parse_host_networks(routes, addresses, "banger0").iter().map(ToString::to_string).collect();
+        assert_eq!(found, ["192.0.2.0/24", "127.0.0.1/32", "10.8.0.0/16", "127.0.0.0/8", "172.30.1.5/32"]);
+        assert!(parse_host_networks(b"not json", b"", "banger0").is_empty());
+    }
 
     /// A network namespace for one test, deleted when dropped.
     struct TestNetns(String);

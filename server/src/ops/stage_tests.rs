@@ -36,6 +36,8 @@ async fn networked_fixture() -> Fixture {
             nat: true,
             dns: false,
             dns_upstream: None,
+            auto: false,
+            note: String::new(),
         })
     })
     .await
