@@ -7,8 +7,11 @@ CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/agent/banger-agent
 IMAGE_BUILD_DIR := build/image
-# Where bangerd looks for the default image (config `default_image_dir`).
+BUSYBOX_IMAGE_BUILD_DIR := build/image-busybox
+# Where bangerd looks for the default image (config `default_image_dir`); the images beside
+# it (`busybox`) are used by name.
 DEFAULT_IMAGE_DIR ?= /usr/local/share/banger/images/default
+BUSYBOX_IMAGE_DIR ?= $(dir $(DEFAULT_IMAGE_DIR))busybox
 IMAGE_FILES := vmlinuz initrd.img rootfs.ext4 manifest.txt
 BUF := .tools/node_modules/.bin/buf
 PYTHON := .tools/venv/bin/python
@@ -28,17 +31,23 @@ agent: ## Build the static guest agent
 	RUSTFLAGS='-C target-feature=+crt-static --remap-path-prefix=$(CURDIR)=/banger' $(CARGO) build --locked -q -p banger-agent --profile agent --target $(AGENT_TARGET)
 
 $(IMAGE_BUILD_DIR)/rootfs.ext4: $(AGENT_BIN) scripts/build-image.sh
-	bash scripts/build-image.sh --cache build/cache $(IMAGE_BUILD_DIR) $(AGENT_BIN)
+	bash scripts/build-image.sh --cache build/cache --userland debian $(IMAGE_BUILD_DIR) $(AGENT_BIN)
 
-image: tools agent ## Build the default guest image into build/image (Debian cloud kernel, busybox, agent)
-	@$(MAKE) --no-print-directory $(IMAGE_BUILD_DIR)/rootfs.ext4
+$(BUSYBOX_IMAGE_BUILD_DIR)/rootfs.ext4: $(AGENT_BIN) scripts/build-image.sh
+	bash scripts/build-image.sh --cache build/cache --userland busybox $(BUSYBOX_IMAGE_BUILD_DIR) $(AGENT_BIN)
 
-install-image: image ## Install the default image where bangerd finds it
-	@if ! cmp -s $(IMAGE_BUILD_DIR)/manifest.txt $(DEFAULT_IMAGE_DIR)/manifest.txt; then \
-		install -d $(DEFAULT_IMAGE_DIR) && \
-		for f in $(IMAGE_FILES); do install -m 0644 $(IMAGE_BUILD_DIR)/$$f $(DEFAULT_IMAGE_DIR)/$$f; done && \
-		echo "installed the default image in $(DEFAULT_IMAGE_DIR)"; \
-	fi
+image: tools agent ## Build the guest images: build/image (the default: Debian bookworm, the agent as init) and build/image-busybox
+	@$(MAKE) --no-print-directory $(IMAGE_BUILD_DIR)/rootfs.ext4 $(BUSYBOX_IMAGE_BUILD_DIR)/rootfs.ext4
+
+install-image: image ## Install the images where bangerd finds them (the default, and `busybox` beside it)
+	@for pair in "$(IMAGE_BUILD_DIR):$(DEFAULT_IMAGE_DIR)" "$(BUSYBOX_IMAGE_BUILD_DIR):$(BUSYBOX_IMAGE_DIR)"; do \
+		from=$${pair%%:*}; to=$${pair#*:}; \
+		if ! cmp -s $$from/manifest.txt $$to/manifest.txt; then \
+			install -d -m 0755 $$to && \
+			for f in $(IMAGE_FILES); do install -m 0644 $$from/$$f $$to/$$f || exit 1; done && \
+			echo "installed $$from in $$to"; \
+		fi; \
+	done
 
 build: ## Build bangerd and banger
 	$(CARGO) build --locked --workspace --bins
@@ -88,4 +97,4 @@ clean: ## Remove build outputs (not the installed image)
 	rm -rf build
 
 clean-host: ## Stop banger's VMs and daemon, remove its state, runtime and memory dirs, default image, cgroups, taps, nft tables, test netns
-	@DEFAULT_IMAGE_DIR=$(DEFAULT_IMAGE_DIR) bash scripts/clean-host.sh
+	@DEFAULT_IMAGE_DIR=$(DEFAULT_IMAGE_DIR) BUSYBOX_IMAGE_DIR=$(BUSYBOX_IMAGE_DIR) bash scripts/clean-host.sh

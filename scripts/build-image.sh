@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Builds banger's guest image: OUT_DIR/{vmlinuz,initrd.img,rootfs.ext4,manifest.txt}.
 #
-# usage: scripts/build-image.sh [--cache DIR] OUT_DIR AGENT_BINARY
+# usage: scripts/build-image.sh [--cache DIR] [--userland debian|busybox] OUT_DIR AGENT_BINARY
 #
 #   vmlinuz      Debian's cloud kernel (linux-image-cloud-amd64, resolved to the real package).
 #   initrd.img   busybox-static, the virtio/vsock modules and the agent; its /init names the
 #                host, configures eth0, mounts root= and switch_roots to its /sbin/init, or, with
 #                banger.init=agent (images without an agent: container images), makes the agent
 #                PID 1 over it.
-#   rootfs.ext4  busybox-static, /usr/bin/banger-agent and a /sbin/init that names the host
-#                (banger.hostname= on the kernel command line) and execs `banger-agent --init`.
-#                Built with `mkfs.ext4 -d`, never mounted. The daemon boots each VM from a
-#                qcow2 overlay of it.
+#   rootfs.ext4  --userland debian (the default image): Debian bookworm from Debian's packages
+#                (mmdebstrap, minbase plus what a job expects: ca-certificates, curl, git, procps,
+#                less, vim-tiny, iproute2, iputils-ping), 2 GiB; --userland busybox: busybox-
+#                static only, 1 GiB. Both carry /usr/bin/banger-agent and a /sbin/init that names
+#                the host (banger.hostname= on the kernel command line) and execs
+#                `banger-agent --init` (no systemd on the way to ready). Built with
+#                `mkfs.ext4 -d`, never mounted. The daemon boots each VM from an overlay of it.
 #   manifest.txt package versions and sha256 of every artifact (shell-sourceable key=value).
 #
 # The .deb files are cached in --cache (default OUT_DIR/../cache); only `apt-get download`
@@ -26,7 +29,9 @@ readonly MODULES=(virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virt
 	failover net_failover virtio_net virtio_console)
 readonly KERNEL_META_PACKAGE=linux-image-cloud-amd64
 readonly BUSYBOX_PACKAGE=busybox-static
-readonly ROOTFS_SIZE=${ROOTFS_SIZE:-1G}
+# The Debian userland: minbase plus what a CI job expects.
+readonly DEBIAN_SUITE=bookworm
+readonly DEBIAN_PACKAGES=ca-certificates,curl,git,procps,less,vim-tiny,iproute2,iputils-ping,netbase
 # Fixed identities keep rootfs.ext4 byte-for-byte reproducible.
 readonly ROOTFS_UUID=6e2c3b1a-9d0f-4f7e-8b5a-62616e676572
 readonly ROOTFS_HASH_SEED=0b7d8e2f-3c41-4a96-9e15-62616e676572
@@ -41,6 +46,7 @@ log() { echo "build-image: $*" >&2; }
 usage() { sed -n '4p' "$0" | sed 's/^# //'; }
 
 cache_dir=
+userland=debian
 positional=()
 while [[ $# -gt 0 ]]; do
 	case $1 in
@@ -52,6 +58,11 @@ while [[ $# -gt 0 ]]; do
 	--cache=*)
 		cache_dir=${1#--cache=}
 		shift
+		;;
+	--userland)
+		[[ $# -ge 2 ]] || die "--userland needs debian or busybox"
+		userland=$2
+		shift 2
 		;;
 	-h | --help)
 		usage
@@ -65,11 +76,17 @@ while [[ $# -gt 0 ]]; do
 	esac
 done
 [[ ${#positional[@]} -eq 2 ]] || die "$(usage)"
+case $userland in
+debian) readonly ROOTFS_SIZE=${ROOTFS_SIZE:-2G} ;;
+busybox) readonly ROOTFS_SIZE=${ROOTFS_SIZE:-1G} ;;
+*) die "--userland is debian or busybox, not $userland" ;;
+esac
 
 [[ $EUID -eq 0 ]] || die "must run as root (the initramfs needs a /dev/console node)"
 for tool in apt-get apt-cache dpkg-deb cpio gzip mkfs.ext4 debugfs sha256sum ldd mknod; do
 	command -v "$tool" >/dev/null || die "$tool is not installed"
 done
+[[ $userland != debian ]] || command -v mmdebstrap >/dev/null || die "mmdebstrap is not installed (make setup installs it)" 
 
 agent=$(realpath -e "${positional[1]}") || die "agent binary ${positional[1]} not found"
 [[ -f $agent && -x $agent ]] || die "agent binary $agent is not an executable file"
@@ -309,19 +326,11 @@ clamp_mtimes "$initramfs"
 	cpio --null --create --format=newc --reproducible --owner=0:0 --quiet) |
 	gzip -9 -n >"$work/initrd.img"
 
-# --- rootfs.ext4 --------------------------------------------------------------------------
-rootfs=$work/rootfs
-mkdir -p "$rootfs"/{dev,proc,sys,run,mnt,sbin,etc,usr/bin,usr/sbin,usr/local/bin,usr/local/sbin,var/log}
-install -d -m 1777 "$rootfs/tmp" "$rootfs/var/tmp"
-install -d -m 0700 "$rootfs/root"
-install_busybox "$rootfs"
-install -m 0755 "$agent" "$rootfs/usr/bin/banger-agent"
-printf 'root:x:0:0:root:/root:/bin/sh\n' >"$rootfs/etc/passwd"
-printf 'root:x:0:\n' >"$rootfs/etc/group"
-printf 'banger\n' >"$rootfs/etc/hostname"
-printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
-
-cat >"$rootfs/sbin/init" <<'EOF'
+# --- rootfs.ext4 ---------------------------------------------------------------------------
+# Writes banger's /sbin/init (as $1): it finishes the mounts, records the host name, makes a
+# machine-id on a first boot, points resolv.conf at banger.dns=, then execs the agent.
+write_init() {
+cat >"$1" <<'EOF'
 #!/bin/sh
 # banger guest init: finish the mounts, record the host name the initramfs set, make a
 # machine-id on a first boot, point resolv.conf at banger.dns= when given, then hand PID 1 to
@@ -352,17 +361,69 @@ exec /usr/bin/banger-agent --init
 echo "init: cannot start /usr/bin/banger-agent" >&2
 exit 1
 EOF
-chmod 0755 "$rootfs/sbin/init"
+chmod 0755 "$1"
+}
 
-clamp_mtimes "$rootfs"
-E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -F -L root -U "$ROOTFS_UUID" \
-	-E "hash_seed=$ROOTFS_HASH_SEED,root_owner=0:0" -d "$rootfs" "$work/rootfs.ext4" "$ROOTFS_SIZE" >/dev/null # it reports "Creating regular file" even with -q
-# mkfs.ext4 -d copies each file's ctime, which touch cannot set: pin them with debugfs.
-(cd "$rootfs" && find . -mindepth 1 | sort) >"$work/rootfs.paths"
-! grep -q '[[:space:]]' "$work/rootfs.paths" || die "rootfs paths must not contain spaces (debugfs commands)"
-sed -e 's|^\.|set_inode_field |' -e "s|\$| ctime @$SOURCE_DATE_EPOCH|" "$work/rootfs.paths" >"$work/ctime.debugfs"
-E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f "$work/ctime.debugfs" "$work/rootfs.ext4" >/dev/null 2>"$work/debugfs.log"
-! grep -v '^debugfs [0-9]' "$work/debugfs.log" | grep -q . || die "debugfs failed: $(head -n3 "$work/debugfs.log")"
+build_busybox_rootfs() {
+	local rootfs=$work/rootfs
+	mkdir -p "$rootfs"/{dev,proc,sys,run,mnt,sbin,etc,usr/bin,usr/sbin,usr/local/bin,usr/local/sbin,var/log}
+	install -d -m 1777 "$rootfs/tmp" "$rootfs/var/tmp"
+	install -d -m 0700 "$rootfs/root"
+	install_busybox "$rootfs"
+	install -m 0755 "$agent" "$rootfs/usr/bin/banger-agent"
+	printf 'root:x:0:0:root:/root:/bin/sh\n' >"$rootfs/etc/passwd"
+	printf 'root:x:0:\n' >"$rootfs/etc/group"
+	printf 'banger\n' >"$rootfs/etc/hostname"
+	printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$rootfs/etc/hosts"
+	write_init "$rootfs/sbin/init"
+
+	clamp_mtimes "$rootfs"
+	E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -F -L root -U "$ROOTFS_UUID" \
+		-E "hash_seed=$ROOTFS_HASH_SEED,root_owner=0:0" -d "$rootfs" "$work/rootfs.ext4" "$ROOTFS_SIZE" >/dev/null # it reports "Creating regular file" even with -q
+	# mkfs.ext4 -d copies each file's ctime, which touch cannot set: pin them with debugfs.
+	(cd "$rootfs" && find . -mindepth 1 | sort) >"$work/rootfs.paths"
+	! grep -q '[[:space:]]' "$work/rootfs.paths" || die "rootfs paths must not contain spaces (debugfs commands)"
+	sed -e 's|^\.|set_inode_field |' -e "s|\$| ctime @$SOURCE_DATE_EPOCH|" "$work/rootfs.paths" >"$work/ctime.debugfs"
+	E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f "$work/ctime.debugfs" "$work/rootfs.ext4" >/dev/null 2>"$work/debugfs.log"
+	! grep -v '^debugfs [0-9]' "$work/debugfs.log" | grep -q . || die "debugfs failed: $(head -n3 "$work/debugfs.log")"
+}
+
+# Debian's packages as mmdebstrap installs them, as a tar stream: built once per package
+# list (cached; about a minute), then banger's two files are appended, and mkfs.ext4 reads
+# the tar itself (e2fsprogs >= 1.47.1): every time comes from the tar (SOURCE_DATE_EPOCH).
+build_debian_rootfs() {
+	local key base extra=$work/debian-extra
+	key=$(printf '%s %s %s' "$DEBIAN_SUITE" "$DEBIAN_PACKAGES" "$SOURCE_DATE_EPOCH" | sha256sum | cut -c1-12)
+	base=$cache_dir/debian-userland-$DEBIAN_SUITE-$key.tar
+	if [[ ! -s $base ]]; then
+		log "building the Debian userland with mmdebstrap ($DEBIAN_SUITE, minbase + ${DEBIAN_PACKAGES//,/ }; about a minute)"
+		mmdebstrap --quiet --variant=minbase --mode=root --format=tar --include="$DEBIAN_PACKAGES" \
+			--customize-hook='echo banger >"$1/etc/hostname"' \
+			--customize-hook='printf "127.0.0.1\tlocalhost\n::1\tlocalhost\n" >"$1/etc/hosts"' \
+			--customize-hook='rm -f "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"' \
+			"$DEBIAN_SUITE" "$base.partial" >&2 || die "mmdebstrap failed"
+		mv "$base.partial" "$base"
+	fi
+	debian_version=$(tar -xOf "$base" ./etc/debian_version)
+	# /sbin is a link to usr/sbin in bookworm: the files go where it points.
+	mkdir -p "$extra/usr/sbin" "$extra/usr/bin"
+	install -m 0755 "$agent" "$extra/usr/bin/banger-agent"
+	write_init "$extra/usr/sbin/init"
+	cp "$base" "$work/rootfs.tar"
+	tar --append -f "$work/rootfs.tar" -C "$extra" --owner=0 --group=0 --numeric-owner \
+		--mtime="@$SOURCE_DATE_EPOCH" ./usr/bin/banger-agent ./usr/sbin/init
+	truncate -s "$ROOTFS_SIZE" "$work/rootfs.ext4"
+	# libarchive needs a UTF-8 locale for names such as ca-certificates' Főtanúsítvány.crt.
+	LC_ALL=C.UTF-8 E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -F -L root -U "$ROOTFS_UUID" -b 4096 \
+		-E "hash_seed=$ROOTFS_HASH_SEED,root_owner=0:0" -d "$work/rootfs.tar" "$work/rootfs.ext4" >/dev/null
+	rm -f "$work/rootfs.tar"
+}
+
+debian_version=
+case $userland in
+debian) build_debian_rootfs ;;
+busybox) build_busybox_rootfs ;;
+esac
 
 # --- outputs ------------------------------------------------------------------------------
 cp "$vmlinuz" "$work/vmlinuz"
@@ -375,6 +436,10 @@ kernel_version=$kernel_version
 kernel_release=$kernel_release
 busybox_package=$BUSYBOX_PACKAGE
 busybox_version=$busybox_version
+userland=$userland
+debian_suite=$([[ $userland == debian ]] && echo "$DEBIAN_SUITE")
+debian_version=$debian_version
+debian_packages=$([[ $userland == debian ]] && echo "$DEBIAN_PACKAGES")
 modules="$(tr '\n' ' ' <"$initramfs/lib/modules/load-order" | sed 's/ $//')"
 # The initramfs starts /banger/banger-agent over images that lack it (banger.init=agent).
 initramfs_agent=1

@@ -7,7 +7,7 @@
 #     with the loop and device-mapper devices over its files,
 #   - the runtime dir /run/banger (socket, autostarted daemon's log) and the memory dir
 #     /dev/shm/banger,
-#   - the installed default image /usr/local/share/banger/images/default, and the cache
+#   - the installed images /usr/local/share/banger/images/{default,busybox}, and the cache
 #     /var/cache/banger (what `accel = "auto"` found when it booted a kernel under KVM),
 #   - banger's cgroups (`banger` under each hierarchy), its taps (bgtapN), the bridge of
 #     network = "auto" (banger0), its nftables
@@ -21,6 +21,7 @@ readonly STATE_DIR=/var/lib/banger
 readonly RUN_DIR=/run/banger
 readonly MEMORY_DIR=/dev/shm/banger
 readonly IMAGE_DIR=${DEFAULT_IMAGE_DIR:-/usr/local/share/banger/images/default}
+readonly BUSYBOX_IMAGE_DIR=${BUSYBOX_IMAGE_DIR:-$(dirname "$IMAGE_DIR")/busybox}
 readonly CACHE_DIR=/var/cache/banger
 
 log() { echo "clean-host: $*" >&2; }
@@ -114,7 +115,7 @@ ip netns list 2>/dev/null | awk '{ print $1 }' | grep -E '^banger-(test|e2e)' | 
 done
 
 # The directories.
-for dir in "$STATE_DIR" "$RUN_DIR" "$MEMORY_DIR" "$IMAGE_DIR" "$CACHE_DIR"; do
+for dir in "$STATE_DIR" "$RUN_DIR" "$MEMORY_DIR" "$IMAGE_DIR" "$BUSYBOX_IMAGE_DIR" "$CACHE_DIR"; do
 	if [[ -e $dir || -L $dir ]]; then
 		log "removing $dir"
 		rm -rf --one-file-system -- "$dir" || log "could not remove $dir"

@@ -28,7 +28,8 @@ else
 	echo "demo: starting bangerd on $SOCKET (log: $LOG)"
 	"$BANGERD" --socket "$SOCKET" >"$LOG" 2>&1 &
 	daemon_pid=$!
-	for _ in $(seq 100); do
+	# The first start on a host tries KVM once (accel = "auto"): up to 8 s more.
+	for _ in $(seq 300); do
 		"$BANGER" vm list >/dev/null 2>&1 && break
 		kill -0 "$daemon_pid" 2>/dev/null || { cat "$LOG" >&2; exit 1; }
 		sleep 0.1
@@ -38,6 +39,6 @@ fi
 echo "demo: banger vm run --rm --name demo-$$ -- sh -c '...'"
 start=$(date +%s.%N)
 "$BANGER" vm run --rm --name "demo-$$" -- sh -c \
-	'echo "hello from $(hostname), a banger microVM"; uname -srm; echo "uptime: $(cut -d" " -f1 /proc/uptime)s"; echo "vCPUs: $(nproc), memory: $(awk "/MemTotal/{print \$2}" /proc/meminfo) kB"'
+	'echo "hello from $(hostname), a banger microVM"; echo "Debian $(cat /etc/debian_version), $(uname -srm)"; echo "address: $(ip -4 -o addr show eth0 | awk "{print \$4}")"; echo "uptime: $(cut -d" " -f1 /proc/uptime)s"; echo "vCPUs: $(nproc), memory: $(awk "/MemTotal/{print \$2}" /proc/meminfo) kB"'
 end=$(date +%s.%N)
 awk -v s="$start" -v e="$end" 'BEGIN { printf "demo: create + boot + exec + delete took %.1f s\n", e - s }'

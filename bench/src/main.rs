@@ -615,6 +615,12 @@ async fn guest_measures(
     eprintln!("bench: `banger vm run -- true` against the raw VMM, {AB_PAIRS} pairs");
     results["ab"] = side_by_side(bin_dir, daemon, &client, work).await?;
 
+    // 1b'. A terminal on a running VM: attach → prompt, keystroke → echo.
+    eprintln!("bench: `vm shell` attach and keystroke echo on a running VM");
+    create_watched(&client, "terminal").await?;
+    results["terminal"] = terminal_measures(&client, "terminal").await?;
+    delete(&client, "terminal").await?;
+
     // 1c. A warm pool: claims instead of boots.
     results["pool"] = pool_measures(bin_dir, daemon, &client).await?;
 
@@ -705,6 +711,63 @@ async fn create_to_output(client: &Client, request: pb::CreateVmRequest) -> Resu
         }
     }
     Err(format!("{name}: no output").into())
+}
+
+/// A login shell on a terminal of a running VM, `ATTACH_RUNS` times: the call → its first
+/// output byte (the prompt); then keystrokes one at a time → each one's echo.
+async fn terminal_measures(client: &Client, vm: &str) -> Result<Value, Error> {
+    use pb::exec_vm_request::Payload as Input;
+    use pb::exec_vm_response::Payload;
+    use tokio_stream::StreamExt;
+    const ATTACH_RUNS: usize = 10;
+    const KEYS: usize = 100;
+    let (mut attach, mut echo) = (Vec::new(), Vec::new());
+    for run in 0..ATTACH_RUNS {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Input>(4);
+        let start = pb::ExecVmStart {
+            vm: vm.into(),
+            stdin: true,
+            terminal: Some(pb::ExecTerminal {
+                term: "xterm".into(),
+                size: Some(pb::TerminalSize { rows: 24, columns: 80 }),
+            }),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let mut output = client.clone().exec_with(start, tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+        let first = loop {
+            match output.next().await.ok_or("the shell ended before its prompt")??.payload {
+                Some(Payload::Stdout(data)) if !data.is_empty() => break data,
+                _ => continue,
+            }
+        };
+        attach.push(started.elapsed().as_secs_f64() * 1000.0);
+        // The prompt may come in pieces: let it settle before timing keys.
+        let _ = first;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), output.next()).await {}
+        if run == 0 {
+            for _ in 0..KEYS {
+                let sent = Instant::now();
+                tx.send(Input::Stdin(b"x".to_vec())).await.map_err(|_| "the shell's input closed")?;
+                loop {
+                    match output.next().await.ok_or("the shell ended")??.payload {
+                        Some(Payload::Stdout(data)) if data.contains(&b'x') => break,
+                        _ => continue,
+                    }
+                }
+                echo.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        // Ctrl-U drops the typed line, then the shell exits.
+        tx.send(Input::Stdin(b"\x15exit\r".to_vec())).await.map_err(|_| "the shell's input closed")?;
+        while let Some(message) = output.next().await {
+            if matches!(message?.payload, Some(Payload::Exit(_))) {
+                break;
+            }
+        }
+    }
+    Ok(json!({ "attach": quantiles_ms(attach), "echo": quantiles_ms(echo) }))
 }
 
 /// Section 1c: a warm pool. `vm run -- true` cold, then from a pool of 2 (each run waits
@@ -1123,10 +1186,15 @@ async fn image_measures(
     let (again_ms, _) = pull(client, &pinned, "minbase-again").await?;
 
     eprintln!("bench: `vm run --rm -- true` from the minbase image and from the default image, alternating");
-    let (mut from_minbase, mut from_default) = (Vec::new(), Vec::new());
+    let (mut from_minbase, mut from_default, mut from_busybox) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..4 {
         from_minbase.push(banger_run_image(bin_dir, daemon, "minbase")?);
         from_default.push(banger_run_image(bin_dir, daemon, "default")?);
+        from_busybox.push(banger_run_image(bin_dir, daemon, "busybox")?);
+    }
+    for _ in 0..4 {
+        from_default.push(banger_run_image(bin_dir, daemon, "default")?);
+        from_busybox.push(banger_run_image(bin_dir, daemon, "busybox")?);
     }
     for name in ["minbase", "minbase-again"] {
         client.clone().images.delete_image(pb::DeleteImageRequest { image: name.into() }).await?;
@@ -1143,6 +1211,7 @@ async fn image_measures(
         "rss_mib_after_pull": rss_after,
         "vm_run_true_minbase": quantiles_ms(from_minbase),
         "vm_run_true_default": quantiles_ms(from_default),
+        "vm_run_true_busybox": quantiles_ms(from_busybox),
     });
     Ok(())
 }
@@ -1301,6 +1370,28 @@ fn summary(r: &Value) -> String {
         num(&images["vm_run_true_minbase"]["p50_ms"]),
         num(&images["vm_run_true_default"]["p50_ms"])
     );
+    let (debian, busybox) =
+        (num(&images["vm_run_true_default"]["p50_ms"]), num(&images["vm_run_true_busybox"]["p50_ms"]));
+    out += &format!(
+        "| `vm run --rm -- true` with the default (Debian) image vs `--image busybox`, 8 runs each | p50 {debian:.0} ms vs {busybox:.0} ms: ratio {:.2} | ratio ≤ 1.10 | {} |\n",
+        debian / busybox,
+        verdict(debian / busybox <= 1.10)
+    );
+    if let Some(terminal) = r["terminal"].as_object() {
+        let attach = num(&terminal["attach"]["p50_ms"]);
+        let echo = num(&terminal["echo"]["p99_ms"]);
+        out += &format!(
+            "| `vm shell`: attach to a running VM → first prompt byte, {} runs | p50 {attach:.0} ms | ≤ 150 ms | {} |\n",
+            terminal["attach"]["runs"],
+            verdict(attach <= 150.0)
+        );
+        out += &format!(
+            "| a keystroke on that terminal → its echo, {} keys | p99 {echo:.1} ms (p50 {:.1}) | p99 ≤ 30 ms | {} |\n",
+            terminal["echo"]["runs"],
+            num(&terminal["echo"]["p50_ms"]),
+            verdict(echo <= 30.0)
+        );
+    }
     out += "\nRPC latency and throughput (1,000 VMs recorded; one HTTP/2 connection per transport):\n\n";
     out += "| call | transport | concurrency | req/s | p50 ms | p99 ms | daemon CPU µs/call | load generator CPU µs/call |\n\
             |---|---|---|---|---|---|---|---|\n";

@@ -62,14 +62,24 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
 }
 
-/// The default image directory `make setup` installs, or `BANGER_DEFAULT_IMAGE_DIR`.
+/// The image test daemons boot by default: the busybox image `make setup` installs beside
+/// the default one (small and quick to boot), or `BANGER_TEST_IMAGE_DIR`.
 pub fn default_image_dir() -> PathBuf {
-    let dir = std::env::var_os("BANGER_DEFAULT_IMAGE_DIR")
+    installed_image_dir("BANGER_TEST_IMAGE_DIR", "busybox")
+}
+
+/// The default image `make setup` installs (Debian), or `BANGER_DEFAULT_IMAGE_DIR`.
+pub fn debian_image_dir() -> PathBuf {
+    installed_image_dir("BANGER_DEFAULT_IMAGE_DIR", "default")
+}
+
+fn installed_image_dir(variable: &str, name: &str) -> PathBuf {
+    let dir = std::env::var_os(variable)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/share/banger/images/default"));
+        .unwrap_or_else(|| Path::new("/usr/local/share/banger/images").join(name));
     assert!(
         dir.join("rootfs.ext4").is_file(),
-        "no default image in {}: run `make setup` (make test does) or set BANGER_DEFAULT_IMAGE_DIR",
+        "no {name} image in {}: run `make setup` (make test does) or set {variable}",
         dir.display()
     );
     dir
@@ -288,8 +298,10 @@ impl Daemon {
             .arg(self.state_dir())
             .arg("--socket")
             .arg(&self.socket)
-            .arg("--default-image-dir")
-            .arg(default_image_dir())
+            .args(match self.args.iter().any(|arg| arg == "--default-image-dir") {
+                true => Vec::new(),
+                false => vec!["--default-image-dir".into(), default_image_dir()],
+            })
             .args(&self.args)
             // On the host, no bridge of banger's (network = "auto" is the default): a test
             // that wants a network makes a netns for it, where the default is left alone.

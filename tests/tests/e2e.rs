@@ -755,3 +755,29 @@ fn vm_defaults_in_the_config_shape_what_a_create_makes_and_are_shown() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("vm_defaults.vcpus"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn the_default_image_is_debian_with_what_a_job_expects_and_busybox_stays_by_name() {
+    let _slot = guest_slot();
+    let debian = banger_tests::debian_image_dir().display().to_string();
+    let daemon = Daemon::start(&["--default-image-dir", &debian]);
+    let script = "cat /etc/debian_version; git --version; curl --version | head -n1; \
+                  for tool in vi less ps ip ping update-ca-certificates apt-get; do command -v $tool >/dev/null || echo missing $tool; done; \
+                  echo shell=$(getent passwd root | cut -d: -f7)";
+    let out = daemon.banger(&["vm", "run", "--rm", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out.stderr), daemon.log());
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("12."), "not Debian 12: {stdout}");
+    assert!(stdout.contains("\ngit version 2.") && stdout.contains("\ncurl 7."), "{stdout}");
+    assert!(!stdout.contains("missing"), "{stdout}");
+    assert!(stdout.contains("shell=/bin/bash"), "{stdout}");
+    // The agent is init: no systemd on the way to ready.
+    let out = daemon.banger(&["vm", "run", "--rm", "--", "cat", "/proc/1/comm"]);
+    assert_eq!(text(&out.stdout), "banger-agent\n", "{}", text(&out.stderr));
+
+    // The busybox image, installed beside it, by name.
+    let out = daemon.banger(&["vm", "run", "--rm", "--image", "busybox", "--", "sh", "-c", "busybox | head -n1"]);
+    assert!(text(&out.stdout).starts_with("BusyBox v1."), "{}{}", text(&out.stdout), text(&out.stderr));
+    let images = text(&daemon.banger(&["image", "list"]).stdout);
+    assert!(images.contains("default") && images.contains("busybox"), "{images}");
+}

@@ -215,30 +215,51 @@ impl Ops {
 
     /// The default image, imported from the default image directory on first use.
     pub(super) async fn ensure_default_image(&self) -> Result<Image, Error> {
+        let (name, dir) = (&self.config.default_image, &self.config.default_image_dir);
+        self.ensure_installed_image(name, dir)
+            .await?
+            .ok_or_else(|| Error::NoDefaultImage { name: name.clone(), dir: dir.clone() })
+    }
+
+    /// An image installed beside the default one (`make setup` puts `busybox` there), named
+    /// by its directory: imported on first use. None when `name` is no such directory.
+    pub(super) async fn installed_image(&self, name: &str) -> Result<Option<Image>, Error> {
+        let Some(root) = self.config.default_image_dir.parent() else { return Ok(None) };
+        if crate::domain::image_name_error(name).is_err() || name.starts_with('.') {
+            return Ok(None);
+        }
+        let dir = match name == self.config.default_image {
+            true => self.config.default_image_dir.clone(),
+            false => root.join(name),
+        };
+        self.ensure_installed_image(name, &dir).await
+    }
+
+    /// The image `name`, imported from the kernel, initramfs and root file system in `dir`
+    /// when there is no such image yet; None when `dir` holds no image.
+    async fn ensure_installed_image(&self, name: &str, dir: &std::path::Path) -> Result<Option<Image>, Error> {
         let _guard = self.default_image_lock.lock().await;
-        let name = &self.config.default_image;
         match self.store.image_get(name).await {
-            Ok(image) => return Ok(image),
+            Ok(image) => return Ok(Some(image)),
             Err(crate::store::StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let dir = &self.config.default_image_dir;
         let file = |name: &str| -> PathBuf { dir.join(name) };
         if !fs::is_file(&file(KERNEL_FILE)).await || !fs::is_file(&file(ROOTFS_FILE)).await {
-            return Err(Error::NoDefaultImage { name: name.clone(), dir: dir.clone() });
+            return Ok(None);
         }
         let initrd = file(INITRD_FILE);
         let new = NewImage {
-            name: name.clone(),
+            name: name.to_owned(),
             kernel_path: file(KERNEL_FILE),
             initrd_path: fs::is_file(&initrd).await.then_some(initrd),
             rootfs_path: file(ROOTFS_FILE),
             kernel_args: String::new(),
             labels: Default::default(),
         };
-        // The host's own default image: not beneath the callers' import roots.
+        // The host's own installed image: not beneath the callers' import roots.
         let (image, _) = self.import_image_from(new, None).await?;
-        Ok(image)
+        Ok(Some(image))
     }
 
     /// Deletes an image no VM uses (named as GetImage names it: id, name or the reference it

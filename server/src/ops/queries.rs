@@ -49,6 +49,10 @@ impl Ops {
             Err(crate::store::StoreError::NotFound { kind, key }) => Error::NotFound { kind, key },
             Err(other) => return Err(other.into()),
         };
+        // An image installed beside the default one (`busybox`), on first use.
+        if let Some(image) = self.installed_image(key).await? {
+            return Ok(image);
+        }
         let Some(reference) = crate::host::oci::registry::normalize(key) else {
             return Err(not_found);
         };
