@@ -1,7 +1,9 @@
 //! ReadFile and WriteFile: regular files in and out of the guest, streamed in chunks with
 //! backpressure (a bounded channel towards tonic on the way out, one chunk at a time on the
 //! way in), so a large file never sits in memory. A write goes to a temporary file beside the
-//! target and is renamed over it once complete: the file appears whole or not at all.
+//! target and is renamed over it once complete: the file appears whole or not at all. An
+//! archive write (a tar stream) is extracted, as it arrives, into a directory beside the
+//! target, which it replaces once complete: the same all-or-nothing for a whole tree.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -96,6 +98,9 @@ pub async fn write(mut requests: Streaming<WriteFileRequest>) -> Result<WriteFil
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(Status::invalid_argument(format!("{} names no file", path.display())));
     };
+    if start.archive {
+        return write_archive(&path, dir, &name.to_string_lossy(), requests).await;
+    }
     if tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir()) {
         return Err(Status::failed_precondition(format!("{} is a directory", path.display())));
     }
@@ -134,4 +139,195 @@ pub async fn write(mut requests: Streaming<WriteFileRequest>) -> Result<WriteFil
     tokio::fs::rename(&temp, &path).await.map_err(|e| io_status("rename to", &path, e))?;
     aside.0 = None;
     Ok(WriteFileResponse { size })
+}
+
+/// Removes a staging directory unless the write completed.
+struct AsideDir(Option<PathBuf>);
+
+impl Drop for AsideDir {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// Distinguishes the staging directories of concurrent writes.
+static STAGING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Extracts a tar stream into a new directory beside `path` as it arrives (a blocking thread
+/// reads the chunks), then puts it in place of `path` (a directory there is replaced).
+async fn write_archive(
+    path: &Path,
+    dir: &Path,
+    name: &str,
+    mut requests: Streaming<WriteFileRequest>,
+) -> Result<WriteFileResponse, Status> {
+    if tokio::fs::symlink_metadata(path).await.is_ok_and(|m| !m.is_dir()) {
+        return Err(Status::failed_precondition(format!("{} exists and is not a directory", path.display())));
+    }
+    let n = STAGING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = dir.join(format!(".{name}.banger-{}-{n}", std::process::id()));
+    tokio::fs::create_dir(&staging).await.map_err(|e| io_status("create", &staging, e))?;
+    let mut aside = AsideDir(Some(staging.clone()));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(BUFFER);
+    let into = staging.clone();
+    let extracting = tokio::task::spawn_blocking(move || extract(ChunkReader { rx, chunk: Vec::new(), at: 0 }, &into));
+    let mut size = 0u64;
+    let mut complete = false;
+    let mut early_end = false;
+    while let Some(payload) = requests.message().await?.and_then(|m| m.payload) {
+        match payload {
+            WritePayload::Data(data) => {
+                size += data.len() as u64;
+                // The extractor stopped (a bad entry): its error is the answer.
+                if tx.send(data).await.is_err() {
+                    early_end = true;
+                    break;
+                }
+            }
+            WritePayload::End(sent) if sent == size => {
+                complete = true;
+                break;
+            }
+            WritePayload::End(sent) => {
+                return Err(Status::data_loss(format!("{sent} bytes were sent, {size} arrived")));
+            }
+            WritePayload::Start(_) => {
+                return Err(Status::invalid_argument("only content may follow the first WriteFile message"));
+            }
+        }
+    }
+    drop(tx);
+    let extracted = extracting.await.map_err(|e| Status::internal(format!("extracting: {e}")))?;
+    if let Err(why) = extracted {
+        return Err(Status::invalid_argument(format!("the archive for {}: {why}", path.display())));
+    }
+    if !complete {
+        let why =
+            if early_end { "the archive ended before its stream" } else { "the stream ended before its end message" };
+        return Err(Status::aborted(format!("{why}: nothing was written")));
+    }
+    let old = dir.join(format!(".{name}.banger-old-{}-{n}", std::process::id()));
+    let replacing = tokio::fs::symlink_metadata(path).await.is_ok();
+    if replacing {
+        tokio::fs::rename(path, &old).await.map_err(|e| io_status("move aside", path, e))?;
+    }
+    if let Err(err) = tokio::fs::rename(&staging, path).await {
+        if replacing {
+            let _ = tokio::fs::rename(&old, path).await;
+        }
+        return Err(io_status("rename to", path, err));
+    }
+    aside.0 = None;
+    if replacing {
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(old)).await;
+    }
+    Ok(WriteFileResponse { size })
+}
+
+/// The chunks of a stream, as a blocking reader.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => (self.chunk, self.at) = (chunk, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Unpacks `reader`'s tar stream into `into`: regular files, directories and symbolic links,
+/// with their modes and times; anything else, or an entry that would land outside `into`, is
+/// an error.
+fn extract(reader: impl std::io::Read, into: &Path) -> Result<u64, String> {
+    use tar::EntryType;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    let mut entries = 0u64;
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.path().map(|p| p.display().to_string()).unwrap_or_else(|_| "an entry".into());
+        match entry.header().entry_type() {
+            EntryType::Regular | EntryType::Continuous | EntryType::Directory | EntryType::Symlink => {}
+            EntryType::XGlobalHeader => continue,
+            other => {
+                return Err(format!("{name}: {other:?} entries are not copied (files, directories and links only)"));
+            }
+        }
+        match entry.unpack_in(into) {
+            Ok(true) => entries += 1,
+            Ok(false) => return Err(format!("{name} would land outside the directory")),
+            Err(err) => return Err(format!("{name}: {err}")),
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        build(&mut builder);
+        builder.into_inner().expect("tar")
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(size);
+        header
+    }
+
+    #[test]
+    fn an_archive_keeps_modes_and_links_and_nothing_lands_outside() {
+        let into = tempfile::tempdir().expect("tempdir");
+        let good = archive(|b| {
+            b.append_data(&mut header(tar::EntryType::Directory, 0o750, 0), "d", &[][..]).expect("dir");
+            b.append_data(&mut header(tar::EntryType::Regular, 0o755, 2), "d/run", &b"hi"[..]).expect("file");
+            let mut link = header(tar::EntryType::Symlink, 0o777, 0);
+            b.append_link(&mut link, "l", "d/run").expect("link");
+        });
+        assert_eq!(extract(&good[..], into.path()), Ok(3));
+        let run = into.path().join("d/run");
+        assert_eq!(std::fs::read(&run).expect("run"), b"hi");
+        assert_eq!(std::fs::metadata(&run).expect("meta").permissions().mode() & 0o7777, 0o755);
+        assert_eq!(std::fs::read_link(into.path().join("l")).expect("link"), Path::new("d/run"));
+
+        // A link out, then a file written through it: refused, nothing written outside.
+        let outside = tempfile::tempdir().expect("outside");
+        let escape = archive(|b| {
+            let mut link = header(tar::EntryType::Symlink, 0o777, 0);
+            b.append_link(&mut link, "out", outside.path()).expect("link");
+            b.append_data(&mut header(tar::EntryType::Regular, 0o644, 1), "out/x", &b"x"[..]).expect("file");
+        });
+        let fresh = tempfile::tempdir().expect("tempdir");
+        assert!(extract(&escape[..], fresh.path()).is_err());
+        assert!(!outside.path().join("x").exists());
+
+        // Hard links and devices are not copied.
+        let hard = archive(|b| {
+            b.append_data(&mut header(tar::EntryType::Regular, 0o644, 1), "a", &b"a"[..]).expect("file");
+            let mut link = header(tar::EntryType::Link, 0o644, 0);
+            b.append_link(&mut link, "b", "a").expect("hard link");
+        });
+        let err = extract(&hard[..], tempfile::tempdir().expect("tempdir").path()).expect_err("hard link");
+        assert!(err.contains("b: Link"), "{err}");
+    }
 }

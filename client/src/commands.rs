@@ -8,7 +8,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::{
-    Command, ImageCommand, PoolCommand, ProcessArgs, SnapshotCommand, VmCommand, VmShape, output, pull, terminal,
+    Command, ImageCommand, PoolCommand, ProcessArgs, SnapshotCommand, VmCommand, VmShape, WorkspaceCommand, output,
+    pull, terminal, workspace,
 };
 
 /// Exit code of `vm run`/`vm exec` when banger itself fails (not the guest command).
@@ -63,7 +64,9 @@ pub async fn run(target: Target, credentials: Credentials, autostart: bool, comm
         Ok(client) => match command {
             Command::Vm(VmCommand::Exec { vm, process }) => exec(client, vm, process).await,
             Command::Vm(VmCommand::Shell { vm, shell }) => exec_in(&mut { client }, vm, shell.into()).await,
-            Command::Vm(VmCommand::Run { shape, rm, process }) => vm_run(client, shape, rm, process).await,
+            Command::Vm(VmCommand::Run { workspace, include_untracked, shape, rm, process }) => {
+                vm_run(client, shape, rm, process, workspace.map(|path| (path, include_untracked))).await
+            }
             Command::Vm(vm) => vm_command(client, vm).await.map(|()| ExitCode::SUCCESS),
             Command::Image(image) => image_command(client, image).await.map(|()| ExitCode::SUCCESS),
             Command::Pool(pool) => pool_command(client, pool).await.map(|()| ExitCode::SUCCESS),
@@ -245,6 +248,15 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
         }
         VmCommand::Exec { .. } | VmCommand::Run { .. } | VmCommand::Shell { .. } => {
             unreachable!("handled by run()")
+        }
+        VmCommand::Workspace(WorkspaceCommand::Push { vm, path, workdir, include_untracked }) => {
+            let count = workspace::push(&mut client, &vm, &path, &workdir, include_untracked).await?;
+            println!("pushed {count} files of {} to {vm}:{workdir}", path.display());
+        }
+        VmCommand::Workspace(WorkspaceCommand::Export { vm, workdir, base }) => {
+            let patch = workspace::export(&mut client, &vm, &workdir, base.as_deref()).await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&patch).and_then(|()| out.flush()).map_err(|e| usage(&format!("stdout: {e}")))?;
         }
     }
     Ok(())
@@ -535,7 +547,17 @@ async fn exec(mut client: Client, vm: String, process: ProcessArgs) -> Result<Ex
     exec_in(&mut client, vm, process).await
 }
 
-async fn vm_run(mut client: Client, shape: VmShape, rm: bool, mut process: ProcessArgs) -> Result<ExitCode, Failure> {
+async fn vm_run(
+    mut client: Client,
+    shape: VmShape,
+    rm: bool,
+    mut process: ProcessArgs,
+    repository: Option<(std::path::PathBuf, bool)>,
+) -> Result<ExitCode, Failure> {
+    if let Some((path, include_untracked)) = &repository {
+        // Before anything is made: a path that is no repository is the caller's mistake.
+        workspace::git_files(path, *include_untracked).map_err(|why| usage(&why))?;
+    }
     if let Some(image) = &shape.image {
         pull::ensure_image(&mut client, image).await?;
     }
@@ -556,7 +578,16 @@ async fn vm_run(mut client: Client, shape: VmShape, rm: bool, mut process: Proce
         process.tty = true;
         process.interactive = true;
     }
-    let result = if process.argv.is_empty() && !process.tty {
+    let pushed = match &repository {
+        None => Ok(()),
+        Some((path, include_untracked)) => {
+            let workdir = process.workdir.get_or_insert_with(|| workspace::DEFAULT_WORKDIR.to_owned()).clone();
+            workspace::push(&mut client, &vm.id, path, &workdir, *include_untracked).await.map(drop)
+        }
+    };
+    let result = if let Err(status) = pushed {
+        Err(Failure::Status(status))
+    } else if process.argv.is_empty() && !process.tty {
         Err(usage("the image names no Entrypoint or Cmd: give the command after --, or run on a terminal for a shell"))
     } else {
         exec_in(&mut client, vm.id.clone(), process).await
@@ -591,6 +622,11 @@ async fn copy(
     use std::os::unix::fs::PermissionsExt;
     const CHUNK: usize = 1 << 20;
     match (guest_side(source), guest_side(destination)) {
+        (None, Some((vm, path))) if std::fs::metadata(source).is_ok_and(|meta| meta.is_dir()) => {
+            let dir = std::path::PathBuf::from(source);
+            let size = workspace::upload(client, vm, path, workspace::Tree::Directory(dir)).await?;
+            println!("copied {source} to {vm}:{path} ({size} bytes of archive)");
+        }
         (None, Some((vm, path))) => {
             let file = tokio::fs::File::open(source).await.map_err(|e| usage(&format!("{source}: {e}")))?;
             let meta = file.metadata().await.map_err(|e| usage(&format!("{source}: {e}")))?;
@@ -602,6 +638,7 @@ async fn copy(
                     vm: vm.to_owned(),
                     path: path.to_owned(),
                     mode: mode.unwrap_or(meta.permissions().mode() & 0o7777),
+                    archive: false,
                 })),
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -7,6 +7,7 @@ mod output;
 mod pull;
 mod telemetry;
 mod terminal;
+mod workspace;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -581,9 +582,11 @@ enum VmCommand {
     /// file keeps its local mode unless --mode is given. Out of a VM it gets the guest's
     /// permission bits without setuid, setgid and sticky (unless --preserve-special); it is
     /// written to a new file with an unpredictable name beside the destination and renamed
-    /// into place only when its size is the one the guest announced.
+    /// into place only when its size is the one the guest announced. A local directory goes
+    /// in as one tar stream and becomes the destination directory (replacing one there once
+    /// all of it arrived): modes kept, links stored as links, nothing left of a failed copy.
     Cp {
-        /// Source: a local path, or VM:ABSOLUTE-PATH.
+        /// Source: a local path (a file or a directory), or VM:ABSOLUTE-PATH (a file).
         source: String,
         /// Destination: a local path, or VM:ABSOLUTE-PATH.
         destination: String,
@@ -630,6 +633,14 @@ enum VmCommand {
     /// (`banger vm run --rm` is a throw-away shell). The VM is kept unless --rm is given.
     /// banger's own errors exit 125.
     Run {
+        /// A git repository to bring in first (what git would ship: tracked files as they are
+        /// in the working tree, untracked ones with --include-untracked, no ignored ones), to
+        /// /root/repo unless -w says where; the command runs there.
+        #[arg(value_name = "REPO")]
+        workspace: Option<PathBuf>,
+        /// With REPO: also its untracked files (never ignored ones).
+        #[arg(long, requires = "workspace")]
+        include_untracked: bool,
         #[command(flatten)]
         shape: VmShape,
         /// Delete the VM afterwards, whatever the command's outcome.
@@ -637,6 +648,41 @@ enum VmCommand {
         rm: bool,
         #[command(flatten)]
         process: ProcessArgs,
+    },
+    /// A git repository in a VM: pushed in, its changes exported back as a patch.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkspaceCommand {
+    /// Bring a git repository into a running VM as one stream: tracked files as they are in
+    /// the working tree, untracked ones with --include-untracked, never ignored ones; links
+    /// stay links, modes are kept. A directory at the destination is replaced once the whole
+    /// tree arrived. The guest commits it as its baseline (`banger-base`) for `export`.
+    Push {
+        /// VM id or name.
+        vm: String,
+        /// The repository (any directory in it).
+        path: PathBuf,
+        /// Where it goes in the guest.
+        #[arg(short = 'w', long, value_name = "DIR", default_value = workspace::DEFAULT_WORKDIR)]
+        workdir: String,
+        /// Also the untracked files (never ignored ones).
+        #[arg(long)]
+        include_untracked: bool,
+    },
+    /// Print the guest's changes to a pushed workspace as a binary git patch (new, changed,
+    /// deleted files; modes), which `git apply` reproduces in the repository on the host.
+    Export {
+        /// VM id or name.
+        vm: String,
+        /// Where the workspace is in the guest.
+        #[arg(short = 'w', long, value_name = "DIR", default_value = workspace::DEFAULT_WORKDIR)]
+        workdir: String,
+        /// Changes since this commit of the guest's repository [default: what was pushed].
+        #[arg(long, value_name = "COMMIT")]
+        base: Option<String>,
     },
 }
 

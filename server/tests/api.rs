@@ -830,7 +830,7 @@ async fn over_the_fake_host_a_vm_is_created_used_and_deleted_through_the_api() {
     assert!(!err.is_empty());
 
     use pb::{copy_from_vm_response::Payload as From, copy_to_vm_request::Payload as To};
-    let start = pb::CopyToVmStart { vm: "web".into(), path: "/root/report".into(), mode: 0o640 };
+    let start = pb::CopyToVmStart { vm: "web".into(), path: "/root/report".into(), mode: 0o640, archive: false };
     let sent = tokio_stream::iter(vec![
         pb::CopyToVmRequest { payload: Some(To::Start(start)) },
         pb::CopyToVmRequest { payload: Some(To::Data(b"line one\n".to_vec())) },

@@ -356,7 +356,11 @@ impl VmService for VmApi {
             Ok(_) => Err("only data may follow the first message".to_owned()),
             Err(status) => Err(format!("the client stream failed: {}", status.message())),
         });
-        let size = self.ops.copy_to_vm(&key, path, start.mode, Box::pin(input)).await.map_err(|e| to_status(&e))?;
+        let size = self
+            .ops
+            .copy_to_vm(&key, path, start.mode, start.archive, Box::pin(input))
+            .await
+            .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::CopyToVmResponse { size }))
     }
 

@@ -1178,9 +1178,10 @@ mod tests {
         let client = AgentClient::new(path, None);
         client.wait_ready(Instant::now() + Duration::from_secs(5), || true).await.expect("ready");
         let chunks: Vec<Result<Vec<u8>, String>> = vec![Ok(b"hello ".to_vec()), Ok(b"world".to_vec())];
-        let size = crate::host::files::write(client.clone(), "/ok".into(), 0o640, Box::pin(tokio_stream::iter(chunks)))
-            .await
-            .expect("write");
+        let size =
+            crate::host::files::write(client.clone(), "/ok".into(), 0o640, false, Box::pin(tokio_stream::iter(chunks)))
+                .await
+                .expect("write");
         assert_eq!(size, 11);
         let (meta, data) = crate::host::files::read(client.clone(), "/ok".into()).await.expect("read");
         assert_eq!((meta.mode, meta.size), (0o640, 11));
@@ -1194,6 +1195,7 @@ mod tests {
             client.clone(),
             "/aborted".into(),
             0o600,
+            false,
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(feed)),
         ));
         input.send(Ok(b"partial".to_vec())).await.expect("send");

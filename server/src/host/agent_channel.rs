@@ -108,8 +108,9 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     /// Opens a guest file: its mode and size, and its content as a stream.
     fn read_file(&self, vm: &Vm, path: String) -> FileReading;
 
-    /// Writes a guest file (complete or not at all) from `input`; returns its size.
-    fn write_file(&self, vm: &Vm, path: String, mode: u32, input: FileInput) -> FileWriting;
+    /// Writes a guest file (complete or not at all) from `input`, or with `archive` the
+    /// directory a tar stream holds; returns the bytes sent.
+    fn write_file(&self, vm: &Vm, path: String, mode: u32, archive: bool, input: FileInput) -> FileWriting;
 
     /// Drops what is kept for a VM (its connection), e.g. once it stopped.
     fn forget(&self, vm: VmId);
@@ -334,9 +335,9 @@ impl AgentChannels for VsockAgentChannels {
         Box::pin(async move { files::read(client?, path).await })
     }
 
-    fn write_file(&self, vm: &Vm, path: String, mode: u32, input: FileInput) -> FileWriting {
+    fn write_file(&self, vm: &Vm, path: String, mode: u32, archive: bool, input: FileInput) -> FileWriting {
         let client = self.client(vm);
-        Box::pin(async move { files::write(client?, path, mode, input).await })
+        Box::pin(async move { files::write(client?, path, mode, archive, input).await })
     }
 
     fn forget(&self, vm: VmId) {

@@ -496,6 +496,7 @@ impl AgentChannels for FakeHost {
         vm: &Vm,
         path: String,
         mode: u32,
+        _archive: bool,
         input: crate::host::files::FileInput,
     ) -> crate::host::agent_channel::FileWriting {
         use tokio_stream::StreamExt;

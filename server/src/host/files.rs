@@ -38,11 +38,18 @@ pub async fn read(agent: AgentClient, path: String) -> Result<(FileMeta, FileDat
     Ok((FileMeta { mode: info.mode, size: info.size }, Box::pin(data)))
 }
 
-/// Writes a guest file from `input`, then sends the end message with the size sent. When
-/// `input` fails, no end message is sent: the agent discards what it wrote.
-pub async fn write(agent: AgentClient, path: String, mode: u32, mut input: FileInput) -> Result<u64, HostError> {
+/// Writes a guest file (with `archive`: the directory of a tar stream) from `input`, then
+/// sends the end message with the size sent. When `input` fails, no end message is sent: the
+/// agent discards what it wrote.
+pub async fn write(
+    agent: AgentClient,
+    path: String,
+    mode: u32,
+    archive: bool,
+    mut input: FileInput,
+) -> Result<u64, HostError> {
     let start = pb::WriteFileRequest {
-        payload: Some(pb::write_file_request::Payload::Start(pb::WriteFileStart { path, mode })),
+        payload: Some(pb::write_file_request::Payload::Start(pb::WriteFileStart { path, mode, archive })),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let requests = tokio_stream::once(start).chain(tokio_stream::wrappers::ReceiverStream::new(rx));

@@ -86,10 +86,18 @@ impl Ops {
         Ok((meta, Box::pin(data.map(|item| item.map_err(Error::from)))))
     }
 
-    /// Writes a file into the VM named by `key` from `input`; returns its size.
-    pub async fn copy_to_vm(&self, key: &str, path: String, mode: u32, input: FileInput) -> Result<u64, Error> {
+    /// Writes a file into the VM named by `key` from `input` (with `archive`, a tar stream
+    /// that becomes the directory `path`); returns the bytes sent.
+    pub async fn copy_to_vm(
+        &self,
+        key: &str,
+        path: String,
+        mode: u32,
+        archive: bool,
+        input: FileInput,
+    ) -> Result<u64, Error> {
         let vm = self.running_vm(key).await?;
-        Ok(self.host.agents.write_file(&vm, path, mode, input).await?)
+        Ok(self.host.agents.write_file(&vm, path, mode, archive, input).await?)
     }
 
     /// Starts `command` in the VM named by `key`; `input` feeds its standard input.
