@@ -621,6 +621,12 @@ async fn guest_measures(
     results["terminal"] = terminal_measures(&client, "terminal").await?;
     delete(&client, "terminal").await?;
 
+    // 1b''. A 10,000-file repository into a running VM: `workspace push` vs by hand.
+    eprintln!("bench: `vm workspace push` of a 10,000-file repository vs `git archive | vm exec -i -- tar x`");
+    create_watched(&client, "workspace").await?;
+    results["workspace"] = workspace_measures(bin_dir, daemon, work)?;
+    delete(&client, "workspace").await?;
+
     // 1c. A warm pool: claims instead of boots.
     results["pool"] = pool_measures(bin_dir, daemon, &client).await?;
 
@@ -768,6 +774,40 @@ async fn terminal_measures(client: &Client, vm: &str) -> Result<Value, Error> {
         }
     }
     Ok(json!({ "attach": quantiles_ms(attach), "echo": quantiles_ms(echo) }))
+}
+
+/// `vm workspace push` of a 10,000-file repository into the running VM `workspace` against
+/// `git archive HEAD | banger vm exec -i workspace -- tar x` by hand, alternating, 3 runs each.
+fn workspace_measures(bin_dir: &Path, daemon: &Daemon, work: &Path) -> Result<Value, Error> {
+    let repo = work.join("workspace-repo");
+    std::fs::create_dir_all(repo.join("many"))?;
+    for i in 0..10_000 {
+        std::fs::write(repo.join(format!("many/file-{i}")), format!("content {i}\n"))?;
+    }
+    let git = |args: &[&str]| -> Result<(), Error> {
+        let out = Command::new("git").arg("-C").arg(&repo).args(args).output()?;
+        if !out.status.success() {
+            return Err(format!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        Ok(())
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "-A"])?;
+    git(&["-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"])?;
+    let banger = bin_dir.join("banger").display().to_string();
+    let socket = daemon.socket.display().to_string();
+    let repo_arg = repo.display().to_string();
+    let (mut pushes, mut by_hand) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        pushes.push(timed(&banger, &["--socket", &socket, "vm", "workspace", "push", "workspace", &repo_arg])?);
+        let pipeline = format!(
+            "git -C '{repo_arg}' archive HEAD | '{banger}' --socket '{socket}' vm exec -i workspace -- \
+             sh -c 'rm -rf /root/hand && mkdir /root/hand && tar x -C /root/hand'"
+        );
+        by_hand.push(timed("bash", &["-o", "pipefail", "-c", &pipeline])?);
+    }
+    std::fs::remove_dir_all(&repo)?;
+    Ok(json!({ "push": quantiles_ms(pushes), "by_hand": quantiles_ms(by_hand) }))
 }
 
 /// Section 1c: a warm pool. `vm run -- true` cold, then from a pool of 2 (each run waits
@@ -1377,6 +1417,14 @@ fn summary(r: &Value) -> String {
         debian / busybox,
         verdict(debian / busybox <= 1.10)
     );
+    if let Some(workspace) = r["workspace"].as_object() {
+        let (push, by_hand) = (num(&workspace["push"]["p50_ms"]), num(&workspace["by_hand"]["p50_ms"]));
+        out += &format!(
+            "| `vm workspace push` of a 10,000-file repository vs `git archive \\| vm exec -i -- tar x` by hand, 3 runs each | p50 {push:.0} ms vs {by_hand:.0} ms: ratio {:.2} | ratio ≤ 1.0 | {} |\n",
+            push / by_hand,
+            verdict(push / by_hand <= 1.0)
+        );
+    }
     if let Some(terminal) = r["terminal"].as_object() {
         let attach = num(&terminal["attach"]["p50_ms"]);
         let echo = num(&terminal["echo"]["p99_ms"]);
