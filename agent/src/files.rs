@@ -43,16 +43,20 @@ fn io_status(what: &str, path: &Path, err: std::io::Error) -> Status {
     }
 }
 
-/// Opens a regular file and streams its info, then its content.
-pub async fn read(path: &str) -> Result<ReadStream, Status> {
+/// Opens a regular file and streams its info, then its content; with `archive`, a directory
+/// comes as a tar stream of it.
+pub async fn read(path: &str, archive: bool) -> Result<ReadStream, Status> {
     let path = absolute(path)?;
+    if archive && tokio::fs::symlink_metadata(&path).await.is_ok_and(|m| m.is_dir()) {
+        return read_archive(path).await;
+    }
     let mut file = tokio::fs::File::open(&path).await.map_err(|e| io_status("open", &path, e))?;
     let meta = file.metadata().await.map_err(|e| io_status("stat", &path, e))?;
     if !meta.is_file() {
         return Err(Status::failed_precondition(format!("{} is not a regular file", path.display())));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(BUFFER);
-    let info = FileInfo { mode: meta.permissions().mode() & 0o7777, size: meta.len() };
+    let info = FileInfo { mode: meta.permissions().mode() & 0o7777, size: meta.len(), archive: false };
     tokio::spawn(async move {
         if tx.send(Ok(ReadFileResponse { payload: Some(ReadPayload::Info(info)) })).await.is_err() {
             return;
@@ -75,6 +79,74 @@ pub async fn read(path: &str) -> Result<ReadStream, Status> {
         }
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// A directory as a tar stream: its info first (`archive`), then the archive a blocking thread
+/// writes, one chunk at a time (backpressure as for a file).
+async fn read_archive(path: PathBuf) -> Result<ReadStream, Status> {
+    let meta = tokio::fs::metadata(&path).await.map_err(|e| io_status("stat", &path, e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(BUFFER);
+    let info = FileInfo { mode: meta.permissions().mode() & 0o7777, size: 0, archive: true };
+    let _ = tx.send(Ok(ReadFileResponse { payload: Some(ReadPayload::Info(info)) })).await;
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChunkSender { tx: tx.clone(), buffer: Vec::with_capacity(CHUNK) };
+        if let Err(err) = archive_dir(&path, &mut writer) {
+            let _ = tx.blocking_send(Err(io_status("archive", &path, err)));
+        }
+    });
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Writes `dir` as a tar stream: regular files, directories and symbolic links (never
+/// followed), in name order; sockets, FIFOs and devices are left out.
+fn archive_dir(dir: &Path, writer: &mut ChunkSender) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut builder = tar::Builder::new(&mut *writer);
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Complete);
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(&relative))?.filter_map(Result::ok).collect();
+        names.sort_by_key(std::fs::DirEntry::file_name);
+        for entry in names.into_iter().rev() {
+            let name = relative.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                builder.append_path_with_name(dir.join(&name), &name)?;
+                pending.push(name);
+            } else if kind.is_file() || kind.is_symlink() {
+                builder.append_path_with_name(dir.join(&name), &name)?;
+            }
+        }
+    }
+    builder.finish()?;
+    drop(builder);
+    writer.flush()
+}
+
+/// A `Write` that sends full chunks as `Data` messages (blocking: for a blocking thread).
+struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Result<ReadFileResponse, Status>>,
+    buffer: Vec<u8>,
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK));
+        let message = ReadFileResponse { payload: Some(ReadPayload::Data(data)) };
+        self.tx.blocking_send(Ok(message)).map_err(|_| std::io::Error::other("the host went away"))
+    }
 }
 
 /// Removes the temporary file unless the write completed.
@@ -174,40 +246,36 @@ async fn write_archive(
     let into = staging.clone();
     let extracting = tokio::task::spawn_blocking(move || extract(ChunkReader { rx, chunk: Vec::new(), at: 0 }, &into));
     let mut size = 0u64;
-    let mut complete = false;
-    let mut early_end = false;
-    while let Some(payload) = requests.message().await?.and_then(|m| m.payload) {
-        match payload {
-            WritePayload::Data(data) => {
-                size += data.len() as u64;
-                // The extractor stopped (a bad entry): its error is the answer.
-                if tx.send(data).await.is_err() {
-                    early_end = true;
-                    break;
+    // Whatever ends the stream, the extractor is waited for before the staging directory can
+    // go (it might still be writing into it).
+    let received: Result<(), Status> = async {
+        while let Some(payload) = requests.message().await?.and_then(|m| m.payload) {
+            match payload {
+                WritePayload::Data(data) => {
+                    size += data.len() as u64;
+                    // The extractor stopped (a bad entry): its error is the answer.
+                    if tx.send(data).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                WritePayload::End(sent) if sent == size => return Ok(()),
+                WritePayload::End(sent) => {
+                    return Err(Status::data_loss(format!("{sent} bytes were sent, {size} arrived")));
+                }
+                WritePayload::Start(_) => {
+                    return Err(Status::invalid_argument("only content may follow the first WriteFile message"));
                 }
             }
-            WritePayload::End(sent) if sent == size => {
-                complete = true;
-                break;
-            }
-            WritePayload::End(sent) => {
-                return Err(Status::data_loss(format!("{sent} bytes were sent, {size} arrived")));
-            }
-            WritePayload::Start(_) => {
-                return Err(Status::invalid_argument("only content may follow the first WriteFile message"));
-            }
         }
+        Err(Status::aborted("the stream ended before its end message: nothing was written"))
     }
+    .await;
     drop(tx);
     let extracted = extracting.await.map_err(|e| Status::internal(format!("extracting: {e}")))?;
     if let Err(why) = extracted {
         return Err(Status::invalid_argument(format!("the archive for {}: {why}", path.display())));
     }
-    if !complete {
-        let why =
-            if early_end { "the archive ended before its stream" } else { "the stream ended before its end message" };
-        return Err(Status::aborted(format!("{why}: nothing was written")));
-    }
+    received?;
     let old = dir.join(format!(".{name}.banger-old-{}-{n}", std::process::id()));
     let replacing = tokio::fs::symlink_metadata(path).await.is_ok();
     if replacing {
@@ -274,6 +342,9 @@ fn extract(reader: impl std::io::Read, into: &Path) -> Result<u64, String> {
             Err(err) => return Err(format!("{name}: {err}")),
         }
     }
+    // What follows the end-of-archive blocks (a writer's padding to its record size) is read
+    // to the end, so that the sender is never refused a chunk of a good archive.
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(|e| e.to_string())?;
     Ok(entries)
 }
 

@@ -74,7 +74,8 @@ impl AgentService for Agent {
     type ReadFileStream = ReadStream;
 
     async fn read_file(&self, request: Request<ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
-        files::read(&request.into_inner().path).await.map(Response::new)
+        let request = request.into_inner();
+        files::read(&request.path, request.archive).await.map(Response::new)
     }
 
     async fn write_file(

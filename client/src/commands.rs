@@ -254,9 +254,7 @@ async fn vm_command(mut client: Client, command: VmCommand) -> Result<(), Failur
             println!("pushed {count} files of {} to {vm}:{workdir}", path.display());
         }
         VmCommand::Workspace(WorkspaceCommand::Export { vm, workdir, base }) => {
-            let patch = workspace::export(&mut client, &vm, &workdir, base.as_deref()).await?;
-            let mut out = std::io::stdout().lock();
-            out.write_all(&patch).and_then(|()| out.flush()).map_err(|e| usage(&format!("stdout: {e}")))?;
+            workspace::export(&mut client, &vm, &workdir, base.as_deref(), &mut std::io::stdout()).await?;
         }
     }
     Ok(())
@@ -489,6 +487,12 @@ async fn exec_on_terminal(client: &mut Client, start: pb::ExecVmStart) -> Result
     use tokio::signal::unix::{SignalKind, signal};
     let forward_stdin = start.stdin;
     let (tx, rx) = tokio::sync::mpsc::channel::<Input>(16);
+    // The handlers first: a SIGTERM or SIGHUP in raw mode must restore the terminal.
+    let (mut resized, mut terminated, mut hung_up) =
+        match (signal(SignalKind::window_change()), signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+            (Ok(resized), Ok(terminated), Ok(hung_up)) => (resized, terminated, hung_up),
+            _ => return Err(Failure::Status(Status::internal("cannot handle signals"))),
+        };
     let raw = if forward_stdin { terminal::RawMode::enter() } else { None };
     if forward_stdin {
         let tx = tx.clone();
@@ -502,12 +506,17 @@ async fn exec_on_terminal(client: &mut Client, start: pb::ExecVmStart) -> Result
             let _ = tx.send(Input::StdinEof(true)).await;
         });
     }
-    let mut output = client.exec_with(start, tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
-    let (mut resized, mut terminated, mut hung_up) =
-        match (signal(SignalKind::window_change()), signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
-            (Ok(resized), Ok(terminated), Ok(hung_up)) => (resized, terminated, hung_up),
-            _ => return Err(Failure::Status(Status::internal("cannot handle signals"))),
-        };
+    let mut output = tokio::select! {
+        started = client.exec_with(start, tokio_stream::wrappers::ReceiverStream::new(rx)) => started?,
+        Some(()) = terminated.recv() => {
+            drop(raw);
+            return Ok(ExitCode::from(128 + 15));
+        }
+        Some(()) = hung_up.recv() => {
+            drop(raw);
+            return Ok(ExitCode::from(128 + 1));
+        }
+    };
     loop {
         tokio::select! {
             message = output.next() => match message {
@@ -522,8 +531,9 @@ async fn exec_on_terminal(client: &mut Client, start: pb::ExecVmStart) -> Result
                 None => break,
             },
             Some(()) = resized.recv() => {
+                // Never waited for: a guest that reads no input must not stop its output.
                 if let Some((rows, columns)) = terminal::size() {
-                    let _ = tx.send(Input::Resize(pb::TerminalSize { rows, columns })).await;
+                    let _ = tx.try_send(Input::Resize(pb::TerminalSize { rows, columns }));
                 }
             }
             Some(()) = terminated.recv() => {
@@ -665,13 +675,22 @@ async fn copy(
             println!("copied {size} bytes to {vm}:{path}");
         }
         (Some((vm, path)), None) => {
-            let request = pb::CopyFromVmRequest { vm: vm.to_owned(), path: path.to_owned() };
+            let request = pb::CopyFromVmRequest { vm: vm.to_owned(), path: path.to_owned(), archive: true };
             let mut stream = client.vms.copy_from_vm(request).await?.into_inner();
             let target = std::path::Path::new(destination);
             let target = match tokio::fs::metadata(target).await {
                 Ok(meta) if meta.is_dir() => target.join(std::path::Path::new(path).file_name().unwrap_or_default()),
                 _ => target.to_path_buf(),
             };
+            let info = match stream.message().await?.and_then(|message| message.payload) {
+                Some(pb::copy_from_vm_response::Payload::Info(info)) => info,
+                _ => return Err(Failure::Status(Status::data_loss("the guest announced no file"))),
+            };
+            if info.archive {
+                let entries = workspace::download(stream, &target, preserve_special).await?;
+                println!("copied {vm}:{path} ({entries} entries) to {}", target.display());
+                return Ok(());
+            }
             // A new file (O_EXCL, mode 0600) with an unpredictable name in the destination's
             // directory: nothing there can be followed or raced. Dropped unpersisted, it is
             // removed: a failed copy leaves nothing.
@@ -695,22 +714,22 @@ async fn copy(
                 )))
             };
             // The guest is untrusted: it never writes more to the host than it announced.
-            let (mut info, mut size) = (None::<pb::CopiedFileInfo>, 0u64);
+            let mut size = 0u64;
             while let Some(message) = stream.message().await? {
                 match message.payload {
-                    Some(pb::copy_from_vm_response::Payload::Info(announced)) => info = Some(announced),
+                    Some(pb::copy_from_vm_response::Payload::Info(_)) => {
+                        return Err(Failure::Status(Status::data_loss("the guest announced its file twice")));
+                    }
                     Some(pb::copy_from_vm_response::Payload::Data(data)) => {
-                        let announced = info.as_ref().map_or(0, |info| info.size);
                         size += data.len() as u64;
-                        if size > announced {
-                            return Err(mismatch(announced, size));
+                        if size > info.size {
+                            return Err(mismatch(info.size, size));
                         }
                         file.write_all(&data).await.map_err(written)?;
                     }
                     None => {}
                 }
             }
-            let info = info.ok_or_else(|| Failure::Status(Status::data_loss("the guest announced no file")))?;
             if size != info.size {
                 return Err(mismatch(info.size, size));
             }

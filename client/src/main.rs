@@ -582,11 +582,13 @@ enum VmCommand {
     /// file keeps its local mode unless --mode is given. Out of a VM it gets the guest's
     /// permission bits without setuid, setgid and sticky (unless --preserve-special); it is
     /// written to a new file with an unpredictable name beside the destination and renamed
-    /// into place only when its size is the one the guest announced. A local directory goes
-    /// in as one tar stream and becomes the destination directory (replacing one there once
-    /// all of it arrived): modes kept, links stored as links, nothing left of a failed copy.
+    /// into place only when its size is the one the guest announced. A directory travels as
+    /// one tar stream, modes kept and links stored as links, nothing left of a failed copy:
+    /// into a VM it replaces a directory there once all of it arrived; out of a VM it is
+    /// extracted beside a destination that must not exist (only files, directories and links,
+    /// nothing outside it, no setuid bits unless --preserve-special).
     Cp {
-        /// Source: a local path (a file or a directory), or VM:ABSOLUTE-PATH (a file).
+        /// Source: a local path (a file or a directory), or VM:ABSOLUTE-PATH (the same).
         source: String,
         /// Destination: a local path, or VM:ABSOLUTE-PATH.
         destination: String,
@@ -659,7 +661,8 @@ enum WorkspaceCommand {
     /// Bring a git repository into a running VM as one stream: tracked files as they are in
     /// the working tree, untracked ones with --include-untracked, never ignored ones; links
     /// stay links, modes are kept. A directory at the destination is replaced once the whole
-    /// tree arrived. The guest commits it as its baseline (`banger-base`) for `export`.
+    /// tree arrived. It comes with a `.git` whose one commit (`banger-base`, made on this
+    /// host) is exactly what was pushed: `export` diffs against it.
     Push {
         /// VM id or name.
         vm: String,

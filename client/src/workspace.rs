@@ -94,7 +94,9 @@ pub async fn upload(client: &mut Client, vm: &str, path: &str, tree: Tree) -> Re
         .name("tar".into())
         .spawn(move || {
             let mut writer = ChunkWriter { tx, buffer: Vec::with_capacity(CHUNK) };
-            let written = write_tar(&tree, &mut writer);
+            // A panic is a failure like any other: the sender must not be dropped by unwinding.
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_tar(&tree, &mut writer)))
+                .unwrap_or_else(|_| Err("the archive writer panicked".into()));
             let _ = done_tx.send(written.map_err(|why| (why, writer.tx)));
         })
         .map_err(|e| Status::internal(format!("cannot start the archive writer: {e}")))?;
@@ -117,9 +119,11 @@ pub async fn upload(client: &mut Client, vm: &str, path: &str, tree: Tree) -> Re
             outcome = &mut done, if !written => match outcome {
                 Ok(Ok(_entries)) => written = true,
                 Ok(Err((why, sender))) => {
-                    // Cancelled first, the stream still open: the guest discards what it has.
+                    // Cancelled with the stream still open, which it stays (the sender is never
+                    // dropped: an ended stream would read as a complete archive, whichever of
+                    // the two the connection saw first): the guest discards what it has.
                     drop(call);
-                    drop(sender);
+                    std::mem::forget(sender);
                     return Err(Status::invalid_argument(why));
                 }
                 Err(_) => return Err(Status::internal("the archive writer stopped")),
@@ -173,22 +177,36 @@ pub fn git_files(dir: &Path, include_untracked: bool) -> Result<(PathBuf, Vec<Pa
     Ok((top, paths))
 }
 
-/// Runs `script` (sh -c, with `args` as $1…) in the VM; its stdout, or a status with its
+/// Runs `script` (sh -c, with `args` as $1…) in the VM, handing its stdout to `out` as it
+/// comes (a guest's output is never held whole); a failure carries the first 64 KiB of its
 /// stderr.
-pub async fn guest_script(client: &mut Client, vm: &str, script: &str, args: &[&str]) -> Result<Vec<u8>, Status> {
+pub async fn guest_script(
+    client: &mut Client,
+    vm: &str,
+    script: &str,
+    args: &[&str],
+    out: &mut impl Write,
+) -> Result<(), Status> {
     use tokio_stream::StreamExt;
+    const STDERR_KEPT: usize = 64 * 1024;
     let mut argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
     argv.extend(args.iter().map(|a| (*a).to_owned()));
     let start = pb::ExecVmStart { vm: vm.to_owned(), argv, ..Default::default() };
     let mut output = client.exec(start, tokio_stream::empty()).await?;
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut stderr = Vec::new();
     while let Some(message) = output.next().await {
         match message?.payload {
-            Some(pb::exec_vm_response::Payload::Stdout(data)) => stdout.extend(data),
-            Some(pb::exec_vm_response::Payload::Stderr(data)) => stderr.extend(data),
+            Some(pb::exec_vm_response::Payload::Stdout(data)) => {
+                out.write_all(&data).map_err(|e| Status::unavailable(format!("writing the output: {e}")))?;
+            }
+            Some(pb::exec_vm_response::Payload::Stderr(data)) => {
+                let room = STDERR_KEPT.saturating_sub(stderr.len());
+                stderr.extend_from_slice(&data[..data.len().min(room)]);
+            }
             Some(pb::exec_vm_response::Payload::Exit(exit)) => {
+                out.flush().map_err(|e| Status::unavailable(format!("writing the output: {e}")))?;
                 return match exit.status {
-                    Some(pb::exec_exit::Status::Code(0)) => Ok(stdout),
+                    Some(pb::exec_exit::Status::Code(0)) => Ok(()),
                     _ => Err(Status::failed_precondition(String::from_utf8_lossy(&stderr).trim().to_owned())),
                 };
             }
@@ -218,9 +236,13 @@ fn present(top: &Path, paths: Vec<PathBuf>) -> Vec<PathBuf> {
 fn baseline(top: &Path, paths: &[PathBuf], into: &Path) -> Result<PathBuf, String> {
     use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt;
+    // The host's git configuration stays out: no template hooks, the object format and ref
+    // storage any guest's git reads.
     let init = std::process::Command::new("git")
-        .args(["init", "-q", "-b", "main"])
+        .args(["init", "-q", "-b", "main", "--template=", "--object-format=sha1"])
         .arg(into)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
         .output()
         .map_err(|e| format!("cannot run git: {e}"))?;
     if !init.status.success() {
@@ -231,6 +253,8 @@ fn baseline(top: &Path, paths: &[PathBuf], into: &Path) -> Result<PathBuf, Strin
         .arg("--git-dir")
         .arg(&git_dir)
         .args(["fast-import", "--quiet", "--done"])
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -279,6 +303,8 @@ fn baseline(top: &Path, paths: &[PathBuf], into: &Path) -> Result<PathBuf, Strin
         .arg("--git-dir")
         .arg(&git_dir)
         .args(["read-tree", "main"])
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
         .output()
         .map_err(|e| format!("cannot run git: {e}"))?;
     if !read_tree.status.success() {
@@ -303,6 +329,123 @@ fn quoted(path: &Path) -> String {
     out
 }
 
+/// A directory out of a VM: the tar stream `stream` carries (after its info) is extracted,
+/// as it arrives, into a new directory beside `target`, renamed to `target` once complete
+/// (`target` must not exist: nothing is replaced). The guest is untrusted: only regular
+/// files, directories and symbolic links, nothing outside the new directory, and no setuid,
+/// setgid or sticky bits unless `preserve_special`. Returns the entries extracted.
+pub async fn download(
+    mut stream: tonic::Streaming<pb::CopyFromVmResponse>,
+    target: &Path,
+    preserve_special: bool,
+) -> Result<u64, Status> {
+    if std::fs::symlink_metadata(target).is_ok() {
+        return Err(Status::already_exists(format!("{} exists: not replaced", target.display())));
+    }
+    let parent = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".banger-cp")
+        .tempdir_in(&parent)
+        .map_err(|e| Status::invalid_argument(format!("{}: {e}", parent.display())))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let into = staging.path().to_path_buf();
+    let extracting = tokio::task::spawn_blocking(move || {
+        extract(ChunkReader { rx, chunk: Vec::new(), at: 0 }, &into, preserve_special)
+    });
+    let received = async {
+        while let Some(message) = stream.message().await? {
+            let data = match message.payload {
+                Some(pb::copy_from_vm_response::Payload::Data(data)) => data,
+                Some(pb::copy_from_vm_response::Payload::Info(_)) => {
+                    return Err(Status::data_loss("the guest announced its directory twice"));
+                }
+                None => continue,
+            };
+            if tx.send(data).await.is_err() {
+                break; // the extractor stopped: its error says why
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let extracted = extracting.await.map_err(|e| Status::internal(format!("extracting: {e}")))?;
+    received?;
+    let entries = extracted.map_err(|why| Status::data_loss(format!("the archive from the guest: {why}")))?;
+    // Dropped on any error above: the staging directory and what it holds are removed.
+    let staged = staging.keep();
+    std::fs::rename(&staged, target).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        Status::invalid_argument(format!("{}: {e}", target.display()))
+    })?;
+    Ok(entries)
+}
+
+/// The chunks of a stream, as a blocking reader.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => (self.chunk, self.at) = (chunk, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Unpacks an untrusted tar stream into `into`: regular files, directories and symbolic
+/// links only, nothing outside `into`, special bits dropped unless `preserve_special`.
+fn extract(reader: impl std::io::Read, into: &Path, preserve_special: bool) -> Result<u64, String> {
+    use std::os::unix::fs::PermissionsExt;
+    use tar::EntryType;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(false);
+    let mut entries = 0u64;
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.path().map(|p| p.into_owned()).map_err(|e| e.to_string())?;
+        let kind = entry.header().entry_type();
+        match kind {
+            EntryType::Regular | EntryType::Continuous | EntryType::Directory | EntryType::Symlink => {}
+            EntryType::XGlobalHeader => continue,
+            other => return Err(format!("{}: {other:?} entries are not taken", name.display())),
+        }
+        match entry.unpack_in(into) {
+            Ok(true) => entries += 1,
+            Ok(false) => return Err(format!("{} would land outside the directory", name.display())),
+            Err(err) => return Err(format!("{}: {err}", name.display())),
+        }
+        if !preserve_special && kind != EntryType::Symlink {
+            let path = into.join(&name);
+            if let Ok(meta) = std::fs::symlink_metadata(&path)
+                && !meta.file_type().is_symlink()
+                && meta.permissions().mode() & 0o7000 != 0
+            {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o777))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+    }
+    Ok(entries)
+}
+
 /// Pushes what git would ship of `dir` into `vm` at `workdir`, with a `.git` whose one
 /// commit is exactly that; returns how many files went.
 pub async fn push(
@@ -323,13 +466,59 @@ pub async fn push(
 
 /// The guest's changes in `workdir` since `base` (default: what was pushed), as a binary
 /// git patch.
-pub async fn export(client: &mut Client, vm: &str, workdir: &str, base: Option<&str>) -> Result<Vec<u8>, Status> {
-    guest_script(client, vm, EXPORT, &[workdir, base.unwrap_or("banger-base")]).await
+pub async fn export(
+    client: &mut Client,
+    vm: &str,
+    workdir: &str,
+    base: Option<&str>,
+    out: &mut impl Write,
+) -> Result<(), Status> {
+    guest_script(client, vm, EXPORT, &[workdir, base.unwrap_or("banger-base")], out).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn archive(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        build(&mut builder);
+        builder.into_inner().expect("tar")
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(size);
+        header
+    }
+
+    #[test]
+    fn an_archive_from_a_guest_lands_only_inside_and_without_special_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let into = tempfile::tempdir().expect("tempdir");
+        let setuid = archive(|b| {
+            b.append_data(&mut header(tar::EntryType::Regular, 0o4755, 2), "tool", &b"hi"[..]).expect("file");
+        });
+        assert_eq!(extract(&setuid[..], into.path(), false), Ok(1));
+        let mode = std::fs::metadata(into.path().join("tool")).expect("tool").permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+
+        let outside = tempfile::tempdir().expect("outside");
+        let escape = archive(|b| {
+            let mut link = header(tar::EntryType::Symlink, 0o777, 0);
+            b.append_link(&mut link, "out", outside.path()).expect("link");
+            b.append_data(&mut header(tar::EntryType::Regular, 0o644, 1), "out/x", &b"x"[..]).expect("file");
+        });
+        let fresh = tempfile::tempdir().expect("tempdir");
+        assert!(extract(&escape[..], fresh.path(), false).is_err());
+        assert!(!outside.path().join("x").exists());
+        let device = archive(|b| {
+            b.append_data(&mut header(tar::EntryType::Char, 0o644, 0), "null", &[][..]).expect("device");
+        });
+        assert!(extract(&device[..], tempfile::tempdir().expect("tempdir").path(), true).is_err());
+    }
 
     #[test]
     fn paths_are_quoted_so_that_every_byte_survives() {

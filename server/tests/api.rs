@@ -838,7 +838,7 @@ async fn over_the_fake_host_a_vm_is_created_used_and_deleted_through_the_api() {
     ]);
     let copied = daemon.client.vms.copy_to_vm(sent).await.expect("copy in").into_inner();
     assert_eq!(copied.size, 18);
-    let request = pb::CopyFromVmRequest { vm: "web".into(), path: "/root/report".into() };
+    let request = pb::CopyFromVmRequest { vm: "web".into(), path: "/root/report".into(), archive: false };
     let mut back = daemon.client.vms.copy_from_vm(request).await.expect("copy out").into_inner();
     let (mut info, mut content) = (None, Vec::new());
     while let Some(message) = back.message().await.expect("chunk") {
@@ -849,7 +849,7 @@ async fn over_the_fake_host_a_vm_is_created_used_and_deleted_through_the_api() {
         }
     }
     assert_eq!((info, content.as_slice()), (Some((0o640, 18)), &b"line one\nline two\n"[..]));
-    let missing = pb::CopyFromVmRequest { vm: "web".into(), path: "/nope".into() };
+    let missing = pb::CopyFromVmRequest { vm: "web".into(), path: "/nope".into(), archive: false };
     let status = match daemon.client.vms.copy_from_vm(missing).await {
         Err(status) => status,
         Ok(stream) => stream.into_inner().message().await.expect_err("missing file"),

@@ -296,33 +296,10 @@ fn a_dns_flood_at_a_silent_upstream_leaves_the_daemons_descriptors_bounded_and_v
 #[test]
 fn with_no_network_config_vms_get_an_address_nat_to_a_server_outside_and_each_others_names() {
     let _slot = guest_slot();
-    // The daemon's host, and a server beyond it: two namespaces joined by a veth pair.
-    let (host, outside) = (TestNetns::new(), TestNetns::new());
-    let ip = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-    };
-    ip(&["-n", &host.0, "link", "add", "bgveth-h", "type", "veth", "peer", "name", "bgveth-s", "netns", &outside.0]);
-    ip(&["-n", &host.0, "addr", "add", "203.0.113.1/24", "dev", "bgveth-h"]);
-    ip(&["-n", &host.0, "link", "set", "bgveth-h", "up"]);
-    ip(&["-n", &outside.0, "addr", "add", "203.0.113.2/24", "dev", "bgveth-s"]);
-    ip(&["-n", &outside.0, "link", "set", "bgveth-s", "up"]);
     let site = tempfile::tempdir().expect("site");
     std::fs::write(site.path().join("hello.txt"), "hello from outside\n").expect("page");
     let requests = site.path().join("requests.log");
-    let _server = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", &outside.0, "python3", "-m", "http.server", "8080", "--bind", "203.0.113.2"])
-            .current_dir(site.path())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&requests).expect("log"))
-            .spawn()
-            .expect("http server"),
-    );
-    banger_tests::wait_until("the http server to listen", Duration::from_secs(10), || {
-        let probe = "import socket; socket.create_connection(('203.0.113.2', 8080), 1)";
-        Command::new("ip").args(["netns", "exec", &host.0, "python3", "-c", probe]).status().is_ok_and(|s| s.success())
-    });
+    let (host, _outside, _server) = beyond_the_host(site.path(), &requests);
 
     // No config at all: network = "auto".
     let daemon = Daemon::start_in_netns(&host.0, &[]);
@@ -354,4 +331,80 @@ fn with_no_network_config_vms_get_an_address_nat_to_a_server_outside_and_each_ot
     assert!(text(&out.stdout).contains(&ip_b), "{}{}", text(&out.stdout), text(&out.stderr));
     let remembered = std::fs::read_to_string(daemon.state_dir().join("network")).expect("the chosen range");
     assert_eq!(remembered.trim(), "172.30.0.0/24");
+}
+
+/// The daemon's host and a network beyond it: two namespaces joined by a veth pair
+/// (203.0.113.1 on the host's side), an HTTP server of `site` at 203.0.113.2:8080 beyond,
+/// logging its requests to `requests`.
+fn beyond_the_host(site: &std::path::Path, requests: &std::path::Path) -> (TestNetns, TestNetns, Reaped) {
+    let (host, outside) = (TestNetns::new(), TestNetns::new());
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+    };
+    ip(&["-n", &host.0, "link", "add", "bgveth-h", "type", "veth", "peer", "name", "bgveth-s", "netns", &outside.0]);
+    ip(&["-n", &host.0, "addr", "add", "203.0.113.1/24", "dev", "bgveth-h"]);
+    ip(&["-n", &host.0, "link", "set", "bgveth-h", "up"]);
+    ip(&["-n", &outside.0, "addr", "add", "203.0.113.2/24", "dev", "bgveth-s"]);
+    ip(&["-n", &outside.0, "link", "set", "bgveth-s", "up"]);
+    let server = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", &outside.0, "python3", "-m", "http.server", "8080", "--bind", "203.0.113.2"])
+            .current_dir(site)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(requests).expect("log"))
+            .spawn()
+            .expect("http server"),
+    );
+    banger_tests::wait_until("the http server to listen", Duration::from_secs(10), || {
+        let probe = "import socket; socket.create_connection(('203.0.113.2', 8080), 1)";
+        Command::new("ip").args(["netns", "exec", &host.0, "python3", "-c", probe]).status().is_ok_and(|s| s.success())
+    });
+    (host, outside, server)
+}
+
+#[test]
+fn apt_get_in_the_default_debian_image_installs_a_package_from_a_mirror_it_reaches() {
+    use sha2::Digest as _;
+    let _slot = guest_slot();
+    // A flat apt repository with one package, made here.
+    let site = tempfile::tempdir().expect("site");
+    let package = site.path().join("build");
+    std::fs::create_dir_all(package.join("DEBIAN")).expect("DEBIAN");
+    std::fs::create_dir_all(package.join("usr/bin")).expect("usr/bin");
+    let control = "Package: banger-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: banger <banger@localhost>\n\
+                   Description: a package of the test's own\n";
+    std::fs::write(package.join("DEBIAN/control"), control).expect("control");
+    std::fs::write(package.join("usr/bin/banger-hello"), "#!/bin/sh\necho hello from a package\n").expect("script");
+    std::fs::set_permissions(package.join("usr/bin/banger-hello"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let deb = site.path().join("banger-hello_1.0_all.deb");
+    let built = Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(&package).arg(&deb).output();
+    assert!(built.as_ref().is_ok_and(|o| o.status.success()), "dpkg-deb: {built:?}");
+    let bytes = std::fs::read(&deb).expect("deb");
+    let packages = format!(
+        "{control}Filename: ./banger-hello_1.0_all.deb\nSize: {}\nSHA256: {}\n",
+        bytes.len(),
+        hex::encode(sha2::Sha256::digest(&bytes))
+    );
+    std::fs::write(site.path().join("Packages"), &packages).expect("Packages");
+    let release = format!(
+        "Origin: banger-test\nLabel: banger-test\nSuite: test\nSHA256:\n {} {} Packages\n",
+        hex::encode(sha2::Sha256::digest(packages.as_bytes())),
+        packages.len()
+    );
+    std::fs::write(site.path().join("Release"), release).expect("Release");
+    let requests = site.path().join("requests.log");
+    let (host, _outside, _server) = beyond_the_host(site.path(), &requests);
+
+    let debian = banger_tests::debian_image_dir().display().to_string();
+    let daemon = Daemon::start_in_netns(&host.0, &["--default-image-dir", &debian]);
+    let script = "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/*; \
+                  echo 'deb [trusted=yes] http://203.0.113.2:8080/ ./' > /etc/apt/sources.list.d/test.list && \
+                  apt-get update -q && apt-get install -y -q banger-hello && banger-hello";
+    let out = daemon.banger(&["vm", "run", "--rm", "--memory", "512", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{}{}\n{}", text(&out.stdout), text(&out.stderr), daemon.log());
+    assert!(text(&out.stdout).ends_with("hello from a package\n"), "{}", text(&out.stdout));
+    let seen = std::fs::read_to_string(&requests).expect("requests");
+    assert!(seen.contains("banger-hello_1.0_all.deb HTTP/1.1\" 200") && seen.contains("203.0.113.1"), "{seen}");
 }

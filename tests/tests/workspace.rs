@@ -105,6 +105,22 @@ fn a_repository_goes_in_as_git_would_ship_it_and_the_guests_edit_comes_back_as_a
     let out = daemon.banger(&["vm", "exec", "ws", "--", "sh", "-c", check]);
     assert_eq!(text(&out.stdout), "750 regular file\n/etc/passwd\n0\n", "{}", text(&out.stderr));
 
+    // And out again: the guest's directory as a tree beside nothing it replaces.
+    let back = daemon.dir.path().join("back");
+    let out = daemon.banger(&["vm", "cp", "ws:/root/tree", &back.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tool = std::fs::metadata(back.join("sub/tool")).expect("tool");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&tool.permissions()) & 0o7777, 0o750);
+    assert_eq!(std::fs::read_link(back.join("passwd-link")).expect("link"), Path::new("/etc/passwd"));
+    let out = daemon.banger(&["vm", "cp", "ws:/root/tree", &back.display().to_string()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("exists"), "{}", text(&out.stderr));
+    let leftovers: Vec<_> = std::fs::read_dir(daemon.dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().contains("banger-cp"))
+        .collect();
+    assert!(leftovers.is_empty(), "a refused copy left {leftovers:?}");
+
     // A path that is no repository is refused before any VM is made.
     let out =
         daemon.banger(&["vm", "run", "--rm", &daemon.dir.path().join("tree").display().to_string(), "--", "true"]);

@@ -376,9 +376,13 @@ impl VmService for VmApi {
         let key = convert::key("vm", &request.vm).map_err(|e| to_status(&e))?;
         let key = visible(&self.ops, key, tenant.as_ref()).await.map_err(|e| to_status(&e))?;
         let path = convert::guest_path("path", request.path).map_err(|e| to_status(&e))?;
-        let (meta, data) = self.ops.copy_from_vm(&key, path).await.map_err(|e| to_status(&e))?;
+        let (meta, data) = self.ops.copy_from_vm(&key, path, request.archive).await.map_err(|e| to_status(&e))?;
         let info = pb::CopyFromVmResponse {
-            payload: Some(Payload::Info(pb::CopiedFileInfo { mode: meta.mode, size: meta.size })),
+            payload: Some(Payload::Info(pb::CopiedFileInfo {
+                mode: meta.mode,
+                size: meta.size,
+                archive: meta.archive,
+            })),
         };
         let data = data.map(|chunk| match chunk {
             Ok(data) => Ok(pb::CopyFromVmResponse { payload: Some(Payload::Data(data)) }),

@@ -78,6 +78,8 @@ pub enum ExecEvent {
 pub struct FileMeta {
     /// Permission bits.
     pub mode: u32,
-    /// Size in bytes.
+    /// Size in bytes (0 for an archive).
     pub size: u64,
+    /// The content is a tar stream of a directory.
+    pub archive: bool,
 }

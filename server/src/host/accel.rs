@@ -80,11 +80,14 @@ pub async fn decide(configured: Option<Accel>, inputs: &ProbeInputs) -> AccelDec
     tracing::info!(kernel = %inputs.kernel.display(), "accel auto: booting the guest kernel under KVM once, to see whether guests can use it");
     let outcome = super::vmm::probe_kvm(&inputs.qemu, &inputs.kernel, inputs.identity, &inputs.log).await;
     let _ = std::fs::remove_file(&inputs.log);
-    let (kvm, reason) = match outcome {
-        Ok(took) => (true, format!("a guest kernel booted under KVM in {} ms", took.as_millis())),
-        Err(why) => (false, why),
+    let (kvm, reason, conclusive) = match outcome {
+        Ok(took) => (true, format!("a guest kernel booted under KVM in {} ms", took.as_millis()), true),
+        Err(failure) => (false, failure.reason, failure.conclusive),
     };
-    write_cache(&inputs.cache, &Cached { key, kvm, reason: reason.clone() });
+    // A probe that could not try (the device busy, a spawn error) is tried again next start.
+    if conclusive {
+        write_cache(&inputs.cache, &Cached { key, kvm, reason: reason.clone() });
+    }
     from_outcome(kvm, &reason, false)
 }
 

@@ -633,9 +633,13 @@ impl AgentClient {
     }
 
     /// Opens a guest file for reading; the stream starts with its info, then its content.
-    pub async fn read_file(self, path: String) -> Result<tonic::Streaming<ReadFileResponse>, AgentError> {
+    pub async fn read_file(
+        self,
+        path: String,
+        archive: bool,
+    ) -> Result<tonic::Streaming<ReadFileResponse>, AgentError> {
         let mut client = self.client;
-        match tokio::time::timeout(CALL_TIMEOUT, client.read_file(ReadFileRequest { path })).await {
+        match tokio::time::timeout(CALL_TIMEOUT, client.read_file(ReadFileRequest { path, archive })).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(AgentError::Rpc { call: "ReadFile", status }),
             Err(_elapsed) => Err(AgentError::Timeout { call: "ReadFile", after: CALL_TIMEOUT }),
@@ -1112,8 +1116,9 @@ mod tests {
             use banger_proto::agent::v1::{FileInfo, read_file_response::Payload};
             let path = request.into_inner().path;
             let content = fake_files().get(&path).cloned().ok_or_else(|| tonic::Status::not_found(path))?;
-            let info =
-                ReadFileResponse { payload: Some(Payload::Info(FileInfo { mode: 0o640, size: content.len() as u64 })) };
+            let info = ReadFileResponse {
+                payload: Some(Payload::Info(FileInfo { mode: 0o640, size: content.len() as u64, archive: false })),
+            };
             let chunks: Vec<_> =
                 content.chunks(3).map(|c| Ok(ReadFileResponse { payload: Some(Payload::Data(c.to_vec())) })).collect();
             Ok(tonic::Response::new(Box::pin(tokio_stream::iter(std::iter::once(Ok(info)).chain(chunks)))))
@@ -1183,7 +1188,7 @@ mod tests {
                 .await
                 .expect("write");
         assert_eq!(size, 11);
-        let (meta, data) = crate::host::files::read(client.clone(), "/ok".into()).await.expect("read");
+        let (meta, data) = crate::host::files::read(client.clone(), "/ok".into(), false).await.expect("read");
         assert_eq!((meta.mode, meta.size), (0o640, 11));
         let content: Vec<u8> = data.map(|c| c.expect("chunk")).collect::<Vec<_>>().await.concat();
         assert_eq!(content, b"hello world");
@@ -1212,7 +1217,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(!fake_files().contains_key("/aborted"), "an aborted copy was kept");
-        let missing = crate::host::files::read(client, "/missing".into()).await.map(|_| ());
+        let missing = crate::host::files::read(client, "/missing".into(), false).await.map(|_| ());
         match missing {
             Err(crate::host::HostError::Agent(agent)) => {
                 assert_eq!(agent.status().map(|s| s.code()), Some(tonic::Code::NotFound), "{agent:?}");

@@ -106,7 +106,7 @@ pub trait AgentChannels: Send + Sync + std::fmt::Debug {
     fn exec(&self, vm: &Vm, command: ExecCommand, input: ExecInputStream) -> ExecStarting;
 
     /// Opens a guest file: its mode and size, and its content as a stream.
-    fn read_file(&self, vm: &Vm, path: String) -> FileReading;
+    fn read_file(&self, vm: &Vm, path: String, archive: bool) -> FileReading;
 
     /// Writes a guest file (complete or not at all) from `input`, or with `archive` the
     /// directory a tar stream holds; returns the bytes sent.
@@ -330,9 +330,9 @@ impl AgentChannels for VsockAgentChannels {
         })
     }
 
-    fn read_file(&self, vm: &Vm, path: String) -> FileReading {
+    fn read_file(&self, vm: &Vm, path: String, archive: bool) -> FileReading {
         let client = self.client(vm);
-        Box::pin(async move { files::read(client?, path).await })
+        Box::pin(async move { files::read(client?, path, archive).await })
     }
 
     fn write_file(&self, vm: &Vm, path: String, mode: u32, archive: bool, input: FileInput) -> FileWriting {

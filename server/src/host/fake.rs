@@ -477,7 +477,7 @@ impl AgentChannels for FakeHost {
         })
     }
 
-    fn read_file(&self, vm: &Vm, path: String) -> crate::host::agent_channel::FileReading {
+    fn read_file(&self, vm: &Vm, path: String, _archive: bool) -> crate::host::agent_channel::FileReading {
         let found =
             self.check("agents.read_file").map(|()| self.state().guest_files.get(&(vm.id, path.clone())).cloned());
         Box::pin(async move {
@@ -485,7 +485,7 @@ impl AgentChannels for FakeHost {
                 let status = tonic::Status::not_found(format!("{path}: no such file"));
                 return Err(HostError::Agent(super::agent::AgentError::Rpc { call: "ReadFile", status }));
             };
-            let meta = crate::domain::FileMeta { mode, size: content.len() as u64 };
+            let meta = crate::domain::FileMeta { mode, size: content.len() as u64, archive: false };
             let data: super::files::FileData = Box::pin(tokio_stream::iter(vec![Ok(content)]));
             Ok((meta, data))
         })

@@ -28,14 +28,14 @@ fn chunk(item: Result<pb::ReadFileResponse, tonic::Status>) -> Option<Result<Vec
 }
 
 /// Opens a guest file: its mode and size, and a stream of its content.
-pub async fn read(agent: AgentClient, path: String) -> Result<(FileMeta, FileData), HostError> {
-    let mut responses = agent.read_file(path).await?;
+pub async fn read(agent: AgentClient, path: String, archive: bool) -> Result<(FileMeta, FileData), HostError> {
+    let mut responses = agent.read_file(path, archive).await?;
     let first = responses.message().await.map_err(read_error)?;
     let Some(pb::ReadFileResponse { payload: Some(pb::read_file_response::Payload::Info(info)) }) = first else {
         return Err(HostError::Agent(AgentError::Protocol { call: "ReadFile", what: "no file info first" }));
     };
     let data = responses.filter_map(chunk as fn(_) -> Option<Result<Vec<u8>, HostError>>);
-    Ok((FileMeta { mode: info.mode, size: info.size }, Box::pin(data)))
+    Ok((FileMeta { mode: info.mode, size: info.size, archive: info.archive }, Box::pin(data)))
 }
 
 /// Writes a guest file (with `archive`: the directory of a tar stream) from `input`, then

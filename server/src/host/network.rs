@@ -400,10 +400,18 @@ fn nft_items(json: &str) -> Vec<serde_json::Value> {
 /// The IPv4 networks in use on this host (in the namespace `ip` runs in): every route's
 /// destination in every table (but the default route) and every interface address's
 /// network, except those of `bridge` (banger's own).
-pub async fn host_networks(ip: &Path, bridge: &str) -> Result<Vec<Cidr>, HostError> {
+pub async fn host_networks(ip: &Path, bridge: &str) -> Result<(Vec<Cidr>, Option<IpPool>), HostError> {
     let routes = command::run(ip, &["-j", "-4", "route", "show", "table", "all"].map(OsString::from)).await?;
     let addresses = command::run(ip, &["-j", "-4", "addr", "show"].map(OsString::from)).await?;
-    Ok(parse_host_networks(&routes, &addresses, bridge))
+    Ok((parse_host_networks(&routes, &addresses, bridge), bridge_pool(&addresses, bridge)))
+}
+
+/// The network of `bridge`'s first IPv4 address, when it exists and has one.
+fn bridge_pool(addresses: &[u8], bridge: &str) -> Option<IpPool> {
+    let interfaces: Vec<serde_json::Value> = serde_json::from_slice(addresses).ok()?;
+    let interface = interfaces.iter().find(|interface| interface["ifname"] == bridge)?;
+    let address = interface["addr_info"].as_array()?.first()?;
+    format!("{}/{}", address["local"].as_str()?, address["prefixlen"].as_u64()?).parse().ok()
 }
 
 fn parse_host_networks(routes: &[u8], addresses: &[u8], bridge: &str) -> Vec<Cidr> {
@@ -416,7 +424,14 @@ fn parse_host_networks(routes: &[u8], addresses: &[u8], bridge: &str) -> Vec<Cid
         if route["dev"] == bridge {
             continue;
         }
-        if let Some(cidr) = route["dst"].as_str().filter(|dst| *dst != "default").and_then(|dst| dst.parse().ok()) {
+        // The default route and its halves (a VPN's 0.0.0.0/1 and 128.0.0.0/1) cover every
+        // range: routes shorter than /8 are where traffic goes by default, not networks here.
+        if let Some(cidr) = route["dst"]
+            .as_str()
+            .filter(|dst| *dst != "default")
+            .and_then(|dst| dst.parse::<Cidr>().ok())
+            .filter(|cidr| cidr.prefix() >= 8)
+        {
             taken.push(cidr);
         }
     }
@@ -439,9 +454,10 @@ fn parse_host_networks(routes: &[u8], addresses: &[u8], bridge: &str) -> Vec<Cid
 /// For `network = "auto"`: the VM network, chosen among private ranges free on this host
 /// (the one chosen before, kept in `remembered_in`, while it still is), and why.
 pub async fn choose_auto_pool(ip: &Path, bridge: &str, remembered_in: &Path) -> Result<(IpPool, String), HostError> {
+    let (taken, on_bridge) = host_networks(ip, bridge).await?;
+    // The bridge's own address is what running VMs use; else what was chosen last time.
     let remembered: Option<IpPool> =
-        std::fs::read_to_string(remembered_in).ok().and_then(|text| text.trim().parse().ok());
-    let taken = host_networks(ip, bridge).await?;
+        on_bridge.or_else(|| std::fs::read_to_string(remembered_in).ok().and_then(|text| text.trim().parse().ok()));
     let chosen = crate::domain::choose_pool(remembered, &taken).ok_or_else(|| HostError::Io {
         what: "a free range for VMs (network = \"auto\")".into(),
         source: std::io::Error::other(
@@ -450,7 +466,11 @@ pub async fn choose_auto_pool(ip: &Path, bridge: &str, remembered_in: &Path) -> 
     })?;
     let why = match remembered {
         Some(before) if before == chosen => format!("{chosen}, chosen before and still free on this host"),
-        Some(before) => format!("{chosen}: {before}, chosen before, now overlaps a network of this host"),
+        Some(before) => {
+            tracing::warn!(%before, %chosen, "the VM network chosen before now overlaps a network of this host: \
+                VMs made on it keep their addresses and will not reach the new one's gateway; recreate them");
+            format!("{chosen}: {before}, chosen before, now overlaps a network of this host")
+        }
         None => format!("{chosen}, the first of banger's candidate ranges free on this host"),
     };
     if remembered != Some(chosen) {
@@ -468,6 +488,7 @@ mod tests {
     #[test]
     fn the_hosts_networks_are_its_routes_and_addresses_but_the_bridges() {
         let routes = br#"[{"dst":"default","gateway":"192.0.2.1","dev":"eth0"},{"dst":"192.0.2.0/24","dev":"eth0"},
+            {"dst":"0.0.0.0/1","dev":"tun0"},{"dst":"128.0.0.0/1","dev":"tun0"},
             {"type":"local","dst":"127.0.0.1","dev":"lo","table":"local"},{"dst":"172.30.0.0/24","dev":"banger0"},
             {"dst":"10.8.0.0/16","dev":"tun0"}]"#;
         let addresses = br#"[{"ifname":"lo","addr_info":[{"local":"127.0.0.1","prefixlen":8}]},
@@ -477,6 +498,8 @@ mod tests {
             parse_host_networks(routes, addresses, "banger0").iter().map(ToString::to_string).collect();
         assert_eq!(found, ["192.0.2.0/24", "127.0.0.1/32", "10.8.0.0/16", "127.0.0.0/8", "172.30.1.5/32"]);
         assert!(parse_host_networks(b"not json", b"", "banger0").is_empty());
+        assert_eq!(bridge_pool(addresses, "banger0").map(|p| p.to_string()), Some("172.30.0.0/24".into()));
+        assert_eq!(bridge_pool(addresses, "missing"), None);
     }
 
     /// A network namespace for one test, deleted when dropped.

@@ -79,10 +79,11 @@ impl Ops {
         Ok(Box::pin(log.map(|chunk| chunk.map_err(Error::from))))
     }
 
-    /// Opens a regular file in the VM named by `key`: its mode and size, then its content.
-    pub async fn copy_from_vm(&self, key: &str, path: String) -> Result<(FileMeta, FileOutput), Error> {
+    /// Opens a regular file in the VM named by `key` (with `archive`, a directory there comes
+    /// as a tar stream): its mode and size, then its content.
+    pub async fn copy_from_vm(&self, key: &str, path: String, archive: bool) -> Result<(FileMeta, FileOutput), Error> {
         let vm = self.running_vm(key).await?;
-        let (meta, data) = self.host.agents.read_file(&vm, path).await?;
+        let (meta, data) = self.host.agents.read_file(&vm, path, archive).await?;
         Ok((meta, Box::pin(data.map(|item| item.map_err(Error::from)))))
     }
 

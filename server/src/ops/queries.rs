@@ -49,18 +49,17 @@ impl Ops {
             Err(crate::store::StoreError::NotFound { kind, key }) => Error::NotFound { kind, key },
             Err(other) => return Err(other.into()),
         };
-        // An image installed beside the default one (`busybox`), on first use.
-        if let Some(image) = self.installed_image(key).await? {
-            return Ok(image);
+        // An image pulled from this reference; else one installed beside the default image
+        // (`busybox`), imported on first use.
+        if let Some(reference) = crate::host::oci::registry::normalize(key) {
+            let images = self.store.image_list().await?;
+            if let Some(image) =
+                images.into_iter().find(|image| image.origin.as_ref().is_some_and(|origin| origin.source == reference))
+            {
+                return Ok(image);
+            }
         }
-        let Some(reference) = crate::host::oci::registry::normalize(key) else {
-            return Err(not_found);
-        };
-        let images = self.store.image_list().await?;
-        images
-            .into_iter()
-            .find(|image| image.origin.as_ref().is_some_and(|origin| origin.source == reference))
-            .ok_or(not_found)
+        self.installed_image(key).await?.ok_or(not_found)
     }
 
     /// A page of images carrying every label of `labels`, after the id `after`; and the

@@ -132,7 +132,7 @@ impl Operation for SnapshotVmOp<'_> {
         }
         stages.extend([Stage::PauseVcpus, Stage::SaveState, Stage::FreezeFiles, Stage::StopSource]);
         if self.request.after == SnapshotAfter::Resume {
-            let network = self.ops.config.network.as_ref();
+            let network = self.ops.config.network.as_ref().filter(|_| self.vm.ip.is_some());
             // The disk exists already (it overlays the snapshot's): `root_disk` only hands it over.
             stages.extend(boot_stages(network, with_agent, true, false).into_iter().map(Stage::Boot));
         }

@@ -250,7 +250,7 @@ async fn pause_and_resume_stages_are_idempotent_and_a_failure_leaves_the_vm_as_i
     assert!(f.host.is_paused(&vm.paths()));
     let paused = f.ops.pause_vm("frozen").await.expect("pausing a paused vm");
     assert_eq!((paused.observed_state, paused.desired_state), (VmState::Paused, VmState::Paused));
-    let refused = f.ops.copy_from_vm("frozen", "/etc/hostname".into()).await.err().expect("copy while paused");
+    let refused = f.ops.copy_from_vm("frozen", "/etc/hostname".into(), false).await.err().expect("copy while paused");
     assert!(matches!(refused, Error::WrongState { state: VmState::Paused, .. }), "{refused:?}");
     assert!(matches!(f.ops.start_vm("frozen", true).await, Err(Error::WrongState { .. })));
 

@@ -36,9 +36,9 @@ impl Operation for StartVmOp<'_> {
 
     fn stages(&self) -> Vec<Stage> {
         let mut stages = vec![Stage::ResolveImage, Stage::MarkStarting];
-        stages.extend(
-            boot_stages(self.ops.config.network.as_ref(), self.wait_agent, false, false).into_iter().map(Stage::Boot),
-        );
+        // A VM recorded without an address (made while VMs had no network) boots as it was made.
+        let network = self.ops.config.network.as_ref().filter(|_| self.vm.ip.is_some());
+        stages.extend(boot_stages(network, self.wait_agent, false, false).into_iter().map(Stage::Boot));
         stages.push(Stage::MarkRunning);
         stages
     }

@@ -264,15 +264,39 @@ pub const KVM_DEVICE: &str = "/dev/kvm";
 /// a second to get to its root file system.
 pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// What the probed kernel prints once it ran its whole boot: it panics, finding no root.
-const PROBE_BOOTED: &str = "Kernel panic";
+/// What the probed kernel prints once it ran its whole boot: it finds no root (and panics;
+/// an earlier panic, of a broken virtual CPU, prints something else).
+const PROBE_BOOTED: &str = "VFS: Unable to mount root fs";
+
+/// Why a KVM probe did not see a guest kernel boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    /// What happened.
+    pub reason: String,
+    /// Whether it says something about this host's KVM (the kernel did not boot, QEMU
+    /// refused it), as opposed to the probe not getting to try (a device or spawn error).
+    pub conclusive: bool,
+}
 
 /// Boots `kernel` under KVM the way guests are booted (microvm, the same CPU model, as the
 /// unprivileged `identity` with the daemon's /dev/kvm fd), without a disk or an initramfs:
 /// Ok with the time it took to boot to the point of mounting its root (where it panics), Err
 /// saying why it did not. `log` gets QEMU's output and the guest's console.
-pub async fn probe_kvm(binary: &Path, kernel: &Path, identity: VmIdentity, log: &Path) -> Result<Duration, String> {
-    let kvm = open_device(Path::new(KVM_DEVICE)).map_err(|e| banger_proto::error_chain(&e))?;
+pub async fn probe_kvm(
+    binary: &Path,
+    kernel: &Path,
+    identity: VmIdentity,
+    log: &Path,
+) -> Result<Duration, ProbeFailure> {
+    let inconclusive = |reason: String| ProbeFailure { reason, conclusive: false };
+    let kvm = open_device(Path::new(KVM_DEVICE)).map_err(|e| inconclusive(banger_proto::error_chain(&e)))?;
+    // An earlier probe's output must not be read as this one's.
+    let _ = std::fs::remove_file(log);
+    // As guests are booted: calibration against timers a loaded host delays can hang.
+    let mut append = String::from("console=ttyS0 panic=-1 root=/dev/null");
+    if let Some(khz) = host_tsc_khz() {
+        append.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
     let args: Vec<OsString> = [
         "-M",
         "microvm",
@@ -294,14 +318,14 @@ pub async fn probe_kvm(binary: &Path, kernel: &Path, identity: VmIdentity, log: 
         "-kernel",
         &kernel.to_string_lossy(),
         "-append",
-        "console=ttyS0 panic=-1 root=/dev/null",
+        &append,
     ]
     .iter()
     .map(OsString::from)
     .collect();
     let started = tokio::time::Instant::now();
     let qemu = command::spawn_confined(binary, &args, log, identity, &[], vec![kvm])
-        .map_err(|e| banger_proto::error_chain(&e))?;
+        .map_err(|e| inconclusive(banger_proto::error_chain(&e)))?;
     let proc_root = Path::new("/proc");
     let running = || {
         crate::host::process::read_stat(proc_root, qemu.pid)
@@ -330,13 +354,14 @@ pub async fn probe_kvm(binary: &Path, kernel: &Path, identity: VmIdentity, log: 
     let console = lines.iter().rfind(|line| !qemu_said(line));
     let console =
         console.map_or_else(|| "the guest printed nothing".to_owned(), |line| format!("its last line: {line:?}"));
-    Err(match (timed_out, lines.iter().rfind(qemu_said)) {
+    let reason = match (timed_out, lines.iter().rfind(qemu_said)) {
         (true, _) => {
             format!("a guest kernel did not boot under KVM within {} s ({console})", KVM_PROBE_TIMEOUT.as_secs())
         }
         (false, Some(qemu)) => format!("QEMU under KVM failed before the guest kernel booted: {qemu:?}"),
         (false, None) => format!("QEMU under KVM exited before the guest kernel booted ({console})"),
-    })
+    };
+    Err(ProbeFailure { reason, conclusive: true })
 }
 
 /// Opens a device node read-write for a VMM: the daemon opens it, so the node need not be
