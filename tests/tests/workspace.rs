@@ -112,6 +112,9 @@ fn a_repository_goes_in_as_git_would_ship_it_and_the_guests_edit_comes_back_as_a
     let tool = std::fs::metadata(back.join("sub/tool")).expect("tool");
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&tool.permissions()) & 0o7777, 0o750);
     assert_eq!(std::fs::read_link(back.join("passwd-link")).expect("link"), Path::new("/etc/passwd"));
+    // Into an existing directory, as cp does; never over something there.
+    let out = daemon.banger(&["vm", "cp", "ws:/root/tree", &back.display().to_string()]);
+    assert!(out.status.success() && back.join("tree/sub/tool").is_file(), "{}", text(&out.stderr));
     let out = daemon.banger(&["vm", "cp", "ws:/root/tree", &back.display().to_string()]);
     assert!(!out.status.success() && text(&out.stderr).contains("exists"), "{}", text(&out.stderr));
     let leftovers: Vec<_> = std::fs::read_dir(daemon.dir.path())
