@@ -20,8 +20,9 @@ const CHUNK: usize = 1 << 20;
 pub enum Tree {
     /// A directory, all of it (symbolic links stored as links, never followed).
     Directory(PathBuf),
-    /// These paths of a repository, relative to its top, and a `.git` directory for them.
-    Listed { root: PathBuf, paths: Vec<PathBuf>, git_dir: Option<PathBuf> },
+    /// These paths of a repository, relative to its top, then the `.git` directory for them
+    /// that a thread builds meanwhile (appended last, so that making it overlaps the stream).
+    Listed { root: PathBuf, paths: Vec<PathBuf>, git_dir: Option<std::thread::JoinHandle<Result<PathBuf, String>>> },
 }
 
 /// A `Write` that hands full chunks to the upload.
@@ -49,21 +50,18 @@ impl Write for ChunkWriter {
 }
 
 /// Writes `tree` as a tar stream into `writer`.
-fn write_tar(tree: &Tree, writer: &mut ChunkWriter) -> Result<u64, String> {
+fn write_tar(tree: Tree, writer: &mut ChunkWriter) -> Result<u64, String> {
     let mut builder = tar::Builder::new(writer);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
     let mut entries = 0u64;
     match tree {
         Tree::Directory(dir) => {
-            builder.append_dir_all(".", dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            builder.append_dir_all(".", &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             entries += 1;
         }
         Tree::Listed { root, paths, git_dir } => {
-            if let Some(git_dir) = git_dir {
-                builder.append_dir_all(".git", git_dir).map_err(|e| format!("{}: {e}", git_dir.display()))?;
-            }
-            for path in paths {
+            for path in &paths {
                 let source = root.join(path);
                 // A tracked file deleted in the working tree is not shipped (git would not).
                 let Ok(meta) = std::fs::symlink_metadata(&source) else { continue };
@@ -72,6 +70,10 @@ fn write_tar(tree: &Tree, writer: &mut ChunkWriter) -> Result<u64, String> {
                 }
                 builder.append_path_with_name(&source, path).map_err(|e| format!("{}: {e}", source.display()))?;
                 entries += 1;
+            }
+            if let Some(building) = git_dir {
+                let git_dir = building.join().map_err(|_| "building the baseline .git panicked".to_owned())??;
+                builder.append_dir_all(".git", &git_dir).map_err(|e| format!("{}: {e}", git_dir.display()))?;
             }
         }
     }
@@ -95,7 +97,7 @@ pub async fn upload(client: &mut Client, vm: &str, path: &str, tree: Tree) -> Re
         .spawn(move || {
             let mut writer = ChunkWriter { tx, buffer: Vec::with_capacity(CHUNK) };
             // A panic is a failure like any other: the sender must not be dropped by unwinding.
-            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_tar(&tree, &mut writer)))
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_tar(tree, &mut writer)))
                 .unwrap_or_else(|_| Err("the archive writer panicked".into()));
             let _ = done_tx.send(written.map_err(|why| (why, writer.tx)));
         })
@@ -458,9 +460,15 @@ pub async fn push(
     let (top, paths) = git_files(dir, include_untracked).map_err(Status::invalid_argument)?;
     let paths = present(&top, paths);
     let scratch = tempfile::tempdir().map_err(|e| Status::internal(format!("a temporary directory: {e}")))?;
-    let git_dir = tokio::task::block_in_place(|| baseline(&top, &paths, scratch.path())).map_err(Status::internal)?;
+    // Built while the files stream (it goes last): off the critical path.
+    let (base_top, base_paths, into) = (top.clone(), paths.clone(), scratch.path().to_path_buf());
+    let building = std::thread::Builder::new()
+        .name("baseline".into())
+        .spawn(move || baseline(&base_top, &base_paths, &into))
+        .map_err(|e| Status::internal(format!("cannot start the baseline's thread: {e}")))?;
     let count = paths.len();
-    upload(client, vm, workdir, Tree::Listed { root: top, paths, git_dir: Some(git_dir) }).await?;
+    upload(client, vm, workdir, Tree::Listed { root: top, paths, git_dir: Some(building) }).await?;
+    drop(scratch);
     Ok(count)
 }
 
