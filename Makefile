@@ -30,14 +30,16 @@ tools: ## Install Debian packages (QEMU from backports), vhost-device-vsock, Fir
 agent: ## Build the static guest agent
 	RUSTFLAGS='-C target-feature=+crt-static --remap-path-prefix=$(CURDIR)=/banger' $(CARGO) build --locked -q -p banger-agent --profile agent --target $(AGENT_TARGET)
 
-$(IMAGE_BUILD_DIR)/rootfs.ext4: $(AGENT_BIN) scripts/build-image.sh
+# The manifest is the target: the image files carry a fixed mtime (reproducible builds), so
+# they always look older than the agent; the manifest is written last, with the build's time.
+$(IMAGE_BUILD_DIR)/manifest.txt: $(AGENT_BIN) scripts/build-image.sh
 	bash scripts/build-image.sh --cache build/cache --userland debian $(IMAGE_BUILD_DIR) $(AGENT_BIN)
 
-$(BUSYBOX_IMAGE_BUILD_DIR)/rootfs.ext4: $(AGENT_BIN) scripts/build-image.sh
+$(BUSYBOX_IMAGE_BUILD_DIR)/manifest.txt: $(AGENT_BIN) scripts/build-image.sh
 	bash scripts/build-image.sh --cache build/cache --userland busybox $(BUSYBOX_IMAGE_BUILD_DIR) $(AGENT_BIN)
 
 image: tools agent ## Build the guest images: build/image (the default: Debian bookworm, the agent as init) and build/image-busybox
-	@$(MAKE) --no-print-directory $(IMAGE_BUILD_DIR)/rootfs.ext4 $(BUSYBOX_IMAGE_BUILD_DIR)/rootfs.ext4
+	@$(MAKE) --no-print-directory $(IMAGE_BUILD_DIR)/manifest.txt $(BUSYBOX_IMAGE_BUILD_DIR)/manifest.txt
 
 install-image: image ## Install the images where bangerd finds them (the default, and `busybox` beside it)
 	@for pair in "$(IMAGE_BUILD_DIR):$(DEFAULT_IMAGE_DIR)" "$(BUSYBOX_IMAGE_BUILD_DIR):$(BUSYBOX_IMAGE_DIR)"; do \
